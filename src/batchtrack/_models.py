@@ -1,0 +1,191 @@
+"""Immutable values: statuses, progress counts, snapshots and progress events."""
+
+from __future__ import annotations
+
+import enum
+from datetime import datetime, timezone
+from typing import Any
+
+import attrs
+
+__all__ = ["BatchSnapshot", "ItemSnapshot", "Progress", "ProgressEvent", "Status"]
+
+
+class Status(str, enum.Enum):
+    """The status of an item or of a whole batch.
+
+    A ``str`` enum: ``Status.COMPLETED == "completed"`` and it serialises to JSON as its
+    value.
+    """
+
+    PENDING = "pending"
+    PROCESSING = "processing"
+    COMPLETED = "completed"
+    FAILED = "failed"
+
+    def __str__(self) -> str:
+        return self.value
+
+    @property
+    def is_final(self) -> bool:
+        """True for ``completed`` and ``failed``, which never change again."""
+        return self is Status.COMPLETED or self is Status.FAILED
+
+
+@attrs.frozen
+class Progress:
+    """How many items of a batch are in each status.
+
+    Always ``total == completed + failed + processing + pending``; ``completed`` counts
+    successes only.
+    """
+
+    total: int
+    completed: int = 0
+    failed: int = 0
+    processing: int = 0
+    pending: int = 0
+
+    @property
+    def finished(self) -> int:
+        """Items that are final: ``completed + failed``."""
+        return self.completed + self.failed
+
+    @property
+    def status(self) -> Status:
+        """The batch status these counts imply.
+
+        ``pending`` while every item is pending; ``processing`` once any item has left
+        pending and some item is not final; ``completed`` when every item is final,
+        unless every item failed, then ``failed``.
+        """
+        if self.pending == self.total:
+            return Status.PENDING
+        if self.pending or self.processing:
+            return Status.PROCESSING
+        if self.failed == self.total:
+            return Status.FAILED
+        return Status.COMPLETED
+
+    def to_dict(self) -> dict[str, int]:
+        """The ``progress`` object of the status body."""
+        return {
+            "total": self.total,
+            "completed": self.completed,
+            "failed": self.failed,
+            "processing": self.processing,
+            "pending": self.pending,
+        }
+
+
+@attrs.frozen
+class ItemSnapshot:
+    """One item as it is at one moment.
+
+    Attributes:
+        id: The item id (a UUID4 string unless the caller chose it).
+        filename: The name shown to users.
+        status: Where the item is.
+        error: The message shown to users for a failed item, otherwise None.
+    """
+
+    id: str
+    filename: str
+    status: Status = Status.PENDING
+    error: str | None = None
+
+    def to_dict(self) -> dict[str, str]:
+        """The item's entry in the ``images`` list; ``error`` only on failed items."""
+        if self.error is None:
+            return {"id": self.id, "filename": self.filename, "status": self.status.value}
+        return {
+            "id": self.id,
+            "filename": self.filename,
+            "status": self.status.value,
+            "error": self.error,
+        }
+
+
+def utc_datetime(timestamp: float) -> datetime:
+    """A timezone-aware UTC datetime for seconds since the epoch."""
+    return datetime.fromtimestamp(timestamp, tz=timezone.utc)
+
+
+def iso_utc(moment: datetime | None) -> str | None:
+    """ISO 8601 in UTC with millisecond precision, ending in ``Z`` (None stays None)."""
+    if moment is None:
+        return None
+    moment = moment.astimezone(timezone.utc)
+    return moment.strftime("%Y-%m-%dT%H:%M:%S.") + f"{moment.microsecond // 1000:03d}Z"
+
+
+@attrs.frozen
+class BatchSnapshot:
+    """A whole batch as it was at one moment.
+
+    Attributes:
+        batch_id: The batch id (UUID4 string).
+        status: The batch status derived from its items.
+        progress: Counts per status.
+        items: Every item, in the order they were given.
+        estimated_time_remaining: Whole seconds, None until the first item is final,
+            0 once the batch is finished.
+        created_at: When the batch was created (UTC).
+        updated_at: When an item last changed (UTC).
+        finished_at: When the last item became final (UTC), None until then.
+        owner: Who owns the batch, None for nobody in particular.
+        version: Grows by one with every change to the batch; equal versions mean equal
+            items and counts.
+    """
+
+    batch_id: str
+    status: Status
+    progress: Progress
+    items: tuple[ItemSnapshot, ...]
+    estimated_time_remaining: int | None
+    created_at: datetime
+    updated_at: datetime
+    finished_at: datetime | None
+    owner: str | None = None
+    version: int = 0
+
+    def to_dict(self) -> dict[str, Any]:
+        """The JSON body of ``GET /api/batch-status/{batchId}``."""
+        return {
+            "batchId": self.batch_id,
+            "status": self.status.value,
+            "progress": self.progress.to_dict(),
+            "images": [item.to_dict() for item in self.items],
+            "estimatedTimeRemaining": self.estimated_time_remaining,
+            "createdAt": iso_utc(self.created_at),
+            "updatedAt": iso_utc(self.updated_at),
+            "finishedAt": iso_utc(self.finished_at),
+        }
+
+
+@attrs.frozen
+class ProgressEvent:
+    """What one item transition did, and where the batch stands right after it.
+
+    Attributes:
+        batch_id: The batch.
+        item: The item as it is after the transition.
+        progress: The batch's counts right after the transition.
+        estimated_time_remaining: The ETA right after the transition (see
+            :attr:`BatchSnapshot.estimated_time_remaining`).
+        changed: False when the call repeated a transition that had already happened
+            (a no-op, counted nothing).
+        version: The batch version after the transition.
+    """
+
+    batch_id: str
+    item: ItemSnapshot
+    progress: Progress
+    estimated_time_remaining: int | None
+    changed: bool = True
+    version: int = 0
+
+    @property
+    def status(self) -> Status:
+        """The batch status right after the transition."""
+        return self.progress.status

@@ -1,0 +1,73 @@
+"""The errors batchtrack raises.
+
+Every error is a :class:`BatchtrackError`, so ``except BatchtrackError`` catches all of
+them. Lookup failures are also :class:`LookupError` and bad arguments are also
+:class:`ValueError`, so code that already handles those keeps working.
+"""
+
+from __future__ import annotations
+
+__all__ = [
+    "BatchNotFound",
+    "BatchtrackError",
+    "InvalidTransition",
+    "ItemNotFound",
+    "StoreError",
+    "ValidationError",
+]
+
+
+class BatchtrackError(Exception):
+    """Base class of every error batchtrack raises on purpose."""
+
+
+class ValidationError(BatchtrackError, ValueError):
+    """An argument was rejected; nothing was changed."""
+
+
+class BatchNotFound(BatchtrackError, LookupError):
+    """No visible batch has this id.
+
+    Raised alike for an id that never existed, a batch that expired or was deleted, and a
+    batch that belongs to another owner, so that a caller cannot tell them apart.
+    """
+
+    def __init__(self, batch_id: object) -> None:
+        super().__init__(f"batch {batch_id!r} not found")
+        self.batch_id = batch_id
+
+
+class ItemNotFound(BatchtrackError, LookupError):
+    """The batch exists but has no item with this id."""
+
+    def __init__(self, batch_id: str, item_id: object) -> None:
+        super().__init__(f"item {item_id!r} not found in batch {batch_id!r}")
+        self.batch_id = batch_id
+        self.item_id = item_id
+
+
+class InvalidTransition(BatchtrackError):
+    """An item cannot move from the status it has to the one requested.
+
+    Attributes:
+        batch_id: The batch of the item.
+        item_id: The item.
+        current: The status the item has (unchanged).
+        requested: The status that was asked for.
+    """
+
+    def __init__(self, batch_id: str, item_id: str, current: str, requested: str) -> None:
+        super().__init__(
+            f"item {item_id!r} of batch {batch_id!r} is {current}; it cannot become {requested}"
+        )
+        self.batch_id = batch_id
+        self.item_id = item_id
+        self.current = current
+        self.requested = requested
+
+
+class StoreError(BatchtrackError):
+    """A store could not do what was asked (unreadable file, server down, ...).
+
+    The underlying error, when there is one, is attached as ``__cause__``.
+    """

@@ -1,0 +1,204 @@
+"""The store boundary: what a store must do, and the values that cross it.
+
+A store persists batches and applies one item transition at a time **atomically**. It
+knows none of batchtrack's rules: the :class:`~batchtrack.BatchTracker` decides which
+transitions are allowed, how a batch's status is derived, how the ETA is computed and
+when a batch expires, and hands the store a :class:`Transition` that says exactly what
+to check and what to write. That keeps every rule in one place, and lets a store apply a
+transition in one step of its own (a lock, one SQL transaction, one Lua script) without
+read-modify-write races between threads, processes or hosts.
+
+To write a store, subclass :class:`Store` and run :mod:`batchtrack.testing`'s
+conformance suite against it.
+"""
+
+from __future__ import annotations
+
+import enum
+from abc import ABC, abstractmethod
+from collections.abc import Mapping, Sequence
+from types import TracebackType
+
+import attrs
+
+from .._models import ItemSnapshot, Progress, Status
+
+__all__ = ["BatchRecord", "Outcome", "Store", "Transition", "TransitionResult"]
+
+
+@attrs.frozen
+class BatchRecord:
+    """A batch as a store holds it.
+
+    Attributes:
+        batch_id: The batch id.
+        owner: The owner id, or None.
+        created_at: Seconds since the epoch (from the tracker's clock).
+        updated_at: When the last applied transition happened (creation time before).
+        finished_at: When the last open item became final, or None.
+        expires_at: From this moment on the batch is gone: the store treats it as absent
+            in :meth:`Store.apply` and deletes it in :meth:`Store.purge_expired`.
+        version: 0 at creation, plus one per applied transition.
+        progress: The counts per status, kept incrementally (never recounted).
+        stats: Named numbers that applied transitions add to (:attr:`Transition.stats`);
+            the tracker keeps its ETA state here. Missing names read as 0.
+        items: Every item in the order given at creation, or ``()`` when the caller
+            asked for the header only.
+    """
+
+    batch_id: str
+    owner: str | None
+    created_at: float
+    updated_at: float
+    finished_at: float | None
+    expires_at: float
+    version: int
+    progress: Progress
+    stats: Mapping[str, float] = attrs.field(factory=dict)
+    items: tuple[ItemSnapshot, ...] = ()
+
+
+# Transition and TransitionResult are created once per event on the hot path, so they
+# are plain slotted classes (about 3x cheaper to build than frozen ones); treat them as
+# read-only all the same.
+@attrs.define
+class Transition:
+    """One requested item transition, with everything the store must check and write.
+
+    The store applies it atomically:
+
+    1. If the batch is missing, or ``expires_at <= at``, raise
+       :class:`~batchtrack.BatchNotFound`; if the item is missing, raise
+       :class:`~batchtrack.ItemNotFound`.
+    2. If the item already has status ``target``: change nothing
+       (:attr:`Outcome.UNCHANGED`).
+    3. If the item's status is not in ``sources``: change nothing
+       (:attr:`Outcome.REJECTED`).
+    4. Otherwise (:attr:`Outcome.APPLIED`), in one atomic step: set the item's status to
+       ``target`` and its error to ``error``; move one count from the old status to the
+       new; add each of ``stats`` to the batch's stats; add one to ``version``; set
+       ``updated_at`` to ``at``; and if no item is pending or processing any more, set
+       ``finished_at`` to ``at`` and ``expires_at`` to ``expires_at_finished``, else set
+       ``expires_at`` to ``expires_at_open``.
+
+    Attributes:
+        item_id: The item to change.
+        target: The status it should have.
+        sources: The statuses it may come from.
+        at: When the transition happens (seconds since the epoch).
+        error: The error to record (None except for failures).
+        expires_at_open: The batch's new ``expires_at`` while items remain open.
+        expires_at_finished: The batch's new ``expires_at`` if this finishes it.
+        stats: Amounts to add to the batch's stats when the transition is applied.
+    """
+
+    item_id: str
+    target: Status
+    sources: frozenset[Status]
+    at: float
+    error: str | None
+    expires_at_open: float
+    expires_at_finished: float
+    stats: Mapping[str, float] = attrs.field(factory=dict)
+
+
+class Outcome(enum.Enum):
+    """What :meth:`Store.apply` did with a :class:`Transition`."""
+
+    APPLIED = "applied"
+    """The item changed; counts, stats, version and times were updated."""
+    UNCHANGED = "unchanged"
+    """The item already had the target status; nothing changed."""
+    REJECTED = "rejected"
+    """The item's status is not an allowed source; nothing changed."""
+
+
+@attrs.define
+class TransitionResult:
+    """The answer of :meth:`Store.apply`: the item and the batch header after the call.
+
+    Attributes:
+        outcome: What happened.
+        previous: The item's status before the call.
+        item: The item after the call.
+        progress: The batch's counts after the call.
+        version: The batch's version after the call.
+        created_at: When the batch was created.
+        finished_at: When the batch finished, or None.
+        expires_at: When the batch expires, after the call.
+        stats: The batch's stats after the call.
+    """
+
+    outcome: Outcome
+    previous: Status
+    item: ItemSnapshot
+    progress: Progress
+    version: int
+    created_at: float
+    finished_at: float | None
+    expires_at: float
+    stats: Mapping[str, float]
+
+
+class Store(ABC):
+    """Where batches live. Subclasses must be safe to call from any number of threads.
+
+    Stores that share their data between processes or hosts (SQLite, Redis) must keep
+    :meth:`apply` atomic across all of them too.
+    """
+
+    @abstractmethod
+    def create(self, batch: BatchRecord, items: Sequence[ItemSnapshot]) -> None:
+        """Persist a new batch and its items, all pending, in one step.
+
+        Args:
+            batch: The batch header (version 0, all items counted as pending).
+            items: The items, in order; their ids are unique within the batch.
+
+        Raises:
+            StoreError: The batch id exists already, or the store failed.
+        """
+
+    @abstractmethod
+    def apply(self, batch_id: str, transition: Transition) -> TransitionResult:
+        """Apply one item transition atomically, as :class:`Transition` describes.
+
+        Raises:
+            BatchNotFound: The batch is missing or expired at ``transition.at``.
+            ItemNotFound: The batch has no such item.
+            StoreError: The store failed; nothing was applied.
+        """
+
+    @abstractmethod
+    def load(self, batch_id: str, *, items: bool = True) -> BatchRecord | None:
+        """Read a batch, or None when there is none with this id.
+
+        Expired batches not yet purged are returned too: the tracker decides what is
+        visible. The record must be consistent: counts equal the items' statuses.
+
+        Args:
+            batch_id: The batch to read.
+            items: Whether to read the items too (False: header only, O(1)).
+        """
+
+    @abstractmethod
+    def delete(self, batch_id: str) -> bool:
+        """Remove a batch and its items; True if there was one."""
+
+    @abstractmethod
+    def purge_expired(self, now: float) -> int:
+        """Remove every batch with ``expires_at <= now``; return how many."""
+
+    def close(self) -> None:  # noqa: B027 - optional hook, nothing to do by default
+        """Release connections and files. The store is not used after this."""
+
+    def __enter__(self) -> Store:
+        return self
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        self.close()

@@ -1,0 +1,105 @@
+"""Statuses, progress counts and the exact JSON body of a snapshot."""
+
+from __future__ import annotations
+
+import json
+from datetime import datetime, timedelta, timezone
+
+import attrs
+import pytest
+
+from batchtrack import BatchSnapshot, ItemSnapshot, Progress, Status
+from batchtrack._models import iso_utc
+
+
+def test_status_is_a_str_enum() -> None:
+    """Status members equal their strings and serialise to JSON as them."""
+    assert Status.COMPLETED == "completed"
+    assert str(Status.FAILED) == "failed"
+    assert json.dumps({"s": Status.PROCESSING}) == '{"s": "processing"}'
+    assert [s.value for s in Status] == ["pending", "processing", "completed", "failed"]
+
+
+def test_only_completed_and_failed_are_final() -> None:
+    """is_final is true for completed and failed only."""
+    assert [s for s in Status if s.is_final] == [Status.COMPLETED, Status.FAILED]
+
+
+@pytest.mark.parametrize(
+    ("counts", "expected"),
+    [
+        ({"pending": 3}, Status.PENDING),
+        ({"pending": 2, "processing": 1}, Status.PROCESSING),
+        ({"pending": 2, "completed": 1}, Status.PROCESSING),
+        ({"processing": 1, "failed": 2}, Status.PROCESSING),
+        ({"completed": 3}, Status.COMPLETED),
+        ({"completed": 1, "failed": 2}, Status.COMPLETED),
+        ({"failed": 3}, Status.FAILED),
+    ],
+)
+def test_batch_status_is_derived_from_counts(counts: dict[str, int], expected: Status) -> None:
+    """The batch status follows the contract's derivation rule."""
+    assert Progress(total=3, **counts).status is expected
+
+
+def test_values_are_frozen() -> None:
+    """Snapshots, items and progress cannot be changed after creation."""
+    with pytest.raises(attrs.exceptions.FrozenInstanceError):
+        Progress(total=1).total = 2  # type: ignore[misc]
+    with pytest.raises(attrs.exceptions.FrozenInstanceError):
+        ItemSnapshot("i", "a.jpg").status = Status.FAILED  # type: ignore[misc]
+
+
+def test_iso_timestamps_are_utc_with_z() -> None:
+    """Timestamps are ISO 8601 in UTC ending in Z, whatever zone the datetime is in."""
+    moment = datetime(2025, 11, 25, 11, 0, 0, 123456, tzinfo=timezone(timedelta(hours=1)))
+    assert iso_utc(moment) == "2025-11-25T10:00:00.123Z"
+    assert iso_utc(None) is None
+
+
+def test_to_dict_matches_the_contract_key_by_key() -> None:
+    """to_dict produces exactly the status endpoint's JSON body."""
+    created = datetime(2025, 11, 25, 10, 0, 0, tzinfo=timezone.utc)
+    snap = BatchSnapshot(
+        batch_id="b-1",
+        status=Status.PROCESSING,
+        progress=Progress(total=3, completed=1, failed=1, processing=0, pending=1),
+        items=(
+            ItemSnapshot("i1", "image1.jpg", Status.COMPLETED),
+            ItemSnapshot("i2", "image2.jpg", Status.PENDING),
+            ItemSnapshot("i3", "image3.jpg", Status.FAILED, "not an image"),
+        ),
+        estimated_time_remaining=30,
+        created_at=created,
+        updated_at=created + timedelta(seconds=4.5),
+        finished_at=None,
+    )
+    body = json.loads(json.dumps(snap.to_dict()))
+    assert list(body) == [
+        "batchId",
+        "status",
+        "progress",
+        "images",
+        "estimatedTimeRemaining",
+        "createdAt",
+        "updatedAt",
+        "finishedAt",
+    ]
+    assert body["batchId"] == "b-1"
+    assert body["status"] == "processing"
+    assert body["progress"] == {
+        "total": 3,
+        "completed": 1,
+        "failed": 1,
+        "processing": 0,
+        "pending": 1,
+    }
+    assert body["images"] == [
+        {"id": "i1", "filename": "image1.jpg", "status": "completed"},
+        {"id": "i2", "filename": "image2.jpg", "status": "pending"},
+        {"id": "i3", "filename": "image3.jpg", "status": "failed", "error": "not an image"},
+    ]
+    assert body["estimatedTimeRemaining"] == 30
+    assert body["createdAt"] == "2025-11-25T10:00:00.000Z"
+    assert body["updatedAt"] == "2025-11-25T10:00:04.500Z"
+    assert body["finishedAt"] is None
