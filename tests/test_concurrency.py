@@ -48,9 +48,7 @@ def test_threads_racing_over_shared_items_lose_and_double_nothing(
                 except InvalidTransition:
                     continue  # another thread already finished it
                 final = (
-                    tracker.fail_item(bid, i, "odd")
-                    if odd[i]
-                    else tracker.complete_item(bid, i)
+                    tracker.fail_item(bid, i, "odd") if odd[i] else tracker.complete_item(bid, i)
                 )
                 if final.changed:
                     changed[n] += 1

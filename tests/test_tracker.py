@@ -12,8 +12,8 @@ import pytest
 from batchtrack import (
     BatchNotFound,
     BatchSnapshot,
-    BatchtrackError,
     BatchTracker,
+    BatchtrackError,
     InvalidTransition,
     ItemNotFound,
     MemoryStore,
@@ -89,9 +89,7 @@ def test_created_and_updated_times_come_from_the_clock(
         (42, "iterable of filenames"),
     ],
 )
-def test_create_batch_rejects_bad_items(
-    tracker: BatchTracker, items: object, message: str
-) -> None:
+def test_create_batch_rejects_bad_items(tracker: BatchTracker, items: object, message: str) -> None:
     """Bad item lists raise ValidationError saying what was wrong."""
     with pytest.raises(ValidationError, match=message.replace("(", r"\(").replace(")", r"\)")):
         tracker.create_batch(items)  # type: ignore[arg-type]
@@ -121,7 +119,8 @@ def test_start_then_complete(tracker: BatchTracker) -> None:
     item = snap.items[0].id
     ev = tracker.start_item(snap.batch_id, item)
     assert ev.item.status is Status.PROCESSING
-    assert ev.progress.processing == 1 and ev.progress.pending == 1
+    assert ev.progress.processing == 1
+    assert ev.progress.pending == 1
     assert ev.status is Status.PROCESSING
     assert ev.changed
     ev = tracker.complete_item(snap.batch_id, item)
@@ -145,7 +144,8 @@ def test_pending_item_can_fail_directly(tracker: BatchTracker) -> None:
     """pending -> failed is allowed (cancelled or rejected before it started)."""
     snap = tracker.create_batch(["a.jpg", "b.jpg"])
     ev = tracker.fail_item(snap.batch_id, snap.items[0].id, "cancelled")
-    assert ev.progress.failed == 1 and ev.progress.pending == 1
+    assert ev.progress.failed == 1
+    assert ev.progress.pending == 1
 
 
 @pytest.mark.parametrize(
@@ -227,7 +227,8 @@ def test_long_error_is_cut(tracker: BatchTracker) -> None:
     snap = tracker.create_batch(["a.jpg"])
     ev = tracker.fail_item(snap.batch_id, snap.items[0].id, "x" * 5000)
     assert ev.item.error is not None
-    assert len(ev.item.error) == 1000 and ev.item.error.endswith("…")
+    assert len(ev.item.error) == 1000
+    assert ev.item.error.endswith("…")
 
 
 def test_unknown_batch_raises_batch_not_found(tracker: BatchTracker) -> None:
@@ -241,7 +242,8 @@ def test_unknown_batch_raises_batch_not_found(tracker: BatchTracker) -> None:
     ):
         with pytest.raises(BatchNotFound) as info:
             call()
-        assert isinstance(info.value, LookupError) and isinstance(info.value, BatchtrackError)
+        assert isinstance(info.value, LookupError)
+        assert isinstance(info.value, BatchtrackError)
     assert tracker.delete(unknown) is False
 
 

@@ -74,6 +74,10 @@ def _check_id(value: object, what: str) -> str:
     return value
 
 
+def _default_store(store: Store | None) -> Store:
+    return MemoryStore() if store is None else store
+
+
 @attrs.define
 class BatchTracker:
     """Tracks batches of items and their progress; safe to share between threads.
@@ -88,7 +92,7 @@ class BatchTracker:
         ValidationError: ``ttl`` is not a positive number or ``clock`` not callable.
     """
 
-    store: Store = attrs.field(default=None, converter=lambda s: MemoryStore() if s is None else s)
+    store: Store = attrs.field(default=None, converter=_default_store)
     ttl: float = attrs.field(default=3600.0, kw_only=True)
     clock: Callable[[], float] = attrs.field(default=time.time, kw_only=True)
     _origins: dict[str, float] = attrs.field(factory=dict, init=False, repr=False)
@@ -160,9 +164,7 @@ class BatchTracker:
         self.store.create(record, snapshots)
         return self._snapshot(attrs.evolve(record, items=tuple(snapshots)), now)
 
-    def get(
-        self, batch_id: str, *, owner: str | None = None, items: bool = True
-    ) -> BatchSnapshot:
+    def get(self, batch_id: str, *, owner: str | None = None, items: bool = True) -> BatchSnapshot:
         """The batch as it is now.
 
         Args:
@@ -335,9 +337,7 @@ class BatchTracker:
 
     # -- helpers ----------------------------------------------------------------------
 
-    def _visible(
-        self, batch_id: str, owner: str | None, *, items: bool, now: float
-    ) -> BatchRecord:
+    def _visible(self, batch_id: str, owner: str | None, *, items: bool, now: float) -> BatchRecord:
         batch_id = _check_id(batch_id, "batch_id")
         if owner is not None:
             owner = _check_id(owner, "owner")
@@ -367,9 +367,7 @@ class BatchTracker:
             status=progress.status,
             progress=progress,
             items=record.items,
-            estimated_time_remaining=_eta.estimate(
-                progress, record.created_at, record.stats, now
-            ),
+            estimated_time_remaining=_eta.estimate(progress, record.created_at, record.stats, now),
             created_at=utc_datetime(record.created_at),
             updated_at=utc_datetime(record.updated_at),
             finished_at=None if record.finished_at is None else utc_datetime(record.finished_at),

@@ -1,8 +1,4 @@
-"""Helpers for testing code that uses batchtrack, and stores written for it.
-
-- :class:`FakeClock`: a clock you move by hand, for :class:`~batchtrack.BatchTracker`'s
-  ``clock=`` argument.
-"""
+"""A clock that moves only when told to."""
 
 from __future__ import annotations
 

@@ -1,0 +1,462 @@
+"""The store conformance suite: run it against any :class:`~batchtrack.stores.base.Store`.
+
+Two parts, both driven through a real :class:`~batchtrack.BatchTracker` or the store
+boundary itself:
+
+- :class:`TrackerMachine`, a Hypothesis state machine that creates batches, applies valid
+  and invalid transitions, moves a fake clock, deletes and cleans up, and after every step
+  checks the tracker against a simple model of the contract;
+- :class:`StoreConformance`, plain pytest checks of the store boundary (atomic apply,
+  expiry, header-only reads, purging, threads racing on one batch) plus the state machine.
+
+Use it from your own tests by subclassing :class:`StoreConformance` and providing a
+``store_factory`` fixture that returns a callable making a fresh, empty store::
+
+    import pytest
+    from batchtrack.testing.conformance import StoreConformance
+
+    class TestMyStore(StoreConformance):
+        @pytest.fixture
+        def store_factory(self, tmp_path):
+            return lambda: MyStore(tmp_path / "db")
+"""
+
+from __future__ import annotations
+
+import threading
+import uuid
+from collections.abc import Callable
+from typing import Any, ClassVar
+
+try:
+    import pytest
+    from hypothesis import HealthCheck, settings
+    from hypothesis import strategies as st
+    from hypothesis.stateful import (
+        Bundle,
+        RuleBasedStateMachine,
+        invariant,
+        rule,
+        run_state_machine_as_test,
+    )
+except ImportError as exc:  # pragma: no cover - depends on the environment
+    raise ImportError(
+        "batchtrack.testing.conformance needs Hypothesis and pytest: pip install 'batchtrack[test]'"
+    ) from exc
+
+import attrs
+
+from .._models import ItemSnapshot, Progress, Status
+from .._tracker import IDLE_TIMEOUT, BatchTracker
+from ..exceptions import BatchNotFound, InvalidTransition, ItemNotFound, StoreError
+from ..stores.base import BatchRecord, Outcome, Store, Transition
+from ._clock import FakeClock
+from .strategies import item_lists
+
+__all__ = ["StoreConformance", "TrackerMachine"]
+
+TTL = 3600.0
+_RULES = {
+    "start": (Status.PROCESSING, frozenset({Status.PENDING})),
+    "complete": (Status.COMPLETED, frozenset({Status.PROCESSING})),
+    "fail": (Status.FAILED, frozenset({Status.PENDING, Status.PROCESSING})),
+}
+
+
+@attrs.define
+class _ModelBatch:
+    """What the contract says a batch is, kept the simplest way: a list of items."""
+
+    batch_id: str
+    owner: str | None
+    created_at: float
+    items: list[ItemSnapshot]
+    updated_at: float
+    finished_at: float | None = None
+    version: int = 0
+
+    def expires_at(self) -> float:
+        if self.finished_at is not None:
+            return self.finished_at + TTL
+        return self.updated_at + IDLE_TIMEOUT
+
+    def progress(self) -> Progress:
+        count = {s: sum(1 for i in self.items if i.status is s) for s in Status}
+        return Progress(
+            len(self.items),
+            count[Status.COMPLETED],
+            count[Status.FAILED],
+            count[Status.PROCESSING],
+            count[Status.PENDING],
+        )
+
+
+class TrackerMachine(RuleBasedStateMachine):
+    """Drives a BatchTracker on a store and checks it against a model after every step.
+
+    Set :attr:`store_factory` on a subclass (or use :meth:`StoreConformance
+    .test_state_machine`).
+    """
+
+    store_factory: ClassVar[Callable[[], Store]]
+
+    batches = Bundle("batches")
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.clock = FakeClock()
+        self.store = type(self).store_factory()
+        self.tracker = BatchTracker(self.store, ttl=TTL, clock=self.clock)
+        self.model: dict[str, _ModelBatch] = {}
+
+    def teardown(self) -> None:
+        self.store.close()
+
+    def _live(self, batch_id: str) -> _ModelBatch | None:
+        batch = self.model.get(batch_id)
+        if batch is None or batch.expires_at() <= self.clock():
+            return None
+        return batch
+
+    @rule(
+        target=batches,
+        items=item_lists(max_size=6),
+        owner=st.sampled_from([None, "alice", "bob"]),
+    )
+    def create(self, items: list[Any], owner: str | None) -> str:
+        snap = self.tracker.create_batch(items, owner=owner)
+        now = self.clock()
+        self.model[snap.batch_id] = _ModelBatch(
+            snap.batch_id, owner, now, list(snap.items), updated_at=now
+        )
+        assert [i.filename for i in snap.items] == [
+            spec[1] if isinstance(spec, tuple) else spec for spec in items
+        ]
+        return snap.batch_id
+
+    @rule(batch_id=batches, data=st.data(), error=st.sampled_from(["not an image", "boom"]))
+    def transition(self, batch_id: str, data: st.DataObject, error: str) -> None:
+        batch = self._live(batch_id)
+        # Any item, or one past the end (missing); then, half the time, an action the
+        # item's status allows, so that items really travel through their lifecycle.
+        index = data.draw(st.integers(0, len(batch.items) if batch else 0), label="index")
+        actions = sorted(_RULES)
+        if batch and index < len(batch.items) and data.draw(st.booleans(), label="allowed"):
+            status = batch.items[index].status
+            actions = [a for a in actions if status in _RULES[a][1]] or actions
+        action = data.draw(st.sampled_from(actions), label="action")
+        self._check_transition(batch_id, action, index, error)
+
+    @rule(batch_id=batches, data=st.data())
+    def work(self, batch_id: str, data: st.DataObject) -> None:
+        """Move one open item one step on, as a worker would."""
+        batch = self._live(batch_id)
+        open_items = (
+            [i for i, it in enumerate(batch.items) if not it.status.is_final] if batch else []
+        )
+        if batch is None or not open_items:
+            return
+        index = data.draw(st.sampled_from(open_items), label="open item")
+        if batch.items[index].status is Status.PENDING:
+            action = "start"
+        else:
+            action = data.draw(st.sampled_from(["complete", "complete", "fail"]), label="action")
+        self._check_transition(batch_id, action, index, "processing failed")
+
+    def _check_transition(self, batch_id: str, action: str, index: int, error: str) -> None:
+        target, sources = _RULES[action]
+        batch = self._live(batch_id)
+        if batch is None:
+            with pytest.raises(BatchNotFound):
+                self._call(action, batch_id, "any-item", error)
+            return
+        if index >= len(batch.items):
+            with pytest.raises(ItemNotFound):
+                self._call(action, batch_id, f"missing-{index}", error)
+            return
+        item = batch.items[index]
+        if item.status is target:
+            event = self._call(action, batch_id, item.id, error)
+            assert not event.changed
+        elif item.status not in sources:
+            with pytest.raises(InvalidTransition):
+                self._call(action, batch_id, item.id, error)
+            return
+        else:
+            event = self._call(action, batch_id, item.id, error)
+            assert event.changed
+            now = self.clock()
+            batch.items[index] = ItemSnapshot(
+                item.id, item.filename, target, error if target is Status.FAILED else None
+            )
+            batch.updated_at = now
+            batch.version += 1
+            if all(i.status.is_final for i in batch.items):
+                batch.finished_at = now
+        assert event.item == batch.items[index]
+        assert event.progress == batch.progress()
+        assert event.version == batch.version
+        self._check_eta(batch, event.estimated_time_remaining)
+
+    def _call(self, action: str, batch_id: str, item_id: str, error: str) -> Any:
+        if action == "start":
+            return self.tracker.start_item(batch_id, item_id)
+        if action == "complete":
+            return self.tracker.complete_item(batch_id, item_id)
+        return self.tracker.fail_item(batch_id, item_id, error)
+
+    @staticmethod
+    def _check_eta(batch: _ModelBatch, eta: int | None) -> None:
+        progress = batch.progress()
+        if progress.completed + progress.failed == 0:
+            assert eta is None
+        elif progress.pending + progress.processing == 0:
+            assert eta == 0
+        else:
+            assert isinstance(eta, int)
+            assert eta >= 0
+
+    # Small steps mostly, so that batches live long enough to be worked on.
+    @rule(seconds=st.sampled_from([0.25] * 4 + [1.0] * 4 + [3.0, 59.5, TTL, IDLE_TIMEOUT]))
+    def advance(self, seconds: float) -> None:
+        self.clock.advance(seconds)
+
+    @rule(batch_id=batches, owner=st.sampled_from([None, "alice", "bob"]))
+    def get(self, batch_id: str, owner: str | None) -> None:
+        batch = self._live(batch_id)
+        if batch is None or (owner is not None and owner != batch.owner):
+            with pytest.raises(BatchNotFound):
+                self.tracker.get(batch_id, owner=owner)
+            return
+        snap = self.tracker.get(batch_id, owner=owner)
+        assert snap.items == tuple(batch.items)
+        assert snap.progress == batch.progress()
+        assert snap.status is batch.progress().status
+        assert snap.owner == batch.owner
+        assert snap.version == batch.version
+        assert snap.created_at.timestamp() == pytest.approx(batch.created_at)
+        assert snap.updated_at.timestamp() == pytest.approx(batch.updated_at)
+        if batch.finished_at is None:
+            assert snap.finished_at is None
+        else:
+            assert snap.finished_at is not None
+            assert snap.finished_at.timestamp() == pytest.approx(batch.finished_at)
+        self._check_eta(batch, snap.estimated_time_remaining)
+
+    @rule(batch_id=batches)
+    def delete(self, batch_id: str) -> None:
+        visible = self._live(batch_id) is not None
+        assert self.tracker.delete(batch_id) is visible
+        self.model.pop(batch_id, None)
+
+    @rule()
+    def cleanup(self) -> None:
+        now = self.clock()
+        expired = [bid for bid, b in self.model.items() if b.expires_at() <= now]
+        assert self.tracker.cleanup() == len(expired)
+        for batch_id in expired:
+            del self.model[batch_id]
+
+    @invariant()
+    def counts_partition_the_total(self) -> None:
+        for batch_id in self.model:
+            if self._live(batch_id) is None:
+                continue
+            head = self.tracker.get(batch_id, items=False)
+            p = head.progress
+            assert p.total == p.completed + p.failed + p.processing + p.pending
+            assert p == self.model[batch_id].progress()
+
+
+def _record(
+    batch_id: str, items: int, *, now: float = 1000.0, owner: str | None = None
+) -> BatchRecord:
+    return BatchRecord(
+        batch_id=batch_id,
+        owner=owner,
+        created_at=now,
+        updated_at=now,
+        finished_at=None,
+        expires_at=now + IDLE_TIMEOUT,
+        version=0,
+        progress=Progress(total=items, pending=items),
+    )
+
+
+def _items(n: int) -> list[ItemSnapshot]:
+    return [ItemSnapshot(f"item-{i}", f"{i}.jpg") for i in range(n)]
+
+
+def _transition(
+    item_id: str,
+    action: str,
+    at: float,
+    *,
+    error: str | None = None,
+    stats: dict[str, float] | None = None,
+) -> Transition:
+    target, sources = _RULES[action]
+    return Transition(item_id, target, sources, at, error, at + IDLE_TIMEOUT, at + TTL, stats or {})
+
+
+class StoreConformance:
+    """Pytest checks every store must pass. Subclass it and provide ``store_factory``.
+
+    The fixture ``store_factory`` must return a zero-argument callable that makes a fresh,
+    empty store; the suite closes every store it makes.
+    """
+
+    @pytest.fixture
+    def store(self, store_factory: Callable[[], Store]) -> Any:
+        store = store_factory()
+        yield store
+        store.close()
+
+    def test_state_machine(self, store_factory: Callable[[], Store]) -> None:
+        """Any sequence of tracker calls matches the model of the contract."""
+        machine = type("Machine", (TrackerMachine,), {"store_factory": staticmethod(store_factory)})
+        run_state_machine_as_test(
+            machine,
+            settings=settings(
+                settings.default,
+                stateful_step_count=50,
+                deadline=None,
+                suppress_health_check=[HealthCheck.too_slow, HealthCheck.function_scoped_fixture],
+            ),
+        )
+
+    def test_load_of_unknown_batch_is_none(self, store: Store) -> None:
+        """load() returns None for an id that was never created."""
+        assert store.load(str(uuid.uuid4())) is None
+
+    def test_create_then_load_round_trips(self, store: Store) -> None:
+        """Everything given to create() comes back from load(), items in order."""
+        record = attrs.evolve(_record("b1", 3, owner="alice"), stats={"x": 1.5})
+        store.create(record, _items(3))
+        loaded = store.load("b1")
+        assert loaded is not None
+        assert attrs.evolve(loaded, items=(), stats=dict(loaded.stats)) == record
+        assert list(loaded.items) == _items(3)
+
+    def test_create_of_existing_id_raises_store_error(self, store: Store) -> None:
+        """Creating a batch id twice raises StoreError and keeps the first batch."""
+        store.create(_record("b1", 1), _items(1))
+        with pytest.raises(StoreError):
+            store.create(_record("b1", 2), _items(2))
+        loaded = store.load("b1")
+        assert loaded is not None
+        assert loaded.progress.total == 1
+
+    def test_header_only_load_has_counts_and_no_items(self, store: Store) -> None:
+        """load(items=False) returns the header with an empty item tuple."""
+        store.create(_record("b1", 4), _items(4))
+        head = store.load("b1", items=False)
+        assert head is not None
+        assert head.items == ()
+        assert head.progress.pending == 4
+
+    def test_applied_transition_updates_everything_at_once(self, store: Store) -> None:
+        """An applied transition moves one count, adds stats, bumps version and time."""
+        store.create(_record("b1", 2), _items(2))
+        result = store.apply("b1", _transition("item-0", "start", 1001.0, stats={"a": 2.0}))
+        assert result.outcome is Outcome.APPLIED
+        assert result.previous is Status.PENDING
+        assert result.item == ItemSnapshot("item-0", "0.jpg", Status.PROCESSING)
+        assert result.progress == Progress(total=2, processing=1, pending=1)
+        assert result.version == 1
+        assert result.expires_at == 1001.0 + IDLE_TIMEOUT
+        assert dict(result.stats) == {"a": 2.0}
+        store.apply("b1", _transition("item-0", "fail", 1002.0, error="boom", stats={"a": 1.0}))
+        loaded = store.load("b1")
+        assert loaded is not None
+        assert loaded.items[0] == ItemSnapshot("item-0", "0.jpg", Status.FAILED, "boom")
+        assert loaded.updated_at == 1002.0
+        assert loaded.version == 2
+        assert dict(loaded.stats) == {"a": 3.0}
+        assert loaded.finished_at is None
+
+    def test_unchanged_and_rejected_change_nothing(self, store: Store) -> None:
+        """A repeat and a disallowed transition leave the batch exactly as it was."""
+        store.create(_record("b1", 1), _items(1))
+        store.apply("b1", _transition("item-0", "start", 1001.0))
+        before = store.load("b1")
+        again = store.apply("b1", _transition("item-0", "start", 1005.0, stats={"a": 1.0}))
+        assert again.outcome is Outcome.UNCHANGED
+        assert again.previous is Status.PROCESSING
+        store.apply("b1", _transition("item-0", "complete", 1006.0))
+        done = store.load("b1")
+        rejected = store.apply(
+            "b1", _transition("item-0", "fail", 1007.0, error="x", stats={"a": 1.0})
+        )
+        assert rejected.outcome is Outcome.REJECTED
+        assert rejected.previous is Status.COMPLETED
+        assert store.load("b1") == done
+        assert before is not None
+        assert before.version == 1
+
+    def test_finishing_sets_finished_at_and_finished_expiry(self, store: Store) -> None:
+        """The transition that makes the last item final sets finished_at and expires_at."""
+        store.create(_record("b1", 1), _items(1))
+        store.apply("b1", _transition("item-0", "start", 1001.0))
+        result = store.apply("b1", _transition("item-0", "complete", 1002.0))
+        assert result.finished_at == 1002.0
+        assert result.expires_at == 1002.0 + TTL
+
+    def test_apply_on_missing_or_expired_batch_is_not_found(self, store: Store) -> None:
+        """apply() raises BatchNotFound for unknown batches and once expires_at is reached."""
+        with pytest.raises(BatchNotFound):
+            store.apply("nope", _transition("item-0", "start", 1001.0))
+        store.create(_record("b1", 1), _items(1))
+        with pytest.raises(BatchNotFound):
+            store.apply("b1", _transition("item-0", "start", 1000.0 + IDLE_TIMEOUT))
+        with pytest.raises(ItemNotFound):
+            store.apply("b1", _transition("nope", "start", 1001.0))
+
+    def test_purge_removes_only_expired(self, store: Store) -> None:
+        """purge_expired(now) removes batches with expires_at <= now and counts them."""
+        store.create(_record("old", 1, now=0.0), _items(1))
+        store.create(_record("new", 1, now=5000.0), _items(1))
+        assert store.purge_expired(IDLE_TIMEOUT) == 1
+        assert store.load("old") is None
+        assert store.load("new") is not None
+        assert store.purge_expired(IDLE_TIMEOUT) == 0
+
+    def test_delete_reports_whether_there_was_a_batch(self, store: Store) -> None:
+        """delete() is True once, then False, and the batch is gone."""
+        store.create(_record("b1", 2), _items(2))
+        assert store.delete("b1") is True
+        assert store.delete("b1") is False
+        assert store.load("b1") is None
+
+    def test_threads_racing_on_one_batch_apply_each_transition_once(self, store: Store) -> None:
+        """8 threads applying the same transitions concurrently: each applies exactly once."""
+        n = 200
+        store.create(_record("b1", n), _items(n))
+        applied: list[int] = []
+        barrier = threading.Barrier(8)
+        lock = threading.Lock()
+
+        def worker() -> None:
+            barrier.wait()
+            count = 0
+            for i in range(n):
+                for action in ("start", "complete"):
+                    result = store.apply(
+                        "b1", _transition(f"item-{i}", action, 1001.0, stats={"n": 1.0})
+                    )
+                    count += result.outcome is Outcome.APPLIED
+            with lock:
+                applied.append(count)
+
+        threads = [threading.Thread(target=worker) for _ in range(8)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+        loaded = store.load("b1")
+        assert loaded is not None
+        assert sum(applied) == 2 * n
+        assert loaded.version == 2 * n
+        assert loaded.progress == Progress(total=n, completed=n)
+        assert dict(loaded.stats) == {"n": 2.0 * n}
+        assert all(item.status is Status.COMPLETED for item in loaded.items)

@@ -1,0 +1,62 @@
+"""Hypothesis strategies for batchtrack: filenames, item lists and event sequences.
+
+>>> from hypothesis import given
+>>> from batchtrack.testing.strategies import item_lists
+>>> @given(item_lists())
+... def test_anything(items): ...
+"""
+
+from __future__ import annotations
+
+try:
+    from hypothesis import strategies as st
+except ImportError as exc:  # pragma: no cover - depends on the environment
+    raise ImportError(
+        "batchtrack.testing.strategies needs Hypothesis: pip install 'batchtrack[test]'"
+    ) from exc
+
+from .._models import Status
+
+__all__ = ["ACTIONS", "Event", "event_sequences", "filenames", "item_lists"]
+
+ACTIONS = ("start", "complete", "fail")
+"""The tracker calls an event can make: start_item, complete_item, fail_item."""
+
+Event = tuple[str, int, str | None]
+"""One event: (action, index of the item, error text for ``fail`` else None)."""
+
+
+def filenames() -> st.SearchStrategy[str]:
+    """Filenames users may upload: non-empty, no NUL or line breaks, any other Unicode."""
+    name = st.text(
+        alphabet=st.characters(exclude_categories=["Cs"], exclude_characters="\x00\r\n"),
+        min_size=1,
+        max_size=40,
+    ).filter(lambda s: s.strip() != "")
+    ext = st.sampled_from([".jpg", ".png", ".webp", ".gif", ""])
+    return st.builds(lambda n, e: n + e, name, ext)
+
+
+def item_lists(*, min_size: int = 1, max_size: int = 12) -> st.SearchStrategy[list[object]]:
+    """Item lists for ``create_batch``: filenames, some with caller-chosen unique ids."""
+    plain = filenames()
+    with_id = st.tuples(st.uuids().map(str), filenames())
+    return st.lists(
+        st.one_of(plain, with_id),
+        min_size=min_size,
+        max_size=max_size,
+        unique_by=lambda spec: spec[0] if isinstance(spec, tuple) else object(),
+    )
+
+
+def event_sequences(n_items: int, *, max_size: int = 60) -> st.SearchStrategy[list[Event]]:
+    """Sequences of item events, valid and invalid mixed, for a batch of ``n_items``."""
+    error = st.sampled_from(["not an image", "truncated image", "cancelled", "boom"])
+    event = st.tuples(st.sampled_from(ACTIONS), st.integers(0, n_items - 1), error).map(
+        lambda e: (e[0], e[1], e[2] if e[0] == "fail" else None)
+    )
+    return st.lists(event, max_size=max_size)
+
+
+STATUSES = st.sampled_from(list(Status))
+"""Any status."""
