@@ -1,0 +1,54 @@
+"""Development sessions: ``nox -s tests lint types docs benchmarks``."""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+
+import nox
+
+nox.options.sessions = ["tests", "lint", "types", "docs"]
+nox.options.error_on_missing_interpreters = False
+
+PYPROJECT = Path(__file__).parent / "pyproject.toml"
+# The Python versions we support are the ones the classifiers name.
+PYTHONS = re.findall(r'"Programming Language :: Python :: (3\.\d+)"', PYPROJECT.read_text())
+
+
+@nox.session(python=PYTHONS)
+def tests(session: nox.Session) -> None:
+    """The whole test suite, as CI runs it."""
+    session.install("-e", ".[test]")
+    session.run("python", "-m", "pytest", *session.posargs)
+
+
+@nox.session
+def lint(session: nox.Session) -> None:
+    """ruff check and ruff format --check."""
+    session.install("ruff")
+    session.run("ruff", "check", "src", "tests", "benchmarks", "examples", "noxfile.py")
+    session.run("ruff", "format", "--check", "src", "tests", "benchmarks", "examples")
+
+
+@nox.session
+def types(session: nox.Session) -> None:
+    """mypy --strict on src."""
+    session.install("-e", ".[test]", "mypy")
+    session.run("mypy")
+
+
+@nox.session
+def docs(session: nox.Session) -> None:
+    """Build the HTML docs and run their doctests, warnings as errors."""
+    session.install("-e", ".[docs]")
+    for builder in ("html", "doctest"):
+        session.run(
+            "sphinx-build", "-W", "--keep-going", "-b", builder, "docs", f"docs/_build/{builder}"
+        )
+
+
+@nox.session
+def benchmarks(session: nox.Session) -> None:
+    """Every benchmark, ratios side by side: ``nox -s benchmarks -- --quick``."""
+    session.install("-e", ".[images]")
+    session.run("python", "benchmarks/run.py", *session.posargs)
