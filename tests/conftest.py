@@ -3,13 +3,14 @@
 from __future__ import annotations
 
 import os
+import uuid
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
 from hypothesis import HealthCheck, settings
 
-from batchtrack import BatchTracker, MemoryStore
+from batchtrack import BatchTracker, MemoryStore, SQLiteStore
 from batchtrack.stores.base import Store
 from batchtrack.testing import FakeClock
 
@@ -26,7 +27,11 @@ def _memory(tmp_path: Path) -> StoreFactory:
     return MemoryStore
 
 
-ALL_STORES: dict[str, Callable[[Path], StoreFactory]] = {"memory": _memory}
+def _sqlite(tmp_path: Path) -> StoreFactory:
+    return lambda: SQLiteStore(tmp_path / f"{uuid.uuid4()}.db")
+
+
+ALL_STORES: dict[str, Callable[[Path], StoreFactory]] = {"memory": _memory, "sqlite": _sqlite}
 """Every built-in store, by name: each value turns a temporary folder into a factory."""
 
 

@@ -16,6 +16,7 @@ from .exceptions import (
     ValidationError,
 )
 from .stores.memory import MemoryStore
+from .stores.sqlite import SQLiteStore
 
 __all__ = [
     "BatchNotFound",
@@ -28,6 +29,7 @@ __all__ = [
     "MemoryStore",
     "Progress",
     "ProgressEvent",
+    "SQLiteStore",
     "Status",
     "StoreError",
     "ValidationError",

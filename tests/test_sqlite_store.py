@@ -1,0 +1,358 @@
+"""SQLiteStore on real files: processes sharing one file, crashes, reopening, bad files."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import sqlite3
+import subprocess
+import sys
+import textwrap
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from batchtrack import BatchTracker, SQLiteStore, Status, StoreError, ValidationError
+from batchtrack.stores import sqlite as sqlite_module
+from batchtrack.stores.sqlite import SCHEMA_VERSION, SchemaVersionError
+from batchtrack.testing import FakeClock
+
+WORKER = textwrap.dedent(
+    """
+    import sys
+    from batchtrack import BatchTracker, InvalidTransition, SQLiteStore
+
+    path, batch_id, mode, *item_ids = sys.argv[1:]
+    tracker = BatchTracker(SQLiteStore(path))
+    for item_id in item_ids:
+        try:
+            tracker.start_item(batch_id, item_id)
+            if mode == "fail":
+                event = tracker.fail_item(batch_id, item_id, "worker says no")
+            else:
+                event = tracker.complete_item(batch_id, item_id)
+        except InvalidTransition:
+            continue  # another process finished it first
+        if event.changed:
+            print(item_id, flush=True)
+        if mode == "slow":
+            import time; time.sleep(0.005)
+    """
+)
+
+
+def _recount(path: Path, batch_id: str) -> dict[str, int]:
+    db = sqlite3.connect(path)
+    try:
+        rows = db.execute(
+            "SELECT i.status, count(*) FROM items i JOIN batches b ON b.key = i.batch_key"
+            " WHERE b.batch_id = ? GROUP BY i.status",
+            (batch_id,),
+        ).fetchall()
+        return {sqlite_module._STATUSES[code].value: n for code, n in rows}
+    finally:
+        db.close()
+
+
+def _worker(tmp_path: Path, *args: str) -> subprocess.Popen[str]:
+    script = tmp_path / "worker.py"
+    if not script.exists():
+        script.write_text(WORKER)
+    return subprocess.Popen([sys.executable, str(script), *args], stdout=subprocess.PIPE, text=True)
+
+
+def test_processes_sharing_one_file_count_exactly(tmp_path: Path) -> None:
+    """4 processes racing over every item of one batch: each transition applies once."""
+    path = tmp_path / "shared.db"
+    tracker = BatchTracker(SQLiteStore(path))
+    snap = tracker.create_batch([f"{i}.jpg" for i in range(400)])
+    ids = [item.id for item in snap.items]
+    procs = [
+        # Each process walks all items from a different starting point, so they collide.
+        _worker(
+            tmp_path,
+            str(path),
+            snap.batch_id,
+            "fail" if n == 3 else "ok",
+            *(ids[n * 100 :] + ids[: n * 100]),
+        )
+        for n in range(4)
+    ]
+    finished: list[str] = []
+    for proc in procs:
+        out, _ = proc.communicate(timeout=120)
+        assert proc.returncode == 0
+        finished += out.split()
+    assert sorted(finished) == sorted(ids)  # every item finished by exactly one process
+    final = tracker.get(snap.batch_id)
+    assert final.progress.completed + final.progress.failed == 400
+    assert final.version == 800
+    recount = _recount(path, snap.batch_id)
+    assert recount.get("completed", 0) == final.progress.completed
+    assert recount.get("failed", 0) == final.progress.failed
+    assert final.status is Status.COMPLETED
+
+
+def test_sigkill_mid_batch_loses_nothing_acknowledged(tmp_path: Path) -> None:
+    """A worker killed with SIGKILL leaves every returned transition, and no torn counts."""
+    path = tmp_path / "crash.db"
+    tracker = BatchTracker(SQLiteStore(path))
+    snap = tracker.create_batch([f"{i}.jpg" for i in range(2000)])
+    tracker.store.close()
+    proc = _worker(tmp_path, str(path), snap.batch_id, "slow", *(i.id for i in snap.items))
+    assert proc.stdout is not None
+    acknowledged = [proc.stdout.readline().strip() for _ in range(50)]
+    proc.send_signal(signal.SIGKILL)
+    rest, _ = proc.communicate(timeout=30)
+    acknowledged += rest.split()
+    assert proc.returncode == -signal.SIGKILL
+
+    reopened = BatchTracker(SQLiteStore(path))
+    final = reopened.get(snap.batch_id)
+    by_id = {item.id: item for item in final.items}
+    assert all(by_id[i].status is Status.COMPLETED for i in acknowledged)
+    assert final.progress.completed >= len(acknowledged)
+    assert final.progress.completed < 2000  # it really was killed mid-batch
+    recount = _recount(path, snap.batch_id)
+    p = final.progress
+    assert (
+        recount.get("completed", 0),
+        recount.get("processing", 0),
+        recount.get("pending", 0),
+    ) == (
+        p.completed,
+        p.processing,
+        p.pending,
+    )
+    assert p.total == p.completed + p.failed + p.processing + p.pending
+
+
+def test_reopen_after_close_keeps_everything(tmp_path: Path) -> None:
+    """Batches, items, errors, timestamps, owners and ETA state survive close and reopen."""
+    path = tmp_path / "keep.db"
+    clock = FakeClock()
+    with SQLiteStore(path) as store:
+        tracker = BatchTracker(store, clock=clock)
+        snap = tracker.create_batch([("a", "a.jpg"), ("b", "b.jpg"), ("c", "c.jpg")], owner="alice")
+        tracker.start_item(snap.batch_id, "a")
+        clock.advance(3)
+        tracker.complete_item(snap.batch_id, "a")
+        tracker.fail_item(snap.batch_id, "b", "not an image")
+        before = tracker.get(snap.batch_id, owner="alice")
+    with SQLiteStore(path) as store:
+        after = BatchTracker(store, clock=clock).get(snap.batch_id, owner="alice")
+    assert after == before
+    assert after.items[1].error == "not an image"
+
+
+def test_opening_a_newer_schema_fails_and_changes_nothing(tmp_path: Path) -> None:
+    """A file with a newer schema version raises SchemaVersionError and is left untouched."""
+    path = tmp_path / "future.db"
+    SQLiteStore(path).close()
+    db = sqlite3.connect(path)
+    db.execute(f"PRAGMA user_version = {SCHEMA_VERSION + 1}")
+    db.close()
+    before = path.read_bytes()
+    with pytest.raises(SchemaVersionError, match="newer batchtrack"):
+        SQLiteStore(path)
+    assert path.read_bytes() == before
+
+
+def test_a_new_file_gets_the_current_schema_in_wal_mode(tmp_path: Path) -> None:
+    """Opening a missing file creates it with the schema, user_version and WAL mode."""
+    path = tmp_path / "new.db"
+    SQLiteStore(path).close()
+    db = sqlite3.connect(path)
+    try:
+        assert db.execute("PRAGMA user_version").fetchone()[0] == SCHEMA_VERSION
+        assert db.execute("PRAGMA journal_mode").fetchone()[0] == "wal"
+        tables = {r[0] for r in db.execute("SELECT name FROM sqlite_master WHERE type='table'")}
+        assert {"batches", "items"} <= tables
+    finally:
+        db.close()
+
+
+@pytest.mark.parametrize(("setting", "expected"), [("NORMAL", 1), ("full", 2)])
+def test_synchronous_setting_is_applied(tmp_path: Path, setting: str, expected: int) -> None:
+    """synchronous= is applied to every connection (NORMAL by default, FULL on request)."""
+    store = SQLiteStore(tmp_path / "s.db", synchronous=setting)
+    try:
+        assert store._db.execute("PRAGMA synchronous").fetchone()[0] == expected
+    finally:
+        store.close()
+
+
+def test_a_file_that_is_not_a_database_is_refused(tmp_path: Path) -> None:
+    """A non-database file raises StoreError and is not modified."""
+    path = tmp_path / "notes.txt"
+    path.write_bytes(b"these are my notes, not a database\n" * 200)
+    before = path.read_bytes()
+    with pytest.raises(StoreError, match=r"not a usable SQLite database|cannot prepare"):
+        SQLiteStore(path)
+    assert path.read_bytes() == before
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["notes.txt"]
+
+
+def test_a_corrupt_database_is_refused(tmp_path: Path) -> None:
+    """A database whose pages were overwritten raises StoreError on open or first use."""
+    path = tmp_path / "corrupt.db"
+    with SQLiteStore(path) as store:
+        tracker = BatchTracker(store)
+        snap = tracker.create_batch([f"{i}.jpg" for i in range(300)])
+    data = bytearray(path.read_bytes())
+    data[100:4096] = b"\xff" * (4096 - 100)  # the schema page
+    path.write_bytes(bytes(data))
+    with pytest.raises(StoreError):
+        BatchTracker(SQLiteStore(path)).get(snap.batch_id)
+
+
+def test_a_missing_folder_is_refused(tmp_path: Path) -> None:
+    """A path in a folder that does not exist raises StoreError and creates nothing."""
+    with pytest.raises(StoreError, match="cannot open"):
+        SQLiteStore(tmp_path / "no" / "such" / "dir" / "x.db")
+    assert list(tmp_path.iterdir()) == []
+
+
+@pytest.fixture
+def read_only_folder(tmp_path: Path) -> Iterator[Path]:
+    """A folder this process cannot create files in.
+
+    Root writes through permission bits, so as root the folder is made immutable
+    (``chattr +i``) instead.
+    """
+    folder = tmp_path / "ro"
+    folder.mkdir()
+    if os.geteuid() != 0:
+        folder.chmod(0o555)
+        yield folder
+        folder.chmod(0o755)
+        return
+    if subprocess.run(["chattr", "+i", str(folder)], capture_output=True, check=False).returncode:
+        pytest.skip("cannot make a read-only folder as root here (chattr +i failed)")
+    try:
+        yield folder
+    finally:
+        subprocess.run(["chattr", "-i", str(folder)], check=True)
+
+
+def test_a_read_only_folder_is_refused(read_only_folder: Path) -> None:
+    """A path in a folder the process may not write raises StoreError and writes nothing."""
+    with pytest.raises(StoreError, match="cannot open"):
+        SQLiteStore(read_only_folder / "x.db")
+    assert list(read_only_folder.iterdir()) == []
+
+
+def test_a_read_only_file_is_refused_on_write(tmp_path: Path) -> None:
+    """A database opened read-only (immutable flag) fails writes with StoreError."""
+    path = tmp_path / "ro.db"
+    SQLiteStore(path).close()
+    store = SQLiteStore(path)
+    store._db.execute("PRAGMA query_only = ON")
+    tracker = BatchTracker(store)
+    with pytest.raises(StoreError, match="cannot write"):
+        tracker.create_batch(["a.jpg"])
+    store.close()
+
+
+@pytest.mark.parametrize("path", ["", ":memory:", 42, None])
+def test_paths_that_name_no_file_are_rejected(path: object) -> None:
+    """'' and ':memory:' (one database per connection) and non-paths are refused."""
+    with pytest.raises(ValidationError, match="file path"):
+        SQLiteStore(path)  # type: ignore[arg-type]
+
+
+def test_bad_settings_are_rejected(tmp_path: Path) -> None:
+    """An unknown synchronous level or a non-positive timeout is refused before opening."""
+    with pytest.raises(ValidationError, match="synchronous"):
+        SQLiteStore(tmp_path / "x.db", synchronous="SOMETIMES")
+    with pytest.raises(ValidationError, match="timeout"):
+        SQLiteStore(tmp_path / "x.db", timeout=0)
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_a_closed_store_says_so(tmp_path: Path) -> None:
+    """Using a store after close() raises StoreError, from any thread."""
+    store = SQLiteStore(tmp_path / "x.db")
+    tracker = BatchTracker(store)
+    store.close()
+    store.close()  # twice is fine
+    import threading
+
+    errors: list[BaseException] = []
+
+    def use() -> None:
+        try:
+            tracker.create_batch(["a.jpg"])
+        except BaseException as exc:
+            errors.append(exc)
+
+    thread = threading.Thread(target=use)
+    thread.start()
+    thread.join()
+    assert len(errors) == 1
+    assert isinstance(errors[0], StoreError)
+    assert "closed" in str(errors[0])
+
+
+@pytest.mark.skipif(not hasattr(os, "fork"), reason="needs fork")
+def test_a_forked_child_opens_its_own_connection(tmp_path: Path) -> None:
+    """After fork the child works through a connection of its own; the parent carries on."""
+    path = tmp_path / "fork.db"
+    store = SQLiteStore(path)
+    tracker = BatchTracker(store)
+    snap = tracker.create_batch([("a", "a.jpg"), ("b", "b.jpg")])
+    tracker.start_item(snap.batch_id, "a")  # the parent's connection exists before fork
+    pid = os.fork()
+    if pid == 0:  # pragma: no cover - runs in the child
+        code = 0
+        try:
+            tracker.complete_item(snap.batch_id, "a")
+        except BaseException:
+            code = 1
+        os._exit(code)
+    _, status = os.waitpid(pid, 0)
+    assert os.waitstatus_to_exitcode(status) == 0
+    tracker.start_item(snap.batch_id, "b")
+    final = tracker.get(snap.batch_id)
+    assert [i.status for i in final.items] == [Status.COMPLETED, Status.PROCESSING]
+    store.close()
+
+
+def test_purge_works_in_bounded_chunks(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """purge_expired removes more batches than one chunk holds, in several transactions."""
+    monkeypatch.setattr(sqlite_module, "PURGE_CHUNK", 7)
+    clock = FakeClock()
+    with SQLiteStore(tmp_path / "p.db") as store:
+        tracker = BatchTracker(store, clock=clock)
+        for n in range(23):
+            tracker.create_batch([f"{n}.jpg"])
+        keep = tracker.create_batch(["keep.jpg"])
+        clock.advance(24 * 3600 - 1)
+        tracker.start_item(keep.batch_id, keep.items[0].id)
+        clock.advance(1)
+        assert tracker.cleanup() == 23
+        assert tracker.get(keep.batch_id).progress.processing == 1
+        assert store._db.execute("SELECT count(*) FROM items").fetchone()[0] == 1
+
+
+def test_status_is_readable_while_another_process_writes(tmp_path: Path) -> None:
+    """A reader sees consistent snapshots while another process is completing items."""
+    path = tmp_path / "live.db"
+    tracker = BatchTracker(SQLiteStore(path))
+    snap = tracker.create_batch([f"{i}.jpg" for i in range(300)])
+    proc = _worker(tmp_path, str(path), snap.batch_id, "slow", *(i.id for i in snap.items))
+    seen: list[int] = []
+    deadline = time.monotonic() + 60
+    while proc.poll() is None and time.monotonic() < deadline:
+        body = json.loads(json.dumps(tracker.get(snap.batch_id).to_dict()))
+        p = body["progress"]
+        assert p["total"] == p["completed"] + p["failed"] + p["processing"] + p["pending"]
+        assert sum(1 for i in body["images"] if i["status"] == "completed") == p["completed"]
+        seen.append(p["completed"])
+        time.sleep(0.01)
+    proc.communicate(timeout=60)
+    assert seen == sorted(seen)  # progress never goes backwards
+    assert tracker.get(snap.batch_id).progress.completed == 300
