@@ -7,10 +7,9 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
+from batchtrack import BatchTracker, MemoryStore, SQLiteStore
 from bench_core import counts_read, snapshot_json
 from harness import Comparison, compare
-
-from batchtrack import BatchTracker, MemoryStore, SQLiteStore
 
 
 def event_vs_update_commit(folder: Path, *, n: int) -> tuple[Comparison, float]:
