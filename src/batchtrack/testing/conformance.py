@@ -460,3 +460,38 @@ class StoreConformance:
         assert loaded.progress == Progress(total=n, completed=n)
         assert dict(loaded.stats) == {"n": 2.0 * n}
         assert all(item.status is Status.COMPLETED for item in loaded.items)
+
+    def test_tracker_hides_other_owners_batches(self, store: Store) -> None:
+        """Through a tracker, another owner's batch is not found, like an unknown one."""
+        tracker = BatchTracker(store, clock=FakeClock())
+        snap = tracker.create_batch(["a.jpg"], owner="alice")
+        assert tracker.get(snap.batch_id, owner="alice").owner == "alice"
+        with pytest.raises(BatchNotFound):
+            tracker.get(snap.batch_id, owner="bob")
+
+    def test_tracker_repeats_count_once(self, store: Store) -> None:
+        """Repeated transitions through a tracker change nothing the second time."""
+        tracker = BatchTracker(store, clock=FakeClock())
+        snap = tracker.create_batch([("a", "a.jpg")])
+        assert tracker.start_item(snap.batch_id, "a").changed
+        assert not tracker.start_item(snap.batch_id, "a").changed
+        assert tracker.complete_item(snap.batch_id, "a").changed
+        again = tracker.complete_item(snap.batch_id, "a")
+        assert not again.changed
+        assert again.progress == Progress(total=1, completed=1)
+        assert tracker.get(snap.batch_id).version == 2
+
+    def test_tracker_expiry_is_exact(self, store: Store) -> None:
+        """A finished batch is visible until ttl after finishing and gone from then on."""
+        clock = FakeClock()
+        tracker = BatchTracker(store, ttl=TTL, clock=clock)
+        snap = tracker.create_batch([("a", "a.jpg")])
+        tracker.start_item(snap.batch_id, "a")
+        tracker.complete_item(snap.batch_id, "a")
+        clock.advance(TTL - 0.5)
+        assert tracker.get(snap.batch_id).status is Status.COMPLETED
+        clock.advance(0.5)
+        with pytest.raises(BatchNotFound):
+            tracker.get(snap.batch_id)
+        assert tracker.cleanup() == 1
+        assert store.load(snap.batch_id) is None

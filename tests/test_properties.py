@@ -1,0 +1,52 @@
+"""Property tests: any sequence of events keeps the counts honest, on every store."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from batchtrack import BatchTracker, InvalidTransition, Status
+from batchtrack.stores.base import Store
+from batchtrack.testing.strategies import event_sequences, item_lists
+
+StoreFactory = Callable[[], Store]
+
+
+# store_factory makes a fresh store on every call, so sharing it across examples is safe.
+@settings(suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(data=st.data(), items=item_lists(max_size=8))
+def test_any_event_sequence_keeps_counts_equal_to_item_statuses(
+    store_factory: StoreFactory, data: st.DataObject, items: list[object]
+) -> None:
+    """Whatever events arrive, valid or not, each count equals the items in that status."""
+    tracker = BatchTracker(store_factory())
+    snap = tracker.create_batch(items)  # type: ignore[arg-type]
+    ids = [item.id for item in snap.items]
+    applied = 0
+    for action, index, error in data.draw(event_sequences(len(ids))):
+        try:
+            if action == "start":
+                event = tracker.start_item(snap.batch_id, ids[index])
+            elif action == "complete":
+                event = tracker.complete_item(snap.batch_id, ids[index])
+            else:
+                assert error is not None
+                event = tracker.fail_item(snap.batch_id, ids[index], error)
+        except InvalidTransition:
+            continue
+        applied += event.changed
+    final = tracker.get(snap.batch_id)
+    p = final.progress
+    assert p.total == len(ids) == p.completed + p.failed + p.processing + p.pending
+    for status, count in [
+        (Status.COMPLETED, p.completed),
+        (Status.FAILED, p.failed),
+        (Status.PROCESSING, p.processing),
+        (Status.PENDING, p.pending),
+    ]:
+        assert count == sum(1 for item in final.items if item.status is status)
+    assert final.version == applied
+    # Every item moved at most twice: pending -> processing -> final.
+    assert applied <= 2 * len(ids)
