@@ -1,6 +1,6 @@
 """Run every benchmark and print ratios measured side by side in one run.
 
-Usage: ``python benchmarks/run.py [--quick] [SUITE ...]`` (suites: core, sqlite).
+Usage: ``python benchmarks/run.py [--quick] [SUITE ...]`` (suites: core, sqlite, eta).
 Exit status 0 even when a goal is missed: these are figures, not tests.
 """
 
@@ -14,7 +14,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).parent))
 
-SUITES = {"core": "bench_core", "sqlite": "bench_sqlite"}
+SUITES = {"core": "bench_core", "sqlite": "bench_sqlite", "eta": "bench_eta"}
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -1,9 +1,31 @@
-"""The ETA: how many seconds a batch still needs, from the throughput it has shown.
+"""The ETA: how many seconds a batch still needs, from what the batch has shown so far.
 
-All of the estimate lives here. The tracker asks :func:`stats_for` what to add to a
-batch's stored stats with each transition (the store adds the numbers atomically, so
-concurrent workers on many hosts never lose a contribution and the result does not depend
-on the order they arrive in), and :func:`estimate` turns a batch header into seconds.
+All of the estimate lives here. With every transition the tracker asks
+:func:`stats_for` what to add to the batch's stored stats; the store adds the numbers
+atomically, so concurrent workers on many hosts never lose a contribution and the result
+does not depend on the order they arrive in. :func:`estimate` turns counts and stats into
+seconds. Everything is deterministic given the event times.
+
+How the estimate works
+----------------------
+Remaining time = remaining work / workers busy now, where remaining work is the pending
+items plus three quarters of each running one (the last item to finish, not the average
+one, ends the batch), times a mean item duration.
+
+Which mean? Durations of finished items are kept as power sums weighted by when the item
+finished: ``sum(t**k * d)`` and ``sum(t**k * d**2)`` with ``t`` the finish time since the
+batch was created, for k in 0, 1, 2, 4, 8, 16. The weight ``t**k`` looks back over
+roughly the last ``1 / (k + 1)`` of the batch's life, so k = 0 is the mean over the whole
+batch and k = 16 the mean over its most recent stretch. From the same sums come each
+window's variance and effective number of items (``sum(w)**2 / sum(w**2)``, hence the
+sums of ``t**(2k)``).
+
+The window is chosen like Lepski's method for adaptive bandwidths: take the longest
+window (the least noisy) whose mean agrees, within half a standard error each, with every
+shorter window that holds enough items to be trusted (relative standard error at most
+30%). A steady or merely noisy batch thus keeps the whole-batch mean and a steady ETA;
+a batch that really sped up or slowed down moves to the recent window within a few items.
+``benchmarks/bench_eta.py`` scores it against the usual estimators.
 """
 
 from __future__ import annotations
@@ -13,39 +35,111 @@ from collections.abc import Mapping
 
 from ._models import Progress, Status
 
-__all__ = ["estimate", "needs_origin", "stats_for"]
+__all__ = ["estimate", "needs_origin", "seconds_remaining", "stats_for"]
 
-_NO_STATS: Mapping[str, float] = {}
-
-needs_origin = False
+needs_origin = True
 """Whether :func:`stats_for` uses the batch's creation time (the tracker then caches it)."""
 
+_KS = (0, 1, 2, 4, 8, 16)
+_POWERS = (0, 1, 2, 4, 8, 16, 32)  # the ks and their doubles, for effective counts
+_TRUSTED = 0.3  # largest relative standard error of a window we believe
+_AGREE = 0.5  # how many standard errors two windows may differ by and still agree
+_RUNNING_SHARE = 0.75  # how much of a running item's duration still counts as to do
 
-def stats_for(target: Status, at: float, origin: float) -> Mapping[str, float]:
+_NO_STATS: Mapping[Status, Mapping[str, tuple[float, int]]] = {}
+_W = tuple(f"w{k}" for k in _POWERS)
+_D = tuple(f"d{k}" for k in _KS)
+_Q = tuple(f"q{k}" for k in _KS)
+
+
+def stats_for(
+    target: Status, at: float, origin: float
+) -> Mapping[Status, Mapping[str, tuple[float, int]]]:
     """What a transition to ``target`` at ``at`` adds to the batch's stats.
+
+    Only an item that finishes after processing contributes (an item cancelled while
+    pending did no work): its finish time's powers ``t**k`` (``w``), and the same times
+    its duration (``d``) and squared duration (``q``), the duration being the seconds
+    the store measures since the item started.
 
     Args:
         target: The item's new status.
         at: When the transition happens.
-        origin: When the batch was created (only read when :data:`needs_origin`).
+        origin: When the batch was created.
     """
-    return _NO_STATS
+    if target is not Status.COMPLETED and target is not Status.FAILED:
+        return _NO_STATS
+    t = max(at - origin, 0.0)
+    p2 = t * t
+    p4 = p2 * p2
+    p8 = p4 * p4
+    p16 = p8 * p8
+    powers = (1.0, t, p2, p4, p8, p16, p16 * p16)
+    contributions: dict[str, tuple[float, int]] = {}
+    for name, value in zip(_W, powers, strict=False):
+        contributions[name] = (value, 0)
+    for d, q, value in zip(_D, _Q, powers, strict=False):
+        contributions[d] = (value, 1)
+        contributions[q] = (value, 2)
+    return {Status.PROCESSING: contributions}
 
 
-def estimate(
+def _mean_duration(stats: Mapping[str, float]) -> float | None:
+    """The mean item duration over the window chosen as described above."""
+    means: list[float] = []
+    errors: list[float] = []
+    trusted = -1
+    for i, k in enumerate(_KS):
+        weight = stats.get(f"w{k}", 0.0)
+        if weight <= 0:
+            break
+        mean = stats.get(f"d{k}", 0.0) / weight
+        variance = max(stats.get(f"q{k}", 0.0) / weight - mean * mean, 0.0)
+        effective = weight * weight / stats[f"w{2 * k}"]
+        error = math.sqrt(variance / effective)
+        means.append(mean)
+        errors.append(error)
+        if trusted == i - 1 and error <= _TRUSTED * mean:
+            trusted = i
+    if not means:
+        return None
+    top = max(trusted, 0)
+    for i in range(top + 1):
+        if all(
+            abs(means[i] - means[j]) <= _AGREE * (errors[i] + errors[j])
+            for j in range(i + 1, top + 1)
+        ):
+            return means[i]
+    return means[top]  # pragma: no cover - i == top always agrees with itself
+
+
+def seconds_remaining(
     progress: Progress, created_at: float, stats: Mapping[str, float], now: float
-) -> int | None:
-    """Seconds until the batch is finished, rounded up.
-
-    None until the first item is final; 0 once every item is. Otherwise the remaining
-    items divided by the throughput shown so far: items finished per second of wall
-    time since the batch was created, which already accounts for concurrency.
-    """
+) -> float | None:
+    """The estimate before rounding: None until an item is final, 0.0 once all are."""
     finished = progress.completed + progress.failed
     if finished == 0:
         return None
     remaining = progress.pending + progress.processing
     if remaining == 0:
-        return 0
-    elapsed = max(now - created_at, 1e-6)
-    return math.ceil(remaining * elapsed / finished)
+        return 0.0
+    duration = _mean_duration(stats)
+    if duration is None:
+        # Only cancelled items are final: no durations yet, use plain throughput.
+        return remaining * max(now - created_at, 1e-6) / finished
+    running = progress.processing
+    return (progress.pending + _RUNNING_SHARE * running) * duration / max(running, 1)
+
+
+def estimate(
+    progress: Progress, created_at: float, stats: Mapping[str, float], now: float
+) -> int | None:
+    """Whole seconds until the batch is finished, rounded up.
+
+    None until the first item is final; 0 once every item is; otherwise at least 1, so
+    that 0 always means finished.
+    """
+    seconds = seconds_remaining(progress, created_at, stats, now)
+    if seconds is None or (seconds == 0.0 and progress.pending + progress.processing == 0):
+        return None if seconds is None else 0
+    return max(1, math.ceil(seconds))

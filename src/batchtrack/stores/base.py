@@ -23,7 +23,7 @@ import attrs
 
 from .._models import ItemSnapshot, Progress, Status
 
-__all__ = ["BatchRecord", "Outcome", "Store", "Transition", "TransitionResult"]
+__all__ = ["BatchRecord", "Outcome", "Store", "Transition", "TransitionResult", "add_stats"]
 
 
 @attrs.frozen
@@ -75,8 +75,9 @@ class Transition:
     3. If the item's status is not in ``sources``: change nothing
        (:attr:`Outcome.REJECTED`).
     4. Otherwise (:attr:`Outcome.APPLIED`), in one atomic step: set the item's status to
-       ``target`` and its error to ``error``; move one count from the old status to the
-       new; add each of ``stats`` to the batch's stats; add one to ``version``; set
+       ``target``, its error to ``error`` and its change time to ``at``; move one count
+       from the old status to the new; add the contributions in ``stats`` for the old
+       status to the batch's stats (below); add one to ``version``; set
        ``updated_at`` to ``at``; and if no item is pending or processing any more, set
        ``finished_at`` to ``at`` and ``expires_at`` to ``expires_at_finished``, else set
        ``expires_at`` to ``expires_at_open``.
@@ -89,7 +90,14 @@ class Transition:
         error: The error to record (None except for failures).
         expires_at_open: The batch's new ``expires_at`` while items remain open.
         expires_at_finished: The batch's new ``expires_at`` if this finishes it.
-        stats: Amounts to add to the batch's stats when the transition is applied.
+        stats: What an applied transition adds to the batch's stats, by the status the
+            item leaves: for each ``name: (coefficient, power)`` in
+            ``stats.get(previous_status, {})``, add
+            ``coefficient * elapsed ** power`` to the stat ``name`` (a missing stat is 0),
+            where ``elapsed`` is the seconds since the item's previous transition (since
+            the batch was created, for an item never moved). Power 0 adds the
+            coefficient as it is. This is how the tracker keeps its ETA state (throughput
+            and item durations) without the store knowing what it means.
     """
 
     item_id: str
@@ -99,7 +107,18 @@ class Transition:
     error: str | None
     expires_at_open: float
     expires_at_finished: float
-    stats: Mapping[str, float] = attrs.field(factory=dict)
+    stats: Mapping[Status, Mapping[str, tuple[float, int]]] = attrs.field(factory=dict)
+
+
+def add_stats(
+    stats: dict[str, float], contributions: Mapping[str, tuple[float, int]], elapsed: float
+) -> None:
+    """Add ``coefficient * elapsed ** power`` to ``stats[name]`` for each contribution.
+
+    The arithmetic of :attr:`Transition.stats`, for stores that run Python.
+    """
+    for name, (coefficient, power) in contributions.items():
+        stats[name] = stats.get(name, 0.0) + coefficient * elapsed**power
 
 
 class Outcome(enum.Enum):

@@ -10,7 +10,7 @@ import attrs
 
 from .._models import ItemSnapshot, Progress, Status
 from ..exceptions import BatchNotFound, ItemNotFound, StoreError
-from .base import BatchRecord, Outcome, Store, Transition, TransitionResult
+from .base import BatchRecord, Outcome, Store, Transition, TransitionResult, add_stats
 
 __all__ = ["MemoryStore"]
 
@@ -32,6 +32,7 @@ class _Batch:
     version: int
     progress: Progress
     items: list[ItemSnapshot]
+    changed: list[float]  # when each item last changed
     index: dict[str, int]
     counts: dict[Status, int]
     stats: dict[str, float]
@@ -75,6 +76,7 @@ class MemoryStore(Store):
             batch.version,
             batch.progress,
             list(items),
+            [batch.created_at] * len(items),
             {item.id: i for i, item in enumerate(items)},
             counts,
             dict(batch.stats),
@@ -103,10 +105,10 @@ class MemoryStore(Store):
                 counts = state.counts
                 counts[previous] -= 1
                 counts[target] += 1
-                if transition.stats:
-                    stats = state.stats
-                    for name, amount in transition.stats.items():
-                        stats[name] = stats.get(name, 0.0) + amount
+                contributions = transition.stats.get(previous)
+                if contributions:
+                    add_stats(state.stats, contributions, transition.at - state.changed[position])
+                state.changed[position] = transition.at
                 state.updated_at = transition.at
                 state.version += 1
                 if counts[_PENDING] or counts[_PROCESSING]:

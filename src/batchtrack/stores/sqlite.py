@@ -28,7 +28,7 @@ import attrs
 
 from .._models import ItemSnapshot, Progress, Status
 from ..exceptions import BatchNotFound, ItemNotFound, StoreError, ValidationError
-from .base import BatchRecord, Outcome, Store, Transition, TransitionResult
+from .base import BatchRecord, Outcome, Store, Transition, TransitionResult, add_stats
 
 __all__ = ["SCHEMA_VERSION", "SQLiteStore", "SchemaVersionError"]
 
@@ -75,6 +75,7 @@ _MIGRATIONS: list[tuple[str, ...]] = [
             filename  TEXT NOT NULL,
             status    INTEGER NOT NULL,
             error     TEXT,
+            changed_at REAL NOT NULL,
             PRIMARY KEY (batch_key, position)
         ) WITHOUT ROWID""",
         "CREATE UNIQUE INDEX items_by_id ON items (batch_key, item_id)",
@@ -91,7 +92,7 @@ _HEADER = (
 _HEADER_AND_ITEM = (
     "SELECT b.batch_id, b.owner, b.created_at, b.updated_at, b.finished_at, b.expires_at,"
     " b.version, b.total, b.completed, b.failed, b.processing, b.pending, b.stats,"
-    " i.filename, i.status, i.error, b.key, i.position FROM batches b"
+    " i.filename, i.status, i.error, b.key, i.position, i.changed_at FROM batches b"
     " LEFT JOIN items i ON i.batch_key = b.key AND i.item_id = ?"
     " WHERE b.batch_id = ?"
 )
@@ -296,9 +297,17 @@ class SQLiteStore(Store):
             except sqlite3.IntegrityError as exc:
                 raise StoreError(f"batch {batch.batch_id!r} exists already") from exc
             db.executemany(
-                "INSERT INTO items VALUES (?, ?, ?, ?, ?, ?)",
+                "INSERT INTO items VALUES (?, ?, ?, ?, ?, ?, ?)",
                 (
-                    (key, n, item.id, item.filename, _CODE[item.status], item.error)
+                    (
+                        key,
+                        n,
+                        item.id,
+                        item.filename,
+                        _CODE[item.status],
+                        item.error,
+                        batch.created_at,
+                    )
                     for n, item in enumerate(items)
                 ),
             )
@@ -335,9 +344,9 @@ class SQLiteStore(Store):
             counts[previous] -= 1
             counts[target] += 1
             stats = json.loads(row[12])
-            if transition.stats:
-                for name, amount in transition.stats.items():
-                    stats[name] = stats.get(name, 0.0) + amount
+            contributions = transition.stats.get(previous)
+            if contributions:
+                add_stats(stats, contributions, transition.at - row[18])
                 stats_json = json.dumps(stats)
             else:
                 stats_json = row[12]
@@ -347,8 +356,9 @@ class SQLiteStore(Store):
                 finished_at, expires_at = transition.at, transition.expires_at_finished
             version = row[6] + 1
             db.execute(
-                "UPDATE items SET status = ?, error = ? WHERE batch_key = ? AND position = ?",
-                (_CODE[target], transition.error, row[16], row[17]),
+                "UPDATE items SET status = ?, error = ?, changed_at = ?"
+                " WHERE batch_key = ? AND position = ?",
+                (_CODE[target], transition.error, transition.at, row[16], row[17]),
             )
             db.execute(
                 "UPDATE batches SET updated_at = ?, finished_at = ?, expires_at = ?,"

@@ -293,7 +293,7 @@ def _transition(
     at: float,
     *,
     error: str | None = None,
-    stats: dict[str, float] | None = None,
+    stats: dict[Status, dict[str, tuple[float, int]]] | None = None,
 ) -> Transition:
     target, sources = _RULES[action]
     return Transition(item_id, target, sources, at, error, at + IDLE_TIMEOUT, at + TTL, stats or {})
@@ -358,7 +358,8 @@ class StoreConformance:
     def test_applied_transition_updates_everything_at_once(self, store: Store) -> None:
         """An applied transition moves one count, adds stats, bumps version and time."""
         store.create(_record("b1", 2), _items(2))
-        result = store.apply("b1", _transition("item-0", "start", 1001.0, stats={"a": 2.0}))
+        stats = {Status.PENDING: {"a": (2.0, 0)}, Status.PROCESSING: {"a": (99.0, 0)}}
+        result = store.apply("b1", _transition("item-0", "start", 1001.0, stats=stats))
         assert result.outcome is Outcome.APPLIED
         assert result.previous is Status.PENDING
         assert result.item == ItemSnapshot("item-0", "0.jpg", Status.PROCESSING)
@@ -366,13 +367,15 @@ class StoreConformance:
         assert result.version == 1
         assert result.expires_at == 1001.0 + IDLE_TIMEOUT
         assert dict(result.stats) == {"a": 2.0}
-        store.apply("b1", _transition("item-0", "fail", 1002.0, error="boom", stats={"a": 1.0}))
+        # 1.5 s after it started: adds 3 * 1.5 ** 2 to "a" and 1.5 to "b".
+        stats = {Status.PROCESSING: {"a": (3.0, 2), "b": (1.0, 1)}}
+        store.apply("b1", _transition("item-0", "fail", 1002.5, error="boom", stats=stats))
         loaded = store.load("b1")
         assert loaded is not None
         assert loaded.items[0] == ItemSnapshot("item-0", "0.jpg", Status.FAILED, "boom")
-        assert loaded.updated_at == 1002.0
+        assert loaded.updated_at == 1002.5
         assert loaded.version == 2
-        assert dict(loaded.stats) == {"a": 3.0}
+        assert dict(loaded.stats) == {"a": 2.0 + 3.0 * 1.5**2, "b": 1.5}
         assert loaded.finished_at is None
 
     def test_unchanged_and_rejected_change_nothing(self, store: Store) -> None:
@@ -380,14 +383,13 @@ class StoreConformance:
         store.create(_record("b1", 1), _items(1))
         store.apply("b1", _transition("item-0", "start", 1001.0))
         before = store.load("b1")
-        again = store.apply("b1", _transition("item-0", "start", 1005.0, stats={"a": 1.0}))
+        bump = {s: {"a": (1.0, 0)} for s in Status}
+        again = store.apply("b1", _transition("item-0", "start", 1005.0, stats=bump))
         assert again.outcome is Outcome.UNCHANGED
         assert again.previous is Status.PROCESSING
         store.apply("b1", _transition("item-0", "complete", 1006.0))
         done = store.load("b1")
-        rejected = store.apply(
-            "b1", _transition("item-0", "fail", 1007.0, error="x", stats={"a": 1.0})
-        )
+        rejected = store.apply("b1", _transition("item-0", "fail", 1007.0, error="x", stats=bump))
         assert rejected.outcome is Outcome.REJECTED
         assert rejected.previous is Status.COMPLETED
         assert store.load("b1") == done
@@ -433,20 +435,19 @@ class StoreConformance:
         n = 200
         store.create(_record("b1", n), _items(n))
         applied: list[int] = []
+        one = {s: {"n": (1.0, 0)} for s in Status}
         barrier = threading.Barrier(8)
         lock = threading.Lock()
 
         def worker() -> None:
             barrier.wait()
-            count = 0
+            mine = 0
             for i in range(n):
                 for action in ("start", "complete"):
-                    result = store.apply(
-                        "b1", _transition(f"item-{i}", action, 1001.0, stats={"n": 1.0})
-                    )
-                    count += result.outcome is Outcome.APPLIED
+                    result = store.apply("b1", _transition(f"item-{i}", action, 1001.0, stats=one))
+                    mine += result.outcome is Outcome.APPLIED
             with lock:
-                applied.append(count)
+                applied.append(mine)
 
         threads = [threading.Thread(target=worker) for _ in range(8)]
         for t in threads:
