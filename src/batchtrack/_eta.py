@@ -41,15 +41,14 @@ needs_origin = True
 """Whether :func:`stats_for` uses the batch's creation time (the tracker then caches it)."""
 
 _KS = (0, 1, 2, 4, 8, 16)
-_POWERS = (0, 1, 2, 4, 8, 16, 32)  # the ks and their doubles, for effective counts
 _TRUSTED = 0.3  # largest relative standard error of a window we believe
 _AGREE = 0.5  # how many standard errors two windows may differ by and still agree
 _RUNNING_SHARE = 0.75  # how much of a running item's duration still counts as to do
 
 _NO_STATS: Mapping[Status, Mapping[str, tuple[float, int]]] = {}
-_W = tuple(f"w{k}" for k in _POWERS)
-_D = tuple(f"d{k}" for k in _KS)
-_Q = tuple(f"q{k}" for k in _KS)
+# Per window: the names of its weight, duration and squared-duration sums, and of the
+# sum of squared weights (t**(2k)).
+_WINDOWS = tuple((f"w{k}", f"d{k}", f"q{k}", f"w{2 * k}") for k in _KS)
 
 
 def stats_for(
@@ -74,29 +73,62 @@ def stats_for(
     p4 = p2 * p2
     p8 = p4 * p4
     p16 = p8 * p8
-    powers = (1.0, t, p2, p4, p8, p16, p16 * p16)
-    contributions: dict[str, tuple[float, int]] = {}
-    for name, value in zip(_W, powers, strict=False):
-        contributions[name] = (value, 0)
-    for d, q, value in zip(_D, _Q, powers, strict=False):
-        contributions[d] = (value, 1)
-        contributions[q] = (value, 2)
-    return {Status.PROCESSING: contributions}
+    return {
+        Status.PROCESSING: {
+            "w0": (1.0, 0),
+            "w1": (t, 0),
+            "w2": (p2, 0),
+            "w4": (p4, 0),
+            "w8": (p8, 0),
+            "w16": (p16, 0),
+            "w32": (p16 * p16, 0),
+            "d0": (1.0, 1),
+            "d1": (t, 1),
+            "d2": (p2, 1),
+            "d4": (p4, 1),
+            "d8": (p8, 1),
+            "d16": (p16, 1),
+            "q0": (1.0, 2),
+            "q1": (t, 2),
+            "q2": (p2, 2),
+            "q4": (p4, 2),
+            "q8": (p8, 2),
+            "q16": (p16, 2),
+        }
+    }
+
+
+_memo: dict[tuple[float, float, float], float | None] = {}
 
 
 def _mean_duration(stats: Mapping[str, float]) -> float | None:
+    """The mean item duration, memoised: stats change only when an item finishes, while
+    the estimate is also wanted at every start and every read."""
+    key = (stats.get("w0", 0.0), stats.get("w1", 0.0), stats.get("d0", 0.0))
+    try:
+        return _memo[key]
+    except KeyError:
+        pass
+    if len(_memo) >= 4096:
+        _memo.clear()
+    mean = _memo[key] = _choose_mean_duration(stats)
+    return mean
+
+
+def _choose_mean_duration(stats: Mapping[str, float]) -> float | None:
     """The mean item duration over the window chosen as described above."""
     means: list[float] = []
     errors: list[float] = []
     trusted = -1
-    for i, k in enumerate(_KS):
-        weight = stats.get(f"w{k}", 0.0)
+    get = stats.get
+    for i, (w, d, q, w2) in enumerate(_WINDOWS):
+        weight = get(w, 0.0)
         if weight <= 0:
             break
-        mean = stats.get(f"d{k}", 0.0) / weight
-        variance = max(stats.get(f"q{k}", 0.0) / weight - mean * mean, 0.0)
-        effective = weight * weight / stats[f"w{2 * k}"]
-        error = math.sqrt(variance / effective)
+        mean = get(d, 0.0) / weight
+        variance = get(q, 0.0) / weight - mean * mean
+        # variance / effective count, with effective count = weight**2 / sum(w**2)
+        error = math.sqrt(variance * get(w2, 0.0)) / weight if variance > 0 else 0.0
         means.append(mean)
         errors.append(error)
         if trusted == i - 1 and error <= _TRUSTED * mean:
@@ -104,13 +136,14 @@ def _mean_duration(stats: Mapping[str, float]) -> float | None:
     if not means:
         return None
     top = max(trusted, 0)
-    for i in range(top + 1):
-        if all(
-            abs(means[i] - means[j]) <= _AGREE * (errors[i] + errors[j])
-            for j in range(i + 1, top + 1)
-        ):
-            return means[i]
-    return means[top]  # pragma: no cover - i == top always agrees with itself
+    for i in range(top):
+        mean, error = means[i], errors[i]
+        for j in range(i + 1, top + 1):
+            if abs(mean - means[j]) > _AGREE * (error + errors[j]):
+                break
+        else:
+            return mean
+    return means[top]
 
 
 def seconds_remaining(

@@ -117,8 +117,11 @@ def add_stats(
 
     The arithmetic of :attr:`Transition.stats`, for stores that run Python.
     """
+    small = (1.0, elapsed, elapsed * elapsed)
+    get = stats.get
     for name, (coefficient, power) in contributions.items():
-        stats[name] = stats.get(name, 0.0) + coefficient * elapsed**power
+        scale = small[power] if 0 <= power < 3 else elapsed**power
+        stats[name] = get(name, 0.0) + coefficient * scale
 
 
 class Outcome(enum.Enum):

@@ -15,11 +15,11 @@ cost of an ``fsync`` per transition.
 
 from __future__ import annotations
 
-import json
 import os
 import sqlite3
+import struct
 import threading
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
@@ -61,7 +61,7 @@ _MIGRATIONS: list[tuple[str, ...]] = [
             failed      INTEGER NOT NULL,
             processing  INTEGER NOT NULL,
             pending     INTEGER NOT NULL,
-            stats       TEXT NOT NULL
+            stats       BLOB NOT NULL
         )""",
         # No index on expires_at: it changes with every transition, and keeping an index
         # current would cost each transition one more page write. purge_expired scans
@@ -102,6 +102,24 @@ class SchemaVersionError(StoreError):
     """The database was written by a newer batchtrack; it is left untouched."""
 
 
+def _pack_stats(stats: Mapping[str, float]) -> bytes:
+    """Stats as a BLOB: a count, the values as little-endian doubles, then the names.
+
+    Several times faster than JSON for the ~20 numbers the ETA keeps, which matters on
+    the path of every transition; and unlike pickle it cannot run code from a file.
+    """
+    names = "\x1f".join(stats).encode()
+    return struct.pack(f"<H{len(stats)}d", len(stats), *stats.values()) + names
+
+
+def _unpack_stats(blob: bytes) -> dict[str, float]:
+    (count,) = struct.unpack_from("<H", blob)
+    if not count:
+        return {}
+    values = struct.unpack_from(f"<{count}d", blob, 2)
+    return dict(zip(blob[2 + 8 * count :].decode().split("\x1f"), values, strict=True))
+
+
 def _header(row: Sequence[Any], items: tuple[ItemSnapshot, ...] = ()) -> BatchRecord:
     return BatchRecord(
         batch_id=row[0],
@@ -112,7 +130,7 @@ def _header(row: Sequence[Any], items: tuple[ItemSnapshot, ...] = ()) -> BatchRe
         expires_at=row[5],
         version=row[6],
         progress=Progress(row[7], row[8], row[9], row[10], row[11]),
-        stats=json.loads(row[12]),
+        stats=_unpack_stats(row[12]),
         items=items,
     )
 
@@ -291,7 +309,7 @@ class SQLiteStore(Store):
                         p.failed,
                         p.processing,
                         p.pending,
-                        json.dumps(dict(batch.stats)),
+                        _pack_stats(batch.stats),
                     ),
                 ).lastrowid
             except sqlite3.IntegrityError as exc:
@@ -343,13 +361,13 @@ class SQLiteStore(Store):
             }
             counts[previous] -= 1
             counts[target] += 1
-            stats = json.loads(row[12])
+            stats = _unpack_stats(row[12])
             contributions = transition.stats.get(previous)
             if contributions:
                 add_stats(stats, contributions, transition.at - row[18])
-                stats_json = json.dumps(stats)
+                packed = _pack_stats(stats)
             else:
-                stats_json = row[12]
+                packed = row[12]
             if counts[Status.PENDING] or counts[Status.PROCESSING]:
                 finished_at, expires_at = None, transition.expires_at_open
             else:
@@ -373,7 +391,7 @@ class SQLiteStore(Store):
                     counts[Status.FAILED],
                     counts[Status.PROCESSING],
                     counts[Status.PENDING],
-                    stats_json,
+                    packed,
                     row[16],
                 ),
             )
