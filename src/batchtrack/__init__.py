@@ -5,18 +5,22 @@ The public names are re-exported here; see the documentation for the guide.
 
 from __future__ import annotations
 
-from ._models import BatchSnapshot, ItemSnapshot, Progress, ProgressEvent, Status
+from ._models import BatchSnapshot, Item, ItemSnapshot, Progress, ProgressEvent, Status
+from ._orchestrator import Orchestrator
 from ._tracker import BatchTracker
 from .exceptions import (
     BatchNotFound,
     BatchtrackError,
     InvalidTransition,
     ItemNotFound,
+    OrchestratorClosed,
+    ProcessingError,
     StoreError,
     ValidationError,
 )
 from .stores.memory import MemoryStore
 from .stores.sqlite import SQLiteStore
+from .typing import ProgressCallback
 
 __all__ = [
     "BatchNotFound",
@@ -24,10 +28,15 @@ __all__ = [
     "BatchTracker",
     "BatchtrackError",
     "InvalidTransition",
+    "Item",
     "ItemNotFound",
     "ItemSnapshot",
     "MemoryStore",
+    "Orchestrator",
+    "OrchestratorClosed",
+    "ProcessingError",
     "Progress",
+    "ProgressCallback",
     "ProgressEvent",
     "SQLiteStore",
     "Status",

@@ -8,7 +8,7 @@ from typing import Any
 
 import attrs
 
-__all__ = ["BatchSnapshot", "ItemSnapshot", "Progress", "ProgressEvent", "Status"]
+__all__ = ["BatchSnapshot", "Item", "ItemSnapshot", "Progress", "ProgressEvent", "Status"]
 
 
 class Status(str, enum.Enum):
@@ -189,3 +189,21 @@ class ProgressEvent:
     def status(self) -> Status:
         """The batch status right after the transition."""
         return self.progress.status
+
+
+@attrs.frozen
+class Item:
+    """A unit of work for the :class:`~batchtrack.Orchestrator`.
+
+    Attributes:
+        filename: The name users see (for a path given to ``submit``: its base name).
+        source: What the processor works on: a path, bytes, a URL, a key in your storage;
+            None means the filename itself.
+        id: The item id; generated (UUID4) when None.
+        batch_id: Set by the orchestrator before the processor sees the item.
+    """
+
+    filename: str
+    source: Any = None
+    id: str | None = None
+    batch_id: str | None = None

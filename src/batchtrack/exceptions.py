@@ -12,6 +12,8 @@ __all__ = [
     "BatchtrackError",
     "InvalidTransition",
     "ItemNotFound",
+    "OrchestratorClosed",
+    "ProcessingError",
     "StoreError",
     "ValidationError",
 ]
@@ -71,3 +73,16 @@ class StoreError(BatchtrackError):
 
     The underlying error, when there is one, is attached as ``__cause__``.
     """
+
+
+class ProcessingError(BatchtrackError):
+    """Raised by a processor to fail an item with exactly this message for users.
+
+    Any other exception fails the item too, with ``"TypeName: message"``; raise this one
+    when the message is already written for the person who uploaded the item
+    (``ProcessingError("not an image")``).
+    """
+
+
+class OrchestratorClosed(BatchtrackError, RuntimeError):
+    """The orchestrator was closed; it accepts no more batches."""

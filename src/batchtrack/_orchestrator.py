@@ -1,0 +1,406 @@
+"""Orchestrator: run a processor over the items of a batch, keeping the tracker current."""
+
+from __future__ import annotations
+
+import collections
+import logging
+import os
+import queue
+import re
+import threading
+import uuid
+from collections.abc import Callable, Iterable
+from concurrent.futures import Executor, Future, ThreadPoolExecutor
+from types import TracebackType
+from typing import Any, Union
+
+import attrs
+
+from ._models import BatchSnapshot, Item, ProgressEvent
+from ._tracker import BatchTracker
+from .exceptions import (
+    BatchNotFound,
+    BatchtrackError,
+    OrchestratorClosed,
+    ProcessingError,
+    ValidationError,
+)
+
+__all__ = ["CANCELLED", "Orchestrator"]
+
+log = logging.getLogger("batchtrack")
+
+CANCELLED = "cancelled"
+"""The error of items that a cancel (or close with ``cancel_pending``) kept from starting."""
+
+ItemLike = Union[Item, str, "os.PathLike[str]"]
+_MAX_MESSAGE = 300
+_PATH = re.compile(r"(?:[A-Za-z]:)?(?:[\\/][^\s\\/'\"():,;]+)+[\\/]?")
+
+
+def _as_item(value: object, position: int) -> Item:
+    if isinstance(value, Item):
+        if not isinstance(value.filename, str) or not value.filename.strip():
+            raise ValidationError(f"item {position}: filename must be a non-empty string")
+        return value
+    if isinstance(value, (str, os.PathLike)):
+        path = os.fspath(value)
+        if not isinstance(path, str):
+            raise ValidationError(f"item {position}: paths must be text, not bytes")
+        name = os.path.basename(path.rstrip("/\\"))
+        if not name:
+            raise ValidationError(f"item {position}: {path!r} names no file")
+        return Item(name, source=value)
+    raise ValidationError(
+        f"item {position}: expected an Item or a path, not {type(value).__name__}"
+    )
+
+
+def error_message(exc: BaseException, item: Item) -> str:
+    """One line for users: the message of a ProcessingError, else ``Type: message``.
+
+    Server paths never reach users: the item's own source becomes its filename and any
+    other absolute path its last component.
+    """
+    text = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
+    if isinstance(item.source, (str, os.PathLike)):
+        source = os.fspath(item.source)
+        if isinstance(source, str) and source:
+            text = text.replace(source, item.filename)
+    text = _PATH.sub(lambda m: os.path.basename(m.group(0).rstrip("/\\")) or "/", text)
+    if not isinstance(exc, ProcessingError):
+        text = f"{type(exc).__name__}: {text}" if text else type(exc).__name__
+    text = text or "processing failed"
+    return text if len(text) <= _MAX_MESSAGE else text[: _MAX_MESSAGE - 1] + "…"
+
+
+@attrs.define(eq=False)
+class _Run:
+    """One submitted batch: what is left to start, what runs, and who to tell."""
+
+    batch_id: str
+    pending: collections.deque[Item]
+    on_progress: Callable[[ProgressEvent], Any] | None
+    running: int = 0
+    settled: bool = False  # nothing left to run; its last event is queued
+    done: threading.Event = attrs.field(factory=threading.Event)  # ... and delivered
+
+    @property
+    def idle(self) -> bool:
+        return not self.pending and not self.running
+
+
+@attrs.define(eq=False, init=False)
+class Orchestrator:
+    """Runs a processor over batches with bounded concurrency; the tracker follows along.
+
+    Args:
+        tracker: Where progress is recorded.
+        processor: Called with each :class:`~batchtrack.Item` (``id`` and ``batch_id``
+            set); returning completes the item, raising fails it (see
+            :class:`batchtrack.typing.Processor`).
+        concurrency: At most this many items run at once, over all batches.
+        executor: Where processors run: any :class:`concurrent.futures.Executor` (a
+            process pool, a distributed engine's executor). None: a thread pool of
+            ``concurrency`` threads owned (and shut down) by the orchestrator. Tracker
+            updates always happen in this process.
+
+    Raises:
+        ValidationError: A bad argument.
+    """
+
+    tracker: BatchTracker
+    processor: Callable[[Item], Any]
+    concurrency: int
+    executor: Executor
+    _owns_executor: bool
+    _lock: threading.Lock
+    _runs: dict[str, _Run]
+    _order: collections.deque[_Run]
+    _running: int
+    _closed: bool
+    _events: queue.SimpleQueue[tuple[_Run, ProgressEvent | None]]
+    _dispatcher: threading.Thread | None
+    _dispatcher_lock: threading.Lock
+
+    def __init__(
+        self,
+        tracker: BatchTracker,
+        processor: Callable[[Item], Any],
+        *,
+        concurrency: int = 4,
+        executor: Executor | None = None,
+    ) -> None:
+        if not isinstance(tracker, BatchTracker):
+            raise ValidationError(f"tracker must be a BatchTracker, not {type(tracker).__name__}")
+        if not callable(processor):
+            raise ValidationError("processor must be callable with one Item")
+        if isinstance(concurrency, bool) or not isinstance(concurrency, int) or concurrency < 1:
+            raise ValidationError(f"concurrency must be a whole number >= 1, not {concurrency!r}")
+        if executor is not None and not isinstance(executor, Executor):
+            raise ValidationError(
+                f"executor must be a concurrent.futures.Executor, not {type(executor).__name__}"
+            )
+        owns = executor is None
+        if executor is None:
+            executor = ThreadPoolExecutor(concurrency, thread_name_prefix="batchtrack-worker")
+        lock = threading.Lock()
+        self.__attrs_init__(
+            tracker,
+            processor,
+            concurrency,
+            executor,
+            owns,
+            lock,
+            {},
+            collections.deque(),
+            0,
+            False,
+            queue.SimpleQueue(),
+            None,
+            threading.Lock(),
+        )
+
+    # -- public ---------------------------------------------------------------------------
+
+    def submit(
+        self,
+        items: Iterable[ItemLike],
+        *,
+        owner: str | None = None,
+        on_progress: Callable[[ProgressEvent], Any] | None = None,
+    ) -> BatchSnapshot:
+        """Create a batch of ``items`` and start running it in the background.
+
+        Args:
+            items: :class:`~batchtrack.Item` objects, or paths (the filename is the base
+                name, the source the path). Items start in this order.
+            owner: Who owns the batch (see :meth:`BatchTracker.get`).
+            on_progress: Called after every transition of this batch (see
+                :class:`batchtrack.typing.ProgressCallback`).
+
+        Returns:
+            The new batch, all pending.
+
+        Raises:
+            ValidationError: No items, a bad item, duplicate ids, a non-callable
+                ``on_progress``.
+            OrchestratorClosed: :meth:`close` was called.
+        """
+        if on_progress is not None and not callable(on_progress):
+            raise ValidationError("on_progress must be callable with one ProgressEvent")
+        if isinstance(items, (str, bytes, os.PathLike)) or not isinstance(items, Iterable):
+            raise ValidationError("items must be an iterable of Items or paths")
+        prepared = [_as_item(value, n) for n, value in enumerate(items)]
+        ids = [item.id or str(uuid.uuid4()) for item in prepared]
+        if self._closed:
+            raise OrchestratorClosed("the orchestrator is closed; create a new one")
+        snap = self.tracker.create_batch(
+            [(i, item.filename) for i, item in zip(ids, prepared, strict=True)], owner=owner
+        )
+        run = _Run(
+            snap.batch_id,
+            collections.deque(
+                attrs.evolve(item, id=i, batch_id=snap.batch_id)
+                for i, item in zip(ids, prepared, strict=True)
+            ),
+            on_progress,
+        )
+        with self._lock:
+            if self._closed:
+                # Closed while the batch was being created: nothing of it may run.
+                self._fail_pending_locked(run)
+                raise OrchestratorClosed("the orchestrator is closed; create a new one")
+            self._runs[run.batch_id] = run
+            self._order.append(run)
+        self._pump()
+        return snap
+
+    def wait(self, batch_id: str, timeout: float | None = None) -> BatchSnapshot:
+        """Wait until a batch submitted here is finished and every callback has run.
+
+        Returns:
+            The final snapshot.
+
+        Raises:
+            BatchNotFound: The batch was not submitted to this orchestrator and is not
+                finished either.
+            TimeoutError: It did not finish within ``timeout`` seconds.
+        """
+        run = self._runs.get(batch_id)
+        if run is not None and not run.done.wait(timeout):
+            raise TimeoutError(f"batch {batch_id!r} did not finish within {timeout} s")
+        snap = self.tracker.get(batch_id)
+        if run is None and not snap.status.is_final:
+            raise BatchNotFound(batch_id)
+        return snap
+
+    def run(
+        self,
+        items: Iterable[ItemLike],
+        *,
+        owner: str | None = None,
+        on_progress: Callable[[ProgressEvent], Any] | None = None,
+    ) -> BatchSnapshot:
+        """:meth:`submit` and :meth:`wait`: run a batch to the end; return its snapshot."""
+        snap = self.submit(items, owner=owner, on_progress=on_progress)
+        return self.wait(snap.batch_id)
+
+    def cancel(self, batch_id: str) -> bool:
+        """Fail every item of the batch not yet started, with the error ``"cancelled"``.
+
+        Running items finish normally. Returns False for a batch that is unknown here
+        or already finished.
+        """
+        with self._lock:
+            run = self._runs.get(batch_id)
+            if run is None or run.settled:
+                return False
+            self._fail_pending_locked(run)
+            self._settle_locked(run)
+        return True
+
+    def close(self, *, cancel_pending: bool = False) -> None:
+        """Stop accepting batches and wait for the submitted ones; closing twice is fine.
+
+        Args:
+            cancel_pending: Fail items not yet started with ``"cancelled"`` instead of
+                running them. Running items always finish.
+        """
+        with self._lock:
+            self._closed = True
+            if cancel_pending:
+                for run in list(self._order):
+                    self._fail_pending_locked(run)
+                    self._settle_locked(run)
+            runs = list(self._runs.values())
+        for run in runs:
+            run.done.wait()
+        if self._owns_executor:
+            self.executor.shutdown(wait=True)
+        with self._dispatcher_lock:
+            dispatcher, self._dispatcher = self._dispatcher, None
+        if dispatcher is not None:
+            self._events.put((_STOP, None))
+            dispatcher.join()
+
+    def __enter__(self) -> Orchestrator:
+        return self
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        self.close()
+
+    # -- machinery -------------------------------------------------------------------------
+
+    def _pump(self) -> None:
+        """Start items while slots are free, oldest batch first, items in order."""
+        while True:
+            with self._lock:
+                if self._running >= self.concurrency:
+                    return
+                while self._order and not self._order[0].pending:
+                    self._order.popleft()
+                if not self._order:
+                    return
+                run = self._order[0]
+                item = run.pending.popleft()
+                run.running += 1
+                self._running += 1
+            self._start(run, item)
+
+    def _start(self, run: _Run, item: Item) -> None:
+        assert item.id is not None
+        try:
+            self._emit(run, self.tracker.start_item(run.batch_id, item.id))
+            future = self.executor.submit(self.processor, item)
+        except BaseException as exc:  # the tracker or the executor refused
+            log.exception("batchtrack: could not start item %s of batch %s", item.id, run.batch_id)
+            self._finish(run, item, exc)
+            return
+        future.add_done_callback(lambda f: self._done(run, item, f))
+
+    def _done(self, run: _Run, item: Item, future: Future[Any]) -> None:
+        try:
+            exc = future.exception()
+        except BaseException as cancelled:  # the executor cancelled the future
+            exc = cancelled
+        self._finish(run, item, exc)
+
+    def _finish(self, run: _Run, item: Item, exc: BaseException | None) -> None:
+        assert item.id is not None
+        try:
+            if exc is None:
+                event = self.tracker.complete_item(run.batch_id, item.id)
+            else:
+                if not isinstance(exc, ProcessingError):
+                    log.error(
+                        "batchtrack: item %s (%s) of batch %s failed",
+                        item.id,
+                        item.filename,
+                        run.batch_id,
+                        exc_info=exc,
+                    )
+                event = self.tracker.fail_item(run.batch_id, item.id, error_message(exc, item))
+            self._emit(run, event)
+        except BatchtrackError:
+            log.exception("batchtrack: could not record item %s of batch %s", item.id, run.batch_id)
+        finally:
+            with self._lock:
+                run.running -= 1
+                self._running -= 1
+                self._settle_locked(run)
+            self._pump()
+
+    def _fail_pending_locked(self, run: _Run) -> None:
+        while run.pending:
+            item = run.pending.popleft()
+            assert item.id is not None
+            try:
+                self._emit(run, self.tracker.fail_item(run.batch_id, item.id, CANCELLED))
+            except BatchtrackError:
+                log.exception("batchtrack: could not cancel item %s", item.id)
+
+    def _settle_locked(self, run: _Run) -> None:
+        """Once a run has nothing left, let the dispatcher close it after its events."""
+        if run.idle and not run.settled:
+            run.settled = True
+            self._queue(run, None)
+
+    def _emit(self, run: _Run, event: ProgressEvent) -> None:
+        if run.on_progress is not None:
+            self._queue(run, event)
+
+    def _queue(self, run: _Run, event: ProgressEvent | None) -> None:
+        self._events.put((run, event))
+        with self._dispatcher_lock:
+            if self._dispatcher is None:
+                self._dispatcher = threading.Thread(
+                    target=self._dispatch, name="batchtrack-events", daemon=True
+                )
+                self._dispatcher.start()
+
+    def _dispatch(self) -> None:
+        """Deliver events in order from one thread, so a slow callback slows no worker."""
+        while True:
+            run, event = self._events.get()
+            if run is _STOP:
+                return
+            if event is None:
+                with self._lock:
+                    if self._runs.get(run.batch_id) is run:
+                        del self._runs[run.batch_id]
+                run.done.set()
+                continue
+            assert run.on_progress is not None
+            try:
+                run.on_progress(event)
+            except Exception:
+                log.exception("batchtrack: on_progress callback raised; the batch goes on")
+
+
+_STOP: Any = object()

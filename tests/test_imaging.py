@@ -1,0 +1,262 @@
+"""ImagePipeline on real JPEG, PNG and WebP files made here, broken files and a bomb."""
+
+from __future__ import annotations
+
+import pickle
+import struct
+import zlib
+from pathlib import Path
+
+import pytest
+
+pytest.importorskip("PIL")
+from PIL import Image
+
+from batchtrack import BatchTracker, Item, Orchestrator, ProcessingError, Status
+from batchtrack.imaging import ImagePipeline
+
+ORIENTATION, GPS_IFD = 0x0112, 0x8825
+
+
+def _jpeg_with_exif(path: Path, size: tuple[int, int] = (1600, 1200), orientation: int = 6) -> Path:
+    image = Image.new("RGB", size, (200, 30, 30))
+    image.paste((30, 30, 200), (0, 0, size[0] // 2, size[1] // 4))  # a marker in one corner
+    exif = Image.Exif()
+    exif[ORIENTATION] = orientation
+    exif[0x010F] = "CameraMaker"
+    exif.get_ifd(GPS_IFD).update({1: "N", 2: (52.0, 22.0, 1.0), 3: "E", 4: (13.0, 24.0, 5.0)})
+    image.save(path, exif=exif.tobytes(), quality=90, comment=b"secret comment")
+    return path
+
+
+def _png_bomb(path: Path, side: int = 20_000) -> Path:
+    """A real 400-megapixel 1-bit PNG: tiny on disk, 50 MB of zeros once inflated."""
+    row = b"\x00" + b"\x00" * (side // 8)
+    raw = zlib.compress(row * side, 9)
+
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        return (
+            struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+        )
+
+    ihdr = struct.pack(">IIBBBBB", side, side, 1, 0, 0, 0, 0)
+    path.write_bytes(
+        b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr) + chunk(b"IDAT", raw) + chunk(b"IEND", b"")
+    )
+    return path
+
+
+@pytest.fixture
+def out(tmp_path: Path) -> Path:
+    folder = tmp_path / "out"
+    folder.mkdir()
+    return folder
+
+
+def _run(pipeline: ImagePipeline, *sources: object, name: str = "x") -> Path:
+    return pipeline(Item(name, source=sources[0], id="item-1", batch_id="b"))
+
+
+def test_jpeg_is_oriented_resized_and_stripped(tmp_path: Path, out: Path) -> None:
+    """EXIF orientation is applied, the image fits max_size, EXIF/GPS/comment are gone."""
+    src = _jpeg_with_exif(tmp_path / "photo.jpg")
+    result = _run(ImagePipeline(out, max_size=512), src)
+    assert result == out / "item-1.jpg"
+    with Image.open(result) as image:
+        assert image.format == "JPEG"
+        assert image.size == (384, 512)  # 1600x1200 rotated by orientation 6, then fitted
+        assert not image.getexif()
+        assert "comment" not in image.info
+        assert "exif" not in image.info
+        # The blue marker was top-left; after a 90° clockwise turn it is top-right.
+        assert image.getpixel((370, 10))[2] > 150
+        assert image.getpixel((10, 10))[0] > 150
+
+
+def test_png_with_alpha_keeps_format_and_transparency(tmp_path: Path, out: Path) -> None:
+    """A PNG stays PNG with its alpha channel, shrunk to fit."""
+    src = tmp_path / "a.png"
+    Image.new("RGBA", (1000, 500), (0, 0, 255, 100)).save(src)
+    result = _run(ImagePipeline(out, max_size=200), src)
+    with Image.open(result) as image:
+        assert (image.format, image.size, image.mode) == ("PNG", (200, 100), "RGBA")
+        assert image.getpixel((5, 5))[3] == 100
+
+
+def test_webp_to_jpeg_puts_transparency_on_white(tmp_path: Path, out: Path) -> None:
+    """format='JPEG' converts a transparent WebP onto a white background."""
+    src = tmp_path / "a.webp"
+    Image.new("RGBA", (100, 100), (0, 0, 0, 0)).save(src, lossless=True)
+    result = _run(ImagePipeline(out, format="jpg"), src)
+    with Image.open(result) as image:
+        assert image.format == "JPEG"
+        assert image.getpixel((50, 50)) == (255, 255, 255)
+
+
+def test_icc_profile_is_kept(tmp_path: Path, out: Path) -> None:
+    """The ICC colour profile survives metadata stripping."""
+    profile = b"\x00\x00\x02\x0cfake icc profile bytes" + b"\x00" * 500
+    src = tmp_path / "icc.jpg"
+    Image.new("RGB", (64, 64)).save(src, icc_profile=profile)
+    with Image.open(_run(ImagePipeline(out), src)) as image:
+        assert image.info.get("icc_profile") == profile
+
+
+def test_metadata_kept_on_request(tmp_path: Path, out: Path) -> None:
+    """strip_metadata=False keeps EXIF, with the orientation reset after applying it."""
+    src = _jpeg_with_exif(tmp_path / "photo.jpg")
+    with Image.open(_run(ImagePipeline(out, max_size=256, strip_metadata=False), src)) as image:
+        exif = image.getexif()
+        assert exif.get(0x010F) == "CameraMaker"
+        assert exif.get(ORIENTATION, 1) == 1
+
+
+def test_small_images_are_never_enlarged(tmp_path: Path, out: Path) -> None:
+    """An image smaller than max_size keeps its size."""
+    src = tmp_path / "small.png"
+    Image.new("RGB", (40, 30)).save(src)
+    with Image.open(_run(ImagePipeline(out, max_size=2048), src)) as image:
+        assert image.size == (40, 30)
+
+
+def test_content_decides_not_the_name(tmp_path: Path, out: Path) -> None:
+    """A PNG named .jpg is read as the PNG it is; a text file named .png is refused."""
+    disguised = tmp_path / "really-a-png.jpg"
+    Image.new("RGB", (10, 10)).save(disguised, format="PNG")
+    assert _run(ImagePipeline(out), disguised).suffix == ".png"
+    text = tmp_path / "notes.png"
+    text.write_text("hello")
+    with pytest.raises(ProcessingError, match=r"^not an image$"):
+        _run(ImagePipeline(out), text)
+
+
+@pytest.mark.parametrize(
+    ("content", "message"),
+    [
+        (b"", "not an image"),
+        (b"garbage" * 100, "not an image"),
+    ],
+)
+def test_broken_files_fail_with_a_short_message(
+    tmp_path: Path, out: Path, content: bytes, message: str
+) -> None:
+    """Zero-byte and garbage files fail with a message for users; nothing is written."""
+    src = tmp_path / "bad.jpg"
+    src.write_bytes(content)
+    with pytest.raises(ProcessingError, match=rf"^{message}$"):
+        _run(ImagePipeline(out), src)
+    assert list(out.iterdir()) == []
+
+
+def test_truncated_jpeg_fails_and_leaves_nothing(tmp_path: Path, out: Path) -> None:
+    """A JPEG cut in half fails with 'truncated image' and leaves no partial file."""
+    whole = _jpeg_with_exif(tmp_path / "whole.jpg").read_bytes()
+    src = tmp_path / "cut.jpg"
+    src.write_bytes(whole[: len(whole) // 2])
+    with pytest.raises(ProcessingError, match=r"^truncated image$"):
+        _run(ImagePipeline(out), src)
+    assert list(out.iterdir()) == []
+
+
+def test_unsupported_format_is_named(tmp_path: Path, out: Path) -> None:
+    """An image in a format we do not accept (ICO) is refused by name."""
+    src = tmp_path / "favicon.png"
+    Image.new("RGB", (16, 16)).save(src, format="ICO")
+    with pytest.raises(ProcessingError, match="unsupported image format: ICO"):
+        _run(ImagePipeline(out), src)
+
+
+def test_decompression_bomb_is_refused_before_decoding(tmp_path: Path, out: Path) -> None:
+    """A 400-megapixel PNG bomb is refused with a clear message, without decoding it."""
+    src = _png_bomb(tmp_path / "bomb.png")
+    assert src.stat().st_size < 200_000
+    with pytest.raises(ProcessingError, match="image too large"):
+        _run(ImagePipeline(out), src)
+
+
+def test_own_pixel_limit_is_enforced(tmp_path: Path, out: Path) -> None:
+    """max_pixels refuses images over the limit with their size in the message."""
+    src = tmp_path / "big.png"
+    Image.new("L", (300, 200)).save(src)
+    with pytest.raises(ProcessingError, match=r"300 x 200 pixels \(the limit is 50,000\)"):
+        _run(ImagePipeline(out, max_pixels=50_000), src)
+
+
+def test_missing_file_fails_cleanly(tmp_path: Path, out: Path) -> None:
+    """A source that does not exist fails with 'file not found'."""
+    with pytest.raises(ProcessingError, match=r"^file not found$"):
+        _run(ImagePipeline(out), tmp_path / "nope.jpg")
+
+
+def test_bytes_sources_work(out: Path) -> None:
+    """The source may be the image's bytes."""
+    import io
+
+    buffer = io.BytesIO()
+    Image.new("RGB", (20, 20)).save(buffer, format="WEBP")
+    assert _run(ImagePipeline(out), buffer.getvalue()).suffix == ".webp"
+
+
+def test_pipeline_is_picklable(out: Path) -> None:
+    """The pipeline pickles (for process pools) and comes back equal."""
+    pipeline = ImagePipeline(out, max_size=300, format="PNG", quality=70)
+    assert pickle.loads(pickle.dumps(pipeline)) == pipeline
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "message"),
+    [
+        ({"max_size": 0}, "max_size"),
+        ({"quality": 101}, "quality"),
+        ({"format": "GIF"}, "format"),
+        ({"max_pixels": -1}, "max_pixels"),
+    ],
+)
+def test_bad_settings_are_rejected(out: Path, kwargs: dict[str, object], message: str) -> None:
+    """Out-of-range settings raise ValidationError naming the setting."""
+    from batchtrack import ValidationError
+
+    with pytest.raises(ValidationError, match=message):
+        ImagePipeline(out, **kwargs)  # type: ignore[arg-type]
+    with pytest.raises(ValidationError, match="not a folder"):
+        ImagePipeline(out / "missing")
+
+
+@pytest.fixture
+def mixed_folder(tmp_path: Path) -> Path:
+    folder = tmp_path / "in"
+    folder.mkdir()
+    _jpeg_with_exif(folder / "one.jpg")
+    Image.new("RGBA", (800, 600), (0, 255, 0, 255)).save(folder / "two.png")
+    Image.new("RGB", (700, 500)).save(folder / "three.webp")
+    (folder / "broken.jpg").write_bytes(b"\xff\xd8\xff" + b"junk" * 50)
+    return folder
+
+
+def test_orchestrated_batch_writes_one_file_per_good_image(mixed_folder: Path, out: Path) -> None:
+    """Through the orchestrator: good images become exactly one file each, nothing else."""
+    with Orchestrator(BatchTracker(), ImagePipeline(out, max_size=256), concurrency=2) as orch:
+        snap = orch.run(sorted(mixed_folder.iterdir()))
+    statuses = {i.filename: (i.status, i.error) for i in snap.items}
+    assert statuses["broken.jpg"][0] is Status.FAILED
+    assert statuses["broken.jpg"][1] in ("not an image", "truncated image")
+    done = {i.id for i in snap.items if i.status is Status.COMPLETED}
+    assert len(done) == 3
+    assert sorted(p.stem for p in out.iterdir()) == sorted(done)
+    for path in out.iterdir():
+        with Image.open(path) as image:
+            assert max(image.size) <= 256
+            assert not image.getexif().get_ifd(GPS_IFD)
+
+
+def test_process_pool_runs_the_pipeline(mixed_folder: Path, out: Path) -> None:
+    """The pipeline runs in a process pool too."""
+    from concurrent.futures import ProcessPoolExecutor
+
+    with (
+        ProcessPoolExecutor(2) as pool,
+        Orchestrator(BatchTracker(), ImagePipeline(out, max_size=128), executor=pool) as orch,
+    ):
+        snap = orch.run(sorted(mixed_folder.iterdir()))
+    assert snap.progress.completed == 3
+    assert len(list(out.iterdir())) == 3

@@ -1,0 +1,345 @@
+"""Orchestrator: bounded concurrency, events, failures, cancellation, pools, closing."""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from collections.abc import Callable, Iterator
+from concurrent.futures import ProcessPoolExecutor
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from batchtrack import (
+    BatchNotFound,
+    BatchTracker,
+    Item,
+    Orchestrator,
+    OrchestratorClosed,
+    ProcessingError,
+    ProgressEvent,
+    Status,
+    ValidationError,
+)
+from batchtrack._orchestrator import error_message
+
+
+def upper(item: Item) -> str:
+    """A picklable processor: fails items whose name starts with 'bad'."""
+    if item.filename.startswith("bad"):
+        raise ValueError(f"cannot read /srv/secret/{item.filename}")
+    return item.filename.upper()
+
+
+class Gate:
+    """A processor that blocks until released, recording how many run at once."""
+
+    def __init__(self) -> None:
+        self.lock = threading.Lock()
+        self.running = 0
+        self.peak = 0
+        self.started: list[str] = []
+        self.release = threading.Event()
+
+    def __call__(self, item: Item) -> None:
+        with self.lock:
+            self.running += 1
+            self.peak = max(self.peak, self.running)
+            self.started.append(item.filename)
+        try:
+            self.release.wait(10)
+        finally:
+            with self.lock:
+                self.running -= 1
+
+
+def _wait_until(condition: Callable[[], bool], timeout: float = 10.0) -> None:
+    deadline = time.monotonic() + timeout
+    while not condition():
+        assert time.monotonic() < deadline, "timed out"
+        time.sleep(0.005)
+
+
+@pytest.fixture
+def orchestrator(tracker: BatchTracker) -> Iterator[Callable[..., Orchestrator]]:
+    """Makes orchestrators on the store-parametrized tracker and closes them after."""
+    made: list[Orchestrator] = []
+
+    def make(processor: Callable[[Item], Any], **kwargs: Any) -> Orchestrator:
+        orch = Orchestrator(tracker, processor, **kwargs)
+        made.append(orch)
+        return orch
+
+    yield make
+    for orch in made:
+        orch.close(cancel_pending=True)
+
+
+def test_run_completes_items_and_fails_the_ones_that_raise(
+    orchestrator: Callable[..., Orchestrator],
+) -> None:
+    """Returning completes an item; raising fails it with a one-line message."""
+    snap = orchestrator(upper).run(["a.jpg", "bad.jpg", "c.jpg"])
+    assert snap.status is Status.COMPLETED
+    assert [i.status for i in snap.items] == [Status.COMPLETED, Status.FAILED, Status.COMPLETED]
+    assert snap.items[1].error == "ValueError: cannot read bad.jpg"
+
+
+def test_submit_returns_the_pending_batch_at_once(
+    orchestrator: Callable[..., Orchestrator],
+) -> None:
+    """submit() returns before any item has finished, with the batch pending."""
+    gate = Gate()
+    orch = orchestrator(gate, concurrency=2)
+    snap = orch.submit(["a.jpg", "b.jpg", "c.jpg"])
+    assert snap.status is Status.PENDING
+    assert snap.progress.pending == 3
+    gate.release.set()
+    assert orch.wait(snap.batch_id).progress.completed == 3
+
+
+def test_concurrency_bound_is_observed_and_items_start_in_order(
+    orchestrator: Callable[..., Orchestrator],
+) -> None:
+    """Never more than `concurrency` items run at once; they start in the order given."""
+    gate = Gate()
+    orch = orchestrator(gate, concurrency=3)
+    names = [f"{i:02d}.jpg" for i in range(12)]
+    snap = orch.submit(names)
+    _wait_until(lambda: gate.running == 3)
+    time.sleep(0.05)  # give a fourth item every chance to start, wrongly
+    assert gate.running == 3
+    gate.release.set()
+    orch.wait(snap.batch_id)
+    assert gate.peak == 3
+    assert gate.started[:3] == names[:3]
+    assert sorted(gate.started) == names
+
+
+def test_one_event_per_transition_with_monotonic_final_counts(
+    orchestrator: Callable[..., Orchestrator],
+) -> None:
+    """Each item yields a start and a final event; the N final events carry 1..N."""
+    events: list[ProgressEvent] = []
+    snap = orchestrator(upper, concurrency=4).run(
+        [f"{i}.jpg" for i in range(30)] + ["bad-1.jpg", "bad-2.jpg"], on_progress=events.append
+    )
+    assert len(events) == 2 * 32
+    finals = [e for e in events if e.item.status.is_final]
+    assert [e.progress.completed + e.progress.failed for e in finals] == list(range(1, 33))
+    assert {e.item.id for e in finals} == {i.id for i in snap.items}
+    assert all(e.batch_id == snap.batch_id for e in events)
+    assert finals[-1].estimated_time_remaining == 0
+
+
+def test_a_raising_callback_is_logged_and_the_batch_goes_on(
+    orchestrator: Callable[..., Orchestrator], caplog: pytest.LogCaptureFixture
+) -> None:
+    """A callback that raises every time does not stop the batch; each raise is logged."""
+
+    def broken(event: ProgressEvent) -> None:
+        raise RuntimeError("callback bug")
+
+    snap = orchestrator(upper).run([f"{i}.jpg" for i in range(5)], on_progress=broken)
+    assert snap.progress.completed == 5
+    assert caplog.text.count("on_progress callback raised") == 10
+
+
+def test_a_slow_callback_does_not_slow_the_workers(
+    orchestrator: Callable[..., Orchestrator],
+) -> None:
+    """Items keep being processed while the callback is still busy with the first event."""
+    stuck = threading.Event()
+
+    def slow(event: ProgressEvent) -> None:
+        stuck.wait(10)
+
+    orch = orchestrator(upper, concurrency=2)
+    snap = orch.submit([f"{i}.jpg" for i in range(20)], on_progress=slow)
+    tracker = orch.tracker
+    _wait_until(lambda: tracker.get(snap.batch_id).progress.completed == 20)
+    stuck.set()
+    orch.wait(snap.batch_id)
+
+
+def test_tracebacks_go_to_the_log_not_to_users(
+    orchestrator: Callable[..., Orchestrator], caplog: pytest.LogCaptureFixture
+) -> None:
+    """The error users see is one line; the traceback is logged under 'batchtrack'."""
+    with caplog.at_level(logging.ERROR, logger="batchtrack"):
+        snap = orchestrator(upper).run(["bad.jpg"])
+    assert "Traceback" not in (snap.items[0].error or "")
+    assert "\n" not in (snap.items[0].error or "")
+    assert "Traceback" in caplog.text
+    assert "/srv/secret/bad.jpg" in caplog.text
+
+
+def test_processing_error_message_is_shown_as_it_is() -> None:
+    """A ProcessingError's message reaches users unchanged, without the type name."""
+    item = Item("a.jpg", source="/data/uploads/123")
+    assert error_message(ProcessingError("not an image"), item) == "not an image"
+    assert error_message(OSError("boom at /data/uploads/123"), item) == "OSError: boom at a.jpg"
+    assert error_message(KeyError(), item) == "KeyError"
+    assert error_message(ValueError("x\ny"), item) == "ValueError: x"
+    long = error_message(ValueError("z" * 1000), item)
+    assert len(long) == 300
+    assert long.endswith("…")
+
+
+def test_cancel_fails_pending_items_and_lets_running_ones_finish(
+    orchestrator: Callable[..., Orchestrator],
+) -> None:
+    """cancel() fails items not started with 'cancelled'; the running ones complete."""
+    gate = Gate()
+    orch = orchestrator(gate, concurrency=2)
+    snap = orch.submit([f"{i}.jpg" for i in range(10)])
+    _wait_until(lambda: gate.running == 2)
+    assert orch.cancel(snap.batch_id) is True
+    gate.release.set()
+    final = orch.wait(snap.batch_id)
+    assert final.progress.completed == 2
+    assert final.progress.failed == 8
+    assert {i.error for i in final.items if i.status is Status.FAILED} == {"cancelled"}
+    assert orch.cancel(snap.batch_id) is False  # finished
+    assert orch.cancel("no-such-batch") is False
+
+
+def test_close_waits_for_submitted_work_and_refuses_more(tracker: BatchTracker) -> None:
+    """close() lets submitted batches finish; later submits raise OrchestratorClosed."""
+    orch = Orchestrator(tracker, upper, concurrency=2)
+    snap = orch.submit([f"{i}.jpg" for i in range(10)])
+    orch.close()
+    orch.close()  # twice is fine
+    assert tracker.get(snap.batch_id).progress.completed == 10
+    with pytest.raises(OrchestratorClosed):
+        orch.submit(["a.jpg"])
+
+
+def test_close_can_cancel_what_has_not_started(tracker: BatchTracker) -> None:
+    """close(cancel_pending=True) fails items not started and waits for running ones."""
+    gate = Gate()
+    orch = Orchestrator(tracker, gate, concurrency=1)
+    snap = orch.submit([f"{i}.jpg" for i in range(5)])
+    _wait_until(lambda: gate.running == 1)
+    closer = threading.Thread(target=orch.close, kwargs={"cancel_pending": True})
+    closer.start()
+    _wait_until(lambda: tracker.get(snap.batch_id).progress.failed == 4)
+    gate.release.set()
+    closer.join(10)
+    assert not closer.is_alive()
+    final = tracker.get(snap.batch_id)
+    assert (final.progress.completed, final.progress.failed) == (1, 4)
+
+
+def test_paths_become_items_named_by_their_base_name(
+    orchestrator: Callable[..., Orchestrator], tmp_path: Path
+) -> None:
+    """A path item is named by its base name and the processor gets the path as source."""
+    seen: list[Item] = []
+    orch = orchestrator(seen.append)
+    snap = orch.run([tmp_path / "x" / "photo.jpg", "/tmp/other.png", Item("given.gif", b"data")])
+    assert [i.filename for i in snap.items] == ["photo.jpg", "other.png", "given.gif"]
+    by_name = {item.filename: item for item in seen}
+    assert by_name["photo.jpg"].source == tmp_path / "x" / "photo.jpg"
+    assert by_name["given.gif"].source == b"data"
+    assert all(item.batch_id == snap.batch_id and item.id for item in seen)
+
+
+def test_items_keep_the_ids_they_were_given(orchestrator: Callable[..., Orchestrator]) -> None:
+    """An Item with an id keeps it in the batch and in the processor."""
+    seen: list[str | None] = []
+    snap = orchestrator(lambda item: seen.append(item.id)).run([Item("a.jpg", id="upload-7")])
+    assert snap.items[0].id == "upload-7"
+    assert seen == ["upload-7"]
+
+
+@pytest.mark.parametrize(
+    ("items", "message"),
+    [
+        ([], "at least one item"),
+        ([42], "expected an Item or a path"),
+        ([Item("")], "filename"),
+        ("a.jpg", "iterable"),
+        ([Item("a", id="x"), Item("b", id="x")], "more than once"),
+        (["/"], "names no file"),
+    ],
+)
+def test_bad_items_are_rejected_before_anything_runs(
+    orchestrator: Callable[..., Orchestrator], items: Any, message: str
+) -> None:
+    """Bad item lists raise ValidationError and start nothing."""
+    calls: list[Item] = []
+    orch = orchestrator(calls.append)
+    with pytest.raises(ValidationError, match=message):
+        orch.submit(items)
+    assert calls == []
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "message"),
+    [
+        ({"concurrency": 0}, "concurrency"),
+        ({"concurrency": 2.5}, "concurrency"),
+        ({"executor": "pool"}, "executor"),
+    ],
+)
+def test_bad_settings_are_rejected(
+    tracker: BatchTracker, kwargs: dict[str, Any], message: str
+) -> None:
+    """concurrency must be a positive int and executor an Executor."""
+    with pytest.raises(ValidationError, match=message):
+        Orchestrator(tracker, upper, **kwargs)
+    with pytest.raises(ValidationError, match="processor"):
+        Orchestrator(tracker, "not callable")  # type: ignore[arg-type]
+    with pytest.raises(ValidationError, match="tracker"):
+        Orchestrator("tracker", upper)  # type: ignore[arg-type]
+
+
+def test_non_callable_on_progress_is_rejected(orchestrator: Callable[..., Orchestrator]) -> None:
+    """on_progress must be callable."""
+    with pytest.raises(ValidationError, match="on_progress"):
+        orchestrator(upper).submit(["a.jpg"], on_progress=5)
+
+
+def test_wait_for_a_batch_never_submitted_here(
+    orchestrator: Callable[..., Orchestrator], tracker: BatchTracker
+) -> None:
+    """wait() on an unfinished batch from elsewhere raises BatchNotFound; a timeout too."""
+    orch = orchestrator(upper)
+    other = tracker.create_batch(["x.jpg"])
+    with pytest.raises(BatchNotFound):
+        orch.wait(other.batch_id)
+    gate = Gate()
+    slow = orchestrator(gate)
+    snap = slow.submit(["a.jpg"])
+    with pytest.raises(TimeoutError):
+        slow.wait(snap.batch_id, timeout=0.05)
+    gate.release.set()
+
+
+def test_process_pool_runs_items_and_updates_here(tracker: BatchTracker) -> None:
+    """With a ProcessPoolExecutor, items run in other processes; the tracker is updated here."""
+    events: list[ProgressEvent] = []
+    with (
+        ProcessPoolExecutor(2) as pool,
+        Orchestrator(tracker, upper, concurrency=2, executor=pool) as orch,
+    ):
+        snap = orch.run(["a.jpg", "b.jpg", "bad.jpg"], on_progress=events.append)
+    assert (snap.progress.completed, snap.progress.failed) == (2, 1)
+    assert snap.items[2].error == "ValueError: cannot read bad.jpg"
+    assert len(events) == 6
+
+
+def test_several_batches_share_the_concurrency(orchestrator: Callable[..., Orchestrator]) -> None:
+    """Two batches submitted together both finish and never exceed the bound together."""
+    gate = Gate()
+    orch = orchestrator(gate, concurrency=2)
+    first = orch.submit([f"a{i}.jpg" for i in range(4)])
+    second = orch.submit([f"b{i}.jpg" for i in range(4)])
+    _wait_until(lambda: gate.running == 2)
+    gate.release.set()
+    assert orch.wait(first.batch_id).progress.completed == 4
+    assert orch.wait(second.batch_id).progress.completed == 4
+    assert gate.peak == 2
