@@ -1,6 +1,6 @@
 """Run every benchmark and print ratios measured side by side in one run.
 
-Usage: ``python benchmarks/run.py [--quick] [SUITE ...]`` (suites: core, sqlite, eta).
+Usage: ``python benchmarks/run.py [--quick] [SUITE ...]`` (suites: core, sqlite, eta, images).
 Exit status 0 even when a goal is missed: these are figures, not tests.
 """
 
@@ -14,7 +14,12 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).parent))
 
-SUITES = {"core": "bench_core", "sqlite": "bench_sqlite", "eta": "bench_eta"}
+SUITES = {
+    "core": "bench_core",
+    "sqlite": "bench_sqlite",
+    "eta": "bench_eta",
+    "images": "bench_images",
+}
 
 
 def main(argv: list[str] | None = None) -> int:

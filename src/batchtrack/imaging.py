@@ -15,9 +15,7 @@ from typing import Any
 try:
     from PIL import Image, ImageOps, UnidentifiedImageError
 except ImportError as exc:  # pragma: no cover - depends on the environment
-    raise ImportError(
-        "batchtrack.imaging needs Pillow: pip install 'batchtrack[images]'"
-    ) from exc
+    raise ImportError("batchtrack.imaging needs Pillow: pip install 'batchtrack[images]'") from exc
 
 import attrs
 
@@ -167,8 +165,6 @@ class ImagePipeline:
                 params["exif"] = exif.tobytes()
         if fmt in ("JPEG", "WEBP"):
             params["quality"] = self.quality
-        if fmt == "JPEG":
-            params["optimize"] = True
         for key in _METADATA_KEYS:
             result.info.pop(key, None)
         return result, params
@@ -177,10 +173,10 @@ class ImagePipeline:
         target = self.output_dir / f"{item_id}{OUTPUT_FORMATS[fmt]}"
         fd, tmp = tempfile.mkstemp(dir=self.output_dir, prefix=".batchtrack-", suffix=".part")
         try:
+            # Rename is atomic: readers see the whole file or none. (No fsync: losing the
+            # last results to a power cut is fine for a pipeline that can run again.)
             with os.fdopen(fd, "wb") as out:
                 image.save(out, fmt, **params)
-                out.flush()
-                os.fsync(out.fileno())
             os.replace(tmp, target)
         except BaseException:
             with contextlib.suppress(OSError):
