@@ -29,13 +29,14 @@ WORKER = textwrap.dedent(
     tracker = BatchTracker(SQLiteStore(path))
     for item_id in item_ids:
         try:
-            tracker.start_item(batch_id, item_id)
+            if not tracker.start_item(batch_id, item_id).changed:
+                continue  # another process has it
             if mode == "fail":
                 event = tracker.fail_item(batch_id, item_id, "worker says no")
             else:
                 event = tracker.complete_item(batch_id, item_id)
         except InvalidTransition:
-            continue  # another process finished it first
+            continue  # another process finished it already
         if event.changed:
             print(item_id, flush=True)
         if mode == "slow":
