@@ -1,6 +1,6 @@
 """Run every benchmark and print ratios measured side by side in one run.
 
-Usage: ``python benchmarks/run.py [--quick] [SUITE ...]`` (suites: core, sqlite, eta, images).
+Usage: ``python benchmarks/run.py [--quick] [SUITE ...]`` (suites: core, sqlite, eta, images, http).
 Exit status 0 even when a goal is missed: these are figures, not tests.
 """
 
@@ -19,6 +19,7 @@ SUITES = {
     "sqlite": "bench_sqlite",
     "eta": "bench_eta",
     "images": "bench_images",
+    "http": "bench_http",
 }
 
 

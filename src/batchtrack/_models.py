@@ -115,8 +115,9 @@ def iso_utc(moment: datetime | None) -> str | None:
     """ISO 8601 in UTC with millisecond precision, ending in ``Z`` (None stays None)."""
     if moment is None:
         return None
-    moment = moment.astimezone(timezone.utc)
-    return moment.strftime("%Y-%m-%dT%H:%M:%S.") + f"{moment.microsecond // 1000:03d}Z"
+    if moment.tzinfo is not timezone.utc:
+        moment = moment.astimezone(timezone.utc)
+    return moment.replace(tzinfo=None).isoformat(timespec="milliseconds") + "Z"
 
 
 @attrs.frozen

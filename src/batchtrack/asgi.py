@@ -1,0 +1,179 @@
+"""The HTTP API as a plain ASGI 3 application; mount it under any ASGI framework.
+
+Needs the ``server`` extra for uploads (``pip install 'batchtrack[server]'``); imports
+no web framework. Store I/O never runs on the event loop: every request is handled in a
+worker thread, and the request body is pulled from the loop chunk by chunk as the
+handler reads it, so nothing large is held in memory.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+from collections.abc import Awaitable, Callable, Mapping, MutableMapping
+from pathlib import Path
+from typing import Any
+
+import attrs
+
+from ._http import Api, Body, Request, Response
+from ._orchestrator import Orchestrator
+from ._tracker import BatchTracker
+from .uploads import UploadStore
+
+__all__ = ["App", "create_app"]
+
+Scope = MutableMapping[str, Any]
+Message = MutableMapping[str, Any]
+Receive = Callable[[], Awaitable[Message]]
+Send = Callable[[Message], Awaitable[None]]
+
+
+class _ClientGone(Exception):
+    pass
+
+
+@attrs.define(eq=False)
+class App:
+    """The ASGI application around an :class:`batchtrack._http.Api`."""
+
+    api: Api
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] == "http":
+            await self._http(scope, receive, send)
+        elif scope["type"] == "lifespan":
+            await self._lifespan(receive, send)
+        elif scope["type"] == "websocket":
+            await send({"type": "websocket.close", "code": 1000})
+        # Other scope types are not ours: leave them alone.
+
+    async def _lifespan(self, receive: Receive, send: Send) -> None:
+        while True:
+            message = await receive()
+            if message["type"] == "lifespan.startup":
+                await send({"type": "lifespan.startup.complete"})
+            elif message["type"] == "lifespan.shutdown":
+                await send({"type": "lifespan.shutdown.complete"})
+                return
+
+    async def _http(self, scope: Scope, receive: Receive, send: Send) -> None:
+        loop = asyncio.get_running_loop()
+        root = scope.get("root_path", "")
+        path = scope["path"]
+        if root and path.startswith(root):
+            path = path[len(root) :]
+        headers: dict[str, str] = {}
+        for raw_name, raw_value in scope["headers"]:
+            name, value = raw_name.decode("latin-1").lower(), raw_value.decode("latin-1")
+            joiner = "; " if name == "cookie" else ", "
+            headers[name] = f"{headers[name]}{joiner}{value}" if name in headers else value
+        pending = bytearray()
+        more = True
+
+        async def next_message() -> Message:
+            return await receive()
+
+        def read_chunk(size: int) -> bytes:  # runs in the worker thread
+            nonlocal more
+            while not pending and more:
+                message = asyncio.run_coroutine_threadsafe(next_message(), loop).result()
+                if message["type"] == "http.disconnect":
+                    raise _ClientGone
+                pending.extend(message.get("body", b""))
+                more = message.get("more_body", False)
+            chunk = bytes(pending[:size])
+            del pending[:size]
+            return chunk
+
+        method = scope["method"]
+        request = Request(
+            method, path, headers, Body(read_chunk, self.api.body_limit(method, path)), root
+        )
+        try:
+            response = await asyncio.to_thread(self.api.handle, request)
+        except _ClientGone:
+            return
+        await send(
+            {
+                "type": "http.response.start",
+                "status": response.status,
+                "headers": [(k.lower().encode(), v.encode("latin-1")) for k, v in response.headers],
+            }
+        )
+        if response.stream is not None and method != "HEAD":
+            await self._stream(response, receive, send, more)
+            return
+        await send(
+            {"type": "http.response.body", "body": b"" if method == "HEAD" else response.body}
+        )
+
+    async def _stream(self, response: Response, receive: Receive, send: Send, more: bool) -> None:
+        stream = response.stream
+        assert stream is not None
+        gone = asyncio.Event()
+
+        async def watch() -> None:
+            while (await receive())["type"] != "http.disconnect":
+                pass
+            gone.set()
+
+        watcher = asyncio.ensure_future(watch())
+        try:
+            while not gone.is_set():
+                chunks = await asyncio.to_thread(stream.poll)
+                if chunks is None:
+                    break
+                for chunk in chunks:
+                    await send({"type": "http.response.body", "body": chunk, "more_body": True})
+                with contextlib.suppress(asyncio.TimeoutError):
+                    await asyncio.wait_for(gone.wait(), stream.interval)
+            if not gone.is_set():
+                await send({"type": "http.response.body", "body": b""})
+        finally:
+            watcher.cancel()
+
+
+def create_app(
+    tracker: BatchTracker,
+    orchestrator: Orchestrator,
+    uploads: UploadStore,
+    *,
+    prefix: str = "/api",
+    max_files: int = 10,
+    owner: Callable[[Mapping[str, str]], str | None] | None = None,
+    secure_cookies: bool = False,
+    max_json_bytes: int = 64 * 1024,
+    results_dir: str | Path | None = None,
+    events_poll: float = 0.5,
+) -> App:
+    """The HTTP API (contract §2) as an ASGI application.
+
+    Args:
+        tracker: Where batches are read.
+        orchestrator: What runs the batches that ``process-batch`` starts.
+        uploads: Where uploaded files go.
+        prefix: The path the endpoints live under.
+        max_files: Files per upload request and per batch.
+        owner: Who is asking, from the request headers (lower-case names); None answers
+            401. Without it an anonymous session cookie (``batchtrack_session``) decides.
+        secure_cookies: Mark the session cookie ``Secure`` (serve over HTTPS).
+        max_json_bytes: The largest JSON body accepted.
+        results_dir: Where processed files are, named ``<item id>.<ext>``; by default the
+            processor's ``output_dir`` (as for :class:`~batchtrack.imaging.ImagePipeline`).
+        events_poll: Seconds between checks for changes in the events stream.
+    """
+    return App(
+        Api(
+            tracker,
+            orchestrator,
+            uploads,
+            prefix=prefix,
+            max_files=max_files,
+            owner=owner,
+            max_json_bytes=max_json_bytes,
+            secure_cookies=secure_cookies,
+            results_dir=None if results_dir is None else Path(results_dir),
+            events_poll=events_poll,
+        )
+    )

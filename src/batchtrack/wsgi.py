@@ -1,0 +1,108 @@
+"""The HTTP API as a plain WSGI application; mount it under any WSGI framework.
+
+Needs the ``server`` extra for uploads (``pip install 'batchtrack[server]'``); imports
+no web framework.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Iterable, Iterator, Mapping
+from http import HTTPStatus
+from pathlib import Path
+from typing import Any
+
+import attrs
+
+from ._http import Api, Body, EventStream, Request
+from ._orchestrator import Orchestrator
+from ._tracker import BatchTracker
+from .uploads import UploadStore
+
+__all__ = ["App", "create_app"]
+
+StartResponse = Callable[..., Any]
+
+
+@attrs.define(eq=False)
+class App:
+    """The WSGI application around an :class:`batchtrack._http.Api`."""
+
+    api: Api
+
+    def __call__(self, environ: dict[str, Any], start_response: StartResponse) -> Iterable[bytes]:
+        # PEP 3333: paths arrive as latin-1 decoded bytes.
+        path = environ.get("PATH_INFO", "").encode("latin-1").decode("utf-8", "replace")
+        headers = {
+            key[5:].replace("_", "-").lower(): value
+            for key, value in environ.items()
+            if key.startswith("HTTP_")
+        }
+        for key in ("CONTENT_TYPE", "CONTENT_LENGTH"):
+            if environ.get(key):
+                headers[key.replace("_", "-").lower()] = environ[key]
+        try:
+            remaining = max(int(environ.get("CONTENT_LENGTH") or 0), 0)
+        except ValueError:
+            remaining = 0
+        stream = environ["wsgi.input"]
+
+        def read_chunk(size: int) -> bytes:
+            nonlocal remaining
+            data = stream.read(min(size, remaining)) if remaining else b""
+            remaining -= len(data)
+            return data
+
+        method = environ["REQUEST_METHOD"].upper()
+        root = environ.get("SCRIPT_NAME", "")
+        request = Request(
+            method, path, headers, Body(read_chunk, self.api.body_limit(method, path)), root
+        )
+        response = self.api.handle(request)
+        reason = HTTPStatus(response.status).phrase
+        start_response(f"{response.status} {reason}", response.headers)
+        if method == "HEAD":
+            return [b""]
+        if response.stream is not None:
+            return _events(response.stream)
+        return [response.body]
+
+
+def _events(stream: EventStream) -> Iterator[bytes]:
+    """The event stream; the server closes the generator when the client goes away."""
+    while (chunks := stream.poll()) is not None:
+        yield from chunks
+        time.sleep(stream.interval)
+
+
+def create_app(
+    tracker: BatchTracker,
+    orchestrator: Orchestrator,
+    uploads: UploadStore,
+    *,
+    prefix: str = "/api",
+    max_files: int = 10,
+    owner: Callable[[Mapping[str, str]], str | None] | None = None,
+    secure_cookies: bool = False,
+    max_json_bytes: int = 64 * 1024,
+    results_dir: str | Path | None = None,
+    events_poll: float = 0.5,
+) -> App:
+    """The HTTP API (contract §2) as a WSGI application.
+
+    The arguments are those of :func:`batchtrack.asgi.create_app`.
+    """
+    return App(
+        Api(
+            tracker,
+            orchestrator,
+            uploads,
+            prefix=prefix,
+            max_files=max_files,
+            owner=owner,
+            max_json_bytes=max_json_bytes,
+            secure_cookies=secure_cookies,
+            results_dir=None if results_dir is None else Path(results_dir),
+            events_poll=events_poll,
+        )
+    )
