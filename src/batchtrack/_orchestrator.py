@@ -260,18 +260,19 @@ class Orchestrator:
             self._settle_locked(run)
         return True
 
-    def close(self, *, cancel_pending: bool = False) -> None:
+    def close(self, *, cancel_pending: bool = False, reason: str = CANCELLED) -> None:
         """Stop accepting batches and wait for the submitted ones; closing twice is fine.
 
         Args:
-            cancel_pending: Fail items not yet started with ``"cancelled"`` instead of
-                running them. Running items always finish.
+            cancel_pending: Fail items not yet started, with ``reason`` as their error,
+                instead of running them. Running items always finish.
+            reason: The error for those items (``"interrupted"`` when a server stops).
         """
         with self._lock:
             self._closed = True
             if cancel_pending:
                 for run in list(self._order):
-                    self._fail_pending_locked(run)
+                    self._fail_pending_locked(run, reason)
                     self._settle_locked(run)
             runs = list(self._runs.values())
         for run in runs:
@@ -356,12 +357,12 @@ class Orchestrator:
                 self._settle_locked(run)
             self._pump()
 
-    def _fail_pending_locked(self, run: _Run) -> None:
+    def _fail_pending_locked(self, run: _Run, reason: str = CANCELLED) -> None:
         while run.pending:
             item = run.pending.popleft()
             assert item.id is not None
             try:
-                self._emit(run, self.tracker.fail_item(run.batch_id, item.id, CANCELLED))
+                self._emit(run, self.tracker.fail_item(run.batch_id, item.id, reason))
             except BatchtrackError:
                 log.exception("batchtrack: could not cancel item %s", item.id)
 

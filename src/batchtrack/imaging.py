@@ -102,8 +102,9 @@ class ImagePipeline:
 
     def __call__(self, item: Item) -> Path:
         """Process one item; return the path written."""
-        if not item.id:
-            raise ValidationError("the item needs an id (the orchestrator sets it)")
+        if not item.id or item.id.startswith(".") or any(c in item.id for c in "/\\\0"):
+            # The id names the output file: it must not be able to leave output_dir.
+            raise ValidationError(f"item id {item.id!r} cannot name a file")
         with self._open(item) as image:
             fmt = self.format or (image.format if image.format in OUTPUT_FORMATS else "PNG")
             result, params = self._transform(image, fmt)
