@@ -1,6 +1,7 @@
 """Run every benchmark and print ratios measured side by side in one run.
 
-Usage: ``python benchmarks/run.py [--quick] [SUITE ...]`` (suites: core, sqlite, eta, images, http).
+Usage: ``python benchmarks/run.py [--quick] [SUITE ...]``; suites: core, sqlite, eta, images,
+http, redis.
 Exit status 0 even when a goal is missed: these are figures, not tests.
 """
 
@@ -20,6 +21,7 @@ SUITES = {
     "eta": "bench_eta",
     "images": "bench_images",
     "http": "bench_http",
+    "redis": "bench_redis",
 }
 
 

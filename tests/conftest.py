@@ -3,6 +3,10 @@
 from __future__ import annotations
 
 import os
+import shutil
+import socket
+import subprocess
+import time
 import uuid
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -31,15 +35,86 @@ def _sqlite(tmp_path: Path) -> StoreFactory:
     return lambda: SQLiteStore(tmp_path / f"{uuid.uuid4()}.db")
 
 
+IN_CI = os.environ.get("CI", "").lower() in ("1", "true", "yes")
+
 ALL_STORES: dict[str, Callable[[Path], StoreFactory]] = {"memory": _memory, "sqlite": _sqlite}
-"""Every built-in store, by name: each value turns a temporary folder into a factory."""
+"""Every built-in store but Redis, by name: each turns a temporary folder into a factory."""
+
+STORE_NAMES = [*sorted(ALL_STORES), "redis"]
 
 
-@pytest.fixture(params=sorted(ALL_STORES))
+def start_redis(
+    folder: Path, *, persistent: bool = False, port: int | None = None
+) -> tuple[subprocess.Popen[bytes], int]:
+    """A real redis-server on 127.0.0.1 (persistence off unless asked), ready to use."""
+    binary = shutil.which("redis-server")
+    if binary is None:
+        if IN_CI:
+            pytest.fail("CI needs redis-server (installed by .ci/run)")
+        pytest.skip("redis-server is not installed")
+    if port is None:
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            port = int(s.getsockname()[1])
+    durability = (
+        ["--appendonly", "yes", "--appendfsync", "always"] if persistent else ["--appendonly", "no"]
+    )
+    proc = subprocess.Popen(
+        [
+            binary,
+            "--port",
+            str(port),
+            "--bind",
+            "127.0.0.1",
+            "--save",
+            "",
+            "--dir",
+            str(folder),
+            "--daemonize",
+            "no",
+            *durability,
+        ],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    deadline = time.monotonic() + 10
+    while True:
+        try:
+            with socket.create_connection(("127.0.0.1", port), timeout=0.5) as conn:
+                conn.sendall(b"PING\r\n")
+                if conn.recv(16).startswith(b"+PONG"):
+                    return proc, port
+        except OSError:
+            pass
+        if proc.poll() is not None or time.monotonic() > deadline:
+            raise RuntimeError("redis-server did not start")
+        time.sleep(0.05)
+
+
+@pytest.fixture(scope="session")
+def redis_url(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+    """A redis-server for the whole session; each store uses a prefix of its own."""
+    pytest.importorskip("redis")
+    proc, port = start_redis(tmp_path_factory.mktemp("redis"))
+    yield f"redis://127.0.0.1:{port}/0"
+    proc.terminate()
+    proc.wait(10)
+
+
+@pytest.fixture(params=STORE_NAMES)
 def store_factory(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[StoreFactory]:
     """A factory for fresh stores of each kind in turn; every store made is closed after."""
     made: list[Store] = []
-    make = ALL_STORES[request.param](tmp_path)
+    if request.param == "redis":
+        from batchtrack.stores.redis import RedisStore
+
+        url = request.getfixturevalue("redis_url")
+
+        def make() -> Store:
+            return RedisStore(url, prefix=f"test-{uuid.uuid4()}:")
+
+    else:
+        make = ALL_STORES[request.param](tmp_path)
 
     def factory() -> Store:
         store = make()

@@ -386,7 +386,7 @@ class Orchestrator:
                 self._dispatcher.start()
 
     def _dispatch(self) -> None:
-        """Deliver events in order from one thread, so a slow callback slows no worker."""
+        """Deliver events from one thread, so a slow callback slows no worker."""
         while True:
             run, event = self._events.get()
             if run is _STOP:
