@@ -45,8 +45,8 @@ class _DictUnderLock:
             batch["updated_at"] = time.time()
 
 
-def event_cost(make_store: StoreMaker, name: str, *, goal: float, n: int = 2000) -> Comparison:
-    """start+complete per item through the tracker vs the dict-under-a-lock baseline."""
+def tracker_events(make_store: StoreMaker, n: int) -> tuple[Callable[[], None], Callable[[], None]]:
+    """(setup, run): a fresh n-item batch per round; run starts and completes every item."""
     state: dict[str, Any] = {}
     ids = [str(i) for i in range(n)]
 
@@ -55,19 +55,31 @@ def event_cost(make_store: StoreMaker, name: str, *, goal: float, n: int = 2000)
         state["store"] = tracker.store
         state["tracker"] = tracker
         state["batch"] = tracker.create_batch([(i, f"{i}.jpg") for i in ids]).batch_id
-        state["base"] = _DictUnderLock(n)
 
-    def ours() -> None:
+    def run() -> None:
         tracker, batch = state["tracker"], state["batch"]
         for i in ids:
             tracker.start_item(batch, i)
             tracker.complete_item(batch, i)
 
+    return setup, run
+
+
+def event_cost(make_store: StoreMaker, name: str, *, goal: float, n: int = 2000) -> Comparison:
+    """start+complete per item through the tracker vs the dict-under-a-lock baseline."""
+    setup_ours, ours = tracker_events(make_store, n)
+    base: dict[str, _DictUnderLock] = {}
+    ids = [str(i) for i in range(n)]
+
+    def setup() -> None:
+        setup_ours()
+        base["b"] = _DictUnderLock(n)
+
     def baseline() -> None:
-        base = state["base"]
+        table = base["b"]
         for i in ids:
-            base.update("b", i, "pending", "processing")
-            base.update("b", i, "processing", "completed")
+            table.update("b", i, "pending", "processing")
+            table.update("b", i, "processing", "completed")
 
     return compare(
         f"{name}: start+complete event vs dict-under-a-lock",

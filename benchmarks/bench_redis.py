@@ -8,10 +8,9 @@ import sys
 import tempfile
 import time
 from pathlib import Path
-from typing import Any
 
-from batchtrack import BatchTracker
 from batchtrack.stores.redis import RedisStore
+from bench_core import tracker_events
 from harness import Comparison, compare
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
@@ -36,19 +35,8 @@ def run(quick: bool = False) -> list[Comparison]:
         try:
             store = RedisStore(url)
             client = redis.Redis.from_url(url)
-            state: dict[str, Any] = {}
+            setup, ours = tracker_events(lambda: store, n)
             ids = [str(i) for i in range(n)]
-
-            def setup() -> None:
-                tracker = BatchTracker(store)
-                state["tracker"] = tracker
-                state["batch"] = tracker.create_batch([(i, f"{i}.jpg") for i in ids]).batch_id
-
-            def ours() -> None:
-                tracker, batch = state["tracker"], state["batch"]
-                for i in ids:
-                    tracker.start_item(batch, i)
-                    tracker.complete_item(batch, i)
 
             def baseline() -> None:
                 for i in ids:

@@ -5,10 +5,9 @@ from __future__ import annotations
 import sqlite3
 import tempfile
 from pathlib import Path
-from typing import Any
 
-from batchtrack import BatchTracker, MemoryStore, SQLiteStore
-from bench_core import counts_read, snapshot_json
+from batchtrack import MemoryStore, SQLiteStore
+from bench_core import counts_read, snapshot_json, tracker_events
 from harness import Comparison, compare
 
 
@@ -16,24 +15,16 @@ def event_vs_update_commit(folder: Path, *, n: int) -> tuple[Comparison, float]:
     """start+complete through SQLiteStore vs two bare UPDATE+COMMITs per item, same settings."""
     ids = [str(i) for i in range(n)]
     store = SQLiteStore(folder / "events.db")
+    setup_ours, ours = tracker_events(lambda: store, n)
     base = sqlite3.connect(folder / "baseline.db", isolation_level=None)
     base.execute("PRAGMA journal_mode = WAL")
     base.execute("PRAGMA synchronous = NORMAL")
     base.execute("CREATE TABLE items (id TEXT PRIMARY KEY, status TEXT NOT NULL)")
-    state: dict[str, Any] = {}
 
     def setup() -> None:
-        tracker = BatchTracker(store)
-        state["tracker"] = tracker
-        state["batch"] = tracker.create_batch([(i, f"{i}.jpg") for i in ids]).batch_id
+        setup_ours()
         base.execute("DELETE FROM items")
         base.executemany("INSERT INTO items VALUES (?, 'pending')", ((i,) for i in ids))
-
-    def ours() -> None:
-        tracker, batch = state["tracker"], state["batch"]
-        for i in ids:
-            tracker.start_item(batch, i)
-            tracker.complete_item(batch, i)
 
     def baseline() -> None:
         for i in ids:

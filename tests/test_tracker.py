@@ -5,6 +5,7 @@ from __future__ import annotations
 import threading
 import time
 import uuid
+from collections.abc import Callable
 from datetime import datetime, timezone
 
 import pytest
@@ -17,6 +18,7 @@ from batchtrack import (
     InvalidTransition,
     ItemNotFound,
     MemoryStore,
+    ProgressEvent,
     Status,
     ValidationError,
 )
@@ -25,6 +27,17 @@ from batchtrack.testing import FakeClock
 
 def _ids(snap: BatchSnapshot) -> list[str]:
     return [item.id for item in snap.items]
+
+
+def _actions(
+    tracker: BatchTracker, batch_id: str, item_id: str, error: str
+) -> dict[str, Callable[[], ProgressEvent]]:
+    """The three transitions of one item, by name."""
+    return {
+        "start": lambda: tracker.start_item(batch_id, item_id),
+        "complete": lambda: tracker.complete_item(batch_id, item_id),
+        "fail": lambda: tracker.fail_item(batch_id, item_id, error),
+    }
 
 
 def _state(tracker: BatchTracker, batch_id: str) -> dict[str, object]:
@@ -166,11 +179,7 @@ def test_invalid_transitions_raise_and_change_nothing(
     """Transitions outside the table raise InvalidTransition and leave the batch as it was."""
     snap = tracker.create_batch(["a.jpg", "b.jpg"])
     bid, item = snap.batch_id, snap.items[0].id
-    actions = {
-        "start": lambda: tracker.start_item(bid, item),
-        "complete": lambda: tracker.complete_item(bid, item),
-        "fail": lambda: tracker.fail_item(bid, item, "boom"),
-    }
+    actions = _actions(tracker, bid, item, "boom")
     for step in setup:
         actions[step]()
     before = _state(tracker, bid)
@@ -190,11 +199,7 @@ def test_repeated_transition_is_a_noop(
     """Repeating the transition an item already made counts nothing twice (at-least-once)."""
     snap = tracker.create_batch(["a.jpg", "b.jpg"])
     bid, item = snap.batch_id, snap.items[0].id
-    actions = {
-        "start": lambda: tracker.start_item(bid, item),
-        "complete": lambda: tracker.complete_item(bid, item),
-        "fail": lambda: tracker.fail_item(bid, item, "first error"),
-    }
+    actions = _actions(tracker, bid, item, "first error")
     for step in setup:
         actions[step]()
     before = _state(tracker, bid)

@@ -19,6 +19,7 @@ from typing import Any, NoReturn
 from urllib.parse import quote
 
 import attrs
+from typing_extensions import TypedDict
 
 from ._models import Item
 from ._orchestrator import Orchestrator
@@ -26,7 +27,7 @@ from ._tracker import BatchTracker
 from .exceptions import BatchNotFound, OrchestratorClosed, ValidationError
 from .uploads import FileNotFound, FileTooLarge, UploadStore, UploadWriter
 
-__all__ = ["COOKIE", "Api", "BodyTooLarge", "Request", "Response"]
+__all__ = ["COOKIE", "Api", "AppOptions", "BodyTooLarge", "Request", "Response"]
 
 log = logging.getLogger("batchtrack")
 
@@ -38,6 +39,22 @@ _UUID = re.compile(
 _CHUNK = 1 << 16
 
 Owner = Callable[[Mapping[str, str]], "str | None"]
+
+
+class AppOptions(TypedDict, total=False):
+    """The keyword arguments of ``create_app`` (see :func:`batchtrack.asgi.create_app`)."""
+
+    prefix: str
+    max_files: int
+    owner: Owner | None
+    secure_cookies: bool
+    max_json_bytes: int
+    results_dir: str | Path | None
+    events_poll: float
+
+
+def _optional_path(value: str | Path | None) -> Path | None:
+    return None if value is None else Path(value)
 
 
 class BodyTooLarge(Exception):
@@ -181,7 +198,7 @@ class Api:
     owner: Owner | None = None
     max_json_bytes: int = 64 * 1024
     secure_cookies: bool = False
-    results_dir: Path | None = None
+    results_dir: Path | None = attrs.field(default=None, converter=_optional_path)
     events_poll: float = 0.5
     heartbeat: float = 15.0
     _routes: list[tuple[str, re.Pattern[str], Callable[..., Response]]] = attrs.field(

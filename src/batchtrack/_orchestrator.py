@@ -11,11 +11,11 @@ import threading
 import uuid
 from collections.abc import Callable, Iterable
 from concurrent.futures import Executor, Future, ThreadPoolExecutor
-from types import TracebackType
 from typing import Any, Union
 
 import attrs
 
+from ._closing import Closing
 from ._models import BatchSnapshot, Item, ProgressEvent
 from ._tracker import BatchTracker
 from .exceptions import (
@@ -84,6 +84,9 @@ class _Run:
     running: int = 0
     settled: bool = False  # nothing left to run; its last event is queued
     done: threading.Event = attrs.field(factory=threading.Event)  # ... and delivered
+    # Held from a tracker call until its event is queued, so that events are delivered
+    # in the order the store applied the transitions.
+    order: threading.Lock = attrs.field(factory=threading.Lock)
 
     @property
     def idle(self) -> bool:
@@ -91,7 +94,7 @@ class _Run:
 
 
 @attrs.define(eq=False, init=False)
-class Orchestrator:
+class Orchestrator(Closing):
     """Runs a processor over batches with bounded concurrency; the tracker follows along.
 
     Args:
@@ -285,17 +288,6 @@ class Orchestrator:
             self._events.put((_STOP, None))
             dispatcher.join()
 
-    def __enter__(self) -> Orchestrator:
-        return self
-
-    def __exit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        self.close()
-
     # -- machinery -------------------------------------------------------------------------
 
     def _pump(self) -> None:
@@ -317,7 +309,8 @@ class Orchestrator:
     def _start(self, run: _Run, item: Item) -> None:
         assert item.id is not None
         try:
-            self._emit(run, self.tracker.start_item(run.batch_id, item.id))
+            with run.order:
+                self._emit(run, self.tracker.start_item(run.batch_id, item.id))
             future = self.executor.submit(self.processor, item)
         except BaseException as exc:  # the tracker or the executor refused
             log.exception("batchtrack: could not start item %s of batch %s", item.id, run.batch_id)
@@ -334,20 +327,21 @@ class Orchestrator:
 
     def _finish(self, run: _Run, item: Item, exc: BaseException | None) -> None:
         assert item.id is not None
+        if exc is not None and not isinstance(exc, ProcessingError):
+            log.error(
+                "batchtrack: item %s (%s) of batch %s failed",
+                item.id,
+                item.filename,
+                run.batch_id,
+                exc_info=exc,
+            )
         try:
-            if exc is None:
-                event = self.tracker.complete_item(run.batch_id, item.id)
-            else:
-                if not isinstance(exc, ProcessingError):
-                    log.error(
-                        "batchtrack: item %s (%s) of batch %s failed",
-                        item.id,
-                        item.filename,
-                        run.batch_id,
-                        exc_info=exc,
-                    )
-                event = self.tracker.fail_item(run.batch_id, item.id, error_message(exc, item))
-            self._emit(run, event)
+            with run.order:
+                if exc is None:
+                    event = self.tracker.complete_item(run.batch_id, item.id)
+                else:
+                    event = self.tracker.fail_item(run.batch_id, item.id, error_message(exc, item))
+                self._emit(run, event)
         except BatchtrackError:
             log.exception("batchtrack: could not record item %s of batch %s", item.id, run.batch_id)
         finally:
@@ -362,7 +356,8 @@ class Orchestrator:
             item = run.pending.popleft()
             assert item.id is not None
             try:
-                self._emit(run, self.tracker.fail_item(run.batch_id, item.id, reason))
+                with run.order:
+                    self._emit(run, self.tracker.fail_item(run.batch_id, item.id, reason))
             except BatchtrackError:
                 log.exception("batchtrack: could not cancel item %s", item.id)
 

@@ -8,12 +8,12 @@ import threading
 import time
 import uuid
 from collections.abc import Callable, Iterable
-from types import TracebackType
 from typing import Union
 
 import attrs
 
 from . import _eta
+from ._closing import Closing
 from ._models import BatchSnapshot, ItemSnapshot, Progress, ProgressEvent, Status, utc_datetime
 from .exceptions import BatchNotFound, InvalidTransition, ValidationError
 from .stores.base import BatchRecord, Outcome, Store, Transition
@@ -79,7 +79,7 @@ def _default_store(store: Store | None) -> Store:
 
 
 @attrs.define
-class BatchTracker:
+class BatchTracker(Closing):
     """Tracks batches of items and their progress; safe to share between threads.
 
     Args:
@@ -324,15 +324,11 @@ class BatchTracker:
                 if removed:
                     log.debug("batchtrack sweeper removed %d expired batches", removed)
 
-    def __enter__(self) -> BatchTracker:
-        return self
+    def close(self) -> None:
+        """Stop the sweeper (the end of a ``with BatchTracker(...)`` block does this).
 
-    def __exit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
+        The store stays open: it may be shared; close it yourself when done.
+        """
         self.stop_sweeper()
 
     # -- helpers ----------------------------------------------------------------------

@@ -10,13 +10,13 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-from collections.abc import Awaitable, Callable, Mapping, MutableMapping
-from pathlib import Path
+from collections.abc import Awaitable, Callable, MutableMapping
 from typing import Any
 
 import attrs
+from typing_extensions import Unpack
 
-from ._http import Api, Body, Request, Response
+from ._http import Api, AppOptions, Body, Request, Response
 from ._orchestrator import Orchestrator
 from ._tracker import BatchTracker
 from .uploads import UploadStore
@@ -138,14 +138,7 @@ def create_app(
     tracker: BatchTracker,
     orchestrator: Orchestrator,
     uploads: UploadStore,
-    *,
-    prefix: str = "/api",
-    max_files: int = 10,
-    owner: Callable[[Mapping[str, str]], str | None] | None = None,
-    secure_cookies: bool = False,
-    max_json_bytes: int = 64 * 1024,
-    results_dir: str | Path | None = None,
-    events_poll: float = 0.5,
+    **options: Unpack[AppOptions],
 ) -> App:
     """The HTTP API (contract §2) as an ASGI application.
 
@@ -153,27 +146,17 @@ def create_app(
         tracker: Where batches are read.
         orchestrator: What runs the batches that ``process-batch`` starts.
         uploads: Where uploaded files go.
-        prefix: The path the endpoints live under.
-        max_files: Files per upload request and per batch.
-        owner: Who is asking, from the request headers (lower-case names); None answers
-            401. Without it an anonymous session cookie (``batchtrack_session``) decides.
-        secure_cookies: Mark the session cookie ``Secure`` (serve over HTTPS).
-        max_json_bytes: The largest JSON body accepted.
-        results_dir: Where processed files are, named ``<item id>.<ext>``; by default the
-            processor's ``output_dir`` (as for :class:`~batchtrack.imaging.ImagePipeline`).
-        events_poll: Seconds between checks for changes in the events stream.
+        **options: ``prefix`` (``"/api"``): the path the endpoints live under.
+            ``max_files`` (10): files per upload request and per batch.
+            ``owner``: who is asking, from the request headers (lower-case names), None
+            answering 401; without it an anonymous session cookie
+            (``batchtrack_session``) decides. ``secure_cookies`` (False): mark that
+            cookie ``Secure``. ``max_json_bytes`` (64 KiB): the largest JSON body.
+            ``results_dir``: where processed files are, named ``<item id>.<ext>``; by
+            default the processor's ``output_dir``. ``events_poll`` (0.5): seconds
+            between checks for changes in the events stream.
+
+    Raises:
+        ValidationError: A bad option.
     """
-    return App(
-        Api(
-            tracker,
-            orchestrator,
-            uploads,
-            prefix=prefix,
-            max_files=max_files,
-            owner=owner,
-            max_json_bytes=max_json_bytes,
-            secure_cookies=secure_cookies,
-            results_dir=None if results_dir is None else Path(results_dir),
-            events_poll=events_poll,
-        )
-    )
+    return App(Api(tracker, orchestrator, uploads, **options))

@@ -15,8 +15,8 @@ class ProgressCallback(Protocol):
 
     It receives the :class:`~batchtrack.ProgressEvent` of that transition: the item as it
     is now, and the batch's counts and ETA right after it. Calls for one batch may come
-    from several threads; one orchestrator delivers them from one thread, each transition
-    exactly once (simultaneous ones possibly out of order). A callback that raises is
+    from several threads; one orchestrator delivers them from one thread, each exactly
+    once, in the order the store applied the transitions. A callback that raises is
     logged (logger ``batchtrack``) and never stops or slows the batch. Any callable
     taking one argument fits, e.g. ``lambda event: print(event.progress)``.
     """

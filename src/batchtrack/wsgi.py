@@ -7,14 +7,14 @@ no web framework.
 from __future__ import annotations
 
 import time
-from collections.abc import Callable, Iterable, Iterator, Mapping
+from collections.abc import Callable, Iterable, Iterator
 from http import HTTPStatus
-from pathlib import Path
 from typing import Any
 
 import attrs
+from typing_extensions import Unpack
 
-from ._http import Api, Body, EventStream, Request
+from ._http import Api, AppOptions, Body, EventStream, Request
 from ._orchestrator import Orchestrator
 from ._tracker import BatchTracker
 from .uploads import UploadStore
@@ -79,30 +79,10 @@ def create_app(
     tracker: BatchTracker,
     orchestrator: Orchestrator,
     uploads: UploadStore,
-    *,
-    prefix: str = "/api",
-    max_files: int = 10,
-    owner: Callable[[Mapping[str, str]], str | None] | None = None,
-    secure_cookies: bool = False,
-    max_json_bytes: int = 64 * 1024,
-    results_dir: str | Path | None = None,
-    events_poll: float = 0.5,
+    **options: Unpack[AppOptions],
 ) -> App:
     """The HTTP API (contract §2) as a WSGI application.
 
     The arguments are those of :func:`batchtrack.asgi.create_app`.
     """
-    return App(
-        Api(
-            tracker,
-            orchestrator,
-            uploads,
-            prefix=prefix,
-            max_files=max_files,
-            owner=owner,
-            max_json_bytes=max_json_bytes,
-            secure_cookies=secure_cookies,
-            results_dir=None if results_dir is None else Path(results_dir),
-            events_poll=events_poll,
-        )
-    )
+    return App(Api(tracker, orchestrator, uploads, **options))

@@ -17,10 +17,10 @@ from __future__ import annotations
 import enum
 from abc import ABC, abstractmethod
 from collections.abc import Mapping, Sequence
-from types import TracebackType
 
 import attrs
 
+from .._closing import Closing
 from .._models import ItemSnapshot, Progress, Status
 
 __all__ = ["BatchRecord", "Outcome", "Store", "Transition", "TransitionResult", "add_stats"]
@@ -162,7 +162,7 @@ class TransitionResult:
     stats: Mapping[str, float]
 
 
-class Store(ABC):
+class Store(Closing, ABC):
     """Where batches live. Subclasses must be safe to call from any number of threads.
 
     Stores that share their data between processes or hosts (SQLite, Redis) must keep
@@ -211,16 +211,5 @@ class Store(ABC):
     def purge_expired(self, now: float) -> int:
         """Remove every batch with ``expires_at <= now``; return how many."""
 
-    def close(self) -> None:  # noqa: B027 - optional hook, nothing to do by default
+    def close(self) -> None:
         """Release connections and files. The store is not used after this."""
-
-    def __enter__(self) -> Store:
-        return self
-
-    def __exit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        self.close()

@@ -334,12 +334,7 @@ class SQLiteStore(Store):
         # The hot path: one BEGIN IMMEDIATE, one read of the batch and the item, two
         # updates, one commit. Holding the write lock from the start makes computing the
         # new header here as safe as computing it in SQL, and cheaper.
-        db = self._db
-        try:
-            db.execute("BEGIN IMMEDIATE")
-        except sqlite3.Error as exc:
-            raise StoreError(f"cannot write to {self.path}: {exc}") from exc
-        try:
+        with self._write() as db:
             row = db.execute(_HEADER_AND_ITEM, (transition.item_id, batch_id)).fetchone()
             if row is None or row[5] <= transition.at:
                 raise BatchNotFound(batch_id)
@@ -348,7 +343,6 @@ class SQLiteStore(Store):
             previous = _STATUSES[row[14]]
             target = transition.target
             if previous is target or previous not in transition.sources:
-                db.execute("COMMIT")
                 outcome = Outcome.UNCHANGED if previous is target else Outcome.REJECTED
                 item = ItemSnapshot(transition.item_id, row[13], previous, row[15])
                 return _result(outcome, previous, item, _header(row))
@@ -395,13 +389,6 @@ class SQLiteStore(Store):
                     row[16],
                 ),
             )
-            db.execute("COMMIT")
-        except BaseException as exc:
-            if db.in_transaction:
-                db.execute("ROLLBACK")
-            if isinstance(exc, sqlite3.Error):
-                raise StoreError(f"cannot write to {self.path}: {exc}") from exc
-            raise
         return TransitionResult(
             Outcome.APPLIED,
             previous,
