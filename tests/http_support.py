@@ -7,6 +7,7 @@ import contextlib
 import io
 import socket
 import threading
+import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from socketserver import ThreadingMixIn
@@ -69,6 +70,21 @@ class _ThreadingWSGIServer(ThreadingMixIn, WSGIServer):
 class _QuietHandler(WSGIRequestHandler):
     def log_message(self, format: str, *args: Any) -> None:
         pass
+
+
+def wait_until_serving(url: str, proc: Any, timeout: float = 30) -> None:
+    """Wait until ``url`` answers, failing early if the server process ``proc`` died."""
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            httpx.get(url, timeout=1)
+            return
+        except httpx.TransportError:
+            if proc.poll() is not None:
+                raise RuntimeError(f"the server exited with status {proc.returncode}") from None
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"{url} did not answer within {timeout} s") from None
+            time.sleep(0.05)
 
 
 def free_port() -> int:

@@ -16,7 +16,7 @@ import httpx
 import pytest
 from PIL import Image
 
-from http_support import free_port, jpeg
+from http_support import free_port, jpeg, wait_until_serving
 
 IN_CI = os.environ.get("CI", "").lower() in ("1", "true", "yes")
 
@@ -153,15 +153,10 @@ def server(tmp_path: Path) -> Iterator[tuple[str, Path, subprocess.Popen[str]]]:
             text=True,
         )
     base = f"http://127.0.0.1:{port}"
-    deadline = time.monotonic() + 20
-    while True:
-        try:
-            httpx.get(base + "/", timeout=1)
-            break
-        except httpx.TransportError:
-            assert proc.poll() is None, log.read_text()
-            assert time.monotonic() < deadline
-            time.sleep(0.05)
+    try:
+        wait_until_serving(base + "/", proc)
+    except RuntimeError:
+        pytest.fail(log.read_text())
     first = log.read_text().splitlines()[0]
     assert f"batchtrack serving on {base}/" in first, first
     yield base, data, proc

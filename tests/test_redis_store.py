@@ -15,7 +15,7 @@ import httpx
 import pytest
 
 from conftest import start_redis
-from http_support import free_port, jpeg
+from http_support import free_port, jpeg, wait_until_serving
 
 pytest.importorskip("redis")
 from batchtrack import BatchTracker, Status, StoreError, ValidationError
@@ -203,15 +203,7 @@ def test_two_uvicorn_workers_share_one_truth(
     )
     base = f"http://127.0.0.1:{port}"
     try:
-        deadline = time.monotonic() + 30
-        while True:
-            try:
-                httpx.get(base + "/api/openapi.json", timeout=1)
-                break
-            except httpx.TransportError:
-                assert server.poll() is None
-                assert time.monotonic() < deadline
-                time.sleep(0.1)
+        wait_until_serving(base + "/api/openapi.json", server)
         cookie = {"batchtrack_session": "b" * 32}
         files = [("files", (f"{n}.jpg", jpeg((1200, 900)), "image/jpeg")) for n in range(6)]
         with httpx.Client(base_url=base, cookies=cookie, timeout=30) as client:

@@ -29,8 +29,9 @@ Receive = Callable[[], Awaitable[Message]]
 Send = Callable[[Message], Awaitable[None]]
 
 
-class _ClientGone(Exception):
-    pass
+class _ClientGone(BaseException):
+    """The client left while its body was being read (a BaseException, so that the
+    handler's catch-all for errors does not turn it into a 500 nobody will see)."""
 
 
 @attrs.define(eq=False)
