@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import logging
+import threading
 from collections.abc import Callable
 from importlib import resources
 from pathlib import Path
@@ -15,6 +17,8 @@ from .stores.sqlite import SQLiteStore
 from .uploads import UploadStore
 
 __all__ = ["INTERRUPTED", "build"]
+
+log = logging.getLogger("batchtrack")
 
 INTERRUPTED = "interrupted"
 """The error of items the server stopped before they started."""
@@ -47,6 +51,16 @@ def build(data_dir: Path, *, concurrency: int = 4) -> tuple[Any, Callable[[], No
     uploads = UploadStore(data_dir / "uploads")
     api = create_app(tracker, orchestrator, uploads)
     tracker.start_sweeper(interval=600)
+    stop = threading.Event()
+
+    def sweep_uploads() -> None:
+        while not stop.wait(600):
+            try:
+                uploads.cleanup()
+            except OSError:
+                log.exception("batchtrack: could not clean up expired uploads")
+
+    threading.Thread(target=sweep_uploads, name="batchtrack-uploads", daemon=True).start()
     body = page()
 
     async def app(scope: Scope, receive: Receive, send: Send) -> None:
@@ -66,6 +80,7 @@ def build(data_dir: Path, *, concurrency: int = 4) -> tuple[Any, Callable[[], No
         # pipeline's atomic writes mean no result is ever left half-written.
         orchestrator.close(cancel_pending=True, reason=INTERRUPTED)
         tracker.stop_sweeper()
+        stop.set()
         uploads.cleanup()
         tracker.store.close()
 
