@@ -15,6 +15,7 @@ conformance suite against it.
 from __future__ import annotations
 
 import enum
+import struct
 from abc import ABC, abstractmethod
 from collections.abc import Mapping, Sequence
 
@@ -23,7 +24,16 @@ import attrs
 from .._closing import Closing
 from .._models import ItemSnapshot, Progress, Status
 
-__all__ = ["BatchRecord", "Outcome", "Store", "Transition", "TransitionResult", "add_stats"]
+__all__ = [
+    "BatchRecord",
+    "Outcome",
+    "Store",
+    "Transition",
+    "TransitionResult",
+    "add_stats",
+    "pack_stats",
+    "unpack_stats",
+]
 
 
 @attrs.frozen
@@ -122,6 +132,26 @@ def add_stats(
     for name, (coefficient, power) in contributions.items():
         scale = small[power] if 0 <= power < 3 else elapsed**power
         stats[name] = get(name, 0.0) + coefficient * scale
+
+
+def pack_stats(stats: Mapping[str, float]) -> bytes:
+    """Stats as bytes: a count (uint16), the values as little-endian doubles, the names
+    joined by ``\\x1f``.
+
+    For stores that keep stats in one field (SQLite, Redis): several times faster than
+    JSON for the ~20 numbers the ETA keeps, exact, and unlike pickle it cannot run code.
+    """
+    names = "\x1f".join(stats).encode()
+    return struct.pack(f"<H{len(stats)}d", len(stats), *stats.values()) + names
+
+
+def unpack_stats(blob: bytes) -> dict[str, float]:
+    """The inverse of :func:`pack_stats`."""
+    (count,) = struct.unpack_from("<H", blob)
+    if not count:
+        return {}
+    values = struct.unpack_from(f"<{count}d", blob, 2)
+    return dict(zip(blob[2 + 8 * count :].decode().split("\x1f"), values, strict=True))
 
 
 class Outcome(enum.Enum):

@@ -9,7 +9,7 @@ and expiry, all in one atomic step and one round trip. Reading a batch is one pi
 
 Keys, under ``prefix`` (default ``batchtrack:``):
 
-- ``b:<batch>`` — a hash: the header, the counts, and the stats as ``s:<name>`` fields;
+- ``b:<batch>`` — a hash: the header, the counts, and the ETA stats in one field;
 - ``i:<batch>`` — a hash: item id → the item as JSON (filename, status, error, last change);
 - ``o:<batch>`` — a list: the item ids in order;
 - ``expiry`` — a sorted set of batch ids by ``expires_at``, for :meth:`RedisStore.purge_expired`.
@@ -37,7 +37,15 @@ import attrs
 
 from .._models import ItemSnapshot, Progress, Status
 from ..exceptions import BatchNotFound, ItemNotFound, StoreError, ValidationError
-from .base import BatchRecord, Outcome, Store, Transition, TransitionResult
+from .base import (
+    BatchRecord,
+    Outcome,
+    Store,
+    Transition,
+    TransitionResult,
+    pack_stats,
+    unpack_stats,
+)
 
 __all__ = ["RedisStore"]
 
@@ -101,29 +109,29 @@ return 1
 #       expires_open, expires_finished, slack, then the stats contributions: the number
 #       of groups, and per group: source code, names joined by ',', coefficients packed
 #       as little-endian doubles, powers as one digit each.
-# Returns: outcome, previous code, the item's JSON, the batch hash as one JSON object
-# (its values are Redis's own strings, so no precision is lost on the way).
+# Returns: outcome, previous code, the item's JSON, the header fields (in _HEADER's
+# order), and the stats field (pack_stats format: exact doubles, one value).
 _APPLY = """
-local function batch()
-  local all = redis.call('HGETALL', KEYS[1])
-  local out = {}
-  for i = 1, #all, 2 do out[all[i]] = all[i + 1] end
-  return cjson.encode(out)
+local SEP = string.char(31)  -- pack_stats' separator between names
+local header_fields = {'owner', 'created_at', 'updated_at', 'finished_at', 'expires_at',
+  'version', 'total', 'completed', 'failed', 'processing', 'pending', 'stats'}
+local function reply(outcome, previous, raw)
+  local values = redis.call('HMGET', KEYS[1], unpack(header_fields))
+  local stats = table.remove(values)
+  return {outcome, previous, raw, values, stats}
 end
 local at = tonumber(ARGV[5])
 local head = redis.call('HMGET', KEYS[1], 'expires_at', 'pending', 'processing',
-  'completed', 'failed', 'version')
+  'completed', 'failed', 'version', 'stats')
 if not head[1] or tonumber(head[1]) <= at then return {'nobatch'} end
 local raw = redis.call('HGET', KEYS[2], ARGV[2])
 if not raw then return {'noitem'} end
 local item = cjson.decode(raw)
 local previous = item.s
 local target = tonumber(ARGV[3])
-if previous == target then
-  return {'unchanged', previous, raw, batch()}
-end
+if previous == target then return reply('unchanged', previous, raw) end
 if not string.find(ARGV[4], tostring(previous), 1, true) then
-  return {'rejected', previous, raw, batch()}
+  return reply('rejected', previous, raw)
 end
 -- Times travel as strings: cjson keeps only 14 significant digits of a number.
 local elapsed = at - tonumber(item.t)
@@ -146,23 +154,40 @@ if finished then
 end
 update[#update + 1] = 'expires_at'
 update[#update + 1] = new_expiry
--- Stats: added here in doubles, as in Python (not HINCRBYFLOAT, which keeps 17 decimal
--- places rather than 17 significant digits; the ETA's sums span many magnitudes).
+-- Stats live in one field in pack_stats' format and are added here in doubles, exactly
+-- as the other stores do in Python.
 for g = 0, tonumber(ARGV[10]) - 1 do
   local base = 11 + 4 * g
   if tonumber(ARGV[base]) == previous then
-    local fields = {}
-    for name in string.gmatch(ARGV[base + 1], '[^,]+') do fields[#fields + 1] = 's:' .. name end
-    local current = redis.call('HMGET', KEYS[1], unpack(fields))
-    local pos = 1
-    for i = 1, #fields do
-      local coef
-      coef, pos = struct.unpack('<d', ARGV[base + 2], pos)
-      local power = tonumber(string.sub(ARGV[base + 3], i, i))
-      local total = tonumber(current[i] or '0') + coef * elapsed ^ power
-      update[#update + 1] = fields[i]
-      update[#update + 1] = string.format('%.17g', total)
+    local names, values, index = {}, {}, {}
+    local blob = head[7]
+    local count, pos = struct.unpack('<H', blob)
+    for i = 1, count do values[i], pos = struct.unpack('<d', blob, pos) end
+    for name in string.gmatch(string.sub(blob, pos), '[^' .. SEP .. ']+') do
+      names[#names + 1] = name
+      index[name] = #names
     end
+    local coefs, cpos = ARGV[base + 2], 1
+    local i = 0
+    for name in string.gmatch(ARGV[base + 1], '[^,]+') do
+      i = i + 1
+      local coef
+      coef, cpos = struct.unpack('<d', coefs, cpos)
+      local power = tonumber(string.sub(ARGV[base + 3], i, i))
+      local at_name = index[name]
+      if not at_name then
+        names[#names + 1] = name
+        values[#names] = 0
+        at_name = #names
+        index[name] = at_name
+      end
+      values[at_name] = values[at_name] + coef * elapsed ^ power
+    end
+    local packed = {struct.pack('<H', #names)}
+    for j = 1, #names do packed[#packed + 1] = struct.pack('<d', values[j]) end
+    packed[#packed + 1] = table.concat(names, SEP)
+    update[#update + 1] = 'stats'
+    update[#update + 1] = table.concat(packed)
   end
 end
 redis.call('HSET', KEYS[1], unpack(update))
@@ -173,7 +198,7 @@ if finished or redis.call('TTL', KEYS[1]) < ttl - 3600 then
   for i = 1, 3 do redis.call('EXPIRE', KEYS[i], ttl) end
   redis.call('ZADD', KEYS[4], new_expiry, ARGV[1])
 end
-return {'applied', previous, raw, batch()}
+return reply('applied', previous, raw)
 """
 
 # KEYS: expiry zset. ARGV: now, chunk size, key prefix. The zset's scores may be older
@@ -231,8 +256,7 @@ def _from_fields(
     batch_id: str, fields: dict[bytes, bytes], items: tuple[ItemSnapshot, ...] = ()
 ) -> BatchRecord:
     header = [fields.get(name.encode()) for name in _HEADER]
-    stats = {k[2:].decode(): float(v) for k, v in fields.items() if k.startswith(b"s:")}
-    return _record(batch_id, header, stats, items)
+    return _record(batch_id, header, unpack_stats(fields[b"stats"]), items)
 
 
 def _item(item_id: str, raw: bytes) -> ItemSnapshot:
@@ -327,8 +351,7 @@ class RedisStore(Store):
             "pending",
             p.pending,
         ]
-        for name, value in batch.stats.items():
-            header += [f"s:{name}", repr(float(value))]
+        header += ["stats", pack_stats({k: float(v) for k, v in batch.stats.items()})]
         args: list[Any] = [batch.batch_id, _SLACK, len(header) // 2, *header, len(items)]
         for item in items:
             args += [
@@ -353,8 +376,10 @@ class RedisStore(Store):
         groups: list[Any] = [len(transition.stats)]
         for source, amounts in transition.stats.items():
             powers = [power for _, power in amounts.values()]
-            if any(not 0 <= p <= 9 for p in powers) or any("," in n for n in amounts):
-                raise ValidationError("stats names must not contain ',' and powers be 0-9")
+            if any(not 0 <= p <= 9 for p in powers) or any(
+                "," in n or "\x1f" in n for n in amounts
+            ):
+                raise ValidationError("stats names must not contain ',' or \\x1f; powers 0-9")
             groups += [
                 _CODE[source],
                 ",".join(amounts),
@@ -383,8 +408,7 @@ class RedisStore(Store):
             raise BatchNotFound(batch_id)
         if reply[0] == b"noitem":
             raise ItemNotFound(batch_id, transition.item_id)
-        fields = {k.encode(): v.encode() for k, v in json.loads(reply[3]).items()}
-        record = _from_fields(batch_id, fields)
+        record = _record(batch_id, reply[3], unpack_stats(reply[4]))
         return TransitionResult(
             _OUTCOMES[reply[0]],
             _STATUSES[int(reply[1])],
