@@ -403,3 +403,39 @@ def test_shells_stay_thin() -> None:
     for module in (batchtrack.asgi, batchtrack.wsgi):
         assert module.__file__ is not None
         assert len(Path(module.__file__).read_text().splitlines()) < 200
+
+
+def test_events_stream_stops_polling_when_the_client_leaves(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Under uvicorn, closing the events stream mid-batch stops its polling at once."""
+    import httpx
+
+    from batchtrack._http import EventStream
+    from http_support import uvicorn_server
+
+    polls: list[float] = []
+    real_poll = EventStream.poll
+
+    def counting_poll(self: EventStream) -> Any:
+        polls.append(time.monotonic())
+        return real_poll(self)
+
+    monkeypatch.setattr(EventStream, "poll", counting_poll)
+    service = Service(tmp_path)
+    try:
+        batch = service.tracker.create_batch(["a.jpg"], owner="session:" + "c" * 32)
+        with uvicorn_server(service.asgi) as base:
+            cookies = {"batchtrack_session": "c" * 32}
+            url = f"{base}/api/batch-events/{batch.batch_id}"
+            with httpx.stream("GET", url, cookies=cookies, timeout=10) as response:
+                assert response.status_code == 200
+                lines = response.iter_lines()  # kept: a dropped iterator closes the stream
+                assert next(lines).startswith("id: 0")
+                time.sleep(0.3)  # the stream keeps polling while the client listens
+                assert len(polls) >= 3
+            closed = time.monotonic()
+            time.sleep(0.5)
+            assert not [t for t in polls if t > closed + 0.2]
+    finally:
+        service.close()
