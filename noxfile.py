@@ -33,7 +33,7 @@ def lint(session: nox.Session) -> None:
 @nox.session
 def types(session: nox.Session) -> None:
     """mypy --strict on src."""
-    session.install("-e", ".[test]", "mypy")
+    session.install("-e", ".[test]", "mypy", "types-tqdm")
     session.run("mypy")
 
 

@@ -12,6 +12,7 @@ from typing import Any
 from ._orchestrator import Orchestrator
 from ._tracker import BatchTracker
 from .asgi import Receive, Scope, Send, create_app
+from .cli import DB_NAME
 from .imaging import ImagePipeline
 from .stores.sqlite import SQLiteStore
 from .uploads import UploadStore
@@ -44,7 +45,7 @@ def build(data_dir: Path, *, concurrency: int = 4) -> tuple[Any, Callable[[], No
     """The demo ASGI app over ``data_dir``, and the function that shuts it down."""
     data_dir.mkdir(parents=True, exist_ok=True)
     (data_dir / "results").mkdir(exist_ok=True)
-    tracker = BatchTracker(SQLiteStore(data_dir / "batchtrack.db"))
+    tracker = BatchTracker(SQLiteStore(data_dir / DB_NAME))
     orchestrator = Orchestrator(
         tracker, ImagePipeline(data_dir / "results"), concurrency=concurrency
     )

@@ -35,10 +35,7 @@ from collections.abc import Mapping
 
 from ._models import Progress, Status
 
-__all__ = ["estimate", "needs_origin", "seconds_remaining", "stats_for"]
-
-needs_origin = True
-"""Whether :func:`stats_for` uses the batch's creation time (the tracker then caches it)."""
+__all__ = ["estimate", "seconds_remaining", "stats_for"]
 
 _KS = (0, 1, 2, 4, 8, 16)
 _TRUSTED = 0.3  # largest relative standard error of a window we believe

@@ -232,7 +232,7 @@ class Api:
 
     # -- entry points ---------------------------------------------------------------------
 
-    def body_limit(self, method: str, path: str) -> int:
+    def body_limit(self, path: str) -> int:
         """How many body bytes a request to ``path`` may send."""
         if path == f"{self.prefix}/upload":
             return self.max_files * self.uploads.max_bytes + 64 * 1024

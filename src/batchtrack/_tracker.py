@@ -35,7 +35,6 @@ _MAX_ID_LENGTH = 255
 ItemSpec = Union[str, "tuple[str, str]"]
 """An item given to :meth:`BatchTracker.create_batch`: a filename, or ``(item_id, filename)``."""
 
-_NEEDS_ORIGIN = _eta.needs_origin
 _START = (Status.PROCESSING, frozenset({Status.PENDING}))
 _COMPLETE = (Status.COMPLETED, frozenset({Status.PROCESSING}))
 _FAIL = (Status.FAILED, frozenset({Status.PENDING, Status.PROCESSING}))
@@ -255,7 +254,7 @@ class BatchTracker(Closing):
             _check_id(item_id, "item_id")
         target, sources = rule
         now = self.clock()
-        origin = self._origin(batch_id) if _NEEDS_ORIGIN else 0.0
+        origin = self._origin(batch_id)
         result = self.store.apply(
             batch_id,
             Transition(

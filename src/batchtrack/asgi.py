@@ -88,9 +88,7 @@ class App:
             return chunk
 
         method = scope["method"]
-        request = Request(
-            method, path, headers, Body(read_chunk, self.api.body_limit(method, path)), root
-        )
+        request = Request(method, path, headers, Body(read_chunk, self.api.body_limit(path)), root)
         try:
             response = await asyncio.to_thread(self.api.handle, request)
         except _ClientGone:

@@ -162,7 +162,7 @@ def _images(paths: Sequence[Path]) -> Iterator[Path]:
 def _process(args: argparse.Namespace) -> int:
     _need("PIL", "images")
     _need("tqdm", "cli")
-    from tqdm import tqdm  # type: ignore[import-untyped]
+    from tqdm import tqdm
 
     from . import BatchTracker, Item, Orchestrator
     from .imaging import ImagePipeline

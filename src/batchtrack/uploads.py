@@ -201,30 +201,35 @@ class UploadStore:
         """
         if not isinstance(file_id, str) or not _UUID.match(file_id):
             raise FileNotFound(file_id)
-        path = self.directory / file_id
-        try:
-            meta = json.loads(path.with_suffix(".json").read_text(encoding="utf-8"))
-        except (OSError, ValueError):
-            raise FileNotFound(file_id) from None
-        if meta["created_at"] + self.ttl <= self.clock() or (
-            owner is not None and meta["owner"] != owner
-        ):
+        stored = self._read(self.directory / f"{file_id}.json")
+        if stored is None or stored.created_at + self.ttl <= self.clock():
             raise FileNotFound(file_id)
-        return StoredFile(
-            file_id, meta["filename"], path, meta["size"], meta["owner"], meta["created_at"]
-        )
+        if owner is not None and stored.owner != owner:
+            raise FileNotFound(file_id)
+        return stored
+
+    def _read(self, meta_path: Path) -> StoredFile | None:
+        """The upload a sidecar describes, or None when it is missing or unreadable."""
+        try:
+            meta = json.loads(meta_path.read_text(encoding="utf-8"))
+            return StoredFile(
+                meta_path.stem,
+                meta["filename"],
+                self.directory / meta_path.stem,
+                meta["size"],
+                meta["owner"],
+                meta["created_at"],
+            )
+        except (OSError, ValueError, KeyError, TypeError):
+            return None
 
     def cleanup(self) -> int:
         """Delete expired uploads (and stale partial files); return how many uploads."""
         now = self.clock()
         removed = 0
         for meta_path in self.directory.glob("*.json"):
-            try:
-                meta = json.loads(meta_path.read_text(encoding="utf-8"))
-                expired = meta["created_at"] + self.ttl <= now
-            except (OSError, ValueError, KeyError):
-                continue
-            if expired:
+            stored = self._read(meta_path)
+            if stored is not None and stored.created_at + self.ttl <= now:
                 with contextlib.suppress(OSError):
                     meta_path.unlink()
                     (self.directory / meta_path.stem).unlink()

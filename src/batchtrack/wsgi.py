@@ -55,9 +55,7 @@ class App:
 
         method = environ["REQUEST_METHOD"].upper()
         root = environ.get("SCRIPT_NAME", "")
-        request = Request(
-            method, path, headers, Body(read_chunk, self.api.body_limit(method, path)), root
-        )
+        request = Request(method, path, headers, Body(read_chunk, self.api.body_limit(path)), root)
         response = self.api.handle(request)
         reason = HTTPStatus(response.status).phrase
         start_response(f"{response.status} {reason}", response.headers)

@@ -91,15 +91,25 @@ _MIGRATIONS: list[tuple[str, ...]] = [
 ]
 assert len(_MIGRATIONS) == SCHEMA_VERSION
 
-_HEADER = (
-    "SELECT batch_id, owner, created_at, updated_at, finished_at, expires_at, version,"
-    " total, completed, failed, processing, pending, stats, key FROM batches WHERE batch_id = ?"
+# The batch header, in the order _header() reads it.
+_COLUMNS = (
+    "batch_id",
+    "owner",
+    "created_at",
+    "updated_at",
+    "finished_at",
+    "expires_at",
+    "version",
+    "total",
+    "completed",
+    "failed",
+    "processing",
+    "pending",
+    "stats",
 )
-
-
+_HEADER = f"SELECT {', '.join(_COLUMNS)}, key FROM batches WHERE batch_id = ?"
 _HEADER_AND_ITEM = (
-    "SELECT b.batch_id, b.owner, b.created_at, b.updated_at, b.finished_at, b.expires_at,"
-    " b.version, b.total, b.completed, b.failed, b.processing, b.pending, b.stats,"
+    f"SELECT {', '.join('b.' + c for c in _COLUMNS)},"
     " i.filename, i.status, i.error, b.key, i.position, i.changed_at FROM batches b"
     " LEFT JOIN items i ON i.batch_key = b.key AND i.item_id = ?"
     " WHERE b.batch_id = ?"
@@ -283,9 +293,8 @@ class SQLiteStore(Store):
         with self._write() as db:
             try:
                 key = db.execute(
-                    "INSERT INTO batches (batch_id, owner, created_at, updated_at, finished_at,"
-                    " expires_at, version, total, completed, failed, processing, pending, stats)"
-                    " VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                    f"INSERT INTO batches ({', '.join(_COLUMNS)})"
+                    f" VALUES ({', '.join('?' * len(_COLUMNS))})",
                     (
                         batch.batch_id,
                         batch.owner,

@@ -15,8 +15,6 @@ except ImportError as exc:  # pragma: no cover - depends on the environment
         "batchtrack.testing.strategies needs Hypothesis: pip install 'batchtrack[test]'"
     ) from exc
 
-from .._models import Status
-
 __all__ = ["ACTIONS", "Event", "event_sequences", "filenames", "item_lists"]
 
 ACTIONS = ("start", "complete", "fail")
@@ -56,7 +54,3 @@ def event_sequences(n_items: int, *, max_size: int = 60) -> st.SearchStrategy[li
         lambda e: (e[0], e[1], e[2] if e[0] == "fail" else None)
     )
     return st.lists(event, max_size=max_size)
-
-
-STATUSES = st.sampled_from(list(Status))
-"""Any status."""
