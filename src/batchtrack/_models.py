@@ -87,23 +87,36 @@ class ItemSnapshot:
         filename: The name shown to users.
         status: Where the item is.
         error: The message shown to users for a failed item, otherwise None.
+        attempts: How many times the item was started since it was created or last
+            retried (0 before its first start).
+        source: Where the item's input is (a path, a URL, a key in your storage), as
+            given to :meth:`~batchtrack.BatchTracker.create_batch`; None when none was
+            given. Never shown in the JSON body.
     """
 
     id: str
     filename: str
     status: Status = Status.PENDING
     error: str | None = None
+    attempts: int = 0
+    source: str | None = None
 
-    def to_dict(self) -> dict[str, str]:
-        """The item's entry in the ``images`` list; ``error`` only on failed items."""
-        if self.error is None:
-            return {"id": self.id, "filename": self.filename, "status": self.status.value}
-        return {
+    def to_dict(self) -> dict[str, Any]:
+        """The item's entry in the ``images`` list.
+
+        ``error`` only on failed items, ``attempts`` only when the item was started more
+        than once.
+        """
+        entry: dict[str, Any] = {
             "id": self.id,
             "filename": self.filename,
             "status": self.status.value,
-            "error": self.error,
         }
+        if self.error is not None:
+            entry["error"] = self.error
+        if self.attempts > 1:
+            entry["attempts"] = self.attempts
+        return entry
 
 
 def utc_datetime(timestamp: float) -> datetime:

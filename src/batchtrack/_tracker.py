@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import math
+import os
 import threading
 import time
 import uuid
@@ -14,12 +15,20 @@ import attrs
 
 from . import _eta
 from ._closing import Closing
-from ._models import BatchSnapshot, ItemSnapshot, Progress, ProgressEvent, Status, utc_datetime
+from ._models import (
+    BatchSnapshot,
+    Item,
+    ItemSnapshot,
+    Progress,
+    ProgressEvent,
+    Status,
+    utc_datetime,
+)
 from .exceptions import BatchNotFound, InvalidTransition, ValidationError
-from .stores.base import BatchRecord, Outcome, Store, Transition
+from .stores.base import BatchRecord, LostItem, Outcome, Store, Transition
 from .stores.memory import MemoryStore
 
-__all__ = ["IDLE_TIMEOUT", "MAX_ERROR_LENGTH", "BatchTracker", "ItemSpec"]
+__all__ = ["CANCELLED", "IDLE_TIMEOUT", "MAX_ERROR_LENGTH", "BatchTracker", "ItemSpec"]
 
 log = logging.getLogger("batchtrack")
 
@@ -32,12 +41,20 @@ MAX_ERROR_LENGTH = 1000
 _MAX_NAME_LENGTH = 1024
 _MAX_ID_LENGTH = 255
 
-ItemSpec = Union[str, "tuple[str, str]"]
-"""An item given to :meth:`BatchTracker.create_batch`: a filename, or ``(item_id, filename)``."""
+CANCELLED = "cancelled"
+"""The error of items that a cancel kept from starting."""
+
+_RECLAIM_PAGE = 500
+_NO_STATS: dict[Status, dict[str, tuple[float, int]]] = {}
+
+ItemSpec = Union[str, "tuple[str, str]", Item]
+"""An item given to :meth:`BatchTracker.create_batch`: a filename, ``(item_id, filename)``,
+or an :class:`~batchtrack.Item` (whose ``source`` is kept)."""
 
 _START = (Status.PROCESSING, frozenset({Status.PENDING}))
 _COMPLETE = (Status.COMPLETED, frozenset({Status.PROCESSING}))
 _FAIL = (Status.FAILED, frozenset({Status.PENDING, Status.PROCESSING}))
+_PROCESSING_ONLY = frozenset({Status.PROCESSING})
 
 
 def _check_text(value: object, what: str, limit: int) -> str:
@@ -58,6 +75,27 @@ def _check_positive(value: object, what: str) -> float:
     if not math.isfinite(value) or value <= 0:
         raise ValidationError(f"{what} must be a positive finite number of seconds, not {value!r}")
     return float(value)
+
+
+def _check_attempts(value: object) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise ValidationError(f"max_attempts must be a whole number >= 1, not {value!r}")
+    return value
+
+
+def _check_source(value: object, what: str) -> str | None:
+    if value is None:
+        return None
+    if isinstance(value, os.PathLike):
+        value = os.fspath(value)
+    if not isinstance(value, str):
+        raise ValidationError(
+            f"{what} must be a path or a string naming the input (it is stored), "
+            f"not {type(value).__name__}"
+        )
+    if "\x00" in value:
+        raise ValidationError(f"{what} must not contain NUL")
+    return value
 
 
 def _check_owner(owner: object) -> str | None:
@@ -86,14 +124,21 @@ class BatchTracker(Closing):
         ttl: Seconds a finished batch stays visible after it finished.
         clock: Where every time comes from (seconds since the epoch, like
             :func:`time.time`); tests pass a fake one.
+        lease: Seconds a started item stays leased to its worker without a
+            :meth:`heartbeat`; after that it is lost and :meth:`reclaim` takes it back.
+        max_attempts: How many starts an item gets (since it was created or last
+            retried) before a lost item is failed instead of put back to pending.
 
     Raises:
-        ValidationError: ``ttl`` is not a positive number or ``clock`` not callable.
+        ValidationError: ``ttl`` or ``lease`` is not a positive number, ``max_attempts``
+            not a whole number >= 1, or ``clock`` not callable.
     """
 
     store: Store = attrs.field(default=None, converter=_default_store)
     ttl: float = attrs.field(default=3600.0, kw_only=True)
     clock: Callable[[], float] = attrs.field(default=time.time, kw_only=True)
+    lease: float = attrs.field(default=300.0, kw_only=True)
+    max_attempts: int = attrs.field(default=3, kw_only=True)
     _origins: dict[str, float] = attrs.field(factory=dict, init=False, repr=False)
     _sweeper: threading.Thread | None = attrs.field(default=None, init=False, repr=False)
     _sweeper_stop: threading.Event = attrs.field(factory=threading.Event, init=False, repr=False)
@@ -105,6 +150,8 @@ class BatchTracker(Closing):
                 f"store must be a batchtrack.stores.base.Store, not {type(self.store).__name__}"
             )
         self.ttl = _check_positive(self.ttl, "ttl")
+        self.lease = _check_positive(self.lease, "lease")
+        self.max_attempts = _check_attempts(self.max_attempts)
         if not callable(self.clock):
             raise ValidationError("clock must be callable, like time.time")
 
@@ -114,7 +161,9 @@ class BatchTracker(Closing):
         """Create a batch whose items are all pending.
 
         Args:
-            items: Filenames, or ``(item_id, filename)`` pairs; ids are generated (UUID4)
+            items: Filenames, ``(item_id, filename)`` pairs, or :class:`~batchtrack.Item`
+                values (their ``source``, a path or a string, is stored with the item and
+                comes back as :attr:`ItemSnapshot.source`); ids are generated (UUID4)
                 where not given.
             owner: Who may see the batch (see :meth:`get`); None for nobody in particular.
 
@@ -122,8 +171,8 @@ class BatchTracker(Closing):
             The new batch.
 
         Raises:
-            ValidationError: No items, an empty or malformed filename or id, or the same
-                item id twice.
+            ValidationError: No items, an empty or malformed filename or id, a source that
+                is not a path or string, or the same item id twice.
         """
         owner = _check_owner(owner)
         if isinstance(items, (str, bytes)) or not isinstance(items, Iterable):
@@ -131,7 +180,16 @@ class BatchTracker(Closing):
         snapshots: list[ItemSnapshot] = []
         seen: set[str] = set()
         for position, spec in enumerate(items):
-            if isinstance(spec, tuple):
+            source = None
+            if isinstance(spec, Item):
+                item_id = (
+                    str(uuid.uuid4())
+                    if spec.id is None
+                    else _check_text(spec.id, f"item {position} id", _MAX_ID_LENGTH)
+                )
+                filename = _check_text(spec.filename, f"item {position} filename", _MAX_NAME_LENGTH)
+                source = _check_source(spec.source, f"item {position} source")
+            elif isinstance(spec, tuple):
                 if len(spec) != 2:
                     raise ValidationError(
                         f"item {position}: expected (item_id, filename), got {len(spec)} values"
@@ -144,7 +202,7 @@ class BatchTracker(Closing):
             if item_id in seen:
                 raise ValidationError(f"item id {item_id!r} appears more than once")
             seen.add(item_id)
-            snapshots.append(ItemSnapshot(item_id, filename))
+            snapshots.append(ItemSnapshot(item_id, filename, source=source))
         if not snapshots:
             raise ValidationError("a batch needs at least one item")
 
@@ -198,17 +256,62 @@ class BatchTracker(Closing):
 
     # -- transitions ----------------------------------------------------------------
 
-    def start_item(self, batch_id: str, item_id: str) -> ProgressEvent:
-        """Mark a pending item as processing.
+    def start_item(
+        self, batch_id: str, item_id: str, *, lease: float | None = None
+    ) -> ProgressEvent:
+        """Mark a pending item as processing, leased to the caller for ``lease`` seconds.
 
-        Starting an item that is already processing is a no-op.
+        Starting an item that is already processing is a no-op (it neither counts a
+        start nor renews the lease: call :meth:`heartbeat` for that). Each start that
+        happens counts one of the item's :attr:`~batchtrack.ItemSnapshot.attempts`.
+
+        Args:
+            batch_id: The batch.
+            item_id: The item.
+            lease: Seconds until the item is lost without a :meth:`heartbeat`; None for
+                the tracker's :attr:`lease`.
 
         Raises:
+            ValidationError: ``lease`` is not a positive number.
             BatchNotFound: Unknown or expired batch.
             ItemNotFound: The batch has no such item.
-            InvalidTransition: The item is already final.
+            InvalidTransition: The item is already final (completed, failed, cancelled).
         """
-        return self._transition(batch_id, item_id, _START, None)
+        seconds = self.lease if lease is None else _check_positive(lease, "lease")
+        return self._transition(batch_id, item_id, _START, None, lease=seconds)
+
+    def heartbeat(
+        self, batch_id: str, item_id: str, *, lease: float | None = None
+    ) -> ProgressEvent:
+        """Renew a processing item's lease: it is not lost for ``lease`` more seconds.
+
+        Workers call this every so often (a third of the lease is a good period) while
+        they work on an item. Nothing users see changes: the event has
+        ``changed=False`` and the batch keeps its version.
+
+        Raises:
+            ValidationError: ``lease`` is not a positive number.
+            BatchNotFound: Unknown or expired batch.
+            ItemNotFound: The batch has no such item.
+            InvalidTransition: The item is not processing (it finished, was reclaimed
+                or never started): the worker should stop working on it.
+        """
+        seconds = self.lease if lease is None else _check_positive(lease, "lease")
+        _check_id(batch_id, "batch_id")
+        _check_id(item_id, "item_id")
+        now = self.clock()
+        result = self.store.renew(batch_id, item_id, now, now + seconds, now + IDLE_TIMEOUT)
+        if result.outcome is Outcome.REJECTED:
+            raise InvalidTransition(batch_id, item_id, result.previous.value, "processing")
+        progress = result.progress
+        return ProgressEvent(
+            batch_id,
+            result.item,
+            progress,
+            _eta.estimate(progress, result.created_at, result.stats, now),
+            False,
+            result.version,
+        )
 
     def complete_item(self, batch_id: str, item_id: str) -> ProgressEvent:
         """Mark a processing item as completed.
@@ -248,6 +351,8 @@ class BatchTracker(Closing):
         item_id: str,
         rule: tuple[Status, frozenset[Status]],
         error: str | None,
+        *,
+        lease: float | None = None,
     ) -> ProgressEvent:
         if type(batch_id) is not str or type(item_id) is not str:
             _check_id(batch_id, "batch_id")
@@ -266,6 +371,8 @@ class BatchTracker(Closing):
                 now + IDLE_TIMEOUT,
                 now + self.ttl,
                 _eta.stats_for(target, now, origin),
+                None if lease is None else now + lease,
+                lease is not None,
             ),
         )
         outcome = result.outcome
@@ -285,10 +392,169 @@ class BatchTracker(Closing):
             result.version,
         )
 
+    # -- lost work, retry and cancel ---------------------------------------------------
+
+    def reclaim(self) -> int:
+        """Take back every lost item: one whose lease ran out without a heartbeat.
+
+        An item started fewer than :attr:`max_attempts` times (since it was created or
+        last retried) goes back to ``pending``, for a runner to start again; otherwise it
+        fails with the error ``"worker lost: no heartbeat for N s"``. Safe to run in any
+        number of threads, processes and hosts at once: each lost item moves once. The
+        sweeper (:meth:`start_sweeper`) runs this too.
+
+        Returns:
+            How many items were moved (to pending or failed).
+        """
+        return len(self.reclaim_items())
+
+    def reclaim_items(self) -> list[tuple[str, str, Status]]:
+        """:meth:`reclaim`, returning ``(batch_id, item_id, new status)`` per moved item.
+
+        For runners that resume the batches whose items went back to pending.
+        """
+        moved: list[tuple[str, str, Status]] = []
+        while True:
+            now = self.clock()
+            page = self.store.lost(now, _RECLAIM_PAGE)
+            before = len(moved)
+            for lost in page:
+                status = self._reclaim_one(lost, now)
+                if status is not None:
+                    moved.append((lost.batch_id, lost.item_id, status))
+            if len(page) < _RECLAIM_PAGE or len(moved) == before:
+                return moved
+
+    def _reclaim_one(self, lost: LostItem, now: float) -> Status | None:
+        def move(target: Status, error: str | None, max_attempts: int | None) -> bool:
+            result = self.store.apply(
+                lost.batch_id,
+                Transition(
+                    lost.item_id,
+                    target,
+                    _PROCESSING_ONLY,
+                    now,
+                    error,
+                    now + IDLE_TIMEOUT,
+                    now + self.ttl,
+                    _NO_STATS,  # a lost item's time says nothing about item durations
+                    lost_before=now,
+                    max_attempts=max_attempts,
+                ),
+            )
+            return result.outcome is Outcome.APPLIED
+
+        silent = max(0, round(now - lost.beat_at))
+        try:
+            if move(Status.PENDING, None, self.max_attempts):
+                return Status.PENDING
+            if move(Status.FAILED, f"worker lost: no heartbeat for {silent} s", None):
+                return Status.FAILED
+        except LookupError:  # the batch expired or was deleted meanwhile
+            pass
+        return None
+
+    def retry(
+        self,
+        batch_id: str,
+        item_ids: Iterable[str] | None = None,
+        *,
+        owner: str | None = None,
+    ) -> int:
+        """Put failed items back to ``pending``, their error cleared, for another try.
+
+        The batch is open again (``finished_at`` None, status derived as usual, expiry by
+        the idle rule) and its retried items start with 0 attempts; a runner's
+        ``resume`` runs them.
+
+        Args:
+            batch_id: The batch.
+            item_ids: The items to retry; None for every failed item of the batch.
+            owner: The caller's identity, checked as by :meth:`get`.
+
+        Returns:
+            How many items went back to pending (0 when none had failed).
+
+        Raises:
+            ValidationError: ``item_ids`` is not a non-empty collection of ids.
+            BatchNotFound: Unknown, expired or someone else's batch.
+            ItemNotFound: A named item is not in the batch (nothing changed).
+            InvalidTransition: A named item has not failed (nothing changed).
+        """
+        names = None
+        if item_ids is not None:
+            if isinstance(item_ids, (str, bytes)) or not isinstance(item_ids, Iterable):
+                raise ValidationError("item_ids must be a collection of item ids, or None")
+            names = list(dict.fromkeys(_check_id(i, "item id") for i in item_ids))
+            if not names:
+                raise ValidationError("item_ids is empty; pass None to retry every failed item")
+        return self._bulk(
+            batch_id, owner, Status.PENDING, frozenset({Status.FAILED}), None, names, reset=True
+        )
+
+    def cancel(self, batch_id: str, *, owner: str | None = None) -> int:
+        """Fail every pending item of the batch with the error ``"cancelled"``.
+
+        Processing items finish as they will; starting a cancelled item raises
+        :class:`~batchtrack.InvalidTransition`, so a worker that meets one skips it.
+
+        Args:
+            batch_id: The batch.
+            owner: The caller's identity, checked as by :meth:`get`.
+
+        Returns:
+            How many items were cancelled (0 for a finished batch).
+
+        Raises:
+            BatchNotFound: Unknown, expired or someone else's batch.
+        """
+        return self._bulk(
+            batch_id, owner, Status.FAILED, frozenset({Status.PENDING}), CANCELLED, None
+        )
+
+    def _bulk(
+        self,
+        batch_id: str,
+        owner: str | None,
+        target: Status,
+        sources: frozenset[Status],
+        error: str | None,
+        names: list[str] | None,
+        *,
+        reset: bool = False,
+    ) -> int:
+        now = self.clock()
+        self._visible(batch_id, owner, items=False, now=now)
+        transition = Transition(
+            "",
+            target,
+            sources,
+            now,
+            error,
+            now + IDLE_TIMEOUT,
+            now + self.ttl,
+            _NO_STATS,
+            reset_attempts=reset,
+        )
+        result = self.store.apply_many(batch_id, transition, names)
+        if result.rejected:
+            item_id, status = result.rejected[0]
+            raise InvalidTransition(batch_id, item_id, status.value, target.value)
+        return result.applied
+
+    def open_batches(self) -> list[str]:
+        """The ids of every batch that is neither finished nor expired.
+
+        For a runner that starts up and resumes what an earlier process left; it reads
+        every batch header in the store, so call it rarely.
+        """
+        return self.store.open_batches(self.clock())
+
     # -- expiry -----------------------------------------------------------------------
 
     def start_sweeper(self, interval: float = 600.0) -> None:
-        """Run :meth:`cleanup` every ``interval`` seconds in a daemon thread.
+        """Run :meth:`reclaim` and :meth:`cleanup` every ``interval`` seconds in a daemon
+        thread.
 
         Raises:
             ValidationError: ``interval`` is not a positive number.
@@ -315,13 +581,16 @@ class BatchTracker(Closing):
 
     def _sweep(self, interval: float) -> None:
         while not self._sweeper_stop.wait(interval):
-            try:
-                removed = self.cleanup()
-            except Exception:  # the sweeper must outlive a passing store failure
-                log.exception("batchtrack sweeper: cleanup failed; trying again later")
-            else:
-                if removed:
-                    log.debug("batchtrack sweeper removed %d expired batches", removed)
+            for what, task in (("reclaimed lost items", self.reclaim), ("removed", self.cleanup)):
+                try:
+                    done = task()
+                except Exception:  # the sweeper must outlive a passing store failure
+                    log.exception(
+                        "batchtrack sweeper: %s failed; trying again later", task.__name__
+                    )
+                else:
+                    if done:
+                        log.debug("batchtrack sweeper %s: %d", what, done)
 
     def close(self) -> None:
         """Stop the sweeper (the end of a ``with BatchTracker(...)`` block does this).

@@ -26,6 +26,8 @@ from .._models import ItemSnapshot, Progress, Status
 
 __all__ = [
     "BatchRecord",
+    "BulkResult",
+    "LostItem",
     "Outcome",
     "Store",
     "Transition",
@@ -84,13 +86,20 @@ class Transition:
        (:attr:`Outcome.UNCHANGED`).
     3. If the item's status is not in ``sources``: change nothing
        (:attr:`Outcome.REJECTED`).
-    4. Otherwise (:attr:`Outcome.APPLIED`), in one atomic step: set the item's status to
-       ``target``, its error to ``error`` and its change time to ``at``; move one count
-       from the old status to the new; add the contributions in ``stats`` for the old
-       status to the batch's stats (below); add one to ``version``; set
-       ``updated_at`` to ``at``; and if no item is pending or processing any more, set
-       ``finished_at`` to ``at`` and ``expires_at`` to ``expires_at_finished``, else set
-       ``expires_at`` to ``expires_at_open``.
+    4. If ``lost_before`` is set and the item holds no lease that ran out by then
+       (its ``lease_until`` is None or later), or if ``max_attempts`` is set and the
+       item was started that many times or more: change nothing
+       (:attr:`Outcome.REJECTED`).
+    5. Otherwise (:attr:`Outcome.APPLIED`), in one atomic step: set the item's status to
+       ``target``, its error to ``error`` and its change time to ``at``; set its lease
+       to ``lease_until`` (None: no lease) and, when that is set, its last heartbeat to
+       ``at``; add one to its attempts if ``add_attempt``, or set them to 0 if
+       ``reset_attempts``; move one count from the old status to the new; add the
+       contributions in ``stats`` for the old status to the batch's stats (below); add
+       one to ``version``; set ``updated_at`` to ``at``; and if no item is pending or
+       processing any more, set ``finished_at`` to ``at`` and ``expires_at`` to
+       ``expires_at_finished``, else set ``finished_at`` to None (a retried batch is
+       open again) and ``expires_at`` to ``expires_at_open``.
 
     Attributes:
         item_id: The item to change.
@@ -108,6 +117,11 @@ class Transition:
             the batch was created, for an item never moved). Power 0 adds the
             coefficient as it is. This is how the tracker keeps its ETA state (throughput
             and item durations) without the store knowing what it means.
+        lease_until: The item's lease after the transition (None: it holds none).
+        add_attempt: Count one more start of the item.
+        reset_attempts: Set the item's count of starts back to 0.
+        lost_before: Apply only to an item whose lease ran out at or before this time.
+        max_attempts: Apply only to an item started fewer times than this.
     """
 
     item_id: str
@@ -118,6 +132,48 @@ class Transition:
     expires_at_open: float
     expires_at_finished: float
     stats: Mapping[Status, Mapping[str, tuple[float, int]]] = attrs.field(factory=dict)
+    lease_until: float | None = None
+    add_attempt: bool = False
+    reset_attempts: bool = False
+    lost_before: float | None = None
+    max_attempts: int | None = None
+
+
+@attrs.frozen
+class BulkResult:
+    """The answer of :meth:`Store.apply_many`.
+
+    Attributes:
+        applied: How many items changed.
+        rejected: The named items that were not in an allowed status, with the status
+            they had (then nothing changed at all); empty when not naming items.
+        progress: The batch's counts after the call.
+        version: The batch's version after the call.
+    """
+
+    applied: int
+    rejected: tuple[tuple[str, Status], ...]
+    progress: Progress
+    version: int
+
+
+@attrs.frozen
+class LostItem:
+    """A processing item whose lease ran out, as :meth:`Store.lost` lists it.
+
+    Attributes:
+        batch_id: Its batch.
+        item_id: The item.
+        attempts: How many times it was started since it was created or last retried.
+        beat_at: Its last sign of life: when it was started or last heartbeat.
+        lease_until: When its lease ran out.
+    """
+
+    batch_id: str
+    item_id: str
+    attempts: int
+    beat_at: float
+    lease_until: float
 
 
 def add_stats(
@@ -220,6 +276,56 @@ class Store(Closing, ABC):
             ItemNotFound: The batch has no such item.
             StoreError: The store failed; nothing was applied.
         """
+
+    @abstractmethod
+    def renew(
+        self, batch_id: str, item_id: str, at: float, lease_until: float, expires_at_open: float
+    ) -> TransitionResult:
+        """Renew a processing item's lease (a heartbeat), atomically.
+
+        If the item is processing: set its lease to ``lease_until``, its last heartbeat to
+        ``at``, and the batch's ``expires_at`` to ``expires_at_open`` (the batch is alive);
+        the version, ``updated_at`` and everything else stay (:attr:`Outcome.APPLIED`).
+        Otherwise change nothing (:attr:`Outcome.REJECTED`).
+
+        Raises:
+            BatchNotFound: The batch is missing or expired at ``at``.
+            ItemNotFound: The batch has no such item.
+            StoreError: The store failed; nothing was changed.
+        """
+
+    @abstractmethod
+    def apply_many(
+        self, batch_id: str, transition: Transition, item_ids: Sequence[str] | None = None
+    ) -> BulkResult:
+        """Apply one transition to many items of a batch, in one atomic step.
+
+        ``transition.item_id``, ``stats``, ``lost_before`` and ``max_attempts`` are not
+        used. With ``item_ids``
+        None, every item whose status is in ``transition.sources`` (and not
+        ``transition.target``) changes as :meth:`apply` would change it, counted one
+        version each. With ``item_ids``, exactly the named items change, and only if
+        every one of them is in an allowed source status; otherwise nothing changes and
+        :attr:`BulkResult.rejected` names them.
+
+        Raises:
+            BatchNotFound: The batch is missing or expired at ``transition.at``.
+            ItemNotFound: A named item is not in the batch (nothing changed).
+            StoreError: The store failed; nothing was changed.
+        """
+
+    @abstractmethod
+    def lost(self, now: float, limit: int) -> list[LostItem]:
+        """Up to ``limit`` processing items, of any unexpired batch, whose lease ran out.
+
+        Their lease ended at or before ``now``; oldest lease first. Must cost in
+        proportion to what it returns (keep an index of leases), not to the number of
+        batches or items in the store.
+        """
+
+    @abstractmethod
+    def open_batches(self, now: float) -> list[str]:
+        """The ids of every batch not finished and not expired at ``now``."""
 
     @abstractmethod
     def load(self, batch_id: str, *, items: bool = True) -> BatchRecord | None:

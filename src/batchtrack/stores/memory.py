@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import heapq
 import threading
 from collections.abc import Mapping, Sequence
 from types import MappingProxyType
@@ -10,7 +11,16 @@ import attrs
 
 from .._models import ItemSnapshot, Progress, Status
 from ..exceptions import BatchNotFound, ItemNotFound, StoreError
-from .base import BatchRecord, Outcome, Store, Transition, TransitionResult, add_stats
+from .base import (
+    BatchRecord,
+    BulkResult,
+    LostItem,
+    Outcome,
+    Store,
+    Transition,
+    TransitionResult,
+    add_stats,
+)
 
 __all__ = ["MemoryStore"]
 
@@ -33,6 +43,8 @@ class _Batch:
     progress: Progress
     items: list[ItemSnapshot]
     changed: list[float]  # when each item last changed
+    leases: list[float | None]  # when each item's lease runs out
+    beats: list[float]  # each item's last start or heartbeat
     index: dict[str, int]
     counts: dict[Status, int]
     stats: dict[str, float]
@@ -51,6 +63,50 @@ class _Batch:
             items,
         )
 
+    def move(self, position: int, transition: Transition) -> Status:
+        """Apply an allowed transition to one item; return its previous status."""
+        item = self.items[position]
+        previous = item.status
+        target = transition.target
+        attempts = item.attempts
+        if transition.add_attempt:
+            attempts += 1
+        elif transition.reset_attempts:
+            attempts = 0
+        self.items[position] = ItemSnapshot(
+            item.id, item.filename, target, transition.error, attempts, item.source
+        )
+        self.leases[position] = transition.lease_until
+        if transition.lease_until is not None:
+            self.beats[position] = transition.at
+        counts = self.counts
+        counts[previous] -= 1
+        counts[target] += 1
+        contributions = transition.stats.get(previous)
+        if contributions:
+            add_stats(self.stats, contributions, transition.at - self.changed[position])
+        self.changed[position] = transition.at
+        self.version += 1
+        return previous
+
+    def settle(self, transition: Transition) -> None:
+        """Bring the header up to date after items moved."""
+        counts = self.counts
+        self.updated_at = transition.at
+        if counts[_PENDING] or counts[_PROCESSING]:
+            self.finished_at = None
+            self.expires_at = transition.expires_at_open
+        else:
+            self.finished_at = transition.at
+            self.expires_at = transition.expires_at_finished
+        self.progress = Progress(
+            self.progress.total,
+            counts[Status.COMPLETED],
+            counts[Status.FAILED],
+            counts[_PROCESSING],
+            counts[_PENDING],
+        )
+
 
 @attrs.define
 class MemoryStore(Store):
@@ -62,6 +118,10 @@ class MemoryStore(Store):
 
     _lock: threading.Lock = attrs.field(factory=threading.Lock, init=False)
     _batches: dict[str, _Batch] = attrs.field(factory=dict, init=False)
+    # Every lease handed out: (lease_until, batch id, position). Entries whose item has
+    # moved on or renewed are dropped when they come due, so listing lost items costs
+    # what is due, not what is stored.
+    _leases: list[tuple[float, str, int]] = attrs.field(factory=list, init=False)
 
     def create(self, batch: BatchRecord, items: Sequence[ItemSnapshot]) -> None:
         counts = dict.fromkeys(Status, 0)
@@ -77,6 +137,8 @@ class MemoryStore(Store):
             batch.progress,
             list(items),
             [batch.created_at] * len(items),
+            [None] * len(items),
+            [batch.created_at] * len(items),
             {item.id: i for i, item in enumerate(items)},
             counts,
             dict(batch.stats),
@@ -86,58 +148,139 @@ class MemoryStore(Store):
                 raise StoreError(f"batch {batch.batch_id!r} exists already")
             self._batches[batch.batch_id] = state
 
+    def _find(self, batch_id: str, item_id: str, at: float) -> tuple[_Batch, int]:
+        state = self._batches.get(batch_id)
+        if state is None or state.expires_at <= at:
+            raise BatchNotFound(batch_id)
+        position = state.index.get(item_id)
+        if position is None:
+            raise ItemNotFound(batch_id, item_id)
+        return state, position
+
     def apply(self, batch_id: str, transition: Transition) -> TransitionResult:
+        with self._lock:
+            state, position = self._find(batch_id, transition.item_id, transition.at)
+            previous = state.items[position].status
+            if previous is transition.target:
+                outcome = Outcome.UNCHANGED
+            elif (
+                previous not in transition.sources
+                or (
+                    transition.lost_before is not None
+                    and not _ran_out(state.leases[position], transition.lost_before)
+                )
+                or (
+                    transition.max_attempts is not None
+                    and state.items[position].attempts >= transition.max_attempts
+                )
+            ):
+                outcome = Outcome.REJECTED
+            else:
+                outcome = Outcome.APPLIED
+                state.move(position, transition)
+                state.settle(transition)
+                if transition.lease_until is not None:
+                    heapq.heappush(self._leases, (transition.lease_until, batch_id, position))
+            return self._result(outcome, previous, state, position)
+
+    @staticmethod
+    def _result(
+        outcome: Outcome, previous: Status, state: _Batch, position: int
+    ) -> TransitionResult:
+        return TransitionResult(
+            outcome,
+            previous,
+            state.items[position],
+            state.progress,
+            state.version,
+            state.created_at,
+            state.finished_at,
+            state.expires_at,
+            dict(state.stats) if state.stats else _NO_STATS,
+        )
+
+    def renew(
+        self, batch_id: str, item_id: str, at: float, lease_until: float, expires_at_open: float
+    ) -> TransitionResult:
+        with self._lock:
+            state, position = self._find(batch_id, item_id, at)
+            status = state.items[position].status
+            if status is not _PROCESSING:
+                return self._result(Outcome.REJECTED, status, state, position)
+            state.leases[position] = lease_until
+            state.beats[position] = at
+            state.expires_at = expires_at_open
+            heapq.heappush(self._leases, (lease_until, batch_id, position))
+            return self._result(Outcome.APPLIED, status, state, position)
+
+    def apply_many(
+        self, batch_id: str, transition: Transition, item_ids: Sequence[str] | None = None
+    ) -> BulkResult:
         with self._lock:
             state = self._batches.get(batch_id)
             if state is None or state.expires_at <= transition.at:
                 raise BatchNotFound(batch_id)
-            position = state.index.get(transition.item_id)
-            if position is None:
-                raise ItemNotFound(batch_id, transition.item_id)
-            item = state.items[position]
-            previous = item.status
-            if previous is not transition.target and previous in transition.sources:
-                outcome = Outcome.APPLIED
-                target = transition.target
-                item = state.items[position] = ItemSnapshot(
-                    item.id, item.filename, target, transition.error
-                )
-                counts = state.counts
-                counts[previous] -= 1
-                counts[target] += 1
-                contributions = transition.stats.get(previous)
-                if contributions:
-                    add_stats(state.stats, contributions, transition.at - state.changed[position])
-                state.changed[position] = transition.at
-                state.updated_at = transition.at
-                state.version += 1
-                if counts[_PENDING] or counts[_PROCESSING]:
-                    state.expires_at = transition.expires_at_open
-                else:
-                    state.finished_at = transition.at
-                    state.expires_at = transition.expires_at_finished
-                state.progress = Progress(
-                    state.progress.total,
-                    counts[Status.COMPLETED],
-                    counts[Status.FAILED],
-                    counts[_PROCESSING],
-                    counts[_PENDING],
-                )
-            elif previous is transition.target:
-                outcome = Outcome.UNCHANGED
+            sources = transition.sources
+            if item_ids is None:
+                positions = [
+                    n
+                    for n, item in enumerate(state.items)
+                    if item.status in sources and item.status is not transition.target
+                ]
+                rejected: tuple[tuple[str, Status], ...] = ()
             else:
-                outcome = Outcome.REJECTED
-            return TransitionResult(
-                outcome,
-                previous,
-                item,
-                state.progress,
-                state.version,
-                state.created_at,
-                state.finished_at,
-                state.expires_at,
-                dict(state.stats) if state.stats else _NO_STATS,
-            )
+                positions = []
+                for item_id in item_ids:
+                    position = state.index.get(item_id)
+                    if position is None:
+                        raise ItemNotFound(batch_id, item_id)
+                    positions.append(position)
+                rejected = tuple(
+                    (state.items[n].id, state.items[n].status)
+                    for n in positions
+                    if state.items[n].status not in sources
+                )
+            if positions and not rejected:
+                for position in dict.fromkeys(positions):
+                    state.move(position, transition)
+                state.settle(transition)
+            applied = 0 if rejected else len(set(positions))
+            return BulkResult(applied, rejected, state.progress, state.version)
+
+    def lost(self, now: float, limit: int) -> list[LostItem]:
+        found: list[LostItem] = []
+        with self._lock:
+            leases = self._leases
+            keep: list[tuple[float, str, int]] = []
+            while leases and leases[0][0] <= now and len(found) < limit:
+                entry = heapq.heappop(leases)
+                lease_until, batch_id, position = entry
+                state = self._batches.get(batch_id)
+                if (
+                    state is None
+                    or state.leases[position] != lease_until
+                    or state.items[position].status is not _PROCESSING
+                ):
+                    continue  # the item moved on or renewed since: a stale entry
+                keep.append(entry)  # until the caller moves it, it stays listed
+                if state.expires_at > now:
+                    item = state.items[position]
+                    found.append(
+                        LostItem(
+                            batch_id, item.id, item.attempts, state.beats[position], lease_until
+                        )
+                    )
+            for entry in keep:
+                heapq.heappush(leases, entry)
+        return found
+
+    def open_batches(self, now: float) -> list[str]:
+        with self._lock:
+            return [
+                batch_id
+                for batch_id, state in self._batches.items()
+                if state.finished_at is None and state.expires_at > now
+            ]
 
     def load(self, batch_id: str, *, items: bool = True) -> BatchRecord | None:
         with self._lock:
@@ -155,4 +298,11 @@ class MemoryStore(Store):
             expired = [bid for bid, s in self._batches.items() if s.expires_at <= now]
             for batch_id in expired:
                 del self._batches[batch_id]
+            if expired:
+                self._leases = [e for e in self._leases if e[1] in self._batches]
+                heapq.heapify(self._leases)
         return len(expired)
+
+
+def _ran_out(lease_until: float | None, moment: float) -> bool:
+    return lease_until is not None and lease_until <= moment

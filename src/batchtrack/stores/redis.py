@@ -12,7 +12,9 @@ Keys, under ``prefix`` (default ``batchtrack:``):
 - ``b:<batch>`` — a hash: the header, the counts, and the ETA stats in one field;
 - ``i:<batch>`` — a hash: item id → the item as JSON (filename, status, error, last change);
 - ``o:<batch>`` — a list: the item ids in order;
-- ``expiry`` — a sorted set of batch ids by ``expires_at``, for :meth:`RedisStore.purge_expired`.
+- ``expiry`` — a sorted set of batch ids by ``expires_at``, for :meth:`RedisStore.purge_expired`;
+- ``leases`` — a sorted set of ``<batch>\x1f<item>`` by ``lease_until``, one member per
+  processing item, for :meth:`RedisStore.lost`.
 
 The three batch keys carry a Redis TTL (the batch's own expiry plus a minute), so a batch
 nobody sweeps still disappears; ``cleanup()`` works all the same.
@@ -39,6 +41,8 @@ from .._models import ItemSnapshot, Progress, Status
 from ..exceptions import BatchNotFound, ItemNotFound, StoreError, ValidationError
 from .base import (
     BatchRecord,
+    BulkResult,
+    LostItem,
     Outcome,
     Store,
     Transition,
@@ -104,14 +108,9 @@ redis.call('ZADD', KEYS[4], expires, ARGV[1])
 return 1
 """
 
-# KEYS: batch hash, items hash, order list, expiry zset
-# ARGV: batch id, item id, target code, source codes, at, error ('' = none),
-#       expires_open, expires_finished, slack, then the stats contributions: the number
-#       of groups, and per group: source code, names joined by ',', coefficients packed
-#       as little-endian doubles, powers as one digit each.
-# Returns: outcome, previous code, the item's JSON, the header fields (in _HEADER's
-# order), and the stats field (pack_stats format: exact doubles, one value).
-_APPLY = """
+# Shared by the scripts below: KEYS are always batch hash, items hash, order list, expiry
+# zset, leases zset.
+_PRELUDE = """
 local SEP = string.char(31)  -- pack_stats' separator between names
 local header_fields = {'owner', 'created_at', 'updated_at', 'finished_at', 'expires_at',
   'version', 'total', 'completed', 'failed', 'processing', 'pending', 'stats'}
@@ -120,6 +119,64 @@ local function reply(outcome, previous, raw)
   local stats = table.remove(values)
   return {outcome, previous, raw, values, stats}
 end
+-- Key TTLs are a safety net behind purge_expired: refresh them when the batch finishes,
+-- and otherwise at most hourly, not on every event.
+local function refresh_ttl(batch_id, new_expiry, at, slack, finished)
+  local ttl = math.max(1, math.ceil(tonumber(new_expiry) - at + tonumber(slack)))
+  if finished or redis.call('TTL', KEYS[1]) < ttl - 3600 then
+    for i = 1, 3 do redis.call('EXPIRE', KEYS[i], ttl) end
+    redis.call('ZADD', KEYS[4], new_expiry, batch_id)
+  end
+end
+-- Move an item (decoded) to target at `at` (a string), as a transition that applies.
+local function move(item_id, item, target, error, at, lease, attempts)
+  item.s = target
+  if error ~= '' then item.e = error else item.e = cjson.null end
+  item.t = at
+  if attempts == '+' then item.a = (item.a or 0) + 1 elseif attempts == '0' then item.a = 0 end
+  local member = ARGV[1] .. SEP .. item_id
+  if lease ~= '' then
+    item.l = lease
+    item.h = at
+    redis.call('ZADD', KEYS[5], lease, member)
+  elseif item.l then
+    item.l = nil
+    redis.call('ZREM', KEYS[5], member)
+  end
+  local raw = cjson.encode(item)
+  redis.call('HSET', KEYS[2], item_id, raw)
+  return raw
+end
+-- The header after items moved: counts, version, times and expiry.
+local function settle(head, counts, changes, at, expires_open, expires_finished)
+  local update = {'pending', counts[1], 'processing', counts[2], 'completed', counts[3],
+    'failed', counts[4], 'version', tonumber(head[6]) + changes, 'updated_at', at}
+  local finished = counts[1] + counts[2] == 0
+  local new_expiry = expires_open
+  update[#update + 1] = 'finished_at'
+  if finished then
+    new_expiry = expires_finished
+    update[#update + 1] = at
+  else
+    update[#update + 1] = ''
+  end
+  update[#update + 1] = 'expires_at'
+  update[#update + 1] = new_expiry
+  return update, finished, new_expiry
+end
+"""
+
+# ARGV: batch id, item id, target code, source codes, at, error ('' = none),
+#       expires_open, expires_finished, slack, lease_until ('' = none), attempts ('+' add
+#       one, '0' reset, '' keep), lost_before ('' = none), max_attempts ('' = none), then
+#       the stats contributions: the number of groups, and per group: source code, names
+#       joined by ',', coefficients packed as little-endian doubles, powers as one digit
+#       each.
+# Returns: outcome, previous code, the item's JSON, the header fields (in _HEADER's
+# order), and the stats field (pack_stats format: exact doubles, one value).
+_APPLY = (
+    _PRELUDE
+    + """
 local at = tonumber(ARGV[5])
 local head = redis.call('HMGET', KEYS[1], 'expires_at', 'pending', 'processing',
   'completed', 'failed', 'version', 'stats')
@@ -133,31 +190,23 @@ if previous == target then return reply('unchanged', previous, raw) end
 if not string.find(ARGV[4], tostring(previous), 1, true) then
   return reply('rejected', previous, raw)
 end
+if ARGV[12] ~= '' and (not item.l or tonumber(item.l) > tonumber(ARGV[12])) then
+  return reply('rejected', previous, raw)
+end
+if ARGV[13] ~= '' and (item.a or 0) >= tonumber(ARGV[13]) then
+  return reply('rejected', previous, raw)
+end
 -- Times travel as strings: cjson keeps only 14 significant digits of a number.
 local elapsed = at - tonumber(item.t)
-item.s = target
-if ARGV[6] ~= '' then item.e = ARGV[6] else item.e = cjson.null end
-item.t = ARGV[5]
-raw = cjson.encode(item)
-redis.call('HSET', KEYS[2], ARGV[2], raw)
+raw = move(ARGV[2], item, target, ARGV[6], ARGV[5], ARGV[10], ARGV[11])
 local counts = {tonumber(head[2]), tonumber(head[3]), tonumber(head[4]), tonumber(head[5])}
 counts[previous + 1] = counts[previous + 1] - 1
 counts[target + 1] = counts[target + 1] + 1
-local update = {'pending', counts[1], 'processing', counts[2], 'completed', counts[3],
-  'failed', counts[4], 'version', tonumber(head[6]) + 1, 'updated_at', ARGV[5]}
-local finished = counts[1] + counts[2] == 0
-local new_expiry = ARGV[7]
-if finished then
-  new_expiry = ARGV[8]
-  update[#update + 1] = 'finished_at'
-  update[#update + 1] = ARGV[5]
-end
-update[#update + 1] = 'expires_at'
-update[#update + 1] = new_expiry
+local update, finished, new_expiry = settle(head, counts, 1, ARGV[5], ARGV[7], ARGV[8])
 -- Stats live in one field in pack_stats' format and are added here in doubles, exactly
 -- as the other stores do in Python.
-for g = 0, tonumber(ARGV[10]) - 1 do
-  local base = 11 + 4 * g
+for g = 0, tonumber(ARGV[14]) - 1 do
+  local base = 15 + 4 * g
   if tonumber(ARGV[base]) == previous then
     local names, values, index = {}, {}, {}
     local blob = head[7]
@@ -191,14 +240,144 @@ for g = 0, tonumber(ARGV[10]) - 1 do
   end
 end
 redis.call('HSET', KEYS[1], unpack(update))
--- Key TTLs are a safety net behind purge_expired: refresh them when the batch finishes,
--- and otherwise at most hourly, not on every event.
-local ttl = math.max(1, math.ceil(tonumber(new_expiry) - at + tonumber(ARGV[9])))
-if finished or redis.call('TTL', KEYS[1]) < ttl - 3600 then
-  for i = 1, 3 do redis.call('EXPIRE', KEYS[i], ttl) end
-  redis.call('ZADD', KEYS[4], new_expiry, ARGV[1])
-end
+refresh_ttl(ARGV[1], new_expiry, at, ARGV[9], finished)
 return reply('applied', previous, raw)
+"""
+)
+
+# ARGV: batch id, item id, at, lease_until, expires_open, slack.
+_RENEW = (
+    _PRELUDE
+    + """
+local at = tonumber(ARGV[3])
+local expires = redis.call('HGET', KEYS[1], 'expires_at')
+if not expires or tonumber(expires) <= at then return {'nobatch'} end
+local raw = redis.call('HGET', KEYS[2], ARGV[2])
+if not raw then return {'noitem'} end
+local item = cjson.decode(raw)
+if item.s ~= 1 then return reply('rejected', item.s, raw) end
+item.l = ARGV[4]
+item.h = ARGV[3]
+raw = cjson.encode(item)
+redis.call('HSET', KEYS[2], ARGV[2], raw)
+redis.call('ZADD', KEYS[5], ARGV[4], ARGV[1] .. SEP .. ARGV[2])
+redis.call('HSET', KEYS[1], 'expires_at', ARGV[5])
+refresh_ttl(ARGV[1], ARGV[5], at, ARGV[6], false)
+return reply('applied', 1, raw)
+"""
+)
+
+# ARGV: batch id, target code, source codes, at, error ('' = none), expires_open,
+#       expires_finished, slack, attempts ('0' reset, '' keep), then the item ids (none:
+#       every item in a source status).
+# Returns: {'applied', count, header fields, stats} or {'rejected', id, code, id, code...}.
+_APPLY_MANY = (
+    _PRELUDE
+    + """
+local at = tonumber(ARGV[4])
+local head = redis.call('HMGET', KEYS[1], 'expires_at', 'pending', 'processing',
+  'completed', 'failed', 'version')
+if not head[1] or tonumber(head[1]) <= at then return {'nobatch'} end
+local target = tonumber(ARGV[2])
+local function allowed(code)
+  return code ~= target and string.find(ARGV[3], tostring(code), 1, true) ~= nil
+end
+local chosen = {}
+if #ARGV > 9 then
+  local rejected = {'rejected'}
+  local seen = {}
+  for i = 10, #ARGV do
+    local id = ARGV[i]
+    if not seen[id] then
+      seen[id] = true
+      local raw = redis.call('HGET', KEYS[2], id)
+      if not raw then return {'noitem', id} end
+      local item = cjson.decode(raw)
+      if allowed(item.s) then
+        chosen[#chosen + 1] = {id, item}
+      else
+        rejected[#rejected + 1] = id
+        rejected[#rejected + 1] = item.s
+      end
+    end
+  end
+  if #rejected > 1 then return rejected end
+else
+  local all = redis.call('HGETALL', KEYS[2])
+  for i = 1, #all, 2 do
+    local item = cjson.decode(all[i + 1])
+    if allowed(item.s) then chosen[#chosen + 1] = {all[i], item} end
+  end
+end
+local counts = {tonumber(head[2]), tonumber(head[3]), tonumber(head[4]), tonumber(head[5])}
+for _, pair in ipairs(chosen) do
+  local previous = pair[2].s
+  counts[previous + 1] = counts[previous + 1] - 1
+  counts[target + 1] = counts[target + 1] + 1
+  move(pair[1], pair[2], target, ARGV[5], ARGV[4], '', ARGV[9])
+end
+if #chosen > 0 then
+  local update, finished, new_expiry = settle(head, counts, #chosen, ARGV[4], ARGV[6], ARGV[7])
+  redis.call('HSET', KEYS[1], unpack(update))
+  refresh_ttl(ARGV[1], new_expiry, at, ARGV[8], finished)
+end
+local values = redis.call('HMGET', KEYS[1], unpack(header_fields))
+table.remove(values)
+return {'applied', #chosen, values}
+"""
+)
+
+# KEYS: leases zset. ARGV: now, limit, key prefix. Members of batches that are gone or
+# expired, or whose item no longer holds that lease, are dropped on the way.
+_LOST = """
+local SEP = string.char(31)
+local now = tonumber(ARGV[1])
+local limit = tonumber(ARGV[2])
+local found = {}
+local offset = 0
+while #found < 5 * limit do
+  local members = redis.call('ZRANGEBYSCORE', KEYS[1], '-inf', ARGV[1], 'WITHSCORES',
+    'LIMIT', offset, limit)
+  if #members == 0 then break end
+  local kept = 0
+  for i = 1, #members, 2 do
+    local member = members[i]
+    local cut = string.find(member, SEP, 1, true)
+    local batch_id = string.sub(member, 1, cut - 1)
+    local item_id = string.sub(member, cut + 1)
+    local expires = redis.call('HGET', ARGV[3] .. 'b:' .. batch_id, 'expires_at')
+    local raw = expires and tonumber(expires) > now
+      and redis.call('HGET', ARGV[3] .. 'i:' .. batch_id, item_id)
+    local item = raw and cjson.decode(raw)
+    if item and item.s == 1 and item.l then
+      kept = kept + 1
+      found[#found + 1] = batch_id
+      found[#found + 1] = item_id
+      found[#found + 1] = tostring(item.a or 0)
+      found[#found + 1] = item.h or item.t
+      found[#found + 1] = item.l
+    else
+      redis.call('ZREM', KEYS[1], member)
+    end
+  end
+  if #found >= 5 * limit or #members < 2 * limit then break end
+  offset = offset + kept
+end
+return found
+"""
+
+# KEYS: expiry zset. ARGV: now, key prefix.
+_OPEN = """
+local ids = redis.call('ZRANGE', KEYS[1], 0, -1)
+local now = tonumber(ARGV[1])
+local open = {}
+for _, id in ipairs(ids) do
+  local head = redis.call('HMGET', ARGV[2] .. 'b:' .. id, 'finished_at', 'expires_at')
+  if head[2] and tonumber(head[2]) > now and (not head[1] or head[1] == '') then
+    open[#open + 1] = id
+  end
+end
+return open
 """
 
 # KEYS: expiry zset. ARGV: now, chunk size, key prefix. The zset's scores may be older
@@ -261,7 +440,32 @@ def _from_fields(
 
 def _item(item_id: str, raw: bytes) -> ItemSnapshot:
     data = json.loads(raw)
-    return ItemSnapshot(item_id, data["f"], _STATUSES[data["s"]], data.get("e"))
+    return ItemSnapshot(
+        item_id, data["f"], _STATUSES[data["s"]], data.get("e"), data.get("a", 0), data.get("r")
+    )
+
+
+def _optional(value: float | None) -> str:
+    return "" if value is None else repr(value)
+
+
+def _transition_result(batch_id: str, item_id: str, reply: list[Any]) -> TransitionResult:
+    if reply[0] == b"nobatch":
+        raise BatchNotFound(batch_id)
+    if reply[0] == b"noitem":
+        raise ItemNotFound(batch_id, item_id)
+    record = _record(batch_id, reply[3], unpack_stats(reply[4]))
+    return TransitionResult(
+        _OUTCOMES[reply[0]],
+        _STATUSES[int(reply[1])],
+        _item(item_id, reply[2]),
+        record.progress,
+        record.version,
+        record.created_at,
+        record.finished_at,
+        record.expires_at,
+        record.stats,
+    )
 
 
 @attrs.define(eq=False, init=False)
@@ -288,6 +492,10 @@ class RedisStore(Store):
     _create: Any
     _apply: Any
     _purge: Any
+    _renew: Any
+    _apply_many: Any
+    _lost: Any
+    _open: Any
 
     def __init__(
         self, url: str | None = None, *, prefix: str = "batchtrack:", client: Any = None
@@ -314,11 +522,27 @@ class RedisStore(Store):
             client.register_script(_CREATE),
             client.register_script(_APPLY),
             client.register_script(_PURGE),
+            client.register_script(_RENEW),
+            client.register_script(_APPLY_MANY),
+            client.register_script(_LOST),
+            client.register_script(_OPEN),
         )
 
     def _keys(self, batch_id: str) -> list[str]:
         p = self.prefix
-        return [f"{p}b:{batch_id}", f"{p}i:{batch_id}", f"{p}o:{batch_id}", f"{p}expiry"]
+        return [
+            f"{p}b:{batch_id}",
+            f"{p}i:{batch_id}",
+            f"{p}o:{batch_id}",
+            f"{p}expiry",
+            f"{p}leases",
+        ]
+
+    def _call(self, script: Any, what: str, keys: list[str], args: list[Any]) -> Any:
+        try:
+            return script(keys=keys, args=args)
+        except RedisError as exc:
+            raise StoreError(f"Redis failed to {what}: {exc}") from exc
 
     def close(self) -> None:
         """Release the connections (of a pool this store created)."""
@@ -354,21 +578,19 @@ class RedisStore(Store):
         header += ["stats", pack_stats({k: float(v) for k, v in batch.stats.items()})]
         args: list[Any] = [batch.batch_id, _SLACK, len(header) // 2, *header, len(items)]
         for item in items:
-            args += [
-                item.id,
-                json.dumps(
-                    {
-                        "f": item.filename,
-                        "s": _CODE[item.status],
-                        "e": item.error,
-                        "t": repr(batch.created_at),
-                    }
-                ),
-            ]
-        try:
-            created = self._create(keys=self._keys(batch.batch_id), args=args)
-        except RedisError as exc:
-            raise StoreError(f"Redis failed to create batch {batch.batch_id!r}: {exc}") from exc
+            fields = {
+                "f": item.filename,
+                "s": _CODE[item.status],
+                "e": item.error,
+                "t": repr(batch.created_at),
+                "a": item.attempts,
+            }
+            if item.source is not None:
+                fields["r"] = item.source
+            args += [item.id, json.dumps(fields)]
+        created = self._call(
+            self._create, f"create batch {batch.batch_id!r}", self._keys(batch.batch_id), args
+        )
         if not created:
             raise StoreError(f"batch {batch.batch_id!r} exists already")
 
@@ -386,43 +608,102 @@ class RedisStore(Store):
                 struct.pack(f"<{len(amounts)}d", *(coef for coef, _ in amounts.values())),
                 "".join(map(str, powers)),
             ]
-        try:
-            reply = self._apply(
-                keys=self._keys(batch_id),
-                args=[
-                    batch_id,
-                    transition.item_id,
-                    _CODE[transition.target],
-                    "".join(str(_CODE[s]) for s in transition.sources),
-                    repr(transition.at),
-                    transition.error or "",
-                    repr(transition.expires_at_open),
-                    repr(transition.expires_at_finished),
-                    _SLACK,
-                    *groups,
-                ],
-            )
-        except RedisError as exc:
-            raise StoreError(f"Redis failed to update batch {batch_id!r}: {exc}") from exc
+        attempts = "+" if transition.add_attempt else "0" if transition.reset_attempts else ""
+        reply = self._call(
+            self._apply,
+            f"update batch {batch_id!r}",
+            self._keys(batch_id),
+            [
+                batch_id,
+                transition.item_id,
+                _CODE[transition.target],
+                "".join(str(_CODE[s]) for s in transition.sources),
+                repr(transition.at),
+                transition.error or "",
+                repr(transition.expires_at_open),
+                repr(transition.expires_at_finished),
+                _SLACK,
+                _optional(transition.lease_until),
+                attempts,
+                _optional(transition.lost_before),
+                "" if transition.max_attempts is None else transition.max_attempts,
+                *groups,
+            ],
+        )
+        return _transition_result(batch_id, transition.item_id, reply)
+
+    def renew(
+        self, batch_id: str, item_id: str, at: float, lease_until: float, expires_at_open: float
+    ) -> TransitionResult:
+        reply = self._call(
+            self._renew,
+            f"renew a lease in batch {batch_id!r}",
+            self._keys(batch_id),
+            [batch_id, item_id, repr(at), repr(lease_until), repr(expires_at_open), _SLACK],
+        )
+        return _transition_result(batch_id, item_id, reply)
+
+    def apply_many(
+        self, batch_id: str, transition: Transition, item_ids: Sequence[str] | None = None
+    ) -> BulkResult:
+        reply = self._call(
+            self._apply_many,
+            f"update batch {batch_id!r}",
+            self._keys(batch_id),
+            [
+                batch_id,
+                _CODE[transition.target],
+                "".join(str(_CODE[s]) for s in transition.sources),
+                repr(transition.at),
+                transition.error or "",
+                repr(transition.expires_at_open),
+                repr(transition.expires_at_finished),
+                _SLACK,
+                "0" if transition.reset_attempts else "",
+                *(item_ids or ()),
+            ],
+        )
         if reply[0] == b"nobatch":
             raise BatchNotFound(batch_id)
         if reply[0] == b"noitem":
-            raise ItemNotFound(batch_id, transition.item_id)
-        record = _record(batch_id, reply[3], unpack_stats(reply[4]))
-        return TransitionResult(
-            _OUTCOMES[reply[0]],
-            _STATUSES[int(reply[1])],
-            _item(transition.item_id, reply[2]),
-            record.progress,
-            record.version,
-            record.created_at,
-            record.finished_at,
-            record.expires_at,
-            record.stats,
+            raise ItemNotFound(batch_id, reply[1].decode())
+        if reply[0] == b"rejected":
+            pairs = reply[1:]
+            rejected = tuple(
+                (pairs[i].decode(), _STATUSES[int(pairs[i + 1])]) for i in range(0, len(pairs), 2)
+            )
+            header = self.load(batch_id, items=False)
+            assert header is not None
+            return BulkResult(0, rejected, header.progress, header.version)
+        record = _record(batch_id, reply[2], {})
+        return BulkResult(int(reply[1]), (), record.progress, record.version)
+
+    def lost(self, now: float, limit: int) -> list[LostItem]:
+        flat = self._call(
+            self._lost,
+            "list lost items",
+            [f"{self.prefix}leases"],
+            [repr(now), limit, self.prefix],
         )
+        return [
+            LostItem(
+                flat[i].decode(),
+                flat[i + 1].decode(),
+                int(flat[i + 2]),
+                float(flat[i + 3]),
+                float(flat[i + 4]),
+            )
+            for i in range(0, len(flat), 5)
+        ]
+
+    def open_batches(self, now: float) -> list[str]:
+        ids = self._call(
+            self._open, "list open batches", [f"{self.prefix}expiry"], [repr(now), self.prefix]
+        )
+        return [i.decode() for i in ids]
 
     def load(self, batch_id: str, *, items: bool = True) -> BatchRecord | None:
-        batch_key, items_key, order_key, _ = self._keys(batch_id)
+        batch_key, items_key, order_key, *_ = self._keys(batch_id)
         try:
             with self._client.pipeline(transaction=True) as pipe:
                 pipe.hgetall(batch_key)

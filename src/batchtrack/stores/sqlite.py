@@ -29,6 +29,8 @@ from .._models import ItemSnapshot, Progress, Status
 from ..exceptions import BatchNotFound, ItemNotFound, StoreError, ValidationError
 from .base import (
     BatchRecord,
+    BulkResult,
+    LostItem,
     Outcome,
     Store,
     Transition,
@@ -40,7 +42,7 @@ from .base import (
 
 __all__ = ["SCHEMA_VERSION", "SQLiteStore", "SchemaVersionError"]
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2
 """The schema this batchtrack writes; stored in ``PRAGMA user_version``."""
 
 PURGE_CHUNK = 500
@@ -88,6 +90,17 @@ _MIGRATIONS: list[tuple[str, ...]] = [
         ) WITHOUT ROWID""",
         "CREATE UNIQUE INDEX items_by_id ON items (batch_key, item_id)",
     ),
+    (
+        # Version 2: where each item's input is, how often it was started, and the lease
+        # of a processing item with its last heartbeat.
+        "ALTER TABLE items ADD COLUMN source TEXT",
+        "ALTER TABLE items ADD COLUMN attempts INTEGER NOT NULL DEFAULT 0",
+        "ALTER TABLE items ADD COLUMN lease_until REAL",
+        "ALTER TABLE items ADD COLUMN beat_at REAL",
+        # Only processing items hold a lease, so this index stays as small as the work in
+        # flight, and finding lost items costs what is lost.
+        "CREATE INDEX items_by_lease ON items (lease_until) WHERE lease_until IS NOT NULL",
+    ),
 ]
 assert len(_MIGRATIONS) == SCHEMA_VERSION
 
@@ -110,7 +123,8 @@ _COLUMNS = (
 _HEADER = f"SELECT {', '.join(_COLUMNS)}, key FROM batches WHERE batch_id = ?"
 _HEADER_AND_ITEM = (
     f"SELECT {', '.join('b.' + c for c in _COLUMNS)},"
-    " i.filename, i.status, i.error, b.key, i.position, i.changed_at FROM batches b"
+    " i.filename, i.status, i.error, b.key, i.position, i.changed_at, i.attempts,"
+    " i.source, i.lease_until FROM batches b"
     " LEFT JOIN items i ON i.batch_key = b.key AND i.item_id = ?"
     " WHERE b.batch_id = ?"
 )
@@ -314,7 +328,8 @@ class SQLiteStore(Store):
             except sqlite3.IntegrityError as exc:
                 raise StoreError(f"batch {batch.batch_id!r} exists already") from exc
             db.executemany(
-                "INSERT INTO items VALUES (?, ?, ?, ?, ?, ?, ?)",
+                "INSERT INTO items (batch_key, position, item_id, filename, status, error,"
+                " changed_at, source, attempts) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
                 (
                     (
                         key,
@@ -324,6 +339,8 @@ class SQLiteStore(Store):
                         _CODE[item.status],
                         item.error,
                         batch.created_at,
+                        item.source,
+                        item.attempts,
                     )
                     for n, item in enumerate(items)
                 ),
@@ -341,9 +358,20 @@ class SQLiteStore(Store):
                 raise ItemNotFound(batch_id, transition.item_id)
             previous = _STATUSES[row[14]]
             target = transition.target
-            if previous is target or previous not in transition.sources:
+            attempts = row[19]
+            if (
+                previous is target
+                or previous not in transition.sources
+                or (
+                    transition.lost_before is not None
+                    and (row[21] is None or row[21] > transition.lost_before)
+                )
+                or (transition.max_attempts is not None and attempts >= transition.max_attempts)
+            ):
                 outcome = Outcome.UNCHANGED if previous is target else Outcome.REJECTED
-                item = ItemSnapshot(transition.item_id, row[13], previous, row[15])
+                item = ItemSnapshot(
+                    transition.item_id, row[13], previous, row[15], attempts, row[20]
+                )
                 return _result(outcome, previous, item, _header(row))
 
             counts = {
@@ -361,37 +389,30 @@ class SQLiteStore(Store):
                 packed = pack_stats(stats)
             else:
                 packed = row[12]
-            if counts[Status.PENDING] or counts[Status.PROCESSING]:
-                finished_at, expires_at = None, transition.expires_at_open
-            else:
-                finished_at, expires_at = transition.at, transition.expires_at_finished
-            version = row[6] + 1
+            if transition.add_attempt:
+                attempts += 1
+            elif transition.reset_attempts:
+                attempts = 0
+            lease = transition.lease_until
             db.execute(
-                "UPDATE items SET status = ?, error = ?, changed_at = ?"
-                " WHERE batch_key = ? AND position = ?",
-                (_CODE[target], transition.error, transition.at, row[16], row[17]),
-            )
-            db.execute(
-                "UPDATE batches SET updated_at = ?, finished_at = ?, expires_at = ?,"
-                " version = ?, completed = ?, failed = ?, processing = ?, pending = ?,"
-                " stats = ? WHERE key = ?",
+                "UPDATE items SET status = ?, error = ?, changed_at = ?, attempts = ?,"
+                " lease_until = ?, beat_at = ? WHERE batch_key = ? AND position = ?",
                 (
+                    _CODE[target],
+                    transition.error,
                     transition.at,
-                    finished_at,
-                    expires_at,
-                    version,
-                    counts[Status.COMPLETED],
-                    counts[Status.FAILED],
-                    counts[Status.PROCESSING],
-                    counts[Status.PENDING],
-                    packed,
+                    attempts,
+                    lease,
+                    None if lease is None else transition.at,
                     row[16],
+                    row[17],
                 ),
             )
+            finished_at, expires_at, version = self._settle(db, row, counts, packed, transition, 1)
         return TransitionResult(
             Outcome.APPLIED,
             previous,
-            ItemSnapshot(transition.item_id, row[13], target, transition.error),
+            ItemSnapshot(transition.item_id, row[13], target, transition.error, attempts, row[20]),
             Progress(
                 row[7],
                 counts[Status.COMPLETED],
@@ -406,6 +427,163 @@ class SQLiteStore(Store):
             stats,
         )
 
+    @staticmethod
+    def _settle(
+        db: sqlite3.Connection,
+        row: Sequence[Any],
+        counts: dict[Status, int],
+        packed: bytes,
+        transition: Transition,
+        changes: int,
+    ) -> tuple[float | None, float, int]:
+        """Write the batch header after ``changes`` items moved; return its new
+        ``finished_at``, ``expires_at`` and version."""
+        if counts[Status.PENDING] or counts[Status.PROCESSING]:
+            finished_at, expires_at = None, transition.expires_at_open
+        else:
+            finished_at, expires_at = transition.at, transition.expires_at_finished
+        version = row[6] + changes
+        db.execute(
+            "UPDATE batches SET updated_at = ?, finished_at = ?, expires_at = ?,"
+            " version = ?, completed = ?, failed = ?, processing = ?, pending = ?,"
+            " stats = ? WHERE key = ?",
+            (
+                transition.at,
+                finished_at,
+                expires_at,
+                version,
+                counts[Status.COMPLETED],
+                counts[Status.FAILED],
+                counts[Status.PROCESSING],
+                counts[Status.PENDING],
+                packed,
+                row[16],
+            ),
+        )
+        return finished_at, expires_at, version
+
+    def renew(
+        self, batch_id: str, item_id: str, at: float, lease_until: float, expires_at_open: float
+    ) -> TransitionResult:
+        with self._write() as db:
+            row = db.execute(_HEADER_AND_ITEM, (item_id, batch_id)).fetchone()
+            if row is None or row[5] <= at:
+                raise BatchNotFound(batch_id)
+            if row[13] is None:
+                raise ItemNotFound(batch_id, item_id)
+            status = _STATUSES[row[14]]
+            item = ItemSnapshot(item_id, row[13], status, row[15], row[19], row[20])
+            header = _header(row)
+            if status is not Status.PROCESSING:
+                return _result(Outcome.REJECTED, status, item, header)
+            db.execute(
+                "UPDATE items SET lease_until = ?, beat_at = ?"
+                " WHERE batch_key = ? AND position = ?",
+                (lease_until, at, row[16], row[17]),
+            )
+            db.execute(
+                "UPDATE batches SET expires_at = ? WHERE key = ?", (expires_at_open, row[16])
+            )
+        return _result(
+            Outcome.APPLIED, status, item, attrs.evolve(header, expires_at=expires_at_open)
+        )
+
+    def apply_many(
+        self, batch_id: str, transition: Transition, item_ids: Sequence[str] | None = None
+    ) -> BulkResult:
+        target = transition.target
+        sources = [_CODE[s] for s in transition.sources if s is not target]
+        with self._write() as db:
+            row = db.execute(
+                f"SELECT {', '.join(_COLUMNS)}, NULL, NULL, NULL, key FROM batches"
+                " WHERE batch_id = ?",
+                (batch_id,),
+            ).fetchone()
+            if row is None or row[5] <= transition.at:
+                raise BatchNotFound(batch_id)
+            key = row[16]
+            if item_ids is None:
+                marks = ",".join("?" * len(sources))
+                found = db.execute(
+                    f"SELECT position, status FROM items WHERE batch_key = ?"
+                    f" AND status IN ({marks})",
+                    (key, *sources),
+                ).fetchall()
+            else:
+                found = []
+                rejected = []
+                for item_id in dict.fromkeys(item_ids):
+                    hit = db.execute(
+                        "SELECT position, status FROM items WHERE batch_key = ? AND item_id = ?",
+                        (key, item_id),
+                    ).fetchone()
+                    if hit is None:
+                        raise ItemNotFound(batch_id, item_id)
+                    if hit[1] not in sources:
+                        rejected.append((item_id, _STATUSES[hit[1]]))
+                    found.append(hit)
+                if rejected:
+                    header = _header(row)
+                    return BulkResult(0, tuple(rejected), header.progress, header.version)
+            counts = {
+                Status.COMPLETED: row[8],
+                Status.FAILED: row[9],
+                Status.PROCESSING: row[10],
+                Status.PENDING: row[11],
+            }
+            for _, code in found:
+                counts[_STATUSES[code]] -= 1
+                counts[target] += 1
+            if found:
+                attempts = "0" if transition.reset_attempts else "attempts"
+                db.executemany(
+                    f"UPDATE items SET status = ?, error = ?, changed_at = ?,"
+                    f" attempts = {attempts}, lease_until = NULL"
+                    f" WHERE batch_key = ? AND position = ?",
+                    (
+                        (_CODE[target], transition.error, transition.at, key, position)
+                        for position, _ in found
+                    ),
+                )
+                _, _, version = self._settle(db, row, counts, row[12], transition, len(found))
+            else:
+                version = row[6]
+        return BulkResult(
+            len(found),
+            (),
+            Progress(
+                row[7],
+                counts[Status.COMPLETED],
+                counts[Status.FAILED],
+                counts[Status.PROCESSING],
+                counts[Status.PENDING],
+            ),
+            version,
+        )
+
+    def lost(self, now: float, limit: int) -> list[LostItem]:
+        with self._read() as db:
+            rows = db.execute(
+                "SELECT b.batch_id, i.item_id, i.attempts, i.beat_at, i.lease_until"
+                " FROM items i INDEXED BY items_by_lease"
+                " JOIN batches b ON b.key = i.batch_key"
+                " WHERE i.lease_until <= ? AND i.lease_until IS NOT NULL"
+                " AND i.status = ? AND b.expires_at > ?"
+                " ORDER BY i.lease_until LIMIT ?",
+                (now, _CODE[Status.PROCESSING], now, limit),
+            ).fetchall()
+        return [LostItem(*r) for r in rows]
+
+    def open_batches(self, now: float) -> list[str]:
+        with self._read() as db:
+            return [
+                r[0]
+                for r in db.execute(
+                    "SELECT batch_id FROM batches WHERE finished_at IS NULL AND expires_at > ?",
+                    (now,),
+                )
+            ]
+
     def load(self, batch_id: str, *, items: bool = True) -> BatchRecord | None:
         with self._read() as db:
             row = db.execute(_HEADER, (batch_id,)).fetchone()
@@ -415,11 +593,13 @@ class SQLiteStore(Store):
                 return _header(row)
             statuses = _STATUSES
             rows = db.execute(
-                "SELECT item_id, filename, status, error FROM items"
+                "SELECT item_id, filename, status, error, attempts, source FROM items"
                 " WHERE batch_key = ? ORDER BY position",
                 (row[13],),
             ).fetchall()
-        return _header(row, tuple(ItemSnapshot(i, f, statuses[s], e) for i, f, s, e in rows))
+        return _header(
+            row, tuple(ItemSnapshot(i, f, statuses[s], e, a, src) for i, f, s, e, a, src in rows)
+        )
 
     def delete(self, batch_id: str) -> bool:
         with self._write() as db:

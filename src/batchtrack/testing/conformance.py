@@ -46,7 +46,7 @@ except ImportError as exc:  # pragma: no cover - depends on the environment
 
 import attrs
 
-from .._models import ItemSnapshot, Progress, Status
+from .._models import Item, ItemSnapshot, Progress, Status
 from .._tracker import IDLE_TIMEOUT, BatchTracker
 from ..exceptions import BatchNotFound, InvalidTransition, ItemNotFound, StoreError
 from ..stores.base import BatchRecord, Outcome, Store, Transition
@@ -56,6 +56,8 @@ from .strategies import item_lists
 __all__ = ["StoreConformance", "TrackerMachine"]
 
 TTL = 3600.0
+LEASE = 30.0
+MAX_ATTEMPTS = 2
 _RULES = {
     "start": (Status.PROCESSING, frozenset({Status.PENDING})),
     "complete": (Status.COMPLETED, frozenset({Status.PROCESSING})),
@@ -74,11 +76,26 @@ class _ModelBatch:
     updated_at: float
     finished_at: float | None = None
     version: int = 0
+    leases: dict[int, tuple[float, float]] = attrs.Factory(dict)  # index: (until, beat)
+    touched_at: float = 0.0  # the last transition or heartbeat
 
     def expires_at(self) -> float:
         if self.finished_at is not None:
             return self.finished_at + TTL
-        return self.updated_at + IDLE_TIMEOUT
+        return max(self.updated_at, self.touched_at) + IDLE_TIMEOUT
+
+    def moved(self, index: int, item: ItemSnapshot, now: float) -> None:
+        """Record one applied transition of item ``index``."""
+        self.items[index] = item
+        self.leases.pop(index, None)
+        if item.status is Status.PROCESSING:
+            self.leases[index] = (now + LEASE, now)
+        self.updated_at = self.touched_at = now
+        self.version += 1
+        if all(i.status.is_final for i in self.items):
+            self.finished_at = now
+        else:
+            self.finished_at = None
 
     def progress(self) -> Progress:
         count = {s: sum(1 for i in self.items if i.status is s) for s in Status}
@@ -106,7 +123,9 @@ class TrackerMachine(RuleBasedStateMachine):
         super().__init__()
         self.clock = FakeClock()
         self.store = type(self).store_factory()
-        self.tracker = BatchTracker(self.store, ttl=TTL, clock=self.clock)
+        self.tracker = BatchTracker(
+            self.store, ttl=TTL, clock=self.clock, lease=LEASE, max_attempts=MAX_ATTEMPTS
+        )
         self.model: dict[str, _ModelBatch] = {}
 
     def teardown(self) -> None:
@@ -127,11 +146,17 @@ class TrackerMachine(RuleBasedStateMachine):
         snap = self.tracker.create_batch(items, owner=owner)
         now = self.clock()
         self.model[snap.batch_id] = _ModelBatch(
-            snap.batch_id, owner, now, list(snap.items), updated_at=now
+            snap.batch_id, owner, now, list(snap.items), updated_at=now, touched_at=now
         )
-        assert [i.filename for i in snap.items] == [
-            spec[1] if isinstance(spec, tuple) else spec for spec in items
-        ]
+        for item, spec in zip(snap.items, items, strict=True):
+            if isinstance(spec, Item):
+                assert (item.filename, item.source) == (spec.filename, spec.source)
+                assert spec.id is None or item.id == spec.id
+            elif isinstance(spec, tuple):
+                assert (item.id, item.filename, item.source) == (*spec, None)
+            else:
+                assert (item.filename, item.source) == (spec, None)
+            assert (item.status, item.error, item.attempts) == (Status.PENDING, None, 0)
         return snap.batch_id
 
     @rule(batch_id=batches, data=st.data(), error=st.sampled_from(["not an image", "boom"]))
@@ -185,14 +210,17 @@ class TrackerMachine(RuleBasedStateMachine):
         else:
             event = self._call(action, batch_id, item.id, error)
             assert event.changed
-            now = self.clock()
-            batch.items[index] = ItemSnapshot(
-                item.id, item.filename, target, error if target is Status.FAILED else None
+            attempts = item.attempts + (target is Status.PROCESSING)
+            batch.moved(
+                index,
+                attrs.evolve(
+                    item,
+                    status=target,
+                    error=error if target is Status.FAILED else None,
+                    attempts=attempts,
+                ),
+                self.clock(),
             )
-            batch.updated_at = now
-            batch.version += 1
-            if all(i.status.is_final for i in batch.items):
-                batch.finished_at = now
         assert event.item == batch.items[index]
         assert event.progress == batch.progress()
         assert event.version == batch.version
@@ -216,8 +244,108 @@ class TrackerMachine(RuleBasedStateMachine):
             assert isinstance(eta, int)
             assert eta >= 0
 
+    @rule(batch_id=batches, data=st.data())
+    def heartbeat(self, batch_id: str, data: st.DataObject) -> None:
+        """Renew an item's lease: only a processing item has one to renew."""
+        batch = self._live(batch_id)
+        if batch is None:
+            with pytest.raises(BatchNotFound):
+                self.tracker.heartbeat(batch_id, "any-item")
+            return
+        index = data.draw(st.integers(0, len(batch.items) - 1), label="index")
+        item = batch.items[index]
+        if item.status is not Status.PROCESSING:
+            with pytest.raises(InvalidTransition):
+                self.tracker.heartbeat(batch_id, item.id)
+            return
+        event = self.tracker.heartbeat(batch_id, item.id)
+        now = self.clock()
+        batch.leases[index] = (now + LEASE, now)
+        batch.touched_at = now
+        assert not event.changed
+        assert event.item == item
+        assert event.version == batch.version
+        assert event.progress == batch.progress()
+
+    @rule()
+    def reclaim(self) -> None:
+        """Lost items go back to pending, or fail after MAX_ATTEMPTS starts; each once."""
+        now = self.clock()
+        expected = 0
+        for batch_id, batch in self.model.items():
+            if self._live(batch_id) is None:
+                continue
+            for index, (until, beat) in sorted(batch.leases.items()):
+                if until > now:
+                    continue
+                item = batch.items[index]
+                if item.attempts < MAX_ATTEMPTS:
+                    moved = attrs.evolve(item, status=Status.PENDING, error=None)
+                else:
+                    error = f"worker lost: no heartbeat for {max(0, round(now - beat))} s"
+                    moved = attrs.evolve(item, status=Status.FAILED, error=error)
+                batch.moved(index, moved, now)
+                expected += 1
+        assert self.tracker.reclaim() == expected
+        assert self.tracker.reclaim() == 0
+
+    @rule(
+        batch_id=batches,
+        data=st.data(),
+        owner=st.sampled_from([None, None, "alice", "bob"]),
+    )
+    def retry(self, batch_id: str, data: st.DataObject, owner: str | None) -> None:
+        """Failed items go back to pending with no error and no attempts."""
+        batch = self._live(batch_id)
+        if batch is None or (owner is not None and owner != batch.owner):
+            with pytest.raises(BatchNotFound):
+                self.tracker.retry(batch_id, owner=owner)
+            return
+        names = None
+        if data.draw(st.booleans(), label="named"):
+            indexes = data.draw(
+                st.lists(st.integers(0, len(batch.items) - 1), min_size=1, max_size=3),
+                label="indexes",
+            )
+            names = [batch.items[i].id for i in indexes]
+            if any(batch.items[i].status is not Status.FAILED for i in indexes):
+                with pytest.raises(InvalidTransition):
+                    self.tracker.retry(batch_id, names, owner=owner)
+                return
+            chosen = sorted(set(indexes))
+        else:
+            chosen = [i for i, it in enumerate(batch.items) if it.status is Status.FAILED]
+        assert self.tracker.retry(batch_id, names, owner=owner) == len(chosen)
+        for index in chosen:
+            item = batch.items[index]
+            batch.moved(
+                index,
+                attrs.evolve(item, status=Status.PENDING, error=None, attempts=0),
+                self.clock(),
+            )
+
+    @rule(batch_id=batches, owner=st.sampled_from([None, None, "alice", "bob"]))
+    def cancel(self, batch_id: str, owner: str | None) -> None:
+        """Every pending item fails with "cancelled"; the rest is untouched."""
+        batch = self._live(batch_id)
+        if batch is None or (owner is not None and owner != batch.owner):
+            with pytest.raises(BatchNotFound):
+                self.tracker.cancel(batch_id, owner=owner)
+            return
+        chosen = [i for i, it in enumerate(batch.items) if it.status is Status.PENDING]
+        assert self.tracker.cancel(batch_id, owner=owner) == len(chosen)
+        for index in chosen:
+            item = batch.items[index]
+            batch.moved(
+                index, attrs.evolve(item, status=Status.FAILED, error="cancelled"), self.clock()
+            )
+
     # Small steps mostly, so that batches live long enough to be worked on.
-    @rule(seconds=st.sampled_from([0.25] * 4 + [1.0] * 4 + [3.0, 59.5, TTL, IDLE_TIMEOUT]))
+    @rule(
+        seconds=st.sampled_from(
+            [0.25] * 4 + [1.0] * 4 + [3.0, LEASE / 2, LEASE, 59.5, TTL, IDLE_TIMEOUT]
+        )
+    )
     def advance(self, seconds: float) -> None:
         self.clock.advance(seconds)
 
@@ -496,3 +624,178 @@ class StoreConformance:
             tracker.get(snap.batch_id)
         assert tracker.cleanup() == 1
         assert store.load(snap.batch_id) is None
+
+    # -- leases, reclaim, retry and cancel ------------------------------------------------
+
+    def test_reclaim_returns_a_lost_item_to_pending_then_fails_it(self, store: Store) -> None:
+        """A lost item goes back to pending until its starts reach max_attempts, then fails."""
+        clock = FakeClock()
+        tracker = BatchTracker(store, clock=clock, lease=10.0, max_attempts=2)
+        snap = tracker.create_batch([("a", "a.jpg"), ("b", "b.jpg")])
+        batch_id = snap.batch_id
+        tracker.start_item(batch_id, "a")
+        clock.advance(9.5)
+        assert tracker.reclaim() == 0
+        clock.advance(0.5)
+        assert tracker.reclaim() == 1
+        item = tracker.get(batch_id).items[0]
+        assert (item.status, item.attempts, item.error) == (Status.PENDING, 1, None)
+        tracker.start_item(batch_id, "a")
+        clock.advance(4.0)
+        tracker.heartbeat(batch_id, "a")
+        clock.advance(9.0)
+        assert tracker.reclaim() == 0  # the heartbeat renewed the lease
+        clock.advance(1.0)
+        assert tracker.reclaim() == 1
+        item = tracker.get(batch_id).items[0]
+        assert item.status is Status.FAILED
+        assert item.attempts == 2
+        assert item.error == "worker lost: no heartbeat for 10 s"
+        assert item.to_dict()["attempts"] == 2
+        assert tracker.get(batch_id).progress == Progress(total=2, failed=1, pending=1)
+
+    def test_lost_item_completed_before_reclaim_stays_completed(self, store: Store) -> None:
+        """Completing a lost item before reclaim still applies; reclaim then moves nothing."""
+        clock = FakeClock()
+        tracker = BatchTracker(store, clock=clock, lease=5.0)
+        batch_id = tracker.create_batch([("a", "a.jpg")]).batch_id
+        tracker.start_item(batch_id, "a")
+        clock.advance(60)
+        assert tracker.get(batch_id).progress.processing == 1
+        assert tracker.complete_item(batch_id, "a").changed
+        assert tracker.reclaim() == 0
+        assert tracker.get(batch_id).status is Status.COMPLETED
+
+    def test_heartbeat_of_an_item_not_processing_is_invalid(self, store: Store) -> None:
+        """heartbeat raises InvalidTransition for pending and final items, and not-found."""
+        tracker = BatchTracker(store, clock=FakeClock())
+        batch_id = tracker.create_batch([("a", "a.jpg")]).batch_id
+        with pytest.raises(InvalidTransition):
+            tracker.heartbeat(batch_id, "a")
+        with pytest.raises(ItemNotFound):
+            tracker.heartbeat(batch_id, "zzz")
+        with pytest.raises(BatchNotFound):
+            tracker.heartbeat(str(uuid.uuid4()), "a")
+        tracker.start_item(batch_id, "a")
+        event = tracker.heartbeat(batch_id, "a")
+        assert not event.changed
+        assert event.version == 1
+        tracker.complete_item(batch_id, "a")
+        with pytest.raises(InvalidTransition):
+            tracker.heartbeat(batch_id, "a")
+
+    def test_threads_reclaiming_at_once_move_each_lost_item_once(
+        self, store_factory: Callable[[], Store]
+    ) -> None:
+        """8 trackers (each on its own store object) reclaiming at once move each item once."""
+        clock = FakeClock()
+        first = store_factory()
+        n = 60
+        setup = BatchTracker(first, clock=clock, lease=5.0, max_attempts=3)
+        batch_ids = [setup.create_batch([(f"i{k}", "x.jpg") for k in range(n)]).batch_id]
+        batch_ids.append(setup.create_batch([(f"i{k}", "x.jpg") for k in range(n)]).batch_id)
+        for batch_id in batch_ids:
+            for k in range(n):
+                setup.start_item(batch_id, f"i{k}")
+        clock.advance(6)
+        stores = [first] + [store_factory() for _ in range(7)]
+        trackers = [BatchTracker(s, clock=clock, lease=5.0, max_attempts=3) for s in stores]
+        barrier = threading.Barrier(len(trackers))
+        moved: list[int] = []
+        lock = threading.Lock()
+
+        def worker(tracker: BatchTracker) -> None:
+            barrier.wait()
+            count = tracker.reclaim()
+            with lock:
+                moved.append(count)
+
+        threads = [threading.Thread(target=worker, args=(t,)) for t in trackers]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+        assert sum(moved) == 2 * n
+        for batch_id in batch_ids:
+            snap = setup.get(batch_id)
+            assert snap.progress == Progress(total=n, pending=n)
+            assert snap.version == 2 * n
+            assert all(i.attempts == 1 for i in snap.items)
+
+    def test_lost_lists_only_items_whose_lease_ran_out(self, store: Store) -> None:
+        """Store.lost lists expired leases of processing items, oldest first, up to limit."""
+        clock = FakeClock()
+        tracker = BatchTracker(store, clock=clock, lease=10.0)
+        batch_id = tracker.create_batch([(f"i{k}", "x.jpg") for k in range(5)]).batch_id
+        for k in range(4):
+            tracker.start_item(batch_id, f"i{k}")
+            clock.advance(1)
+        tracker.complete_item(batch_id, "i0")
+        tracker.heartbeat(batch_id, "i1")
+        clock.advance(8)  # now +12: i2 (started at +2) ran out, i3 (+3) has 1 s left
+        now = clock()
+        lost = store.lost(now, 10)
+        assert [(x.batch_id, x.item_id) for x in lost] == [(batch_id, "i2")]
+        clock.advance(1)
+        lost = store.lost(clock(), 1)
+        assert [x.item_id for x in lost] == ["i2"]
+        assert lost[0].attempts == 1
+        assert lost[0].beat_at == pytest.approx(now - 10)
+
+    def test_cancel_fails_pending_items_and_leaves_the_rest(self, store: Store) -> None:
+        """cancel() fails only pending items, with "cancelled", and returns how many."""
+        tracker = BatchTracker(store, clock=FakeClock())
+        batch_id = tracker.create_batch([("a", "a"), ("b", "b"), ("c", "c")]).batch_id
+        tracker.start_item(batch_id, "a")
+        assert tracker.cancel(batch_id) == 2
+        snap = tracker.get(batch_id)
+        assert [(i.status, i.error) for i in snap.items] == [
+            (Status.PROCESSING, None),
+            (Status.FAILED, "cancelled"),
+            (Status.FAILED, "cancelled"),
+        ]
+        assert snap.version == 3
+        with pytest.raises(InvalidTransition):
+            tracker.start_item(batch_id, "b")
+        tracker.complete_item(batch_id, "a")
+        assert tracker.cancel(batch_id) == 0
+        assert tracker.get(batch_id).status is Status.COMPLETED
+
+    def test_retry_reopens_a_finished_batch(self, store: Store) -> None:
+        """retry() moves failed items to pending, clears errors and attempts, reopens."""
+        clock = FakeClock()
+        tracker = BatchTracker(store, clock=clock)
+        batch_id = tracker.create_batch([("a", "a"), ("b", "b"), ("c", "c")]).batch_id
+        for item_id in "abc":
+            tracker.start_item(batch_id, item_id)
+        tracker.complete_item(batch_id, "a")
+        tracker.fail_item(batch_id, "b", "boom")
+        tracker.fail_item(batch_id, "c", "boom")
+        assert tracker.get(batch_id).finished_at is not None
+        clock.advance(10)
+        assert tracker.retry(batch_id, ["b"]) == 1
+        snap = tracker.get(batch_id)
+        assert snap.finished_at is None
+        assert snap.status is Status.PROCESSING
+        assert snap.items[1] == ItemSnapshot("b", "b", Status.PENDING, None, 0)
+        assert snap.items[2].error == "boom"
+        with pytest.raises(InvalidTransition):
+            tracker.retry(batch_id, ["b", "c"])  # b is pending now: nothing changes
+        assert tracker.get(batch_id).items[2].status is Status.FAILED
+        with pytest.raises(ItemNotFound):
+            tracker.retry(batch_id, ["nope"])
+        assert tracker.retry(batch_id) == 1
+        assert tracker.retry(batch_id) == 0
+        assert tracker.get(batch_id).progress == Progress(total=3, completed=1, pending=2)
+
+    def test_sources_round_trip_and_open_batches_are_listed(self, store: Store) -> None:
+        """Item sources come back from reads; open_batches lists unfinished batches."""
+        tracker = BatchTracker(store, clock=FakeClock())
+        one = tracker.create_batch([Item("a.jpg", source="/up/1"), Item("b.jpg")])
+        two = tracker.create_batch([Item("c.jpg", source="s3://b/k", id="c")])
+        assert [i.source for i in tracker.get(one.batch_id).items] == ["/up/1", None]
+        assert tracker.get(two.batch_id).items[0].source == "s3://b/k"
+        assert sorted(tracker.open_batches()) == sorted([one.batch_id, two.batch_id])
+        tracker.start_item(two.batch_id, "c")
+        tracker.complete_item(two.batch_id, "c")
+        assert tracker.open_batches() == [one.batch_id]

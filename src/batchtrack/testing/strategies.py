@@ -15,7 +15,9 @@ except ImportError as exc:  # pragma: no cover - depends on the environment
         "batchtrack.testing.strategies needs Hypothesis: pip install 'batchtrack[test]'"
     ) from exc
 
-__all__ = ["ACTIONS", "Event", "event_sequences", "filenames", "item_lists"]
+from .._models import Item
+
+__all__ = ["ACTIONS", "Event", "event_sequences", "filenames", "item_lists", "sources"]
 
 ACTIONS = ("start", "complete", "fail")
 """The tracker calls an event can make: start_item, complete_item, fail_item."""
@@ -35,15 +37,37 @@ def filenames() -> st.SearchStrategy[str]:
     return st.builds(lambda n, e: n + e, name, ext)
 
 
+def sources() -> st.SearchStrategy[str]:
+    """Item sources as users give them: paths and URLs, any Unicode but NUL."""
+    path = st.text(
+        alphabet=st.characters(exclude_categories=["Cs"], exclude_characters="\x00"),
+        min_size=1,
+        max_size=60,
+    )
+    return st.one_of(path.map(lambda p: "/data/uploads/" + p), st.just("s3://bucket/key.jpg"))
+
+
 def item_lists(*, min_size: int = 1, max_size: int = 12) -> st.SearchStrategy[list[object]]:
-    """Item lists for ``create_batch``: filenames, some with caller-chosen unique ids."""
+    """Item lists for ``create_batch``: filenames, some with caller-chosen unique ids, and
+    :class:`~batchtrack.Item` values with or without an id and a source."""
     plain = filenames()
     with_id = st.tuples(st.uuids().map(str), filenames())
+    item = st.builds(
+        Item,
+        filenames(),
+        source=st.one_of(st.none(), sources()),
+        id=st.one_of(st.none(), st.uuids().map(str)),
+    )
+
+    def key(spec: object) -> object:
+        if isinstance(spec, tuple):
+            return spec[0]
+        if isinstance(spec, Item) and spec.id is not None:
+            return spec.id
+        return object()
+
     return st.lists(
-        st.one_of(plain, with_id),
-        min_size=min_size,
-        max_size=max_size,
-        unique_by=lambda spec: spec[0] if isinstance(spec, tuple) else object(),
+        st.one_of(plain, with_id, item), min_size=min_size, max_size=max_size, unique_by=key
     )
 
 
