@@ -346,3 +346,141 @@ def test_several_batches_share_the_concurrency(orchestrator: Callable[..., Orche
     assert orch.wait(first.batch_id).progress.completed == 4
     assert orch.wait(second.batch_id).progress.completed == 4
     assert gate.peak == 2
+
+
+# -- resume, heartbeats, cancel from elsewhere -----------------------------------------------
+
+
+class Flaky:
+    """Fails the sources listed in ``bad``; records every source it was called with."""
+
+    def __init__(self, bad: set[str]) -> None:
+        self.bad = bad
+        self.seen: list[str] = []
+        self.lock = threading.Lock()
+
+    def __call__(self, item: Item) -> None:
+        with self.lock:
+            self.seen.append(item.source)
+        if item.source in self.bad:
+            raise ProcessingError(f"{item.filename} is broken")
+
+
+def test_resume_reruns_retried_items_from_their_stored_sources(
+    orchestrator: Callable[..., Orchestrator], tracker: BatchTracker
+) -> None:
+    """After retry(), resume() runs only the retried items, each with its stored source."""
+    flaky = Flaky({"src-1", "src-3"})
+    orch = orchestrator(flaky, concurrency=2)
+    items = [Item(f"{i}.jpg", source=f"src-{i}") for i in range(5)]
+    first = orch.run(items)
+    assert (first.progress.completed, first.progress.failed) == (3, 2)
+    assert [i.source for i in first.items] == [f"src-{i}" for i in range(5)]
+    flaky.bad.clear()
+    flaky.seen.clear()
+    assert tracker.retry(first.batch_id) == 2
+    events: list[ProgressEvent] = []
+    orch.resume(first.batch_id, on_progress=events.append)
+    final = orch.wait(first.batch_id)
+    assert final.status is Status.COMPLETED
+    assert sorted(flaky.seen) == ["src-1", "src-3"]
+    assert [e.progress.completed for e in events if e.item.status.is_final] == [4, 5]
+
+
+def test_resume_finishes_what_a_dead_worker_left(
+    orchestrator: Callable[..., Orchestrator], tracker: BatchTracker, clock: Any
+) -> None:
+    """A batch half-run by a process that died finishes after reclaim() and resume()."""
+    snap = tracker.create_batch([Item(f"{i}.jpg", source=f"src-{i}") for i in range(4)])
+    dead = snap.items[0].id
+    tracker.start_item(snap.batch_id, dead)  # the worker that started it is gone
+    clock.advance(tracker.lease + 1)
+    assert tracker.reclaim() == 1
+    flaky = Flaky(set())
+    orch = orchestrator(flaky, concurrency=2)
+    orch.resume(snap.batch_id)
+    final = orch.wait(snap.batch_id)
+    assert final.progress.completed == 4
+    assert sorted(flaky.seen) == [f"src-{i}" for i in range(4)]
+    assert [i.attempts for i in final.items] == [2, 1, 1, 1]
+    assert final.to_dict()["images"][0]["attempts"] == 2
+
+
+def test_two_orchestrators_resuming_one_batch_run_each_item_once(tracker: BatchTracker) -> None:
+    """Orchestrators racing to resume the same batch never run an item twice."""
+    snap = tracker.create_batch([Item(f"{i}.jpg", source=f"src-{i}") for i in range(30)])
+    flaky = Flaky(set())
+    orchs = [Orchestrator(tracker, flaky, concurrency=3) for _ in range(2)]
+    try:
+        for orch in orchs:
+            orch.resume(snap.batch_id)
+        for orch in orchs:
+            orch.wait(snap.batch_id)
+    finally:
+        for orch in orchs:
+            orch.close()
+    assert sorted(flaky.seen) == sorted(f"src-{i}" for i in range(30))
+    assert tracker.get(snap.batch_id).progress.completed == 30
+
+
+def test_resume_does_not_queue_an_item_twice(orchestrator: Callable[..., Orchestrator]) -> None:
+    """Resuming a batch that is still running here adds nothing already queued."""
+    gate = Gate()
+    orch = orchestrator(gate, concurrency=1)
+    snap = orch.submit([f"{i}.jpg" for i in range(4)])
+    _wait_until(lambda: gate.running == 1)
+    orch.resume(snap.batch_id)
+    gate.release.set()
+    final = orch.wait(snap.batch_id)
+    assert final.progress.completed == 4
+    assert sorted(gate.started) == [f"{i}.jpg" for i in range(4)]
+
+
+def test_resume_of_an_unknown_batch_is_not_found(orchestrator: Callable[..., Orchestrator]) -> None:
+    """resume() raises BatchNotFound for a batch the tracker does not know."""
+    with pytest.raises(BatchNotFound):
+        orchestrator(upper).resume("no-such-batch")
+
+
+def test_items_cancelled_through_the_tracker_are_skipped(
+    orchestrator: Callable[..., Orchestrator], tracker: BatchTracker
+) -> None:
+    """Items cancelled by tracker.cancel (another process) never start here."""
+    gate = Gate()
+    orch = orchestrator(gate, concurrency=1)
+    snap = orch.submit([f"{i}.jpg" for i in range(5)])
+    _wait_until(lambda: gate.running == 1)
+    assert tracker.cancel(snap.batch_id) == 4
+    gate.release.set()
+    final = orch.wait(snap.batch_id)
+    assert (final.progress.completed, final.progress.failed) == (1, 4)
+    assert gate.started == ["0.jpg"]
+
+
+def test_running_items_are_heartbeated_and_never_lost(store_factory: Any) -> None:
+    """An item running for several leases keeps its lease: reclaim() never takes it."""
+    tracker = BatchTracker(store_factory(), lease=0.3)
+    release = threading.Event()
+    orch = Orchestrator(tracker, lambda item: release.wait(10), concurrency=1)
+    try:
+        snap = orch.submit(["slow.jpg"])
+        deadline = time.monotonic() + 1.2
+        while time.monotonic() < deadline:
+            assert tracker.reclaim() == 0
+            time.sleep(0.05)
+        release.set()
+        final = orch.wait(snap.batch_id, timeout=10)
+    finally:
+        release.set()
+        orch.close()
+    assert final.status is Status.COMPLETED
+    assert final.items[0].attempts == 1
+
+
+def test_without_heartbeats_a_stalled_item_is_reclaimed(store_factory: Any) -> None:
+    """The same stall with a worker that never heartbeats loses the item to reclaim()."""
+    tracker = BatchTracker(store_factory(), lease=0.3)
+    snap = tracker.create_batch(["slow.jpg"])
+    tracker.start_item(snap.batch_id, snap.items[0].id)
+    time.sleep(0.4)
+    assert tracker.reclaim() == 1

@@ -7,6 +7,7 @@ import time
 import uuid
 from collections.abc import Callable
 from datetime import datetime, timezone
+from pathlib import Path
 
 import pytest
 
@@ -16,6 +17,7 @@ from batchtrack import (
     BatchTracker,
     BatchtrackError,
     InvalidTransition,
+    Item,
     ItemNotFound,
     MemoryStore,
     ProgressEvent,
@@ -526,3 +528,92 @@ def test_sweeper_survives_a_failing_store(
     tracker.stop_sweeper()
     assert len(calls) >= 3
     assert "cleanup failed" in caplog.text
+
+
+# -- leases, retry, cancel: validation --------------------------------------------------------
+
+
+@pytest.mark.parametrize("value", [0, -1, float("nan"), float("inf"), "300", True, None])
+def test_bad_lease_is_rejected(value: object) -> None:
+    """A lease that is not a positive finite number raises ValidationError everywhere."""
+    with pytest.raises(ValidationError, match="lease"):
+        BatchTracker(lease=value)  # type: ignore[arg-type]
+    tracker = BatchTracker()
+    snap = tracker.create_batch([("a", "a.jpg")])
+    if value is not None:
+        with pytest.raises(ValidationError, match="lease"):
+            tracker.start_item(snap.batch_id, "a", lease=value)  # type: ignore[arg-type]
+        tracker.start_item(snap.batch_id, "a")
+        with pytest.raises(ValidationError, match="lease"):
+            tracker.heartbeat(snap.batch_id, "a", lease=value)  # type: ignore[arg-type]
+
+
+@pytest.mark.parametrize("value", [0, -3, 1.5, "3", True, None])
+def test_bad_max_attempts_is_rejected(value: object) -> None:
+    """max_attempts must be a whole number >= 1."""
+    with pytest.raises(ValidationError, match="max_attempts"):
+        BatchTracker(max_attempts=value)  # type: ignore[arg-type]
+
+
+def test_a_per_item_lease_overrides_the_trackers(clock: FakeClock) -> None:
+    """start_item(lease=...) and heartbeat(lease=...) set that item's lease only."""
+    tracker = BatchTracker(clock=clock, lease=100.0)
+    snap = tracker.create_batch([("a", "a.jpg"), ("b", "b.jpg")])
+    tracker.start_item(snap.batch_id, "a", lease=5.0)
+    tracker.start_item(snap.batch_id, "b")
+    clock.advance(4)
+    tracker.heartbeat(snap.batch_id, "a", lease=2.0)
+    clock.advance(2)
+    assert tracker.reclaim_items() == [(snap.batch_id, "a", Status.PENDING)]
+
+
+def test_retry_validates_item_ids(clock: FakeClock) -> None:
+    """retry() wants None or a non-empty collection of string ids."""
+    tracker = BatchTracker(clock=clock)
+    snap = tracker.create_batch([("a", "a.jpg")])
+    for bad in ("a", [], [1], 5):
+        with pytest.raises(ValidationError):
+            tracker.retry(snap.batch_id, bad)  # type: ignore[arg-type]
+    with pytest.raises(BatchNotFound):
+        tracker.retry("nope")
+    with pytest.raises(BatchNotFound):
+        tracker.cancel("nope")
+
+
+def test_retry_and_cancel_check_the_owner(clock: FakeClock) -> None:
+    """Another owner's batch is not found for retry and cancel, and nothing changes."""
+    tracker = BatchTracker(clock=clock)
+    snap = tracker.create_batch([("a", "a.jpg")], owner="alice")
+    with pytest.raises(BatchNotFound):
+        tracker.cancel(snap.batch_id, owner="bob")
+    with pytest.raises(BatchNotFound):
+        tracker.retry(snap.batch_id, owner="bob")
+    assert tracker.get(snap.batch_id).progress.pending == 1
+    assert tracker.cancel(snap.batch_id, owner="alice") == 1
+
+
+@pytest.mark.parametrize("source", [b"/bytes/path", 12, object()])
+def test_a_source_that_cannot_be_stored_is_rejected(source: object) -> None:
+    """create_batch stores sources as text: anything but a path or a string is refused."""
+    with pytest.raises(ValidationError, match="source"):
+        BatchTracker().create_batch([Item("a.jpg", source=source)])
+
+
+def test_path_sources_are_stored_as_text(tmp_path: Path) -> None:
+    """An os.PathLike source comes back as its string."""
+    snap = BatchTracker().create_batch([Item("a.jpg", source=tmp_path / "a.jpg")])
+    assert snap.items[0].source == str(tmp_path / "a.jpg")
+    assert "source" not in snap.to_dict()["images"][0]
+
+
+def test_the_sweeper_reclaims_lost_items() -> None:
+    """start_sweeper() runs reclaim() too."""
+    tracker = BatchTracker(lease=0.05)
+    snap = tracker.create_batch([("a", "a.jpg")])
+    tracker.start_item(snap.batch_id, "a")
+    with tracker:
+        tracker.start_sweeper(interval=0.02)
+        deadline = time.monotonic() + 5
+        while tracker.get(snap.batch_id).items[0].status is not Status.PENDING:
+            assert time.monotonic() < deadline
+            time.sleep(0.01)

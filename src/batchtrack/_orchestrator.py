@@ -16,11 +16,12 @@ from typing import Any, Union
 import attrs
 
 from ._closing import Closing
-from ._models import BatchSnapshot, Item, ProgressEvent
-from ._tracker import BatchTracker
+from ._models import BatchSnapshot, Item, ProgressEvent, Status
+from ._tracker import CANCELLED, BatchTracker
 from .exceptions import (
     BatchNotFound,
     BatchtrackError,
+    InvalidTransition,
     OrchestratorClosed,
     ProcessingError,
     ValidationError,
@@ -29,9 +30,6 @@ from .exceptions import (
 __all__ = ["CANCELLED", "Orchestrator"]
 
 log = logging.getLogger("batchtrack")
-
-CANCELLED = "cancelled"
-"""The error of items that a cancel (or close with ``cancel_pending``) kept from starting."""
 
 ItemLike = Union[Item, str, "os.PathLike[str]"]
 _MAX_MESSAGE = 300
@@ -81,6 +79,7 @@ class _Run:
     batch_id: str
     pending: collections.deque[Item]
     on_progress: Callable[[ProgressEvent], Any] | None
+    ids: set[str] = attrs.Factory(set)  # items queued or running here
     running: int = 0
     settled: bool = False  # nothing left to run; its last event is queued
     done: threading.Event = attrs.field(factory=threading.Event)  # ... and delivered
@@ -125,6 +124,9 @@ class Orchestrator(Closing):
     _events: queue.SimpleQueue[tuple[_Run, ProgressEvent | None]]
     _dispatcher: threading.Thread | None
     _dispatcher_lock: threading.Lock
+    _leased: dict[tuple[str, str], None]  # running items whose lease we renew
+    _beater: threading.Thread | None
+    _stop_beating: threading.Event
 
     def __init__(
         self,
@@ -162,6 +164,9 @@ class Orchestrator(Closing):
             queue.SimpleQueue(),
             None,
             threading.Lock(),
+            {},
+            None,
+            threading.Event(),
         )
 
     # -- public ---------------------------------------------------------------------------
@@ -199,25 +204,86 @@ class Orchestrator(Closing):
         if self._closed:
             raise OrchestratorClosed("the orchestrator is closed; create a new one")
         snap = self.tracker.create_batch(
-            [(i, item.filename) for i, item in zip(ids, prepared, strict=True)], owner=owner
-        )
-        run = _Run(
-            snap.batch_id,
-            collections.deque(
-                attrs.evolve(item, id=i, batch_id=snap.batch_id)
+            [
+                Item(item.filename, source=_storable(item.source), id=i)
                 for i, item in zip(ids, prepared, strict=True)
-            ),
-            on_progress,
+            ],
+            owner=owner,
         )
+        run = _Run(snap.batch_id, collections.deque(), on_progress)
+        self._enqueue(
+            run, [attrs.evolve(item, id=i) for i, item in zip(ids, prepared, strict=True)], True
+        )
+        return snap
+
+    def resume(
+        self, batch_id: str, *, on_progress: Callable[[ProgressEvent], Any] | None = None
+    ) -> BatchSnapshot:
+        """Run the batch's pending items, from the sources stored with them.
+
+        For a batch that was retried (:meth:`BatchTracker.retry`), whose lost items were
+        reclaimed (:meth:`BatchTracker.reclaim`), or that a process now gone had started:
+        any orchestrator on the same store can resume it. Items already queued or running
+        here are not queued twice; an item that another worker starts first is skipped.
+        Each item's processor gets ``Item(filename, source, id, batch_id)`` with the
+        stored source (None when none was stored).
+
+        Args:
+            batch_id: The batch.
+            on_progress: Called after every transition this orchestrator makes for the
+                batch (see :class:`batchtrack.typing.ProgressCallback`); None keeps the
+                callback of a run still going here.
+
+        Returns:
+            The batch as it was when its pending items were queued.
+
+        Raises:
+            BatchNotFound: Unknown or expired batch.
+            OrchestratorClosed: :meth:`close` was called.
+        """
+        if on_progress is not None and not callable(on_progress):
+            raise ValidationError("on_progress must be callable with one ProgressEvent")
+        if self._closed:
+            raise OrchestratorClosed("the orchestrator is closed; create a new one")
+        snap = self.tracker.get(batch_id)
+        items = [
+            Item(i.filename, source=i.source, id=i.id, batch_id=batch_id)
+            for i in snap.items
+            if i.status is Status.PENDING
+        ]
+        with self._lock:
+            run = self._runs.get(batch_id)
+            if run is not None and not run.settled:
+                if on_progress is not None:
+                    run.on_progress = on_progress
+                items = [item for item in items if item.id not in run.ids]
+                fresh = False
+            else:
+                run = _Run(batch_id, collections.deque(), on_progress)
+                fresh = True
+        if items or fresh:
+            self._enqueue(run, items, fresh)
+        return snap
+
+    def _enqueue(self, run: _Run, items: list[Item], fresh: bool) -> None:
+        """Queue items of a run (a new one when ``fresh``) and start what fits."""
         with self._lock:
             if self._closed:
                 # Closed while the batch was being created: nothing of it may run.
+                run.pending.extend(attrs.evolve(i, batch_id=run.batch_id) for i in items)
                 self._fail_pending_locked(run)
                 raise OrchestratorClosed("the orchestrator is closed; create a new one")
-            self._runs[run.batch_id] = run
-            self._order.append(run)
+            for item in items:
+                assert item.id is not None
+                run.pending.append(attrs.evolve(item, batch_id=run.batch_id))
+                run.ids.add(item.id)
+            if fresh:
+                self._runs[run.batch_id] = run
+            if run not in self._order:
+                self._order.append(run)
+            if fresh:
+                self._settle_locked(run)  # nothing to do at all: done at once
         self._pump()
-        return snap
 
     def wait(self, batch_id: str, timeout: float | None = None) -> BatchSnapshot:
         """Wait until a batch submitted here is finished and every callback has run.
@@ -252,16 +318,25 @@ class Orchestrator(Closing):
     def cancel(self, batch_id: str) -> bool:
         """Fail every item of the batch not yet started, with the error ``"cancelled"``.
 
-        Running items finish normally. Returns False for a batch that is unknown here
-        or already finished.
+        Items queued here fail one by one (each with its progress event); pending items
+        queued nowhere here (another process's, or left by a restart) fail through
+        :meth:`BatchTracker.cancel`. Running items finish normally.
+
+        Returns:
+            True if any item was cancelled; False for a finished batch, and for one the
+            tracker does not know.
         """
+        cancelled = False
         with self._lock:
             run = self._runs.get(batch_id)
-            if run is None or run.settled:
-                return False
-            self._fail_pending_locked(run)
-            self._settle_locked(run)
-        return True
+            if run is not None and not run.settled:
+                cancelled = self._fail_pending_locked(run) > 0
+                self._settle_locked(run)
+        try:
+            cancelled = self.tracker.cancel(batch_id) > 0 or cancelled
+        except BatchNotFound:
+            pass
+        return cancelled
 
     def close(self, *, cancel_pending: bool = False, reason: str = CANCELLED) -> None:
         """Stop accepting batches and wait for the submitted ones; closing twice is fine.
@@ -280,6 +355,9 @@ class Orchestrator(Closing):
             runs = list(self._runs.values())
         for run in runs:
             run.done.wait()
+        self._stop_beating.set()
+        if self._beater is not None:
+            self._beater.join()
         if self._owns_executor:
             self.executor.shutdown(wait=True)
         with self._dispatcher_lock:
@@ -310,13 +388,67 @@ class Orchestrator(Closing):
         assert item.id is not None
         try:
             with run.order:
-                self._emit(run, self.tracker.start_item(run.batch_id, item.id))
-            future = self.executor.submit(self.processor, item)
-        except BaseException as exc:  # the tracker or the executor refused
+                event = self.tracker.start_item(run.batch_id, item.id)
+                if event.changed:
+                    self._emit(run, event)
+        except (InvalidTransition, BatchNotFound) as exc:
+            # Cancelled, finished or gone meanwhile (maybe by another process): skip it.
+            log.info("batchtrack: skipping item %s of batch %s: %s", item.id, run.batch_id, exc)
+            self._release(run, item)
+            return
+        except BaseException as exc:  # the tracker refused
             log.exception("batchtrack: could not start item %s of batch %s", item.id, run.batch_id)
             self._finish(run, item, exc)
             return
+        if not event.changed:  # another worker started it first: it is theirs
+            self._release(run, item)
+            return
+        self._lease(run.batch_id, item.id)
+        try:
+            future = self.executor.submit(self.processor, item)
+        except BaseException as exc:  # the executor refused
+            log.exception("batchtrack: could not run item %s of batch %s", item.id, run.batch_id)
+            self._finish(run, item, exc)
+            return
         future.add_done_callback(lambda f: self._done(run, item, f))
+
+    def _release(self, run: _Run, item: Item) -> None:
+        """Forget an item that will not run here."""
+        assert item.id is not None
+        with self._lock:
+            run.ids.discard(item.id)
+            run.running -= 1
+            self._running -= 1
+            self._settle_locked(run)
+        self._pump()
+
+    # -- leases ----------------------------------------------------------------------------
+
+    def _lease(self, batch_id: str, item_id: str) -> None:
+        """Keep renewing the lease of a running item until it finishes."""
+        with self._lock:
+            self._leased[batch_id, item_id] = None
+            if self._beater is None:
+                self._beater = threading.Thread(
+                    target=self._beat, name="batchtrack-heartbeat", daemon=True
+                )
+                self._beater.start()
+
+    def _beat(self) -> None:
+        """Heartbeat every running item three times per lease, from one thread."""
+        while not self._stop_beating.wait(self.tracker.lease / 3):
+            with self._lock:
+                leased = list(self._leased)
+            for batch_id, item_id in leased:
+                try:
+                    self.tracker.heartbeat(batch_id, item_id)
+                except (InvalidTransition, BatchNotFound) as exc:
+                    # Finished meanwhile, or reclaimed after a long stall: stop renewing.
+                    log.debug("batchtrack: no more heartbeats for %s: %s", item_id, exc)
+                    with self._lock:
+                        self._leased.pop((batch_id, item_id), None)
+                except Exception:  # a passing store failure: try again next round
+                    log.warning("batchtrack: heartbeat of %s failed", item_id, exc_info=True)
 
     def _done(self, run: _Run, item: Item, future: Future[Any]) -> None:
         try:
@@ -341,25 +473,37 @@ class Orchestrator(Closing):
                     event = self.tracker.complete_item(run.batch_id, item.id)
                 else:
                     event = self.tracker.fail_item(run.batch_id, item.id, error_message(exc, item))
-                self._emit(run, event)
+                if event.changed:
+                    self._emit(run, event)
         except BatchtrackError:
             log.exception("batchtrack: could not record item %s of batch %s", item.id, run.batch_id)
         finally:
             with self._lock:
+                self._leased.pop((run.batch_id, item.id), None)
+                run.ids.discard(item.id)
                 run.running -= 1
                 self._running -= 1
                 self._settle_locked(run)
             self._pump()
 
-    def _fail_pending_locked(self, run: _Run, reason: str = CANCELLED) -> None:
+    def _fail_pending_locked(self, run: _Run, reason: str = CANCELLED) -> int:
+        """Fail the run's queued items; return how many this call failed."""
+        failed = 0
         while run.pending:
             item = run.pending.popleft()
             assert item.id is not None
+            run.ids.discard(item.id)
             try:
                 with run.order:
-                    self._emit(run, self.tracker.fail_item(run.batch_id, item.id, reason))
+                    event = self.tracker.fail_item(run.batch_id, item.id, reason)
+                    if event.changed:
+                        failed += 1
+                        self._emit(run, event)
+            except InvalidTransition:
+                pass  # it finished meanwhile (another worker ran it)
             except BatchtrackError:
                 log.exception("batchtrack: could not cancel item %s", item.id)
+        return failed
 
     def _settle_locked(self, run: _Run) -> None:
         """Once a run has nothing left, let the dispatcher close it after its events."""
@@ -397,6 +541,13 @@ class Orchestrator(Closing):
                 run.on_progress(event)
             except Exception:
                 log.exception("batchtrack: on_progress callback raised; the batch goes on")
+
+
+def _storable(source: object) -> str | None:
+    """The part of an item's source the tracker can keep: paths and strings."""
+    if isinstance(source, os.PathLike):
+        source = os.fspath(source)
+    return source if isinstance(source, str) and "\x00" not in source else None
 
 
 _STOP: Any = object()

@@ -2,11 +2,12 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from typing import Any, Protocol, runtime_checkable
 
-from ._models import Item, ProgressEvent
+from ._models import BatchSnapshot, Item, ProgressEvent
 
-__all__ = ["Processor", "ProgressCallback"]
+__all__ = ["Processor", "ProgressCallback", "Runner"]
 
 
 @runtime_checkable
@@ -36,3 +37,32 @@ class Processor(Protocol):
     """
 
     def __call__(self, item: Item, /) -> Any: ...
+
+
+@runtime_checkable
+class Runner(Protocol):
+    """What runs batches for the HTTP API: ``create_app(tracker, runner, uploads)``.
+
+    :class:`~batchtrack.Orchestrator` is one (in this process, the default);
+    :class:`batchtrack.celery.CeleryRunner` is another (on Celery workers). A runner
+    records every transition in the tracker it was given, so that any process sharing the
+    tracker's store sees the progress.
+    """
+
+    def submit(self, items: Iterable[Any], *, owner: str | None = None) -> BatchSnapshot:
+        """Create a batch of ``items`` (:class:`~batchtrack.Item` values or paths) in the
+        tracker and start running it; return at once with the new batch."""
+        ...
+
+    def resume(self, batch_id: str) -> BatchSnapshot:
+        """Run the batch's pending items (after a retry, a reclaim or a restart) from their
+        stored sources; return the batch as it is now."""
+        ...
+
+    def cancel(self, batch_id: str) -> bool:
+        """Stop starting the batch's items: pending ones fail with ``"cancelled"``.
+
+        Returns:
+            True if any item was cancelled.
+        """
+        ...
