@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import collections
+import contextlib
 import logging
 import os
 import queue
@@ -332,10 +333,8 @@ class Orchestrator(Closing):
             if run is not None and not run.settled:
                 cancelled = self._fail_pending_locked(run) > 0
                 self._settle_locked(run)
-        try:
+        with contextlib.suppress(BatchNotFound):
             cancelled = self.tracker.cancel(batch_id) > 0 or cancelled
-        except BatchNotFound:
-            pass
         return cancelled
 
     def close(self, *, cancel_pending: bool = False, reason: str = CANCELLED) -> None:
