@@ -129,12 +129,9 @@ def test_version_and_help() -> None:
 # -- serve -------------------------------------------------------------------------------------
 
 
-@pytest.fixture
-def server(tmp_path: Path) -> Iterator[tuple[str, Path, subprocess.Popen[str]]]:
-    """`batchtrack serve` as a subprocess on a free port; yields (base URL, data dir, proc)."""
-    data = tmp_path / "data"
+def start_serve(data: Path, log: Path, *options: str) -> tuple[str, subprocess.Popen[str]]:
+    """Start `batchtrack serve` on a free port over ``data``; return its URL and process."""
     port = free_port()
-    log = tmp_path / "serve.log"
     with log.open("w") as sink:
         proc = subprocess.Popen(
             [
@@ -148,6 +145,7 @@ def server(tmp_path: Path) -> Iterator[tuple[str, Path, subprocess.Popen[str]]]:
                 str(data),
                 "--concurrency",
                 "1",
+                *options,
             ],
             stderr=sink,
             text=True,
@@ -156,16 +154,77 @@ def server(tmp_path: Path) -> Iterator[tuple[str, Path, subprocess.Popen[str]]]:
     try:
         wait_until_serving(base + "/", proc)
     except RuntimeError:
+        proc.kill()
         pytest.fail(log.read_text())
     first = log.read_text().splitlines()[0]
     assert f"batchtrack serving on {base}/" in first, first
-    yield base, data, proc
+    return base, proc
+
+
+def stop_serve(proc: subprocess.Popen[str]) -> None:
+    """Stop a serve process like Ctrl-C would, or kill it if it does not stop."""
     if proc.poll() is None:
         proc.send_signal(signal.SIGINT)
         try:
             proc.wait(20)
         except subprocess.TimeoutExpired:
             proc.kill()
+            proc.wait()
+
+
+@pytest.fixture
+def server(tmp_path: Path) -> Iterator[tuple[str, Path, subprocess.Popen[str]]]:
+    """`batchtrack serve` as a subprocess on a free port; yields (base URL, data dir, proc)."""
+    data = tmp_path / "data"
+    base, proc = start_serve(data, tmp_path / "serve.log")
+    yield base, data, proc
+    stop_serve(proc)
+
+
+def test_serve_killed_mid_batch_finishes_the_batch_when_started_again(tmp_path: Path) -> None:
+    """kill -9 mid-batch, start again: the batch finishes, every image processed once."""
+    data = tmp_path / "data"
+    base, proc = start_serve(data, tmp_path / "first.log", "--lease", "2")
+    try:
+        with httpx.Client(base_url=base, timeout=30) as client:
+            files = [("files", (f"{n}.jpg", jpeg((3000, 2000)), "image/jpeg")) for n in range(8)]
+            ids = [f["id"] for f in client.post("/api/upload", files=files).json()["files"]]
+            started = client.post("/api/process-batch", json={"fileIds": ids}).json()
+            session = dict(client.cookies)
+            deadline = time.monotonic() + 60
+            while True:
+                progress = client.get(started["statusUrl"]).json()["progress"]
+                if progress["completed"] >= 1 and progress["processing"] == 1:
+                    break
+                assert progress["pending"] > 0, "the batch ended before the kill"
+                assert time.monotonic() < deadline
+                time.sleep(0.01)
+        proc.send_signal(signal.SIGKILL)
+        proc.wait(10)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    left = json.loads(batchtrack("status", started["batchId"], "--data-dir", str(data)).stdout)
+    assert left["status"] == "processing"
+    assert left["progress"]["pending"] + left["progress"]["processing"] > 0
+
+    base, proc = start_serve(data, tmp_path / "second.log", "--lease", "2")
+    try:
+        with httpx.Client(base_url=base, timeout=30, cookies=session) as client:
+            deadline = time.monotonic() + 90
+            while (body := client.get(f"/api/batch-status/{started['batchId']}").json())[
+                "status"
+            ] == "processing":
+                assert time.monotonic() < deadline, body
+                time.sleep(0.2)
+    finally:
+        stop_serve(proc)
+    assert body["status"] == "completed"
+    assert body["progress"]["completed"] == 8
+    # The image the killed server was working on ran again (its second start).
+    assert [i.get("attempts", 1) for i in body["images"]].count(2) == 1
+    results = sorted(p.name for p in (data / "results").iterdir())
+    assert results == sorted(f"{i['id']}.jpg" for i in body["images"])
 
 
 def test_serve_page_upload_poll_and_status_from_another_process(

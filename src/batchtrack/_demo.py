@@ -13,11 +13,12 @@ from ._orchestrator import Orchestrator
 from ._tracker import BatchTracker
 from .asgi import Receive, Scope, Send, create_app
 from .cli import DB_NAME
+from .exceptions import BatchtrackError
 from .imaging import ImagePipeline
 from .stores.sqlite import SQLiteStore
 from .uploads import UploadStore
 
-__all__ = ["INTERRUPTED", "build"]
+__all__ = ["INTERRUPTED", "build", "recover"]
 
 log = logging.getLogger("batchtrack")
 
@@ -41,11 +42,36 @@ def page() -> bytes:
     return resources.files("batchtrack").joinpath("static/index.html").read_bytes()
 
 
-def build(data_dir: Path, *, concurrency: int = 4) -> tuple[Any, Callable[[], None]]:
-    """The demo ASGI app over ``data_dir``, and the function that shuts it down."""
+def recover(tracker: BatchTracker, orchestrator: Orchestrator) -> int:
+    """Take back lost items and resume every unfinished batch; return how many resumed.
+
+    What a service does at start (a batch a killed process had started finishes) and
+    every so often (items whose worker died go back to pending and run again).
+    """
+    tracker.reclaim()
+    resumed = 0
+    for batch_id in tracker.open_batches():
+        try:
+            orchestrator.resume(batch_id)
+        except BatchtrackError:  # expired meanwhile, or we are shutting down
+            log.debug("batchtrack: could not resume batch %s", batch_id, exc_info=True)
+        else:
+            resumed += 1
+    return resumed
+
+
+def build(
+    data_dir: Path, *, concurrency: int = 4, lease: float = 60.0
+) -> tuple[Any, Callable[[], None]]:
+    """The demo ASGI app over ``data_dir``, and the function that shuts it down.
+
+    At start it reclaims lost items and resumes every unfinished batch in the database,
+    then does so again every ``min(60, lease)`` seconds; running items are heartbeated
+    every ``lease / 3`` seconds.
+    """
     data_dir.mkdir(parents=True, exist_ok=True)
     (data_dir / "results").mkdir(exist_ok=True)
-    tracker = BatchTracker(SQLiteStore(data_dir / DB_NAME))
+    tracker = BatchTracker(SQLiteStore(data_dir / DB_NAME), lease=lease)
     orchestrator = Orchestrator(
         tracker, ImagePipeline(data_dir / "results"), concurrency=concurrency
     )
@@ -54,14 +80,29 @@ def build(data_dir: Path, *, concurrency: int = 4) -> tuple[Any, Callable[[], No
     tracker.start_sweeper(interval=600)
     stop = threading.Event()
 
-    def sweep_uploads() -> None:
-        while not stop.wait(600):
-            try:
-                uploads.cleanup()
-            except OSError:
-                log.exception("batchtrack: could not clean up expired uploads")
+    def every(interval: float, task: Callable[[], object], what: str, *, first: float) -> None:
+        def loop() -> None:
+            wait = first
+            while not stop.wait(wait):
+                wait = interval
+                try:
+                    task()
+                except Exception:  # keep going: the next round may succeed
+                    log.exception("batchtrack: could not %s", what)
 
-    threading.Thread(target=sweep_uploads, name="batchtrack-uploads", daemon=True).start()
+        threading.Thread(target=loop, name=f"batchtrack-{what}", daemon=True).start()
+
+    def resume() -> None:
+        resumed = recover(tracker, orchestrator)
+        if resumed and not started.is_set():
+            log.warning("batchtrack: resuming %d unfinished batches", resumed)
+        started.set()
+
+    started = threading.Event()
+    every(600, uploads.cleanup, "clean up expired uploads", first=600)
+    # The first round shortly after start, so that the server announces itself first.
+    every(min(60.0, lease), resume, "resume lost work", first=0.5)
+
     body = page()
 
     async def app(scope: Scope, receive: Receive, send: Send) -> None:

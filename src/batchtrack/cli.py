@@ -48,6 +48,16 @@ def _positive(text: str) -> int:
     return value
 
 
+def _seconds(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number of seconds, got {text!r}") from None
+    if not 0 < value < float("inf"):
+        raise argparse.ArgumentTypeError(f"expected a positive number of seconds, got {text}")
+    return value
+
+
 def _port(text: str) -> int:
     value = _positive(text)
     if value > 65535:
@@ -80,6 +90,13 @@ def _parser() -> argparse.ArgumentParser:
         help="database, uploads and results (./batchtrack-data; created when missing)",
     )
     serve.add_argument("--concurrency", type=_positive, default=4, help="images at once (4)")
+    serve.add_argument(
+        "--lease",
+        type=_seconds,
+        default=60.0,
+        metavar="SECONDS",
+        help="an image whose worker shows no sign of life for this long is run again (60)",
+    )
 
     process = commands.add_parser(
         "process", help="process files and folders of images, with a progress bar"
@@ -250,7 +267,7 @@ def _serve(args: argparse.Namespace) -> int:
     from ._demo import build
 
     try:
-        app, close = build(args.data_dir, concurrency=args.concurrency)
+        app, close = build(args.data_dir, concurrency=args.concurrency, lease=args.lease)
     except (OSError, BatchtrackError) as exc:
         raise _Usage(f"cannot use --data-dir {str(args.data_dir)!r}: {exc}") from None
     url = f"http://{args.host}:{args.port}/"
