@@ -158,10 +158,18 @@ class MemoryStore(Store):
         return state, position
 
     def apply(self, batch_id: str, transition: Transition) -> TransitionResult:
+        # The hot path, written out in one piece: this runs twice per item.
         with self._lock:
-            state, position = self._find(batch_id, transition.item_id, transition.at)
-            previous = state.items[position].status
-            if previous is transition.target:
+            state = self._batches.get(batch_id)
+            if state is None or state.expires_at <= transition.at:
+                raise BatchNotFound(batch_id)
+            position = state.index.get(transition.item_id)
+            if position is None:
+                raise ItemNotFound(batch_id, transition.item_id)
+            item = state.items[position]
+            previous = item.status
+            target = transition.target
+            if previous is target:
                 outcome = Outcome.UNCHANGED
             elif (
                 previous not in transition.sources
@@ -170,18 +178,57 @@ class MemoryStore(Store):
                     and not _ran_out(state.leases[position], transition.lost_before)
                 )
                 or (
-                    transition.max_attempts is not None
-                    and state.items[position].attempts >= transition.max_attempts
+                    transition.max_attempts is not None and item.attempts >= transition.max_attempts
                 )
             ):
                 outcome = Outcome.REJECTED
             else:
                 outcome = Outcome.APPLIED
-                state.move(position, transition)
-                state.settle(transition)
-                if transition.lease_until is not None:
-                    heapq.heappush(self._leases, (transition.lease_until, batch_id, position))
-            return self._result(outcome, previous, state, position)
+                attempts = item.attempts
+                if transition.add_attempt:
+                    attempts += 1
+                elif transition.reset_attempts:
+                    attempts = 0
+                item = state.items[position] = ItemSnapshot(
+                    item.id, item.filename, target, transition.error, attempts, item.source
+                )
+                lease = state.leases[position] = transition.lease_until
+                if lease is not None:
+                    state.beats[position] = transition.at
+                    heapq.heappush(self._leases, (lease, batch_id, position))
+                counts = state.counts
+                counts[previous] -= 1
+                counts[target] += 1
+                contributions = transition.stats.get(previous)
+                if contributions:
+                    add_stats(state.stats, contributions, transition.at - state.changed[position])
+                state.changed[position] = transition.at
+                state.updated_at = transition.at
+                state.version += 1
+                if counts[_PENDING] or counts[_PROCESSING]:
+                    state.finished_at = None
+                    state.expires_at = transition.expires_at_open
+                else:
+                    state.finished_at = transition.at
+                    state.expires_at = transition.expires_at_finished
+                state.progress = Progress(
+                    state.progress.total,
+                    counts[Status.COMPLETED],
+                    counts[Status.FAILED],
+                    counts[_PROCESSING],
+                    counts[_PENDING],
+                )
+            return TransitionResult(
+                outcome,
+                previous,
+                item,
+                state.progress,
+                state.version,
+                state.created_at,
+                state.finished_at,
+                state.expires_at,
+                dict(state.stats) if state.stats else _NO_STATS,
+            )
 
     @staticmethod
     def _result(

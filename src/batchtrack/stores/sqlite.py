@@ -182,6 +182,10 @@ class SQLiteStore(Store):
     _all: list[sqlite3.Connection]
     _all_lock: threading.Lock
     _closed: bool
+    # The last stats blob written or read, decoded: consecutive transitions of a batch
+    # mostly see the blob the previous one wrote, so this skips most decoding. Replaced
+    # whole (one atomic assignment), never mutated.
+    _stats_memo: tuple[bytes, dict[str, float]]
 
     def __init__(
         self, path: str | os.PathLike[str], *, synchronous: str = "NORMAL", timeout: float = 30.0
@@ -202,6 +206,7 @@ class SQLiteStore(Store):
             [],
             threading.Lock(),
             False,
+            (b"", {}),
         )
         self._migrate()
 
@@ -382,13 +387,15 @@ class SQLiteStore(Store):
             }
             counts[previous] -= 1
             counts[target] += 1
-            stats = unpack_stats(row[12])
+            packed = row[12]
+            memo_blob, memo_stats = self._stats_memo
+            stats = memo_stats if packed == memo_blob else unpack_stats(packed)
             contributions = transition.stats.get(previous)
             if contributions:
+                stats = dict(stats)
                 add_stats(stats, contributions, transition.at - row[18])
                 packed = pack_stats(stats)
-            else:
-                packed = row[12]
+            self._stats_memo = (packed, stats)
             if transition.add_attempt:
                 attempts += 1
             elif transition.reset_attempts:
