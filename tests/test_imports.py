@@ -20,6 +20,10 @@ OPTIONAL = (
     "pytest",
     "tqdm",
     "rich",
+    "celery",
+    "kombu",
+    "dask",
+    "distributed",
 )
 
 
