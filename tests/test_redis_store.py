@@ -229,3 +229,49 @@ def test_two_uvicorn_workers_share_one_truth(
             server.wait(20)
         except subprocess.TimeoutExpired:
             server.kill()
+
+
+RECLAIMER = textwrap.dedent(
+    """
+    import sys, time
+    from batchtrack import BatchTracker
+    from batchtrack.stores.redis import RedisStore
+
+    url, prefix, at, go = sys.argv[1], sys.argv[2], float(sys.argv[3]), float(sys.argv[4])
+    tracker = BatchTracker(RedisStore(url, prefix=prefix), clock=lambda: at, lease=5.0)
+    while time.time() < go:  # start together
+        time.sleep(0.001)
+    for batch_id, item_id, status in tracker.reclaim_items():
+        print(batch_id, item_id, status.value, flush=True)
+    """
+)
+
+
+def test_processes_reclaiming_at_once_move_each_lost_item_once(
+    redis_url: str, tmp_path: Path
+) -> None:
+    """4 processes reclaiming the same Redis at one moment: every lost item moves once."""
+    prefix = f"test-{uuid.uuid4()}:"
+    now = time.time()
+    tracker = BatchTracker(RedisStore(redis_url, prefix=prefix), clock=lambda: now, lease=5.0)
+    snap = tracker.create_batch([f"{i}.jpg" for i in range(300)])
+    for item in snap.items[:200]:
+        tracker.start_item(snap.batch_id, item.id)
+    script = tmp_path / "reclaimer.py"
+    script.write_text(RECLAIMER)
+    go = time.time() + 1.0
+    procs = [
+        subprocess.Popen(
+            [sys.executable, str(script), redis_url, prefix, repr(now + 6), repr(go)],
+            stdout=subprocess.PIPE,
+            text=True,
+        )
+        for _ in range(4)
+    ]
+    moved: list[str] = []
+    for proc in procs:
+        out, _ = proc.communicate(timeout=120)
+        assert proc.returncode == 0
+        moved += out.splitlines()
+    assert len(moved) == len(set(moved)) == 200
+    assert tracker.get(snap.batch_id).progress.pending == 300

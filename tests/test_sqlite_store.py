@@ -360,3 +360,53 @@ def test_status_is_readable_while_another_process_writes(tmp_path: Path) -> None
     proc.communicate(timeout=60)
     assert seen == sorted(seen)  # progress never goes backwards
     assert tracker.get(snap.batch_id).progress.completed == 300
+
+
+RECLAIMER = textwrap.dedent(
+    """
+    import sys, time
+    from batchtrack import BatchTracker, SQLiteStore
+
+    path, at = sys.argv[1], float(sys.argv[2])
+    tracker = BatchTracker(SQLiteStore(path), clock=lambda: at, lease=5.0, max_attempts=2)
+    while time.time() < float(sys.argv[3]):  # start together
+        time.sleep(0.001)
+    for batch_id, item_id, status in tracker.reclaim_items():
+        print(batch_id, item_id, status.value, flush=True)
+    """
+)
+
+
+def test_processes_reclaiming_at_once_move_each_lost_item_once(tmp_path: Path) -> None:
+    """4 processes reclaiming one file at the same moment: every lost item moves once."""
+    path = tmp_path / "shared.db"
+    clock = FakeClock()
+    tracker = BatchTracker(SQLiteStore(path), clock=clock, lease=5.0, max_attempts=2)
+    batches = [tracker.create_batch([f"{i}.jpg" for i in range(150)]) for _ in range(2)]
+    for snap in batches:
+        for item in snap.items[:100]:
+            tracker.start_item(snap.batch_id, item.id)
+    # Half of the first batch's running items finish in time; the other 150 are lost.
+    for item in batches[0].items[:50]:
+        tracker.complete_item(batches[0].batch_id, item.id)
+    script = tmp_path / "reclaimer.py"
+    script.write_text(RECLAIMER)
+    at = clock() + 6
+    go = time.time() + 1.0
+    procs = [
+        subprocess.Popen(
+            [sys.executable, str(script), str(path), repr(at), repr(go)],
+            stdout=subprocess.PIPE,
+            text=True,
+        )
+        for _ in range(4)
+    ]
+    moved: list[str] = []
+    for proc in procs:
+        out, _ = proc.communicate(timeout=120)
+        assert proc.returncode == 0
+        moved += out.splitlines()
+    assert len(moved) == len(set(moved)) == 150  # 50 + 100 lost items, each moved once
+    first = tracker.get(batches[0].batch_id)
+    assert (first.progress.completed, first.progress.pending) == (50, 100)
+    assert tracker.get(batches[1].batch_id).progress.pending == 150

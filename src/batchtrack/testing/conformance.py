@@ -684,22 +684,19 @@ class StoreConformance:
         with pytest.raises(InvalidTransition):
             tracker.heartbeat(batch_id, "a")
 
-    def test_threads_reclaiming_at_once_move_each_lost_item_once(
-        self, store_factory: Callable[[], Store]
-    ) -> None:
-        """8 trackers (each on its own store object) reclaiming at once move each item once."""
+    def test_threads_reclaiming_at_once_move_each_lost_item_once(self, store: Store) -> None:
+        """8 trackers sharing the store, reclaiming at once, move each lost item once."""
         clock = FakeClock()
-        first = store_factory()
         n = 60
-        setup = BatchTracker(first, clock=clock, lease=5.0, max_attempts=3)
-        batch_ids = [setup.create_batch([(f"i{k}", "x.jpg") for k in range(n)]).batch_id]
-        batch_ids.append(setup.create_batch([(f"i{k}", "x.jpg") for k in range(n)]).batch_id)
+        trackers = [BatchTracker(store, clock=clock, lease=5.0, max_attempts=3) for _ in range(8)]
+        setup = trackers[0]
+        batch_ids = [
+            setup.create_batch([(f"i{k}", "x.jpg") for k in range(n)]).batch_id for _ in range(2)
+        ]
         for batch_id in batch_ids:
             for k in range(n):
                 setup.start_item(batch_id, f"i{k}")
         clock.advance(6)
-        stores = [first] + [store_factory() for _ in range(7)]
-        trackers = [BatchTracker(s, clock=clock, lease=5.0, max_attempts=3) for s in stores]
         barrier = threading.Barrier(len(trackers))
         moved: list[int] = []
         lock = threading.Lock()
