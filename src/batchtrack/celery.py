@@ -1,0 +1,519 @@
+"""Run batches on Celery workers: a tracked task for the workers, a runner for the web tier.
+
+Needs Celery: ``pip install 'batchtrack[celery]'``.
+
+The web tier creates a batch and sends one message per item, ``(batch_id, item_id)``;
+a worker that receives one starts the item in the tracker, reads its source from there,
+runs the processor and records the outcome. Every guarantee rests on two facts: the
+tracker's transitions are atomic and repeating one is a no-op, and the task is
+acknowledged only after it ran (``acks_late``), so a message whose worker died is
+delivered again.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import os
+import random
+import threading
+from collections.abc import Callable, Iterable, Iterator, Sequence
+from contextlib import contextmanager
+from typing import Any
+
+try:
+    from celery import Celery  # type: ignore[import-untyped]
+    from celery.exceptions import Reject  # type: ignore[import-untyped]
+except ImportError as exc:  # pragma: no cover - depends on the environment
+    raise ImportError("batchtrack.celery needs Celery: pip install 'batchtrack[celery]'") from exc
+
+import attrs
+
+from ._models import BatchSnapshot, Item, ProgressEvent, Status
+from ._orchestrator import ItemLike, _as_item, error_message
+from ._tracker import BatchTracker
+from .exceptions import (
+    BatchNotFound,
+    InvalidTransition,
+    ItemNotFound,
+    ProcessingError,
+    StoreError,
+    ValidationError,
+)
+
+__all__ = ["DEFAULT_TASK_NAME", "MAX_BACKOFF", "CeleryRunner", "retry_delay", "tracked_task"]
+
+log = logging.getLogger("batchtrack")
+
+DEFAULT_TASK_NAME = "batchtrack.process_item"
+"""The name :func:`tracked_task` registers its task under when given no ``name``."""
+
+MAX_BACKOFF = 60.0
+"""No retry waits longer than this many seconds."""
+
+_STORE_BACKOFF_FLOOR = 0.5  # a store outage is never retried in a tight loop
+
+
+def retry_delay(
+    retry_backoff: float, retries: int, *, rng: Callable[[], float] = random.random
+) -> float:
+    """Seconds to wait before the next retry, after ``retries`` retries so far.
+
+    The wait doubles from ``retry_backoff`` with every retry and is capped at
+    :data:`MAX_BACKOFF`; then it is drawn uniformly from the upper half of that
+    ("equal jitter": between half and all of it), so that items failing together do not
+    come back together.
+
+    Args:
+        retry_backoff: The wait before the first retry, before jitter.
+        retries: How many retries happened already (0 before the first).
+        rng: A source of floats in [0, 1), like :func:`random.random`.
+    """
+    ceiling = min(MAX_BACKOFF, retry_backoff * 2.0 ** min(retries, 64))
+    return ceiling * (0.5 + 0.5 * rng())
+
+
+def _check_seconds(value: object, what: str, *, allow_zero: bool) -> float:
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise ValidationError(f"{what} must be a number of seconds, not {value!r}")
+    if not math.isfinite(value) or value < 0 or (value == 0 and not allow_zero):
+        kind = "a finite number >= 0" if allow_zero else "a positive finite number"
+        raise ValidationError(f"{what} must be {kind} of seconds, not {value!r}")
+    return float(value)
+
+
+@attrs.frozen
+class _Job:
+    """What a tracked task does with one message: everything but the Celery plumbing."""
+
+    tracker: BatchTracker
+    processor: Callable[[Item], Any]
+    max_retries: int
+    retry_backoff: float
+    lease: float | None
+
+    @property
+    def heartbeat_interval(self) -> float:
+        return (self.tracker.lease if self.lease is None else self.lease) / 3
+
+    def run(
+        self, task: Any, batch_id: str, item_id: str, failures: int, done: bool, error: str | None
+    ) -> str | None:
+        if done:  # processed before; only the outcome is left to record
+            return self._record(task, batch_id, item_id, failures, error)
+        try:
+            item = self._begin(batch_id, item_id)
+        except StoreError as exc:
+            raise self._retry_store(task, exc, batch_id, item_id, failures) from None
+        if item is None:
+            return None
+        try:
+            with self._heartbeats(batch_id, item_id):
+                self.processor(item)
+        except Exception as exc:
+            if failures < self.max_retries and not isinstance(exc, ProcessingError):
+                countdown = retry_delay(self.retry_backoff, failures)
+                log.warning(
+                    "batchtrack: item %s of batch %s failed (%s: %s); retry %d of %d in %.1f s",
+                    item_id,
+                    batch_id,
+                    type(exc).__name__,
+                    exc,
+                    failures + 1,
+                    self.max_retries,
+                    countdown,
+                )
+                self._hold(batch_id, item_id, countdown)
+                raise self._retry(
+                    task, exc, countdown, batch_id, item_id, failures=failures + 1
+                ) from None
+            if not isinstance(exc, ProcessingError):
+                log.error(
+                    "batchtrack: item %s (%s) of batch %s failed",
+                    item_id,
+                    item.filename,
+                    batch_id,
+                    exc_info=exc,
+                )
+            error = error_message(exc, item)
+        return self._record(task, batch_id, item_id, failures, error)
+
+    def _begin(self, batch_id: str, item_id: str) -> Item | None:
+        """Start the item and take its lease; None when it is not to be processed."""
+        try:
+            event = self.tracker.start_item(batch_id, item_id, lease=self.lease)
+            if not event.changed:
+                # Already processing: a redelivery after its worker died, or a retry of
+                # ours. Starting again was a no-op; the lease is this worker's now.
+                event = self.tracker.heartbeat(batch_id, item_id, lease=self.lease)
+        except InvalidTransition as exc:
+            # Final: completed by an earlier delivery, failed, or cancelled.
+            log.info(
+                "batchtrack: item %s of batch %s is %s; skipped", item_id, batch_id, exc.current
+            )
+            return None
+        except (BatchNotFound, ItemNotFound):
+            log.warning("batchtrack: item %s of batch %s is gone; skipped", item_id, batch_id)
+            return None
+        snap = event.item
+        return Item(snap.filename, source=snap.source, id=item_id, batch_id=batch_id)
+
+    @contextmanager
+    def _heartbeats(self, batch_id: str, item_id: str) -> Iterator[None]:
+        """Renew the item's lease from a background thread while the block runs."""
+        stop = threading.Event()
+
+        def beat() -> None:
+            while not stop.wait(self.heartbeat_interval):
+                try:
+                    self.tracker.heartbeat(batch_id, item_id, lease=self.lease)
+                except (InvalidTransition, BatchNotFound, ItemNotFound) as exc:
+                    # Reclaimed, settled elsewhere or gone: the lease is no longer ours.
+                    log.warning(
+                        "batchtrack: heartbeats stop for item %s of batch %s: %s",
+                        item_id,
+                        batch_id,
+                        exc,
+                    )
+                    return
+                except Exception as exc:  # a store hiccup; the next beat may get through
+                    log.warning(
+                        "batchtrack: heartbeat for item %s of batch %s failed: %s",
+                        item_id,
+                        batch_id,
+                        exc,
+                    )
+
+        thread = threading.Thread(target=beat, name="batchtrack-heartbeat", daemon=True)
+        thread.start()
+        try:
+            yield
+        finally:
+            stop.set()
+            thread.join()
+
+    def _hold(self, batch_id: str, item_id: str, countdown: float) -> None:
+        """Extend the lease over the wait before a retry, so the item is not lost meanwhile."""
+        lease = self.tracker.lease if self.lease is None else self.lease
+        try:
+            self.tracker.heartbeat(batch_id, item_id, lease=countdown + lease)
+        except Exception as exc:  # the retry still happens; the lease may run out meanwhile
+            log.warning(
+                "batchtrack: could not hold item %s of batch %s for its retry: %s",
+                item_id,
+                batch_id,
+                exc,
+            )
+
+    def _record(
+        self, task: Any, batch_id: str, item_id: str, failures: int, error: str | None
+    ) -> str | None:
+        """Record the outcome: completed when ``error`` is None, else failed with it."""
+        try:
+            if error is None:
+                event = self._complete(batch_id, item_id)
+            else:
+                event = self.tracker.fail_item(batch_id, item_id, error)
+        except StoreError as exc:
+            raise self._retry_store(
+                task, exc, batch_id, item_id, failures, done=True, error=error
+            ) from None
+        except InvalidTransition as exc:
+            log.warning(
+                "batchtrack: item %s of batch %s is %s already; its outcome here is dropped",
+                item_id,
+                batch_id,
+                exc.current,
+            )
+            return None
+        except (BatchNotFound, ItemNotFound):
+            log.warning(
+                "batchtrack: item %s of batch %s is gone; outcome dropped", item_id, batch_id
+            )
+            return None
+        return event.item.status.value
+
+    def _complete(self, batch_id: str, item_id: str) -> ProgressEvent:
+        try:
+            return self.tracker.complete_item(batch_id, item_id)
+        except InvalidTransition as exc:
+            if exc.current != Status.PENDING:
+                raise
+            # Reclaimed while we worked (our lease ran out), yet the work is done:
+            # record it rather than leave the item to run again.
+            self.tracker.start_item(batch_id, item_id, lease=self.lease)
+            return self.tracker.complete_item(batch_id, item_id)
+
+    def _retry_store(
+        self,
+        task: Any,
+        exc: StoreError,
+        batch_id: str,
+        item_id: str,
+        failures: int,
+        *,
+        done: bool = False,
+        error: str | None = None,
+    ) -> BaseException:
+        # A store outage is waited out, however long: nothing can be recorded meanwhile,
+        # and it says nothing about the item, so it spends none of its retries.
+        countdown = retry_delay(
+            max(self.retry_backoff, _STORE_BACKOFF_FLOOR), task.request.retries or 0
+        )
+        log.warning(
+            "batchtrack: the store failed for item %s of batch %s (%s); trying again in %.1f s",
+            item_id,
+            batch_id,
+            exc,
+            countdown,
+        )
+        return self._retry(
+            task, exc, countdown, batch_id, item_id, failures=failures, done=done, error=error
+        )
+
+    @staticmethod
+    def _retry(
+        task: Any, exc: Exception, countdown: float, batch_id: str, item_id: str, **kwargs: Any
+    ) -> BaseException:
+        """Send the retry message; what is returned is raised by the caller."""
+        outcome: BaseException
+        try:
+            outcome = task.retry(
+                args=(batch_id, item_id), kwargs=kwargs, exc=exc, countdown=countdown, throw=False
+            )
+        except Reject:
+            # The retry could not be sent (the broker is down too). Celery would drop
+            # the message; put it back instead: a broker that stays down keeps it unacked
+            # and hands it out again after the visibility timeout.
+            outcome = Reject(f"could not send the retry: {exc}", requeue=True)
+        return outcome
+
+
+def tracked_task(
+    celery_app: Any,
+    tracker: BatchTracker,
+    processor: Callable[[Item], Any],
+    *,
+    name: str | None = None,
+    max_retries: int = 3,
+    retry_backoff: float = 1.0,
+    lease: float | None = None,
+) -> Any:
+    """Register a Celery task that processes one item of a batch, keeping the tracker current.
+
+    The task takes ``(batch_id, item_id)``. It is acknowledged late and rejected when its
+    worker process is lost, so a message whose worker died is delivered again. It starts
+    the item with a lease and renews the lease from a background thread every third of
+    it while ``processor`` runs; it acknowledges and skips an item that is already final
+    (a redelivery after completion, or a cancelled item). An exception is retried up to
+    ``max_retries`` times, ``retry_backoff`` seconds after the first failure and twice
+    as long after each next one (at most :data:`MAX_BACKOFF`, with jitter: see
+    :func:`retry_delay`); then the item fails with a one-line message.
+    :class:`~batchtrack.exceptions.ProcessingError` fails the item at once, with its
+    message: it says the input is bad, which no retry changes. A failing store
+    (:class:`~batchtrack.StoreError`) is retried with the same back-off for as long as
+    it fails, without spending the item's retries; no item is ever counted twice.
+
+    Call it where both the web tier and the workers import it, with the same ``name``,
+    so that the messages the web tier sends find the task in the workers; and after
+    configuring ``celery_app``, since a task takes defaults such as its serializer from
+    the configuration when it is created.
+
+    Args:
+        celery_app: The :class:`celery.Celery` application to register the task with.
+        tracker: Where progress is recorded; its store must be shared by every worker
+            and the web tier (Redis or SQLite).
+        processor: Called with each :class:`~batchtrack.Item` (``id``, ``batch_id`` and
+            the stored ``source`` set); returning completes the item, raising fails it
+            (see :class:`batchtrack.typing.Processor`).
+        name: The task's name; None for :data:`DEFAULT_TASK_NAME`. Give each tracked
+            task of one app its own.
+        max_retries: How many times a failing item is tried again (0: never).
+        retry_backoff: Seconds before the first retry (before jitter); 0 retries at once.
+        lease: Seconds an item stays leased to its worker between heartbeats; None for
+            the tracker's ``lease``.
+
+    Returns:
+        The Celery task: ``task.delay(batch_id, item_id)`` sends a message; pass it to
+        :class:`CeleryRunner`. It returns the item's final status (``"completed"`` or
+        ``"failed"``), or None when it skipped the item.
+
+    Raises:
+        ValidationError: A bad argument, or ``name`` is taken in ``celery_app``.
+    """
+    if not isinstance(celery_app, Celery):
+        raise ValidationError(
+            f"celery_app must be a celery.Celery application, not {type(celery_app).__name__}"
+        )
+    if not isinstance(tracker, BatchTracker):
+        raise ValidationError(f"tracker must be a BatchTracker, not {type(tracker).__name__}")
+    if not callable(processor):
+        raise ValidationError("processor must be callable with one Item")
+    if name is None:
+        name = DEFAULT_TASK_NAME
+    if not isinstance(name, str) or not name.strip():
+        raise ValidationError(f"name must be a non-empty string, not {name!r}")
+    if isinstance(max_retries, bool) or not isinstance(max_retries, int) or max_retries < 0:
+        raise ValidationError(f"max_retries must be a whole number >= 0, not {max_retries!r}")
+    backoff = _check_seconds(retry_backoff, "retry_backoff", allow_zero=True)
+    if lease is not None:
+        lease = _check_seconds(lease, "lease", allow_zero=False)
+    # Reading the registry directly: ``celery_app.tasks`` would finalize the app.
+    if name in celery_app._tasks:
+        raise ValidationError(
+            f"celery_app has a task named {name!r} already; give this one another name="
+        )
+    job = _Job(tracker, processor, max_retries, backoff, lease)
+
+    def process_item(
+        self: Any,
+        batch_id: str,
+        item_id: str,
+        *,
+        failures: int = 0,
+        done: bool = False,
+        error: str | None = None,
+    ) -> str | None:
+        """Process one item of a batch (batchtrack): start, run the processor, record."""
+        return job.run(self, batch_id, item_id, failures, done, error)
+
+    task = celery_app.task(
+        bind=True,
+        name=name,
+        shared=False,
+        lazy=False,
+        acks_late=True,
+        reject_on_worker_lost=True,
+        # Retries are counted here, per cause (see _Job.run); Celery must not cap them.
+        max_retries=None,
+        ignore_result=True,
+    )(process_item)
+    task.batchtrack_job = job
+    return task
+
+
+def _check_task(task: object) -> Any:
+    if not isinstance(getattr(task, "batchtrack_job", None), _Job):
+        raise ValidationError(
+            f"task must be a task made by batchtrack.celery.tracked_task, not {type(task).__name__}"
+        )
+    return task
+
+
+@attrs.frozen
+class CeleryRunner:
+    """Runs batches on Celery workers: a runner for ``create_app`` and your own code.
+
+    It creates batches and sends one message per item to the workers, which run the
+    task made by :func:`tracked_task`. It satisfies :class:`batchtrack.typing.Runner`.
+
+    Args:
+        tracker: Where batches are created; the same store as the task's tracker.
+        task: The task made by :func:`tracked_task`.
+
+    Raises:
+        ValidationError: A bad argument.
+    """
+
+    tracker: BatchTracker
+    task: Any = attrs.field(converter=_check_task)
+
+    def __attrs_post_init__(self) -> None:
+        if not isinstance(self.tracker, BatchTracker):
+            raise ValidationError(
+                f"tracker must be a BatchTracker, not {type(self.tracker).__name__}"
+            )
+
+    @property
+    def processor(self) -> Callable[[Item], Any]:
+        """The task's processor (the HTTP API finds an ``output_dir`` on it for results)."""
+        job: _Job = self.task.batchtrack_job
+        return job.processor
+
+    def submit(self, items: Iterable[ItemLike], *, owner: str | None = None) -> BatchSnapshot:
+        """Create a batch of ``items`` and send one message per item to the workers.
+
+        Args:
+            items: :class:`~batchtrack.Item` values, or paths (the filename is the base
+                name, the source the path). A source must be a path or a string the
+                workers can resolve (a shared path, a URL, a key in your storage): it is
+                stored with the item, and workers read it from there.
+            owner: Who owns the batch (see :meth:`BatchTracker.get`).
+
+        Returns:
+            The new batch, all pending.
+
+        Raises:
+            ValidationError: No items, a bad item, duplicate ids.
+            Exception: The broker refused a message (as raised by Celery). The batch is
+                then cancelled, so that no item waits for a message that never comes.
+        """
+        if isinstance(items, (str, bytes, os.PathLike)) or not isinstance(items, Iterable):
+            raise ValidationError("items must be an iterable of Items or paths")
+        prepared = [_as_item(value, n) for n, value in enumerate(items)]
+        snap = self.tracker.create_batch(prepared, owner=owner)
+        try:
+            self._send(snap.batch_id, [item.id for item in snap.items])
+        except Exception:
+            try:
+                self.tracker.cancel(snap.batch_id)
+            except Exception:
+                log.exception("batchtrack: could not cancel batch %s", snap.batch_id)
+            raise
+        return snap
+
+    def resume(self, batch_id: str) -> BatchSnapshot:
+        """Send a message for every pending item of the batch (after a retry or a reclaim).
+
+        Items that already have a message on its way are sent again; the second message
+        finds the item started or final and changes nothing.
+
+        Returns:
+            The batch as it was before the messages went out.
+
+        Raises:
+            BatchNotFound: Unknown or expired batch.
+            Exception: The broker refused a message (as raised by Celery); the items not
+                sent stay pending: resume again.
+        """
+        snap = self.tracker.get(batch_id)
+        self._send(batch_id, [item.id for item in snap.items if item.status is Status.PENDING])
+        return snap
+
+    def cancel(self, batch_id: str) -> bool:
+        """Fail every pending item with the error ``"cancelled"``; True if any was.
+
+        Items being processed finish as they will. Messages already sent for cancelled
+        items are acknowledged and skipped by the workers. False for an unknown or
+        finished batch.
+        """
+        try:
+            return self.tracker.cancel(batch_id) > 0
+        except BatchNotFound:
+            return False
+
+    def reclaim(self) -> int:
+        """Take back lost items (see :meth:`BatchTracker.reclaim`) and send them again.
+
+        Lost items that went back to pending get a new message; those that ran out of
+        attempts fail. Run it now and then (a Celery beat task, a cron job) when messages
+        may be lost for good, for example with a broker that does not persist them.
+
+        Returns:
+            How many items were moved.
+        """
+        moved = self.tracker.reclaim_items()
+        again: dict[str, list[str]] = {}
+        for batch_id, item_id, status in moved:
+            if status is Status.PENDING:
+                again.setdefault(batch_id, []).append(item_id)
+        for batch_id, item_ids in again.items():
+            self._send(batch_id, item_ids)
+        return len(moved)
+
+    def _send(self, batch_id: str, item_ids: Sequence[str]) -> None:
+        if not item_ids:
+            return
+        with self.task.app.producer_or_acquire() as producer:
+            for item_id in item_ids:
+                self.task.apply_async((batch_id, item_id), producer=producer)
