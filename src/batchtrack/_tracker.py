@@ -25,7 +25,7 @@ from ._models import (
     utc_datetime,
 )
 from .exceptions import BatchNotFound, InvalidTransition, ValidationError
-from .stores.base import BatchRecord, LostItem, Outcome, Store, Transition
+from .stores.base import BatchRecord, LostItem, Outcome, Store, Transition, TransitionResult
 from .stores.memory import MemoryStore
 
 __all__ = ["CANCELLED", "IDLE_TIMEOUT", "MAX_ERROR_LENGTH", "BatchTracker", "ItemSpec"]
@@ -109,6 +109,19 @@ def _check_id(value: object, what: str) -> str:
     if not isinstance(value, str):
         raise ValidationError(f"{what} must be a string, not {type(value).__name__}")
     return value
+
+
+def _event(batch_id: str, result: TransitionResult, now: float, *, changed: bool) -> ProgressEvent:
+    """The event of a store's answer: the item, the counts and the ETA right after it."""
+    progress = result.progress
+    return ProgressEvent(
+        batch_id,
+        result.item,
+        progress,
+        _eta.estimate(progress, result.created_at, result.stats, now),
+        changed,
+        result.version,
+    )
 
 
 def _default_store(store: Store | None) -> Store:
@@ -303,15 +316,7 @@ class BatchTracker(Closing):
         result = self.store.renew(batch_id, item_id, now, now + seconds, now + IDLE_TIMEOUT)
         if result.outcome is Outcome.REJECTED:
             raise InvalidTransition(batch_id, item_id, result.previous.value, "processing")
-        progress = result.progress
-        return ProgressEvent(
-            batch_id,
-            result.item,
-            progress,
-            _eta.estimate(progress, result.created_at, result.stats, now),
-            False,
-            result.version,
-        )
+        return _event(batch_id, result, now, changed=False)
 
     def complete_item(self, batch_id: str, item_id: str) -> ProgressEvent:
         """Mark a processing item as completed.
@@ -382,15 +387,7 @@ class BatchTracker(Closing):
             # A repeat on a finished batch changes nothing, so the store had no reason
             # to look at its expiry; an expired batch must still look absent.
             raise BatchNotFound(batch_id)
-        progress = result.progress
-        return ProgressEvent(
-            batch_id,
-            result.item,
-            progress,
-            _eta.estimate(progress, result.created_at, result.stats, now),
-            outcome is Outcome.APPLIED,
-            result.version,
-        )
+        return _event(batch_id, result, now, changed=outcome is Outcome.APPLIED)
 
     # -- lost work, retry and cancel ---------------------------------------------------
 

@@ -63,8 +63,11 @@ class _Batch:
             items,
         )
 
-    def move(self, position: int, transition: Transition) -> Status:
-        """Apply an allowed transition to one item; return its previous status."""
+    def move(self, position: int, transition: Transition) -> None:
+        """Apply an allowed transition to one item and bring the header up to date.
+
+        The hot path of every store call that changes an item, written out in one piece.
+        """
         item = self.items[position]
         previous = item.status
         target = transition.target
@@ -86,13 +89,8 @@ class _Batch:
         if contributions:
             add_stats(self.stats, contributions, transition.at - self.changed[position])
         self.changed[position] = transition.at
-        self.version += 1
-        return previous
-
-    def settle(self, transition: Transition) -> None:
-        """Bring the header up to date after items moved."""
-        counts = self.counts
         self.updated_at = transition.at
+        self.version += 1
         if counts[_PENDING] or counts[_PROCESSING]:
             self.finished_at = None
             self.expires_at = transition.expires_at_open
@@ -158,18 +156,11 @@ class MemoryStore(Store):
         return state, position
 
     def apply(self, batch_id: str, transition: Transition) -> TransitionResult:
-        # The hot path, written out in one piece: this runs twice per item.
         with self._lock:
-            state = self._batches.get(batch_id)
-            if state is None or state.expires_at <= transition.at:
-                raise BatchNotFound(batch_id)
-            position = state.index.get(transition.item_id)
-            if position is None:
-                raise ItemNotFound(batch_id, transition.item_id)
+            state, position = self._find(batch_id, transition.item_id, transition.at)
             item = state.items[position]
             previous = item.status
-            target = transition.target
-            if previous is target:
+            if previous is transition.target:
                 outcome = Outcome.UNCHANGED
             elif (
                 previous not in transition.sources
@@ -184,51 +175,10 @@ class MemoryStore(Store):
                 outcome = Outcome.REJECTED
             else:
                 outcome = Outcome.APPLIED
-                attempts = item.attempts
-                if transition.add_attempt:
-                    attempts += 1
-                elif transition.reset_attempts:
-                    attempts = 0
-                item = state.items[position] = ItemSnapshot(
-                    item.id, item.filename, target, transition.error, attempts, item.source
-                )
-                lease = state.leases[position] = transition.lease_until
-                if lease is not None:
-                    state.beats[position] = transition.at
-                    heapq.heappush(self._leases, (lease, batch_id, position))
-                counts = state.counts
-                counts[previous] -= 1
-                counts[target] += 1
-                contributions = transition.stats.get(previous)
-                if contributions:
-                    add_stats(state.stats, contributions, transition.at - state.changed[position])
-                state.changed[position] = transition.at
-                state.updated_at = transition.at
-                state.version += 1
-                if counts[_PENDING] or counts[_PROCESSING]:
-                    state.finished_at = None
-                    state.expires_at = transition.expires_at_open
-                else:
-                    state.finished_at = transition.at
-                    state.expires_at = transition.expires_at_finished
-                state.progress = Progress(
-                    state.progress.total,
-                    counts[Status.COMPLETED],
-                    counts[Status.FAILED],
-                    counts[_PROCESSING],
-                    counts[_PENDING],
-                )
-            return TransitionResult(
-                outcome,
-                previous,
-                item,
-                state.progress,
-                state.version,
-                state.created_at,
-                state.finished_at,
-                state.expires_at,
-                dict(state.stats) if state.stats else _NO_STATS,
-            )
+                state.move(position, transition)
+                if transition.lease_until is not None:
+                    heapq.heappush(self._leases, (transition.lease_until, batch_id, position))
+            return self._result(outcome, previous, state, position)
 
     @staticmethod
     def _result(
@@ -287,10 +237,9 @@ class MemoryStore(Store):
                     for n in positions
                     if state.items[n].status not in sources
                 )
-            if positions and not rejected:
+            if not rejected:
                 for position in dict.fromkeys(positions):
                     state.move(position, transition)
-                state.settle(transition)
             applied = 0 if rejected else len(set(positions))
             return BulkResult(applied, rejected, state.progress, state.version)
 

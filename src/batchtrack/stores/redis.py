@@ -267,26 +267,25 @@ return reply('applied', 1, raw)
 """
 )
 
-# ARGV: batch id, target code, source codes, at, error ('' = none), expires_open,
-#       expires_finished, slack, attempts ('0' reset, '' keep), then the item ids (none:
-#       every item in a source status).
+# ARGV: as _APPLY's first nine (the item id unused), attempts ('0' reset, '' keep), then
+#       the item ids (none: every item in a source status).
 # Returns: {'applied', count, header fields, stats} or {'rejected', id, code, id, code...}.
 _APPLY_MANY = (
     _PRELUDE
     + """
-local at = tonumber(ARGV[4])
+local at = tonumber(ARGV[5])
 local head = redis.call('HMGET', KEYS[1], 'expires_at', 'pending', 'processing',
   'completed', 'failed', 'version')
 if not head[1] or tonumber(head[1]) <= at then return {'nobatch'} end
-local target = tonumber(ARGV[2])
+local target = tonumber(ARGV[3])
 local function allowed(code)
-  return code ~= target and string.find(ARGV[3], tostring(code), 1, true) ~= nil
+  return code ~= target and string.find(ARGV[4], tostring(code), 1, true) ~= nil
 end
 local chosen = {}
-if #ARGV > 9 then
+if #ARGV > 10 then
   local rejected = {'rejected'}
   local seen = {}
-  for i = 10, #ARGV do
+  for i = 11, #ARGV do
     local id = ARGV[i]
     if not seen[id] then
       seen[id] = true
@@ -314,12 +313,12 @@ for _, pair in ipairs(chosen) do
   local previous = pair[2].s
   counts[previous + 1] = counts[previous + 1] - 1
   counts[target + 1] = counts[target + 1] + 1
-  move(pair[1], pair[2], target, ARGV[5], ARGV[4], '', ARGV[9])
+  move(pair[1], pair[2], target, ARGV[6], ARGV[5], '', ARGV[10])
 end
 if #chosen > 0 then
-  local update, finished, new_expiry = settle(head, counts, #chosen, ARGV[4], ARGV[6], ARGV[7])
+  local update, finished, new_expiry = settle(head, counts, #chosen, ARGV[5], ARGV[7], ARGV[8])
   redis.call('HSET', KEYS[1], unpack(update))
-  refresh_ttl(ARGV[1], new_expiry, at, ARGV[8], finished)
+  refresh_ttl(ARGV[1], new_expiry, at, ARGV[9], finished)
 end
 local values = redis.call('HMGET', KEYS[1], unpack(header_fields))
 table.remove(values)
@@ -443,6 +442,21 @@ def _item(item_id: str, raw: bytes) -> ItemSnapshot:
     return ItemSnapshot(
         item_id, data["f"], _STATUSES[data["s"]], data.get("e"), data.get("a", 0), data.get("r")
     )
+
+
+def _common_args(batch_id: str, item_id: str, transition: Transition) -> list[Any]:
+    """The first nine ARGV of the transition scripts, in their order."""
+    return [
+        batch_id,
+        item_id,
+        _CODE[transition.target],
+        "".join(str(_CODE[s]) for s in transition.sources),
+        repr(transition.at),
+        transition.error or "",
+        repr(transition.expires_at_open),
+        repr(transition.expires_at_finished),
+        _SLACK,
+    ]
 
 
 def _optional(value: float | None) -> str:
@@ -614,15 +628,7 @@ class RedisStore(Store):
             f"update batch {batch_id!r}",
             self._keys(batch_id),
             [
-                batch_id,
-                transition.item_id,
-                _CODE[transition.target],
-                "".join(str(_CODE[s]) for s in transition.sources),
-                repr(transition.at),
-                transition.error or "",
-                repr(transition.expires_at_open),
-                repr(transition.expires_at_finished),
-                _SLACK,
+                *_common_args(batch_id, transition.item_id, transition),
                 _optional(transition.lease_until),
                 attempts,
                 _optional(transition.lost_before),
@@ -651,14 +657,7 @@ class RedisStore(Store):
             f"update batch {batch_id!r}",
             self._keys(batch_id),
             [
-                batch_id,
-                _CODE[transition.target],
-                "".join(str(_CODE[s]) for s in transition.sources),
-                repr(transition.at),
-                transition.error or "",
-                repr(transition.expires_at_open),
-                repr(transition.expires_at_finished),
-                _SLACK,
+                *_common_args(batch_id, "", transition),
                 "0" if transition.reset_attempts else "",
                 *(item_ids or ()),
             ],

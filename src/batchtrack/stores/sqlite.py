@@ -379,12 +379,7 @@ class SQLiteStore(Store):
                 )
                 return _result(outcome, previous, item, _header(row))
 
-            counts = {
-                Status.COMPLETED: row[8],
-                Status.FAILED: row[9],
-                Status.PROCESSING: row[10],
-                Status.PENDING: row[11],
-            }
+            counts = _counts(row)
             counts[previous] -= 1
             counts[target] += 1
             packed = row[12]
@@ -420,13 +415,7 @@ class SQLiteStore(Store):
             Outcome.APPLIED,
             previous,
             ItemSnapshot(transition.item_id, row[13], target, transition.error, attempts, row[20]),
-            Progress(
-                row[7],
-                counts[Status.COMPLETED],
-                counts[Status.FAILED],
-                counts[Status.PROCESSING],
-                counts[Status.PENDING],
-            ),
+            _progress(row[7], counts),
             version,
             row[2],
             finished_at,
@@ -532,12 +521,7 @@ class SQLiteStore(Store):
                 if rejected:
                     header = _header(row)
                     return BulkResult(0, tuple(rejected), header.progress, header.version)
-            counts = {
-                Status.COMPLETED: row[8],
-                Status.FAILED: row[9],
-                Status.PROCESSING: row[10],
-                Status.PENDING: row[11],
-            }
+            counts = _counts(row)
             for _, code in found:
                 counts[_STATUSES[code]] -= 1
                 counts[target] += 1
@@ -558,13 +542,7 @@ class SQLiteStore(Store):
         return BulkResult(
             len(found),
             (),
-            Progress(
-                row[7],
-                counts[Status.COMPLETED],
-                counts[Status.FAILED],
-                counts[Status.PROCESSING],
-                counts[Status.PENDING],
-            ),
+            _progress(row[7], counts),
             version,
         )
 
@@ -637,6 +615,26 @@ class SQLiteStore(Store):
             removed += len(keys)
             if len(keys) < PURGE_CHUNK:
                 return removed
+
+
+def _counts(row: Sequence[Any]) -> dict[Status, int]:
+    """The counts per status of a header row (``_COLUMNS`` order)."""
+    return {
+        Status.COMPLETED: row[8],
+        Status.FAILED: row[9],
+        Status.PROCESSING: row[10],
+        Status.PENDING: row[11],
+    }
+
+
+def _progress(total: int, counts: dict[Status, int]) -> Progress:
+    return Progress(
+        total,
+        counts[Status.COMPLETED],
+        counts[Status.FAILED],
+        counts[Status.PROCESSING],
+        counts[Status.PENDING],
+    )
 
 
 def _result(
