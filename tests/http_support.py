@@ -8,28 +8,115 @@ import io
 import socket
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
 from socketserver import ThreadingMixIn
 from typing import Any
 from wsgiref.simple_server import WSGIRequestHandler, WSGIServer, make_server
 
+import attrs
 import httpx
 from PIL import Image
 
-from batchtrack import BatchTracker, Orchestrator
+from batchtrack import BatchSnapshot, BatchTracker, Item, Orchestrator, Status
 from batchtrack import asgi as asgi_module
 from batchtrack import wsgi as wsgi_module
+from batchtrack.exceptions import ProcessingError
 from batchtrack.imaging import ImagePipeline
 from batchtrack.uploads import UploadStore
 
 TRANSPORTS = ["asgi", "wsgi", "uvicorn", "wsgiref"]
 
+FAIL_MARKER = b"batchtrack-test: fail while switched on"
+"""A JPEG comment that makes :class:`TestProcessor` fail the image while its switch is on."""
 
-def jpeg(size: tuple[int, int] = (800, 600), color: tuple[int, int, int] = (200, 40, 40)) -> bytes:
+
+def jpeg(
+    size: tuple[int, int] = (800, 600),
+    color: tuple[int, int, int] = (200, 40, 40),
+    *,
+    comment: bytes = b"",
+) -> bytes:
     out = io.BytesIO()
-    Image.new("RGB", size, color).save(out, "JPEG", quality=85)
+    Image.new("RGB", size, color).save(out, "JPEG", quality=85, comment=comment)
     return out.getvalue()
+
+
+def flaky_jpeg() -> bytes:
+    """A valid JPEG that :class:`TestProcessor` fails while its switch file exists."""
+    return jpeg((320, 240), comment=FAIL_MARKER)
+
+
+@attrs.define(eq=False)
+class TestProcessor:
+    """The image pipeline, plus what tests need to steer it.
+
+    It records every item it runs; it waits while ``gate`` is cleared (so items stay
+    processing); and while the ``switch`` file exists it fails every image whose bytes
+    carry :data:`FAIL_MARKER` with the error ``"injected failure"``.
+    """
+
+    __test__ = False  # not a test class, despite its name
+
+    pipeline: ImagePipeline
+    switch: Path
+    gate: threading.Event = attrs.Factory(threading.Event)
+    runs: list[str] = attrs.Factory(list)  # item ids, in the order they ran
+
+    def __attrs_post_init__(self) -> None:
+        self.gate.set()
+
+    @property
+    def output_dir(self) -> Path:
+        return self.pipeline.output_dir
+
+    def __call__(self, item: Item) -> Any:
+        assert item.id is not None
+        self.runs.append(item.id)
+        if not self.gate.wait(30):
+            raise ProcessingError("the test's gate stayed closed")
+        if self.switch.exists() and FAIL_MARKER in Path(str(item.source)).read_bytes():
+            raise ProcessingError("injected failure")
+        return self.pipeline(item)
+
+
+@attrs.define(eq=False)
+class RecordingRunner:
+    """A :class:`batchtrack.typing.Runner` that records its calls and runs nothing by itself.
+
+    :meth:`run` processes a batch's pending items inline, when the test says so.
+    """
+
+    tracker: BatchTracker
+    processor: TestProcessor
+    calls: list[tuple[str, Any]] = attrs.Factory(list)
+
+    def submit(self, items: Iterable[Any], *, owner: str | None = None) -> BatchSnapshot:
+        given = list(items)
+        self.calls.append(("submit", given))
+        return self.tracker.create_batch(given, owner=owner)
+
+    def resume(self, batch_id: str) -> BatchSnapshot:
+        self.calls.append(("resume", batch_id))
+        return self.tracker.get(batch_id)
+
+    def cancel(self, batch_id: str) -> bool:
+        self.calls.append(("cancel", batch_id))
+        return True  # deliberately not the count: the API must take that from the tracker
+
+    def run(self, batch_id: str) -> BatchSnapshot:
+        """Process every pending item of the batch here, one after another."""
+        for item in self.tracker.get(batch_id).items:
+            if item.status is not Status.PENDING:
+                continue
+            self.tracker.start_item(batch_id, item.id)
+            try:
+                self.processor(Item(item.filename, item.source, item.id, batch_id))
+            except ProcessingError as exc:
+                self.tracker.fail_item(batch_id, item.id, str(exc))
+            else:
+                self.tracker.complete_item(batch_id, item.id)
+        return self.tracker.get(batch_id)
 
 
 class SyncASGIClient:
@@ -49,6 +136,10 @@ class SyncASGIClient:
             return response
 
         return asyncio.run_coroutine_threadsafe(call(), self._loop).result(60)
+
+    @property
+    def cookies(self) -> httpx.Cookies:
+        return self._client.cookies
 
     def get(self, url: str, **kwargs: Any) -> httpx.Response:
         return self.request("GET", url, **kwargs)
@@ -120,7 +211,7 @@ def wsgiref_server(app: Any) -> Iterator[str]:
     server = make_server(
         "127.0.0.1", 0, app, server_class=_ThreadingWSGIServer, handler_class=_QuietHandler
     )
-    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread = threading.Thread(target=server.serve_forever, args=(0.05,), daemon=True)
     thread.start()
     try:
         yield f"http://127.0.0.1:{server.server_port}"
@@ -131,22 +222,34 @@ def wsgiref_server(app: Any) -> Iterator[str]:
 
 
 class Service:
-    """A tracker, an orchestrator running the image pipeline, uploads; and both apps."""
+    """A tracker, a runner over the :class:`TestProcessor`, uploads; and both apps.
 
-    def __init__(self, root: Path, **app_options: Any) -> None:
+    The runner is an orchestrator unless ``runner`` makes another one from the tracker
+    and the processor.
+    """
+
+    def __init__(
+        self,
+        root: Path,
+        *,
+        runner: Callable[[BatchTracker, TestProcessor], Any] | None = None,
+        **app_options: Any,
+    ) -> None:
         (root / "out").mkdir(parents=True, exist_ok=True)
         self.tracker = BatchTracker()
-        self.orchestrator = Orchestrator(
-            self.tracker, ImagePipeline(root / "out", max_size=256), concurrency=2
-        )
+        self.switch = root / "failing"
+        self.processor = TestProcessor(ImagePipeline(root / "out", max_size=256), self.switch)
+        self.orchestrator = Orchestrator(self.tracker, self.processor, concurrency=2)
+        self.runner = self.orchestrator if runner is None else runner(self.tracker, self.processor)
         self.uploads = UploadStore(
             root / "uploads", max_bytes=app_options.pop("max_bytes", 300_000)
         )
         options = {"events_poll": 0.05, **app_options}
-        self.asgi = asgi_module.create_app(self.tracker, self.orchestrator, self.uploads, **options)
-        self.wsgi = wsgi_module.create_app(self.tracker, self.orchestrator, self.uploads, **options)
+        self.asgi = asgi_module.create_app(self.tracker, self.runner, self.uploads, **options)
+        self.wsgi = wsgi_module.create_app(self.tracker, self.runner, self.uploads, **options)
 
     def close(self) -> None:
+        self.processor.gate.set()
         self.orchestrator.close(cancel_pending=True)
 
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import time
+import uuid
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -11,7 +12,16 @@ from typing import Any
 import pytest
 
 pytest.importorskip("python_multipart")
-from http_support import TRANSPORTS, Service, clients, jpeg
+from batchtrack import BatchTracker, Item, Status
+from batchtrack._http import COOKIE
+from http_support import (
+    TRANSPORTS,
+    RecordingRunner,
+    Service,
+    clients,
+    flaky_jpeg,
+    jpeg,
+)
 
 Client = Any
 
@@ -24,9 +34,15 @@ def service(tmp_path: Path) -> Iterator[Service]:
 
 
 @pytest.fixture(params=TRANSPORTS)
-def new_client(request: pytest.FixtureRequest, service: Service) -> Iterator[Callable[[], Client]]:
+def transport(request: pytest.FixtureRequest) -> str:
+    """Each transport: in-process ASGI and WSGI, uvicorn and a threaded wsgiref server."""
+    return str(request.param)
+
+
+@pytest.fixture
+def new_client(transport: str, service: Service) -> Iterator[Callable[[], Client]]:
     """A factory of clients for each transport; each client has its own cookie jar."""
-    with clients(service, request.param) as make:
+    with clients(service, transport) as make:
         yield make
 
 
@@ -60,13 +76,37 @@ def _upload(client: Client, *files: tuple[str, bytes]) -> Any:
 
 
 def _wait_finished(client: Client, url: str, timeout: float = 30) -> dict[str, Any]:
+    return _wait_for(client, url, lambda body: body["status"] in ("completed", "failed"), timeout)
+
+
+def _wait_for(
+    client: Client, url: str, done: Callable[[dict[str, Any]], bool], timeout: float = 30
+) -> dict[str, Any]:
     deadline = time.monotonic() + timeout
     while True:
         body = client.get(url).json()
-        if body["status"] in ("completed", "failed"):
+        if done(body):
             return body
         assert time.monotonic() < deadline, body
         time.sleep(0.05)
+
+
+def _owner(client: Client) -> str:
+    """The owner id the API gives this client's session (asking once for a cookie)."""
+    if COOKIE not in client.cookies:
+        client.get(f"/api/batch-status/{uuid.uuid4()}")
+    return f"session:{client.cookies[COOKIE]}"
+
+
+def _start(client: Client, *files: tuple[str, bytes]) -> dict[str, Any]:
+    """Upload ``files`` and process them as one batch; the 202 body."""
+    up = _upload(client, *files)
+    assert up.status_code == 201, up.text
+    started = client.post(
+        "/api/process-batch", json={"fileIds": [f["id"] for f in up.json()["files"]]}
+    )
+    assert started.status_code == 202, started.text
+    return {**started.json(), "files": up.json()["files"]}
 
 
 # -- the full flow -------------------------------------------------------------------------
@@ -228,6 +268,7 @@ def test_path_in_filename_never_chooses_where_a_file_goes(client: Client, servic
         (b'{"fileIds": [1, 2]}', {"Content-Type": "application/json"}, 400, "bad_file_ids"),
         (b'{"fileIds": ["not-a-uuid"]}', {"Content-Type": "application/json"}, 400, "invalid_id"),
         (b"\xff\xfe", {"Content-Type": "application/json"}, 400, "bad_json"),
+        (b"[" * 50_000, {"Content-Type": "application/json"}, 400, "bad_json"),
         (b'{"fileIds": []}', {"Content-Type": "text/plain"}, 415, "unsupported_media_type"),
         (b'{"fileIds": []}', {}, 415, "unsupported_media_type"),
         (
@@ -275,15 +316,330 @@ def test_wrong_method_and_unknown_path(client: Client) -> None:
     _error(response, 405, "method_not_allowed")
     assert response.headers["allow"] == "POST"
     _error(client.post("/api/batch-status/x"), 405)
+    for action in ("batch-cancel", "batch-retry"):
+        response = client.get(f"/api/{action}/{uuid.uuid4()}")
+        _error(response, 405, "method_not_allowed")
+        assert response.headers["allow"] == "POST"
     _error(client.get("/api/nothing-here"), 404, "not_found")
     _error(client.get("/elsewhere"), 404, "not_found")
+
+
+# -- cancel and retry -----------------------------------------------------------------------
+
+
+@pytest.fixture
+def recording(tmp_path: Path, transport: str) -> Iterator[tuple[Service, Client]]:
+    """A service whose runner is a RecordingRunner, and a client for it, per transport."""
+    svc = Service(tmp_path / "recording", runner=RecordingRunner)
+    try:
+        with clients(svc, transport) as make:
+            yield svc, make()
+    finally:
+        svc.close()
+
+
+def test_cancel_fails_every_pending_item_and_answers_how_many(
+    client: Client, service: Service
+) -> None:
+    """Cancelling a batch nobody has started fails its 3 items "cancelled": {"cancelled": 3}."""
+    snap = service.tracker.create_batch(["a.jpg", "b.jpg", "c.jpg"], owner=_owner(client))
+    response = client.post(f"/api/batch-cancel/{snap.batch_id}")
+    assert response.status_code == 200, response.text
+    assert response.json() == {"cancelled": 3}
+    body = client.get(f"/api/batch-status/{snap.batch_id}").json()
+    assert body["status"] == "failed"
+    assert [i["error"] for i in body["images"]] == ["cancelled"] * 3
+
+
+def test_cancelling_a_finished_batch_cancels_nothing(client: Client) -> None:
+    """A completed batch answers {"cancelled": 0} and stays completed."""
+    batch = _start(client, ("a.jpg", jpeg()))
+    _wait_finished(client, batch["statusUrl"])
+    response = client.post(f"/api/batch-cancel/{batch['batchId']}")
+    assert response.status_code == 200
+    assert response.json() == {"cancelled": 0}
+    assert client.get(batch["statusUrl"]).json()["status"] == "completed"
+
+
+def test_cancel_stops_queued_items_of_a_running_batch(client: Client, service: Service) -> None:
+    """With 2 of 4 items running, cancel fails the 2 queued ones; the processor never runs
+    them and the running ones complete."""
+    service.processor.gate.clear()
+    batch = _start(client, *[(f"{n}.jpg", jpeg((200, 150))) for n in range(4)])
+    _wait_for(client, batch["statusUrl"], lambda b: b["progress"]["processing"] == 2)
+    response = client.post(f"/api/batch-cancel/{batch['batchId']}")
+    assert response.json() == {"cancelled": 2}
+    service.processor.gate.set()
+    final = _wait_finished(client, batch["statusUrl"])
+    assert final["progress"]["completed"] == 2
+    cancelled = [i["id"] for i in final["images"] if i.get("error") == "cancelled"]
+    assert len(cancelled) == 2
+    assert len(service.processor.runs) == 2
+    assert not set(cancelled) & set(service.processor.runs)
+
+
+def test_cancel_rejects_a_bad_or_unknown_batch_id(client: Client) -> None:
+    """400 for an id that is not a UUID, 404 for one that names no batch."""
+    _error(client.post("/api/batch-cancel/not-a-uuid"), 400, "invalid_id")
+    _error(client.post(f"/api/batch-cancel/{uuid.uuid4()}"), 404, "batch_not_found")
+
+
+def test_retry_reruns_only_the_failed_items_and_the_batch_completes(
+    client: Client, service: Service
+) -> None:
+    """Two injected failures, then a retry with no body: the orchestrator runs those two
+    again (and nothing else) and the batch ends completed."""
+    service.switch.touch()
+    batch = _start(
+        client,
+        ("good1.jpg", jpeg()),
+        ("flaky1.jpg", flaky_jpeg()),
+        ("good2.jpg", jpeg()),
+        ("flaky2.jpg", flaky_jpeg()),
+    )
+    first = _wait_finished(client, batch["statusUrl"])
+    failed = [i["id"] for i in first["images"] if i["status"] == "failed"]
+    assert [i.get("error") for i in first["images"]] == [None, "injected failure"] * 2
+    service.switch.unlink()
+
+    response = client.post(f"/api/batch-retry/{batch['batchId']}")
+    assert response.status_code == 202, response.text
+    assert response.json() == {
+        "retried": 2,
+        "batchId": batch["batchId"],
+        "statusUrl": batch["statusUrl"],
+    }
+    assert response.headers["location"] == batch["statusUrl"]
+    final = _wait_finished(client, batch["statusUrl"])
+    assert final["status"] == "completed"
+    assert final["progress"]["completed"] == 4
+    assert final["finishedAt"] is not None
+    runs = service.processor.runs
+    assert sorted(runs) == sorted([i["id"] for i in first["images"]] + failed)
+
+
+def test_retry_of_named_items_leaves_the_other_failures_alone(
+    client: Client, service: Service
+) -> None:
+    """{"itemIds": [one]} retries that one item only; the other stays failed."""
+    service.switch.touch()
+    batch = _start(client, ("flaky1.jpg", flaky_jpeg()), ("flaky2.jpg", flaky_jpeg()))
+    first, second = _wait_finished(client, batch["statusUrl"])["images"]
+    service.switch.unlink()
+    response = client.post(
+        f"/api/batch-retry/{batch['batchId']}", json={"itemIds": [first["id"].upper()]}
+    )
+    assert response.status_code == 202, response.text
+    assert response.json()["retried"] == 1
+    final = _wait_finished(client, batch["statusUrl"])
+    assert [i["status"] for i in final["images"]] == ["completed", "failed"]
+    assert service.processor.runs.count(first["id"]) == 2
+    assert service.processor.runs.count(second["id"]) == 1
+
+
+def test_retry_with_nothing_failed_is_a_conflict(client: Client) -> None:
+    """409 nothing_to_retry for a batch without failures, and for a named completed item."""
+    batch = _start(client, ("a.jpg", jpeg()))
+    image = _wait_finished(client, batch["statusUrl"])["images"][0]
+    url = f"/api/batch-retry/{batch['batchId']}"
+    assert "no item" in _error(client.post(url), 409, "nothing_to_retry")["message"]
+    named = _error(client.post(url, json={"itemIds": [image["id"]]}), 409, "nothing_to_retry")
+    assert "a.jpg" in named["message"]
+
+
+def test_retry_of_an_item_the_batch_does_not_have_is_404(client: Client) -> None:
+    """A named item id that is not in the batch answers 404 item_not_found."""
+    batch = _start(client, ("a.txt", b"not an image"))
+    _wait_finished(client, batch["statusUrl"])
+    missing = str(uuid.uuid4())
+    response = client.post(f"/api/batch-retry/{batch['batchId']}", json={"itemIds": [missing]})
+    assert missing in _error(response, 404, "item_not_found")["message"]
+
+
+@pytest.mark.parametrize(
+    ("body", "headers", "status", "code"),
+    [
+        (b"{not json", {"Content-Type": "application/json"}, 400, "bad_json"),
+        (b"[" * 50_000, {"Content-Type": "application/json"}, 400, "bad_json"),
+        (b"[]", {"Content-Type": "application/json"}, 400, "missing_item_ids"),
+        (b"{}", {"Content-Type": "application/json"}, 400, "missing_item_ids"),
+        (b"null", {"Content-Type": "application/json"}, 400, "missing_item_ids"),
+        (b'{"itemIds": "abc"}', {"Content-Type": "application/json"}, 400, "bad_item_ids"),
+        (b'{"itemIds": []}', {"Content-Type": "application/json"}, 400, "bad_item_ids"),
+        (b'{"itemIds": [1]}', {"Content-Type": "application/json"}, 400, "bad_item_ids"),
+        (b'{"itemIds": ["x"]}', {"Content-Type": "application/json"}, 400, "invalid_id"),
+        (
+            json.dumps({"itemIds": ["x"] * 10_001}).encode(),
+            {"Content-Type": "application/json"},
+            400,
+            "too_many_items",
+        ),
+        (b'{"itemIds": ["x"]}', {"Content-Type": "text/plain"}, 415, "unsupported_media_type"),
+        (b'{"itemIds": ["x"]}', {}, 415, "unsupported_media_type"),
+        (b" " * 70_000, {"Content-Type": "application/json"}, 413, "too_large"),
+    ],
+)
+def test_retry_rejects_bad_requests(
+    client: Client, body: bytes, headers: dict[str, str], status: int, code: str
+) -> None:
+    """Each malformed retry body gets its documented 4xx, before the batch is looked up."""
+    url = f"/api/batch-retry/{uuid.uuid4()}"
+    _error(client.post(url, content=body, headers=headers), status, code)
+
+
+def test_retry_rejects_a_bad_or_unknown_batch_id(client: Client) -> None:
+    """400 for an id that is not a UUID, 404 for one that names no batch."""
+    _error(client.post("/api/batch-retry/not-a-uuid"), 400, "invalid_id")
+    _error(client.post(f"/api/batch-retry/{uuid.uuid4()}"), 404, "batch_not_found")
+
+
+def test_retry_answers_410_when_an_upload_file_is_gone(client: Client, service: Service) -> None:
+    """With one failed item's upload deleted, retry answers 410 inputs_gone and retries none."""
+    service.switch.touch()
+    batch = _start(client, ("flaky1.jpg", flaky_jpeg()), ("flaky2.jpg", flaky_jpeg()))
+    before = _wait_finished(client, batch["statusUrl"])
+    service.switch.unlink()
+    (service.uploads.directory / batch["files"][1]["id"]).unlink()
+    gone = _error(client.post(f"/api/batch-retry/{batch['batchId']}"), 410, "inputs_gone")
+    assert "flaky2.jpg" in gone["message"]
+    assert "flaky1.jpg" not in gone["message"]
+    assert str(service.uploads.directory) not in gone["message"]
+    assert client.get(batch["statusUrl"]).json() == before
+    assert len(service.processor.runs) == 2
+
+
+def test_retry_answers_410_when_the_uploads_expired(client: Client, service: Service) -> None:
+    """Uploads past their ttl count as gone, swept or not: 410 inputs_gone."""
+    service.switch.touch()
+    batch = _start(client, ("flaky.jpg", flaky_jpeg()))
+    _wait_finished(client, batch["statusUrl"])
+    service.switch.unlink()
+    service.uploads.clock = lambda: time.time() + 2 * service.uploads.ttl
+    url = f"/api/batch-retry/{batch['batchId']}"
+    _error(client.post(url), 410, "inputs_gone")
+    assert service.uploads.cleanup() == 1
+    _error(client.post(url), 410, "inputs_gone")
+
+
+def test_retry_that_loses_a_race_is_a_conflict(
+    client: Client, service: Service, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """When another request retries the items first, the tracker refuses: 409."""
+    service.switch.touch()
+    batch = _start(client, ("flaky.jpg", flaky_jpeg()))
+    _wait_finished(client, batch["statusUrl"])
+    real_retry = BatchTracker.retry
+
+    def raced(self: BatchTracker, batch_id: str, *args: Any, **kwargs: Any) -> int:
+        real_retry(self, batch_id, *args, **kwargs)  # the other request wins
+        return real_retry(self, batch_id, *args, **kwargs)
+
+    monkeypatch.setattr(BatchTracker, "retry", raced)
+    response = client.post(f"/api/batch-retry/{batch['batchId']}")
+    assert "pending" in _error(response, 409, "nothing_to_retry")["message"]
+
+
+def test_retry_while_shutting_down_is_503(client: Client, service: Service) -> None:
+    """When the runner is closed, the retry answers 503 shutting_down."""
+    batch = _start(client, ("a.txt", b"not an image"))
+    _wait_finished(client, batch["statusUrl"])
+    service.orchestrator.close()
+    _error(client.post(f"/api/batch-retry/{batch['batchId']}"), 503, "shutting_down")
+
+
+def test_another_session_cannot_cancel_or_retry_a_batch(
+    new_client: Callable[[], Client], service: Service
+) -> None:
+    """Cancel and retry of someone else's batch are 404, and change nothing."""
+    client = new_client()
+    failed = _start(client, ("a.txt", b"not an image"))
+    before = _wait_finished(client, failed["statusUrl"])
+    pending = service.tracker.create_batch(["b.jpg"], owner=_owner(client))
+    stranger = new_client()
+    _error(stranger.post(f"/api/batch-retry/{failed['batchId']}"), 404, "batch_not_found")
+    _error(stranger.post(f"/api/batch-cancel/{pending.batch_id}"), 404, "batch_not_found")
+    assert client.get(failed["statusUrl"]).json() == before
+    assert service.tracker.get(pending.batch_id).status is Status.PENDING
+
+
+def test_a_custom_runner_gets_str_sources_and_is_resumed_after_retry(
+    recording: tuple[Service, Client],
+) -> None:
+    """Any Runner works: process-batch submits Items whose sources are the upload paths,
+    and a retry calls its resume with the batch id."""
+    service, client = recording
+    runner = service.runner
+    assert isinstance(runner, RecordingRunner)
+    service.switch.touch()
+    batch = _start(client, ("good.jpg", jpeg()), ("flaky.jpg", flaky_jpeg()))
+    ((call, items),) = runner.calls
+    assert call == "submit"
+    assert [i.filename for i in items] == ["good.jpg", "flaky.jpg"]
+    paths = [str(service.uploads.directory / f["id"]) for f in batch["files"]]
+    assert [i.source for i in items] == paths
+    assert all(type(i.source) is str for i in items)
+    assert runner.run(batch["batchId"]).progress.failed == 1
+    service.switch.unlink()
+
+    response = client.post(f"/api/batch-retry/{batch['batchId']}")
+    assert response.status_code == 202, response.text
+    assert response.json()["retried"] == 1
+    assert runner.calls[1:] == [("resume", batch["batchId"])]
+    assert runner.run(batch["batchId"]).status is Status.COMPLETED
+    body = client.get(batch["statusUrl"]).json()
+    assert body["progress"]["completed"] == 2
+    download = client.get(f"/api/batch-results/{batch['batchId']}/{body['images'][1]['id']}")
+    assert download.status_code == 200  # results_dir came from runner.processor.output_dir
+
+
+def test_cancel_counts_from_the_tracker_and_tells_the_runner(
+    recording: tuple[Service, Client],
+) -> None:
+    """The answer is the tracker's count, whatever the runner's cancel returns; the runner
+    is told to drop the batch."""
+    service, client = recording
+    batch = _start(client, ("a.jpg", jpeg()), ("b.jpg", jpeg()))
+    assert client.post(f"/api/batch-cancel/{batch['batchId']}").json() == {"cancelled": 2}
+    assert client.post(f"/api/batch-cancel/{batch['batchId']}").json() == {"cancelled": 0}
+    runner = service.runner
+    assert [c for c in runner.calls if c[0] == "cancel"] == [("cancel", batch["batchId"])] * 2
+
+
+@pytest.mark.parametrize("module", ["asgi", "wsgi"])
+@pytest.mark.parametrize(
+    ("runner", "missing"),
+    [
+        (object(), "submit or resume or cancel"),
+        (
+            type("SubmitOnly", (), {"submit": lambda self, items, owner=None: None})(),
+            "resume or cancel",
+        ),
+        (
+            type("NotCallable", (), {"submit": 1, "resume": 2, "cancel": 3})(),
+            "submit or resume or cancel",
+        ),
+    ],
+)
+def test_create_app_rejects_what_is_not_a_runner(
+    tmp_path: Path, module: str, runner: object, missing: str
+) -> None:
+    """An object without callable submit, resume and cancel is a ValidationError naming
+    what is missing."""
+    import importlib
+
+    from batchtrack import ValidationError
+    from batchtrack.uploads import UploadStore
+
+    create_app = importlib.import_module(f"batchtrack.{module}").create_app
+    with pytest.raises(ValidationError, match=f"has no {missing} method"):
+        create_app(BatchTracker(), runner, UploadStore(tmp_path))
 
 
 # -- the OpenAPI document -------------------------------------------------------------------
 
 
-def test_openapi_document_describes_the_real_responses(client: Client) -> None:
-    """Real responses validate against the schemas the document gives for them."""
+def test_openapi_document_describes_the_real_responses(client: Client, service: Service) -> None:
+    """Real responses, errors included, validate against the schemas the document gives."""
     jsonschema = pytest.importorskip("jsonschema")
     doc = client.get("/api/openapi.json").json()
     assert doc["openapi"].startswith("3.1")
@@ -293,24 +649,62 @@ def test_openapi_document_describes_the_real_responses(client: Client) -> None:
         "/batch-status/{batchId}",
         "/batch-events/{batchId}",
         "/batch-results/{batchId}/{itemId}",
+        "/batch-cancel/{batchId}",
+        "/batch-retry/{batchId}",
         "/openapi.json",
     }
-    schemas = doc["components"]["schemas"]
 
-    def check(instance: Any, name: str) -> None:
-        jsonschema.validate(
-            instance, {"$ref": f"#/components/schemas/{name}", "components": doc["components"]}
-        )
+    def check(response: Any, path: str, method: str = "post") -> Any:
+        documented = doc["paths"][path][method]["responses"]
+        assert str(response.status_code) in documented, (path, response.status_code)
+        schema = documented[str(response.status_code)]["content"]["application/json"]["schema"]
+        jsonschema.validate(response.json(), {**schema, "components": doc["components"]})
+        return response.json()
 
-    up = _upload(client, ("a.jpg", jpeg()), ("b.txt", b"x"))
-    check(up.json(), "Uploaded")
+    service.switch.touch()
+    up = _upload(client, ("a.jpg", jpeg()), ("b.txt", b"x"), ("c.jpg", flaky_jpeg()))
+    check(up, "/upload")
     started = client.post(
         "/api/process-batch", json={"fileIds": [f["id"] for f in up.json()["files"]]}
     )
-    check(started.json(), "Started")
-    check(_wait_finished(client, started.json()["statusUrl"]), "BatchStatus")
-    check(client.get("/api/batch-status/nope").json(), "Error")
-    assert "BatchStatus" in schemas
+    batch = check(started, "/process-batch")
+    status_path = "/batch-status/{batchId}"
+    final = _wait_finished(client, batch["statusUrl"])
+    check(client.get(batch["statusUrl"]), status_path, "get")
+    check(client.get("/api/batch-status/nope"), status_path, "get")
+    check(client.get(f"/api/batch-status/{uuid.uuid4()}"), status_path, "get")
+
+    retry = "/batch-retry/{batchId}"
+    check(client.post(f"/api/batch-retry/{batch['batchId']}", json={"itemIds": ["x"]}), retry)
+    check(client.post(f"/api/batch-retry/{uuid.uuid4()}"), retry)
+    check(client.post(f"/api/batch-retry/{batch['batchId']}", content=b"x"), retry)
+    (service.uploads.directory / up.json()["files"][1]["id"]).unlink()
+    check(client.post(f"/api/batch-retry/{batch['batchId']}"), retry)  # 410
+    check(
+        client.post(
+            f"/api/batch-retry/{batch['batchId']}", json={"itemIds": [final["images"][0]["id"]]}
+        ),
+        retry,
+    )  # 409
+    service.switch.unlink()
+    named = {"itemIds": [final["images"][2]["id"]]}
+    check(client.post(f"/api/batch-retry/{batch['batchId']}", json=named), retry)  # 202
+
+    cancel = "/batch-cancel/{batchId}"
+    assert check(client.post(f"/api/batch-cancel/{batch['batchId']}"), cancel)["cancelled"] >= 0
+    check(client.post("/api/batch-cancel/nope"), cancel)
+    check(client.post(f"/api/batch-cancel/{uuid.uuid4()}"), cancel)
+
+    # An item started twice (its worker lost, then reclaimed) carries "attempts".
+    owner = _owner(client)
+    twice = service.tracker.create_batch([Item("d.jpg", id=str(uuid.uuid4()))], owner=owner)
+    item_id = twice.items[0].id
+    service.tracker.start_item(twice.batch_id, item_id, lease=0.001)
+    time.sleep(0.01)
+    assert service.tracker.reclaim() == 1
+    service.tracker.start_item(twice.batch_id, item_id)
+    body = check(client.get(f"/api/batch-status/{twice.batch_id}"), status_path, "get")
+    assert body["images"][0]["attempts"] == 2
 
 
 # -- ownership and mounting -----------------------------------------------------------------

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import uuid
 from pathlib import Path
 from typing import Any
 
@@ -17,7 +18,12 @@ from schemathesis.specs.openapi.checks import (  # noqa: E402
     status_code_conformance,
 )
 
+from batchtrack import Item  # noqa: E402
+from batchtrack._http import COOKIE  # noqa: E402
 from http_support import Service  # noqa: E402
+
+SESSION = "5" * 32
+"""The session cookie every generated request carries, so that it may see real batches."""
 
 CHECKS = [
     not_a_server_error,
@@ -27,25 +33,59 @@ CHECKS = [
 ]
 
 
+def _real_batch(service: Service, tmp_path: Path) -> tuple[str, str]:
+    """A finished batch of :data:`SESSION`: one item completed, one failed whose input is
+    still there (so a retry is accepted); returns the batch and the completed item."""
+    source = tmp_path / f"{uuid.uuid4()}.txt"
+    source.write_bytes(b"not an image")
+    snap = service.tracker.create_batch(
+        [Item("done.jpg"), Item("broken.txt", source=str(source))], owner=f"session:{SESSION}"
+    )
+    done, broken = (item.id for item in snap.items)
+    for item_id in (done, broken):
+        service.tracker.start_item(snap.batch_id, item_id)
+    service.tracker.complete_item(snap.batch_id, done)
+    service.tracker.fail_item(snap.batch_id, broken, "not an image")
+    return snap.batch_id, done
+
+
 def test_api_never_errors_and_matches_its_document(tmp_path: Path) -> None:
-    """Valid and invalid generated requests: never a 500; responses match the document."""
+    """Valid and invalid generated requests, for every operation and against real batches as
+    well as unknown ones: never a 500; responses match the document."""
     service = Service(tmp_path)
     try:
         schema = schemathesis.openapi.from_asgi("/api/openapi.json", service.asgi)
         operations = [result.ok() for result in schema.get_all_operations()]
-        assert len(operations) >= 5  # schemathesis leaves out the document itself
+        # schemathesis leaves out the document itself
+        assert {op.path for op in operations} == {
+            "/upload",
+            "/process-batch",
+            "/batch-status/{batchId}",
+            "/batch-events/{batchId}",
+            "/batch-results/{batchId}/{itemId}",
+            "/batch-cancel/{batchId}",
+            "/batch-retry/{batchId}",
+        }
         modes = [schemathesis.GenerationMode.POSITIVE, schemathesis.GenerationMode.NEGATIVE]
         for operation in operations:
 
-            @given(case=st.one_of(*(operation.as_strategy(mode) for mode in modes)))
+            @given(
+                case=st.one_of(*(operation.as_strategy(mode) for mode in modes)),
+                real=st.booleans(),
+            )
             @settings(
                 max_examples=25,
                 deadline=None,
                 database=None,
                 suppress_health_check=list(HealthCheck),
             )
-            def exercise(case: Any) -> None:
-                response = case.call()
+            def exercise(case: Any, real: bool) -> None:
+                if real and "batchId" in case.path_parameters:
+                    batch_id, item_id = _real_batch(service, tmp_path)
+                    case.path_parameters["batchId"] = batch_id
+                    if "itemId" in case.path_parameters:
+                        case.path_parameters["itemId"] = item_id
+                response = case.call(cookies={COOKIE: SESSION})
                 case.validate_response(response, checks=CHECKS)
                 assert "Traceback" not in response.text
 

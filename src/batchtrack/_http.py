@@ -1,8 +1,10 @@
 """The framework-free HTTP API: one request value in, one response value out.
 
-Routing, validation, ownership, JSON and error mapping live here, once; the WSGI and ASGI
-modules only translate their protocol to :class:`Request` and back from
-:class:`Response`. Everything here is synchronous: the ASGI shell runs it in a thread.
+Routing, ownership and error mapping live here, once, with the endpoints of contract §2;
+cancel and retry (§7) live in :mod:`batchtrack._control`, the request and response values
+and the JSON helpers in :mod:`batchtrack._wire`. The WSGI and ASGI modules only translate
+their protocol to :class:`Request` and back from :class:`Response`. Everything here is
+synchronous: the ASGI shell runs it in a thread.
 """
 
 from __future__ import annotations
@@ -10,33 +12,55 @@ from __future__ import annotations
 import json
 import logging
 import mimetypes
+import os
 import re
 import secrets
 import time
 from collections.abc import Callable, Mapping
 from pathlib import Path
-from typing import Any, NoReturn
+from typing import cast
 from urllib.parse import quote
 
 import attrs
 from typing_extensions import TypedDict
 
+from ._control import BatchControl
 from ._models import Item
-from ._orchestrator import Orchestrator
 from ._tracker import BatchTracker
+from ._wire import (
+    Body,
+    BodyTooLarge,
+    Reject,
+    Request,
+    Response,
+    check_uuid,
+    error_response,
+    find_batch,
+    json_response,
+    read_json,
+    reject,
+    status_url,
+)
 from .exceptions import BatchNotFound, OrchestratorClosed, ValidationError
+from .typing import Runner
 from .uploads import FileNotFound, FileTooLarge, UploadStore, UploadWriter
 
-__all__ = ["COOKIE", "Api", "AppOptions", "BodyTooLarge", "Request", "Response"]
+__all__ = [
+    "COOKIE",
+    "Api",
+    "AppOptions",
+    "Body",
+    "BodyTooLarge",
+    "EventStream",
+    "Request",
+    "Response",
+]
 
 log = logging.getLogger("batchtrack")
 
 COOKIE = "batchtrack_session"
 _COOKIE_VALUE = re.compile(r"\A[0-9a-f]{32}\Z")
-_UUID = re.compile(
-    r"\A[0-9a-fA-F]{8}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{12}\Z"
-)
-_CHUNK = 1 << 16
+_RUNNER_METHODS = ("submit", "resume", "cancel")
 
 Owner = Callable[[Mapping[str, str]], "str | None"]
 
@@ -57,62 +81,33 @@ def _optional_path(value: str | Path | None) -> Path | None:
     return None if value is None else Path(value)
 
 
-class BodyTooLarge(Exception):
-    """The request body went over the limit for its route."""
+def _check_runner(runner: object) -> Runner:
+    """``runner`` if it has the methods of :class:`batchtrack.typing.Runner`.
 
-
-@attrs.define(eq=False)
-class Body:
-    """A request body read in chunks through ``read``, never past ``limit`` bytes."""
-
-    read_chunk: Callable[[int], bytes]
-    limit: int
-    seen: int = 0
-
-    def read(self, size: int = _CHUNK) -> bytes:
-        data = self.read_chunk(size)
-        self.seen += len(data)
-        if self.seen > self.limit:
-            raise BodyTooLarge
-        return data
-
-
-@attrs.frozen
-class Request:
-    """An HTTP request as the shells hand it over.
-
-    Attributes:
-        method: Upper-case method.
-        path: The path below the mount point (``root_path`` / ``SCRIPT_NAME`` removed).
-        headers: Lower-case names; repeated headers joined with ``", "``.
-        body: Reads the body; its limit is set by the shell from :meth:`Api.body_limit`.
-        root_path: Where the app is mounted, for building URLs.
+    Raises:
+        ValidationError: A method is missing or not callable.
     """
+    missing = [m for m in _RUNNER_METHODS if not callable(getattr(runner, m, None))]
+    if missing:
+        raise ValidationError(
+            f"runner must be a batchtrack.typing.Runner (an Orchestrator, a CeleryRunner, or "
+            f"any object with submit, resume and cancel methods); {type(runner).__name__} "
+            f"has no {' or '.join(missing)} method"
+        )
+    return cast(Runner, runner)
 
-    method: str
-    path: str
-    headers: Mapping[str, str]
-    body: Body
-    root_path: str = ""
 
-
-@attrs.frozen
-class Response:
-    """An HTTP response: a body, or an :class:`EventStream` for server-sent events."""
-
-    status: int
-    headers: list[tuple[str, str]]
-    body: bytes = b""
-    stream: EventStream | None = None
+def _results_dir(runner: Runner) -> Path | None:
+    """Where the runner's processor writes results (its ``output_dir``), if it says."""
+    output = getattr(getattr(runner, "processor", None), "output_dir", None)
+    return Path(output) if isinstance(output, (str, os.PathLike)) else None
 
 
 @attrs.define(eq=False)
 class EventStream:
-    """Server-sent events for one batch, polled by the shell.
+    """Server-sent events for one batch: a :class:`~batchtrack._wire.Stream`.
 
-    The shell calls :meth:`poll` every :attr:`interval` seconds (in a thread for ASGI)
-    and writes what it returns, until it returns None or the client goes away. Polling
-    instead of blocking keeps no thread waiting between events.
+    Polling instead of blocking keeps no thread waiting between events.
     """
 
     api: Api
@@ -145,53 +140,18 @@ class EventStream:
         return []
 
 
-class _Reject(Exception):
-    def __init__(
-        self, status: int, code: str, message: str, headers: list[tuple[str, str]] | None = None
-    ) -> None:
-        super().__init__(message)
-        self.status, self.code, self.message = status, code, message
-        self.headers = headers or []
-
-
-def _reject(status: int, code: str, message: str) -> NoReturn:
-    raise _Reject(status, code, message)
-
-
-def _json(status: int, payload: Any, headers: list[tuple[str, str]] | None = None) -> Response:
-    body = json.dumps(payload, separators=(",", ":"), ensure_ascii=False).encode()
-    return Response(
-        status,
-        [
-            ("Content-Type", "application/json"),
-            ("Content-Length", str(len(body))),
-            *(headers or []),
-        ],
-        body,
-    )
-
-
-def _error(
-    status: int, code: str, message: str, headers: list[tuple[str, str]] | None = None
-) -> Response:
-    return _json(status, {"error": {"code": code, "message": message}}, headers)
-
-
-def _uuid(value: str, what: str) -> str:
-    if not _UUID.match(value):
-        _reject(400, "invalid_id", f"{what} must be a UUID, got {value[:80]!r}")
-    return value.lower()
-
-
 @attrs.define(eq=False)
 class Api:
-    """The API of contract §2 over a tracker, an orchestrator and an upload store.
+    """The router of the API (contract §2, §7) over a tracker, a runner and an upload store.
 
-    See :func:`batchtrack.asgi.create_app` for the arguments.
+    It maps every route to its endpoint, identifies the caller and turns every error into
+    the JSON error body. The endpoints of §2 are its methods; cancel and retry live in
+    :class:`~batchtrack._control.BatchControl`. See :func:`batchtrack.asgi.create_app`
+    for the arguments.
     """
 
     tracker: BatchTracker
-    orchestrator: Orchestrator
+    runner: Runner = attrs.field(converter=_check_runner)
     uploads: UploadStore
     prefix: str = "/api"
     max_files: int = 10
@@ -204,6 +164,7 @@ class Api:
     _routes: list[tuple[str, re.Pattern[str], Callable[..., Response]]] = attrs.field(
         init=False, factory=list
     )
+    _control: BatchControl = attrs.field(init=False)
 
     def __attrs_post_init__(self) -> None:
         if not isinstance(self.prefix, str) or (self.prefix and not self.prefix.startswith("/")):
@@ -218,8 +179,8 @@ class Api:
         if self.owner is not None and not callable(self.owner):
             raise ValidationError("owner must be a callable taking the request headers")
         if self.results_dir is None:
-            output = getattr(self.orchestrator.processor, "output_dir", None)
-            self.results_dir = Path(output) if output is not None else None
+            self.results_dir = _results_dir(self.runner)
+        self._control = BatchControl(self.tracker, self.runner, self.uploads, self.prefix)
         id_ = r"(?P<batch>[^/]+)"
         self._routes = [
             ("POST", re.compile(r"/upload"), self._upload),
@@ -227,6 +188,8 @@ class Api:
             ("GET", re.compile(rf"/batch-status/{id_}"), self._batch_status),
             ("GET", re.compile(rf"/batch-events/{id_}"), self._batch_events),
             ("GET", re.compile(rf"/batch-results/{id_}/(?P<item>[^/]+)"), self._batch_results),
+            ("POST", re.compile(rf"/batch-cancel/{id_}"), self._control.cancel),
+            ("POST", re.compile(rf"/batch-retry/{id_}"), self._control.retry),
             ("GET", re.compile(r"/openapi\.json"), self._openapi),
         ]
 
@@ -245,24 +208,24 @@ class Api:
             handler, params, allowed = self._route(request)
             if handler is None:
                 if allowed:
-                    raise _Reject(
+                    raise Reject(
                         405,
                         "method_not_allowed",
                         f"{request.method} is not allowed here; use {', '.join(allowed)}",
                         [("Allow", ", ".join(allowed))],
                     )
-                _reject(404, "not_found", f"no such endpoint: {request.path[:200]}")
+                reject(404, "not_found", f"no such endpoint: {request.path[:200]}")
             owner = None
             if handler is not self._openapi:
                 owner, cookie_headers = self._identify(request)
             response = handler(request, owner, **params)
-        except _Reject as exc:
-            response = _error(exc.status, exc.code, exc.message, exc.headers)
+        except Reject as exc:
+            response = error_response(exc.status, exc.code, exc.message, exc.headers)
         except BodyTooLarge:
-            response = _error(413, "too_large", "the request body is too large")
+            response = error_response(413, "too_large", "the request body is too large")
         except Exception:
             log.exception("batchtrack: %s %s failed", request.method, request.path[:200])
-            response = _error(500, "internal", "internal error; it has been logged")
+            response = error_response(500, "internal", "internal error; it has been logged")
         if cookie_headers:
             response.headers.extend(cookie_headers)
         return response
@@ -288,7 +251,7 @@ class Api:
         if self.owner is not None:
             owner = self.owner(request.headers)
             if not owner:
-                _reject(401, "unauthorized", "sign in to use this service")
+                reject(401, "unauthorized", "sign in to use this service")
             return str(owner), []
         for part in request.headers.get("cookie", "").split(";"):
             name, _, value = part.strip().partition("=")
@@ -307,26 +270,26 @@ class Api:
 
         content_type = request.headers.get("content-type", "")
         if not content_type.lower().startswith("multipart/form-data"):
-            _reject(415, "unsupported_media_type", "send the files as multipart/form-data")
+            reject(415, "unsupported_media_type", "send the files as multipart/form-data")
         writers: list[UploadWriter] = []
         try:
             read_uploads(request.body, content_type, self._begin(owner, writers))
         except FileTooLarge as exc:
             _abort(writers)
-            _reject(413, "too_large", f"{exc.filename} is larger than {exc.limit:,} bytes")
-        except (_Reject, BodyTooLarge):
+            reject(413, "too_large", f"{exc.filename} is larger than {exc.limit:,} bytes")
+        except (Reject, BodyTooLarge):
             _abort(writers)
             raise
         except ValueError as exc:
             _abort(writers)
-            _reject(400, "bad_multipart", f"the multipart body is malformed: {exc}")
+            reject(400, "bad_multipart", f"the multipart body is malformed: {exc}")
         except BaseException:
             _abort(writers)
             raise
         if not writers:
-            _reject(400, "no_files", "no files were sent: use the field 'files'")
+            reject(400, "no_files", "no files were sent: use the field 'files'")
         stored = [writer.commit() for writer in writers]
-        return _json(
+        return json_response(
             201, {"files": [{"id": f.id, "filename": f.filename, "size": f.size} for f in stored]}
         )
 
@@ -337,62 +300,50 @@ class Api:
             if field != "files" or not filename:
                 return None  # other fields, and empty file inputs, are ignored
             if len(writers) >= self.max_files:
-                _reject(400, "too_many_files", f"at most {self.max_files} files per request")
+                reject(400, "too_many_files", f"at most {self.max_files} files per request")
             try:
                 writer = self.uploads.begin(filename, owner=owner)
             except ValidationError as exc:
-                _reject(400, "bad_filename", str(exc))
+                reject(400, "bad_filename", str(exc))
             writers.append(writer)
             return writer
 
         return begin
 
     def _process_batch(self, request: Request, owner: str) -> Response:
-        content_type = request.headers.get("content-type", "").split(";")[0].strip().lower()
-        if content_type != "application/json":
-            _reject(415, "unsupported_media_type", "send a JSON body (application/json)")
-        raw = b"".join(iter(lambda: request.body.read(_CHUNK), b""))
-        try:
-            payload = json.loads(raw)
-        except ValueError:
-            _reject(400, "bad_json", "the body is not valid JSON")
+        payload = read_json(request)
         ids = payload.get("fileIds") if isinstance(payload, dict) else None
         if not isinstance(payload, dict) or "fileIds" not in payload:
-            _reject(400, "missing_file_ids", 'send {"fileIds": [...]}')
+            reject(400, "missing_file_ids", 'send {"fileIds": [...]}')
         if not isinstance(ids, list) or not ids:
-            _reject(400, "bad_file_ids", "fileIds must be a non-empty list of file ids")
+            reject(400, "bad_file_ids", "fileIds must be a non-empty list of file ids")
         if len(ids) > self.max_files:
-            _reject(400, "too_many_files", f"at most {self.max_files} files per batch")
+            reject(400, "too_many_files", f"at most {self.max_files} files per batch")
         if not all(isinstance(i, str) for i in ids):
-            _reject(400, "bad_file_ids", "every file id must be a string")
-        normal = [_uuid(i, "every file id") for i in ids]
+            reject(400, "bad_file_ids", "every file id must be a string")
+        normal = [check_uuid(i, "every file id") for i in ids]
         if len(set(normal)) != len(normal):
-            _reject(400, "duplicate_file_ids", "a file id appears more than once")
+            reject(400, "duplicate_file_ids", "a file id appears more than once")
         try:
             files = [self.uploads.get(i, owner=owner) for i in normal]
         except FileNotFound as exc:
-            _reject(404, "file_not_found", f"no uploaded file {exc.file_id!r} (expired?)")
+            reject(404, "file_not_found", f"no uploaded file {exc.file_id!r} (expired?)")
         try:
-            snap = self.orchestrator.submit(
-                [Item(f.filename, source=f.path) for f in files], owner=owner
+            # A str source is stored with the item, so that retry and resume find it.
+            snap = self.runner.submit(
+                [Item(f.filename, source=str(f.path)) for f in files], owner=owner
             )
         except OrchestratorClosed:
-            _reject(503, "shutting_down", "the service is shutting down; try again shortly")
-        url = f"{request.root_path}{self.prefix}/batch-status/{snap.batch_id}"
-        return _json(
+            reject(503, "shutting_down", "the service is shutting down; try again shortly")
+        url = status_url(request, self.prefix, snap.batch_id)
+        return json_response(
             202,
             {"batchId": snap.batch_id, "status": snap.status.value, "statusUrl": url},
             [("Location", url)],
         )
 
-    def _snapshot(self, batch: str, owner: str, *, items: bool = True) -> Any:
-        try:
-            return self.tracker.get(_uuid(batch, "batchId"), owner=owner, items=items)
-        except BatchNotFound:
-            _reject(404, "batch_not_found", "no such batch (it may have expired)")
-
     def _batch_status(self, request: Request, owner: str, batch: str) -> Response:
-        snap = self._snapshot(batch, owner)
+        snap = find_batch(self.tracker, batch, owner)
         etag = f'"{snap.version}.{snap.estimated_time_remaining}"'
         headers = [("ETag", etag), ("Cache-Control", "no-store")]
         wanted = request.headers.get("if-none-match", "")
@@ -400,10 +351,10 @@ class Api:
             t.strip().removeprefix("W/") for t in wanted.split(",")
         ]:
             return Response(304, headers)
-        return _json(200, snap.to_dict(), headers)
+        return json_response(200, snap.to_dict(), headers)
 
     def _batch_events(self, request: Request, owner: str, batch: str) -> Response:
-        batch_id = self._snapshot(batch, owner, items=False).batch_id
+        batch_id = find_batch(self.tracker, batch, owner, items=False).batch_id
         return Response(
             200,
             [
@@ -415,15 +366,15 @@ class Api:
         )
 
     def _batch_results(self, request: Request, owner: str, batch: str, item: str) -> Response:
-        snap = self._snapshot(batch, owner)
-        item_id = _uuid(item, "itemId")
+        snap = find_batch(self.tracker, batch, owner)
+        item_id = check_uuid(item, "itemId")
         found = next((i for i in snap.items if i.id == item_id), None)
         if found is None or found.status.value != "completed":
-            _reject(404, "result_not_found", "no processed file for this item (yet)")
+            reject(404, "result_not_found", "no processed file for this item (yet)")
         paths = sorted(self.results_dir.glob(f"{item_id}.*")) if self.results_dir else []
         paths = [p for p in paths if p.suffix != ".part"]
         if not paths:
-            _reject(404, "result_not_found", "the processed file is not available")
+            reject(404, "result_not_found", "the processed file is not available")
         data = paths[0].read_bytes()
         name = Path(found.filename).stem + paths[0].suffix
         kind = mimetypes.guess_type(paths[0].name)[0] or "application/octet-stream"
@@ -441,7 +392,7 @@ class Api:
     def _openapi(self, request: Request, owner: str | None) -> Response:
         from ._openapi import document
 
-        return _json(200, document(f"{request.root_path}{self.prefix}", self.max_files))
+        return json_response(200, document(f"{request.root_path}{self.prefix}", self.max_files))
 
 
 def _abort(writers: list[UploadWriter]) -> None:

@@ -5,6 +5,7 @@ from __future__ import annotations
 from typing import Any
 
 from . import __version__
+from ._control import MAX_RETRY_IDS
 
 _UUID = {"type": "string", "format": "uuid"}
 
@@ -39,10 +40,30 @@ def document(base: str, max_files: int) -> dict[str, Any]:
             "filename": {"type": "string"},
             "status": {"enum": ["pending", "processing", "completed", "failed"]},
             "error": {"type": "string", "description": "Only on failed items."},
+            "attempts": {
+                "type": "integer",
+                "minimum": 2,
+                "description": "How many times the item was started since it was created or "
+                "last retried; only when more than once.",
+            },
         },
         "additionalProperties": False,
     }
     count = {"type": "integer", "minimum": 0}
+    event = {  # one server-sent event (the 3.2 `itemSchema`; 3.1 has no word for streams)
+        "description": "One event; a `: keep-alive` comment comes every 15 s between events.",
+        "type": "object",
+        "required": ["data"],
+        "properties": {
+            "id": {"type": "string", "description": "The batch version."},
+            "event": {"type": "string"},
+            "data": {
+                "type": "string",
+                "contentMediaType": "application/json",
+                "contentSchema": {"$ref": "#/components/schemas/BatchStatus"},
+            },
+        },
+    }
     timestamp = {"type": "string", "format": "date-time"}
     status_headers = {
         "ETag": {"schema": {"type": "string"}},
@@ -143,7 +164,7 @@ def document(base: str, max_files: int) -> dict[str, Any]:
                     "responses": {
                         "200": {
                             "description": "One `data:` event per change; closes when finished.",
-                            "content": {"text/event-stream": {"schema": {"type": "string"}}},
+                            "content": {"text/event-stream": {"schema": event}},
                         },
                         "400": _error("Not a UUID."),
                         "404": _error("Unknown, expired or not yours."),
@@ -169,6 +190,64 @@ def document(base: str, max_files: int) -> dict[str, Any]:
                         },
                         "400": _error("Not a UUID."),
                         "404": _error("Unknown, not yours, or not completed."),
+                    },
+                }
+            },
+            "/batch-cancel/{batchId}": {
+                "post": {
+                    "summary": "Cancel the batch: every item not yet started fails "
+                    'with the error "cancelled"; running items finish as they will.',
+                    "parameters": [_BATCH_ID],
+                    "responses": {
+                        "200": _json("How many items were cancelled (0 if finished).", "Cancelled"),
+                        "400": _error("Not a UUID."),
+                        "404": _error("Unknown, expired or not yours."),
+                    },
+                }
+            },
+            "/batch-retry/{batchId}": {
+                "post": {
+                    "summary": "Retry failed items (those named, or every failed one) and "
+                    "resume the batch.",
+                    "parameters": [_BATCH_ID],
+                    "requestBody": {
+                        "required": False,
+                        "description": "No body (or an empty one): every failed item.",
+                        "content": {
+                            "application/json": {
+                                "schema": {
+                                    "type": "object",
+                                    "required": ["itemIds"],
+                                    "properties": {
+                                        "itemIds": {
+                                            "type": "array",
+                                            "items": _UUID,
+                                            "minItems": 1,
+                                            "maxItems": MAX_RETRY_IDS,
+                                        }
+                                    },
+                                }
+                            }
+                        },
+                    },
+                    "responses": {
+                        "202": _json(
+                            "Retried; the batch runs again.",
+                            "Retried",
+                            {"Location": {"schema": {"type": "string"}}},
+                        ),
+                        "400": _error("Not a UUID, bad JSON, or bad or too many item ids."),
+                        "404": _error("Batch unknown, expired or not yours; or an unknown item."),
+                        "409": _error(
+                            "`nothing_to_retry`: a named item has not failed, or none has."
+                        ),
+                        "410": _error(
+                            "`inputs_gone`: the uploaded files behind an item have expired; "
+                            "nothing was retried."
+                        ),
+                        "413": _error("The body is too large."),
+                        "415": _error("A body that is not JSON."),
+                        "503": _error("The service is shutting down."),
                     },
                 }
             },
@@ -226,6 +305,22 @@ def document(base: str, max_files: int) -> dict[str, Any]:
                         "status": {"enum": ["pending", "processing", "completed", "failed"]},
                         "statusUrl": {"type": "string"},
                     },
+                },
+                "Cancelled": {
+                    "type": "object",
+                    "required": ["cancelled"],
+                    "properties": {"cancelled": count},
+                    "additionalProperties": False,
+                },
+                "Retried": {
+                    "type": "object",
+                    "required": ["retried", "batchId", "statusUrl"],
+                    "properties": {
+                        "retried": {"type": "integer", "minimum": 1},
+                        "batchId": _UUID,
+                        "statusUrl": {"type": "string"},
+                    },
+                    "additionalProperties": False,
                 },
                 "BatchStatus": {
                     "type": "object",

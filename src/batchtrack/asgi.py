@@ -16,9 +16,10 @@ from typing import Any
 import attrs
 from typing_extensions import Unpack
 
-from ._http import Api, AppOptions, Body, Request, Response
-from ._orchestrator import Orchestrator
+from ._http import Api, AppOptions
 from ._tracker import BatchTracker
+from ._wire import Body, Request, Response
+from .typing import Runner
 from .uploads import UploadStore
 
 __all__ = ["App", "create_app"]
@@ -135,15 +136,19 @@ class App:
 
 def create_app(
     tracker: BatchTracker,
-    orchestrator: Orchestrator,
+    runner: Runner,
     uploads: UploadStore,
     **options: Unpack[AppOptions],
 ) -> App:
-    """The HTTP API (contract §2) as an ASGI application.
+    """The HTTP API (contract §2, §7) as an ASGI application.
 
     Args:
-        tracker: Where batches are read.
-        orchestrator: What runs the batches that ``process-batch`` starts.
+        tracker: Where batches are read, cancelled and retried.
+        runner: What runs the batches that ``process-batch`` starts and ``batch-retry``
+            resumes, and drops the queued work of those ``batch-cancel`` stops: any
+            :class:`batchtrack.typing.Runner`, such as an
+            :class:`~batchtrack.Orchestrator` (in this process) or a
+            :class:`batchtrack.celery.CeleryRunner`.
         uploads: Where uploaded files go.
         **options: ``prefix`` (``"/api"``): the path the endpoints live under.
             ``max_files`` (10): files per upload request and per batch.
@@ -152,10 +157,12 @@ def create_app(
             (``batchtrack_session``) decides. ``secure_cookies`` (False): mark that
             cookie ``Secure``. ``max_json_bytes`` (64 KiB): the largest JSON body.
             ``results_dir``: where processed files are, named ``<item id>.<ext>``; by
-            default the processor's ``output_dir``. ``events_poll`` (0.5): seconds
+            default the ``output_dir`` of the runner's ``processor`` (None when the
+            runner has none: results are then not served). ``events_poll`` (0.5): seconds
             between checks for changes in the events stream.
 
     Raises:
-        ValidationError: A bad option.
+        ValidationError: A bad option, or a ``runner`` without ``submit``, ``resume``
+            and ``cancel`` methods.
     """
-    return App(Api(tracker, orchestrator, uploads, **options))
+    return App(Api(tracker, runner, uploads, **options))

@@ -14,9 +14,10 @@ from typing import Any
 import attrs
 from typing_extensions import Unpack
 
-from ._http import Api, AppOptions, Body, EventStream, Request
-from ._orchestrator import Orchestrator
+from ._http import Api, AppOptions
 from ._tracker import BatchTracker
+from ._wire import Body, Request, Stream
+from .typing import Runner
 from .uploads import UploadStore
 
 __all__ = ["App", "create_app"]
@@ -66,7 +67,7 @@ class App:
         return [response.body]
 
 
-def _events(stream: EventStream) -> Iterator[bytes]:
+def _events(stream: Stream) -> Iterator[bytes]:
     """The event stream; the server closes the generator when the client goes away."""
     while (chunks := stream.poll()) is not None:
         yield from chunks
@@ -75,12 +76,12 @@ def _events(stream: EventStream) -> Iterator[bytes]:
 
 def create_app(
     tracker: BatchTracker,
-    orchestrator: Orchestrator,
+    runner: Runner,
     uploads: UploadStore,
     **options: Unpack[AppOptions],
 ) -> App:
-    """The HTTP API (contract §2) as a WSGI application.
+    """The HTTP API (contract §2, §7) as a WSGI application.
 
     The arguments are those of :func:`batchtrack.asgi.create_app`.
     """
-    return App(Api(tracker, orchestrator, uploads, **options))
+    return App(Api(tracker, runner, uploads, **options))

@@ -1,0 +1,169 @@
+"""The endpoints that act on a batch once it runs: cancel and retry (contract §7).
+
+They live apart from the router (:class:`batchtrack._http.Api`), which only maps
+``POST {prefix}/batch-cancel/{batchId}`` and ``POST {prefix}/batch-retry/{batchId}``
+to :meth:`BatchControl.cancel` and :meth:`BatchControl.retry`.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import attrs
+
+from ._models import ItemSnapshot, Status
+from ._tracker import BatchTracker
+from ._wire import (
+    NO_BODY,
+    Request,
+    Response,
+    check_uuid,
+    find_batch,
+    json_response,
+    read_json,
+    reject,
+    status_url,
+)
+from .exceptions import BatchNotFound, InvalidTransition, ItemNotFound, OrchestratorClosed
+from .typing import Runner
+from .uploads import FileNotFound, UploadStore
+
+__all__ = ["MAX_RETRY_IDS", "BatchControl"]
+
+log = logging.getLogger("batchtrack")
+
+MAX_RETRY_IDS = 10_000
+"""The most item ids one retry request may name."""
+
+_NAMED_IN_MESSAGES = 3
+
+
+def _describe(items: Sequence[ItemSnapshot]) -> str:
+    """``'a.jpg' (id …), 'b.jpg' (id …) and 3 more``, for error messages."""
+    named = ", ".join(f"{i.filename!r} ({i.id})" for i in items[:_NAMED_IN_MESSAGES])
+    rest = len(items) - _NAMED_IN_MESSAGES
+    return f"{named} and {rest} more" if rest > 0 else named
+
+
+@attrs.frozen
+class BatchControl:
+    """Cancel and retry over HTTP, on the tracker and the runner behind ``create_app``.
+
+    Attributes:
+        tracker: Where batches are read and changed (counts come from here).
+        runner: Told to drop a cancelled batch's queued work, and to resume a retried one.
+        uploads: Where the inputs of batches started over HTTP are; a retry needs them.
+        prefix: The API prefix, for the URLs handed out.
+    """
+
+    tracker: BatchTracker
+    runner: Runner
+    uploads: UploadStore
+    prefix: str
+
+    def cancel(self, request: Request, owner: str, batch: str) -> Response:
+        """``POST /batch-cancel/{batchId}``: fail every pending item, ``{"cancelled": n}``."""
+        batch_id = check_uuid(batch, "batchId")
+        try:
+            cancelled = self.tracker.cancel(batch_id, owner=owner)
+        except BatchNotFound:
+            reject(404, "batch_not_found", "no such batch (it may have expired)")
+        try:
+            # The count is the tracker's, atomic and exact; the runner only drops the
+            # work it had queued, whose items the tracker has just failed.
+            self.runner.cancel(batch_id)
+        except Exception:
+            # The cancel stands: a worker skips an item that is no longer pending.
+            log.exception("batchtrack: the runner failed to cancel batch %s", batch_id)
+        return json_response(200, {"cancelled": cancelled})
+
+    def retry(self, request: Request, owner: str, batch: str) -> Response:
+        """``POST /batch-retry/{batchId}``: failed items back to pending, then resume.
+
+        Everything is checked before anything changes: the body, the batch, that each
+        item to retry has failed, and that its input is still there.
+        """
+        batch_id = check_uuid(batch, "batchId")
+        names = self._named_items(request)
+        snap = find_batch(self.tracker, batch_id, owner)
+        if names is None:
+            targets = [i for i in snap.items if i.status is Status.FAILED]
+            if not targets:
+                reject(409, "nothing_to_retry", "no item of this batch has failed")
+        else:
+            by_id = {i.id: i for i in snap.items}
+            unknown = [n for n in names if n not in by_id]
+            if unknown:
+                more = f" (and {len(unknown) - 1} more)" if len(unknown) > 1 else ""
+                reject(404, "item_not_found", f"the batch has no item {unknown[0]}{more}")
+            targets = [by_id[n] for n in names]
+            busy = [i for i in targets if i.status is not Status.FAILED]
+            if busy:
+                reject(
+                    409,
+                    "nothing_to_retry",
+                    f"only failed items can be retried; not failed: {_describe(busy)}",
+                )
+        gone = [i for i in targets if not self._input_available(i)]
+        if gone:
+            reject(
+                410,
+                "inputs_gone",
+                f"the uploaded files behind {_describe(gone)} have expired; "
+                "upload them again and start a new batch",
+            )
+        try:
+            # The ids checked above, not None: an item failing meanwhile was not checked.
+            retried = self.tracker.retry(batch_id, [i.id for i in targets], owner=owner)
+        except InvalidTransition as exc:
+            reject(
+                409,
+                "nothing_to_retry",
+                f"item {exc.item_id} is {exc.current} now, not failed; nothing was retried",
+            )
+        except (BatchNotFound, ItemNotFound):
+            reject(404, "batch_not_found", "no such batch (it may have expired)")
+        try:
+            self.runner.resume(batch_id)
+        except OrchestratorClosed:
+            reject(503, "shutting_down", "the service is shutting down; try again shortly")
+        url = status_url(request, self.prefix, batch_id)
+        return json_response(
+            202, {"retried": retried, "batchId": batch_id, "statusUrl": url}, [("Location", url)]
+        )
+
+    def _named_items(self, request: Request) -> list[str] | None:
+        """The item ids the body names (lower case, each once); None for every failed one."""
+        payload: Any = read_json(request, optional=True)
+        if payload is NO_BODY:
+            return None
+        if not isinstance(payload, dict) or "itemIds" not in payload:
+            reject(
+                400,
+                "missing_item_ids",
+                'send {"itemIds": [...]}, or no body to retry every failed item',
+            )
+        ids = payload["itemIds"]
+        if not isinstance(ids, list) or not ids:
+            reject(400, "bad_item_ids", "itemIds must be a non-empty list of item ids")
+        if len(ids) > MAX_RETRY_IDS:
+            reject(400, "too_many_items", f"at most {MAX_RETRY_IDS:,} item ids per request")
+        if not all(isinstance(i, str) for i in ids):
+            reject(400, "bad_item_ids", "every item id must be a string")
+        return list(dict.fromkeys(check_uuid(i, "every item id") for i in ids))
+
+    def _input_available(self, item: ItemSnapshot) -> bool:
+        """Whether the item's stored input can still be read: for an upload, one that
+        has not expired (even when no cleanup has removed it yet)."""
+        if item.source is None:
+            return False
+        path = Path(item.source)
+        if path.parent == self.uploads.directory:
+            try:
+                self.uploads.get(path.name)
+            except FileNotFound:
+                return False
+        return path.is_file()

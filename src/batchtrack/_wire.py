@@ -1,0 +1,204 @@
+"""HTTP values for the framework-free handler: requests, responses, bodies, JSON, errors.
+
+The router (:mod:`batchtrack._http`) and the endpoint modules build on these; the WSGI
+and ASGI shells translate their protocol to :class:`Request` and back from
+:class:`Response`. Nothing here knows a route.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from collections.abc import Callable, Mapping
+from typing import Any, NoReturn, Protocol
+
+import attrs
+
+from ._models import BatchSnapshot
+from ._tracker import BatchTracker
+from .exceptions import BatchNotFound
+
+__all__ = [
+    "CHUNK",
+    "NO_BODY",
+    "Body",
+    "BodyTooLarge",
+    "Reject",
+    "Request",
+    "Response",
+    "Stream",
+    "check_uuid",
+    "error_response",
+    "find_batch",
+    "json_response",
+    "read_json",
+    "reject",
+    "status_url",
+]
+
+CHUNK = 1 << 16
+_UUID = re.compile(
+    r"\A[0-9a-fA-F]{8}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{12}\Z"
+)
+
+
+class BodyTooLarge(Exception):
+    """The request body went over the limit for its route."""
+
+
+@attrs.define(eq=False)
+class Body:
+    """A request body read in chunks through ``read``, never past ``limit`` bytes."""
+
+    read_chunk: Callable[[int], bytes]
+    limit: int
+    seen: int = 0
+
+    def read(self, size: int = CHUNK) -> bytes:
+        data = self.read_chunk(size)
+        self.seen += len(data)
+        if self.seen > self.limit:
+            raise BodyTooLarge
+        return data
+
+
+@attrs.frozen
+class Request:
+    """An HTTP request as the shells hand it over.
+
+    Attributes:
+        method: Upper-case method.
+        path: The path below the mount point (``root_path`` / ``SCRIPT_NAME`` removed).
+        headers: Lower-case names; repeated headers joined with ``", "``.
+        body: Reads the body; its limit is set by the shell from ``Api.body_limit``.
+        root_path: Where the app is mounted, for building URLs.
+    """
+
+    method: str
+    path: str
+    headers: Mapping[str, str]
+    body: Body
+    root_path: str = ""
+
+
+class Stream(Protocol):
+    """A response body that the shell polls, such as server-sent events.
+
+    The shell calls :meth:`poll` every :attr:`interval` seconds (in a thread for ASGI)
+    and writes what it returns, until it returns None or the client goes away.
+    """
+
+    @property
+    def interval(self) -> float: ...
+
+    def poll(self) -> list[bytes] | None:
+        """The chunks to send now (maybe none); None when the stream is over."""
+        ...
+
+
+@attrs.frozen
+class Response:
+    """An HTTP response: a body, or a :class:`Stream` polled by the shell."""
+
+    status: int
+    headers: list[tuple[str, str]]
+    body: bytes = b""
+    stream: Stream | None = None
+
+
+class Reject(Exception):
+    """Answer the request with this error (raised by endpoints, caught by the router)."""
+
+    def __init__(
+        self, status: int, code: str, message: str, headers: list[tuple[str, str]] | None = None
+    ) -> None:
+        super().__init__(message)
+        self.status, self.code, self.message = status, code, message
+        self.headers = headers or []
+
+
+def reject(status: int, code: str, message: str) -> NoReturn:
+    """Stop handling the request: answer ``status`` with the JSON error body."""
+    raise Reject(status, code, message)
+
+
+def json_response(
+    status: int, payload: Any, headers: list[tuple[str, str]] | None = None
+) -> Response:
+    """A compact JSON response."""
+    body = json.dumps(payload, separators=(",", ":"), ensure_ascii=False).encode()
+    return Response(
+        status,
+        [
+            ("Content-Type", "application/json"),
+            ("Content-Length", str(len(body))),
+            *(headers or []),
+        ],
+        body,
+    )
+
+
+def error_response(
+    status: int, code: str, message: str, headers: list[tuple[str, str]] | None = None
+) -> Response:
+    """``{"error": {"code": ..., "message": ...}}``, the body of every error."""
+    return json_response(status, {"error": {"code": code, "message": message}}, headers)
+
+
+def check_uuid(value: str, what: str) -> str:
+    """``value`` in lower case, or a 400 ``invalid_id`` when it is not a UUID."""
+    if not _UUID.match(value):
+        reject(400, "invalid_id", f"{what} must be a UUID, got {value[:80]!r}")
+    return value.lower()
+
+
+NO_BODY: Any = object()
+"""What :func:`read_json` returns for an empty optional body."""
+
+
+def read_json(request: Request, *, optional: bool = False) -> Any:
+    """The request's body, parsed as JSON.
+
+    Args:
+        request: The request.
+        optional: An empty body (with or without a Content-Type) is allowed and gives
+            :data:`NO_BODY`; a body that is not empty must still be JSON.
+
+    Raises:
+        Reject: 415 when the body is not ``application/json`` (for a required body this
+            is checked before any of it is read), 400 ``bad_json`` when it does not parse.
+        BodyTooLarge: Over the route's limit (413).
+    """
+    media = request.headers.get("content-type", "").split(";")[0].strip().lower()
+    is_json = media == "application/json"
+    if not is_json and not optional:
+        reject(415, "unsupported_media_type", "send a JSON body (application/json)")
+    raw = b"".join(iter(lambda: request.body.read(CHUNK), b""))
+    if optional and not raw:
+        return NO_BODY
+    if not is_json:
+        reject(415, "unsupported_media_type", "send no body, or a JSON body (application/json)")
+    try:
+        return json.loads(raw)
+    except (ValueError, RecursionError):  # RecursionError: nested too deeply to parse
+        reject(400, "bad_json", "the body is not valid JSON")
+
+
+def find_batch(
+    tracker: BatchTracker, batch: str, owner: str, *, items: bool = True
+) -> BatchSnapshot:
+    """The batch named by a path segment, as the caller may see it.
+
+    Raises:
+        Reject: 400 ``invalid_id`` for a segment that is not a UUID, 404
+            ``batch_not_found`` for a batch that is unknown, expired or someone else's.
+    """
+    try:
+        return tracker.get(check_uuid(batch, "batchId"), owner=owner, items=items)
+    except BatchNotFound:
+        reject(404, "batch_not_found", "no such batch (it may have expired)")
+
+
+def status_url(request: Request, prefix: str, batch_id: str) -> str:
+    """The URL of the batch's status, as a client of this mount point reaches it."""
+    return f"{request.root_path}{prefix}/batch-status/{batch_id}"
