@@ -484,3 +484,60 @@ def test_without_heartbeats_a_stalled_item_is_reclaimed(store_factory: Any) -> N
     tracker.start_item(snap.batch_id, snap.items[0].id)
     time.sleep(0.4)
     assert tracker.reclaim() == 1
+
+
+def test_a_source_that_is_not_text_runs_but_is_not_stored(
+    orchestrator: Callable[..., Orchestrator],
+) -> None:
+    """Bytes and non-UTF-8 path sources reach the processor but are not kept for resume."""
+    seen: list[object] = []
+    orch = orchestrator(lambda item: seen.append(item.source))
+    final = orch.run([Item("a.jpg", source=b"raw bytes"), Item("b.jpg", source="/x/b\udcff")])
+    assert final.progress.completed == 2
+    assert sorted(map(repr, seen)) == sorted([repr(b"raw bytes"), repr("/x/b\udcff")])
+    assert [i.source for i in final.items] == [None, None]
+
+
+def test_a_resume_racing_a_submit_joins_its_run(tracker: BatchTracker) -> None:
+    """A recovery loop resuming a batch while submit() sets it up never splits the run."""
+    resumed: list[Any] = []
+    threads: list[threading.Thread] = []
+
+    class EagerTracker(BatchTracker):
+        def create_batch(self, *args: Any, **kwargs: Any) -> Any:
+            snap = super().create_batch(*args, **kwargs)
+            # Another thread (serve's recovery loop) resumes the new batch at once.
+            thread = threading.Thread(target=lambda: resumed.append(orch.resume(snap.batch_id)))
+            threads.append(thread)
+            thread.start()
+            thread.join(0.2)
+            return snap
+
+    racing = EagerTracker(tracker.store, clock=tracker.clock)
+    events: list[ProgressEvent] = []
+    orch = Orchestrator(racing, upper, concurrency=2)
+    try:
+        final = orch.run([f"{i}.jpg" for i in range(6)], on_progress=events.append)
+        threads[0].join(10)
+    finally:
+        orch.close()
+    assert resumed
+    assert final.progress.completed == 6
+    finals = [e.progress.finished for e in events if e.item.status.is_final]
+    assert finals == [1, 2, 3, 4, 5, 6]
+
+
+def test_a_resume_after_the_run_settles_starts_a_new_run(
+    orchestrator: Callable[..., Orchestrator], tracker: BatchTracker
+) -> None:
+    """Items retried right after a run finished go to a new run that wait() follows."""
+    flaky = Flaky({"src-0"})
+    orch = orchestrator(flaky, concurrency=1)
+    snap = orch.run([Item("0.jpg", source="src-0"), Item("1.jpg", source="src-1")])
+    assert snap.progress.failed == 1
+    flaky.bad.clear()
+    assert tracker.retry(snap.batch_id) == 1
+    orch.resume(snap.batch_id)
+    final = orch.wait(snap.batch_id, timeout=10)
+    assert final.status is Status.COMPLETED
+    assert flaky.seen == ["src-0", "src-1", "src-0"]

@@ -165,6 +165,49 @@ def test_opening_a_newer_schema_fails_and_changes_nothing(tmp_path: Path) -> Non
     assert path.read_bytes() == before
 
 
+V1_FILE = Path(__file__).parent / "data" / "schema_v1.db"
+"""A database written by batchtrack 0.1.0 (schema 1): one batch owned by "session:abc"
+with three items, the first completed, the second processing, the third pending."""
+V1_BATCH = "403c15cc-58ee-4980-95e7-c870b78fbfcb"
+V1_CLOCK = 1764064800.0
+
+
+def test_a_schema_1_file_migrates_in_place_and_keeps_its_batches(tmp_path: Path) -> None:
+    """A file from the previous release opens, moves to the current schema, loses nothing."""
+    path = tmp_path / "old.db"
+    path.write_bytes(V1_FILE.read_bytes())
+    with sqlite3.connect(path) as db:
+        assert db.execute("PRAGMA user_version").fetchone()[0] == 1
+    store = SQLiteStore(path)
+    try:
+        with sqlite3.connect(path) as db:
+            assert db.execute("PRAGMA user_version").fetchone()[0] == SCHEMA_VERSION == 2
+        clock = FakeClock(V1_CLOCK + 10)
+        tracker = BatchTracker(store, clock=clock, lease=5.0)
+        snap = tracker.get(V1_BATCH, owner="session:abc")
+        assert [i.status for i in snap.items] == [
+            Status.COMPLETED,
+            Status.PROCESSING,
+            Status.PENDING,
+        ]
+        # The item a 0.1.0 worker was running counts as started once, leased for
+        # LEGACY_LEASE from its start, so a worker lost in the upgrade is noticed too.
+        assert [(i.attempts, i.source) for i in snap.items] == [(0, None), (1, None), (0, None)]
+        assert snap.version == 3
+        assert tracker.reclaim() == 0
+        third = snap.items[2].id
+        tracker.start_item(V1_BATCH, third)
+        clock.advance(6)
+        assert tracker.reclaim_items() == [(V1_BATCH, third, Status.PENDING)]
+        clock.advance(V1_CLOCK + sqlite_module.LEGACY_LEASE - clock())
+        second = snap.items[1].id
+        assert tracker.reclaim_items() == [(V1_BATCH, second, Status.PENDING)]
+    finally:
+        store.close()
+    # Opening it again finds the current schema and migrates nothing twice.
+    SQLiteStore(path).close()
+
+
 def test_a_new_file_gets_the_current_schema_in_wal_mode(tmp_path: Path) -> None:
     """Opening a missing file creates it with the schema, user_version and WAL mode."""
     path = tmp_path / "new.db"

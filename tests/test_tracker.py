@@ -617,3 +617,12 @@ def test_the_sweeper_reclaims_lost_items() -> None:
         while tracker.get(snap.batch_id).items[0].status is not Status.PENDING:
             assert time.monotonic() < deadline
             time.sleep(0.01)
+
+
+def test_text_that_is_not_valid_unicode_is_rejected() -> None:
+    """A lone surrogate (a non-UTF-8 file name) in a filename or source is a ValidationError."""
+    tracker = BatchTracker()
+    with pytest.raises(ValidationError, match="Unicode"):
+        tracker.create_batch(["bad\udcff.jpg"])
+    with pytest.raises(ValidationError, match="Unicode"):
+        tracker.create_batch([Item("a.jpg", source="/up/bad\udcff")])

@@ -125,6 +125,7 @@ class Orchestrator(Closing):
     _events: queue.SimpleQueue[tuple[_Run, ProgressEvent | None]]
     _dispatcher: threading.Thread | None
     _dispatcher_lock: threading.Lock
+    _registering: threading.Lock
     _leased: dict[tuple[str, str], None]  # running items whose lease we renew
     _beater: threading.Thread | None
     _stop_beating: threading.Event
@@ -165,6 +166,7 @@ class Orchestrator(Closing):
             queue.SimpleQueue(),
             None,
             threading.Lock(),
+            threading.Lock(),
             {},
             None,
             threading.Event(),
@@ -204,17 +206,22 @@ class Orchestrator(Closing):
         ids = [item.id or str(uuid.uuid4()) for item in prepared]
         if self._closed:
             raise OrchestratorClosed("the orchestrator is closed; create a new one")
-        snap = self.tracker.create_batch(
-            [
-                Item(item.filename, source=_storable(item.source), id=i)
-                for i, item in zip(ids, prepared, strict=True)
-            ],
-            owner=owner,
-        )
-        run = _Run(snap.batch_id, collections.deque(), on_progress)
-        self._enqueue(
-            run, [attrs.evolve(item, id=i) for i, item in zip(ids, prepared, strict=True)], True
-        )
+        # Held from creating the batch until its run is registered, so that a resume of
+        # the new batch (a recovery loop sees every open batch) joins this run.
+        with self._registering:
+            snap = self.tracker.create_batch(
+                [
+                    Item(item.filename, source=_storable(item.source), id=i)
+                    for i, item in zip(ids, prepared, strict=True)
+                ],
+                owner=owner,
+            )
+            self._enqueue(
+                snap.batch_id,
+                [attrs.evolve(item, id=i) for i, item in zip(ids, prepared, strict=True)],
+                on_progress,
+                fail_if_closed=True,
+            )
         return snap
 
     def resume(
@@ -252,38 +259,45 @@ class Orchestrator(Closing):
             for i in snap.items
             if i.status is Status.PENDING
         ]
-        with self._lock:
-            run = self._runs.get(batch_id)
-            if run is not None and not run.settled:
-                if on_progress is not None:
-                    run.on_progress = on_progress
-                items = [item for item in items if item.id not in run.ids]
-                fresh = False
-            else:
-                run = _Run(batch_id, collections.deque(), on_progress)
-                fresh = True
-        if items or fresh:
-            self._enqueue(run, items, fresh)
+        with self._registering:
+            self._enqueue(batch_id, items, on_progress, fail_if_closed=False)
         return snap
 
-    def _enqueue(self, run: _Run, items: list[Item], fresh: bool) -> None:
-        """Queue items of a run (a new one when ``fresh``) and start what fits."""
+    def _enqueue(
+        self,
+        batch_id: str,
+        items: list[Item],
+        on_progress: Callable[[ProgressEvent], Any] | None,
+        *,
+        fail_if_closed: bool,
+    ) -> None:
+        """Queue the items of a batch on its run here (a new run unless one is going),
+        skipping those already queued or running, and start what fits."""
         with self._lock:
-            if self._closed:
-                # Closed while the batch was being created: nothing of it may run.
-                run.pending.extend(attrs.evolve(i, batch_id=run.batch_id) for i in items)
-                self._fail_pending_locked(run)
-                raise OrchestratorClosed("the orchestrator is closed; create a new one")
+            run = self._runs.get(batch_id)
+            if run is None or run.settled:
+                run = _Run(batch_id, collections.deque(), on_progress)
+                self._runs[batch_id] = run
+            elif on_progress is not None:
+                run.on_progress = on_progress
             for item in items:
                 assert item.id is not None
-                run.pending.append(attrs.evolve(item, batch_id=run.batch_id))
-                run.ids.add(item.id)
-            if fresh:
-                self._runs[run.batch_id] = run
+                if item.id not in run.ids:
+                    run.pending.append(attrs.evolve(item, batch_id=batch_id))
+                    run.ids.add(item.id)
+            if self._closed:
+                # Closed meanwhile: nothing more may run. A new batch's items fail; a
+                # resumed batch's stay pending for another orchestrator.
+                if fail_if_closed:
+                    self._fail_pending_locked(run)
+                else:
+                    run.pending.clear()
+                    run.ids.clear()
+                self._settle_locked(run)
+                raise OrchestratorClosed("the orchestrator is closed; create a new one")
             if run not in self._order:
                 self._order.append(run)
-            if fresh:
-                self._settle_locked(run)  # nothing to do at all: done at once
+            self._settle_locked(run)  # nothing to do at all: done at once
         self._pump()
 
     def wait(self, batch_id: str, timeout: float | None = None) -> BatchSnapshot:
@@ -543,10 +557,16 @@ class Orchestrator(Closing):
 
 
 def _storable(source: object) -> str | None:
-    """The part of an item's source the tracker can keep: paths and strings."""
+    """The part of an item's source the tracker can keep: paths and strings of text."""
     if isinstance(source, os.PathLike):
         source = os.fspath(source)
-    return source if isinstance(source, str) and "\x00" not in source else None
+    if not isinstance(source, str) or "\x00" in source:
+        return None
+    try:
+        source.encode("utf-8")
+    except UnicodeEncodeError:  # a path that is not valid UTF-8 (surrogate escapes)
+        return None
+    return source
 
 
 _STOP: Any = object()

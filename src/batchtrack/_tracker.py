@@ -66,7 +66,17 @@ def _check_text(value: object, what: str, limit: int) -> str:
         raise ValidationError(f"{what} is longer than {limit} characters")
     if any(ch in value for ch in "\x00\r\n"):
         raise ValidationError(f"{what} must not contain NUL or line breaks: {value!r}")
+    _check_utf8(value, what)
     return value
+
+
+def _check_utf8(value: str, what: str) -> None:
+    # A lone surrogate (a file name that was not valid UTF-8, decoded with surrogate
+    # escapes) cannot be stored as text by SQLite or Redis.
+    try:
+        value.encode("utf-8")
+    except UnicodeEncodeError:
+        raise ValidationError(f"{what} is not valid Unicode text: {value!r}") from None
 
 
 def _check_positive(value: object, what: str) -> float:
@@ -95,6 +105,7 @@ def _check_source(value: object, what: str) -> str | None:
         )
     if "\x00" in value:
         raise ValidationError(f"{what} must not contain NUL")
+    _check_utf8(value, what)
     return value
 
 

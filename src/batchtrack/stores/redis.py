@@ -120,9 +120,11 @@ local function reply(outcome, previous, raw)
   return {outcome, previous, raw, values, stats}
 end
 -- Key TTLs are a safety net behind purge_expired: refresh them when the batch finishes,
--- and otherwise at most hourly, not on every event.
+-- and otherwise at most hourly, not on every event. An open batch's keys get an hour
+-- more than it needs, so that refreshing hourly never lets them die before the batch.
 local function refresh_ttl(batch_id, new_expiry, at, slack, finished)
   local ttl = math.max(1, math.ceil(tonumber(new_expiry) - at + tonumber(slack)))
+  if not finished then ttl = ttl + 3600 end
   if finished or redis.call('TTL', KEYS[1]) < ttl - 3600 then
     for i = 1, 3 do redis.call('EXPIRE', KEYS[i], ttl) end
     redis.call('ZADD', KEYS[4], new_expiry, batch_id)
@@ -349,6 +351,7 @@ while #found < 5 * limit do
       and redis.call('HGET', ARGV[3] .. 'i:' .. batch_id, item_id)
     local item = raw and cjson.decode(raw)
     if item and item.s == 1 and item.l then
+      if #found >= 5 * limit then break end
       kept = kept + 1
       found[#found + 1] = batch_id
       found[#found + 1] = item_id

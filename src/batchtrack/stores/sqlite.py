@@ -48,6 +48,9 @@ SCHEMA_VERSION = 2
 PURGE_CHUNK = 500
 """:meth:`SQLiteStore.purge_expired` deletes at most this many batches per transaction."""
 
+LEGACY_LEASE = 300.0
+"""The lease (seconds from their start) that items processing in a version-1 file get."""
+
 # Statuses are stored as small integers: their position in this tuple.
 _STATUSES = (Status.PENDING, Status.PROCESSING, Status.COMPLETED, Status.FAILED)
 _CODE = {status: code for code, status in enumerate(_STATUSES)}
@@ -100,6 +103,10 @@ _MIGRATIONS: list[tuple[str, ...]] = [
         # Only processing items hold a lease, so this index stays as small as the work in
         # flight, and finding lost items costs what is lost.
         "CREATE INDEX items_by_lease ON items (lease_until) WHERE lease_until IS NOT NULL",
+        # Items a version-1 worker was running get the default lease from their start, so
+        # that the items of a worker that did not survive the upgrade are reclaimed too.
+        f"UPDATE items SET lease_until = changed_at + {LEGACY_LEASE}, beat_at = changed_at,"
+        " attempts = 1 WHERE status = 1",
     ),
 ]
 assert len(_MIGRATIONS) == SCHEMA_VERSION
