@@ -9,10 +9,11 @@ import os
 import queue
 import re
 import threading
+import time
 import uuid
 from collections.abc import Callable, Iterable
 from concurrent.futures import Executor, Future, ThreadPoolExecutor
-from typing import Any, Union
+from typing import Any, TypeVar, Union
 
 import attrs
 
@@ -25,6 +26,7 @@ from .exceptions import (
     InvalidTransition,
     OrchestratorClosed,
     ProcessingError,
+    StoreError,
     ValidationError,
 )
 
@@ -32,6 +34,7 @@ __all__ = ["CANCELLED", "Orchestrator"]
 
 log = logging.getLogger("batchtrack")
 
+_T = TypeVar("_T")
 ItemLike = Union[Item, str, "os.PathLike[str]"]
 _MAX_MESSAGE = 300
 _PATH = re.compile(r"(?:[A-Za-z]:)?(?:[\\/][^\s\\/'\"():,;]+)+[\\/]?")
@@ -107,6 +110,13 @@ class Orchestrator(Closing):
             process pool, a distributed engine's executor). None: a thread pool of
             ``concurrency`` threads owned (and shut down) by the orchestrator. Tracker
             updates always happen in this process.
+        store_retry: Seconds to keep retrying a tracker call that failed with a
+            :class:`~batchtrack.StoreError` (a store outage, SQLite's "database is
+            locked" beyond its busy timeout), waiting 0.05 s, then twice as long each time
+            up to 2 s. An item whose start could not be recorded is never processed; once
+            the store answers again the batch goes on. Past this time the item is given up
+            here, as it stands in the store (its lease runs out and it is reclaimed); 0
+            gives up at once.
 
     Raises:
         ValidationError: A bad argument.
@@ -116,6 +126,7 @@ class Orchestrator(Closing):
     processor: Callable[[Item], Any]
     concurrency: int
     executor: Executor
+    store_retry: float
     _owns_executor: bool
     _lock: threading.Lock
     _runs: dict[str, _Run]
@@ -137,6 +148,7 @@ class Orchestrator(Closing):
         *,
         concurrency: int = 4,
         executor: Executor | None = None,
+        store_retry: float = 60.0,
     ) -> None:
         if not isinstance(tracker, BatchTracker):
             raise ValidationError(f"tracker must be a BatchTracker, not {type(tracker).__name__}")
@@ -148,6 +160,14 @@ class Orchestrator(Closing):
             raise ValidationError(
                 f"executor must be a concurrent.futures.Executor, not {type(executor).__name__}"
             )
+        if (
+            isinstance(store_retry, bool)
+            or not isinstance(store_retry, (int, float))
+            or not 0 <= store_retry < float("inf")
+        ):
+            raise ValidationError(
+                f"store_retry must be a finite number of seconds >= 0, not {store_retry!r}"
+            )
         owns = executor is None
         if executor is None:
             executor = ThreadPoolExecutor(concurrency, thread_name_prefix="batchtrack-worker")
@@ -157,6 +177,7 @@ class Orchestrator(Closing):
             processor,
             concurrency,
             executor,
+            float(store_retry),
             owns,
             lock,
             {},
@@ -314,7 +335,7 @@ class Orchestrator(Closing):
         run = self._runs.get(batch_id)
         if run is not None and not run.done.wait(timeout):
             raise TimeoutError(f"batch {batch_id!r} did not finish within {timeout} s")
-        snap = self.tracker.get(batch_id)
+        snap = self._retrying(f"reading batch {batch_id}", lambda: self.tracker.get(batch_id))
         if run is None and not snap.status.is_final:
             raise BatchNotFound(batch_id)
         return snap
@@ -397,25 +418,68 @@ class Orchestrator(Closing):
                 self._running += 1
             self._start(run, item)
 
+    def _retrying(self, what: str, call: Callable[[], _T], failed: list[bool] | None = None) -> _T:
+        """``call()``, retried with back-off while the store fails, for ``store_retry`` s.
+
+        ``failed`` gets True appended when a try failed (its answer, not necessarily its
+        effect, was lost).
+        """
+        deadline = time.monotonic() + self.store_retry
+        delay = 0.05
+        while True:
+            try:
+                return call()
+            except StoreError as exc:
+                if failed is not None:
+                    failed.append(True)
+                if time.monotonic() + delay > deadline:
+                    raise
+                log.log(
+                    logging.WARNING if delay == 0.05 else logging.DEBUG,
+                    "batchtrack: %s failed (%s); retrying for up to %.0f s",
+                    what,
+                    exc,
+                    self.store_retry,
+                )
+                time.sleep(delay)
+                delay = min(delay * 2, 2.0)
+
     def _start(self, run: _Run, item: Item) -> None:
         assert item.id is not None
+        batch_id, item_id = run.batch_id, item.id
+        failed: list[bool] = []
         try:
             with run.order:
-                event = self.tracker.start_item(run.batch_id, item.id)
+                event = self._retrying(
+                    f"starting item {item_id}",
+                    lambda: self.tracker.start_item(batch_id, item_id),
+                    failed,
+                )
                 if event.changed:
                     self._emit(run, event)
         except (InvalidTransition, BatchNotFound) as exc:
             # Cancelled, finished or gone meanwhile (maybe by another process): skip it.
-            log.info("batchtrack: skipping item %s of batch %s: %s", item.id, run.batch_id, exc)
+            log.info("batchtrack: skipping item %s of batch %s: %s", item_id, batch_id, exc)
+            self._release(run, item)
+            return
+        except StoreError:
+            # Never process an item whose start is not recorded; it stays as the store has
+            # it (pending, or processing until its lease runs out) for a later resume.
+            log.exception(
+                "batchtrack: giving up item %s of batch %s: the store stayed unavailable",
+                item_id,
+                batch_id,
+            )
             self._release(run, item)
             return
         except BaseException as exc:  # the tracker refused
-            log.exception("batchtrack: could not start item %s of batch %s", item.id, run.batch_id)
+            log.exception("batchtrack: could not start item %s of batch %s", item_id, batch_id)
             self._finish(run, item, exc)
             return
-        if not event.changed:  # another worker started it first: it is theirs
+        if not event.changed and not failed:  # another worker started it first: theirs
             self._release(run, item)
             return
+        # (Unchanged after a failed try: that try's answer was lost but it did apply.)
         self._lease(run.batch_id, item.id)
         try:
             future = self.executor.submit(self.processor, item)
@@ -480,16 +544,24 @@ class Orchestrator(Closing):
                 run.batch_id,
                 exc_info=exc,
             )
+        batch_id, item_id = run.batch_id, item.id
         try:
             with run.order:
                 if exc is None:
-                    event = self.tracker.complete_item(run.batch_id, item.id)
+                    event = self._retrying(
+                        f"completing item {item_id}",
+                        lambda: self.tracker.complete_item(batch_id, item_id),
+                    )
                 else:
-                    event = self.tracker.fail_item(run.batch_id, item.id, error_message(exc, item))
+                    error = error_message(exc, item)
+                    event = self._retrying(
+                        f"failing item {item_id}",
+                        lambda: self.tracker.fail_item(batch_id, item_id, error),
+                    )
                 if event.changed:
                     self._emit(run, event)
         except BatchtrackError:
-            log.exception("batchtrack: could not record item %s of batch %s", item.id, run.batch_id)
+            log.exception("batchtrack: could not record item %s of batch %s", item_id, batch_id)
         finally:
             with self._lock:
                 self._leased.pop((run.batch_id, item.id), None)
