@@ -11,7 +11,6 @@ import time
 from pathlib import Path
 
 import pytest
-from conftest import start_redis
 
 from batchtrack import (
     BatchTracker,
@@ -23,6 +22,7 @@ from batchtrack import (
     StoreError,
     ValidationError,
 )
+from conftest import start_redis
 
 
 class Counting:
