@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import os
 import pickle
 import struct
+import time
 import zlib
 from pathlib import Path
 
@@ -260,3 +262,60 @@ def test_process_pool_runs_the_pipeline(mixed_folder: Path, out: Path) -> None:
         snap = orch.run(sorted(mixed_folder.iterdir()))
     assert snap.progress.completed == 3
     assert len(list(out.iterdir())) == 3
+
+
+# -- results live as long as their batch ------------------------------------------------------
+
+
+def test_results_go_with_their_batch(tmp_path: Path) -> None:
+    """With remove_results as a removal hook, expiring a batch deletes its result files
+    and nothing else."""
+    from batchtrack.testing import FakeClock
+
+    (tmp_path / "in").mkdir()
+    out = tmp_path / "out"
+    out.mkdir()
+    sources = []
+    for n in range(3):
+        sources.append(_jpeg_with_exif(tmp_path / "in" / f"{n}.jpg", size=(64, 48)))
+    (out / "unrelated.txt").write_text("keep me")
+    clock = FakeClock()
+    tracker = BatchTracker(clock=clock, ttl=60)
+    pipeline = ImagePipeline(out, max_size=32)
+    tracker.add_removal_hook(pipeline.remove_results)
+    with Orchestrator(tracker, pipeline) as orch:
+        first = orch.run(sources[:2])
+        second = orch.run(sources[2:])
+    assert len(list(out.glob("*.jpg"))) == 3
+    tracker.delete(second.batch_id)
+    assert sorted(p.name for p in out.iterdir()) == sorted(
+        [f"{i.id}.jpg" for i in first.items] + ["unrelated.txt"]
+    )
+    clock.advance(61)
+    assert tracker.cleanup() == 1
+    assert [p.name for p in out.iterdir()] == ["unrelated.txt"]
+
+
+def test_sweep_partial_removes_only_old_temporary_files(tmp_path: Path) -> None:
+    """Temporary files older than the limit go; fresh ones and results stay."""
+    pipeline = ImagePipeline(tmp_path)
+    old = tmp_path / ".batchtrack-old.part"
+    fresh = tmp_path / ".batchtrack-fresh.part"
+    result = tmp_path / "result.jpg"
+    for path in (old, fresh, result):
+        path.write_bytes(b"x")
+    os.utime(old, (time.time() - 7200, time.time() - 7200))
+    os.utime(result, (time.time() - 7200, time.time() - 7200))
+    assert pipeline.sweep_partial(older_than=3600) == 1
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted([fresh.name, result.name])
+
+
+def test_remove_results_ignores_ids_that_cannot_name_a_file(tmp_path: Path) -> None:
+    """An id like '../x' or '.hidden' never reaches outside the output folder."""
+    out = tmp_path / "out"
+    out.mkdir()
+    (tmp_path / "x.jpg").write_bytes(b"x")
+    (out / ".hidden.jpg").write_bytes(b"x")
+    assert ImagePipeline(out).remove_results("b", ["../x", ".hidden", ""]) == 0
+    assert (tmp_path / "x.jpg").exists()
+    assert (out / ".hidden.jpg").exists()

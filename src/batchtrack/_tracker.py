@@ -164,6 +164,9 @@ class BatchTracker(Closing):
     lease: float = attrs.field(default=300.0, kw_only=True)
     max_attempts: int = attrs.field(default=3, kw_only=True)
     _origins: dict[str, float] = attrs.field(factory=dict, init=False, repr=False)
+    _removal_hooks: list[Callable[[str, tuple[str, ...]], object]] = attrs.field(
+        factory=list, init=False, repr=False
+    )
     _sweeper: threading.Thread | None = attrs.field(default=None, init=False, repr=False)
     _sweeper_stop: threading.Event = attrs.field(factory=threading.Event, init=False, repr=False)
     _sweeper_lock: threading.Lock = attrs.field(factory=threading.Lock, init=False, repr=False)
@@ -262,21 +265,67 @@ class BatchTracker(Closing):
         return self._snapshot(self._visible(batch_id, owner, items=items, now=now), now)
 
     def delete(self, batch_id: str) -> bool:
-        """Remove a batch now; True if a visible batch was removed, else False."""
+        """Remove a batch now; True if a visible batch was removed, else False.
+
+        Removal hooks (:meth:`add_removal_hook`) run for it.
+        """
         batch_id = _check_id(batch_id, "batch_id")
-        record = self.store.load(batch_id, items=False)
+        record = self.store.load(batch_id, items=bool(self._removal_hooks))
         self._origins.pop(batch_id, None)
         if record is None:
             return False
         removed = self.store.delete(batch_id)
+        if removed:
+            self._removed(record)
         return removed and record.expires_at > self.clock()
 
     def cleanup(self) -> int:
-        """Remove every expired batch from the store; return how many were removed."""
-        removed = self.store.purge_expired(self.clock())
+        """Remove every expired batch from the store; return how many were removed.
+
+        Removal hooks (:meth:`add_removal_hook`) run for each of them.
+        """
+        now = self.clock()
+        removed = 0
+        while self._removal_hooks:
+            # Hooks need each batch's items, so these go one by one before the sweep.
+            page = self.store.expired(now, _RECLAIM_PAGE)
+            before = removed
+            for batch_id in page:
+                record = self.store.load(batch_id)
+                if record is None or record.expires_at > now or not self.store.delete(batch_id):
+                    continue
+                removed += 1
+                self._removed(record)
+            if len(page) < _RECLAIM_PAGE or removed == before:
+                break
+        removed += self.store.purge_expired(now)
         if removed:
             self._origins.clear()
         return removed
+
+    def add_removal_hook(self, hook: Callable[[str, tuple[str, ...]], object]) -> None:
+        """Call ``hook(batch_id, item_ids)`` after a batch is deleted or its expiry removed.
+
+        For whatever lives as long as a batch: result files, thumbnails, rows of your
+        own. ``ImagePipeline.remove_results`` is one. Hooks run in the thread that called
+        :meth:`delete` or :meth:`cleanup` (the sweeper's, usually); one that raises is
+        logged and the others still run. Batches removed by another process's tracker
+        run that tracker's hooks, so register the same hooks wherever cleanup runs.
+
+        Raises:
+            ValidationError: ``hook`` is not callable.
+        """
+        if not callable(hook):
+            raise ValidationError("hook must be callable with (batch_id, item_ids)")
+        self._removal_hooks.append(hook)
+
+    def _removed(self, record: BatchRecord) -> None:
+        item_ids = tuple(item.id for item in record.items)
+        for hook in list(self._removal_hooks):
+            try:
+                hook(record.batch_id, item_ids)
+            except Exception:
+                log.exception("batchtrack: a removal hook failed for batch %s", record.batch_id)
 
     # -- transitions ----------------------------------------------------------------
 

@@ -9,8 +9,10 @@ import contextlib
 import io
 import os
 import tempfile
+import time
+from collections.abc import Iterable
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeGuard
 
 try:
     from PIL import Image, ImageOps, UnidentifiedImageError
@@ -102,13 +104,45 @@ class ImagePipeline:
 
     def __call__(self, item: Item) -> Path:
         """Process one item; return the path written."""
-        if not item.id or item.id.startswith(".") or any(c in item.id for c in "/\\\0"):
+        if not _names_a_file(item.id):
             # The id names the output file: it must not be able to leave output_dir.
             raise ValidationError(f"item id {item.id!r} cannot name a file")
         with self._open(item) as image:
             fmt = self.format or (image.format if image.format in OUTPUT_FORMATS else "PNG")
             result, params = self._transform(image, fmt)
         return self._write(result, fmt, params, item.id)
+
+    def remove_results(self, batch_id: str, item_ids: Iterable[str]) -> int:
+        """Delete the result files of these items; return how many files went.
+
+        Results live as long as their batch: register this as the tracker's removal hook,
+        ``tracker.add_removal_hook(pipeline.remove_results)``, and deleting or expiring a
+        batch removes its results (``batchtrack serve`` does this).
+        """
+        removed = 0
+        for item_id in item_ids:
+            if not _names_a_file(item_id):
+                continue
+            for extension in set(OUTPUT_FORMATS.values()):
+                with contextlib.suppress(FileNotFoundError):
+                    (self.output_dir / f"{item_id}{extension}").unlink()
+                    removed += 1
+        return removed
+
+    def sweep_partial(self, older_than: float = 3600.0) -> int:
+        """Delete temporary files of writes that never finished (a process killed while
+        writing), once they are ``older_than`` seconds old; return how many went.
+
+        Writes in progress are seconds old, so the default hour never touches one.
+        """
+        cutoff = time.time() - older_than
+        removed = 0
+        for path in self.output_dir.glob(".batchtrack-*.part"):
+            with contextlib.suppress(FileNotFoundError):
+                if path.stat().st_mtime < cutoff:
+                    path.unlink()
+                    removed += 1
+        return removed
 
     @contextlib.contextmanager
     def _open(self, item: Item) -> Any:
@@ -184,6 +218,16 @@ class ImagePipeline:
                 os.unlink(tmp)
             raise
         return target
+
+
+def _names_a_file(item_id: str | None) -> TypeGuard[str]:
+    """Whether an item id can name a file in the output folder and nowhere else."""
+    return (
+        bool(item_id)
+        and item_id is not None
+        and not item_id.startswith(".")
+        and not any(c in item_id for c in "/\\\0")
+    )
 
 
 def _for_format(image: Image.Image, fmt: str) -> Image.Image:

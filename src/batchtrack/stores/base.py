@@ -347,5 +347,12 @@ class Store(Closing, ABC):
     def purge_expired(self, now: float) -> int:
         """Remove every batch with ``expires_at <= now``; return how many."""
 
+    @abstractmethod
+    def expired(self, now: float, limit: int) -> list[str]:
+        """The ids of up to ``limit`` batches with ``expires_at <= now``, not yet removed.
+
+        For the tracker's cleanup hooks, which need a batch's items before it goes.
+        """
+
     def close(self) -> None:
         """Release connections and files. The store is not used after this."""

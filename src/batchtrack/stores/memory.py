@@ -289,6 +289,11 @@ class MemoryStore(Store):
         with self._lock:
             return self._batches.pop(batch_id, None) is not None
 
+    def expired(self, now: float, limit: int) -> list[str]:
+        with self._lock:
+            found = [bid for bid, s in self._batches.items() if s.expires_at <= now]
+        return found[:limit]
+
     def purge_expired(self, now: float) -> int:
         with self._lock:
             expired = [bid for bid, s in self._batches.items() if s.expires_at <= now]

@@ -368,6 +368,22 @@ end
 return found
 """
 
+# KEYS: expiry zset. ARGV: now, limit, key prefix. Scores may be older than a batch's
+# real expiry (refreshed hourly), so each is checked against the batch itself.
+_EXPIRED = """
+local now = tonumber(ARGV[1])
+local ids = redis.call('ZRANGEBYSCORE', KEYS[1], '-inf', ARGV[1])
+local found = {}
+for _, id in ipairs(ids) do
+  local expires = redis.call('HGET', ARGV[3] .. 'b:' .. id, 'expires_at')
+  if expires and tonumber(expires) <= now then
+    found[#found + 1] = id
+    if #found >= tonumber(ARGV[2]) then break end
+  end
+end
+return found
+"""
+
 # KEYS: expiry zset. ARGV: now, key prefix.
 _OPEN = """
 local ids = redis.call('ZRANGE', KEYS[1], 0, -1)
@@ -513,6 +529,7 @@ class RedisStore(Store):
     _apply_many: Any
     _lost: Any
     _open: Any
+    _expired: Any
 
     def __init__(
         self, url: str | None = None, *, prefix: str = "batchtrack:", client: Any = None
@@ -543,6 +560,7 @@ class RedisStore(Store):
             client.register_script(_APPLY_MANY),
             client.register_script(_LOST),
             client.register_script(_OPEN),
+            client.register_script(_EXPIRED),
         )
 
     def _keys(self, batch_id: str) -> list[str]:
@@ -735,6 +753,15 @@ class RedisStore(Store):
         except RedisError as exc:
             raise StoreError(f"Redis failed to delete batch {batch_id!r}: {exc}") from exc
         return bool(removed)
+
+    def expired(self, now: float, limit: int) -> list[str]:
+        ids = self._call(
+            self._expired,
+            "list expired batches",
+            [f"{self.prefix}expiry"],
+            [repr(now), limit, self.prefix],
+        )
+        return [i.decode() for i in ids]
 
     def purge_expired(self, now: float) -> int:
         expiry = f"{self.prefix}expiry"

@@ -602,6 +602,15 @@ class SQLiteStore(Store):
             db.execute("DELETE FROM batches WHERE key = ?", row)
             return True
 
+    def expired(self, now: float, limit: int) -> list[str]:
+        with self._read() as db:
+            return [
+                r[0]
+                for r in db.execute(
+                    "SELECT batch_id FROM batches WHERE expires_at <= ? LIMIT ?", (now, limit)
+                )
+            ]
+
     def purge_expired(self, now: float) -> int:
         removed = 0
         while True:

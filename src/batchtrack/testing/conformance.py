@@ -796,3 +796,38 @@ class StoreConformance:
         tracker.start_item(two.batch_id, "c")
         tracker.complete_item(two.batch_id, "c")
         assert tracker.open_batches() == [one.batch_id]
+
+    # -- removal hooks -------------------------------------------------------------------
+
+    def test_expired_lists_only_expired_batches(self, store: Store) -> None:
+        """expired(now, limit) names batches whose expiry has come, at most limit of them."""
+        store.create(_record("old1", 1, now=0.0), _items(1))
+        store.create(_record("old2", 1, now=1.0), _items(1))
+        store.create(_record("new", 1, now=5000.0), _items(1))
+        assert sorted(store.expired(IDLE_TIMEOUT + 1.0, 10)) == ["old1", "old2"]
+        assert len(store.expired(IDLE_TIMEOUT + 1.0, 1)) == 1
+        assert store.expired(IDLE_TIMEOUT - 1.0, 10) == []
+
+    def test_removal_hooks_see_every_removed_batch_with_its_items(self, store: Store) -> None:
+        """delete() and cleanup() call each hook once per removed batch, with its item ids;
+        a hook that raises does not stop the others."""
+        clock = FakeClock()
+        tracker = BatchTracker(store, ttl=TTL, clock=clock)
+        calls: list[tuple[str, tuple[str, ...]]] = []
+
+        def broken(batch_id: str, item_ids: tuple[str, ...]) -> None:
+            raise OSError("disk gone")
+
+        tracker.add_removal_hook(broken)
+        tracker.add_removal_hook(lambda b, i: calls.append((b, i)))
+        gone = tracker.create_batch([("a", "a.jpg"), ("b", "b.jpg")]).batch_id
+        done = tracker.create_batch([("c", "c.jpg")]).batch_id
+        kept = tracker.create_batch([("d", "d.jpg")]).batch_id
+        assert tracker.delete(gone)
+        tracker.start_item(done, "c")
+        tracker.complete_item(done, "c")
+        clock.advance(TTL)
+        tracker.start_item(kept, "d")  # still open: it stays
+        assert tracker.cleanup() == 1
+        assert calls == [(gone, ("a", "b")), (done, ("c",))]
+        assert tracker.get(kept).progress.processing == 1
