@@ -368,3 +368,24 @@ def test_a_person_uses_the_page_in_a_real_browser(
         assert download.content[:2] == b"\xff\xd8"
     finally:
         browser.quit()  # type: ignore[attr-defined]
+
+
+def test_serve_sweeps_results_a_killed_write_left_behind(tmp_path: Path) -> None:
+    """Temporary result files older than an hour are gone shortly after serve starts."""
+    results = tmp_path / "data" / "results"
+    results.mkdir(parents=True)
+    stale = results / ".batchtrack-killed.part"
+    fresh = results / ".batchtrack-writing.part"
+    for path in (stale, fresh):
+        path.write_bytes(b"half an image")
+    hours_ago = time.time() - 7200
+    os.utime(stale, (hours_ago, hours_ago))
+    _, proc = start_serve(tmp_path / "data", tmp_path / "serve.log")
+    try:
+        deadline = time.monotonic() + 20
+        while stale.exists():
+            assert time.monotonic() < deadline
+            time.sleep(0.05)
+        assert fresh.exists()
+    finally:
+        stop_serve(proc)

@@ -72,9 +72,10 @@ def build(
     data_dir.mkdir(parents=True, exist_ok=True)
     (data_dir / "results").mkdir(exist_ok=True)
     tracker = BatchTracker(SQLiteStore(data_dir / DB_NAME), lease=lease)
-    orchestrator = Orchestrator(
-        tracker, ImagePipeline(data_dir / "results"), concurrency=concurrency
-    )
+    pipeline = ImagePipeline(data_dir / "results")
+    # Results live as long as their batch; writes a crash cut short are swept.
+    tracker.add_removal_hook(pipeline.remove_results)
+    orchestrator = Orchestrator(tracker, pipeline, concurrency=concurrency)
     uploads = UploadStore(data_dir / "uploads")
     api = create_app(tracker, orchestrator, uploads)
     tracker.start_sweeper(interval=600)
@@ -100,6 +101,7 @@ def build(
 
     started = threading.Event()
     every(600, uploads.cleanup, "clean up expired uploads", first=600)
+    every(600, pipeline.sweep_partial, "sweep unfinished results", first=1)
     # The first round shortly after start, so that the server announces itself first.
     every(min(60.0, lease), resume, "resume lost work", first=0.5)
 
