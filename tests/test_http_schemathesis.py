@@ -14,6 +14,9 @@ from hypothesis import strategies as st  # noqa: E402
 from schemathesis.checks import not_a_server_error  # noqa: E402
 from schemathesis.specs.openapi.checks import (  # noqa: E402
     content_type_conformance,
+    negative_data_rejection,
+    positive_data_acceptance,
+    response_headers_conformance,
     response_schema_conformance,
     status_code_conformance,
 )
@@ -21,6 +24,7 @@ from schemathesis.specs.openapi.checks import (  # noqa: E402
 from batchtrack import Item  # noqa: E402
 from batchtrack._http import COOKIE  # noqa: E402
 from http_support import Service  # noqa: E402
+from test_openapi_conformance import CONFIG  # noqa: E402
 
 SESSION = "5" * 32
 """The session cookie every generated request carries, so that it may see real batches."""
@@ -29,7 +33,10 @@ CHECKS = [
     not_a_server_error,
     status_code_conformance,
     content_type_conformance,
+    response_headers_conformance,
     response_schema_conformance,
+    negative_data_rejection,
+    positive_data_acceptance,
 ]
 
 
@@ -51,10 +58,13 @@ def _real_batch(service: Service, tmp_path: Path) -> tuple[str, str]:
 
 def test_api_never_errors_and_matches_its_document(tmp_path: Path) -> None:
     """Valid and invalid generated requests, for every operation and against real batches as
-    well as unknown ones: never a 500; responses match the document."""
+    well as unknown ones: never a 500; valid ones accepted, invalid ones refused; responses,
+    headers included, match the document."""
     service = Service(tmp_path)
     try:
-        schema = schemathesis.openapi.from_asgi("/api/openapi.json", service.asgi)
+        schema = schemathesis.openapi.from_asgi(
+            "/api/openapi.json", service.asgi, config=schemathesis.Config.from_str(CONFIG)
+        )
         operations = [result.ok() for result in schema.get_all_operations()]
         # schemathesis leaves out the document itself
         assert {op.path for op in operations} == {

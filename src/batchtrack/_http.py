@@ -392,7 +392,8 @@ class Api:
     def _openapi(self, request: Request, owner: str | None) -> Response:
         from ._openapi import document
 
-        return json_response(200, document(f"{request.root_path}{self.prefix}", self.max_files))
+        base = f"{request.root_path}{self.prefix}"
+        return json_response(200, document(base, self.max_files, self.max_json_bytes))
 
 
 def _abort(writers: list[UploadWriter]) -> None:

@@ -17,21 +17,77 @@ def _error(description: str) -> dict[str, Any]:
     }
 
 
-def _json(description: str, ref: str, headers: dict[str, Any] | None = None) -> dict[str, Any]:
+def _json(
+    description: str,
+    ref: str,
+    headers: dict[str, Any] | None = None,
+    links: dict[str, Any] | None = None,
+) -> dict[str, Any]:
     response: dict[str, Any] = {
         "description": description,
         "content": {"application/json": {"schema": {"$ref": f"#/components/schemas/{ref}"}}},
     }
     if headers:
         response["headers"] = headers
+    if links:
+        response["links"] = links
     return response
 
 
 _BATCH_ID = {"name": "batchId", "in": "path", "required": True, "schema": _UUID}
 
+_SESSION = {
+    "Set-Cookie": {
+        "description": "The anonymous session cookie `batchtrack_session` (`HttpOnly`, "
+        "`SameSite=Lax`), issued when the request carried none; uploads and batches "
+        "belong to it.",
+        "schema": {"type": "string"},
+    }
+}
+"""The headers every answer of an operation that identifies its caller may carry."""
 
-def document(base: str, max_files: int) -> dict[str, Any]:
-    """The document, with ``base`` (mount point + prefix) as the server URL."""
+_BATCH_LINKS = {
+    operation_id: {
+        "operationId": operation_id,
+        "parameters": {"batchId": "$response.body#/batchId"},
+    }
+    for operation_id in ("getBatchStatus", "getBatchEvents", "cancelBatch", "retryBatch")
+}
+"""Where the ``batchId`` of a started (or retried) batch leads."""
+
+_STATUS_URL = {
+    "Location": {
+        "description": "The batch's status URL, as `statusUrl`.",
+        "required": True,
+        "schema": {"type": "string"},
+    }
+}
+
+_JSON_BYTES_PER_ID = len('"00000000-0000-0000-0000-000000000000", ')
+_JSON_ENVELOPE = 32  # `{"fileIds": [` ... `]}` with room to spare
+
+
+def _ids_that_fit(max_json_bytes: int) -> int:
+    """How many UUIDs a JSON body of at most ``max_json_bytes`` surely has room for."""
+    return max(1, (max_json_bytes - _JSON_ENVELOPE) // _JSON_BYTES_PER_ID)
+
+
+def _with_session(responses: dict[str, Any]) -> dict[str, Any]:
+    """``responses``, each also documenting the session cookie it may set."""
+    return {
+        status: {**response, "headers": {**response.get("headers", {}), **_SESSION}}
+        for status, response in responses.items()
+    }
+
+
+def document(base: str, max_files: int, max_json_bytes: int = 64 * 1024) -> dict[str, Any]:
+    """The document, with ``base`` (mount point + prefix) as the server URL.
+
+    ``max_files`` and ``max_json_bytes`` are the app's limits. A list of ids is documented
+    no longer than a JSON body within ``max_json_bytes`` can hold: a longer one could only
+    come in a body the server refuses as too large (413), whatever its ``maxItems``.
+    """
+    max_ids = _ids_that_fit(max_json_bytes)
     item = {
         "type": "object",
         "required": ["id", "filename", "status"],
@@ -50,13 +106,16 @@ def document(base: str, max_files: int) -> dict[str, Any]:
         "additionalProperties": False,
     }
     count = {"type": "integer", "minimum": 0}
-    event = {  # one server-sent event (the 3.2 `itemSchema`; 3.1 has no word for streams)
+    # One server-sent event, as an EventSource parses it. Open API 3.1 has no word for
+    # the items of a stream (3.2 has `itemSchema`); tools read a 3.1 `text/event-stream`
+    # schema as describing each event, as schemathesis does.
+    event = {
         "description": "One event; a `: keep-alive` comment comes every 15 s between events.",
         "type": "object",
-        "required": ["data"],
+        "required": ["id", "data"],
         "properties": {
-            "id": {"type": "string", "description": "The batch version."},
-            "event": {"type": "string"},
+            "id": {"type": "string", "pattern": "^[0-9]+$", "description": "The batch version."},
+            "event": {"const": "message", "description": "Not sent: the default type."},
             "data": {
                 "type": "string",
                 "contentMediaType": "application/json",
@@ -66,9 +125,10 @@ def document(base: str, max_files: int) -> dict[str, Any]:
     }
     timestamp = {"type": "string", "format": "date-time"}
     status_headers = {
-        "ETag": {"schema": {"type": "string"}},
-        "Cache-Control": {"schema": {"const": "no-store"}},
+        "ETag": {"required": True, "schema": {"type": "string"}},
+        "Cache-Control": {"required": True, "schema": {"const": "no-store"}},
     }
+    timeout = _error("`request_timeout`: the body did not arrive in time.")
     return {
         "openapi": "3.1.0",
         "info": {
@@ -80,6 +140,7 @@ def document(base: str, max_files: int) -> dict[str, Any]:
         "paths": {
             "/upload": {
                 "post": {
+                    "operationId": "uploadFiles",
                     "summary": "Upload files (field `files`, repeatable).",
                     "requestBody": {
                         "required": True,
@@ -91,6 +152,7 @@ def document(base: str, max_files: int) -> dict[str, Any]:
                                         "files": {
                                             "type": "array",
                                             "items": {"type": "string", "format": "binary"},
+                                            "minItems": 1,
                                             "maxItems": max_files,
                                         }
                                     },
@@ -99,16 +161,29 @@ def document(base: str, max_files: int) -> dict[str, Any]:
                             }
                         },
                     },
-                    "responses": {
-                        "201": _json("Stored.", "Uploaded"),
-                        "400": _error("No files, too many files, or a malformed body."),
-                        "413": _error("A file or the body is too large."),
-                        "415": _error("Not multipart/form-data."),
-                    },
+                    "responses": _with_session(
+                        {
+                            "201": _json(
+                                "Stored.",
+                                "Uploaded",
+                                links={
+                                    "processBatch": {
+                                        "operationId": "processBatch",
+                                        "requestBody": {"fileIds": ["$response.body#/files/0/id"]},
+                                    }
+                                },
+                            ),
+                            "400": _error("No files, too many files, or a malformed body."),
+                            "408": timeout,
+                            "413": _error("A file or the body is too large."),
+                            "415": _error("Not multipart/form-data."),
+                        }
+                    ),
                 }
             },
             "/process-batch": {
                 "post": {
+                    "operationId": "processBatch",
                     "summary": "Start processing uploaded files as one batch.",
                     "requestBody": {
                         "required": True,
@@ -122,7 +197,7 @@ def document(base: str, max_files: int) -> dict[str, Any]:
                                             "type": "array",
                                             "items": _UUID,
                                             "minItems": 1,
-                                            "maxItems": max_files,
+                                            "maxItems": min(max_files, max_ids),
                                             "uniqueItems": True,
                                         }
                                     },
@@ -130,83 +205,138 @@ def document(base: str, max_files: int) -> dict[str, Any]:
                             }
                         },
                     },
-                    "responses": {
-                        "202": _json(
-                            "Started.", "Started", {"Location": {"schema": {"type": "string"}}}
-                        ),
-                        "400": _error("Bad JSON or bad, duplicate or too many file ids."),
-                        "404": _error("A file id is unknown, expired or not yours."),
-                        "413": _error("The body is too large."),
-                        "415": _error("Not JSON."),
-                        "503": _error("The service is shutting down."),
-                    },
+                    "responses": _with_session(
+                        {
+                            "202": _json("Started.", "Started", _STATUS_URL, _BATCH_LINKS),
+                            "400": _error("Bad JSON or bad, duplicate or too many file ids."),
+                            "404": _error("A file id is unknown, expired or not yours."),
+                            "408": timeout,
+                            "413": _error("The body is too large."),
+                            "415": _error("Not JSON."),
+                            "503": _error("The service is shutting down."),
+                        }
+                    ),
                 }
             },
             "/batch-status/{batchId}": {
                 "get": {
+                    "operationId": "getBatchStatus",
                     "summary": "The batch's status, progress, items and ETA.",
                     "parameters": [
                         _BATCH_ID,
                         {"name": "If-None-Match", "in": "header", "schema": {"type": "string"}},
                     ],
-                    "responses": {
-                        "200": _json("The status.", "BatchStatus", status_headers),
-                        "304": {"description": "Unchanged since the ETag given."},
-                        "400": _error("Not a UUID."),
-                        "404": _error("Unknown, expired or not yours."),
-                    },
+                    "responses": _with_session(
+                        {
+                            "200": _json(
+                                "The status.",
+                                "BatchStatus",
+                                status_headers,
+                                {
+                                    "getBatchResult": {
+                                        "operationId": "getBatchResult",
+                                        "parameters": {
+                                            "batchId": "$response.body#/batchId",
+                                            "itemId": "$response.body#/images/0/id",
+                                        },
+                                    }
+                                },
+                            ),
+                            "304": {
+                                "description": "Unchanged since the ETag given.",
+                                "headers": status_headers,
+                            },
+                            "400": _error("Not a UUID."),
+                            "404": _error("Unknown, expired or not yours."),
+                        }
+                    ),
                 }
             },
             "/batch-events/{batchId}": {
                 "get": {
+                    "operationId": "getBatchEvents",
                     "summary": "Server-sent events: the status body at every change.",
                     "parameters": [_BATCH_ID],
-                    "responses": {
-                        "200": {
-                            "description": "One `data:` event per change; closes when finished.",
-                            "content": {"text/event-stream": {"schema": event}},
-                        },
-                        "400": _error("Not a UUID."),
-                        "404": _error("Unknown, expired or not yours."),
-                    },
+                    "responses": _with_session(
+                        {
+                            "200": {
+                                "description": "One `data:` event per change; "
+                                "closes when finished.",
+                                "headers": {
+                                    "Cache-Control": {
+                                        "required": True,
+                                        "schema": {"const": "no-store"},
+                                    },
+                                    "X-Accel-Buffering": {
+                                        "description": "Asks proxies not to buffer the stream.",
+                                        "schema": {"const": "no"},
+                                    },
+                                },
+                                "content": {"text/event-stream": {"schema": event}},
+                            },
+                            "400": _error("Not a UUID."),
+                            "404": _error("Unknown, expired or not yours."),
+                        }
+                    ),
                 }
             },
             "/batch-results/{batchId}/{itemId}": {
                 "get": {
+                    "operationId": "getBatchResult",
                     "summary": "Download the processed file of a completed item.",
                     "parameters": [
                         _BATCH_ID,
                         {"name": "itemId", "in": "path", "required": True, "schema": _UUID},
                     ],
-                    "responses": {
-                        "200": {
-                            "description": "The file.",
-                            "content": {
-                                "application/octet-stream": {
-                                    "schema": {"type": "string", "format": "binary"}
+                    "responses": _with_session(
+                        {
+                            "200": {
+                                "description": "The file.",
+                                "headers": {
+                                    "Content-Disposition": {
+                                        "description": "`attachment`, named after the "
+                                        "uploaded file with the result's extension.",
+                                        "required": True,
+                                        "schema": {"type": "string"},
+                                    },
+                                    "Cache-Control": {
+                                        "required": True,
+                                        "schema": {"const": "private, max-age=3600"},
+                                    },
                                 },
-                                "image/*": {"schema": {"type": "string", "format": "binary"}},
+                                "content": {
+                                    "application/octet-stream": {
+                                        "schema": {"type": "string", "format": "binary"}
+                                    },
+                                    "image/*": {"schema": {"type": "string", "format": "binary"}},
+                                },
                             },
-                        },
-                        "400": _error("Not a UUID."),
-                        "404": _error("Unknown, not yours, or not completed."),
-                    },
+                            "400": _error("Not a UUID."),
+                            "404": _error("Unknown, not yours, or not completed."),
+                        }
+                    ),
                 }
             },
             "/batch-cancel/{batchId}": {
                 "post": {
+                    "operationId": "cancelBatch",
                     "summary": "Cancel the batch: every item not yet started fails "
                     'with the error "cancelled"; running items finish as they will.',
                     "parameters": [_BATCH_ID],
-                    "responses": {
-                        "200": _json("How many items were cancelled (0 if finished).", "Cancelled"),
-                        "400": _error("Not a UUID."),
-                        "404": _error("Unknown, expired or not yours."),
-                    },
+                    "responses": _with_session(
+                        {
+                            "200": _json(
+                                "How many items were cancelled (0 if finished).", "Cancelled"
+                            ),
+                            "400": _error("Not a UUID."),
+                            "404": _error("Unknown, expired or not yours."),
+                        }
+                    ),
                 }
             },
             "/batch-retry/{batchId}": {
                 "post": {
+                    "operationId": "retryBatch",
                     "summary": "Retry failed items (those named, or every failed one) and "
                     "resume the batch.",
                     "parameters": [_BATCH_ID],
@@ -223,36 +353,44 @@ def document(base: str, max_files: int) -> dict[str, Any]:
                                             "type": "array",
                                             "items": _UUID,
                                             "minItems": 1,
-                                            "maxItems": MAX_RETRY_IDS,
+                                            "maxItems": min(MAX_RETRY_IDS, max_ids),
                                         }
                                     },
                                 }
                             }
                         },
                     },
-                    "responses": {
-                        "202": _json(
-                            "Retried; the batch runs again.",
-                            "Retried",
-                            {"Location": {"schema": {"type": "string"}}},
-                        ),
-                        "400": _error("Not a UUID, bad JSON, or bad or too many item ids."),
-                        "404": _error("Batch unknown, expired or not yours; or an unknown item."),
-                        "409": _error(
-                            "`nothing_to_retry`: a named item has not failed, or none has."
-                        ),
-                        "410": _error(
-                            "`inputs_gone`: the uploaded files behind an item have expired; "
-                            "nothing was retried."
-                        ),
-                        "413": _error("The body is too large."),
-                        "415": _error("A body that is not JSON."),
-                        "503": _error("The service is shutting down."),
-                    },
+                    "responses": _with_session(
+                        {
+                            "202": _json(
+                                "Retried; the batch runs again.",
+                                "Retried",
+                                _STATUS_URL,
+                                # Not to itself: right after a retry, nothing has failed.
+                                {k: v for k, v in _BATCH_LINKS.items() if k != "retryBatch"},
+                            ),
+                            "400": _error("Not a UUID, bad JSON, or bad or too many item ids."),
+                            "404": _error(
+                                "Batch unknown, expired or not yours; or an unknown item."
+                            ),
+                            "408": timeout,
+                            "409": _error(
+                                "`nothing_to_retry`: a named item has not failed, or none has."
+                            ),
+                            "410": _error(
+                                "`inputs_gone`: the uploaded files behind an item have expired; "
+                                "nothing was retried."
+                            ),
+                            "413": _error("The body is too large."),
+                            "415": _error("A body that is not JSON."),
+                            "503": _error("The service is shutting down."),
+                        }
+                    ),
                 }
             },
             "/openapi.json": {
                 "get": {
+                    "operationId": "getOpenapi",
                     "summary": "This document.",
                     "responses": {
                         "200": {
