@@ -221,6 +221,79 @@ def wsgiref_server(app: Any) -> Iterator[str]:
         thread.join(10)
 
 
+class _RoomyThreadingWSGIServer(_ThreadingWSGIServer):
+    request_queue_size = 128  # socketserver's 5 makes a burst of connections wait for SYN retries
+
+
+@contextlib.contextmanager
+def threaded_wsgiref_server(app: Any, *, timeout: float | None = None) -> Iterator[str]:
+    """The threaded wsgiref server of :func:`wsgiref_server`, for many connections at once.
+
+    Its listen backlog takes a burst of connections; with ``timeout``, every connection's
+    socket times out after that many seconds, which is how a threaded wsgiref server
+    bounds a client that stops sending (a read of ``wsgi.input`` raises TimeoutError).
+    """
+
+    class Handler(_QuietHandler):
+        pass
+
+    Handler.timeout = timeout  # StreamRequestHandler sets it on each connection's socket
+    server = make_server(
+        "127.0.0.1", 0, app, server_class=_RoomyThreadingWSGIServer, handler_class=Handler
+    )
+    thread = threading.Thread(target=server.serve_forever, args=(0.05,), daemon=True)
+    thread.start()
+    try:
+        yield f"http://127.0.0.1:{server.server_port}"
+    finally:
+        server.shutdown()
+        server.server_close()
+        thread.join(10)
+
+
+def raw_request(base: str, head: bytes, body: bytes = b"") -> socket.socket:
+    """A socket to the server at ``base`` that has sent ``head`` (ending in a blank line)
+    and ``body``, and nothing more: the caller decides what else to send, and closes it.
+    """
+    host, port = base.removeprefix("http://").split(":")
+    sock = socket.create_connection((host, int(port)), timeout=10)
+    try:
+        sock.sendall(head + body)
+    except BaseException:
+        sock.close()
+        raise
+    return sock
+
+
+def request_head(method: str, path: str, content_type: str, length: int) -> bytes:
+    """An HTTP/1.1 request head that announces a body of ``length`` bytes."""
+    return (
+        f"{method} {path} HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: {content_type}\r\n"
+        f"Content-Length: {length}\r\n\r\n"
+    ).encode()
+
+
+def read_response(sock: socket.socket, timeout: float = 10) -> tuple[int, dict[str, str], bytes]:
+    """The status, headers (lower-case names) and body of the response on ``sock``."""
+    sock.settimeout(timeout)
+    data = b""
+    while b"\r\n\r\n" not in data:
+        chunk = sock.recv(65536)
+        if not chunk:
+            raise ConnectionError(f"the server closed the connection; got {data[:200]!r}")
+        data += chunk
+    head, _, body = data.partition(b"\r\n\r\n")
+    status_line, *lines = head.decode("latin-1").split("\r\n")
+    headers = {k.strip().lower(): v.strip() for k, _, v in (h.partition(":") for h in lines)}
+    length = int(headers.get("content-length", "0"))
+    while len(body) < length:
+        chunk = sock.recv(65536)
+        if not chunk:
+            break
+        body += chunk
+    return int(status_line.split()[1]), headers, body
+
+
 class Service:
     """A tracker, a runner over the :class:`TestProcessor`, uploads; and both apps.
 

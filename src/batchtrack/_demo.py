@@ -61,13 +61,20 @@ def recover(tracker: BatchTracker, orchestrator: Orchestrator) -> int:
 
 
 def build(
-    data_dir: Path, *, concurrency: int = 4, lease: float = 60.0
+    data_dir: Path,
+    *,
+    concurrency: int = 4,
+    lease: float = 60.0,
+    max_upload_storage: int | None = 2**30,
+    upload_quota: int | None = 200 * 2**20,
 ) -> tuple[Any, Callable[[], None]]:
     """The demo ASGI app over ``data_dir``, and the function that shuts it down.
 
     At start it reclaims lost items and resumes every unfinished batch in the database,
     then does so again every ``min(60, lease)`` seconds; running items are heartbeated
-    every ``lease / 3`` seconds.
+    every ``lease / 3`` seconds. The uploads folder holds at most ``max_upload_storage``
+    bytes (1 GiB), and one client (by IP address) may upload ``upload_quota`` bytes
+    (200 MiB) per hour; None lifts either limit.
     """
     data_dir.mkdir(parents=True, exist_ok=True)
     (data_dir / "results").mkdir(exist_ok=True)
@@ -76,8 +83,8 @@ def build(
     # Results live as long as their batch; writes a crash cut short are swept.
     tracker.add_removal_hook(pipeline.remove_results)
     orchestrator = Orchestrator(tracker, pipeline, concurrency=concurrency)
-    uploads = UploadStore(data_dir / "uploads")
-    api = create_app(tracker, orchestrator, uploads)
+    uploads = UploadStore(data_dir / "uploads", max_total_bytes=max_upload_storage)
+    api = create_app(tracker, orchestrator, uploads, upload_bytes_per_client=upload_quota)
     tracker.start_sweeper(interval=600)
     stop = threading.Event()
 

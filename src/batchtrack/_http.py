@@ -9,8 +9,10 @@ synchronous: the ASGI shell runs it in a thread.
 
 from __future__ import annotations
 
+import ipaddress
 import json
 import logging
+import math
 import mimetypes
 import os
 import re
@@ -43,7 +45,16 @@ from ._wire import (
 )
 from .exceptions import BatchNotFound, OrchestratorClosed, ValidationError
 from .typing import Runner
-from .uploads import FileNotFound, FileTooLarge, UploadStore, UploadWriter
+from .uploads import (
+    FileNotFound,
+    FileTooLarge,
+    QuotaExceeded,
+    StorageFull,
+    StoredFile,
+    UploadQuota,
+    UploadStore,
+    UploadWriter,
+)
 
 __all__ = [
     "COOKIE",
@@ -63,6 +74,8 @@ _COOKIE_VALUE = re.compile(r"\A[0-9a-f]{32}\Z")
 _RUNNER_METHODS = ("submit", "resume", "cancel")
 
 Owner = Callable[[Mapping[str, str]], "str | None"]
+ClientKey = Callable[[Mapping[str, str], "str | None"], "str | None"]
+"""Who a request comes from, for the upload quota: ``(headers, client address) -> key``."""
 
 
 class AppOptions(TypedDict, total=False):
@@ -75,6 +88,23 @@ class AppOptions(TypedDict, total=False):
     max_json_bytes: int
     results_dir: str | Path | None
     events_poll: float
+    body_timeout: float
+    idle_timeout: float
+    upload_bytes_per_client: int | None
+    upload_window: float
+    client_key: ClientKey | None
+
+
+def _seconds(instance: object, attribute: attrs.Attribute[float], value: object) -> None:
+    """A timeout option: a positive, finite number of seconds.
+
+    Raises:
+        ValidationError: Anything else (including ``True``, 0, NaN and infinity).
+    """
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 < value < math.inf:
+        raise ValidationError(
+            f"{attribute.name} must be a positive number of seconds, not {value!r}"
+        )
 
 
 def _optional_path(value: str | Path | None) -> Path | None:
@@ -160,11 +190,17 @@ class Api:
     secure_cookies: bool = False
     results_dir: Path | None = attrs.field(default=None, converter=_optional_path)
     events_poll: float = 0.5
+    body_timeout: float = attrs.field(default=300.0, validator=_seconds)
+    idle_timeout: float = attrs.field(default=30.0, validator=_seconds)
+    upload_bytes_per_client: int | None = None
+    upload_window: float = 3600.0
+    client_key: ClientKey | None = None
     heartbeat: float = 15.0
     _routes: list[tuple[str, re.Pattern[str], Callable[..., Response]]] = attrs.field(
         init=False, factory=list
     )
     _control: BatchControl = attrs.field(init=False)
+    _quota: UploadQuota | None = attrs.field(init=False, default=None)
 
     def __attrs_post_init__(self) -> None:
         if not isinstance(self.prefix, str) or (self.prefix and not self.prefix.startswith("/")):
@@ -178,6 +214,9 @@ class Api:
             raise ValidationError(f"max_files must be a whole number >= 1, not {self.max_files!r}")
         if self.owner is not None and not callable(self.owner):
             raise ValidationError("owner must be a callable taking the request headers")
+        self._quota = _upload_quota(
+            self.upload_bytes_per_client, self.upload_window, self.client_key
+        )
         if self.results_dir is None:
             self.results_dir = _results_dir(self.runner)
         self._control = BatchControl(self.tracker, self.runner, self.uploads, self.prefix)
@@ -271,12 +310,30 @@ class Api:
         content_type = request.headers.get("content-type", "")
         if not content_type.lower().startswith("multipart/form-data"):
             reject(415, "unsupported_media_type", "send the files as multipart/form-data")
+        charge = _Charge(self._quota, self._client_key(request))
         writers: list[UploadWriter] = []
+        stored: list[StoredFile] | None = None
         try:
-            read_uploads(request.body, content_type, self._begin(owner, writers))
+            charge.check()
+            read_uploads(request.body, content_type, self._begin(owner, writers, charge))
+            if not writers:
+                reject(400, "no_files", "no files were sent: use the field 'files'")
+            stored = _commit(self.uploads, writers)
         except FileTooLarge as exc:
             _abort(writers)
             reject(413, "too_large", f"{exc.filename} is larger than {exc.limit:,} bytes")
+        except StorageFull as exc:
+            _abort(writers)
+            reject(507, "storage_full", f"{exc}; nothing of this request was kept")
+        except QuotaExceeded as exc:
+            _abort(writers)
+            raise Reject(
+                429,
+                "too_many_uploads",
+                f"one client may upload at most {exc.limit:,} bytes per {exc.window:g} s; "
+                f"try again in {exc.retry_after} s (nothing of this request was kept)",
+                [("Retry-After", str(exc.retry_after))],
+            ) from None
         except (Reject, BodyTooLarge):
             _abort(writers)
             raise
@@ -286,17 +343,16 @@ class Api:
         except BaseException:
             _abort(writers)
             raise
-        if not writers:
-            reject(400, "no_files", "no files were sent: use the field 'files'")
-        stored = [writer.commit() for writer in writers]
+        finally:
+            charge.end(kept=stored is not None)
         return json_response(
             201, {"files": [{"id": f.id, "filename": f.filename, "size": f.size} for f in stored]}
         )
 
     def _begin(
-        self, owner: str, writers: list[UploadWriter]
-    ) -> Callable[[str, str], UploadWriter | None]:
-        def begin(field: str, filename: str) -> UploadWriter | None:
+        self, owner: str, writers: list[UploadWriter], charge: _Charge
+    ) -> Callable[[str, str], UploadWriter | _Charged | None]:
+        def begin(field: str, filename: str) -> UploadWriter | _Charged | None:
             if field != "files" or not filename:
                 return None  # other fields, and empty file inputs, are ignored
             if len(writers) >= self.max_files:
@@ -306,9 +362,18 @@ class Api:
             except ValidationError as exc:
                 reject(400, "bad_filename", str(exc))
             writers.append(writer)
-            return writer
+            return writer if charge.quota is None else _Charged(writer, charge)
 
         return begin
+
+    def _client_key(self, request: Request) -> str | None:
+        """Who the upload quota counts this request against; None: not counted."""
+        if self._quota is None:
+            return None
+        if self.client_key is None:
+            return _address_key(request.client)
+        key = self.client_key(request.headers, request.client)
+        return None if key is None else str(key)
 
     def _process_batch(self, request: Request, owner: str) -> Response:
         payload = read_json(request)
@@ -399,3 +464,99 @@ class Api:
 def _abort(writers: list[UploadWriter]) -> None:
     for writer in writers:
         writer.abort()
+
+
+def _commit(uploads: UploadStore, writers: list[UploadWriter]) -> list[StoredFile]:
+    """Keep every upload of a request, or none: one that cannot be kept undoes the others."""
+    stored: list[StoredFile] = []
+    try:
+        for writer in writers:
+            stored.append(writer.commit())
+    except BaseException:
+        _abort(writers)
+        for done in stored:
+            uploads.delete(done.id)
+        raise
+    return stored
+
+
+def _upload_quota(per_client: object, window: object, client_key: object) -> UploadQuota | None:
+    """The per-client quota the options ask for, or None.
+
+    Raises:
+        ValidationError: A bad ``upload_bytes_per_client``, ``upload_window`` or
+            ``client_key``.
+    """
+    if per_client is not None and (
+        isinstance(per_client, bool) or not isinstance(per_client, int) or per_client < 1
+    ):
+        raise ValidationError(
+            f"upload_bytes_per_client must be None or a whole number of bytes >= 1, "
+            f"not {per_client!r}"
+        )
+    if (
+        isinstance(window, bool)
+        or not isinstance(window, (int, float))
+        or not 0 < window < math.inf
+    ):
+        raise ValidationError(f"upload_window must be a positive number of seconds, not {window!r}")
+    if client_key is not None and not callable(client_key):
+        raise ValidationError("client_key must be a callable taking (headers, client address)")
+    return None if per_client is None else UploadQuota(per_client, window)
+
+
+def _address_key(client: str | None) -> str:
+    """The quota key of a peer address.
+
+    An IPv4 address is itself; an IPv6 address is the /64 it is in (one host usually has a
+    whole /64); no address at all (a Unix socket) is ``"unknown"``.
+    """
+    if not client:
+        return "unknown"
+    try:
+        address = ipaddress.ip_address(client)
+    except ValueError:
+        return client
+    if isinstance(address, ipaddress.IPv6Address):
+        if address.ipv4_mapped is not None:
+            return str(address.ipv4_mapped)
+        return str(ipaddress.IPv6Network((address, 64), strict=False))
+    return str(address)
+
+
+@attrs.define(eq=False)
+class _Charge:
+    """What one upload request counts against its client's quota (nothing without one)."""
+
+    quota: UploadQuota | None
+    key: str | None
+    nbytes: int = 0
+
+    def check(self) -> None:
+        """Raise :class:`QuotaExceeded` when the client has no room left at all."""
+        if self.quota is not None and self.key is not None:
+            self.quota.check(self.key)
+
+    def add(self, nbytes: int) -> None:
+        """Count ``nbytes`` more, or raise :class:`QuotaExceeded`."""
+        if self.quota is not None and self.key is not None:
+            self.quota.reserve(self.key, nbytes)
+            self.nbytes += nbytes
+
+    def end(self, *, kept: bool) -> None:
+        """The request is over: its bytes count in the window when ``kept``."""
+        if self.quota is not None and self.key is not None:
+            self.quota.release(self.key, self.nbytes, kept=kept)
+            self.nbytes = 0
+
+
+@attrs.define(eq=False)
+class _Charged:
+    """An upload's sink that counts each chunk against the client's quota first."""
+
+    writer: UploadWriter
+    charge: _Charge
+
+    def write(self, data: bytes) -> None:
+        self.charge.add(len(data))
+        self.writer.write(data)

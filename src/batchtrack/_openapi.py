@@ -177,6 +177,23 @@ def document(base: str, max_files: int, max_json_bytes: int = 64 * 1024) -> dict
                             "408": timeout,
                             "413": _error("A file or the body is too large."),
                             "415": _error("Not multipart/form-data."),
+                            "429": {
+                                **_error(
+                                    "`too_many_uploads`: this client uploaded its quota of "
+                                    "bytes for the window; nothing of the request was kept."
+                                ),
+                                "headers": {
+                                    "Retry-After": {
+                                        "description": "Seconds until the client has room again.",
+                                        "required": True,
+                                        "schema": {"type": "string", "pattern": "^[0-9]+$"},
+                                    }
+                                },
+                            },
+                            "507": _error(
+                                "`storage_full`: the server's upload storage (or its disk) is "
+                                "full; nothing of the request was kept."
+                            ),
                         }
                     ),
                 }

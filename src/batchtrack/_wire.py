@@ -7,10 +7,14 @@ and ASGI shells translate their protocol to :class:`Request` and back from
 
 from __future__ import annotations
 
+import contextlib
 import json
+import os
 import re
+import tempfile
 from collections.abc import Callable, Mapping
-from typing import Any, NoReturn, Protocol
+from pathlib import Path
+from typing import IO, Any, NoReturn, Protocol
 
 import attrs
 
@@ -21,11 +25,13 @@ from .exceptions import BatchNotFound
 __all__ = [
     "CHUNK",
     "NO_BODY",
+    "SPOOL_MEMORY",
     "Body",
     "BodyTooLarge",
     "Reject",
     "Request",
     "Response",
+    "Spool",
     "Stream",
     "check_uuid",
     "error_response",
@@ -33,10 +39,13 @@ __all__ = [
     "json_response",
     "read_json",
     "reject",
+    "request_timeout",
     "status_url",
 ]
 
 CHUNK = 1 << 16
+SPOOL_MEMORY = 1 << 18
+"""How much of a request body a :class:`Spool` keeps in memory before using a file."""
 _UUID = re.compile(
     r"\A[0-9a-fA-F]{8}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{12}\Z"
 )
@@ -62,6 +71,99 @@ class Body:
         return data
 
 
+@attrs.define(eq=False)
+class Spool:
+    """A request body received before its handler runs: in memory, then in a temporary file.
+
+    The ASGI shell receives the body on the event loop and hands each chunk to :meth:`add`;
+    when :meth:`add` says so it runs :meth:`flush` in a worker thread, which moves what is
+    held in memory (at most :data:`SPOOL_MEMORY` bytes) to a file in ``directory``. So no
+    thread waits for the client and no body is ever held whole in memory. Past ``limit``
+    bytes the spool drops what it has and stops keeping anything: :meth:`read` then
+    raises :class:`BodyTooLarge`, which the handler answers with 413 if it reads the body;
+    when the file cannot be written, :meth:`read` raises that error (a 500, logged). The
+    handler reads the body back with :meth:`read` (in its worker thread); :meth:`close`
+    frees everything and may be called any number of times.
+    """
+
+    directory: Path
+    limit: int
+    size: int = 0
+    too_large: bool = False
+    error: OSError | None = None
+    _memory: bytearray = attrs.Factory(bytearray)
+    _file: IO[bytes] | None = None
+    _path: str | None = None
+    _rewound: bool = False
+
+    @property
+    def stopped(self) -> bool:
+        """Nothing more is kept (too large, or the file failed): stop receiving."""
+        return self.too_large or self.error is not None
+
+    def add(self, data: bytes) -> bool:
+        """Keep ``data``; True when :meth:`flush` should now run (in a thread)."""
+        if self.stopped:
+            return False
+        self.size += len(data)
+        if self.size > self.limit:
+            self.too_large = True
+            self._memory.clear()  # the file, if any, goes with close()
+            return False
+        self._memory += data
+        return len(self._memory) >= SPOOL_MEMORY
+
+    def flush(self) -> None:
+        """Move what is held in memory to the file (made on first use): blocking I/O."""
+        try:
+            if self._file is None:
+                fd, self._path = tempfile.mkstemp(
+                    dir=self.directory, prefix=".body-", suffix=".part"
+                )
+                self._file = os.fdopen(fd, "w+b")
+            self._file.write(self._memory)
+        except OSError as exc:  # a full disk, say: kept for the handler to answer
+            self.error = exc
+        self._memory.clear()
+
+    def read(self, size: int) -> bytes:
+        """Up to ``size`` bytes of the body; b"" at its end (blocking I/O once on disk).
+
+        Raises:
+            BodyTooLarge: The body went over ``limit``.
+        """
+        if self.too_large:
+            raise BodyTooLarge
+        if self._file is not None and not self._rewound:
+            self.flush()
+            self._file.seek(0)
+            self._rewound = True
+        if self.error is not None:
+            raise self.error
+        if self._file is None:
+            chunk = bytes(self._memory[:size])
+            del self._memory[:size]
+            return chunk
+        return self._file.read(size)
+
+    def __enter__(self) -> Spool:
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.close()
+
+    def close(self) -> None:
+        """Drop the body: close and remove the file, empty the memory."""
+        self._memory.clear()
+        if self._file is not None:
+            self._file.close()
+            self._file = None
+        if self._path is not None:
+            with contextlib.suppress(OSError):
+                os.unlink(self._path)
+            self._path = None
+
+
 @attrs.frozen
 class Request:
     """An HTTP request as the shells hand it over.
@@ -72,6 +174,8 @@ class Request:
         headers: Lower-case names; repeated headers joined with ``", "``.
         body: Reads the body; its limit is set by the shell from ``Api.body_limit``.
         root_path: Where the app is mounted, for building URLs.
+        client: The address of the peer (ASGI ``scope["client"]`` host, WSGI
+            ``REMOTE_ADDR``), or None when the server gives none.
     """
 
     method: str
@@ -79,6 +183,7 @@ class Request:
     headers: Mapping[str, str]
     body: Body
     root_path: str = ""
+    client: str | None = None
 
 
 class Stream(Protocol):
@@ -116,10 +221,24 @@ class Reject(Exception):
         self.status, self.code, self.message = status, code, message
         self.headers = headers or []
 
+    def response(self) -> Response:
+        """The JSON error response this rejection answers with."""
+        return error_response(self.status, self.code, self.message, self.headers)
+
 
 def reject(status: int, code: str, message: str) -> NoReturn:
     """Stop handling the request: answer ``status`` with the JSON error body."""
     raise Reject(status, code, message)
+
+
+def request_timeout(headers: list[tuple[str, str]] | None = None) -> Reject:
+    """The 408 ``request_timeout`` for a body that arrived too slowly (or stopped)."""
+    return Reject(
+        408,
+        "request_timeout",
+        "the request body arrived too slowly (or stopped); send the request again",
+        headers,
+    )
 
 
 def json_response(

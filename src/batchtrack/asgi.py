@@ -1,38 +1,42 @@
 """The HTTP API as a plain ASGI 3 application; mount it under any ASGI framework.
 
 Needs the ``server`` extra for uploads (``pip install 'batchtrack[server]'``); imports
-no web framework. Store I/O never runs on the event loop: every request is handled in a
-worker thread, and the request body is pulled from the loop chunk by chunk as the
-handler reads it, so nothing large is held in memory.
+no web framework. No thread waits for a client: a request's body is received whole on the
+event loop (past 256 KiB into a temporary file) within ``body_timeout`` and ``idle_timeout``
+before its handler runs in a pool of :data:`THREADS` threads that the app owns (and shuts
+down with the lifespan), where every store and file call runs.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import contextvars
+import functools
+import threading
 from collections.abc import Awaitable, Callable, MutableMapping
-from typing import Any
+from concurrent.futures import ThreadPoolExecutor
+from typing import Any, TypeVar
 
 import attrs
 from typing_extensions import Unpack
 
 from ._http import Api, AppOptions
 from ._tracker import BatchTracker
-from ._wire import Body, Request, Response
+from ._wire import Body, Request, Response, Spool, Stream, request_timeout
 from .typing import Runner
 from .uploads import UploadStore
 
-__all__ = ["App", "create_app"]
+__all__ = ["THREADS", "App", "create_app"]
 
 Scope = MutableMapping[str, Any]
 Message = MutableMapping[str, Any]
 Receive = Callable[[], Awaitable[Message]]
 Send = Callable[[Message], Awaitable[None]]
+T = TypeVar("T")
 
-
-class _ClientGone(BaseException):
-    """The client left while its body was being read (a BaseException, so that the
-    handler's catch-all for errors does not turn it into a 500 nobody will see)."""
+THREADS = 32
+"""The size of an app's thread pool; its threads never wait for a client."""
 
 
 @attrs.define(eq=False)
@@ -40,6 +44,8 @@ class App:
     """The ASGI application around an :class:`batchtrack._http.Api`."""
 
     api: Api
+    _pool: ThreadPoolExecutor | None = attrs.field(default=None, init=False)
+    _pool_lock: threading.Lock = attrs.field(factory=threading.Lock, init=False)
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] == "http":
@@ -56,11 +62,23 @@ class App:
             if message["type"] == "lifespan.startup":
                 await send({"type": "lifespan.startup.complete"})
             elif message["type"] == "lifespan.shutdown":
+                with self._pool_lock:
+                    pool, self._pool = self._pool, None
+                if pool is not None:
+                    pool.shutdown(wait=False)  # busy threads finish their call, then exit
                 await send({"type": "lifespan.shutdown.complete"})
                 return
 
+    async def _run(self, call: Callable[[], T]) -> T:
+        """``call()`` in a thread of the app's pool (made on first use), in this context."""
+        with self._pool_lock:
+            if self._pool is None:
+                self._pool = ThreadPoolExecutor(THREADS, thread_name_prefix="batchtrack-http")
+            pool = self._pool
+        context = contextvars.copy_context()
+        return await asyncio.get_running_loop().run_in_executor(pool, context.run, call)
+
     async def _http(self, scope: Scope, receive: Receive, send: Send) -> None:
-        loop = asyncio.get_running_loop()
         root = scope.get("root_path", "")
         path = scope["path"]
         if root and path.startswith(root):
@@ -70,47 +88,57 @@ class App:
             name, value = raw_name.decode("latin-1").lower(), raw_value.decode("latin-1")
             joiner = "; " if name == "cookie" else ", "
             headers[name] = f"{headers[name]}{joiner}{value}" if name in headers else value
-        pending = bytearray()
-        more = True
-
-        async def next_message() -> Message:
-            return await receive()
-
-        def read_chunk(size: int) -> bytes:  # runs in the worker thread
-            nonlocal more
-            while not pending and more:
-                message = asyncio.run_coroutine_threadsafe(next_message(), loop).result()
-                if message["type"] == "http.disconnect":
-                    raise _ClientGone
-                pending.extend(message.get("body", b""))
-                more = message.get("more_body", False)
-            chunk = bytes(pending[:size])
-            del pending[:size]
-            return chunk
-
         method = scope["method"]
-        request = Request(method, path, headers, Body(read_chunk, self.api.body_limit(path)), root)
+        spool = Spool(self.api.uploads.directory, self.api.body_limit(path))
+        client = (scope.get("client") or (None,))[0]  # (host, port), or None when unknown
+        request = Request(method, path, headers, Body(spool.read, spool.limit), root, client)
+        handed_over = False
         try:
-            response = await asyncio.to_thread(self.api.handle, request)
-        except _ClientGone:
-            return
-        await send(
-            {
-                "type": "http.response.start",
-                "status": response.status,
-                "headers": [(k.lower().encode(), v.encode("latin-1")) for k, v in response.headers],
-            }
-        )
+            if not await self._receive(receive, spool, headers.get("content-length", "")):
+                return  # the client left
+            handed_over = True
+            response = await self._run(functools.partial(self._handle, request, spool))
+        except asyncio.TimeoutError:  # too slow: answered now, and nothing waits for it
+            response = request_timeout([("Connection", "close")]).response()
+        finally:
+            if not handed_over:
+                spool.close()  # at most a close and an unlink: cheap enough for the loop
+        raw = [(k.lower().encode(), v.encode("latin-1")) for k, v in response.headers]
+        await send({"type": "http.response.start", "status": response.status, "headers": raw})
         if response.stream is not None and method != "HEAD":
-            await self._stream(response, receive, send, more)
+            await self._stream(response.stream, receive, send)
             return
-        await send(
-            {"type": "http.response.body", "body": b"" if method == "HEAD" else response.body}
-        )
+        body = b"" if method == "HEAD" else response.body
+        await send({"type": "http.response.body", "body": body})
 
-    async def _stream(self, response: Response, receive: Receive, send: Send, more: bool) -> None:
-        stream = response.stream
-        assert stream is not None
+    async def _receive(self, receive: Receive, spool: Spool, length: str) -> bool:
+        """Receive the whole body into ``spool``; False when the client left.
+
+        Raises:
+            asyncio.TimeoutError: It took over ``body_timeout``, or paused over
+                ``idle_timeout``.
+        """
+        if length.isdigit() and int(length) > spool.limit:
+            spool.too_large = True  # none of it is received: the handler gets 413 if it reads
+            return True
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + self.api.body_timeout
+        while True:
+            wait = max(min(self.api.idle_timeout, deadline - loop.time()), 0)
+            message = await asyncio.wait_for(receive(), wait)
+            if message["type"] == "http.disconnect":
+                return False
+            if spool.add(message.get("body", b"")):
+                await self._run(spool.flush)
+            if spool.stopped or not message.get("more_body", False):
+                return True
+
+    def _handle(self, request: Request, spool: Spool) -> Response:
+        """Answer a request whose body has arrived (in a thread of the pool)."""
+        with spool:  # freed here, once answered
+            return self.api.handle(request)
+
+    async def _stream(self, stream: Stream, receive: Receive, send: Send) -> None:
         gone = asyncio.Event()
 
         async def watch() -> None:
@@ -121,7 +149,7 @@ class App:
         watcher = asyncio.ensure_future(watch())
         try:
             while not gone.is_set():
-                chunks = await asyncio.to_thread(stream.poll)
+                chunks = await self._run(stream.poll)  # a short call: no thread waits between
                 if chunks is None:
                     break
                 for chunk in chunks:
@@ -159,7 +187,10 @@ def create_app(
             ``results_dir``: where processed files are, named ``<item id>.<ext>``; by
             default the ``output_dir`` of the runner's ``processor`` (None when the
             runner has none: results are then not served). ``events_poll`` (0.5): seconds
-            between checks for changes in the events stream.
+            between checks for changes in the events stream. ``body_timeout`` (300) and
+            ``idle_timeout`` (30): the seconds a request body may take to arrive, in all
+            and between two chunks; a slower one is answered 408 ``request_timeout``
+            (under WSGI the server's socket timeout is the idle timeout).
 
     Raises:
         ValidationError: A bad option, or a ``runner`` without ``submit``, ``resume``

@@ -58,6 +58,25 @@ def _seconds(text: str) -> float:
     return value
 
 
+_SIZE = re.compile(r"(\d+(?:\.\d+)?)\s*([kmgt]?)(?:i?b)?", re.IGNORECASE)
+_UNITS = {"": 1, "k": 2**10, "m": 2**20, "g": 2**30, "t": 2**40}
+
+
+def _size(text: str) -> int:
+    """A size in bytes: ``1048576``, or with a binary suffix, ``500K``, ``500M``, ``2G``,
+    ``1.5T`` (``M``, ``MB`` and ``MiB`` alike mean 2**20 bytes)."""
+    match = _SIZE.fullmatch(text.strip())
+    if match is None:
+        raise argparse.ArgumentTypeError(
+            f"expected a size in bytes such as 1048576, 500M or 2G, got {text!r}"
+        )
+    number, unit = match[1], _UNITS[match[2].lower()]
+    value = int(number) * unit if number.isdigit() else int(float(number) * unit)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"expected a size of at least 1 byte, got {text!r}")
+    return value
+
+
 def _port(text: str) -> int:
     value = _positive(text)
     if value > 65535:
@@ -96,6 +115,20 @@ def _parser() -> argparse.ArgumentParser:
         default=60.0,
         metavar="SECONDS",
         help="an image whose worker shows no sign of life for this long is run again (60)",
+    )
+    serve.add_argument(
+        "--max-upload-storage",
+        type=_size,
+        default=2**30,
+        metavar="SIZE",
+        help="the most the uploads folder holds, e.g. 500M or 2G; more is refused with 507 (1G)",
+    )
+    serve.add_argument(
+        "--upload-quota",
+        type=_size,
+        default=200 * 2**20,
+        metavar="SIZE",
+        help="what one client (IP address) may upload per hour; more is refused with 429 (200M)",
     )
 
     process = commands.add_parser(
@@ -267,7 +300,13 @@ def _serve(args: argparse.Namespace) -> int:
     from ._demo import build
 
     try:
-        app, close = build(args.data_dir, concurrency=args.concurrency, lease=args.lease)
+        app, close = build(
+            args.data_dir,
+            concurrency=args.concurrency,
+            lease=args.lease,
+            max_upload_storage=args.max_upload_storage,
+            upload_quota=args.upload_quota,
+        )
     except (OSError, BatchtrackError) as exc:
         raise _Usage(f"cannot use --data-dir {str(args.data_dir)!r}: {exc}") from None
     url = f"http://{args.host}:{args.port}/"

@@ -4,15 +4,25 @@ Files live in one folder as ``<uuid>`` with a ``<uuid>.json`` sidecar holding th
 original name, the owner, the size and the time of upload, so several processes (web
 workers) sharing the folder see the same files. A filename is metadata only: it never
 chooses a path.
+
+Two quotas keep uploads from filling a disk: :class:`UploadStore` caps the folder as a
+whole (``max_total_bytes``, ``min_free_bytes``: :class:`StorageFull`), and
+:class:`UploadQuota` caps what one client may upload in a window of time
+(:class:`QuotaExceeded`); the HTTP API answers them with 507 and 429.
 """
 
 from __future__ import annotations
 
+import collections
 import contextlib
+import errno
 import json
+import math
 import os
 import re
+import shutil
 import tempfile
+import threading
 import time
 import uuid
 from collections.abc import Callable
@@ -23,9 +33,23 @@ import attrs
 
 from .exceptions import BatchtrackError, ValidationError
 
-__all__ = ["FileNotFound", "FileTooLarge", "StoredFile", "UploadStore", "UploadWriter"]
+__all__ = [
+    "FileNotFound",
+    "FileTooLarge",
+    "QuotaExceeded",
+    "StorageFull",
+    "StoredFile",
+    "UploadQuota",
+    "UploadStore",
+    "UploadWriter",
+]
 
 _CHUNK = 1 << 16
+_DISK_CHECK_BYTES = 1 << 20
+"""A writer asks the disk for its free space again after writing this many bytes."""
+_NO_SPACE = (errno.ENOSPC, errno.EDQUOT)
+_QUOTA_SLOTS = 60
+"""An :class:`UploadQuota` counts bytes in this many slots per window."""
 _UUID = re.compile(r"\A[0-9a-f]{8}-[0-9a-f]{4}-4[0-9a-f]{3}-[89ab][0-9a-f]{3}-[0-9a-f]{12}\Z")
 
 
@@ -44,6 +68,52 @@ class FileTooLarge(BatchtrackError):
         super().__init__(f"{filename!r} is larger than the limit of {limit:,} bytes")
         self.filename = filename
         self.limit = limit
+
+
+class StorageFull(BatchtrackError):
+    """No room for an upload: the folder is full, or its disk nearly is.
+
+    Raised for ``max_total_bytes`` and ``min_free_bytes`` of :class:`UploadStore`, and when
+    the disk runs out of space mid-write. The upload that met it was dropped; nothing else
+    was touched.
+
+    Attributes:
+        reason: ``"total"`` (the folder's cap) or ``"disk"`` (the disk's free space).
+    """
+
+    def __init__(self, reason: str, message: str) -> None:
+        super().__init__(message)
+        self.reason = reason
+
+
+class QuotaExceeded(BatchtrackError):
+    """A client went over its :class:`UploadQuota`.
+
+    Attributes:
+        key: The client.
+        limit: The bytes a client may upload per window.
+        window: The window, in seconds.
+        retry_after: Whole seconds (at least 1) until the client has room again for what
+            it tried; the whole window when that can never fit.
+    """
+
+    def __init__(self, key: str, limit: int, window: float, retry_after: int) -> None:
+        super().__init__(
+            f"client {key!r} may upload at most {limit:,} bytes per {window:g} seconds; "
+            f"try again in {retry_after} s"
+        )
+        self.key, self.limit, self.window, self.retry_after = key, limit, window, retry_after
+
+
+def _check_bytes(name: str, value: object, *, minimum: int) -> int:
+    """``value`` if it is a whole number of bytes >= ``minimum``.
+
+    Raises:
+        ValidationError: Anything else (including ``True``).
+    """
+    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
+        raise ValidationError(f"{name} must be a whole number of bytes >= {minimum}, not {value!r}")
+    return value
 
 
 @attrs.frozen
@@ -86,7 +156,8 @@ class UploadWriter:
     """Receives one upload chunk by chunk; :meth:`commit` keeps it, :meth:`abort` drops it.
 
     Made by :meth:`UploadStore.begin`. Writing past the limit raises
-    :class:`FileTooLarge` and drops what was written.
+    :class:`FileTooLarge`, and past the store's room :class:`StorageFull`; either drops
+    what was written.
     """
 
     store: UploadStore
@@ -96,61 +167,132 @@ class UploadWriter:
     _tmp: str
     size: int = 0
     _open: bool = True
+    _unchecked: int = 0  # bytes written since the disk's free space was last asked
 
     def write(self, data: bytes) -> None:
-        """Append ``data``; raises :class:`FileTooLarge` past the store's limit."""
-        self.size += len(data)
-        if self.size > self.store.max_bytes:
+        """Append ``data``.
+
+        Raises:
+            FileTooLarge: Past the store's ``max_bytes``; nothing of the file is kept.
+            StorageFull: No room left in the store or on its disk; nothing of it is kept.
+        """
+        if self.size + len(data) > self.store.max_bytes:
             self.abort()
             raise FileTooLarge(self.filename, self.store.max_bytes)
-        self._file.write(data)
+        try:
+            self._unchecked += len(data)
+            if self._unchecked >= _DISK_CHECK_BYTES:
+                self._unchecked = 0
+                self.store._check_disk(len(data))
+            self.store._reserve(len(data))
+        except StorageFull:
+            self.abort()
+            raise
+        self.size += len(data)  # reserved: abort() gives it back
+        try:
+            self._file.write(data)
+        except OSError as exc:
+            self.abort()
+            if exc.errno in _NO_SPACE:
+                raise self.store._disk_full() from None
+            raise
 
     def commit(self) -> StoredFile:
-        """Store the upload under a new id and return it."""
+        """Store the upload under a new id and return it.
+
+        Raises:
+            StorageFull: The disk ran out of space while the file was being kept;
+                nothing of it is kept.
+        """
         file_id = str(uuid.uuid4())
-        self._file.close()
-        self._open = False
         final = self.store.directory / file_id
-        os.replace(self._tmp, final)
-        stored = StoredFile(
-            file_id, self.filename, final, self.size, self.owner, self.store.clock()
-        )
-        meta = {
-            "filename": stored.filename,
-            "owner": stored.owner,
-            "size": stored.size,
-            "created_at": stored.created_at,
-        }
-        fd, tmp = tempfile.mkstemp(dir=self.store.directory, prefix=".meta-", suffix=".part")
-        with os.fdopen(fd, "w", encoding="utf-8") as out:
-            json.dump(meta, out)
-        os.replace(tmp, final.with_suffix(".json"))  # the file is visible once this exists
+        tmp: str | None = None
+        try:
+            self._file.close()
+            self._open = False
+            os.replace(self._tmp, final)
+            stored = StoredFile(
+                file_id, self.filename, final, self.size, self.owner, self.store.clock()
+            )
+            meta = {
+                "filename": stored.filename,
+                "owner": stored.owner,
+                "size": stored.size,
+                "created_at": stored.created_at,
+            }
+            fd, tmp = tempfile.mkstemp(dir=self.store.directory, prefix=".meta-", suffix=".part")
+            with os.fdopen(fd, "w", encoding="utf-8") as out:
+                json.dump(meta, out)
+            os.replace(tmp, final.with_suffix(".json"))  # the file is visible once this exists
+        except BaseException as exc:
+            for path in (self._tmp, final, tmp):
+                if path is not None:
+                    with contextlib.suppress(OSError):
+                        os.unlink(path)
+            self._open = False
+            self.store._release(self.size)
+            if isinstance(exc, OSError) and exc.errno in _NO_SPACE:
+                raise self.store._disk_full() from None
+            raise
+        self.store._settle(stored)
         return stored
 
     def abort(self) -> None:
         """Drop what was written; safe to call more than once."""
         if self._open:
             self._open = False
-            self._file.close()
+            with contextlib.suppress(OSError):  # flushing may meet a full disk: dropped anyway
+                self._file.close()
             with contextlib.suppress(OSError):
                 os.unlink(self._tmp)
+            self.store._release(self.size)
 
 
 @attrs.define(eq=False, init=False)
 class UploadStore:
     """Uploaded files in a folder, shared by every process that opens it.
 
+    The folder as a whole has a cap: the uploads that have not expired, plus those being
+    received, may hold at most ``max_total_bytes``, and the disk must keep more than
+    ``min_free_bytes`` free; an upload that would break either is dropped with
+    :class:`StorageFull`, before it starts or while it streams. Expired uploads never
+    count: the store deletes them as soon as the next upload begins (and
+    :meth:`cleanup` sweeps them too).
+
+    The total is a running count, not a walk of the folder per upload: it is read from
+    the folder when the store is made and kept current on every commit, abort,
+    :meth:`delete`, expiry and :meth:`cleanup` (thread-safe). Several processes sharing
+    the folder each keep their own count, which sees the others' uploads when
+    :meth:`cleanup` (which reads the whole folder anyway) recounts it: run it every few
+    minutes, as ``batchtrack serve`` does, or give each process its share of the cap.
+    The free-space check asks the disk itself (:func:`shutil.disk_usage`: before each
+    file and after every MiB written), so it sees every process.
+
     Args:
         directory: The folder (created when missing).
         max_bytes: The largest file accepted, enforced while streaming.
         ttl: Seconds an upload stays available.
         clock: Where times come from, like :func:`time.time`.
+        max_total_bytes: The most the folder may hold (uploads not yet expired plus
+            those arriving), or None (the default) for no cap.
+        min_free_bytes: The free space the disk must keep (100 MiB by default; 0 turns
+            the check off). A disk that runs out of space mid-write is
+            :class:`StorageFull` too.
+
+    Raises:
+        ValidationError: A bad option, or a folder that cannot be created.
     """
 
     directory: Path
     max_bytes: int
     ttl: float
     clock: Callable[[], float]
+    max_total_bytes: int | None
+    min_free_bytes: int
+    _lock: threading.Lock
+    _files: collections.OrderedDict[str, tuple[float, int]]  # id -> (created_at, size)
+    _stored: int  # bytes of the uploads in _files
+    _reserved: int  # bytes of uploads being received
 
     def __init__(
         self,
@@ -159,22 +301,67 @@ class UploadStore:
         max_bytes: int = 20 * 2**20,
         ttl: float = 3600.0,
         clock: Callable[[], float] = time.time,
+        max_total_bytes: int | None = None,
+        min_free_bytes: int = 100 * 2**20,
     ) -> None:
         if isinstance(max_bytes, bool) or not isinstance(max_bytes, int) or max_bytes < 1:
             raise ValidationError(f"max_bytes must be a positive whole number, not {max_bytes!r}")
         if isinstance(ttl, bool) or not isinstance(ttl, (int, float)) or not ttl > 0:
             raise ValidationError(f"ttl must be a positive number of seconds, not {ttl!r}")
+        if max_total_bytes is not None:
+            _check_bytes("max_total_bytes", max_total_bytes, minimum=1)
+        _check_bytes("min_free_bytes", min_free_bytes, minimum=0)
         path = Path(directory)
         try:
             path.mkdir(parents=True, exist_ok=True)
         except OSError as exc:
             raise ValidationError(f"cannot use {str(path)!r} for uploads: {exc}") from exc
-        self.__attrs_init__(path, max_bytes, float(ttl), clock)
+        self.__attrs_init__(
+            path,
+            max_bytes,
+            float(ttl),
+            clock,
+            max_total_bytes,
+            min_free_bytes,
+            threading.Lock(),
+            collections.OrderedDict(),
+            0,
+            0,
+        )
+        self._recount({s.id: (s.created_at, s.size) for s in self._scan()})
+
+    @property
+    def used_bytes(self) -> int:
+        """The bytes that count against ``max_total_bytes`` now, as this process knows.
+
+        That is the uploads not yet expired and those being received; expired uploads are
+        deleted first.
+        """
+        self._expire()
+        with self._lock:
+            return self._stored + self._reserved
 
     def begin(self, filename: str, *, owner: str | None = None) -> UploadWriter:
-        """Start receiving a file named ``filename`` (only its last component is kept)."""
+        """Start receiving a file named ``filename`` (only its last component is kept).
+
+        Raises:
+            ValidationError: An unusable filename.
+            StorageFull: The store is already full, or its disk nearly is.
+        """
         name = clean_filename(filename)
-        fd, tmp = tempfile.mkstemp(dir=self.directory, prefix=".upload-", suffix=".part")
+        self._expire()
+        self._check_disk(0)
+        with self._lock:
+            if self.max_total_bytes is not None and (
+                self._stored + self._reserved >= self.max_total_bytes
+            ):
+                raise self._total_full()
+        try:
+            fd, tmp = tempfile.mkstemp(dir=self.directory, prefix=".upload-", suffix=".part")
+        except OSError as exc:
+            if exc.errno in _NO_SPACE:
+                raise self._disk_full() from None
+            raise
         return UploadWriter(self, name, owner, os.fdopen(fd, "wb"), tmp)
 
     def save(self, filename: str, fileobj: BinaryIO, *, owner: str | None = None) -> StoredFile:
@@ -183,6 +370,7 @@ class UploadStore:
         Raises:
             ValidationError: An unusable filename.
             FileTooLarge: The file is over the limit; nothing was kept.
+            StorageFull: No room for it in the store or on its disk; nothing was kept.
         """
         writer = self.begin(filename, owner=owner)
         try:
@@ -208,6 +396,16 @@ class UploadStore:
             raise FileNotFound(file_id)
         return stored
 
+    def delete(self, file_id: str) -> bool:
+        """Delete an upload (whoever owns it); True when there was one to delete."""
+        if not isinstance(file_id, str) or not _UUID.match(file_id):
+            return False
+        with self._lock:
+            known = self._files.pop(file_id, None)
+            if known is not None:
+                self._stored -= known[1]
+        return self._unlink(file_id)
+
     def _read(self, meta_path: Path) -> StoredFile | None:
         """The upload a sidecar describes, or None when it is missing or unreadable."""
         try:
@@ -223,19 +421,247 @@ class UploadStore:
         except (OSError, ValueError, KeyError, TypeError):
             return None
 
+    def _unlink(self, file_id: str) -> bool:
+        """Remove an upload's sidecar (which hides it), then its bytes; True if it was there."""
+        try:
+            (self.directory / f"{file_id}.json").unlink()
+        except OSError:
+            gone = False
+        else:
+            gone = True
+        with contextlib.suppress(OSError):
+            (self.directory / file_id).unlink()
+        return gone
+
     def cleanup(self) -> int:
-        """Delete expired uploads (and stale partial files); return how many uploads."""
-        now = self.clock()
+        """Delete expired uploads (and stale partial files); return how many uploads.
+
+        It reads every sidecar in the folder, and so also recounts the running total,
+        taking in what other processes sharing the folder stored or deleted.
+        """
+        started = self.clock()
         removed = 0
-        for meta_path in self.directory.glob("*.json"):
-            stored = self._read(meta_path)
-            if stored is not None and stored.created_at + self.ttl <= now:
+        found: dict[str, tuple[float, int]] = {}
+        for stored in self._scan():
+            if stored.created_at + self.ttl <= started:
                 with contextlib.suppress(OSError):
-                    meta_path.unlink()
-                    (self.directory / meta_path.stem).unlink()
+                    (self.directory / f"{stored.id}.json").unlink()
+                    (self.directory / stored.id).unlink()
                 removed += 1
+            else:
+                found[stored.id] = (stored.created_at, stored.size)
+        self._recount(found)
         for part in self.directory.glob(".*.part"):
             with contextlib.suppress(OSError):
                 if part.stat().st_mtime + self.ttl <= time.time():
                     part.unlink()
         return removed
+
+    # -- the running total -----------------------------------------------------------------
+
+    def _scan(self) -> list[StoredFile]:
+        """Every upload the folder's sidecars describe (expired ones too): O(files)."""
+        return [s for m in self.directory.glob("*.json") if (s := self._read(m)) is not None]
+
+    def _recount(self, found: dict[str, tuple[float, int]]) -> None:
+        """Make the running total that of the uploads a scan just ``found``.
+
+        Where the scan and this process disagree (an upload committed or deleted while the
+        scan ran, here or in another process), the sidecar on disk decides.
+        """
+        with self._lock:
+            merged = {
+                file_id: entry
+                for file_id, entry in (found | self._files).items()
+                if (file_id in found and file_id in self._files)
+                or (self.directory / f"{file_id}.json").exists()
+            }
+            self._files = collections.OrderedDict(
+                sorted(merged.items(), key=lambda pair: pair[1][0])
+            )
+            self._stored = sum(size for _, size in self._files.values())
+
+    def _expire(self) -> None:
+        """Drop expired uploads from the total, and delete them: O(expired)."""
+        deadline = self.clock() - self.ttl
+        expired = []
+        with self._lock:
+            while self._files:
+                file_id, (created_at, size) = next(iter(self._files.items()))
+                if created_at > deadline:
+                    break
+                self._files.popitem(last=False)
+                self._stored -= size
+                expired.append(file_id)
+        for file_id in expired:
+            self._unlink(file_id)
+
+    def _reserve(self, nbytes: int) -> None:
+        """Count ``nbytes`` about to be written, or raise :class:`StorageFull`."""
+        with self._lock:
+            if self.max_total_bytes is not None and (
+                self._stored + self._reserved + nbytes > self.max_total_bytes
+            ):
+                raise self._total_full()
+            self._reserved += nbytes
+
+    def _release(self, nbytes: int) -> None:
+        """Stop counting ``nbytes`` of an upload that was dropped."""
+        with self._lock:
+            self._reserved -= nbytes
+
+    def _settle(self, stored: StoredFile) -> None:
+        """Count a committed upload as stored instead of being received."""
+        with self._lock:
+            self._reserved -= stored.size
+            self._files[stored.id] = (stored.created_at, stored.size)
+            self._stored += stored.size
+
+    def _check_disk(self, nbytes: int) -> None:
+        """Raise :class:`StorageFull` unless ``min_free_bytes`` stay free after ``nbytes``."""
+        if self.min_free_bytes and (
+            shutil.disk_usage(self.directory).free - nbytes < self.min_free_bytes
+        ):
+            raise self._disk_full()
+
+    def _total_full(self) -> StorageFull:
+        return StorageFull(
+            "total",
+            f"the upload storage is full (at most {self.max_total_bytes:,} bytes); "
+            "try again once earlier uploads have expired",
+        )
+
+    def _disk_full(self) -> StorageFull:
+        return StorageFull("disk", "the disk that holds uploads is (nearly) full")
+
+
+@attrs.define(eq=False)
+class _Client:
+    """One client's use of an :class:`UploadQuota`."""
+
+    slots: collections.deque[list[int]] = attrs.Factory(collections.deque)  # [slot, bytes]
+    pending: int = 0  # bytes of uploads being received
+
+
+@attrs.define(eq=False, init=False)
+class UploadQuota:
+    """How many bytes each client may upload per window of time: in memory, per process.
+
+    A sliding window of ``window`` seconds, counted in 60 slots: bytes a client stored
+    count against it until their slot is a whole window old, that is for between 59/60 of
+    the window and the whole window. Bytes still being received count too, so parallel
+    requests cannot get round the cap; the bytes of an upload that was dropped are given
+    back. A client is forgotten once nothing of it counts any more, so memory grows with
+    the clients of one window only. Each process keeps its own counts: with N processes a
+    client may upload up to N times ``max_bytes`` per window (put a shared limiter in
+    front, or divide the quota, when that matters).
+
+    Args:
+        max_bytes: The bytes one client may upload per window.
+        window: The window, in seconds.
+        clock: Where times come from, in seconds (:func:`time.monotonic`).
+
+    Raises:
+        ValidationError: A bad option.
+    """
+
+    max_bytes: int
+    window: float
+    clock: Callable[[], float]
+    _lock: threading.Lock
+    _clients: collections.OrderedDict[str, _Client]  # least recently used first
+
+    def __init__(
+        self, max_bytes: int, window: float = 3600.0, *, clock: Callable[[], float] = time.monotonic
+    ) -> None:
+        _check_bytes("the upload quota", max_bytes, minimum=1)
+        if (
+            isinstance(window, bool)
+            or not isinstance(window, (int, float))
+            or not 0 < window < float("inf")
+        ):
+            raise ValidationError(
+                f"the upload window must be a positive number of seconds, not {window!r}"
+            )
+        if not callable(clock):
+            raise ValidationError("clock must be a callable returning seconds")
+        self.__attrs_init__(
+            max_bytes, float(window), clock, threading.Lock(), collections.OrderedDict()
+        )
+
+    def used(self, key: str) -> int:
+        """The bytes counting against ``key`` now (stored in the window, or arriving)."""
+        with self._lock:
+            client = self._client(key, self._slot())
+            return client.pending + sum(size for _, size in client.slots)
+
+    def check(self, key: str) -> None:
+        """Raise :class:`QuotaExceeded` when ``key`` has no room left for a single byte."""
+        with self._lock:
+            slot = self._slot()
+            self._shortfall(key, self._client(key, slot), 1, slot)
+
+    def reserve(self, key: str, nbytes: int) -> None:
+        """Count ``nbytes`` that ``key`` is about to upload, or raise :class:`QuotaExceeded`.
+
+        Give them back with :meth:`release` once the upload is kept or dropped.
+        """
+        with self._lock:
+            slot = self._slot()
+            client = self._client(key, slot)
+            self._shortfall(key, client, nbytes, slot)
+            client.pending += nbytes
+
+    def release(self, key: str, nbytes: int, *, kept: bool) -> None:
+        """End ``nbytes`` of :meth:`reserve`: counted in the window when ``kept``, else not."""
+        with self._lock:
+            slot = self._slot()
+            client = self._client(key, slot)
+            client.pending = max(client.pending - nbytes, 0)
+            if kept and nbytes:
+                if client.slots and client.slots[-1][0] == slot:
+                    client.slots[-1][1] += nbytes
+                else:
+                    client.slots.append([slot, nbytes])
+
+    def _width(self) -> float:
+        return self.window / _QUOTA_SLOTS
+
+    def _slot(self) -> int:
+        return math.floor(self.clock() / self._width())
+
+    def _client(self, key: str, slot: int) -> _Client:
+        """The client's counts with what left the window dropped; forgets idle clients.
+
+        Called with the lock held.
+        """
+        oldest = slot - _QUOTA_SLOTS + 1
+        while self._clients:  # the least recently used first: O(1) amortized
+            first_key, first = next(iter(self._clients.items()))
+            while first.slots and first.slots[0][0] < oldest:
+                first.slots.popleft()
+            if first.slots or first.pending:
+                break
+            del self._clients[first_key]
+        client = self._clients.pop(key, None) or _Client()
+        self._clients[key] = client  # now the most recently used
+        while client.slots and client.slots[0][0] < oldest:
+            client.slots.popleft()
+        return client
+
+    def _shortfall(self, key: str, client: _Client, nbytes: int, slot: int) -> None:
+        """Raise :class:`QuotaExceeded` when ``nbytes`` more do not fit now.
+
+        Its ``retry_after`` is the wait until they would (the whole window if never).
+        """
+        over = client.pending + sum(size for _, size in client.slots) + nbytes - self.max_bytes
+        if over <= 0:
+            return
+        wait = self.window
+        if client.pending + nbytes <= self.max_bytes:
+            for start, size in client.slots:
+                over -= size
+                if over <= 0:
+                    wait = (start + _QUOTA_SLOTS) * self._width() - self.clock()
+                    break
+        raise QuotaExceeded(key, self.max_bytes, self.window, max(math.ceil(wait), 1))

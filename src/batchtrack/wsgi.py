@@ -1,7 +1,8 @@
 """The HTTP API as a plain WSGI application; mount it under any WSGI framework.
 
 Needs the ``server`` extra for uploads (``pip install 'batchtrack[server]'``); imports
-no web framework.
+no web framework. WSGI reads a request's body in the thread that handles it, so a slow
+client holds that server thread while its body arrives: see :func:`create_app`.
 """
 
 from __future__ import annotations
@@ -16,7 +17,7 @@ from typing_extensions import Unpack
 
 from ._http import Api, AppOptions
 from ._tracker import BatchTracker
-from ._wire import Body, Request, Stream
+from ._wire import Body, Request, Stream, request_timeout
 from .typing import Runner
 from .uploads import UploadStore
 
@@ -47,16 +48,28 @@ class App:
         except ValueError:
             remaining = 0
         stream = environ["wsgi.input"]
+        # read1 (where the input has it) returns after one read of the socket, so a client
+        # trickling its body meets the deadline between reads, not 64 KiB later.
+        read = getattr(stream, "read1", stream.read)
+        deadline = time.monotonic() + self.api.body_timeout
 
         def read_chunk(size: int) -> bytes:
             nonlocal remaining
-            data = stream.read(min(size, remaining)) if remaining else b""
+            if not remaining:
+                return b""
+            if time.monotonic() > deadline:
+                raise request_timeout()
+            try:
+                data: bytes = read(min(size, remaining))
+            except TimeoutError:  # the server's socket timeout: the client stopped sending
+                raise request_timeout() from None
             remaining -= len(data)
             return data
 
         method = environ["REQUEST_METHOD"].upper()
         root = environ.get("SCRIPT_NAME", "")
-        request = Request(method, path, headers, Body(read_chunk, self.api.body_limit(path)), root)
+        body = Body(read_chunk, self.api.body_limit(path))
+        request = Request(method, path, headers, body, root, environ.get("REMOTE_ADDR") or None)
         response = self.api.handle(request)
         reason = HTTPStatus(response.status).phrase
         start_response(f"{response.status} {reason}", response.headers)
@@ -83,5 +96,17 @@ def create_app(
     """The HTTP API (contract §2, §7) as a WSGI application.
 
     The arguments are those of :func:`batchtrack.asgi.create_app`.
+
+    What a slow client costs: WSGI hands the body to the app as a blocking file, read in
+    the server thread that handles the request, so a client sending its body slowly holds
+    that thread while it does (a thread-per-connection server still answers everyone
+    else; a fixed pool loses one thread per slow client). ``body_timeout`` is checked
+    between reads: a client trickling its body is answered 408 ``request_timeout`` once
+    it is over. A client that stops sending is bounded by the *server's* socket timeout
+    alone (WSGI gives the app no way to set one; ``idle_timeout`` is for the ASGI app):
+    when the server sets one on the connection (as a ``wsgiref`` handler's ``timeout``
+    does), the read that times out is answered 408 too. Servers that receive the whole
+    body before calling the app (waitress; gunicorn behind nginx, as gunicorn advises for
+    its sync workers, which set no socket timeout) are never held by a slow client.
     """
     return App(Api(tracker, runner, uploads, **options))
