@@ -208,8 +208,14 @@ def uvicorn_server(app: Any) -> Iterator[str]:
 @contextlib.contextmanager
 def wsgiref_server(app: Any) -> Iterator[str]:
     """The WSGI app under a threaded wsgiref server on 127.0.0.1; yields the base URL."""
+    with _serve_wsgi(app, _ThreadingWSGIServer, _QuietHandler) as base:
+        yield base
+
+
+@contextlib.contextmanager
+def _serve_wsgi(app: Any, server_class: Any, handler_class: Any) -> Iterator[str]:
     server = make_server(
-        "127.0.0.1", 0, app, server_class=_ThreadingWSGIServer, handler_class=_QuietHandler
+        "127.0.0.1", 0, app, server_class=server_class, handler_class=handler_class
     )
     thread = threading.Thread(target=server.serve_forever, args=(0.05,), daemon=True)
     thread.start()
@@ -238,17 +244,8 @@ def threaded_wsgiref_server(app: Any, *, timeout: float | None = None) -> Iterat
         pass
 
     Handler.timeout = timeout  # StreamRequestHandler sets it on each connection's socket
-    server = make_server(
-        "127.0.0.1", 0, app, server_class=_RoomyThreadingWSGIServer, handler_class=Handler
-    )
-    thread = threading.Thread(target=server.serve_forever, args=(0.05,), daemon=True)
-    thread.start()
-    try:
-        yield f"http://127.0.0.1:{server.server_port}"
-    finally:
-        server.shutdown()
-        server.server_close()
-        thread.join(10)
+    with _serve_wsgi(app, _RoomyThreadingWSGIServer, Handler) as base:
+        yield base
 
 
 def raw_request(base: str, head: bytes, body: bytes = b"") -> socket.socket:
