@@ -256,11 +256,22 @@ def test_a_corrupt_database_is_refused(tmp_path: Path) -> None:
         BatchTracker(SQLiteStore(path)).get(snap.batch_id)
 
 
-def test_a_missing_folder_is_refused(tmp_path: Path) -> None:
-    """A path in a folder that does not exist raises StoreError and creates nothing."""
-    with pytest.raises(StoreError, match="cannot open"):
-        SQLiteStore(tmp_path / "no" / "such" / "dir" / "x.db")
-    assert list(tmp_path.iterdir()) == []
+def test_a_missing_folder_is_created_with_its_parents(tmp_path: Path) -> None:
+    """Pasted into an empty folder, ``SQLiteStore("data/batches.db")`` just works."""
+    path = tmp_path / "no" / "such" / "dir" / "x.db"
+    with SQLiteStore(path) as store:
+        tracker = BatchTracker(store)
+        batch_id = tracker.create_batch(["a.jpg"]).batch_id
+    assert path.is_file()
+    with SQLiteStore(path) as store:
+        assert BatchTracker(store).get(batch_id).progress.total == 1
+
+
+def test_a_folder_that_cannot_be_created_is_refused(tmp_path: Path) -> None:
+    """A file where a folder should be raises StoreError naming the database."""
+    (tmp_path / "file").write_text("not a folder")
+    with pytest.raises(StoreError, match="cannot create the folder"):
+        SQLiteStore(tmp_path / "file" / "x.db")
 
 
 @pytest.fixture

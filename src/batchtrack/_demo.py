@@ -10,9 +10,9 @@ from pathlib import Path
 from typing import Any
 
 from ._orchestrator import Orchestrator
+from ._paths import DB_NAME
 from ._tracker import BatchTracker
 from .asgi import Receive, Scope, Send, create_app
-from .cli import DB_NAME
 from .exceptions import BatchtrackError
 from .imaging import ImagePipeline
 from .stores.sqlite import SQLiteStore

@@ -19,11 +19,11 @@ from typing import Any, NoReturn
 
 from . import __version__
 from ._models import BatchSnapshot, ProgressEvent
+from ._paths import DB_NAME
 from .exceptions import BatchNotFound, BatchtrackError
 
 __all__ = ["main"]
 
-DB_NAME = "batchtrack.db"
 log = logging.getLogger("batchtrack")
 
 

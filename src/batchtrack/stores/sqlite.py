@@ -169,8 +169,8 @@ class SQLiteStore(Store):
     """Batches in an SQLite database file that threads and processes share.
 
     Args:
-        path: The database file; created (with its schema) when missing. Its folder must
-            exist.
+        path: The database file; created (with its schema, and its folder with any
+            missing parents) when missing.
         synchronous: SQLite's ``synchronous`` setting: ``"NORMAL"`` (default: survives
             process crashes) or ``"FULL"`` (survives power loss too; slower).
         timeout: Seconds to wait for another connection's write lock before failing.
@@ -222,6 +222,10 @@ class SQLiteStore(Store):
     def _connect(self) -> sqlite3.Connection:
         if self._closed:
             raise StoreError(f"the store on {self.path} is closed")
+        try:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+        except OSError as exc:
+            raise StoreError(f"cannot create the folder of the database {self.path}: {exc}") from exc
         try:
             db = sqlite3.connect(
                 self.path,
