@@ -91,13 +91,17 @@ def test_keys_are_namespaced_and_expire_on_their_own(redis_url: str) -> None:
             f"{prefix}b:{snap.batch_id}",
             f"{prefix}i:{snap.batch_id}",
             f"{prefix}o:{snap.batch_id}",
+            f"{prefix}c:{snap.batch_id}",
+            f"{prefix}s:{snap.batch_id}",
             f"{prefix}expiry",
         ]
     )
+    for kind in "biocs":
+        assert 24 * 3600 < client.ttl(f"{prefix}{kind}:{snap.batch_id}") <= 24 * 3600 + 60
     assert 24 * 3600 < client.ttl(f"{prefix}b:{snap.batch_id}") <= 24 * 3600 + 60
     tracker.start_item(snap.batch_id, "a")
     tracker.complete_item(snap.batch_id, "a")
-    for kind in "bio":
+    for kind in "biocs":
         assert 0 < client.ttl(f"{prefix}{kind}:{snap.batch_id}") <= 120 + 60
     client.close()
 

@@ -181,7 +181,7 @@ def test_a_schema_1_file_migrates_in_place_and_keeps_its_batches(tmp_path: Path)
     store = SQLiteStore(path)
     try:
         with sqlite3.connect(path) as db:
-            assert db.execute("PRAGMA user_version").fetchone()[0] == SCHEMA_VERSION == 2
+            assert db.execute("PRAGMA user_version").fetchone()[0] == SCHEMA_VERSION == 3
         clock = FakeClock(V1_CLOCK + 10)
         tracker = BatchTracker(store, clock=clock, lease=5.0)
         snap = tracker.get(V1_BATCH, owner="session:abc")
@@ -194,6 +194,11 @@ def test_a_schema_1_file_migrates_in_place_and_keeps_its_batches(tmp_path: Path)
         # LEGACY_LEASE from its start, so a worker lost in the upgrade is noticed too.
         assert [(i.attempts, i.source) for i in snap.items] == [(0, None), (1, None), (0, None)]
         assert snap.version == 3
+        # When its items changed is unknown: all count as changed at the batch's version,
+        # so a reader of what changed since an older version misses nothing.
+        assert len(tracker.get(V1_BATCH, since=2).items) == 3
+        assert tracker.get(V1_BATCH, since=3).items == ()
+        assert [i.id for i in tracker.get(V1_BATCH, status="pending").items] == [snap.items[2].id]
         assert tracker.reclaim() == 0
         third = snap.items[2].id
         tracker.start_item(V1_BATCH, third)
@@ -270,7 +275,7 @@ def test_a_missing_folder_is_created_with_its_parents(tmp_path: Path) -> None:
 def test_a_folder_that_cannot_be_created_is_refused(tmp_path: Path) -> None:
     """A file where a folder should be raises StoreError naming the database."""
     (tmp_path / "file").write_text("not a folder")
-    with pytest.raises(StoreError, match="cannot create the folder"):
+    with pytest.raises(StoreError, match="cannot create the folder of"):
         SQLiteStore(tmp_path / "file" / "x.db")
 
 

@@ -134,6 +134,25 @@ def iso_utc(moment: datetime | None) -> str | None:
 
 
 @attrs.frozen
+class ItemQuery:
+    """Which items of a batch :meth:`Store.load_items` reads: all that match every given
+    condition, in creation order.
+
+    Attributes:
+        status: Only items with this status (None: any).
+        after: Only items created after this item (an item id; None: from the first).
+        since: Only items whose last change made the batch's version greater than this
+            (None: changed or not). Items never changed since creation have version 0.
+        limit: At most this many items (None: all that match).
+    """
+
+    status: Status | None = None
+    after: str | None = None
+    since: int | None = None
+    limit: int | None = None
+
+
+@attrs.frozen
 class BatchSnapshot:
     """A whole batch as it was at one moment.
 
@@ -150,6 +169,11 @@ class BatchSnapshot:
         owner: Who owns the batch, None for nobody in particular.
         version: Grows by one with every change to the batch; equal versions mean equal
             items and counts.
+        query: The conditions that chose ``items`` when
+            :meth:`~batchtrack.BatchTracker.get` was given some (``status``, ``limit``,
+            ``after``, ``since``); None when ``items`` holds every item.
+        next_after: For a page (``limit``): the item id to pass as ``after`` for the next
+            page, or None when this is the last.
     """
 
     batch_id: str
@@ -162,10 +186,16 @@ class BatchSnapshot:
     finished_at: datetime | None
     owner: str | None = None
     version: int = 0
+    query: ItemQuery | None = None
+    next_after: str | None = None
 
     def to_dict(self) -> dict[str, Any]:
-        """The JSON body of ``GET /api/batch-status/{batchId}``."""
-        return {
+        """The JSON body of ``GET /api/batch-status/{batchId}``.
+
+        A snapshot of chosen items (:attr:`query`) also carries ``"version"``, and a page
+        ``"nextAfter"``.
+        """
+        body = {
             "batchId": self.batch_id,
             "status": self.status.value,
             "progress": self.progress.to_dict(),
@@ -175,6 +205,11 @@ class BatchSnapshot:
             "updatedAt": iso_utc(self.updated_at),
             "finishedAt": iso_utc(self.finished_at),
         }
+        if self.query is not None:
+            body["version"] = self.version
+            if self.query.limit is not None:
+                body["nextAfter"] = self.next_after
+        return body
 
 
 @attrs.frozen

@@ -24,8 +24,16 @@ from ._models import (
     Status,
     utc_datetime,
 )
-from .exceptions import BatchNotFound, InvalidTransition, ValidationError
-from .stores.base import BatchRecord, LostItem, Outcome, Store, Transition, TransitionResult
+from .exceptions import BatchNotFound, InvalidTransition, ItemNotFound, ValidationError
+from .stores.base import (
+    BatchRecord,
+    ItemQuery,
+    LostItem,
+    Outcome,
+    Store,
+    Transition,
+    TransitionResult,
+)
 from .stores.memory import MemoryStore
 
 __all__ = ["CANCELLED", "IDLE_TIMEOUT", "MAX_ERROR_LENGTH", "BatchTracker", "ItemSpec"]
@@ -120,6 +128,30 @@ def _check_id(value: object, what: str) -> str:
     if not isinstance(value, str):
         raise ValidationError(f"{what} must be a string, not {type(value).__name__}")
     return value
+
+
+_MAX_LIMIT = 1_000_000
+
+
+def _query(status: object, limit: object, after: object, since: object) -> ItemQuery | None:
+    """The item conditions of :meth:`BatchTracker.get`, checked; None when none is given."""
+    if status is None and limit is None and after is None and since is None:
+        return None
+    if status is not None and not isinstance(status, Status):
+        try:
+            status = Status(status)
+        except ValueError:
+            choices = ", ".join(s.value for s in Status)
+            raise ValidationError(f"status must be one of {choices}, not {status!r}") from None
+    if limit is not None and (
+        isinstance(limit, bool) or not isinstance(limit, int) or not 1 <= limit <= _MAX_LIMIT
+    ):
+        raise ValidationError(f"limit must be a whole number from 1 to {_MAX_LIMIT}, not {limit!r}")
+    if after is not None:
+        after = _check_id(after, "after")
+    if since is not None and (isinstance(since, bool) or not isinstance(since, int) or since < 0):
+        raise ValidationError(f"since must be a batch version (a whole number >= 0), not {since!r}")
+    return ItemQuery(status, after, since, limit)
 
 
 def _event(batch_id: str, result: TransitionResult, now: float, *, changed: bool) -> ProgressEvent:
@@ -248,8 +280,23 @@ class BatchTracker(Closing):
         self.store.create(record, snapshots)
         return self._snapshot(attrs.evolve(record, items=tuple(snapshots)), now)
 
-    def get(self, batch_id: str, *, owner: str | None = None, items: bool = True) -> BatchSnapshot:
-        """The batch as it is now.
+    def get(
+        self,
+        batch_id: str,
+        *,
+        owner: str | None = None,
+        items: bool = True,
+        status: Status | str | None = None,
+        limit: int | None = None,
+        after: str | None = None,
+        since: int | None = None,
+    ) -> BatchSnapshot:
+        """The batch as it is now, with all of its items or the ones asked for.
+
+        Counts, status, ETA and version are always those of the whole batch; the item
+        conditions only choose which items come back, in creation order. Each read costs
+        in proportion to the items it returns (``since``: to the items changed), not to
+        the batch.
 
         Args:
             batch_id: The batch.
@@ -257,12 +304,40 @@ class BatchTracker(Closing):
                 as not found; None means a trusted caller (no check).
             items: False to leave ``items`` empty and read only counts, status and ETA,
                 which costs the same for any batch size.
+            status: Only items with this status (a :class:`Status` or its value).
+            limit: At most this many items; :attr:`BatchSnapshot.next_after` then names
+                the item to pass as ``after`` for the next page (None on the last).
+            after: Only items created after this item (an item id of the batch).
+            since: Only items changed after this batch version (a
+                :attr:`BatchSnapshot.version` read earlier): what changed since that read.
 
         Raises:
             BatchNotFound: Unknown, expired or deleted, or owned by someone else.
+            ItemNotFound: ``after`` names no item of the batch.
+            ValidationError: A condition of the wrong type or out of range, or conditions
+                with ``items=False``.
         """
+        query = _query(status, limit, after, since)
         now = self.clock()
-        return self._snapshot(self._visible(batch_id, owner, items=items, now=now), now)
+        if query is None:
+            return self._snapshot(self._visible(batch_id, owner, items=items, now=now), now)
+        if not items:
+            raise ValidationError("items=False reads no items: drop status, limit, after, since")
+        if query.limit is not None:
+            # One more than asked tells whether another page follows.
+            query = attrs.evolve(query, limit=query.limit + 1)
+        try:
+            record = self._visible(batch_id, owner, items=query, now=now)
+        except ItemNotFound:
+            self._visible(batch_id, owner, items=False, now=now)  # not yours: not found
+            raise
+        next_after = None
+        if query.limit is not None and len(record.items) >= query.limit:
+            kept = record.items[: query.limit - 1]
+            record = attrs.evolve(record, items=kept)
+            next_after = kept[-1].id
+            query = attrs.evolve(query, limit=query.limit - 1)
+        return attrs.evolve(self._snapshot(record, now), query=query, next_after=next_after)
 
     def delete(self, batch_id: str) -> bool:
         """Remove a batch now; True if a visible batch was removed, else False.
@@ -658,11 +733,16 @@ class BatchTracker(Closing):
 
     # -- helpers ----------------------------------------------------------------------
 
-    def _visible(self, batch_id: str, owner: str | None, *, items: bool, now: float) -> BatchRecord:
+    def _visible(
+        self, batch_id: str, owner: str | None, *, items: bool | ItemQuery, now: float
+    ) -> BatchRecord:
         batch_id = _check_id(batch_id, "batch_id")
         if owner is not None:
             owner = _check_id(owner, "owner")
-        record = self.store.load(batch_id, items=items)
+        if isinstance(items, ItemQuery):
+            record = self.store.load_items(batch_id, items)
+        else:
+            record = self.store.load(batch_id, items=items)
         if record is None or record.expires_at <= now:
             raise BatchNotFound(batch_id)
         if owner is not None and record.owner != owner:

@@ -22,11 +22,13 @@ from collections.abc import Mapping, Sequence
 import attrs
 
 from .._closing import Closing
-from .._models import ItemSnapshot, Progress, Status
+from .._models import ItemQuery, ItemSnapshot, Progress, Status
+from ..exceptions import ItemNotFound
 
 __all__ = [
     "BatchRecord",
     "BulkResult",
+    "ItemQuery",
     "LostItem",
     "Outcome",
     "Store",
@@ -338,6 +340,52 @@ class Store(Closing, ABC):
             batch_id: The batch to read.
             items: Whether to read the items too (False: header only, O(1)).
         """
+
+    def load_items(self, batch_id: str, query: ItemQuery) -> BatchRecord | None:
+        """Read a batch's header and only the items ``query`` selects, or None.
+
+        Like :meth:`load`, expired batches not yet purged are returned too, and the
+        header (counts, version, stats) is that of the whole batch, consistent with the
+        items returned. Every item remembers the batch version its last change produced;
+        ``query.since`` compares with that.
+
+        This default reads the whole batch and filters it, which is correct for any store
+        but costs O(batch). The built-in stores override it with indexes, so that a page
+        costs O(page) and a ``since`` read O(changes).
+
+        Raises:
+            ItemNotFound: ``query.after`` names no item of the batch.
+        """
+        record = self.load(batch_id)
+        if record is None:
+            return None
+        items: Sequence[ItemSnapshot] = record.items
+        if query.after is not None:
+            for position, item in enumerate(items):
+                if item.id == query.after:
+                    items = items[position + 1 :]
+                    break
+            else:
+                raise ItemNotFound(batch_id, query.after)
+        if query.status is not None:
+            items = [item for item in items if item.status is query.status]
+        if query.since is not None:
+            changed = self.changed_since(batch_id, query.since)
+            items = [item for item in items if item.id in changed]
+        if query.limit is not None:
+            items = items[: query.limit]
+        return attrs.evolve(record, items=tuple(items))
+
+    def changed_since(self, batch_id: str, version: int) -> frozenset[str]:
+        """The ids of the items whose last change made the batch's version greater than
+        ``version``; what the default :meth:`load_items` uses for ``since``.
+
+        A store that overrides :meth:`load_items` need not implement this. The default
+        cannot know and answers with every item (a ``since`` read then returns all items
+        matching the other conditions: more than needed, never less).
+        """
+        record = self.load(batch_id)
+        return frozenset() if record is None else frozenset(item.id for item in record.items)
 
     @abstractmethod
     def delete(self, batch_id: str) -> bool:

@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import heapq
+import itertools
 import threading
+from array import array
 from collections.abc import Mapping, Sequence
 from types import MappingProxyType
 
@@ -14,6 +16,7 @@ from ..exceptions import BatchNotFound, ItemNotFound, StoreError
 from .base import (
     BatchRecord,
     BulkResult,
+    ItemQuery,
     LostItem,
     Outcome,
     Store,
@@ -48,6 +51,11 @@ class _Batch:
     index: dict[str, int]
     counts: dict[Status, int]
     stats: dict[str, float]
+    # The position of the item each version changed: log[v - 1] moved at version v, so
+    # the items changed since version v are log[v:] (O(changes) to find).
+    log: array[int]
+    # The positions of the items in each status, for status-filtered pages.
+    members: dict[Status, set[int]]
 
     def record(self, items: tuple[ItemSnapshot, ...]) -> BatchRecord:
         return BatchRecord(
@@ -85,6 +93,10 @@ class _Batch:
         counts = self.counts
         counts[previous] -= 1
         counts[target] += 1
+        members = self.members
+        members[previous].discard(position)
+        members[target].add(position)
+        self.log.append(position)
         contributions = transition.stats.get(previous)
         if contributions:
             add_stats(self.stats, contributions, transition.at - self.changed[position])
@@ -140,7 +152,11 @@ class MemoryStore(Store):
             {item.id: i for i, item in enumerate(items)},
             counts,
             dict(batch.stats),
+            array("q"),
+            {status: set() for status in Status},
         )
+        for position, item in enumerate(items):
+            state.members[item.status].add(position)
         with self._lock:
             if batch.batch_id in self._batches:
                 raise StoreError(f"batch {batch.batch_id!r} exists already")
@@ -238,7 +254,7 @@ class MemoryStore(Store):
                     if state.items[n].status not in sources
                 )
             if not rejected:
-                for position in dict.fromkeys(positions):
+                for position in sorted(set(positions)):  # in creation order
                     state.move(position, transition)
             applied = 0 if rejected else len(set(positions))
             return BulkResult(applied, rejected, state.progress, state.version)
@@ -285,6 +301,13 @@ class MemoryStore(Store):
                 return None
             return state.record(tuple(state.items) if items else ())
 
+    def load_items(self, batch_id: str, query: ItemQuery) -> BatchRecord | None:
+        with self._lock:
+            state = self._batches.get(batch_id)
+            if state is None:
+                return None
+            return state.record(tuple(state.items[n] for n in _select(state, batch_id, query)))
+
     def delete(self, batch_id: str) -> bool:
         with self._lock:
             return self._batches.pop(batch_id, None) is not None
@@ -303,6 +326,41 @@ class MemoryStore(Store):
                 self._leases = [e for e in self._leases if e[1] in self._batches]
                 heapq.heapify(self._leases)
         return len(expired)
+
+
+def _select(state: _Batch, batch_id: str, query: ItemQuery) -> list[int]:
+    """The positions of the items ``query`` selects, in order, at a cost of O(result)
+    for pages and O(changes) for ``since`` (plus a sort of what matched)."""
+    start = 0
+    if query.after is not None:
+        after = state.index.get(query.after)
+        if after is None:
+            raise ItemNotFound(batch_id, query.after)
+        start = after + 1
+    limit = len(state.items) if query.limit is None else query.limit
+    status = query.status
+    items = state.items
+    if query.since is not None:
+        first = query.since - (state.version - len(state.log))  # log[0] is that version + 1
+        changed = sorted(set(state.log[max(first, 0) :]))
+        chosen = (
+            n for n in changed if n >= start and (status is None or items[n].status is status)
+        )
+        return list(itertools.islice(chosen, limit))
+    if status is None:
+        return list(range(start, min(start + limit, len(items))))
+    members = state.members[status]
+    if len(members) * 8 >= len(items):
+        # A common status: walking the items in order finds a page after ~8 looks each.
+        found = []
+        for n in range(start, len(items)):
+            if items[n].status is status:
+                found.append(n)
+                if len(found) >= limit:
+                    break
+        return found
+    # A rare one: only its members are looked at.
+    return heapq.nsmallest(limit, (n for n in members if n >= start))
 
 
 def _ran_out(lease_until: float | None, moment: float) -> bool:

@@ -12,11 +12,15 @@ Keys, under ``prefix`` (default ``batchtrack:``):
 - ``b:<batch>`` — a hash: the header, the counts, and the ETA stats in one field;
 - ``i:<batch>`` — a hash: item id → the item as JSON (filename, status, error, last change);
 - ``o:<batch>`` — a list: the item ids in order;
+- ``c:<batch>`` — a sorted set of item ids by the batch version their last change
+  produced, for reads of what changed since a version;
+- ``s:<batch>`` — a sorted set of item ids by status and position
+  (``status * 2**32 + position``), for pages of one status;
 - ``expiry`` — a sorted set of batch ids by ``expires_at``, for :meth:`RedisStore.purge_expired`;
 - ``leases`` — a sorted set of ``<batch>\x1f<item>`` by ``lease_until``, one member per
   processing item, for :meth:`RedisStore.lost`.
 
-The three batch keys carry a Redis TTL (the batch's own expiry plus a minute), so a batch
+The five batch keys carry a Redis TTL (the batch's own expiry plus a minute), so a batch
 nobody sweeps still disappears; ``cleanup()`` works all the same.
 """
 
@@ -24,6 +28,7 @@ from __future__ import annotations
 
 import json
 import struct
+import uuid
 from collections.abc import Sequence
 from typing import Any
 
@@ -42,6 +47,7 @@ from ..exceptions import BatchNotFound, ItemNotFound, StoreError, ValidationErro
 from .base import (
     BatchRecord,
     BulkResult,
+    ItemQuery,
     LostItem,
     Outcome,
     Store,
@@ -73,43 +79,67 @@ _HEADER = (
     "processing",
     "pending",
 )
+_CREATE_CHUNK = 1000  # items per staging call when creating a batch
+_CREATE_PIPELINE = 20  # staging calls sent per round trip
+_STAGING_TTL = 3600  # seconds staged items of a creator that died are kept
 _SLACK = 60  # seconds a key outlives the batch's own expiry, for clock skew
 _PURGE_CHUNK = 500
 
-# KEYS: batch hash, items hash, order list, expiry zset
-# ARGV: batch id, slack, then field/value pairs of the header, then item ids and items
+# A batch is created in two steps, so that 100,000 items never travel in one command:
+# its items are written in pipelined chunks to staging keys (_STAGE), then one script
+# (_CREATE) renames them into place and writes the header, only if the batch does not
+# exist. Staging keys expire on their own if the creator dies in between.
+_STATUS_SCALE = 2**32  # s:<batch> scores: status * _STATUS_SCALE + position
+
+# KEYS: staged items hash, order list, status zset. ARGV: TTL, first position, then
+# item id and item JSON pairs.
+_STAGE = """
+local pairs_, ids, scored = {}, {}, {}
+local first = tonumber(ARGV[2])
+for i = 3, #ARGV, 2 do
+  local n = (i - 3) / 2
+  pairs_[#pairs_ + 1] = ARGV[i]
+  pairs_[#pairs_ + 1] = ARGV[i + 1]
+  ids[#ids + 1] = ARGV[i]
+  scored[#scored + 1] = first + n
+  scored[#scored + 1] = ARGV[i]
+end
+redis.call('HSET', KEYS[1], unpack(pairs_))
+redis.call('RPUSH', KEYS[2], unpack(ids))
+redis.call('ZADD', KEYS[3], unpack(scored))
+for i = 1, 3 do redis.call('EXPIRE', KEYS[i], tonumber(ARGV[1])) end
+return 1
+"""
+
+# KEYS: the batch keys (_keys' order), then the staged items hash, order list and status
+# zset. ARGV: batch id, slack, then the header's field/value pairs.
+# Returns 1, or 0 (and deletes the staged keys) when the batch exists already.
 _CREATE = """
-if redis.call('EXISTS', KEYS[1]) == 1 then return 0 end
-local n = tonumber(ARGV[3])
+if redis.call('EXISTS', KEYS[1]) == 1 then
+  redis.call('DEL', KEYS[8], KEYS[9], KEYS[10])
+  return 0
+end
 local header = {}
-for i = 1, n * 2 do header[i] = ARGV[3 + i] end
+for i = 3, #ARGV do header[#header + 1] = ARGV[i] end
 redis.call('HSET', KEYS[1], unpack(header))
-local base = 4 + n * 2
-local count = tonumber(ARGV[base])
-local ids = {}
-local pairs_ = {}
-for i = 1, count do
-  local id = ARGV[base + 2 * i - 1]
-  ids[#ids + 1] = id
-  pairs_[#pairs_ + 1] = id
-  pairs_[#pairs_ + 1] = ARGV[base + 2 * i]
-end
-for i = 1, #ids, 1000 do
-  redis.call('RPUSH', KEYS[3], unpack(ids, i, math.min(i + 999, #ids)))
-end
-for i = 1, #pairs_, 2000 do
-  redis.call('HSET', KEYS[2], unpack(pairs_, i, math.min(i + 1999, #pairs_)))
+if redis.call('EXISTS', KEYS[8]) == 1 then
+  redis.call('RENAME', KEYS[8], KEYS[2])
+  redis.call('RENAME', KEYS[9], KEYS[3])
+  redis.call('RENAME', KEYS[10], KEYS[7])
 end
 local expires = tonumber(redis.call('HGET', KEYS[1], 'expires_at'))
 local created = tonumber(redis.call('HGET', KEYS[1], 'created_at'))
 local ttl = math.max(1, math.ceil(expires - created + tonumber(ARGV[2])))
-for i = 1, 3 do redis.call('EXPIRE', KEYS[i], ttl) end
+-- A placeholder below every version, so that the changes key exists (and expires)
+-- from the start; reads of what changed never reach it.
+redis.call('ZADD', KEYS[6], -1, string.char(31))
+for _, i in ipairs({1, 2, 3, 6, 7}) do redis.call('EXPIRE', KEYS[i], ttl) end
 redis.call('ZADD', KEYS[4], expires, ARGV[1])
 return 1
 """
 
 # Shared by the scripts below: KEYS are always batch hash, items hash, order list, expiry
-# zset, leases zset.
+# zset, leases zset, changes zset, status zset (_keys' order).
 _PRELUDE = """
 local SEP = string.char(31)  -- pack_stats' separator between names
 local header_fields = {'owner', 'created_at', 'updated_at', 'finished_at', 'expires_at',
@@ -126,13 +156,16 @@ local function refresh_ttl(batch_id, new_expiry, at, slack, finished)
   local ttl = math.max(1, math.ceil(tonumber(new_expiry) - at + tonumber(slack)))
   if not finished then ttl = ttl + 3600 end
   if finished or redis.call('TTL', KEYS[1]) < ttl - 3600 then
-    for i = 1, 3 do redis.call('EXPIRE', KEYS[i], ttl) end
+    for _, i in ipairs({1, 2, 3, 6, 7}) do redis.call('EXPIRE', KEYS[i], ttl) end
     redis.call('ZADD', KEYS[4], new_expiry, batch_id)
   end
 end
--- Move an item (decoded) to target at `at` (a string), as a transition that applies.
-local function move(item_id, item, target, error, at, lease, attempts)
+-- Move an item (decoded) to target at `at` (a string), as a transition that applies,
+-- its change counted at batch version `version`.
+local function move(item_id, item, target, error, at, lease, attempts, version)
   item.s = target
+  redis.call('ZADD', KEYS[6], version, item_id)
+  if item.p then redis.call('ZADD', KEYS[7], target * 4294967296 + item.p, item_id) end
   if error ~= '' then item.e = error else item.e = cjson.null end
   item.t = at
   if attempts == '+' then item.a = (item.a or 0) + 1 elseif attempts == '0' then item.a = 0 end
@@ -200,7 +233,7 @@ if ARGV[13] ~= '' and (item.a or 0) >= tonumber(ARGV[13]) then
 end
 -- Times travel as strings: cjson keeps only 14 significant digits of a number.
 local elapsed = at - tonumber(item.t)
-raw = move(ARGV[2], item, target, ARGV[6], ARGV[5], ARGV[10], ARGV[11])
+raw = move(ARGV[2], item, target, ARGV[6], ARGV[5], ARGV[10], ARGV[11], tonumber(head[6]) + 1)
 local counts = {tonumber(head[2]), tonumber(head[3]), tonumber(head[4]), tonumber(head[5])}
 counts[previous + 1] = counts[previous + 1] - 1
 counts[target + 1] = counts[target + 1] + 1
@@ -310,12 +343,15 @@ else
     if allowed(item.s) then chosen[#chosen + 1] = {all[i], item} end
   end
 end
+-- Versions are counted in creation order.
+table.sort(chosen, function(a, b) return (a[2].p or 0) < (b[2].p or 0) end)
 local counts = {tonumber(head[2]), tonumber(head[3]), tonumber(head[4]), tonumber(head[5])}
-for _, pair in ipairs(chosen) do
+for n, pair in ipairs(chosen) do
   local previous = pair[2].s
   counts[previous + 1] = counts[previous + 1] - 1
   counts[target + 1] = counts[target + 1] + 1
-  move(pair[1], pair[2], target, ARGV[6], ARGV[5], '', ARGV[10])
+  -- One version each, in order, as if applied one by one.
+  move(pair[1], pair[2], target, ARGV[6], ARGV[5], '', ARGV[10], tonumber(head[6]) + n)
 end
 if #chosen > 0 then
   local update, finished, new_expiry = settle(head, counts, #chosen, ARGV[5], ARGV[7], ARGV[8])
@@ -398,6 +434,67 @@ end
 return open
 """
 
+# KEYS: as _keys. ARGV: status code ('' = any), after item id ('' = none), since
+# version ('' = none), limit (-1 = none).
+# Returns {'ok', header hash as field/value pairs, item id, item JSON, ...} in creation
+# order, or {'nobatch'}, {'noitem'}, or {'legacy'} for a batch created before the indexes.
+_READ = """
+local fields = redis.call('HGETALL', KEYS[1])
+if #fields == 0 then return {'nobatch'} end
+if redis.call('HEXISTS', KEYS[1], 'ix') == 0 then return {'legacy'} end
+local start = 0
+if ARGV[2] ~= '' then
+  local raw = redis.call('HGET', KEYS[2], ARGV[2])
+  if not raw then return {'noitem'} end
+  start = cjson.decode(raw).p + 1
+end
+local limit = tonumber(ARGV[4])
+local function fetch(ids)
+  local raws = {}
+  for i = 1, #ids, 1000 do
+    local chunk = redis.call('HMGET', KEYS[2], unpack(ids, i, math.min(i + 999, #ids)))
+    for j = 1, #chunk do raws[#raws + 1] = chunk[j] end
+  end
+  return raws
+end
+local out = {'ok', fields}
+if ARGV[3] ~= '' then
+  local ids = redis.call('ZRANGEBYSCORE', KEYS[6], '(' .. ARGV[3], '+inf')
+  local raws = fetch(ids)
+  local code = ARGV[1] ~= '' and tonumber(ARGV[1])
+  local chosen = {}
+  for i = 1, #ids do
+    local item = cjson.decode(raws[i])
+    if item.p >= start and (not code or item.s == code) then
+      chosen[#chosen + 1] = {item.p, ids[i], raws[i]}
+    end
+  end
+  table.sort(chosen, function(a, b) return a[1] < b[1] end)
+  for i = 1, #chosen do
+    if limit >= 0 and i > limit then break end
+    out[#out + 1] = chosen[i][2]
+    out[#out + 1] = chosen[i][3]
+  end
+  return out
+end
+local ids
+if ARGV[1] ~= '' then
+  local base = tonumber(ARGV[1]) * 4294967296
+  ids = redis.call('ZRANGEBYSCORE', KEYS[7], base + start, '(' .. (base + 4294967296),
+    'LIMIT', 0, limit)
+elseif limit >= 0 then
+  ids = redis.call('LRANGE', KEYS[3], start, start + limit - 1)
+else
+  ids = redis.call('LRANGE', KEYS[3], start, -1)
+end
+local raws = fetch(ids)
+for i = 1, #ids do
+  out[#out + 1] = ids[i]
+  out[#out + 1] = raws[i]
+end
+return out
+"""
+
 # KEYS: expiry zset. ARGV: now, chunk size, key prefix. The zset's scores may be older
 # than a batch's real expiry (they are refreshed hourly), so each is checked against the
 # batch itself; being one script, a batch updated meanwhile is never removed.
@@ -411,7 +508,8 @@ for _, id in ipairs(ids) do
   if expires and tonumber(expires) > now then
     redis.call('ZADD', KEYS[1], expires, id)
   else
-    redis.call('DEL', batch, ARGV[3] .. 'i:' .. id, ARGV[3] .. 'o:' .. id)
+    redis.call('DEL', batch, ARGV[3] .. 'i:' .. id, ARGV[3] .. 'o:' .. id,
+      ARGV[3] .. 'c:' .. id, ARGV[3] .. 's:' .. id)
     redis.call('ZREM', KEYS[1], id)
     removed = removed + 1
   end
@@ -461,6 +559,21 @@ def _item(item_id: str, raw: bytes) -> ItemSnapshot:
     return ItemSnapshot(
         item_id, data["f"], _STATUSES[data["s"]], data.get("e"), data.get("a", 0), data.get("r")
     )
+
+
+def _item_json(item: ItemSnapshot, created_at: float, position: int) -> str:
+    """A new item as the items hash keeps it."""
+    fields = {
+        "f": item.filename,
+        "s": _CODE[item.status],
+        "e": item.error,
+        "t": repr(created_at),
+        "a": item.attempts,
+        "p": position,
+    }
+    if item.source is not None:
+        fields["r"] = item.source
+    return json.dumps(fields)
 
 
 def _common_args(batch_id: str, item_id: str, transition: Transition) -> list[Any]:
@@ -523,6 +636,8 @@ class RedisStore(Store):
     _client: Any
     _owns_client: bool
     _create: Any
+    _stage: Any
+    _read: Any
     _apply: Any
     _purge: Any
     _renew: Any
@@ -554,6 +669,8 @@ class RedisStore(Store):
             client,
             owns,
             client.register_script(_CREATE),
+            client.register_script(_STAGE),
+            client.register_script(_READ),
             client.register_script(_APPLY),
             client.register_script(_PURGE),
             client.register_script(_RENEW),
@@ -571,6 +688,8 @@ class RedisStore(Store):
             f"{p}o:{batch_id}",
             f"{p}expiry",
             f"{p}leases",
+            f"{p}c:{batch_id}",
+            f"{p}s:{batch_id}",
         ]
 
     def _call(self, script: Any, what: str, keys: list[str], args: list[Any]) -> Any:
@@ -611,20 +730,28 @@ class RedisStore(Store):
             p.pending,
         ]
         header += ["stats", pack_stats({k: float(v) for k, v in batch.stats.items()})]
-        args: list[Any] = [batch.batch_id, _SLACK, len(header) // 2, *header, len(items)]
-        for item in items:
-            fields = {
-                "f": item.filename,
-                "s": _CODE[item.status],
-                "e": item.error,
-                "t": repr(batch.created_at),
-                "a": item.attempts,
-            }
-            if item.source is not None:
-                fields["r"] = item.source
-            args += [item.id, json.dumps(fields)]
+        header += ["ix", "1"]  # keeps the c: and s: indexes (batches since 0.2)
+        staging = f"{self.prefix}new:{uuid.uuid4().hex}:"
+        staged = [f"{staging}i", f"{staging}o", f"{staging}s"]
+        what = f"create batch {batch.batch_id!r}"
+        try:
+            # Chunks go out as they are encoded, so only one chunk of JSON is ever held.
+            with self._client.pipeline(transaction=False) as pipe:
+                for first in range(0, len(items), _CREATE_CHUNK):
+                    args: list[Any] = [_STAGING_TTL, first]
+                    for n, item in enumerate(items[first : first + _CREATE_CHUNK], first):
+                        args += [item.id, _item_json(item, batch.created_at, n)]
+                    self._stage(keys=staged, args=args, client=pipe)
+                    if len(pipe) >= _CREATE_PIPELINE:
+                        pipe.execute()
+                pipe.execute()
+        except RedisError as exc:
+            raise StoreError(f"Redis failed to {what}: {exc}") from exc
         created = self._call(
-            self._create, f"create batch {batch.batch_id!r}", self._keys(batch.batch_id), args
+            self._create,
+            what,
+            self._keys(batch.batch_id) + staged,
+            [batch.batch_id, _SLACK, *header],
         )
         if not created:
             raise StoreError(f"batch {batch.batch_id!r} exists already")
@@ -742,12 +869,36 @@ class RedisStore(Store):
             snapshots = tuple(_item(i.decode(), raw_items[i]) for i in replies[1])
         return _from_fields(batch_id, fields, snapshots)
 
+    def load_items(self, batch_id: str, query: ItemQuery) -> BatchRecord | None:
+        reply = self._call(
+            self._read,
+            f"read batch {batch_id!r}",
+            self._keys(batch_id),
+            [
+                "" if query.status is None else _CODE[query.status],
+                query.after or "",
+                "" if query.since is None else query.since,
+                -1 if query.limit is None else query.limit,
+            ],
+        )
+        if reply[0] == b"nobatch":
+            return None
+        if reply[0] == b"noitem":
+            raise ItemNotFound(batch_id, query.after or "")
+        if reply[0] == b"legacy":
+            return super().load_items(batch_id, query)
+        flat = reply[1]
+        fields = dict(zip(flat[::2], flat[1::2], strict=True))
+        pairs = reply[2:]
+        items = tuple(_item(pairs[i].decode(), pairs[i + 1]) for i in range(0, len(pairs), 2))
+        return _from_fields(batch_id, fields, items)
+
     def delete(self, batch_id: str) -> bool:
         keys = self._keys(batch_id)
         try:
             with self._client.pipeline(transaction=True) as pipe:
                 pipe.delete(keys[0])
-                pipe.delete(keys[1], keys[2])
+                pipe.delete(keys[1], keys[2], keys[5], keys[6])
                 pipe.zrem(keys[3], batch_id)
                 removed = pipe.execute()[0]
         except RedisError as exc:

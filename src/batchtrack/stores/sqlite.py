@@ -30,6 +30,7 @@ from ..exceptions import BatchNotFound, ItemNotFound, StoreError, ValidationErro
 from .base import (
     BatchRecord,
     BulkResult,
+    ItemQuery,
     LostItem,
     Outcome,
     Store,
@@ -42,7 +43,7 @@ from .base import (
 
 __all__ = ["SCHEMA_VERSION", "SQLiteStore", "SchemaVersionError"]
 
-SCHEMA_VERSION = 2
+SCHEMA_VERSION = 3
 """The schema this batchtrack writes; stored in ``PRAGMA user_version``."""
 
 PURGE_CHUNK = 500
@@ -107,6 +108,18 @@ _MIGRATIONS: list[tuple[str, ...]] = [
         # that the items of a worker that did not survive the upgrade are reclaimed too.
         f"UPDATE items SET lease_until = changed_at + {LEGACY_LEASE}, beat_at = changed_at,"
         " attempts = 1 WHERE status = 1",
+    ),
+    (
+        # Version 3: the batch version each item's last change produced, for reads of
+        # what changed since a version, and an index for pages of one status.
+        "ALTER TABLE items ADD COLUMN version INTEGER NOT NULL DEFAULT 0",
+        # When items changed before the upgrade is unknown: count every item of a batch
+        # that ever changed as changed at its current version (a since-read of such a
+        # batch returns more than changed, never less).
+        "UPDATE items SET version = (SELECT b.version FROM batches b"
+        " WHERE b.key = items.batch_key)",
+        "CREATE INDEX items_by_version ON items (batch_key, version)",
+        "CREATE INDEX items_by_status ON items (batch_key, status, position)",
     ),
 ]
 assert len(_MIGRATIONS) == SCHEMA_VERSION
@@ -225,7 +238,7 @@ class SQLiteStore(Store):
         try:
             self.path.parent.mkdir(parents=True, exist_ok=True)
         except OSError as exc:
-            raise StoreError(f"cannot create the folder of the database {self.path}: {exc}") from exc
+            raise StoreError(f"cannot create the folder of {self.path}: {exc}") from exc
         try:
             db = sqlite3.connect(
                 self.path,
@@ -409,7 +422,7 @@ class SQLiteStore(Store):
             lease = transition.lease_until
             db.execute(
                 "UPDATE items SET status = ?, error = ?, changed_at = ?, attempts = ?,"
-                " lease_until = ?, beat_at = ? WHERE batch_key = ? AND position = ?",
+                " lease_until = ?, beat_at = ?, version = ? WHERE batch_key = ? AND position = ?",
                 (
                     _CODE[target],
                     transition.error,
@@ -417,6 +430,7 @@ class SQLiteStore(Store):
                     attempts,
                     lease,
                     None if lease is None else transition.at,
+                    row[6] + 1,
                     row[16],
                     row[17],
                 ),
@@ -532,6 +546,7 @@ class SQLiteStore(Store):
                 if rejected:
                     header = _header(row)
                     return BulkResult(0, tuple(rejected), header.progress, header.version)
+            found.sort()  # by position: versions are counted in creation order
             counts = _counts(row)
             for _, code in found:
                 counts[_STATUSES[code]] -= 1
@@ -540,11 +555,12 @@ class SQLiteStore(Store):
                 attempts = "0" if transition.reset_attempts else "attempts"
                 db.executemany(
                     f"UPDATE items SET status = ?, error = ?, changed_at = ?,"
-                    f" attempts = {attempts}, lease_until = NULL"
+                    f" attempts = {attempts}, lease_until = NULL, version = ?"
                     f" WHERE batch_key = ? AND position = ?",
                     (
-                        (_CODE[target], transition.error, transition.at, key, position)
-                        for position, _ in found
+                        # One version each, in order, as if applied one by one.
+                        (_CODE[target], transition.error, transition.at, row[6] + n, key, position)
+                        for n, (position, _) in enumerate(found, 1)
                     ),
                 )
                 _, _, version = self._settle(db, row, counts, row[12], transition, len(found))
@@ -592,6 +608,44 @@ class SQLiteStore(Store):
                 "SELECT item_id, filename, status, error, attempts, source FROM items"
                 " WHERE batch_key = ? ORDER BY position",
                 (row[13],),
+            ).fetchall()
+        return _header(
+            row, tuple(ItemSnapshot(i, f, statuses[s], e, a, src) for i, f, s, e, a, src in rows)
+        )
+
+    def load_items(self, batch_id: str, query: ItemQuery) -> BatchRecord | None:
+        # Each read walks one index from where it starts: the primary key for pages,
+        # items_by_status for a status, items_by_version for what changed.
+        where = ["batch_key = ?"]
+        args: list[Any] = []
+        index = ""
+        if query.since is not None:
+            where.append("version > ?")
+            args.append(query.since)
+            index = " INDEXED BY items_by_version"
+        if query.status is not None:
+            where.append("status = ?")
+            args.append(_CODE[query.status])
+            index = index or " INDEXED BY items_by_status"
+        with self._read() as db:
+            row = db.execute(_HEADER, (batch_id,)).fetchone()
+            if row is None:
+                return None
+            key = row[13]
+            if query.after is not None:
+                hit = db.execute(
+                    "SELECT position FROM items WHERE batch_key = ? AND item_id = ?",
+                    (key, query.after),
+                ).fetchone()
+                if hit is None:
+                    raise ItemNotFound(batch_id, query.after)
+                where.append("position > ?")
+                args.append(hit[0])
+            statuses = _STATUSES
+            rows = db.execute(
+                "SELECT item_id, filename, status, error, attempts, source"
+                f" FROM items{index} WHERE {' AND '.join(where)} ORDER BY position LIMIT ?",
+                (key, *args, -1 if query.limit is None else query.limit),
             ).fetchall()
         return _header(
             row, tuple(ItemSnapshot(i, f, statuses[s], e, a, src) for i, f, s, e, a, src in rows)

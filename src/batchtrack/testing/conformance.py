@@ -78,6 +78,7 @@ class _ModelBatch:
     version: int = 0
     leases: dict[int, tuple[float, float]] = attrs.Factory(dict)  # index: (until, beat)
     touched_at: float = 0.0  # the last transition or heartbeat
+    changed: dict[int, int] = attrs.Factory(dict)  # index: the version its change made
 
     def expires_at(self) -> float:
         if self.finished_at is not None:
@@ -92,6 +93,7 @@ class _ModelBatch:
             self.leases[index] = (now + LEASE, now)
         self.updated_at = self.touched_at = now
         self.version += 1
+        self.changed[index] = self.version
         if all(i.status.is_final for i in self.items):
             self.finished_at = now
         else:
@@ -370,6 +372,46 @@ class TrackerMachine(RuleBasedStateMachine):
             assert snap.finished_at is not None
             assert snap.finished_at.timestamp() == pytest.approx(batch.finished_at)
         self._check_eta(batch, snap.estimated_time_remaining)
+
+    @rule(batch_id=batches, data=st.data())
+    def read_some(self, batch_id: str, data: st.DataObject) -> None:
+        """``get`` with item conditions returns exactly the model's matching items in
+        order, the whole batch's header, and pages that chain to the end."""
+        batch = self._live(batch_id)
+        if batch is None:
+            return
+        status = data.draw(st.none() | st.sampled_from(list(Status)), label="status")
+        since = data.draw(st.none() | st.integers(0, batch.version + 1), label="since")
+        limit = data.draw(st.none() | st.integers(1, 4), label="limit")
+        start = data.draw(st.none() | st.integers(0, len(batch.items) - 1), label="after")
+        after = None if start is None else batch.items[start].id
+        expected = [
+            item
+            for n, item in enumerate(batch.items)
+            if (start is None or n > start)
+            and (status is None or item.status is status)
+            and (since is None or batch.changed.get(n, 0) > since)
+        ]
+        if status is None and since is None and limit is None and after is None:
+            return
+        pages: list[ItemSnapshot] = []
+        while True:
+            snap = self.tracker.get(batch_id, status=status, limit=limit, after=after, since=since)
+            assert snap.progress == batch.progress()
+            assert snap.version == batch.version
+            assert snap.to_dict()["version"] == batch.version
+            pages += snap.items
+            if limit is None:
+                assert snap.next_after is None
+                assert "nextAfter" not in snap.to_dict()
+                break
+            assert len(snap.items) <= limit
+            if snap.next_after is None:
+                break
+            assert len(snap.items) == limit
+            assert snap.next_after == snap.items[-1].id
+            after = snap.next_after
+        assert pages == expected
 
     @rule(batch_id=batches)
     def delete(self, batch_id: str) -> None:
