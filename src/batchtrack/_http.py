@@ -28,6 +28,7 @@ from typing_extensions import TypedDict
 
 from ._control import BatchControl
 from ._models import Item
+from ._query import find_items, wants_delta
 from ._tracker import BatchTracker
 from ._wire import (
     Body,
@@ -143,6 +144,7 @@ class EventStream:
     api: Api
     batch_id: str
     owner: str
+    delta: bool = False  # after the first event, only the items changed since the last
     version: int = -1
     last_write: float = attrs.field(factory=time.monotonic)
 
@@ -155,14 +157,20 @@ class EventStream:
         if self.version == -2:
             return None
         try:
-            snap = self.api.tracker.get(self.batch_id, owner=self.owner)
+            if self.delta and self.version >= 0:
+                snap = self.api.tracker.get(self.batch_id, owner=self.owner, since=self.version)
+            else:
+                snap = self.api.tracker.get(self.batch_id, owner=self.owner)
         except BatchNotFound:
             return None
         now = time.monotonic()
         if snap.version != self.version:
             self.version = -2 if snap.status.is_final else snap.version
             self.last_write = now
-            body = json.dumps(snap.to_dict(), separators=(",", ":"), ensure_ascii=False)
+            fields = snap.to_dict()
+            if self.delta:
+                fields["version"] = snap.version
+            body = json.dumps(fields, separators=(",", ":"), ensure_ascii=False)
             return [f"id: {snap.version}\ndata: {body}\n\n".encode()]
         if now - self.last_write >= self.api.heartbeat:
             self.last_write = now
@@ -408,7 +416,13 @@ class Api:
         )
 
     def _batch_status(self, request: Request, owner: str, batch: str) -> Response:
-        snap = find_batch(self.tracker, batch, owner)
+        batch_id = check_uuid(batch, "batchId")
+        if request.query:
+            snap = find_items(self.tracker, batch_id, owner, request)
+        else:
+            snap = find_batch(self.tracker, batch_id, owner)
+        # Per URL, like every ETag: a page or a since-read of an unchanged batch is
+        # unchanged too.
         etag = f'"{snap.version}.{snap.estimated_time_remaining}"'
         headers = [("ETag", etag), ("Cache-Control", "no-store")]
         wanted = request.headers.get("if-none-match", "")
@@ -419,6 +433,7 @@ class Api:
         return json_response(200, snap.to_dict(), headers)
 
     def _batch_events(self, request: Request, owner: str, batch: str) -> Response:
+        delta = wants_delta(request)
         batch_id = find_batch(self.tracker, batch, owner, items=False).batch_id
         return Response(
             200,
@@ -427,7 +442,7 @@ class Api:
                 ("Cache-Control", "no-store"),
                 ("X-Accel-Buffering", "no"),
             ],
-            stream=EventStream(self, batch_id, owner),
+            stream=EventStream(self, batch_id, owner, delta=delta),
         )
 
     def _batch_results(self, request: Request, owner: str, batch: str, item: str) -> Response:

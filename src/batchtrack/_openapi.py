@@ -6,6 +6,7 @@ from typing import Any
 
 from . import __version__
 from ._control import MAX_RETRY_IDS
+from ._query import MAX_LIMIT, MAX_VERSION
 
 _UUID = {"type": "string", "format": "uuid"}
 
@@ -65,6 +66,40 @@ _STATUS_URL = {
 
 _JSON_BYTES_PER_ID = len('"00000000-0000-0000-0000-000000000000", ')
 _JSON_ENVELOPE = 32  # `{"fileIds": [` ... `]}` with room to spare
+
+
+_ITEM_CONDITIONS: list[dict[str, Any]] = [
+    {
+        "name": "status",
+        "in": "query",
+        "description": "Only images with this status.",
+        "schema": {"enum": ["pending", "processing", "completed", "failed"]},
+    },
+    {
+        "name": "limit",
+        "in": "query",
+        "description": "At most this many images; the body then carries `nextAfter`.",
+        "schema": {"type": "integer", "minimum": 1, "maximum": MAX_LIMIT},
+    },
+    {
+        "name": "after",
+        "in": "query",
+        "description": "Only images created after this one (the `nextAfter` of a page).",
+        "schema": _UUID,
+    },
+    {
+        "name": "since",
+        "in": "query",
+        "description": "Only images changed after this batch `version`.",
+        "schema": {"type": "integer", "minimum": 0, "maximum": MAX_VERSION},
+    },
+]
+_DELTA: dict[str, Any] = {
+    "name": "delta",
+    "in": "query",
+    "description": "1: the whole body once, then only the images changed (with `version`).",
+    "schema": {"enum": ["0", "1"]},
+}
 
 
 def _ids_that_fit(max_json_bytes: int) -> int:
@@ -241,6 +276,7 @@ def document(base: str, max_files: int, max_json_bytes: int = 64 * 1024) -> dict
                     "summary": "The batch's status, progress, items and ETA.",
                     "parameters": [
                         _BATCH_ID,
+                        *_ITEM_CONDITIONS,
                         {"name": "If-None-Match", "in": "header", "schema": {"type": "string"}},
                     ],
                     "responses": _with_session(
@@ -263,8 +299,13 @@ def document(base: str, max_files: int, max_json_bytes: int = 64 * 1024) -> dict
                                 "description": "Unchanged since the ETag given.",
                                 "headers": status_headers,
                             },
-                            "400": _error("Not a UUID."),
-                            "404": _error("Unknown, expired or not yours."),
+                            "400": _error(
+                                "Not a UUID, or a bad query parameter (`invalid_query`)."
+                            ),
+                            "404": _error(
+                                "Unknown, expired or not yours; or `after` names no image "
+                                "of the batch (`item_not_found`)."
+                            ),
                         }
                     ),
                 }
@@ -273,7 +314,7 @@ def document(base: str, max_files: int, max_json_bytes: int = 64 * 1024) -> dict
                 "get": {
                     "operationId": "getBatchEvents",
                     "summary": "Server-sent events: the status body at every change.",
-                    "parameters": [_BATCH_ID],
+                    "parameters": [_BATCH_ID, _DELTA],
                     "responses": _with_session(
                         {
                             "200": {
@@ -485,6 +526,7 @@ def document(base: str, max_files: int, max_json_bytes: int = 64 * 1024) -> dict
                         "progress",
                         "images",
                         "estimatedTimeRemaining",
+                        "estimatedTimeRemainingRange",
                         "createdAt",
                         "updatedAt",
                         "finishedAt",
@@ -506,9 +548,26 @@ def document(base: str, max_files: int, max_json_bytes: int = 64 * 1024) -> dict
                         },
                         "images": {"type": "array", "items": item},
                         "estimatedTimeRemaining": {"type": ["integer", "null"], "minimum": 0},
+                        "estimatedTimeRemainingRange": {
+                            "type": ["array", "null"],
+                            "items": {"type": "integer", "minimum": 0},
+                            "minItems": 2,
+                            "maxItems": 2,
+                        },
                         "createdAt": timestamp,
                         "updatedAt": timestamp,
                         "finishedAt": {"type": ["string", "null"], "format": "date-time"},
+                        "version": {
+                            "description": "The batch version; only in bodies of chosen "
+                            "items (query parameters, events with `delta=1`).",
+                            "type": "integer",
+                            "minimum": 0,
+                        },
+                        "nextAfter": {
+                            "description": "With `limit`: the `after` of the next page, "
+                            "null on the last.",
+                            "oneOf": [_UUID, {"type": "null"}],
+                        },
                     },
                     "additionalProperties": False,
                 },

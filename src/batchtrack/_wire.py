@@ -12,7 +12,7 @@ import json
 import os
 import re
 import tempfile
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from pathlib import Path
 from typing import IO, Any, NoReturn, Protocol
 
@@ -176,6 +176,7 @@ class Request:
         root_path: Where the app is mounted, for building URLs.
         client: The address of the peer (ASGI ``scope["client"]`` host, WSGI
             ``REMOTE_ADDR``), or None when the server gives none.
+        query: The query string as it came (``a=1&b=2``, still percent-encoded).
     """
 
     method: str
@@ -184,6 +185,7 @@ class Request:
     body: Body
     root_path: str = ""
     client: str | None = None
+    query: str = ""
 
 
 class Stream(Protocol):
@@ -321,3 +323,14 @@ def find_batch(
 def status_url(request: Request, prefix: str, batch_id: str) -> str:
     """The URL of the batch's status, as a client of this mount point reaches it."""
     return f"{request.root_path}{prefix}/batch-status/{batch_id}"
+
+
+def fold_headers(raw: Iterable[tuple[bytes, bytes]]) -> dict[str, str]:
+    """ASGI's header pairs as one string per lower-case name: repeated headers joined
+    with ``", "`` (cookies with ``"; "``)."""
+    headers: dict[str, str] = {}
+    for raw_name, raw_value in raw:
+        name, value = raw_name.decode("latin-1").lower(), raw_value.decode("latin-1")
+        joiner = "; " if name == "cookie" else ", "
+        headers[name] = f"{headers[name]}{joiner}{value}" if name in headers else value
+    return headers

@@ -23,7 +23,7 @@ from typing_extensions import Unpack
 
 from ._http import Api, AppOptions
 from ._tracker import BatchTracker
-from ._wire import Body, Request, Response, Spool, Stream, request_timeout
+from ._wire import Body, Request, Response, Spool, Stream, fold_headers, request_timeout
 from .typing import Runner
 from .uploads import UploadStore
 
@@ -83,15 +83,12 @@ class App:
         path = scope["path"]
         if root and path.startswith(root):
             path = path[len(root) :]
-        headers: dict[str, str] = {}
-        for raw_name, raw_value in scope["headers"]:
-            name, value = raw_name.decode("latin-1").lower(), raw_value.decode("latin-1")
-            joiner = "; " if name == "cookie" else ", "
-            headers[name] = f"{headers[name]}{joiner}{value}" if name in headers else value
+        headers = fold_headers(scope["headers"])
         method = scope["method"]
         spool = Spool(self.api.uploads.directory, self.api.body_limit(path))
         client = (scope.get("client") or (None,))[0]  # (host, port), or None when unknown
-        request = Request(method, path, headers, Body(spool.read, spool.limit), root, client)
+        received, query = Body(spool.read, spool.limit), scope.get("query_string", b"")
+        request = Request(method, path, headers, received, root, client, query.decode("latin-1"))
         handed_over = False
         try:
             if not await self._receive(receive, spool, headers.get("content-length", "")):

@@ -69,7 +69,15 @@ class App:
         method = environ["REQUEST_METHOD"].upper()
         root = environ.get("SCRIPT_NAME", "")
         body = Body(read_chunk, self.api.body_limit(path))
-        request = Request(method, path, headers, body, root, environ.get("REMOTE_ADDR") or None)
+        request = Request(
+            method,
+            path,
+            headers,
+            body,
+            root,
+            environ.get("REMOTE_ADDR") or None,
+            environ.get("QUERY_STRING", ""),
+        )
         response = self.api.handle(request)
         reason = HTTPStatus(response.status).phrase
         start_response(f"{response.status} {reason}", response.headers)
