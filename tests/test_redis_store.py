@@ -279,3 +279,46 @@ def test_processes_reclaiming_at_once_move_each_lost_item_once(
         moved += out.splitlines()
     assert len(moved) == len(set(moved)) == 200
     assert tracker.get(snap.batch_id).progress.pending == 300
+
+
+def test_creating_an_existing_batch_changes_it_not_and_leaves_no_staging(redis_url: str) -> None:
+    """Items are staged in chunks and renamed into place only for a new batch."""
+    import redis
+
+    from batchtrack._models import ItemSnapshot
+
+    prefix = f"stage-{uuid.uuid4()}:"
+    store = RedisStore(redis_url, prefix=prefix)
+    tracker = BatchTracker(store)
+    snap = tracker.create_batch([(f"{k}", f"{k}.jpg") for k in range(2500)])
+    record = store.load(snap.batch_id, items=False)
+    assert record is not None
+    with pytest.raises(StoreError, match="exists already"):
+        store.create(record, [ItemSnapshot("other", "other.jpg")])
+    client = redis.Redis.from_url(redis_url)
+    assert client.keys(f"{prefix}new:*") == []
+    again = tracker.get(snap.batch_id)
+    assert [i.id for i in again.items] == [f"{k}" for k in range(2500)]
+    client.close()
+    store.close()
+
+
+def test_a_batch_from_before_the_indexes_is_read_the_plain_way(redis_url: str) -> None:
+    """A batch written by 0.1 (no ``ix`` mark, no positions) still answers every read:
+    pages and statuses exactly, ``since`` with at least what changed."""
+    import redis
+
+    prefix = f"legacy-{uuid.uuid4()}:"
+    store = RedisStore(redis_url, prefix=prefix)
+    tracker = BatchTracker(store)
+    snap = tracker.create_batch([(f"{k}", f"{k}.jpg") for k in range(5)])
+    client = redis.Redis.from_url(redis_url)
+    client.hdel(f"{prefix}b:{snap.batch_id}", "ix")
+    tracker.start_item(snap.batch_id, "3")
+    tracker.fail_item(snap.batch_id, "3", "boom")
+    assert [i.id for i in tracker.get(snap.batch_id, status="failed").items] == ["3"]
+    page = tracker.get(snap.batch_id, limit=2, after="1")
+    assert ([i.id for i in page.items], page.next_after) == (["2", "3"], "3")
+    assert "3" in {i.id for i in tracker.get(snap.batch_id, since=0).items}
+    client.close()
+    store.close()

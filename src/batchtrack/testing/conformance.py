@@ -873,3 +873,30 @@ class StoreConformance:
         assert tracker.cleanup() == 1
         assert calls == [(gone, ("a", "b")), (done, ("c",))]
         assert tracker.get(kept).progress.processing == 1
+
+    def test_a_batch_of_100000_items_reads_by_pages_and_changes(self, store: Store) -> None:
+        """A 100,000-item batch is created in one call, paged to its end, and a since-read
+        returns exactly what changed, in creation order."""
+        tracker = BatchTracker(store, ttl=TTL, clock=FakeClock())
+        n = 100_000
+        snap = tracker.create_batch([(f"{k:06d}", f"{k}.jpg") for k in range(n)])
+        assert snap.progress.total == n
+        changed = [f"{k:06d}" for k in (99_999, 17, 50_000)]
+        for item_id in changed:
+            tracker.start_item(snap.batch_id, item_id)
+            tracker.fail_item(snap.batch_id, item_id, "boom")
+        head = tracker.get(snap.batch_id, items=False)
+        assert (head.progress.failed, head.progress.pending, head.version) == (3, n - 3, 6)
+        since = tracker.get(snap.batch_id, since=2)
+        assert [i.id for i in since.items] == ["000017", "050000"]
+        page = tracker.get(snap.batch_id, limit=1000, after="049999")
+        assert [i.id for i in page.items] == [f"{k:06d}" for k in range(50_000, 51_000)]
+        assert page.items[0].status is Status.FAILED
+        assert page.next_after == "050999"
+        last = tracker.get(snap.batch_id, limit=1000, after="098999")
+        assert (len(last.items), last.next_after) == (1000, None)
+        failed = tracker.get(snap.batch_id, status=Status.FAILED, limit=2)
+        assert ([i.id for i in failed.items], failed.next_after) == (["000017", "050000"], "050000")
+        pending = tracker.get(snap.batch_id, status="pending", limit=3, after="000016")
+        assert [i.id for i in pending.items] == ["000018", "000019", "000020"]
+        assert len(tracker.get(snap.batch_id).items) == n
