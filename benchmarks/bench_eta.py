@@ -1,63 +1,132 @@
-"""ETA accuracy: batchtrack's estimate against the baselines, on simulated batches.
+"""ETA accuracy: batchtrack's estimate and range against the baselines, on simulated batches.
 
 Each workload kind simulates batches on a fake clock: ``workers`` pull items in order,
-item durations come from a distribution, and every start and finish is fed to a real
-:class:`~batchtrack.BatchTracker`. The ETA is polled every 2 simulated seconds, like the
-status page, and scored against the true remaining time: the mean absolute percentage
-error over polls between 10% and 90% done, ignoring polls with under 5 s truly left.
-The baselines are scored on the same event streams:
+each attempt's duration and outcome come from the kind, and every start, finish, failure,
+retry and reclaim is fed to a real :class:`~batchtrack.BatchTracker`. The ETA is polled
+every 2 simulated seconds, like the status page, and scored against the true remaining
+time: the mean absolute percentage error over polls between 10% and 90% done, ignoring
+polls with under 5 s truly left. The range is scored on the same polls: how often it
+holds the true remaining time (the goal is 8 in 10) and its median width, in % of the
+true remaining time. The baselines are scored on the same event streams:
 
-- ``avg x remaining``: mean duration of finished items x items not finished (the original
+- ``avg x remaining``: mean duration of finished attempts x items not final (the original
   service's rule);
 - ``avg x remaining / running``: the same divided by the number of items in progress;
 - ``tqdm``: tqdm's estimator, an EMA (smoothing 0.3) of items and seconds per update,
   with its bias correction;
 - ``rich``: rich's, the throughput over the last 30 seconds.
+
+A baseline sees what such a tool sees: an update when an item becomes final (a failed
+attempt that is retried is no progress), and, for the per-running rule, the items the
+tracker shows in progress (a lost worker's item until it is reclaimed).
+
+Also here: the cost of the ETA in a memory-store event, in microseconds, measured side
+by side with the same events with the ETA switched off.
 """
 
 from __future__ import annotations
 
+import gc
 import heapq
 import math
 import random
 import statistics
+import time
 from collections import deque
 from collections.abc import Callable, Iterator
 from typing import NamedTuple
 
-from batchtrack import BatchTracker, _eta
+from batchtrack import BatchTracker, MemoryStore, _eta
 from batchtrack.testing import FakeClock
 
 POLL = 2.0
+LEASE = 30.0  # how long a lost worker's item stays "processing" before it is reclaimed
+PAUSE = 60.0  # how long the workers stop in the "pause" kind
 
 
 class Event(NamedTuple):
     at: float
-    kind: str  # "start" | "done"
+    kind: str  # "start" | "done" | "fail" | "retry" (failed, then back to pending)
+    # | "requeue" (a lost worker's item reclaimed to pending)
     item: int
     duration: float
+    lease: float | None = None  # for "start": seconds until the item's lease runs out
 
 
-Durations = Callable[[random.Random, int, int], float]
-"""Given the generator, the item's index and the batch size: the item's duration."""
+Attempt = Callable[[random.Random, int, int, int], tuple[float, str]]
+"""Given the generator, the item's index, the batch size and how many times the item was
+started before: the attempt's duration and outcome ("done", "fail", "retry" or "lost")."""
 
 
-def simulate(n: int, workers: int, durations: Durations, seed: int) -> list[Event]:
-    """Workers pulling items in order; every start and finish, in time order."""
+class Kind(NamedTuple):
+    attempt: Attempt
+    sizes: list[int]
+    pause: bool = False  # every worker stops for PAUSE s when the middle item is due
+    change: bool = False  # the number of workers changes when the middle item is due
+
+
+def changed_workers(workers: int) -> int:
+    """The concurrency after the change: 8 -> 2 (fewer), 1 -> 4 (more)."""
+    return workers // 4 if workers >= 4 else workers * 4
+
+
+def simulate(n: int, workers: int, kind: Kind, seed: int) -> list[Event]:
+    """Workers pulling items in order; every event, in time order.
+
+    A retried item goes to the back of the queue when its attempt fails; a lost worker
+    is replaced at once, but its item stays in progress until its lease runs out.
+    """
     rng = random.Random(seed)
+    queue = deque(range(n))
+    attempts = [0] * n
     free = [(0.0, w) for w in range(workers)]
+    returns: list[tuple[float, int]] = []  # (when the item is back in the queue, item)
     events: list[Event] = []
-    for i in range(n):
-        at, w = heapq.heappop(free)
-        d = durations(rng, i, n)
-        events.append(Event(at, "start", i, d))
-        events.append(Event(at + d, "done", i, d))
-        heapq.heappush(free, (at + d, w))
+    pause_until: float | None = None
+    capacity: int | None = None
+    while queue or returns:
+        at, worker = heapq.heappop(free)
+        while returns and returns[0][0] <= at:
+            queue.append(heapq.heappop(returns)[1])
+        if not queue:
+            heapq.heappush(free, (returns[0][0], worker))
+            continue
+        i = queue[0]
+        if kind.pause and i >= n // 2 and pause_until is None:
+            pause_until = at + PAUSE
+        if pause_until is not None and at < pause_until:
+            heapq.heappush(free, (pause_until, worker))
+            continue
+        if kind.change and i >= n // 2 and capacity is None:
+            capacity = changed_workers(workers)
+            for extra in range(workers, capacity):
+                heapq.heappush(free, (at, extra))
+        if capacity is not None and worker >= capacity:
+            continue  # this worker retires
+        queue.popleft()
+        d, outcome = kind.attempt(rng, i, n, attempts[i])
+        attempts[i] += 1
+        if outcome == "lost":
+            lost_at = at + rng.uniform(0.1, 0.9) * d
+            events.append(Event(at, "start", i, d, lost_at + LEASE - at))
+            events.append(Event(lost_at + LEASE, "requeue", i, d))
+            heapq.heappush(returns, (lost_at + LEASE, i))
+            heapq.heappush(free, (lost_at, worker))
+            continue
+        events.append(Event(at, "start", i, d, d + LEASE))
+        events.append(Event(at + d, outcome, i, d))
+        if outcome == "retry":
+            heapq.heappush(returns, (at + d, i))
+        heapq.heappush(free, (at + d, worker))
     events.sort(key=lambda e: (e.at, e.kind == "start"))
     return events
 
 
 # -- workload kinds -------------------------------------------------------------------------
+
+
+def _plain(durations: Callable[[random.Random, int, int], float]) -> Attempt:
+    return lambda rng, i, n, tries: (durations(rng, i, n), "done")
 
 
 def steady(rng: random.Random, i: int, n: int) -> float:
@@ -84,13 +153,37 @@ def bimodal(rng: random.Random, i: int, n: int) -> float:
     return rng.uniform(20.0, 30.0) if rng.random() < 0.05 else rng.uniform(0.3, 0.7)
 
 
-KINDS: dict[str, tuple[Durations, list[int]]] = {
-    "steady": (steady, [200, 600]),
-    "heavy-tailed": (heavy_tailed, [200, 600]),
-    "warm-up": (warm_up, [200, 600]),
-    "slow-down": (slow_down, [200, 600]),
-    "fast items": (fast, [20_000, 60_000]),
-    "bimodal": (bimodal, [300, 900]),
+def retried(rng: random.Random, i: int, n: int, tries: int) -> tuple[float, str]:
+    """1 attempt in 10 fails after its full time and is retried (up to 2 retries)."""
+    d = rng.uniform(0.8, 1.2)
+    return d, "retry" if tries < 2 and rng.random() < 0.1 else "done"
+
+
+def lost(rng: random.Random, i: int, n: int, tries: int) -> tuple[float, str]:
+    """1 attempt in 20 loses its worker partway; the item is reclaimed LEASE s later."""
+    d = rng.uniform(0.8, 1.2)
+    return d, "lost" if tries < 2 and rng.random() < 0.05 else "done"
+
+
+def fail_fast(rng: random.Random, i: int, n: int, tries: int) -> tuple[float, str]:
+    """8 items in 10 fail in a blink (bad input); the rest take 2-4 s."""
+    if rng.random() < 0.8:
+        return rng.uniform(0.02, 0.1), "fail"
+    return rng.uniform(2.0, 4.0), "done"
+
+
+KINDS: dict[str, Kind] = {
+    "steady": Kind(_plain(steady), [200, 600]),
+    "heavy-tailed": Kind(_plain(heavy_tailed), [200, 600]),
+    "warm-up": Kind(_plain(warm_up), [200, 600]),
+    "slow-down": Kind(_plain(slow_down), [200, 600]),
+    "fast items": Kind(_plain(fast), [20_000, 60_000]),
+    "bimodal": Kind(_plain(bimodal), [300, 900]),
+    "retried failures": Kind(retried, [200, 600]),
+    "lost workers": Kind(lost, [200, 600]),
+    "pause": Kind(_plain(steady), [200, 600], pause=True),
+    "concurrency change": Kind(_plain(steady), [200, 600], change=True),
+    "mostly fail fast": Kind(fail_fast, [500, 1500]),
 }
 CONCURRENCY = [1, 8]
 SEEDS = [1, 2, 3]
@@ -106,18 +199,23 @@ class Estimator:
 
     def __init__(self, n: int) -> None:
         self.n = n
-        self.done = 0
+        self.final = 0  # items completed or failed for good
         self.running = 0
 
-    def start(self, event: Event) -> None:
-        self.running += 1
-
-    def finish(self, event: Event) -> None:
-        self.running -= 1
-        self.done += 1
+    def see(self, event: Event) -> None:
+        if event.kind == "start":
+            self.running += 1
+        elif event.kind == "requeue":
+            self.running -= 1
+        else:
+            self.running -= 1
+            self.final += event.kind != "retry"
 
     def eta(self, now: float) -> float | None:
         raise NotImplementedError
+
+    def range(self, now: float) -> tuple[float, float] | None:
+        return None
 
 
 class Ours(Estimator):
@@ -126,25 +224,38 @@ class Ours(Estimator):
     def __init__(self, n: int) -> None:
         super().__init__(n)
         self.clock = FakeClock(0.0)
-        self.tracker = BatchTracker(clock=self.clock)
-        self.batch = self.tracker.create_batch([(str(i), f"{i}.jpg") for i in range(n)]).batch_id
+        self.tracker = BatchTracker(clock=self.clock, max_attempts=1_000)
+        snap = self.tracker.create_batch([(str(i), f"{i}.jpg") for i in range(n)])
+        self.batch = snap.batch_id
+        self.snap = snap
 
-    def start(self, event: Event) -> None:
+    def see(self, event: Event) -> None:
         self.clock.now = event.at
-        self.tracker.start_item(self.batch, str(event.item))
-
-    def finish(self, event: Event) -> None:
-        self.clock.now = event.at
-        self.tracker.complete_item(self.batch, str(event.item))
+        tracker, batch, item = self.tracker, self.batch, str(event.item)
+        if event.kind == "start":
+            tracker.start_item(batch, item, lease=event.lease)
+        elif event.kind == "done":
+            tracker.complete_item(batch, item)
+        elif event.kind == "fail":
+            tracker.fail_item(batch, item, "broken")
+        elif event.kind == "retry":
+            tracker.fail_item(batch, item, "broken")
+            tracker.retry(batch, [item])
+        else:
+            assert tracker.reclaim() == 1
 
     def eta(self, now: float) -> float | None:
         self.clock.now = now
-        value = self.tracker.get(self.batch, items=False).estimated_time_remaining
+        self.snap = self.tracker.get(self.batch, items=False)
+        value = self.snap.estimated_time_remaining
         return None if value is None else float(value)
+
+    def range(self, now: float) -> tuple[float, float] | None:
+        return self.snap.eta_range  # of the snapshot eta() just read
 
 
 class OursUnrounded(Ours):
-    """Our estimate before the contract's rounding up to whole seconds."""
+    """Our estimate before rounding to whole seconds."""
 
     name = "batchtrack (unrounded)"
 
@@ -161,18 +272,21 @@ class AverageDuration(Estimator):
     def __init__(self, n: int, *, per_running: bool = False) -> None:
         super().__init__(n)
         self.total = 0.0
+        self.attempts = 0
         self.per_running = per_running
         if per_running:
             self.name = "avg x remaining / running"
 
-    def finish(self, event: Event) -> None:
-        super().finish(event)
-        self.total += event.duration
+    def see(self, event: Event) -> None:
+        super().see(event)
+        if event.kind in ("done", "fail", "retry"):
+            self.total += event.duration
+            self.attempts += 1
 
     def eta(self, now: float) -> float | None:
-        if not self.done:
+        if not self.final:
             return None
-        value = self.total / self.done * (self.n - self.done)
+        value = self.total / self.attempts * (self.n - self.final)
         if self.per_running:
             value /= max(self.running, 1)
         return value
@@ -198,24 +312,23 @@ class Tqdm(Estimator):
     def _value(state: list[float], alpha: float) -> float:
         return state[0] / (1 - (1 - alpha) ** state[1]) if state[1] else 0.0
 
-    def start(self, event: Event) -> None:
-        super().start(event)
-        if self.last is None:
+    def see(self, event: Event) -> None:
+        before = self.final
+        super().see(event)
+        if event.kind == "start" and self.last is None:
             self.last = event.at
-
-    def finish(self, event: Event) -> None:
-        super().finish(event)
-        assert self.last is not None
-        self._ema(self.dn, 1.0)
-        self._ema(self.dt, event.at - self.last)
-        self.last = event.at
+        if self.final > before:
+            assert self.last is not None
+            self._ema(self.dn, 1.0)
+            self._ema(self.dt, event.at - self.last)
+            self.last = event.at
 
     def eta(self, now: float) -> float | None:
         dt = self._value(self.dt, self.alpha)
-        if not self.done or dt <= 0:
+        if not self.final or dt <= 0:
             return None
         rate = self._value(self.dn, self.alpha) / dt
-        return (self.n - self.done) / rate
+        return (self.n - self.final) / rate
 
 
 class Rich(Estimator):
@@ -228,11 +341,13 @@ class Rich(Estimator):
         super().__init__(n)
         self.samples: deque[tuple[float, int]] = deque()
 
-    def finish(self, event: Event) -> None:
-        super().finish(event)
-        self.samples.append((event.at, 1))
-        while self.samples and self.samples[0][0] < event.at - self.window:
-            self.samples.popleft()
+    def see(self, event: Event) -> None:
+        before = self.final
+        super().see(event)
+        if self.final > before:
+            self.samples.append((event.at, 1))
+            while self.samples and self.samples[0][0] < event.at - self.window:
+                self.samples.popleft()
 
     def eta(self, now: float) -> float | None:
         if len(self.samples) < 2:
@@ -241,7 +356,7 @@ class Rich(Estimator):
         if span <= 0:
             return None
         speed = sum(c for _, c in list(self.samples)[1:]) / span
-        return (self.n - self.done) / speed
+        return (self.n - self.final) / speed
 
 
 ESTIMATORS: list[Callable[[int], Estimator]] = [
@@ -252,35 +367,46 @@ ESTIMATORS: list[Callable[[int], Estimator]] = [
     Tqdm,
     Rich,
 ]
+BASELINES = ["avg x remaining", "avg x remaining / running", "tqdm", "rich"]
 
 
 # -- scoring ----------------------------------------------------------------------------------
 
 
-def polls(events: list[Event]) -> Iterator[tuple[float, int, list[Event]]]:
-    """(poll time, items done by then, events since the previous poll)."""
+class Score(NamedTuple):
+    error: float  # MAPE, %
+    jump: float  # mean move between consecutive polls, s
+    coverage: float  # % of polls whose range holds the truth (nan without a range)
+    width: float  # median range width, % of the truth (nan without a range)
+
+
+def polls(events: list[Event]) -> Iterator[tuple[float, list[Event]]]:
+    """(poll time, events since the previous poll)."""
     end = events[-1].at
-    i, done, t = 0, 0, 0.0
+    i, t = 0, 0.0
     while t < end:
         batch: list[Event] = []
         while i < len(events) and events[i].at <= t:
             batch.append(events[i])
-            done += events[i].kind == "done"
             i += 1
-        yield t, done, batch
+        yield t, batch
         t += POLL
 
 
-def score(events: list[Event], n: int, make: Callable[[int], Estimator]) -> tuple[float, float]:
-    """(MAPE in %, mean jump between consecutive polls in seconds) of one estimator."""
+def score(events: list[Event], n: int, make: Callable[[int], Estimator]) -> Score:
+    """How one estimator does on one event stream."""
     estimator = make(n)
-    end = events[-1].at
+    end = max(e.at for e in events if e.kind in ("done", "fail"))
     errors: list[float] = []
     jumps: list[float] = []
+    held: list[bool] = []
+    widths: list[float] = []
     previous: float | None = None
-    for t, done, batch in polls(events):
+    done = 0
+    for t, batch in polls(events):
         for event in batch:
-            (estimator.start if event.kind == "start" else estimator.finish)(event)
+            estimator.see(event)
+            done += event.kind in ("done", "fail")
         truth = end - t
         if not 0.1 * n <= done <= 0.9 * n or truth < 5.0:
             previous = None
@@ -291,25 +417,46 @@ def score(events: list[Event], n: int, make: Callable[[int], Estimator]) -> tupl
         if previous is not None:
             jumps.append(abs(value - previous + POLL))  # a perfect estimate falls by 2 s
         previous = value
+        span = estimator.range(t)
+        if span is not None:
+            held.append(span[0] <= truth <= span[1])
+            widths.append((span[1] - span[0]) / truth)
     if not errors:
-        return math.nan, math.nan
-    return 100 * statistics.fmean(errors), statistics.fmean(jumps) if jumps else 0.0
+        return Score(math.nan, math.nan, math.nan, math.nan)
+    return Score(
+        100 * statistics.fmean(errors),
+        statistics.fmean(jumps) if jumps else 0.0,
+        100 * statistics.fmean(held) if held else math.nan,
+        100 * statistics.median(widths) if widths else math.nan,
+    )
 
 
-def table(quick: bool = False) -> dict[str, dict[str, float]]:
-    """MAPE per kind (all sizes, concurrency levels and seeds pooled) per estimator."""
-    results: dict[str, dict[str, float]] = {}
+def table(quick: bool = False) -> dict[str, dict[str, Score]]:
+    """Scores per kind (all sizes, concurrency levels and seeds pooled) per estimator.
+
+    Errors and coverage are means over the runs; the width is the median of the runs'
+    medians.
+    """
+    results: dict[str, dict[str, Score]] = {}
     seeds = SEEDS[:1] if quick else SEEDS
-    for kind, (durations, sizes) in KINDS.items():
-        per: dict[str, list[float]] = {}
-        for n in sizes[:1] if quick else sizes:
+    for kind_name, kind in KINDS.items():
+        per: dict[str, list[Score]] = {}
+        for n in kind.sizes[:1] if quick else kind.sizes:
             for workers in CONCURRENCY:
                 for seed in seeds:
-                    events = simulate(n, workers, durations, seed)
+                    events = simulate(n, workers, kind, seed)
                     for make in ESTIMATORS:
                         name = make(1).name
-                        per.setdefault(name, []).append(score(events, n, make)[0])
-        results[kind] = {name: statistics.fmean(v) for name, v in per.items()}
+                        per.setdefault(name, []).append(score(events, n, make))
+        results[kind_name] = {
+            name: Score(
+                statistics.fmean(s.error for s in scores),
+                statistics.fmean(s.jump for s in scores),
+                statistics.fmean(s.coverage for s in scores),
+                statistics.median(s.width for s in scores),
+            )
+            for name, scores in per.items()
+        }
     return results
 
 
@@ -318,7 +465,7 @@ def steadiness(quick: bool = False) -> float:
     jumps = []
     for workers in CONCURRENCY:
         for seed in SEEDS[:1] if quick else SEEDS:
-            jumps.append(score(simulate(300, workers, steady, seed), 300, Ours)[1])
+            jumps.append(score(simulate(300, workers, KINDS["steady"], seed), 300, Ours).jump)
     return statistics.fmean(jumps)
 
 
@@ -331,17 +478,83 @@ def report(quick: bool = False) -> str:
         " " * width + "".join(f"{name:>24}" for name in names),
     ]
     for kind, row in results.items():
-        lines.append(f"{kind:<{width}}" + "".join(f"{row[name]:>24.1f}" for name in names))
-    means = {name: statistics.fmean(row[name] for row in results.values()) for name in names}
-    lines.append(f"{'mean':<{width}}" + "".join(f"{means[name]:>24.1f}" for name in names))
+        lines.append(f"{kind:<{width}}" + "".join(f"{row[n].error:>24.1f}" for n in names))
+    means = {n: statistics.fmean(row[n].error for row in results.values()) for n in names}
+    lines.append(f"{'mean':<{width}}" + "".join(f"{means[n]:>24.1f}" for n in names))
+    lines += [
+        "",
+        "batchtrack against the best baseline of each kind; its 80% range",
+        f"{'':<{width}}{'ours':>7}{'best baseline':>36}{'ratio':>7}{'held':>7}{'width':>7}",
+    ]
+    for kind, row in results.items():
+        best = min(BASELINES, key=lambda n: row[n].error)
+        ours = row["batchtrack"]
+        lines.append(
+            f"{kind:<{width}}{ours.error:>7.1f}{best:>29}{row[best].error:>7.1f}"
+            f"{ours.error / row[best].error:>7.2f}{ours.coverage:>6.0f}%{ours.width:>6.0f}%"
+        )
+    lines.append(
+        "(held: % of polls whose range holds the true time left; width: median width, "
+        "% of the true time left)"
+    )
     lines.append(f"mean jump between polls on steady workloads: {steadiness(quick):.2f} s")
     return "\n".join(lines)
 
 
+# -- cost ---------------------------------------------------------------------------------------
+
+
+def _no_estimate(*args: object) -> tuple[None, None]:
+    return None, None
+
+
+def _no_stats(*args: object) -> dict[object, object]:
+    return {}
+
+
+def event_cost(quick: bool = False) -> str:
+    """Microseconds per memory-store event (start or complete), with the ETA, without its
+    estimate, and without its estimate and stats: interleaved rounds, medians."""
+    n = 500 if quick else 2000
+    ids = [str(i) for i in range(n)]
+    real = (_eta.estimate, _eta.stats_for)
+    variants = {
+        "full event": real,
+        "without the estimate": (_no_estimate, real[1]),
+        "without estimate or stats": (_no_estimate, _no_stats),
+    }
+    times: dict[str, list[float]] = {name: [] for name in variants}
+    store = MemoryStore()
+    try:
+        for _ in range(5 if quick else 21):
+            for name, (estimate, stats_for) in variants.items():
+                _eta.estimate, _eta.stats_for = estimate, stats_for  # type: ignore[assignment]
+                tracker = BatchTracker(store)
+                batch = tracker.create_batch([(i, f"{i}.jpg") for i in ids]).batch_id
+                gc.collect()
+                start = time.perf_counter()
+                for i in ids:
+                    tracker.start_item(batch, i)
+                    tracker.complete_item(batch, i)
+                times[name].append((time.perf_counter() - start) / (2 * n) * 1e6)
+                tracker.delete(batch)
+    finally:
+        _eta.estimate, _eta.stats_for = real
+    medians = {name: statistics.median(v) for name, v in times.items()}
+    full = medians["full event"]
+    return "\n".join(
+        ["µs per memory-store event (start or complete), median of interleaved rounds:"]
+        + [f"  {name:<28}{value:6.2f} µs" for name, value in medians.items()]
+        + [f"  the ETA's share: {full - medians['without estimate or stats']:.2f} µs"]
+    )
+
+
 def run(quick: bool = False) -> list[object]:
     print(report(quick))
+    print(event_cost(quick))
     return []
 
 
 if __name__ == "__main__":
     print(report())
+    print(event_cost())

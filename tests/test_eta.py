@@ -7,8 +7,11 @@ import itertools
 from collections.abc import Callable
 
 import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 
-from batchtrack import BatchTracker
+from batchtrack import BatchTracker, InvalidTransition, MemoryStore, Progress
+from batchtrack.stores.base import Store
 from batchtrack.testing import FakeClock
 
 
@@ -127,3 +130,164 @@ def test_estimate_falls_as_time_passes_on_a_steady_batch(
     )
     steps = [b - a for a, b in itertools.pairwise(etas)]
     assert max(steps) <= 3
+
+
+# -- no state shared between batches -------------------------------------------------------
+
+
+def _two_phase_history(phases: list[tuple[float, float, int]]) -> tuple[BatchTracker, str]:
+    """A 30-item batch on its own integer clock: per phase, idle seconds, then items of
+    one duration run one after another; 20 items finish by t = 60."""
+    clock = FakeClock(0.0)
+    tracker = BatchTracker(clock=clock)
+    snap = tracker.create_batch([f"{i}.jpg" for i in range(30)])
+    ids = iter(item.id for item in snap.items)
+    for idle, duration, count in phases:
+        clock.advance(idle)
+        for _ in range(count):
+            item = next(ids)
+            tracker.start_item(snap.batch_id, item)
+            clock.advance(duration)
+            tracker.complete_item(snap.batch_id, item)
+    assert clock() == 60
+    return tracker, snap.batch_id
+
+
+def test_batches_with_equal_time_sums_do_not_share_an_estimate() -> None:
+    """Two batches with the same count, total duration and total finish time (integer
+    times) but opposite trends get their own ETAs, whichever is computed first."""
+    slowed, slowed_id = _two_phase_history([(20, 1, 10), (0, 3, 10)])  # 1 s items, then 3 s
+    sped, sped_id = _two_phase_history([(0, 3, 10), (20, 1, 10)])  # 3 s items, then 1 s
+    sped_eta = sped.get(sped_id, items=False).estimated_time_remaining
+    slowed_eta = slowed.get(slowed_id, items=False).estimated_time_remaining
+    assert sped_eta is not None
+    assert slowed_eta is not None
+    assert slowed_eta > 2 * sped_eta  # 10 items at ~3 s vs ~1 s each
+
+
+# -- the range -------------------------------------------------------------------------------
+
+
+@st.composite
+def _histories(draw: st.DrawFn) -> tuple[int, list[tuple[str, int, float]]]:
+    """A batch size and a sequence of (action, item, seconds before it) on its items."""
+    size = draw(st.integers(1, 6))
+    steps = draw(
+        st.lists(
+            st.tuples(
+                st.sampled_from(["start", "complete", "fail", "retry", "get"]),
+                st.integers(0, size - 1),
+                st.sampled_from([0.0, 0.5, 1.0, 2.0, 7.0, 30.0]),
+            ),
+            max_size=30,
+        )
+    )
+    return size, steps
+
+
+def _replay(
+    tracker: BatchTracker, clock: FakeClock, size: int, steps: list[tuple[str, int, float]]
+) -> list[tuple[Progress, int | None, tuple[int, int] | None]]:
+    """Apply the steps that are allowed; every event's and read's counts, ETA and range."""
+    snap = tracker.create_batch([(f"i{i}", f"{i}.jpg") for i in range(size)])
+    seen = []
+    for action, index, seconds in steps:
+        clock.advance(seconds)
+        item = f"i{index}"
+        try:
+            if action == "start":
+                event = tracker.start_item(snap.batch_id, item)
+            elif action == "complete":
+                event = tracker.complete_item(snap.batch_id, item)
+            elif action == "fail":
+                event = tracker.fail_item(snap.batch_id, item, "broken")
+            elif action == "retry":
+                tracker.retry(snap.batch_id, [item])
+                continue
+            else:
+                got = tracker.get(snap.batch_id, items=False)
+                seen.append((got.progress, got.estimated_time_remaining, got.eta_range))
+                continue
+        except InvalidTransition:
+            continue
+        seen.append((event.progress, event.estimated_time_remaining, event.eta_range))
+    got = tracker.get(snap.batch_id, items=False)
+    seen.append((got.progress, got.estimated_time_remaining, got.eta_range))
+    return seen
+
+
+@settings(suppress_health_check=[HealthCheck.function_scoped_fixture], deadline=None)
+@given(history=_histories())
+def test_the_range_brackets_the_estimate_on_every_store(
+    store_factory: Callable[[], Store], history: tuple[int, list[tuple[str, int, float]]]
+) -> None:
+    """On any sequence of events, every event and read has low <= ETA <= high, None
+    exactly when the ETA is None, (0, 0) once finished, and every store gives the same
+    ETA and range as the memory store."""
+    size, steps = history
+    runs = []
+    for store in (MemoryStore(), store_factory()):
+        clock = FakeClock(1_000.0)
+        runs.append(_replay(BatchTracker(store, clock=clock), clock, size, steps))
+    assert runs[0] == runs[1]
+    for progress, eta, eta_range in runs[0]:
+        if eta is None:
+            assert eta_range is None
+            assert progress.completed + progress.failed == 0
+        elif progress.pending + progress.processing == 0:
+            assert (eta, eta_range) == (0, (0, 0))
+        else:
+            assert eta_range is not None
+            low, high = eta_range
+            assert 1 <= low <= eta <= high
+
+
+def test_the_range_is_in_the_json_body(tracker: BatchTracker, clock: FakeClock) -> None:
+    """The status body carries the range right after the ETA: null, then [low, high]."""
+    snap = tracker.create_batch([("a", "a.jpg"), ("b", "b.jpg"), ("c", "c.jpg")])
+    body = tracker.get(snap.batch_id).to_dict()
+    assert body["estimatedTimeRemainingRange"] is None
+    keys = list(body)
+    assert keys[keys.index("estimatedTimeRemaining") + 1] == "estimatedTimeRemainingRange"
+    tracker.start_item(snap.batch_id, "a")
+    clock.advance(4)
+    tracker.complete_item(snap.batch_id, "a")
+    body = tracker.get(snap.batch_id).to_dict()
+    low, high = body["estimatedTimeRemainingRange"]
+    assert low <= body["estimatedTimeRemaining"] <= high
+    assert high > low  # one item says little: the range is not a point
+
+
+def test_the_range_narrows_as_evidence_accumulates(tracker: BatchTracker, clock: FakeClock) -> None:
+    """Relative to the estimate, the range after 100 steady items is narrower than after 3."""
+    snap = tracker.create_batch([f"{i}.jpg" for i in range(400)])
+    widths: dict[int, float] = {}
+    for done, item in enumerate(snap.items[:100], start=1):
+        tracker.start_item(snap.batch_id, item.id)
+        clock.advance(1.0 + 0.1 * (done % 3))
+        event = tracker.complete_item(snap.batch_id, item.id)
+        assert event.eta_range is not None
+        assert event.estimated_time_remaining is not None
+        low, high = event.eta_range
+        widths[done] = (high - low) / event.estimated_time_remaining
+    assert widths[100] < widths[3] / 2
+
+
+def test_retried_failures_count_as_work_still_to_do(
+    tracker: BatchTracker, clock: FakeClock
+) -> None:
+    """When failed attempts were retried, the pending items are expected to need retries too."""
+    etas = []
+    for retries in (False, True):
+        snap = tracker.create_batch([f"{i}.jpg" for i in range(20)])
+        for item in snap.items[:10]:
+            tracker.start_item(snap.batch_id, item.id)
+            clock.advance(1)
+            if retries:  # each item fails once, then succeeds
+                tracker.fail_item(snap.batch_id, item.id, "flaky")
+                tracker.retry(snap.batch_id, [item.id])
+                tracker.start_item(snap.batch_id, item.id)
+                clock.advance(1)
+            tracker.complete_item(snap.batch_id, item.id)
+        etas.append(tracker.get(snap.batch_id, items=False).estimated_time_remaining)
+    assert etas == [10, 20]  # 10 items left at 1 s, and at 2 attempts of 1 s

@@ -73,6 +73,7 @@ def test_to_dict_matches_the_contract_key_by_key() -> None:
         created_at=created,
         updated_at=created + timedelta(seconds=4.5),
         finished_at=None,
+        eta_range=(20, 45),
     )
     body = json.loads(json.dumps(snap.to_dict()))
     assert list(body) == [
@@ -81,6 +82,7 @@ def test_to_dict_matches_the_contract_key_by_key() -> None:
         "progress",
         "images",
         "estimatedTimeRemaining",
+        "estimatedTimeRemainingRange",
         "createdAt",
         "updatedAt",
         "finishedAt",
@@ -100,6 +102,7 @@ def test_to_dict_matches_the_contract_key_by_key() -> None:
         {"id": "i3", "filename": "image3.jpg", "status": "failed", "error": "not an image"},
     ]
     assert body["estimatedTimeRemaining"] == 30
+    assert body["estimatedTimeRemainingRange"] == [20, 45]
     assert body["createdAt"] == "2025-11-25T10:00:00.000Z"
     assert body["updatedAt"] == "2025-11-25T10:00:04.500Z"
     assert body["finishedAt"] is None

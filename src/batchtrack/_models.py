@@ -100,6 +100,9 @@ class ItemSnapshot:
     error: str | None = None
     attempts: int = 0
     source: str | None = None
+    # The item's entry as JSON, made on first use (see batchtrack._json): a snapshot never
+    # changes, and stores keep handing out the same snapshot until the item changes.
+    _json: bytes | None = attrs.field(default=None, init=False, eq=False, repr=False)
 
     def to_dict(self) -> dict[str, Any]:
         """The item's entry in the ``images`` list.
@@ -174,6 +177,9 @@ class BatchSnapshot:
             ``after``, ``since``); None when ``items`` holds every item.
         next_after: For a page (``limit``): the item id to pass as ``after`` for the next
             page, or None when this is the last.
+        eta_range: ``(low, high)`` whole seconds that hold the true remaining time 8
+            times out of 10, with ``low <= estimated_time_remaining <= high``; None
+            exactly when :attr:`estimated_time_remaining` is, ``(0, 0)`` once finished.
     """
 
     batch_id: str
@@ -188,6 +194,7 @@ class BatchSnapshot:
     version: int = 0
     query: ItemQuery | None = None
     next_after: str | None = None
+    eta_range: tuple[int, int] | None = None
 
     def to_dict(self) -> dict[str, Any]:
         """The JSON body of ``GET /api/batch-status/{batchId}``.
@@ -201,6 +208,7 @@ class BatchSnapshot:
             "progress": self.progress.to_dict(),
             "images": [item.to_dict() for item in self.items],
             "estimatedTimeRemaining": self.estimated_time_remaining,
+            "estimatedTimeRemainingRange": None if self.eta_range is None else list(self.eta_range),
             "createdAt": iso_utc(self.created_at),
             "updatedAt": iso_utc(self.updated_at),
             "finishedAt": iso_utc(self.finished_at),
@@ -225,6 +233,8 @@ class ProgressEvent:
         changed: False when the call repeated a transition that had already happened
             (a no-op, counted nothing).
         version: The batch version after the transition.
+        eta_range: The 80% range of the ETA right after the transition (see
+            :attr:`BatchSnapshot.eta_range`).
     """
 
     batch_id: str
@@ -233,6 +243,7 @@ class ProgressEvent:
     estimated_time_remaining: int | None
     changed: bool = True
     version: int = 0
+    eta_range: tuple[int, int] | None = None
 
     @property
     def status(self) -> Status:

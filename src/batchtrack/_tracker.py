@@ -157,14 +157,8 @@ def _query(status: object, limit: object, after: object, since: object) -> ItemQ
 def _event(batch_id: str, result: TransitionResult, now: float, *, changed: bool) -> ProgressEvent:
     """The event of a store's answer: the item, the counts and the ETA right after it."""
     progress = result.progress
-    return ProgressEvent(
-        batch_id,
-        result.item,
-        progress,
-        _eta.estimate(progress, result.created_at, result.stats, now),
-        changed,
-        result.version,
-    )
+    eta, eta_range = _eta.estimate(progress, result.created_at, result.stats, now)
+    return ProgressEvent(batch_id, result.item, progress, eta, changed, result.version, eta_range)
 
 
 def _default_store(store: Store | None) -> Store:
@@ -763,12 +757,14 @@ class BatchTracker(Closing):
 
     def _snapshot(self, record: BatchRecord, now: float) -> BatchSnapshot:
         progress = record.progress
+        eta, eta_range = _eta.estimate(progress, record.created_at, record.stats, now)
         return BatchSnapshot(
             batch_id=record.batch_id,
             status=progress.status,
             progress=progress,
             items=record.items,
-            estimated_time_remaining=_eta.estimate(progress, record.created_at, record.stats, now),
+            estimated_time_remaining=eta,
+            eta_range=eta_range,
             created_at=utc_datetime(record.created_at),
             updated_at=utc_datetime(record.updated_at),
             finished_at=None if record.finished_at is None else utc_datetime(record.finished_at),
