@@ -27,6 +27,7 @@ import attrs
 from typing_extensions import TypedDict
 
 from ._control import BatchControl
+from ._json import status_body
 from ._models import Item
 from ._query import find_items, wants_delta
 from ._tracker import BatchTracker
@@ -430,7 +431,9 @@ class Api:
             t.strip().removeprefix("W/") for t in wanted.split(",")
         ]:
             return Response(304, headers)
-        return json_response(200, snap.to_dict(), headers)
+        body = status_body(snap)
+        headers += [("Content-Type", "application/json"), ("Content-Length", str(len(body)))]
+        return Response(200, headers, body)
 
     def _batch_events(self, request: Request, owner: str, batch: str) -> Response:
         delta = wants_delta(request)
