@@ -8,7 +8,7 @@ from datetime import datetime, timedelta, timezone
 import attrs
 import pytest
 
-from batchtrack import BatchSnapshot, ItemSnapshot, Progress, Status
+from batchtrack import BatchSnapshot, ItemSnapshot, Progress, ProgressEvent, Status
 from batchtrack._models import iso_utc
 
 
@@ -106,3 +106,51 @@ def test_to_dict_matches_the_contract_key_by_key() -> None:
     assert body["createdAt"] == "2025-11-25T10:00:00.000Z"
     assert body["updatedAt"] == "2025-11-25T10:00:04.500Z"
     assert body["finishedAt"] is None
+
+
+def test_progress_events_work_out_their_eta_as_of_their_own_moment() -> None:
+    """An event's ETA, read late, is the one of its transition: later transitions and the
+    clock moving on do not change it; read at once it is the same value."""
+    import pickle
+
+    from batchtrack import BatchTracker
+    from batchtrack.testing import FakeClock
+
+    def run(read_at_once: bool) -> list[ProgressEvent]:
+        clock = FakeClock(1000.0)
+        tracker = BatchTracker(clock=clock)
+        snap = tracker.create_batch([(str(n), f"{n}.jpg") for n in range(6)])
+        events = []
+        for n in range(5):
+            tracker.start_item(snap.batch_id, str(n))
+            clock.advance(1.5 + n)
+            event = tracker.complete_item(snap.batch_id, str(n))
+            if read_at_once:
+                assert event.estimated_time_remaining is not None
+            events.append(event)
+        clock.advance(500)
+        return events
+
+    late, early = run(False), run(True)
+    assert [e.estimated_time_remaining for e in late] == [e.estimated_time_remaining for e in early]
+    assert [e.eta_range for e in late] == [e.eta_range for e in early]
+    assert [(e.item, e.progress, e.version) for e in late] == [
+        (e.item, e.progress, e.version) for e in early
+    ]
+    first = late[0]
+    plain = ProgressEvent(
+        first.batch_id,
+        first.item,
+        first.progress,
+        first.estimated_time_remaining,
+        first.changed,
+        first.version,
+        first.eta_range,
+    )
+    assert plain == first
+    assert hash(plain) == hash(first)
+    assert pickle.loads(pickle.dumps(first)) == first
+    assert "estimated_time_remaining=" in repr(first)
+    with pytest.raises(attrs.exceptions.FrozenInstanceError):
+        first.version = 9  # type: ignore[misc]
+    assert first.status is first.progress.status

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import enum
+from collections.abc import Callable
 from datetime import datetime, timezone
 from typing import Any
 
@@ -220,9 +221,16 @@ class BatchSnapshot:
         return body
 
 
-@attrs.frozen
+_LAZY: Any = object()  # an ETA not worked out yet
+
+
 class ProgressEvent:
     """What one item transition did, and where the batch stands right after it.
+
+    Immutable and hashable, like the other values (assigning an attribute raises
+    :class:`attrs.exceptions.FrozenInstanceError`); two events are equal when all their
+    attributes are. The ETA of an event the tracker made is worked out the first time it
+    is read, so that transitions nobody watches do not pay for it.
 
     Attributes:
         batch_id: The batch.
@@ -237,18 +245,134 @@ class ProgressEvent:
             :attr:`BatchSnapshot.eta_range`).
     """
 
+    __slots__ = (
+        "_eta",
+        "_eta_range",
+        "_inputs",
+        "batch_id",
+        "changed",
+        "item",
+        "progress",
+        "version",
+    )
     batch_id: str
     item: ItemSnapshot
     progress: Progress
-    estimated_time_remaining: int | None
-    changed: bool = True
-    version: int = 0
-    eta_range: tuple[int, int] | None = None
+    changed: bool
+    version: int
+    _eta: Any  # the ETA, or _LAZY until worked out
+    _eta_range: Any
+    _inputs: Callable[[], tuple[int | None, tuple[int, int] | None]] | None
+
+    def __init__(
+        self,
+        batch_id: str,
+        item: ItemSnapshot,
+        progress: Progress,
+        estimated_time_remaining: int | None,
+        changed: bool = True,
+        version: int = 0,
+        eta_range: tuple[int, int] | None = None,
+    ) -> None:
+        put = object.__setattr__
+        put(self, "batch_id", batch_id)
+        put(self, "item", item)
+        put(self, "progress", progress)
+        put(self, "changed", changed)
+        put(self, "version", version)
+        put(self, "_eta", estimated_time_remaining)
+        put(self, "_eta_range", eta_range)
+        put(self, "_inputs", None)
+
+    @classmethod
+    def _later(
+        cls,
+        batch_id: str,
+        item: ItemSnapshot,
+        progress: Progress,
+        changed: bool,
+        version: int,
+        estimate: Callable[[], tuple[int | None, tuple[int, int] | None]],
+    ) -> ProgressEvent:
+        """An event whose ETA ``estimate()`` works out when first read."""
+        event = cls.__new__(cls)
+        put = object.__setattr__
+        put(event, "batch_id", batch_id)
+        put(event, "item", item)
+        put(event, "progress", progress)
+        put(event, "changed", changed)
+        put(event, "version", version)
+        put(event, "_eta", _LAZY)
+        put(event, "_eta_range", _LAZY)
+        put(event, "_inputs", estimate)
+        return event
+
+    def _work_out(self) -> None:
+        assert self._inputs is not None
+        eta, eta_range = self._inputs()
+        object.__setattr__(self, "_eta", eta)
+        object.__setattr__(self, "_eta_range", eta_range)
+        object.__setattr__(self, "_inputs", None)
+
+    @property
+    def estimated_time_remaining(self) -> int | None:
+        """The ETA right after the transition."""
+        if self._eta is _LAZY:
+            self._work_out()
+        return self._eta  # type: ignore[no-any-return]
+
+    @property
+    def eta_range(self) -> tuple[int, int] | None:
+        """The 80% range of the ETA right after the transition."""
+        if self._eta_range is _LAZY:
+            self._work_out()
+        return self._eta_range  # type: ignore[no-any-return]
 
     @property
     def status(self) -> Status:
         """The batch status right after the transition."""
         return self.progress.status
+
+    def _values(self) -> tuple[Any, ...]:
+        return (
+            self.batch_id,
+            self.item,
+            self.progress,
+            self.estimated_time_remaining,
+            self.changed,
+            self.version,
+            self.eta_range,
+        )
+
+    def __setattr__(self, name: str, value: object) -> None:
+        raise attrs.exceptions.FrozenInstanceError
+
+    def __delattr__(self, name: str) -> None:
+        raise attrs.exceptions.FrozenInstanceError
+
+    def __eq__(self, other: object) -> bool:
+        if not isinstance(other, ProgressEvent):
+            return NotImplemented
+        return self._values() == other._values()
+
+    def __hash__(self) -> int:
+        return hash(self._values())
+
+    def __repr__(self) -> str:
+        names = (
+            "batch_id",
+            "item",
+            "progress",
+            "estimated_time_remaining",
+            "changed",
+            "version",
+            "eta_range",
+        )
+        fields = ", ".join(f"{n}={v!r}" for n, v in zip(names, self._values(), strict=True))
+        return f"ProgressEvent({fields})"
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        return (ProgressEvent, self._values())
 
 
 @attrs.frozen

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import logging
 import math
 import os
@@ -155,10 +156,17 @@ def _query(status: object, limit: object, after: object, since: object) -> ItemQ
 
 
 def _event(batch_id: str, result: TransitionResult, now: float, *, changed: bool) -> ProgressEvent:
-    """The event of a store's answer: the item, the counts and the ETA right after it."""
+    """The event of a store's answer: the item, the counts and the ETA right after it
+    (worked out when first read)."""
     progress = result.progress
-    eta, eta_range = _eta.estimate(progress, result.created_at, result.stats, now)
-    return ProgressEvent(batch_id, result.item, progress, eta, changed, result.version, eta_range)
+    return ProgressEvent._later(
+        batch_id,
+        result.item,
+        progress,
+        changed,
+        result.version,
+        functools.partial(_eta.estimate, progress, result.created_at, result.stats, now),
+    )
 
 
 def _default_store(store: Store | None) -> Store:
