@@ -25,9 +25,19 @@ nitpicky = False
 exclude_patterns = ["_build", "examples"]
 html_theme = "alabaster"
 html_static_path: list[str] = []
+# Every page's examples run as a reader would paste them: in a fresh namespace (Sphinx
+# gives each page its own) holding no names but the ones the page imports, and in an
+# empty temporary folder, so files they write never land in the repository and a snippet
+# that needs a folder it did not create fails here first. Nothing is imported by name
+# below, so nothing leaks into the page's namespace but these two private values.
 doctest_global_setup = """
-from batchtrack import *
-from batchtrack.testing import FakeClock
+__doc_folder = __import__("tempfile").TemporaryDirectory(prefix="batchtrack-doctest-")
+__doc_cwd = __import__("os").getcwd()
+__import__("os").chdir(__doc_folder.name)
+"""
+doctest_global_cleanup = """
+__import__("os").chdir(__doc_cwd)
+__doc_folder.cleanup()
 """
 
 import doctest as _doctest  # noqa: E402

@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -21,53 +23,302 @@ from http_support import free_port, jpeg, wait_until_serving
 IN_CI = os.environ.get("CI", "").lower() in ("1", "true", "yes")
 
 
-def batchtrack(*args: str, timeout: float = 120) -> subprocess.CompletedProcess[str]:
+def batchtrack(
+    *args: str, timeout: float = 120, cwd: Path | None = None
+) -> subprocess.CompletedProcess[str]:
     return subprocess.run(
         [sys.executable, "-m", "batchtrack", *args],
         capture_output=True,
         text=True,
         timeout=timeout,
         check=False,
+        cwd=cwd,
     )
+
+
+def _color(path: Path) -> tuple[int, ...]:
+    with Image.open(path) as image:
+        return tuple(image.convert("RGB").getpixel((5, 5)))
+
+
+def _close(a: tuple[int, ...], b: tuple[int, ...]) -> bool:
+    return all(abs(x - y) <= 12 for x, y in zip(a, b, strict=True))
 
 
 @pytest.fixture
 def folder(tmp_path: Path) -> Path:
-    """Two good images (one in a subfolder), a truncated JPEG and a text file."""
+    """Two good images (one in a subfolder), a truncated JPEG, a text file named .png,
+    a text file and a hidden file."""
     root = tmp_path / "in"
     (root / "sub").mkdir(parents=True)
     (root / "one.jpg").write_bytes(jpeg((1200, 900)))
     Image.new("RGBA", (300, 300), (0, 0, 255, 255)).save(root / "sub" / "two.png")
     whole = jpeg((1200, 900))
     (root / "sub" / "broken.jpg").write_bytes(whole[: len(whole) // 3])
+    (root / "sub" / "fake.PNG").write_text("not an image either")
     (root / "notes.txt").write_text("not an image")
+    (root / ".DS_Store").write_bytes(b"\0\0\0\1Bud1")
     return root
 
 
 # -- process ---------------------------------------------------------------------------------
 
 
-def test_process_folder_with_a_broken_file(folder: Path, tmp_path: Path) -> None:
-    """Images by content, recursively; a broken one fails: exit 1, JSON counts on stdout."""
+def test_process_folder_takes_image_files_by_extension_and_fails_unreadable_ones(
+    folder: Path, tmp_path: Path
+) -> None:
+    """In a folder every file with an image extension is an item (an unreadable one fails
+    with its reason, exit 1); other files are skipped, counted and named on stderr."""
     out = tmp_path / "out" / "nested"
     result = batchtrack("process", str(folder), "--out", str(out), "--json", "--max-size", "300")
     assert result.returncode == 1, result.stderr
     body = json.loads(result.stdout)  # stdout is exactly the status body
     assert body["progress"] == {
-        "total": 3,
+        "total": 4,
         "completed": 2,
-        "failed": 1,
+        "failed": 2,
         "processing": 0,
         "pending": 0,
     }
-    assert [i["filename"] for i in body["images"]] == ["one.jpg", "broken.jpg", "two.png"]
-    assert body["images"][1]["error"] == "truncated image"
-    assert sorted(p.name for p in out.iterdir()) == ["one.jpg", "two.png"]
+    images = {i["filename"]: i for i in body["images"]}
+    assert list(images) == ["one.jpg", "sub/broken.jpg", "sub/fake.PNG", "sub/two.png"]
+    assert images["sub/broken.jpg"]["error"] == "truncated image"
+    assert images["sub/fake.PNG"]["error"] == "not an image"
+    assert sorted(p.relative_to(out).as_posix() for p in out.rglob("*")) == [
+        "one.jpg",
+        "sub",
+        "sub/two.png",
+    ]
     with Image.open(out / "one.jpg") as image:
         assert max(image.size) == 300
-    assert "broken.jpg" in result.stderr
+    assert "2 of 4 images processed, 2 failed" in result.stderr
+    assert f"Skipped 2 files (no image extension, or hidden): {folder / '.DS_Store'}, " in (
+        result.stderr
+    )
+    assert str(folder / "notes.txt") in result.stderr
+    assert str(folder / "sub" / "broken.jpg") in result.stderr
     assert "truncated image" in result.stderr
     assert "Traceback" not in result.stderr
+
+
+def test_process_names_a_few_skipped_files_and_counts_the_rest(tmp_path: Path) -> None:
+    """Many skipped files: the summary gives their number and the first five names."""
+    root = tmp_path / "in"
+    root.mkdir()
+    (root / "photo.jpg").write_bytes(jpeg((200, 100)))
+    for n in range(8):
+        (root / f"data{n}.csv").write_text("a,b\n")
+    result = batchtrack("process", str(root), "--out", str(tmp_path / "out"))
+    assert result.returncode == 0, result.stderr
+    assert "1 of 1 images processed, 0 failed" in result.stderr
+    assert "Skipped 8 files (no image extension, or hidden): " in result.stderr
+    assert str(root / "data4.csv") in result.stderr
+    assert str(root / "data5.csv") not in result.stderr
+    assert " and 3 more" in result.stderr
+
+
+def test_process_only_other_files_is_a_usage_error_naming_them(tmp_path: Path) -> None:
+    """A folder with no image file at all: exit 2, and the message says what was skipped."""
+    (tmp_path / "in").mkdir()
+    (tmp_path / "in" / "notes.txt").write_text("x")
+    result = batchtrack("process", str(tmp_path / "in"), "--out", str(tmp_path / "out"))
+    assert result.returncode == 2
+    assert "no images found in the paths given; skipped 1 file" in result.stderr
+    assert "notes.txt" in result.stderr
+
+
+def test_process_file_named_explicitly_is_always_an_item(folder: Path, tmp_path: Path) -> None:
+    """A file given by name is processed whatever its extension: a text file fails."""
+    result = batchtrack(
+        "process", str(folder / "notes.txt"), str(folder / "one.jpg"), "--out", str(tmp_path / "o")
+    )
+    assert result.returncode == 1
+    assert "1 of 2 images processed, 1 failed" in result.stderr
+    assert "not an image" in result.stderr
+
+
+def test_process_keeps_the_layout_and_never_overwrites_a_result(tmp_path: Path) -> None:
+    """Sub-folders are kept under --out; sources that would share a result name in one
+    folder (a.png and a.jpg, A.JPG, the same name from another folder given) get -2, -3…
+    in sorted order, each result is its own image, and the summary lists the renames."""
+    first, second = tmp_path / "first", tmp_path / "second"
+    (first / "sub").mkdir(parents=True)
+    second.mkdir()
+    colors = {
+        first / "A.JPG": (250, 0, 0),
+        first / "a.jpg": (0, 250, 0),
+        first / "a.png": (0, 0, 250),
+        first / "sub" / "a.jpg": (250, 250, 0),
+        second / "a.jpg": (0, 250, 250),
+    }
+    for path, color in colors.items():
+        Image.new("RGB", (64, 48), color).save(path, "PNG" if path.suffix == ".png" else "JPEG")
+    out = tmp_path / "out"
+    result = batchtrack(
+        "process", str(first), str(second), "--out", str(out), "--format", "JPEG", "--json"
+    )
+    assert result.returncode == 0, result.stderr
+    expected = {
+        first / "A.JPG": out / "A.jpg",
+        first / "a.jpg": out / "a-2.jpg",
+        first / "a.png": out / "a-3.jpg",
+        first / "sub" / "a.jpg": out / "sub" / "a.jpg",
+        second / "a.jpg": out / "a-4.jpg",
+    }
+    assert sorted(p for p in out.rglob("*") if p.is_file()) == sorted(expected.values())
+    for source, result_path in expected.items():
+        assert _close(_color(result_path), colors[source]), (source, result_path)
+    body = json.loads(result.stdout)
+    assert [i["id"] for i in body["images"]] == ["A", "a-2", "a-3", "sub/a", "a-4"]
+    assert "Renamed, so that no result overwrites another:" in result.stderr
+    assert f"{first / 'a.png'} -> {out / 'a-3.jpg'}" in result.stderr
+    assert f"{second / 'a.jpg'} -> {out / 'a-4.jpg'}" in result.stderr
+    assert str(out / "sub" / "a.jpg") not in result.stderr  # not renamed: not listed
+
+
+def test_process_takes_file_names_no_tracker_would(tmp_path: Path) -> None:
+    """Names with a line break, bytes that are not UTF-8, a leading dot (given by name):
+    processed, shown with ``_``, and their results written; no traceback."""
+    root = tmp_path / "in"
+    root.mkdir()
+    odd = [b"line\nbreak.jpg", b"caf\xe9.jpg", b"tab\there.jpg"]
+    for name in odd:
+        (root / os.fsdecode(name)).write_bytes(jpeg((80, 60)))
+    hidden = tmp_path / ".hidden.jpg"
+    hidden.write_bytes(jpeg((80, 60)))
+    out = tmp_path / "out"
+    result = batchtrack("process", str(root), str(hidden), "--out", str(out), "--json")
+    assert result.returncode == 0, result.stderr
+    body = json.loads(result.stdout)
+    assert sorted(i["filename"] for i in body["images"]) == [
+        ".hidden.jpg",
+        "caf_.jpg",
+        "line_break.jpg",
+        "tab_here.jpg",
+    ]
+    assert len(list(out.iterdir())) == 4
+    assert "Traceback" not in result.stderr
+
+
+def test_process_does_not_read_its_own_results_back(folder: Path) -> None:
+    """--out inside the folder being processed: a second run sees the same images."""
+    out = folder / "small"
+    runs = [batchtrack("process", str(folder), "--out", str(out), "--json") for _ in range(2)]
+    totals = [json.loads(r.stdout)["progress"]["total"] for r in runs]
+    assert totals == [4, 4]
+
+
+def test_process_data_dir_keeps_the_batch_for_status(folder: Path, tmp_path: Path) -> None:
+    """`process --data-dir` keeps the batch in DIR/batchtrack.db and prints its id;
+    `status` reads it there, from ./batchtrack-data by default, and --failed lists only
+    the failed images with the whole batch's counts."""
+    result = batchtrack(
+        "process",
+        str(folder),
+        "--out",
+        str(tmp_path / "out"),
+        "--data-dir",
+        "batchtrack-data",
+        cwd=tmp_path,
+    )
+    assert result.returncode == 1, result.stderr
+    assert (tmp_path / "batchtrack-data" / "batchtrack.db").is_file()
+    batch_id = result.stderr.splitlines()[0].removeprefix("batch ")
+    assert f"batchtrack status {batch_id}" in result.stderr
+
+    everything = batchtrack("status", batch_id, cwd=tmp_path)  # the default data folder
+    assert everything.returncode == 0, everything.stderr
+    body = json.loads(everything.stdout)
+    assert body["batchId"] == batch_id
+    assert body["status"] == "completed"
+    assert len(body["images"]) == 4
+
+    failed = batchtrack("status", batch_id, "--failed", cwd=tmp_path)
+    assert failed.returncode == 0, failed.stderr
+    body = json.loads(failed.stdout)
+    assert body["progress"]["total"] == 4
+    assert {(i["filename"], i["error"]) for i in body["images"]} == {
+        ("sub/broken.jpg", "truncated image"),
+        ("sub/fake.PNG", "not an image"),
+    }
+
+    elsewhere = batchtrack(
+        "status", batch_id, "--failed", "--data-dir", str(tmp_path / "batchtrack-data")
+    )
+    assert json.loads(elsewhere.stdout) == body
+
+
+def test_process_bar_shows_the_eta_range_on_a_terminal(tmp_path: Path) -> None:
+    """On a terminal the progress bar shows counts, rate and "ETA 2s (1s–3s)"."""
+    import fcntl
+    import pty
+    import struct
+    import termios
+
+    root = tmp_path / "in"
+    root.mkdir()
+    for n in range(16):
+        (root / f"{n:02d}.jpg").write_bytes(jpeg((2400, 1800), (n * 15, 90, 90)))
+    leader, follower = pty.openpty()
+    # A terminal 40 rows by 160 columns, as a person's would be (a new pty has no size).
+    fcntl.ioctl(follower, termios.TIOCSWINSZ, struct.pack("HHHH", 40, 160, 0, 0))
+    command = ["process", str(root), "--out", str(tmp_path / "o"), "--concurrency", "1"]
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "batchtrack", *command, "--max-size", "2000"],
+        stdin=subprocess.DEVNULL,
+        stdout=subprocess.DEVNULL,
+        stderr=follower,
+    )
+    os.close(follower)
+    seen = b""
+    while True:
+        try:
+            chunk = os.read(leader, 4096)
+        except OSError:  # the terminal closed with the process
+            break
+        if not chunk:
+            break
+        seen += chunk
+    os.close(leader)
+    assert proc.wait(60) == 0
+    text = seen.decode(errors="replace")
+    assert "16/16" in text
+    assert "img/s" in text
+    assert re.search(r"\d+ ok, 0 failed, ETA \d+s \(\d+s–\d+s\)", text), text
+
+
+def test_postfix_says_counts_eta_and_its_range() -> None:
+    """The bar's postfix: counts, the ETA and its 80% range; nothing to wait for at the end."""
+    from batchtrack import BatchTracker
+    from batchtrack.cli import _postfix
+    from batchtrack.testing import FakeClock
+
+    clock = FakeClock()
+    tracker = BatchTracker(clock=clock)
+    batch = tracker.create_batch([f"{n}.jpg" for n in range(200)])
+    event = None
+    for item in batch.items[:20]:
+        tracker.start_item(batch.batch_id, item.id)
+        clock.advance(3.0)
+        event = tracker.complete_item(batch.batch_id, item.id)
+    assert event is not None
+    assert event.eta_range is not None
+    text = _postfix(event)
+    assert re.fullmatch(r"20 ok, 0 failed, ETA \d+m \(\d+m–\d+m\)", text), text
+    for item in batch.items[20:]:
+        event = tracker.fail_item(batch.batch_id, item.id, "cancelled")
+    assert _postfix(event) == "20 ok, 180 failed"
+
+
+@pytest.mark.parametrize(
+    ("seconds", "text"),
+    [(0, "0s"), (89, "89s"), (90, "2m"), (3599, "60m"), (5400, "1h 30m"), (7260, "2h 01m")],
+)
+def test_durations_read_like_a_person_would_say_them(seconds: int, text: str) -> None:
+    """Seconds under a minute and a half, then minutes, then hours and minutes."""
+    from batchtrack.cli import _duration
+
+    assert _duration(seconds) == text
 
 
 def test_process_all_good_exits_zero(folder: Path, tmp_path: Path) -> None:
@@ -93,15 +344,22 @@ def test_process_all_good_exits_zero(folder: Path, tmp_path: Path) -> None:
         (["process", "."], "--out"),
         (["process", ".", "--out", "o", "--concurrency", "0"], "--concurrency"),
         (["process", ".", "--out", "o", "--format", "gif"], "--format"),
+        (["process", ".", "--out", "o", "--max-size", "70000"], "--max-size"),
+        (["process", ".", "--out", "a-file"], "--out 'a-file' is not a folder"),
+        (["process", ".", "--out", "o", "--data-dir", "a-file"], "--data-dir 'a-file'"),
         (["status"], "BATCH_ID"),
         (["status", "x", "--data-dir", "no/such/dir"], "no batchtrack database"),
+        (["status", "x"], "no batchtrack database in 'batchtrack-data' (the default"),
         (["serve", "--port", "70000"], "--port"),
+        (["serve", "--host", "192.0.2.1"], "cannot listen on 192.0.2.1:8000"),
         (["frobnicate"], "invalid choice"),
         ([], "required"),
     ],
 )
 def test_usage_errors_exit_2_with_one_line(args: list[str], message: str, tmp_path: Path) -> None:
     """Usage errors: exit 2, one line on stderr naming the problem, no traceback."""
+    (tmp_path / "a-file").write_text("in the way")
+    (tmp_path / "photo.jpg").write_bytes(jpeg((50, 50)))
     result = subprocess.run(
         [sys.executable, "-m", "batchtrack", *args],
         capture_output=True,
@@ -110,11 +368,35 @@ def test_usage_errors_exit_2_with_one_line(args: list[str], message: str, tmp_pa
         cwd=tmp_path,
         timeout=60,
     )
-    assert result.returncode == 2
+    assert result.returncode == 2, result.stderr
     lines = [line for line in result.stderr.splitlines() if line.strip()]
     assert message in lines[-1]
     assert "Traceback" not in result.stderr
     assert result.stdout == ""
+    assert (tmp_path / "a-file").read_text() == "in the way"
+
+
+def test_every_option_shows_its_default_in_help() -> None:
+    """Each option that takes a value says its default in --help; --format lists each
+    choice once."""
+    import argparse
+
+    from batchtrack.cli import _parser
+
+    parser = _parser()
+    commands = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction))
+    for name, command in commands.choices.items():
+        for action in command._actions:
+            if not action.option_strings or action.nargs == 0 or action.required:
+                continue
+            assert action.help is not None, (name, action.option_strings)
+            assert "(default: " in action.help, (name, action.option_strings)
+    help_text = batchtrack("process", "--help").stdout
+    assert "--format {jpeg,png,webp}" in help_text
+    assert "JPEG" not in help_text.split("--format")[1].split("\n")[0]
+    assert "(default: the number of CPUs" in help_text
+    assert "(default: 2048)" in help_text
+    assert "(default: ./batchtrack-data" in batchtrack("status", "--help").stdout
 
 
 def test_version_and_help() -> None:
@@ -124,6 +406,25 @@ def test_version_and_help() -> None:
         result = batchtrack(command, "--help")
         assert result.returncode == 0
         assert "usage: batchtrack " + command in result.stdout
+
+
+def test_cli_page_documents_every_option_and_exit_status() -> None:
+    """docs/cli.rst names every option of every command and the exit statuses 0, 1, 2."""
+    import argparse
+
+    from batchtrack.cli import _parser
+
+    page = (Path(__file__).resolve().parent.parent / "docs" / "cli.rst").read_text()
+    commands = next(a for a in _parser()._actions if isinstance(a, argparse._SubParsersAction))
+    for name, command in commands.choices.items():
+        section = page.split(f"batchtrack {name}\n---")[1].split("\n---")[0]
+        for action in command._actions:
+            for option in action.option_strings:
+                if option not in ("-h", "--help"):
+                    assert option in section, (name, option)
+    for status in ("``0``", "``1``", "``2``"):
+        assert status in page
+    assert "the port is in use" in page
 
 
 # -- serve -------------------------------------------------------------------------------------
@@ -253,11 +554,71 @@ def test_serve_page_upload_poll_and_status_from_another_process(
             assert time.monotonic() < deadline
             time.sleep(0.1)
     assert body["progress"]["completed"] == 6
+    # The log: one line per request, and the batch's start and end (read from the store).
+    log = data.parent / "serve.log"
+    batch = started["batchId"]
+    finished = f"batch {batch} finished (completed) in "
+    deadline = time.monotonic() + 10
+    while finished not in log.read_text():
+        assert time.monotonic() < deadline, log.read_text()
+        time.sleep(0.1)
+    lines = log.read_text().splitlines()
+    assert re.search(r"^GET / 200 \d+\.\d ms$", lines[1]), lines
+    assert any(re.fullmatch(r"POST /api/upload 201 \d+\.\d ms", line) for line in lines), lines
+    assert any(re.fullmatch(r"POST /api/process-batch 202 [\d.]+ ms", line) for line in lines)
+    polls = [line for line in lines if line.startswith(f"GET /api/batch-status/{batch} 200 ")]
+    assert len(polls) >= 2
+    assert f"batch {batch} started: 6 images" in lines
+    assert lines.index(f"batch {batch} started: 6 images") < next(
+        n for n, line in enumerate(lines) if line.startswith(finished)
+    )
+    assert any(
+        line.startswith(finished) and line.endswith(": 6 of 6 images processed, 0 failed")
+        for line in lines
+    )
     final = batchtrack("status", started["batchId"], "--data-dir", str(data))
     assert json.loads(final.stdout)["progress"]["completed"] == 6
     unknown = batchtrack("status", "00000000-0000-4000-8000-000000000000", "--data-dir", str(data))
     assert unknown.returncode == 1
     assert "not found" in unknown.stderr
+
+
+def test_serve_quiet_logs_no_requests(tmp_path: Path) -> None:
+    """--quiet: the line saying where it listens, and no request or batch lines."""
+    data = tmp_path / "data"
+    log = tmp_path / "quiet.log"
+    base, proc = start_serve(data, log, "--quiet")
+    try:
+        with httpx.Client(base_url=base, timeout=30) as client:
+            assert client.get("/").status_code == 200
+            files = [("files", ("a.jpg", jpeg((200, 100)), "image/jpeg"))]
+            ids = [f["id"] for f in client.post("/api/upload", files=files).json()["files"]]
+            started = client.post("/api/process-batch", json={"fileIds": ids}).json()
+            while client.get(started["statusUrl"]).json()["status"] == "processing":
+                time.sleep(0.1)
+        time.sleep(1.0)  # twice the batch log's interval: it would have spoken by now
+    finally:
+        stop_serve(proc)
+    lines = log.read_text().splitlines()
+    assert len(lines) == 1, lines
+    assert lines[0].startswith("batchtrack serving on ")
+
+
+def test_serve_on_a_busy_port_says_so_and_exits_2(tmp_path: Path) -> None:
+    """Another server on the port: one plain line, exit 2, before anything starts (no
+    "serving on", no data folder)."""
+    with socket.socket() as other:
+        other.bind(("127.0.0.1", 0))
+        other.listen()
+        port = other.getsockname()[1]
+        result = batchtrack("serve", "--port", str(port), "--data-dir", str(tmp_path / "data"))
+    assert result.returncode == 2
+    assert result.stderr.splitlines() == [
+        f"batchtrack serve: error: cannot listen on 127.0.0.1:{port}: "
+        "the port is in use (another server?); choose another --port"
+    ]
+    assert result.stdout == ""
+    assert not (tmp_path / "data").exists()
 
 
 def test_ctrl_c_stops_cleanly_and_marks_unstarted_items_interrupted(

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import re
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -34,6 +36,117 @@ def test_docs_build_without_warnings(builder: str, tmp_path: Path) -> None:
         check=False,
     )
     assert result.returncode == 0, result.stdout + result.stderr
+
+
+def _sphinx_doctest(pages: dict[str, str], tmp_path: Path) -> subprocess.CompletedProcess[str]:
+    """Run the doctest builder with the project's conf.py over these pages."""
+    source = tmp_path / "src"
+    source.mkdir()
+    toctree = "\n".join(f"   {name}" for name in pages)
+    (source / "index.rst").write_text(f"Pages\n=====\n\n.. toctree::\n\n{toctree}\n")
+    for name, body in pages.items():
+        (source / f"{name}.rst").write_text(f"{name}\n{'=' * len(name)}\n\n{body}")
+    run_in = tmp_path / "cwd"
+    run_in.mkdir()
+    sphinx = [sys.executable, "-m", "sphinx", "-W", "--keep-going", "-b", "doctest"]
+    return subprocess.run(
+        [*sphinx, "-c", str(ROOT / "docs"), str(source), str(tmp_path / "out")],
+        capture_output=True,
+        text=True,
+        check=False,
+        cwd=run_in,
+    )
+
+
+@pytest.mark.slow
+def test_doctests_run_each_page_alone_in_an_empty_folder(tmp_path: Path) -> None:
+    """With docs/conf.py a snippet fails that uses a name its page does not import, a
+    name from another page, or a folder it did not make; files snippets write land in a
+    temporary folder, never where the docs are built from."""
+    pytest.importorskip("sphinx")
+    pages = {
+        "imports": (
+            ".. doctest::\n\n"
+            "    >>> from batchtrack.testing import FakeClock\n"
+            "    >>> FakeClock(5.0)()\n    5.0\n"
+            "    >>> from_this_page = 1\n"
+            "    >>> import os\n"
+            "    >>> os.mkdir('made')\n"
+            "    >>> _ = open('made/written.txt', 'w').write('x')\n"
+            "    >>> sorted(os.listdir('.'))\n    ['made']\n"
+        ),
+        "noimport": ".. doctest::\n\n    >>> FakeClock()\n    FakeClock(...)\n",
+        "nostar": ".. doctest::\n\n    >>> BatchTracker()\n    BatchTracker(...)\n",
+        "otherpage": ".. doctest::\n\n    >>> from_this_page\n    1\n",
+        "nofolder": (
+            ".. testcode::\n\n"
+            "    from batchtrack import SQLiteStore\n"
+            "    open('data/batches.txt', 'w')\n"
+        ),
+    }
+    result = _sphinx_doctest(pages, tmp_path)
+    output = result.stdout + result.stderr
+    assert result.returncode != 0, output
+    failed = set(re.findall(r'File "(\w+)\.rst", line \d+, in default', output))
+    assert failed == {"noimport", "nostar", "otherpage", "nofolder"}, output
+    assert "NameError: name 'FakeClock' is not defined" in output
+    assert "NameError: name 'from_this_page' is not defined" in output
+    assert "No such file or directory: 'data/batches.txt'" in output
+    leftovers = [p for p in tmp_path.rglob("*") if p.name in ("made", "written.txt")]
+    assert leftovers == []
+    assert not (ROOT / "docs" / "made").exists()
+    assert not (ROOT / "made").exists()
+
+
+def test_no_page_tells_users_to_pip_install_from_pypi() -> None:
+    """No release on PyPI yet: only the Install section may mention `pip install batchtrack`,
+    to say that it finds nothing; every other page installs from a clone or a wheel."""
+    pages = [ROOT / "README.md", *sorted((ROOT / "docs").glob("*.rst"))]
+    wrong = []
+    for page in pages:
+        for number, line in enumerate(page.read_text().splitlines(), 1):
+            if re.search(r"pip install\s+\S*batchtrack", line):
+                wrong.append(f"{page.name}:{number}: {line.strip()}")
+    quickstart = [w for w in wrong if w.startswith("quickstart.rst:")]
+    assert [w for w in wrong if w not in quickstart] == []
+    install = (ROOT / "docs" / "quickstart.rst").read_text()
+    assert "pip install -e '.[all]'" in install
+    assert "python -m build" in install
+    assert 'pip install "$(ls dist/batchtrack-*.whl)[all]"' in install
+    assert all("no release on PyPI" in install or "it will be" in w for w in quickstart)
+
+
+def test_deployment_points_to_the_tested_celery_module() -> None:
+    """deployment.rst's Celery sketch names what docs/examples/celery_app.py (run by
+    tests/test_celery.py) defines, and sends readers to the page that includes it."""
+    deployment = (ROOT / "docs" / "deployment.rst").read_text()
+    example = (ROOT / "docs" / "examples" / "celery_app.py").read_text()
+    assert ":doc:`celery`" in deployment
+    celery = (ROOT / "docs" / "celery.rst").read_text()
+    assert ".. literalinclude:: examples/celery_app.py" in celery
+    for line in ("runner = CeleryRunner(tracker, process_image)", "celery -A celery_app worker"):
+        assert line in deployment
+        assert line in example
+
+
+@pytest.mark.slow
+def test_nox_docs_session_builds_from_a_fresh_virtualenv(tmp_path: Path) -> None:
+    """`nox -s docs`, as the README says, installs the docs extra into a new virtualenv and
+    builds the HTML and the doctests there: the extra holds all that autodoc imports."""
+    nox = shutil.which("nox") or str(Path(sys.executable).with_name("nox"))
+    if not Path(nox).exists():
+        pytest.skip("nox is not installed (pip install -e '.[dev]')")
+    result = subprocess.run(
+        [nox, "-s", "docs", "--envdir", str(tmp_path / "env"), "--", str(tmp_path / "out")],
+        capture_output=True,
+        text=True,
+        check=False,
+        cwd=ROOT,
+        timeout=900,
+    )
+    assert result.returncode == 0, result.stdout[-5000:] + result.stderr[-5000:]
+    assert (tmp_path / "out" / "html" / "index.html").is_file()
+    assert "0 failures in tests" in (tmp_path / "out" / "doctest" / "output.txt").read_text()
 
 
 def test_progress_example_runs_to_the_end() -> None:

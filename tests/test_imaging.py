@@ -220,8 +220,42 @@ def test_bad_settings_are_rejected(out: Path, kwargs: dict[str, object], message
 
     with pytest.raises(ValidationError, match=message):
         ImagePipeline(out, **kwargs)  # type: ignore[arg-type]
-    with pytest.raises(ValidationError, match="not a folder"):
-        ImagePipeline(out / "missing")
+
+
+def test_missing_output_dir_is_created_with_its_parents(tmp_path: Path) -> None:
+    """ImagePipeline("out") in an empty folder creates out/ (parents too) and writes there."""
+    target = tmp_path / "results" / "2026" / "small"
+    pipeline = ImagePipeline(target, max_size=64)
+    assert target.is_dir()
+    written = _run(pipeline, _jpeg_with_exif(tmp_path / "a.jpg"))
+    assert written.parent == target
+    ImagePipeline(target)  # an existing folder is fine, and nothing in it is touched
+    assert [p.name for p in target.iterdir()] == [written.name]
+
+
+@pytest.mark.parametrize("where", ["file", "file/below"])
+def test_output_dir_that_is_a_file_is_refused(tmp_path: Path, where: str) -> None:
+    """A file in the way of output_dir is a ValidationError and is left untouched."""
+    from batchtrack import ValidationError
+
+    (tmp_path / "file").write_bytes(b"keep me")
+    with pytest.raises(ValidationError, match="is not a folder"):
+        ImagePipeline(tmp_path / where)
+    assert (tmp_path / "file").read_bytes() == b"keep me"
+
+
+@pytest.mark.skipif(os.geteuid() == 0, reason="root may write anywhere")
+def test_output_dir_that_cannot_be_created_is_refused(tmp_path: Path) -> None:
+    """A folder that cannot be created (no permission) is a ValidationError naming it."""
+    from batchtrack import ValidationError
+
+    locked = tmp_path / "locked"
+    locked.mkdir(mode=0o500)
+    try:
+        with pytest.raises(ValidationError, match="cannot create output_dir"):
+            ImagePipeline(locked / "out")
+    finally:
+        locked.chmod(0o700)
 
 
 @pytest.fixture

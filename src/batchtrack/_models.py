@@ -236,13 +236,12 @@ class ProgressEvent:
         batch_id: The batch.
         item: The item as it is after the transition.
         progress: The batch's counts right after the transition.
-        estimated_time_remaining: The ETA right after the transition (see
-            :attr:`BatchSnapshot.estimated_time_remaining`).
         changed: False when the call repeated a transition that had already happened
             (a no-op, counted nothing).
         version: The batch version after the transition.
-        eta_range: The 80% range of the ETA right after the transition (see
-            :attr:`BatchSnapshot.eta_range`).
+
+    Its :attr:`estimated_time_remaining` and :attr:`eta_range` are those right after the
+    transition.
     """
 
     __slots__ = (
@@ -316,14 +315,16 @@ class ProgressEvent:
 
     @property
     def estimated_time_remaining(self) -> int | None:
-        """The ETA right after the transition."""
+        """The ETA right after the transition (see
+        :attr:`BatchSnapshot.estimated_time_remaining`)."""
         if self._eta is _LAZY:
             self._work_out()
         return self._eta  # type: ignore[no-any-return]
 
     @property
     def eta_range(self) -> tuple[int, int] | None:
-        """The 80% range of the ETA right after the transition."""
+        """The 80% range of the ETA right after the transition (see
+        :attr:`BatchSnapshot.eta_range`)."""
         if self._eta_range is _LAZY:
             self._work_out()
         return self._eta_range  # type: ignore[no-any-return]

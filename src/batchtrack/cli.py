@@ -8,19 +8,24 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import errno
+import functools
 import json
 import logging
 import os
 import re
+import socket
 import sys
-from collections.abc import Iterator, Sequence
-from pathlib import Path
+from collections.abc import Sequence
+from pathlib import Path, PurePath
 from typing import Any, NoReturn
 
+import attrs
+
 from . import __version__
-from ._models import BatchSnapshot, ProgressEvent
+from ._models import BatchSnapshot, Item, ProgressEvent
 from ._paths import DB_NAME
-from .exceptions import BatchNotFound, BatchtrackError
+from .exceptions import BatchNotFound, BatchtrackError, ValidationError
 
 __all__ = ["main"]
 
@@ -84,6 +89,19 @@ def _port(text: str) -> int:
     return value
 
 
+DATA_DIR = Path("batchtrack-data")
+"""The data folder of ``serve``, ``status`` and ``process --data-dir`` when none is given."""
+
+IMAGE_SUFFIXES = frozenset(
+    {".jpg", ".jpeg", ".jpe", ".jfif", ".png", ".webp", ".gif", ".bmp", ".dib", ".tif", ".tiff"}
+    | {".heic", ".heif", ".avif"}  # photos people expect to work: they fail with the reason
+)
+"""In folders, files with these extensions (any case) are images; others are skipped."""
+
+_PROCESS_TTL = 7 * 24 * 3600.0  # `process --data-dir` batches: a week to read them back
+_MAX_ID, _MAX_NAME = 255, 1024  # the tracker's limits for item ids and filenames
+
+
 class _Parser(argparse.ArgumentParser):
     def error(self, message: str) -> NoReturn:
         self.exit(2, f"{self.prog}: error: {message}\n")
@@ -93,60 +111,134 @@ def _parser() -> argparse.ArgumentParser:
     parser = _Parser(
         prog="batchtrack",
         description="Run batches of images and show their progress.",
+        epilog="Exit status: 0 success, 1 some image failed or the batch is unknown, "
+        "2 a usage error.",
     )
     parser.add_argument("--version", action="version", version=f"batchtrack {__version__}")
     commands = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
 
     serve = commands.add_parser(
-        "serve", help="the demo service: a page to upload images and watch the batch"
+        "serve",
+        help="the demo service: a page to upload images and watch the batch",
+        description="The demo service: a page at / to upload images and watch the batch, "
+        "the API under /api. Logs each request and each batch's start and end on stderr.",
     )
-    serve.add_argument("--host", default="127.0.0.1", help="address to listen on (127.0.0.1)")
-    serve.add_argument("--port", type=_port, default=8000, help="port to listen on (8000)")
     serve.add_argument(
-        "--data-dir",
-        type=Path,
-        default=Path("batchtrack-data"),
-        help="database, uploads and results (./batchtrack-data; created when missing)",
+        "--host", default="127.0.0.1", help="address to listen on (default: 127.0.0.1)"
     )
-    serve.add_argument("--concurrency", type=_positive, default=4, help="images at once (4)")
+    serve.add_argument("--port", type=_port, default=8000, help="port to listen on (default: 8000)")
+    _data_dir_option(serve, "database, uploads and results")
+    serve.add_argument(
+        "--concurrency",
+        type=_positive,
+        default=4,
+        metavar="N",
+        help="images processed at once (default: 4)",
+    )
     serve.add_argument(
         "--lease",
         type=_seconds,
         default=60.0,
         metavar="SECONDS",
-        help="an image whose worker shows no sign of life for this long is run again (60)",
+        help="an image whose worker shows no sign of life for this long is run again (default: 60)",
     )
     serve.add_argument(
         "--max-upload-storage",
         type=_size,
         default=2**30,
         metavar="SIZE",
-        help="the most the uploads folder holds, e.g. 500M or 2G; more is refused with 507 (1G)",
+        help="the most the uploads folder holds, e.g. 500M or 2G; more is refused with 507 "
+        "(default: 1G)",
     )
     serve.add_argument(
         "--upload-quota",
         type=_size,
         default=200 * 2**20,
         metavar="SIZE",
-        help="what one client (IP address) may upload per hour; more is refused with 429 (200M)",
+        help="what one client (IP address) may upload per hour; more is refused with 429 "
+        "(default: 200M)",
+    )
+    serve.add_argument(
+        "--quiet",
+        action="store_true",
+        help="log only warnings and errors, not each request and batch",
     )
 
+    cpus = os.cpu_count() or 2
     process = commands.add_parser(
-        "process", help="process files and folders of images, with a progress bar"
+        "process",
+        help="process files and folders of images, with a progress bar",
+        description="Process files and folders of images into --out, with a progress bar "
+        "on stderr. In folders (searched recursively), files with an image extension are "
+        f"images ({', '.join(sorted(IMAGE_SUFFIXES))}); other files and hidden ones are "
+        "skipped and counted. Files named on the command line are always images.",
     )
     process.add_argument("paths", nargs="+", type=Path, metavar="PATH", help="files or folders")
-    process.add_argument("--out", type=Path, required=True, help="where results go (created)")
-    process.add_argument("--concurrency", type=_positive, default=os.cpu_count() or 2)
-    process.add_argument("--max-size", type=_positive, default=2048, metavar="PX")
-    process.add_argument("--format", choices=["JPEG", "PNG", "WEBP", "jpeg", "png", "webp"])
+    process.add_argument(
+        "--out",
+        type=Path,
+        required=True,
+        metavar="DIR",
+        help="where results go, keeping the folders' layout (created when missing)",
+    )
+    process.add_argument(
+        "--concurrency",
+        type=_positive,
+        default=cpus,
+        metavar="N",
+        help=f"images processed at once (default: the number of CPUs, {cpus} here)",
+    )
+    process.add_argument(
+        "--max-size",
+        type=_positive,
+        default=2048,
+        metavar="PX",
+        help="the longest side of a result, in pixels; never enlarged (default: 2048)",
+    )
+    process.add_argument(
+        "--format",
+        type=str.lower,
+        choices=["jpeg", "png", "webp"],
+        default=None,
+        help="the format of the results (default: JPEG, PNG and WebP stay as they are, "
+        "other formats become PNG)",
+    )
+    process.add_argument(
+        "--data-dir",
+        type=Path,
+        default=None,
+        metavar="DIR",
+        help="keep the batch in DIR's database, for `batchtrack status` (kept 7 days) "
+        "(default: in memory only)",
+    )
     process.add_argument(
         "--json", action="store_true", help="print only the final status JSON on stdout"
     )
 
-    status = commands.add_parser("status", help="print a batch's status JSON")
+    status = commands.add_parser(
+        "status",
+        help="print a batch's status JSON",
+        description="Print a batch's status JSON (only that, on stdout) from the database "
+        "of `serve` or `process --data-dir`, also while the batch is running.",
+    )
     status.add_argument("batch_id", metavar="BATCH_ID")
-    status.add_argument("--data-dir", type=Path, required=True, help="the serve data folder")
+    _data_dir_option(status, "the folder of the database")
+    status.add_argument(
+        "--failed",
+        action="store_true",
+        help="list only the failed images (counts stay those of the whole batch)",
+    )
     return parser
+
+
+def _data_dir_option(parser: argparse.ArgumentParser, what: str) -> None:
+    parser.add_argument(
+        "--data-dir",
+        type=Path,
+        default=DATA_DIR,
+        metavar="DIR",
+        help=f"{what} (default: ./{DATA_DIR}; created when missing)",
+    )
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -170,18 +262,21 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 def _status(args: argparse.Namespace) -> int:
-    from . import BatchTracker, SQLiteStore
+    from . import BatchTracker, SQLiteStore, Status
 
     db = args.data_dir / DB_NAME
     if not db.is_file():
-        raise _Usage(f"no batchtrack database in {str(args.data_dir)!r}")
+        hint = " (the default; give --data-dir)" if args.data_dir == DATA_DIR else ""
+        raise _Usage(f"no batchtrack database in {str(args.data_dir)!r}{hint}")
     try:
         store = SQLiteStore(db)
     except BatchtrackError as exc:
         raise _Usage(str(exc)) from None
     with store:
+        tracker = BatchTracker(store)
         try:
-            snap = BatchTracker(store).get(args.batch_id)
+            # Only the failed items are read: cheap for a batch of any size.
+            snap = tracker.get(args.batch_id, status=Status.FAILED if args.failed else None)
         except BatchNotFound:
             print(f"batchtrack status: batch {args.batch_id} not found", file=sys.stderr)
             return 1
@@ -192,21 +287,109 @@ def _status(args: argparse.Namespace) -> int:
 # -- process --------------------------------------------------------------------------------
 
 
-def _images(paths: Sequence[Path]) -> Iterator[Path]:
-    """Files as given; the images (by content) found in folders, recursively, sorted."""
-    from PIL import Image, UnidentifiedImageError
+@attrs.frozen
+class _Source:
+    """An image to process: where it is, and its place under ``--out``."""
 
+    path: Path
+    relative: PurePath  # its path under the folder given, or its name for a file given
+
+
+def _collect(paths: Sequence[Path], out: Path) -> tuple[list[_Source], list[Path]]:
+    """The images to process, and the files skipped in folders (not images by extension,
+    or hidden). Files named are always taken; folders are searched recursively, sorted,
+    leaving out ``out`` itself (results of an earlier run are not inputs)."""
+    images: list[_Source] = []
+    skipped: list[Path] = []
+    results = out.resolve()
     for path in paths:
         if path.is_file():
-            yield path
+            images.append(_Source(path, PurePath(path.name)))
             continue
-        for candidate in sorted(p for p in path.rglob("*") if p.is_file()):
-            try:
-                with Image.open(candidate):
-                    pass
-            except (UnidentifiedImageError, OSError, Image.DecompressionBombError):
+        for candidate in sorted(path.rglob("*")):
+            resolved = candidate.resolve()
+            if resolved == results or results in resolved.parents or not candidate.is_file():
                 continue
-            yield candidate
+            relative = candidate.relative_to(path)
+            if any(part.startswith(".") for part in relative.parts):
+                skipped.append(candidate)
+            elif candidate.suffix.lower() in IMAGE_SUFFIXES:
+                images.append(_Source(candidate, relative))
+            else:
+                skipped.append(candidate)
+    return images, skipped
+
+
+_UNSAFE = re.compile(r"[\\\x00-\x1f\x7f]|[\ud800-\udfff]")
+
+
+def _text(value: str) -> str:
+    """A path as text a tracker keeps and a terminal shows: no control characters, and
+    bytes that are not UTF-8 (``surrogateescape``) as ``_``."""
+    return _UNSAFE.sub("_", value)
+
+
+def _plan(sources: Sequence[_Source]) -> list[tuple[str, PurePath]]:
+    """Each source's item id and result path under ``--out`` (without the extension).
+
+    A result keeps its source's place and name; when two sources would give one result
+    name in one folder (``a.png`` and ``a.jpg``, ``A.jpg`` and ``a.jpg``, or the same name
+    from two folders given), the first keeps it and the next get ``-2``, ``-3``: no result
+    ever overwrites another. The item id is the result path, so it is unique too.
+    """
+    taken: dict[PurePath, set[str]] = {}
+    ids: set[str] = set()
+    plan = []
+    for number, source in enumerate(sources, 1):
+        folder = source.relative.parent
+        stem = _text(source.relative.stem).lstrip(".") or "image"
+        used = taken.setdefault(folder, set())
+        name, n = stem, 1
+        while name.casefold() in used:
+            n += 1
+            name = f"{stem}-{n}"
+        used.add(name.casefold())
+        result = folder / name
+        item_id = _text(result.as_posix())
+        if len(item_id) > _MAX_ID or item_id in ids:
+            # Very deep paths, or folders whose names differ only in unprintable bytes:
+            # the id only has to be unique, the result path stays as planned.
+            item_id = f"{number}:{item_id[-(_MAX_ID - 12) :]}"
+        ids.add(item_id)
+        plan.append((item_id, result))
+    return plan
+
+
+def _shown(relative: PurePath) -> str:
+    """An item's filename: its path under the folder given, the end of it when long."""
+    text = _text(relative.as_posix())
+    return text if len(text) <= _MAX_NAME else "…" + text[-(_MAX_NAME - 1) :]
+
+
+@attrs.define
+class _IntoFolders:
+    """The processor of ``process``: an :class:`ImagePipeline` per result folder, each
+    result named as planned; remembers what it wrote."""
+
+    out: Path
+    settings: dict[str, Any]
+    results: dict[str, PurePath]  # item id -> result path under out, without extension
+    written: dict[str, Path] = attrs.field(factory=dict)
+    _pipelines: dict[PurePath, Any] = attrs.field(factory=dict)
+
+    def __call__(self, item: Item) -> Path:
+        from .imaging import ImagePipeline
+
+        item_id = str(item.id)
+        result = self.results[item_id]
+        pipeline = self._pipelines.get(result.parent)
+        if pipeline is None:
+            # Made on first use, so a folder whose images all fail is not created.
+            pipeline = ImagePipeline(self.out / result.parent, **self.settings)
+            self._pipelines[result.parent] = pipeline
+        path: Path = pipeline(attrs.evolve(item, id=result.name))
+        self.written[item_id] = path
+        return path
 
 
 def _process(args: argparse.Namespace) -> int:
@@ -214,22 +397,42 @@ def _process(args: argparse.Namespace) -> int:
     _need("tqdm", "cli")
     from tqdm import tqdm
 
-    from . import BatchTracker, Item, Orchestrator
+    from . import BatchTracker, Orchestrator, SQLiteStore
     from .imaging import ImagePipeline
 
     missing = [str(p) for p in args.paths if not p.exists()]
     if missing:
         raise _Usage(f"no such file or folder: {', '.join(missing)}")
+    odd = [str(p) for p in args.paths if not (p.is_file() or p.is_dir())]
+    if odd:
+        raise _Usage(f"not a file or a folder: {', '.join(odd)}")
+    settings = {"max_size": args.max_size, "format": args.format}
     try:
-        args.out.mkdir(parents=True, exist_ok=True)
-    except OSError as exc:
-        raise _Usage(f"cannot create --out {str(args.out)!r}: {exc.strerror}") from None
-    paths = list(_images(args.paths))
-    if not paths:
-        raise _Usage("no images found in the paths given")
-    pipeline = ImagePipeline(args.out, max_size=args.max_size, format=args.format)
+        ImagePipeline(args.out, **settings)  # checks the settings and creates --out
+    except ValidationError as exc:
+        raise _Usage(
+            str(exc).replace("output_dir", "--out").replace("max_size", "--max-size")
+        ) from None
+    sources, skipped = _collect(args.paths, args.out)
+    if not sources:
+        found = f"; skipped {_skipped_text(skipped)}" if skipped else ""
+        raise _Usage(f"no images found in the paths given{found}")
+    plan = _plan(sources)
+    processor = _IntoFolders(args.out, settings, dict(plan))
+    items = [
+        Item(_shown(s.relative), source=s.path, id=i)
+        for s, (i, _) in zip(sources, plan, strict=True)
+    ]
+    if args.data_dir is None:
+        tracker = BatchTracker()
+    else:
+        try:
+            args.data_dir.mkdir(parents=True, exist_ok=True)
+            tracker = BatchTracker(SQLiteStore(args.data_dir / DB_NAME), ttl=_PROCESS_TTL)
+        except (OSError, BatchtrackError) as exc:
+            raise _Usage(f"cannot use --data-dir {str(args.data_dir)!r}: {exc}") from None
     bar = tqdm(
-        total=len(paths),
+        total=len(items),
         unit="img",
         file=sys.stderr,
         dynamic_ncols=True,
@@ -240,55 +443,109 @@ def _process(args: argparse.Namespace) -> int:
     def on_progress(event: ProgressEvent) -> None:
         if not event.item.status.is_final:
             return
-        p = event.progress
-        eta = event.estimated_time_remaining
-        bar.set_postfix_str(
-            f"{p.completed} ok, {p.failed} failed" + ("" if eta is None else f", ETA {eta}s"),
-            refresh=False,
-        )
+        bar.set_postfix_str(_postfix(event), refresh=False)
         bar.update(1)
 
-    items = [
-        Item(path.name, source=path, id=i) for path, i in zip(paths, _names(paths), strict=True)
-    ]
-    with Orchestrator(BatchTracker(), pipeline, concurrency=args.concurrency) as orch:
-        try:
-            snap = orch.run(items, on_progress=on_progress)
-        finally:
-            bar.close()
-    _report(snap, paths, as_json=args.json)
+    try:
+        with Orchestrator(tracker, processor, concurrency=args.concurrency) as orch:
+            try:
+                started = orch.submit(items, on_progress=on_progress)
+                if args.data_dir is not None:
+                    bar.write(f"batch {started.batch_id}", file=sys.stderr)
+                snap = orch.wait(started.batch_id)
+            finally:
+                bar.close()
+    finally:
+        tracker.store.close()
+    _report(snap, sources, skipped, processor, args)
     return 0 if snap.progress.failed == 0 else 1
 
 
-def _names(paths: Sequence[Path]) -> list[str]:
-    """Output names for the results: the files' stems, made unique and safe."""
-    seen: set[str] = set()
-    names = []
-    for path in paths:
-        stem = re.sub(r"[^\w.-]+", "_", path.stem).lstrip(".") or "image"
-        name, n = stem, 1
-        while name in seen:
-            n += 1
-            name = f"{stem}-{n}"
-        seen.add(name)
-        names.append(name)
-    return names
+def _duration(seconds: int) -> str:
+    """``45s``, ``3m``, ``1h 05m``: as precise as a person needs."""
+    if seconds < 90:
+        return f"{seconds}s"
+    if seconds < 5400:
+        return f"{round(seconds / 60)}m"
+    hours, minutes = divmod(round(seconds / 60), 60)
+    return f"{hours}h {minutes:02d}m"
 
 
-def _report(snap: BatchSnapshot, paths: Sequence[Path], *, as_json: bool) -> None:
-    if as_json:
+def _postfix(event: ProgressEvent) -> str:
+    """The progress bar's counts and ETA: ``3 ok, 1 failed, ETA 2m (1m–3m)``."""
+    p = event.progress
+    text = f"{p.completed} ok, {p.failed} failed"
+    eta = event.estimated_time_remaining
+    if eta is None or p.pending + p.processing == 0:
+        return text
+    text += f", ETA {_duration(eta)}"
+    if event.eta_range is not None:
+        low, high = event.eta_range
+        text += f" ({_duration(low)}–{_duration(high)})"
+    return text
+
+
+def _skipped_text(skipped: Sequence[Path], shown: int = 5) -> str:
+    """``3 files (no image extension, or hidden): a.txt, b.csv, .DS_Store``."""
+    names = ", ".join(_text(str(p)) for p in skipped[:shown])
+    more = f" and {len(skipped) - shown} more" if len(skipped) > shown else ""
+    files = "file" if len(skipped) == 1 else "files"
+    return f"{len(skipped)} {files} (no image extension, or hidden): {names}{more}"
+
+
+def _report(
+    snap: BatchSnapshot,
+    sources: Sequence[_Source],
+    skipped: Sequence[Path],
+    processor: _IntoFolders,
+    args: argparse.Namespace,
+) -> None:
+    if args.json:
         print(json.dumps(snap.to_dict(), ensure_ascii=False))
     p = snap.progress
     print(f"{p.completed} of {p.total} images processed, {p.failed} failed", file=sys.stderr)
-    failures = [(path, item) for path, item in zip(paths, snap.items, strict=True) if item.error]
+    if skipped:
+        print(f"Skipped {_skipped_text(skipped)}", file=sys.stderr)
+    by_id = {item.id: source for item, source in zip(snap.items, sources, strict=True)}
+    renamed = [
+        (by_id[item_id], path)
+        for item_id, path in sorted(processor.written.items(), key=lambda kv: str(kv[1]))
+        if path.stem != by_id[item_id].path.stem
+    ]
+    if renamed:
+        print("Renamed, so that no result overwrites another:", file=sys.stderr)
+        for source, path in renamed:
+            print(f"  {_text(str(source.path))} -> {_text(str(path))}", file=sys.stderr)
+    failures = [(by_id[item.id], item) for item in snap.items if item.error]
     if failures:
-        width = min(max(len(str(path)) for path, _ in failures), 60)
+        width = min(max(len(_text(str(s.path))) for s, _ in failures), 60)
         print(f"\n{'file':<{width}}  error", file=sys.stderr)
-        for path, item in failures:
-            print(f"{path!s:<{width}}  {item.error}", file=sys.stderr)
+        for source, item in failures:
+            print(f"{_text(str(source.path)):<{width}}  {item.error}", file=sys.stderr)
+    if args.data_dir is not None:
+        where = "" if args.data_dir == DATA_DIR else f" --data-dir {args.data_dir}"
+        print(f"\nbatch {snap.batch_id}: batchtrack status {snap.batch_id}{where}", file=sys.stderr)
 
 
 # -- serve ----------------------------------------------------------------------------------
+
+
+def _listen(host: str, port: int) -> socket.socket:
+    """A socket bound to ``host:port`` the way uvicorn binds one; a usage error when the
+    port is taken or the address is not this machine's, before anything is started."""
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    sock = socket.socket(family, socket.SOCK_STREAM)
+    try:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        sock.bind((host, port))
+    except OSError as exc:
+        sock.close()
+        reason = exc.strerror or str(exc)
+        if exc.errno == errno.EADDRINUSE:
+            reason = "the port is in use (another server?); choose another --port"
+        raise _Usage(f"cannot listen on {host}:{port}: {reason}") from None
+    sock.set_inheritable(True)
+    return sock
 
 
 def _serve(args: argparse.Namespace) -> int:
@@ -297,36 +554,53 @@ def _serve(args: argparse.Namespace) -> int:
     _need("PIL", "images")
     import uvicorn
 
+    from . import BatchTracker, SQLiteStore
+    from ._access_log import AccessLog, BatchWatch
     from ._demo import build
 
+    logging.getLogger("batchtrack").setLevel(logging.WARNING if args.quiet else logging.INFO)
+    sock = _listen(args.host, args.port)
     try:
-        app, close = build(
-            args.data_dir,
-            concurrency=args.concurrency,
-            lease=args.lease,
-            max_upload_storage=args.max_upload_storage,
-            upload_quota=args.upload_quota,
+        try:
+            app, close = build(
+                args.data_dir,
+                concurrency=args.concurrency,
+                lease=args.lease,
+                max_upload_storage=args.max_upload_storage,
+                upload_quota=args.upload_quota,
+            )
+        except (OSError, BatchtrackError) as exc:
+            raise _Usage(f"cannot use --data-dir {str(args.data_dir)!r}: {exc}") from None
+        # The log reads the batches through a store of its own on the same database.
+        store = SQLiteStore(args.data_dir / DB_NAME)
+        watch = BatchWatch(functools.partial(BatchTracker(store).get, items=False))
+        host = f"[{args.host}]" if ":" in args.host else args.host
+        print(
+            f"batchtrack serving on http://{host}:{args.port}/ "
+            f"(data in {args.data_dir.resolve()}); Ctrl-C stops",
+            file=sys.stderr,
+            flush=True,
         )
-    except (OSError, BatchtrackError) as exc:
-        raise _Usage(f"cannot use --data-dir {str(args.data_dir)!r}: {exc}") from None
-    url = f"http://{args.host}:{args.port}/"
-    print(
-        f"batchtrack serving on {url} (data in {args.data_dir.resolve()}); Ctrl-C stops",
-        file=sys.stderr,
-        flush=True,
-    )
-    try:
-        config = uvicorn.Config(
-            app, host=args.host, port=args.port, log_level="warning", lifespan="on"
-        )
-        server = uvicorn.Server(config)
-        # uvicorn shuts down gracefully on Ctrl-C, then re-raises the signal: we are done.
-        with contextlib.suppress(KeyboardInterrupt):
-            server.run()
-        if not server.started:
-            raise _Usage(f"could not listen on {args.host}:{args.port} (in use?)")
+        try:
+            config = uvicorn.Config(
+                AccessLog(app, watch),
+                host=args.host,
+                port=args.port,
+                log_level="warning",
+                access_log=False,
+                lifespan="on",
+            )
+            server = uvicorn.Server(config)
+            # uvicorn shuts down gracefully on Ctrl-C, then re-raises the signal: we are done.
+            with contextlib.suppress(KeyboardInterrupt):
+                server.run(sockets=[sock])
+        finally:
+            watch.close()
+            close()
+            watch.check()  # batches that ended while shutting down
+            store.close()
     finally:
-        close()
+        sock.close()
     return 0
 
 

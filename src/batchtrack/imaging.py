@@ -71,7 +71,7 @@ class ImagePipeline:
     ``<item id><extension>``: exactly one file per image, nothing else left behind.
 
     Args:
-        output_dir: Where results go; must exist.
+        output_dir: Where results go; created, with its parents, when missing.
         max_size: The longest side of a result, in pixels (never enlarged).
         format: ``"JPEG"``, ``"PNG"`` or ``"WEBP"``; None keeps JPEG, PNG and WebP as
             they are and writes other formats as PNG.
@@ -81,6 +81,10 @@ class ImagePipeline:
 
     Returns (when called):
         The path of the written file.
+
+    Raises:
+        ValidationError: A setting is out of range, or ``output_dir`` is a file (or lies
+            under one) or cannot be created.
 
     Raises (when called):
         ProcessingError: With a short message for users: "not an image", "unsupported
@@ -99,8 +103,16 @@ class ImagePipeline:
         _check_int(self.max_size, "max_size", 1, 65_535)
         _check_int(self.quality, "quality", 1, 100)
         _check_int(self.max_pixels, "max_pixels", 1, 2**40)
-        if not self.output_dir.is_dir():
-            raise ValidationError(f"output_dir {str(self.output_dir)!r} is not a folder")
+        where = str(self.output_dir)
+        try:
+            self.output_dir.mkdir(parents=True, exist_ok=True)
+        except (FileExistsError, NotADirectoryError):
+            # The path, or one of its parents, is a file: never replace it.
+            raise ValidationError(f"output_dir {where!r} is not a folder") from None
+        except OSError as exc:
+            raise ValidationError(
+                f"cannot create output_dir {where!r}: {exc.strerror or exc}"
+            ) from None
 
     def __call__(self, item: Item) -> Path:
         """Process one item; return the path written."""

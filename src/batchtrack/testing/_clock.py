@@ -19,6 +19,7 @@ class FakeClock:
     Args:
         now: The starting time, in seconds since the epoch.
 
+    >>> from batchtrack.testing import FakeClock
     >>> clock = FakeClock(100.0)
     >>> clock.advance(2.5)
     102.5
