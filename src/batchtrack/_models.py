@@ -221,7 +221,12 @@ class BatchSnapshot:
         return body
 
 
-_LAZY: Any = object()  # an ETA not worked out yet
+@attrs.define
+class _Later:
+    """An event's ETA not worked out yet: ``estimate(*arguments)`` will."""
+
+    estimate: Callable[..., tuple[int | None, tuple[int, int] | None]]
+    arguments: tuple[Any, ...]
 
 
 class ProgressEvent:
@@ -244,24 +249,12 @@ class ProgressEvent:
     transition.
     """
 
-    __slots__ = (
-        "_eta",
-        "_eta_range",
-        "_inputs",
-        "batch_id",
-        "changed",
-        "item",
-        "progress",
-        "version",
-    )
-    batch_id: str
-    item: ItemSnapshot
-    progress: Progress
-    changed: bool
-    version: int
-    _eta: Any  # the ETA, or _LAZY until worked out
-    _eta_range: Any
-    _inputs: Callable[[], tuple[int | None, tuple[int, int] | None]] | None
+    __slots__ = ("_eta", "_values")
+    # (batch_id, item, progress, changed, version): one slot, so that making an event
+    # costs two assignments. _eta holds (ETA, range) once worked out, before that the
+    # function and arguments that work it out.
+    _values: tuple[str, ItemSnapshot, Progress, bool, int]
+    _eta: Any
 
     def __init__(
         self,
@@ -273,15 +266,8 @@ class ProgressEvent:
         version: int = 0,
         eta_range: tuple[int, int] | None = None,
     ) -> None:
-        put = object.__setattr__
-        put(self, "batch_id", batch_id)
-        put(self, "item", item)
-        put(self, "progress", progress)
-        put(self, "changed", changed)
-        put(self, "version", version)
-        put(self, "_eta", estimated_time_remaining)
-        put(self, "_eta_range", eta_range)
-        put(self, "_inputs", None)
+        _put_values(self, (batch_id, item, progress, changed, version))
+        _put_eta(self, (estimated_time_remaining, eta_range))
 
     @classmethod
     def _later(
@@ -291,59 +277,68 @@ class ProgressEvent:
         progress: Progress,
         changed: bool,
         version: int,
-        estimate: Callable[[], tuple[int | None, tuple[int, int] | None]],
+        estimate: Callable[..., tuple[int | None, tuple[int, int] | None]],
+        arguments: tuple[Any, ...],
     ) -> ProgressEvent:
-        """An event whose ETA ``estimate()`` works out when first read."""
+        """An event whose ETA ``estimate(*arguments)`` works out when first read."""
         event = cls.__new__(cls)
-        put = object.__setattr__
-        put(event, "batch_id", batch_id)
-        put(event, "item", item)
-        put(event, "progress", progress)
-        put(event, "changed", changed)
-        put(event, "version", version)
-        put(event, "_eta", _LAZY)
-        put(event, "_eta_range", _LAZY)
-        put(event, "_inputs", estimate)
+        _put_values(event, (batch_id, item, progress, changed, version))
+        _put_eta(event, _Later(estimate, arguments))
         return event
 
-    def _work_out(self) -> None:
-        assert self._inputs is not None
-        eta, eta_range = self._inputs()
-        object.__setattr__(self, "_eta", eta)
-        object.__setattr__(self, "_eta_range", eta_range)
-        object.__setattr__(self, "_inputs", None)
+    def _worked_out(self) -> tuple[int | None, tuple[int, int] | None]:
+        eta = self._eta
+        if type(eta) is _Later:
+            eta = eta.estimate(*eta.arguments)
+            _put_eta(self, eta)
+        return eta  # type: ignore[no-any-return]
+
+    @property
+    def batch_id(self) -> str:
+        """The batch."""
+        return self._values[0]
+
+    @property
+    def item(self) -> ItemSnapshot:
+        """The item as it is after the transition."""
+        return self._values[1]
+
+    @property
+    def progress(self) -> Progress:
+        """The batch's counts right after the transition."""
+        return self._values[2]
+
+    @property
+    def changed(self) -> bool:
+        """False when the call repeated a transition that had already happened."""
+        return self._values[3]
+
+    @property
+    def version(self) -> int:
+        """The batch version after the transition."""
+        return self._values[4]
 
     @property
     def estimated_time_remaining(self) -> int | None:
         """The ETA right after the transition (see
         :attr:`BatchSnapshot.estimated_time_remaining`)."""
-        if self._eta is _LAZY:
-            self._work_out()
-        return self._eta  # type: ignore[no-any-return]
+        return self._worked_out()[0]
 
     @property
     def eta_range(self) -> tuple[int, int] | None:
         """The 80% range of the ETA right after the transition (see
         :attr:`BatchSnapshot.eta_range`)."""
-        if self._eta_range is _LAZY:
-            self._work_out()
-        return self._eta_range  # type: ignore[no-any-return]
+        return self._worked_out()[1]
 
     @property
     def status(self) -> Status:
         """The batch status right after the transition."""
         return self.progress.status
 
-    def _values(self) -> tuple[Any, ...]:
-        return (
-            self.batch_id,
-            self.item,
-            self.progress,
-            self.estimated_time_remaining,
-            self.changed,
-            self.version,
-            self.eta_range,
-        )
+    def _fields(self) -> tuple[Any, ...]:
+        batch_id, item, progress, changed, version = self._values
+        eta, eta_range = self._worked_out()
+        return (batch_id, item, progress, eta, changed, version, eta_range)
 
     def __setattr__(self, name: str, value: object) -> None:
         raise attrs.exceptions.FrozenInstanceError
@@ -354,10 +349,10 @@ class ProgressEvent:
     def __eq__(self, other: object) -> bool:
         if not isinstance(other, ProgressEvent):
             return NotImplemented
-        return self._values() == other._values()
+        return self._fields() == other._fields()
 
     def __hash__(self) -> int:
-        return hash(self._values())
+        return hash(self._fields())
 
     def __repr__(self) -> str:
         names = (
@@ -369,11 +364,16 @@ class ProgressEvent:
             "version",
             "eta_range",
         )
-        fields = ", ".join(f"{n}={v!r}" for n, v in zip(names, self._values(), strict=True))
+        fields = ", ".join(f"{n}={v!r}" for n, v in zip(names, self._fields(), strict=True))
         return f"ProgressEvent({fields})"
 
     def __reduce__(self) -> tuple[Any, ...]:
-        return (ProgressEvent, self._values())
+        return (ProgressEvent, self._fields())
+
+
+# The slots' own setters: they skip the __setattr__ that keeps events frozen.
+_put_values = ProgressEvent.__dict__["_values"].__set__
+_put_eta = ProgressEvent.__dict__["_eta"].__set__
 
 
 @attrs.frozen

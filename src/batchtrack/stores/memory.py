@@ -7,7 +7,6 @@ import itertools
 import threading
 from array import array
 from collections.abc import Mapping, Sequence
-from types import MappingProxyType
 
 import attrs
 
@@ -29,7 +28,6 @@ __all__ = ["MemoryStore"]
 
 _PENDING = Status.PENDING
 _PROCESSING = Status.PROCESSING
-_NO_STATS: Mapping[str, float] = MappingProxyType({})
 
 
 @attrs.define
@@ -67,29 +65,53 @@ class _Batch:
             self.expires_at,
             self.version,
             self.progress,
-            dict(self.stats),
+            self.stats,
             items,
         )
 
     def move(self, position: int, transition: Transition) -> None:
-        """Apply an allowed transition to one item and bring the header up to date.
+        """Apply an allowed transition to one item and bring the header up to date."""
+        self.shift(
+            position,
+            transition.target,
+            transition.at,
+            transition.error,
+            transition.lease_until,
+            transition.add_attempt,
+            transition.reset_attempts,
+            transition.stats,
+            transition.expires_at_open,
+            transition.expires_at_finished,
+        )
 
-        The hot path of every store call that changes an item, written out in one piece.
-        """
+    def shift(
+        self,
+        position: int,
+        target: Status,
+        at: float,
+        error: str | None,
+        lease_until: float | None,
+        add_attempt: bool,
+        reset_attempts: bool,
+        stats: Mapping[Status, Mapping[str, tuple[float, int]]],
+        expires_at_open: float,
+        expires_at_finished: float,
+    ) -> None:
+        """:meth:`move` with the transition's fields as arguments: the hot path of every
+        store call that changes an item, written out in one piece."""
         item = self.items[position]
         previous = item.status
-        target = transition.target
         attempts = item.attempts
-        if transition.add_attempt:
+        if add_attempt:
             attempts += 1
-        elif transition.reset_attempts:
+        elif reset_attempts:
             attempts = 0
         self.items[position] = ItemSnapshot(
-            item.id, item.filename, target, transition.error, attempts, item.source
+            item.id, item.filename, target, error, attempts, item.source
         )
-        self.leases[position] = transition.lease_until
-        if transition.lease_until is not None:
-            self.beats[position] = transition.at
+        self.leases[position] = lease_until
+        if lease_until is not None:
+            self.beats[position] = at
         counts = self.counts
         counts[previous] -= 1
         counts[target] += 1
@@ -97,18 +119,21 @@ class _Batch:
         members[previous].discard(position)
         members[target].add(position)
         self.log.append(position)
-        contributions = transition.stats.get(previous)
+        contributions = stats.get(previous)
         if contributions:
-            add_stats(self.stats, contributions, transition.at - self.changed[position])
-        self.changed[position] = transition.at
-        self.updated_at = transition.at
+            # A new dict each time, never changed after: results share it without a copy.
+            added = dict(self.stats)
+            add_stats(added, contributions, at - self.changed[position])
+            self.stats = added
+        self.changed[position] = at
+        self.updated_at = at
         self.version += 1
         if counts[_PENDING] or counts[_PROCESSING]:
             self.finished_at = None
-            self.expires_at = transition.expires_at_open
+            self.expires_at = expires_at_open
         else:
-            self.finished_at = transition.at
-            self.expires_at = transition.expires_at_finished
+            self.finished_at = at
+            self.expires_at = expires_at_finished
         self.progress = Progress(
             self.progress.total,
             counts[Status.COMPLETED],
@@ -196,6 +221,64 @@ class MemoryStore(Store):
                     heapq.heappush(self._leases, (transition.lease_until, batch_id, position))
             return self._result(outcome, previous, state, position)
 
+    def _apply_fast(
+        self,
+        batch_id: str,
+        item_id: str,
+        target: Status,
+        sources: frozenset[Status],
+        at: float,
+        error: str | None,
+        expires_at_open: float,
+        expires_at_finished: float,
+        stats: Mapping[Status, Mapping[str, tuple[float, int]]],
+        lease_until: float | None,
+    ) -> tuple[Outcome, Status, ItemSnapshot, Progress, int, float, float, Mapping[str, float]]:
+        """:meth:`apply` of a start, complete or fail without the :class:`Transition` and
+        :class:`TransitionResult` objects: what the tracker's hot path calls on this
+        exact class (a subclass may override :meth:`apply`). Applies exactly what
+        :meth:`apply` would (``add_attempt`` when ``lease_until`` is set, no reset, no
+        lost or attempts condition); returns the result's fields as a tuple, ending with
+        ``created_at``, ``expires_at`` and the stats."""
+        with self._lock:
+            state = self._batches.get(batch_id)
+            if state is None or state.expires_at <= at:
+                raise BatchNotFound(batch_id)
+            position = state.index.get(item_id)
+            if position is None:
+                raise ItemNotFound(batch_id, item_id)
+            previous = state.items[position].status
+            if previous is target:
+                outcome = Outcome.UNCHANGED
+            elif previous not in sources:
+                outcome = Outcome.REJECTED
+            else:
+                outcome = Outcome.APPLIED
+                state.shift(
+                    position,
+                    target,
+                    at,
+                    error,
+                    lease_until,
+                    lease_until is not None,
+                    False,
+                    stats,
+                    expires_at_open,
+                    expires_at_finished,
+                )
+                if lease_until is not None:
+                    heapq.heappush(self._leases, (lease_until, batch_id, position))
+            return (
+                outcome,
+                previous,
+                state.items[position],
+                state.progress,
+                state.version,
+                state.created_at,
+                state.expires_at,
+                state.stats,
+            )
+
     @staticmethod
     def _result(
         outcome: Outcome, previous: Status, state: _Batch, position: int
@@ -209,7 +292,7 @@ class MemoryStore(Store):
             state.created_at,
             state.finished_at,
             state.expires_at,
-            dict(state.stats) if state.stats else _NO_STATS,
+            state.stats,
         )
 
     def renew(
