@@ -144,6 +144,8 @@ _PRELUDE = """
 local SEP = string.char(31)  -- pack_stats' separator between names
 local header_fields = {'owner', 'created_at', 'updated_at', 'finished_at', 'expires_at',
   'version', 'total', 'completed', 'failed', 'processing', 'pending', 'stats'}
+local header_index = {}
+for i, name in ipairs(header_fields) do header_index[name] = i end
 local function reply(outcome, previous, raw)
   local values = redis.call('HMGET', KEYS[1], unpack(header_fields))
   local stats = table.remove(values)
@@ -213,23 +215,31 @@ _APPLY = (
     _PRELUDE
     + """
 local at = tonumber(ARGV[5])
-local head = redis.call('HMGET', KEYS[1], 'expires_at', 'pending', 'processing',
-  'completed', 'failed', 'version', 'stats')
-if not head[1] or tonumber(head[1]) <= at then return {'nobatch'} end
+-- The whole header, read once: the reply is made from it and the update (no re-read).
+local values = redis.call('HMGET', KEYS[1], unpack(header_fields))
+if not values[5] or tonumber(values[5]) <= at then return {'nobatch'} end
+local head = {values[5], values[11], values[10], values[8], values[9], values[6], values[12]}
+local function answer(outcome, previous, raw, update)
+  if update then
+    for i = 1, #update, 2 do values[header_index[update[i]]] = update[i + 1] end
+  end
+  local stats = table.remove(values)
+  return {outcome, previous, raw, values, stats}
+end
 local raw = redis.call('HGET', KEYS[2], ARGV[2])
 if not raw then return {'noitem'} end
 local item = cjson.decode(raw)
 local previous = item.s
 local target = tonumber(ARGV[3])
-if previous == target then return reply('unchanged', previous, raw) end
+if previous == target then return answer('unchanged', previous, raw) end
 if not string.find(ARGV[4], tostring(previous), 1, true) then
-  return reply('rejected', previous, raw)
+  return answer('rejected', previous, raw)
 end
 if ARGV[12] ~= '' and (not item.l or tonumber(item.l) > tonumber(ARGV[12])) then
-  return reply('rejected', previous, raw)
+  return answer('rejected', previous, raw)
 end
 if ARGV[13] ~= '' and (item.a or 0) >= tonumber(ARGV[13]) then
-  return reply('rejected', previous, raw)
+  return answer('rejected', previous, raw)
 end
 -- Times travel as strings: cjson keeps only 14 significant digits of a number.
 local elapsed = at - tonumber(item.t)
@@ -276,7 +286,7 @@ for g = 0, tonumber(ARGV[14]) - 1 do
 end
 redis.call('HSET', KEYS[1], unpack(update))
 refresh_ttl(ARGV[1], new_expiry, at, ARGV[9], finished)
-return reply('applied', previous, raw)
+return answer('applied', previous, raw, update)
 """
 )
 
