@@ -17,7 +17,7 @@ from __future__ import annotations
 import enum
 import struct
 from abc import ABC, abstractmethod
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 
 import attrs
 
@@ -31,6 +31,7 @@ __all__ = [
     "ItemQuery",
     "LostItem",
     "Outcome",
+    "PackedStats",
     "Store",
     "Transition",
     "TransitionResult",
@@ -210,6 +211,34 @@ def unpack_stats(blob: bytes) -> dict[str, float]:
         return {}
     values = struct.unpack_from(f"<{count}d", blob, 2)
     return dict(zip(blob[2 + 8 * count :].decode().split("\x1f"), values, strict=True))
+
+
+class PackedStats(Mapping[str, float]):
+    """Stats in :func:`pack_stats`' bytes, decoded on first use: a store's answer often
+    goes unread (the ETA of an event is worked out only when someone looks)."""
+
+    __slots__ = ("_blob", "_stats")
+
+    def __init__(self, blob: bytes) -> None:
+        self._blob = blob
+        self._stats: dict[str, float] | None = None
+
+    def _decoded(self) -> dict[str, float]:
+        if self._stats is None:
+            self._stats = unpack_stats(self._blob)
+        return self._stats
+
+    def __getitem__(self, name: str) -> float:
+        return self._decoded()[name]
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self._decoded())
+
+    def __len__(self) -> int:
+        return len(self._decoded())
+
+    def __repr__(self) -> str:
+        return f"PackedStats({self._decoded()!r})"
 
 
 class Outcome(enum.Enum):

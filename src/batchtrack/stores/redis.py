@@ -29,7 +29,7 @@ from __future__ import annotations
 import json
 import struct
 import uuid
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 try:
@@ -50,6 +50,7 @@ from .base import (
     ItemQuery,
     LostItem,
     Outcome,
+    PackedStats,
     Store,
     Transition,
     TransitionResult,
@@ -535,7 +536,7 @@ def _float(value: bytes | None) -> float | None:
 def _record(
     batch_id: str,
     header: Sequence[bytes | None],
-    stats: dict[str, float],
+    stats: Mapping[str, float],
     items: tuple[ItemSnapshot, ...] = (),
 ) -> BatchRecord:
     owner, created, updated, finished, expires, version, total, done, failed, running, pending = (
@@ -610,7 +611,7 @@ def _transition_result(batch_id: str, item_id: str, reply: list[Any]) -> Transit
         raise BatchNotFound(batch_id)
     if reply[0] == b"noitem":
         raise ItemNotFound(batch_id, item_id)
-    record = _record(batch_id, reply[3], unpack_stats(reply[4]))
+    record = _record(batch_id, reply[3], PackedStats(reply[4]))
     return TransitionResult(
         _OUTCOMES[reply[0]],
         _STATUSES[int(reply[1])],
@@ -655,6 +656,9 @@ class RedisStore(Store):
     _lost: Any
     _open: Any
     _expired: Any
+    # Per set of stats names: the names and powers as the transition script takes them
+    # (the tracker's names always carry the same powers).
+    _groups: dict[tuple[str, ...], tuple[str, str]]
 
     def __init__(
         self, url: str | None = None, *, prefix: str = "batchtrack:", client: Any = None
@@ -688,6 +692,7 @@ class RedisStore(Store):
             client.register_script(_LOST),
             client.register_script(_OPEN),
             client.register_script(_EXPIRED),
+            {},
         )
 
     def _keys(self, batch_id: str) -> list[str]:
@@ -769,16 +774,12 @@ class RedisStore(Store):
     def apply(self, batch_id: str, transition: Transition) -> TransitionResult:
         groups: list[Any] = [len(transition.stats)]
         for source, amounts in transition.stats.items():
-            powers = [power for _, power in amounts.values()]
-            if any(not 0 <= p <= 9 for p in powers) or any(
-                "," in n or "\x1f" in n for n in amounts
-            ):
-                raise ValidationError("stats names must not contain ',' or \\x1f; powers 0-9")
+            names, powers = self._group(tuple(amounts), amounts)
             groups += [
                 _CODE[source],
-                ",".join(amounts),
+                names,
                 struct.pack(f"<{len(amounts)}d", *(coef for coef, _ in amounts.values())),
-                "".join(map(str, powers)),
+                powers,
             ]
         attempts = "+" if transition.add_attempt else "0" if transition.reset_attempts else ""
         reply = self._call(
@@ -795,6 +796,21 @@ class RedisStore(Store):
             ],
         )
         return _transition_result(batch_id, transition.item_id, reply)
+
+    def _group(
+        self, names: tuple[str, ...], amounts: Mapping[str, tuple[float, int]]
+    ) -> tuple[str, str]:
+        """A stats group's names and powers as the script takes them, checked once per
+        set of names (the tracker sends the same names with every completion)."""
+        known = self._groups.get(names)
+        if known is None:
+            powers = [power for _, power in amounts.values()]
+            if any(not 0 <= p <= 9 for p in powers) or any(
+                "," in n or "\x1f" in n for n in amounts
+            ):
+                raise ValidationError("stats names must not contain ',' or \\x1f; powers 0-9")
+            known = self._groups[names] = (",".join(names), "".join(map(str, powers)))
+        return known
 
     def renew(
         self, batch_id: str, item_id: str, at: float, lease_until: float, expires_at_open: float
