@@ -122,7 +122,9 @@ _MIGRATIONS: list[tuple[str, ...]] = [
         # batch returns more than changed, never less).
         "UPDATE items SET version = (SELECT b.version FROM batches b"
         " WHERE b.key = items.batch_key)",
-        "CREATE INDEX items_by_version ON items (batch_key, version)",
+        # Items never changed (version 0) are left out: a since-read never wants them,
+        # and an item's first change then adds an entry without moving one.
+        "CREATE INDEX items_by_version ON items (batch_key, version) WHERE version > 0",
         f"CREATE INDEX items_failed ON items (batch_key, position) WHERE status = {_FAILED}",
     ),
 ]
@@ -673,7 +675,7 @@ class SQLiteStore(Store):
         args: list[Any] = []
         index = " NOT INDEXED"
         if query.since is not None:
-            where.append("version > ?")
+            where.append("version > 0 AND version > ?")  # the literal admits the index
             args.append(query.since)
             index = " INDEXED BY items_by_version"
         if query.status is not None:
