@@ -28,7 +28,7 @@ from typing_extensions import TypedDict
 
 from ._control import BatchControl
 from ._json import status_body
-from ._models import Item
+from ._models import BatchSnapshot, Item
 from ._query import find_items, wants_delta
 from ._tracker import BatchTracker
 from ._wire import (
@@ -46,6 +46,7 @@ from ._wire import (
     status_url,
 )
 from .exceptions import BatchNotFound, OrchestratorClosed, ValidationError
+from .stores.memory import MemoryStore
 from .typing import Runner
 from .uploads import (
     FileNotFound,
@@ -210,6 +211,9 @@ class Api:
     )
     _control: BatchControl = attrs.field(init=False)
     _quota: UploadQuota | None = attrs.field(init=False, default=None)
+    _status_prefix: str = attrs.field(init=False, default="")
+    # Per batch: the ETag and JSON body of its last full status answer.
+    _bodies: dict[str, tuple[str, bytes]] = attrs.field(init=False, factory=dict)
 
     def __attrs_post_init__(self) -> None:
         if not isinstance(self.prefix, str) or (self.prefix and not self.prefix.startswith("/")):
@@ -229,11 +233,13 @@ class Api:
         if self.results_dir is None:
             self.results_dir = _results_dir(self.runner)
         self._control = BatchControl(self.tracker, self.runner, self.uploads, self.prefix)
+        self._status_prefix = f"{self.prefix}/batch-status/"
         id_ = r"(?P<batch>[^/]+)"
         self._routes = [
+            # The status first: it is polled every 2 seconds by every watching client.
+            ("GET", re.compile(rf"/batch-status/{id_}"), self._batch_status),
             ("POST", re.compile(r"/upload"), self._upload),
             ("POST", re.compile(r"/process-batch"), self._process_batch),
-            ("GET", re.compile(rf"/batch-status/{id_}"), self._batch_status),
             ("GET", re.compile(rf"/batch-events/{id_}"), self._batch_events),
             ("GET", re.compile(rf"/batch-results/{id_}/(?P<item>[^/]+)"), self._batch_results),
             ("POST", re.compile(rf"/batch-cancel/{id_}"), self._control.cancel),
@@ -248,6 +254,18 @@ class Api:
         if path == f"{self.prefix}/upload":
             return self.max_files * self.uploads.max_bytes + 64 * 1024
         return self.max_json_bytes
+
+    def answers_inline(self, request: Request) -> bool:
+        """Whether ``request`` can be answered on the event loop without blocking it: a
+        status read, when the tracker's store is a :class:`MemoryStore` (it never waits
+        for I/O) and the caller is known by the session cookie (an ``owner`` callable
+        might block). Everything else runs in the app's threads."""
+        return (
+            request.method == "GET"
+            and type(self.tracker.store) is MemoryStore
+            and self.owner is None
+            and request.path.startswith(self._status_prefix)
+        )
 
     def handle(self, request: Request) -> Response:
         """Answer one request; never raises, never shows a traceback."""
@@ -420,20 +438,22 @@ class Api:
         batch_id = check_uuid(batch, "batchId")
         if request.query:
             snap = find_items(self.tracker, batch_id, owner, request)
-        else:
-            snap = find_batch(self.tracker, batch_id, owner)
-        # Per URL, like every ETag: a page or a since-read of an unchanged batch is
-        # unchanged too.
-        etag = f'"{snap.version}.{snap.estimated_time_remaining}"'
-        headers = [("ETag", etag), ("Cache-Control", "no-store")]
-        wanted = request.headers.get("if-none-match", "")
-        if wanted.strip() == "*" or etag in [
-            t.strip().removeprefix("W/") for t in wanted.split(",")
-        ]:
-            return Response(304, headers)
+            return _status_answer(request, _etag(snap), lambda: status_body(snap))
+        # The counts, version and ETA cost the same for any batch: enough to answer 304,
+        # or with the body made for this same state before.
+        head = find_batch(self.tracker, batch_id, owner, items=False)
+        tag = _etag(head)
+        made = self._bodies.get(batch_id)
+        if made is not None and made[0] == tag:
+            return _status_answer(request, tag, lambda: made[1])
+        snap = find_batch(self.tracker, batch_id, owner)
         body = status_body(snap)
-        headers += [("Content-Type", "application/json"), ("Content-Length", str(len(body)))]
-        return Response(200, headers, body)
+        tag = _etag(snap)  # it may have moved on since the head was read
+        if len(body) <= _CACHED_BODY_BYTES:
+            if len(self._bodies) >= _CACHED_BODIES:
+                self._bodies.clear()
+            self._bodies[batch_id] = (tag, body)
+        return _status_answer(request, tag, lambda: body)
 
     def _batch_events(self, request: Request, owner: str, batch: str) -> Response:
         delta = wants_delta(request)
@@ -477,6 +497,27 @@ class Api:
 
         base = f"{request.root_path}{self.prefix}"
         return json_response(200, document(base, self.max_files, self.max_json_bytes))
+
+
+_CACHED_BODIES = 2048  # status bodies kept, one per batch
+_CACHED_BODY_BYTES = 32 * 1024  # bigger ones are joined from cached item JSON anyway
+
+
+def _etag(snap: BatchSnapshot) -> str:
+    """The status body's ETag: what changes it is the version and the ETA."""
+    low, high = snap.eta_range or ("", "")
+    return f'"{snap.version}.{snap.estimated_time_remaining}.{low}-{high}"'
+
+
+def _status_answer(request: Request, etag: str, body: Callable[[], bytes]) -> Response:
+    """304 when the client has ``etag``, else 200 with ``body()``."""
+    headers = [("ETag", etag), ("Cache-Control", "no-store")]
+    wanted = request.headers.get("if-none-match", "")
+    if wanted.strip() == "*" or etag in [t.strip().removeprefix("W/") for t in wanted.split(",")]:
+        return Response(304, headers)
+    data = body()
+    headers += [("Content-Type", "application/json"), ("Content-Length", str(len(data)))]
+    return Response(200, headers, data)
 
 
 def _abort(writers: list[UploadWriter]) -> None:

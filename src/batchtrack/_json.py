@@ -13,8 +13,6 @@ from __future__ import annotations
 import json
 from json.encoder import encode_basestring  # the C version when available, as json uses
 
-import attrs
-
 from ._models import BatchSnapshot, ItemSnapshot
 
 __all__ = ["dumps", "item_json", "status_body"]
@@ -47,7 +45,7 @@ def item_json(item: ItemSnapshot) -> bytes:
 
 def status_body(snap: BatchSnapshot) -> bytes:
     """``snap.to_dict()`` as the compact JSON body of the status endpoint."""
-    head = dumps(attrs.evolve(snap, items=()).to_dict())
+    head = dumps(snap._body([]))
     before, after = head.split(_IMAGES, 1)  # no other text of the header can hold it
     images = b",".join([i._json or item_json(i) for i in snap.items])
     return b"".join((before, b'"images":[', images, b"]", after))

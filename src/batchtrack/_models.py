@@ -203,11 +203,15 @@ class BatchSnapshot:
         A snapshot of chosen items (:attr:`query`) also carries ``"version"``, and a page
         ``"nextAfter"``.
         """
+        return self._body([item.to_dict() for item in self.items])
+
+    def _body(self, images: list[Any]) -> dict[str, Any]:
+        """:meth:`to_dict` with ``images`` as the images (batchtrack._json passes [])."""
         body = {
             "batchId": self.batch_id,
             "status": self.status.value,
             "progress": self.progress.to_dict(),
-            "images": [item.to_dict() for item in self.items],
+            "images": images,
             "estimatedTimeRemaining": self.estimated_time_remaining,
             "estimatedTimeRemainingRange": None if self.eta_range is None else list(self.eta_range),
             "createdAt": iso_utc(self.created_at),

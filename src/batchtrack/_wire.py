@@ -334,3 +334,12 @@ def fold_headers(raw: Iterable[tuple[bytes, bytes]]) -> dict[str, str]:
         joiner = "; " if name == "cookie" else ", "
         headers[name] = f"{headers[name]}{joiner}{value}" if name in headers else value
     return headers
+
+
+def body_length(method: str, headers: Mapping[str, str]) -> str | None:
+    """The ``Content-Length`` a request announces (``""`` when none), or None for a GET
+    or HEAD that announces no body at all: nothing to wait for before answering."""
+    length = headers.get("content-length", "")
+    if method in ("GET", "HEAD") and length in ("", "0") and "transfer-encoding" not in headers:
+        return None
+    return length

@@ -23,7 +23,16 @@ from typing_extensions import Unpack
 
 from ._http import Api, AppOptions
 from ._tracker import BatchTracker
-from ._wire import Body, Request, Response, Spool, Stream, fold_headers, request_timeout
+from ._wire import (
+    Body,
+    Request,
+    Response,
+    Spool,
+    Stream,
+    body_length,
+    fold_headers,
+    request_timeout,
+)
 from .typing import Runner
 from .uploads import UploadStore
 
@@ -91,10 +100,14 @@ class App:
         request = Request(method, path, headers, received, root, client, query.decode("latin-1"))
         handed_over = False
         try:
-            if not await self._receive(receive, spool, headers.get("content-length", "")):
+            length = body_length(method, headers)  # None: no body to wait for
+            if length is not None and not await self._receive(receive, spool, length):
                 return  # the client left
             handed_over = True
-            response = await self._run(functools.partial(self._handle, request, spool))
+            if self.api.answers_inline(request):  # a status read of a memory store
+                response = self._handle(request, spool)
+            else:
+                response = await self._run(functools.partial(self._handle, request, spool))
         except asyncio.TimeoutError:  # too slow: answered now, and nothing waits for it
             response = request_timeout([("Connection", "close")]).response()
         finally:
