@@ -28,7 +28,7 @@ from typing_extensions import TypedDict
 
 from ._control import BatchControl
 from ._json import status_body
-from ._models import BatchSnapshot, Item
+from ._models import Item
 from ._query import find_items, wants_delta
 from ._tracker import BatchTracker
 from ._wire import (
@@ -438,17 +438,21 @@ class Api:
         batch_id = check_uuid(batch, "batchId")
         if request.query:
             snap = find_items(self.tracker, batch_id, owner, request)
-            return _status_answer(request, _etag(snap), lambda: status_body(snap))
+            tag = _etag(snap.version, snap.estimated_time_remaining, snap.eta_range)
+            return _status_answer(request, tag, lambda: status_body(snap))
         # The counts, version and ETA cost the same for any batch: enough to answer 304,
         # or with the body made for this same state before.
-        head = find_batch(self.tracker, batch_id, owner, items=False)
-        tag = _etag(head)
+        try:
+            tag = _etag(*self.tracker._state(batch_id, owner))
+        except BatchNotFound:
+            reject(404, "batch_not_found", "no such batch (it may have expired)")
         made = self._bodies.get(batch_id)
         if made is not None and made[0] == tag:
             return _status_answer(request, tag, lambda: made[1])
         snap = find_batch(self.tracker, batch_id, owner)
         body = status_body(snap)
-        tag = _etag(snap)  # it may have moved on since the head was read
+        # It may have moved on since the state was read.
+        tag = _etag(snap.version, snap.estimated_time_remaining, snap.eta_range)
         if len(body) <= _CACHED_BODY_BYTES:
             if len(self._bodies) >= _CACHED_BODIES:
                 self._bodies.clear()
@@ -503,10 +507,10 @@ _CACHED_BODIES = 2048  # status bodies kept, one per batch
 _CACHED_BODY_BYTES = 32 * 1024  # bigger ones are joined from cached item JSON anyway
 
 
-def _etag(snap: BatchSnapshot) -> str:
+def _etag(version: int, eta: int | None, eta_range: tuple[int, int] | None) -> str:
     """The status body's ETag: what changes it is the version and the ETA."""
-    low, high = snap.eta_range or ("", "")
-    return f'"{snap.version}.{snap.estimated_time_remaining}.{low}-{high}"'
+    low, high = eta_range or ("", "")
+    return f'"{version}.{eta}.{low}-{high}"'
 
 
 def _status_answer(request: Request, etag: str, body: Callable[[], bytes]) -> Response:

@@ -796,6 +796,20 @@ class BatchTracker(Closing):
             origin = self._origins[batch_id] = record.created_at
         return origin
 
+    def _state(
+        self, batch_id: str, owner: str | None
+    ) -> tuple[int, int | None, tuple[int, int] | None]:
+        """The batch's version, ETA and ETA range, as :meth:`get` would show them: what a
+        status body's ETag is made of, without the snapshot around it.
+
+        Raises:
+            BatchNotFound: As for :meth:`get`.
+        """
+        now = self.clock()
+        record = self._visible(batch_id, owner, items=False, now=now)
+        eta, eta_range = _eta.estimate(record.progress, record.created_at, record.stats, now)
+        return record.version, eta, eta_range
+
     def _snapshot(self, record: BatchRecord, now: float) -> BatchSnapshot:
         progress = record.progress
         eta, eta_range = _eta.estimate(progress, record.created_at, record.stats, now)
