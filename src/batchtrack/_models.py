@@ -225,14 +225,6 @@ class BatchSnapshot:
         return body
 
 
-@attrs.define
-class _Later:
-    """An event's ETA not worked out yet: ``estimate(*arguments)`` will."""
-
-    estimate: Callable[..., tuple[int | None, tuple[int, int] | None]]
-    arguments: tuple[Any, ...]
-
-
 class ProgressEvent:
     """What one item transition did, and where the batch stands right after it.
 
@@ -255,8 +247,8 @@ class ProgressEvent:
 
     __slots__ = ("_eta", "_values")
     # (batch_id, item, progress, changed, version): one slot, so that making an event
-    # costs two assignments. _eta holds (ETA, range) once worked out, before that the
-    # function and arguments that work it out.
+    # costs two assignments. _eta holds the tuple (ETA, range) once worked out, before
+    # that the list [function, arguments] that works it out.
     _values: tuple[str, ItemSnapshot, Progress, bool, int]
     _eta: Any
 
@@ -287,13 +279,14 @@ class ProgressEvent:
         """An event whose ETA ``estimate(*arguments)`` works out when first read."""
         event = cls.__new__(cls)
         _put_values(event, (batch_id, item, progress, changed, version))
-        _put_eta(event, _Later(estimate, arguments))
+        _put_eta(event, [estimate, arguments])  # a list: not worked out yet
         return event
 
     def _worked_out(self) -> tuple[int | None, tuple[int, int] | None]:
         eta = self._eta
-        if type(eta) is _Later:
-            eta = eta.estimate(*eta.arguments)
+        if type(eta) is list:
+            estimate, arguments = eta
+            eta = estimate(*arguments)
             _put_eta(self, eta)
         return eta  # type: ignore[no-any-return]
 
