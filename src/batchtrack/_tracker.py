@@ -504,40 +504,9 @@ class BatchTracker(Closing):
         origin = self._origins.get(batch_id)
         if origin is None:
             origin = self._origin(batch_id)
-        if type(self.store) is MemoryStore:
-            # Its fast path: apply() without the Transition and TransitionResult objects
-            # (a subclass may override apply(): it takes the generic path). The tests
-            # check that both give the same events, snapshots and stored stats.
-            outcome, previous, item, progress, version, created, expires, stats = (
-                self.store._apply_fast(
-                    batch_id,
-                    item_id,
-                    target,
-                    sources,
-                    now,
-                    error,
-                    now + IDLE_TIMEOUT,
-                    now + self.ttl,
-                    _eta.stats_for(target, now, origin),
-                    None if lease is None else now + lease,
-                )
-            )
-            if outcome is Outcome.REJECTED:
-                raise InvalidTransition(batch_id, item_id, previous.value, target.value)
-            if outcome is Outcome.UNCHANGED and expires <= now:
-                raise BatchNotFound(batch_id)
-            return ProgressEvent._later(
+        outcome, previous, item, progress, version, created, expires, stats = (
+            self.store._apply_parts(
                 batch_id,
-                item,
-                progress,
-                outcome is Outcome.APPLIED,
-                version,
-                _eta.estimate,
-                (progress, created, stats, now),
-            )
-        result = self.store.apply(
-            batch_id,
-            Transition(
                 item_id,
                 target,
                 sources,
@@ -547,17 +516,23 @@ class BatchTracker(Closing):
                 now + self.ttl,
                 _eta.stats_for(target, now, origin),
                 None if lease is None else now + lease,
-                lease is not None,
-            ),
+            )
         )
-        outcome = result.outcome
         if outcome is Outcome.REJECTED:
-            raise InvalidTransition(batch_id, item_id, result.previous.value, target.value)
-        if outcome is Outcome.UNCHANGED and result.expires_at <= now:
+            raise InvalidTransition(batch_id, item_id, previous.value, target.value)
+        if outcome is Outcome.UNCHANGED and expires <= now:
             # A repeat on a finished batch changes nothing, so the store had no reason
             # to look at its expiry; an expired batch must still look absent.
             raise BatchNotFound(batch_id)
-        return _event(batch_id, result, now, changed=outcome is Outcome.APPLIED)
+        return ProgressEvent._later(
+            batch_id,
+            item,
+            progress,
+            outcome is Outcome.APPLIED,
+            version,
+            _eta.estimate,
+            (progress, created, stats, now),
+        )
 
     # -- lost work, retry and cancel ---------------------------------------------------
 

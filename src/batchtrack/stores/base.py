@@ -308,6 +308,49 @@ class Store(Closing, ABC):
             StoreError: The store failed; nothing was applied.
         """
 
+    def _apply_parts(
+        self,
+        batch_id: str,
+        item_id: str,
+        target: Status,
+        sources: frozenset[Status],
+        at: float,
+        error: str | None,
+        expires_at_open: float,
+        expires_at_finished: float,
+        stats: Mapping[Status, Mapping[str, tuple[float, int]]],
+        lease_until: float | None,
+    ) -> tuple[Outcome, Status, ItemSnapshot, Progress, int, float, float, Mapping[str, float]]:
+        """:meth:`apply` of a start, complete or fail (a lease means one more attempt),
+        answered as ``(outcome, previous, item, progress, version, created_at,
+        expires_at, stats)``: what the tracker's hot path calls. A store may answer it
+        without building the :class:`Transition` (the memory store does)."""
+        r = self.apply(
+            batch_id,
+            Transition(
+                item_id,
+                target,
+                sources,
+                at,
+                error,
+                expires_at_open,
+                expires_at_finished,
+                stats,
+                lease_until,
+                lease_until is not None,
+            ),
+        )
+        return (
+            r.outcome,
+            r.previous,
+            r.item,
+            r.progress,
+            r.version,
+            r.created_at,
+            r.expires_at,
+            r.stats,
+        )
+
     @abstractmethod
     def renew(
         self, batch_id: str, item_id: str, at: float, lease_until: float, expires_at_open: float

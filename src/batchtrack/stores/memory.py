@@ -7,6 +7,7 @@ import itertools
 import threading
 from array import array
 from collections.abc import Mapping, Sequence
+from typing import Any
 
 import attrs
 
@@ -221,32 +222,21 @@ class MemoryStore(Store):
                     heapq.heappush(self._leases, (transition.lease_until, batch_id, position))
             return self._result(outcome, previous, state, position)
 
-    def _apply_fast(
-        self,
-        batch_id: str,
-        item_id: str,
-        target: Status,
-        sources: frozenset[Status],
-        at: float,
-        error: str | None,
-        expires_at_open: float,
-        expires_at_finished: float,
-        stats: Mapping[Status, Mapping[str, tuple[float, int]]],
-        lease_until: float | None,
+    def __init_subclass__(cls, **kwargs: Any) -> None:
+        super().__init_subclass__(**kwargs)
+        if cls.apply is not MemoryStore.apply:  # what it applies must be what applies
+            cls._apply_parts = Store._apply_parts  # type: ignore[method-assign]
+
+    def _apply_parts(
+        self, batch_id: str, *parts: Any
     ) -> tuple[Outcome, Status, ItemSnapshot, Progress, int, float, float, Mapping[str, float]]:
-        """:meth:`apply` of a start, complete or fail without the :class:`Transition` and
-        :class:`TransitionResult` objects: what the tracker's hot path calls on this
-        exact class (a subclass may override :meth:`apply`). Applies exactly what
-        :meth:`apply` would (``add_attempt`` when ``lease_until`` is set, no reset, no
-        lost or attempts condition); returns the result's fields as a tuple, ending with
-        ``created_at``, ``expires_at`` and the stats."""
+        # The tracker's hot path, without the Transition and TransitionResult objects
+        # (a subclass that changes apply() gets the generic way: __init_subclass__). The
+        # tests run random sequences through both ways and compare everything.
+        item_id, target, sources, at, error, expires_at_open, expires_at_finished = parts[:7]
+        stats, lease_until = parts[7], parts[8]
         with self._lock:
-            state = self._batches.get(batch_id)
-            if state is None or state.expires_at <= at:
-                raise BatchNotFound(batch_id)
-            position = state.index.get(item_id)
-            if position is None:
-                raise ItemNotFound(batch_id, item_id)
+            state, position = self._find(batch_id, item_id, at)
             previous = state.items[position].status
             if previous is target:
                 outcome = Outcome.UNCHANGED
