@@ -10,6 +10,7 @@ import time
 import uuid
 from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 from hypothesis import HealthCheck, settings
@@ -136,3 +137,48 @@ def clock() -> FakeClock:
 def tracker(store_factory: StoreFactory, clock: FakeClock) -> BatchTracker:
     """A tracker on each store in turn, driven by the fake clock, ttl one hour."""
     return BatchTracker(store_factory(), ttl=3600.0, clock=clock)
+
+
+@pytest.fixture
+def browser(tmp_path: Path) -> Iterator[Any]:
+    """Headless Chromium through chromedriver, with a fresh profile; quit after the test.
+
+    Skipped when Chromium, chromedriver or selenium is missing; with ``CI=true`` that is a
+    failure instead (`.ci/run` installs them).
+    """
+    chromium = shutil.which("chromium") or shutil.which("chromium-browser")
+    driver = shutil.which("chromedriver")
+    if not (chromium and driver):
+        if IN_CI:
+            pytest.fail("CI needs chromium and chromium-driver (installed by .ci/run)")
+        pytest.skip("chromium and chromedriver are not installed")
+    try:
+        from selenium import webdriver
+        from selenium.webdriver.chrome.service import Service
+    except ImportError:
+        if IN_CI:
+            pytest.fail("CI needs selenium (pip install -e '.[test]')")
+        pytest.skip("selenium is not installed")
+    options = webdriver.ChromeOptions()
+    options.binary_location = chromium
+    profile = tmp_path / "chromium-profile"
+    for flag in (
+        "--headless",
+        "--no-sandbox",
+        "--disable-gpu",
+        "--disable-dev-shm-usage",
+        "--disable-quic",
+        "--no-first-run",
+        "--disable-background-networking",
+        "--disable-component-update",
+        "--disable-sync",
+        f"--user-data-dir={profile}",
+        "--window-size=1100,1000",
+    ):
+        options.add_argument(flag)
+    options.set_capability("goog:loggingPrefs", {"browser": "ALL"})
+    chrome = webdriver.Chrome(service=Service(executable_path=driver), options=options)
+    try:
+        yield chrome
+    finally:
+        chrome.quit()

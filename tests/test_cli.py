@@ -5,7 +5,6 @@ from __future__ import annotations
 import json
 import os
 import re
-import shutil
 import signal
 import socket
 import subprocess
@@ -19,8 +18,6 @@ import pytest
 from PIL import Image
 
 from http_support import free_port, jpeg, wait_until_serving
-
-IN_CI = os.environ.get("CI", "").lower() in ("1", "true", "yes")
 
 
 def batchtrack(
@@ -644,109 +641,3 @@ def test_ctrl_c_stops_cleanly_and_marks_unstarted_items_interrupted(
     results = data / "results"
     assert not [p for p in results.iterdir() if p.name.startswith(".")]
     assert len(list(results.iterdir())) == body["progress"]["completed"]
-
-
-# -- a real browser ----------------------------------------------------------------------------
-
-
-def _browser() -> object:
-    chromium = shutil.which("chromium") or shutil.which("chromium-browser")
-    driver = shutil.which("chromedriver")
-    if not (chromium and driver):
-        if IN_CI:
-            pytest.fail("CI needs chromium and chromium-driver (installed by .ci/run)")
-        pytest.skip("chromium and chromedriver are not installed")
-    webdriver = pytest.importorskip("selenium.webdriver")
-    from selenium.webdriver.chrome.service import Service
-
-    options = webdriver.ChromeOptions()
-    options.binary_location = chromium
-    for flag in (
-        "--headless=new",
-        "--no-sandbox",
-        "--disable-gpu",
-        "--disable-dev-shm-usage",
-        "--disable-quic",
-        "--no-first-run",
-        "--disable-background-networking",
-        "--disable-component-update",
-        "--disable-sync",
-        "--window-size=1100,1000",
-    ):
-        options.add_argument(flag)
-    return webdriver.Chrome(service=Service(executable_path=driver), options=options)
-
-
-def test_a_person_uses_the_page_in_a_real_browser(
-    server: tuple[str, Path, subprocess.Popen[str]], tmp_path: Path
-) -> None:
-    """Headless Chromium: pick 3 images and a broken file, start, watch it finish."""
-    from selenium.webdriver.common.by import By
-    from selenium.webdriver.support.ui import WebDriverWait
-
-    base, _, _ = server
-    picks = []
-    for n, color in enumerate([(200, 0, 0), (0, 160, 0), (0, 0, 200)]):
-        path = tmp_path / f"photo{n}.jpg"
-        path.write_bytes(jpeg((1400, 1000), color))
-        picks.append(str(path))
-    broken = tmp_path / "broken.jpg"
-    broken.write_bytes(b"this is not really a picture")
-    picks.append(str(broken))
-
-    browser = _browser()
-    try:
-        browser.get(base + "/")  # type: ignore[attr-defined]
-        assert "Process a batch of images" in browser.page_source  # type: ignore[attr-defined]
-        start = browser.find_element(By.ID, "start")  # type: ignore[attr-defined]
-        assert not start.is_enabled()
-        browser.find_element(By.ID, "files").send_keys("\n".join(picks))  # type: ignore[attr-defined]
-        assert "4 images" in browser.find_element(By.ID, "chosen").text  # type: ignore[attr-defined]
-        start.click()
-        WebDriverWait(browser, 60).until(
-            lambda b: b.find_element(By.ID, "status").text in ("completed", "failed")
-        )
-        text = browser.find_element(By.TAG_NAME, "body").text  # type: ignore[attr-defined]
-        assert browser.find_element(By.ID, "done").text == "4"  # type: ignore[attr-defined]
-        assert browser.find_element(By.ID, "failed").text == "1"  # type: ignore[attr-defined]
-        assert "not an image" in text
-        assert "Finished: 3 processed, 1 failed." in text
-        links = browser.find_elements(By.LINK_TEXT, "Download")  # type: ignore[attr-defined]
-        assert len(links) == 3
-        bar = browser.find_element(By.ID, "bar")  # type: ignore[attr-defined]
-        assert bar.get_attribute("aria-valuenow") == "100"
-        shot = Path(os.environ.get("BATCHTRACK_SCREENSHOT", tmp_path / "page.png"))
-        browser.save_screenshot(str(shot))  # type: ignore[attr-defined]
-        assert shot.stat().st_size > 10_000
-        download = httpx.get(
-            links[0].get_attribute("href"),
-            cookies={
-                c["name"]: c["value"]
-                for c in browser.get_cookies()  # type: ignore[attr-defined]
-            },
-        )
-        assert download.status_code == 200
-        assert download.content[:2] == b"\xff\xd8"
-    finally:
-        browser.quit()  # type: ignore[attr-defined]
-
-
-def test_serve_sweeps_results_a_killed_write_left_behind(tmp_path: Path) -> None:
-    """Temporary result files older than an hour are gone shortly after serve starts."""
-    results = tmp_path / "data" / "results"
-    results.mkdir(parents=True)
-    stale = results / ".batchtrack-killed.part"
-    fresh = results / ".batchtrack-writing.part"
-    for path in (stale, fresh):
-        path.write_bytes(b"half an image")
-    hours_ago = time.time() - 7200
-    os.utime(stale, (hours_ago, hours_ago))
-    _, proc = start_serve(tmp_path / "data", tmp_path / "serve.log")
-    try:
-        deadline = time.monotonic() + 20
-        while stale.exists():
-            assert time.monotonic() < deadline
-            time.sleep(0.05)
-        assert fresh.exists()
-    finally:
-        stop_serve(proc)

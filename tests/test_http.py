@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import time
 import uuid
 from collections.abc import Callable, Iterator
@@ -649,6 +650,7 @@ def test_openapi_document_describes_the_real_responses(client: Client, service: 
         "/batch-status/{batchId}",
         "/batch-events/{batchId}",
         "/batch-results/{batchId}/{itemId}",
+        "/batch-results/{batchId}.zip",
         "/batch-cancel/{batchId}",
         "/batch-retry/{batchId}",
         "/openapi.json",
@@ -689,6 +691,13 @@ def test_openapi_document_describes_the_real_responses(client: Client, service: 
     service.switch.unlink()
     named = {"itemIds": [final["images"][2]["id"]]}
     check(client.post(f"/api/batch-retry/{batch['batchId']}", json=named), retry)  # 202
+
+    results_zip = "/batch-results/{batchId}.zip"
+    check(client.get("/api/batch-results/nope.zip"), results_zip, "get")
+    check(client.get(f"/api/batch-results/{uuid.uuid4()}.zip"), results_zip, "get")
+    zipped = client.get(f"/api/batch-results/{batch['batchId']}.zip")
+    assert zipped.status_code == 200
+    assert "application/zip" in doc["paths"][results_zip]["get"]["responses"]["200"]["content"]
 
     cancel = "/batch-cancel/{batchId}"
     assert check(client.post(f"/api/batch-cancel/{batch['batchId']}"), cancel)["cancelled"] >= 0
@@ -835,3 +844,285 @@ def test_events_stream_stops_polling_when_the_client_leaves(
             assert not [t for t in polls if t > closed + 0.2]
     finally:
         service.close()
+
+
+# -- bad input: JSON nested too deeply ------------------------------------------------------
+
+
+@pytest.mark.parametrize("path", ["/api/process-batch", "/api/batch-retry/{batch}"])
+def test_json_nested_30000_levels_deep_is_a_400_not_a_500(client: Client, path: str) -> None:
+    """A 60 KB JSON body nested 30,000 levels deep (under the size limit) is bad JSON: 400."""
+    batch = _start(client, ("a.jpg", jpeg((64, 48))))["batchId"]
+    nested = b"[" * 30_000 + b"]" * 30_000
+    for deep in (nested, b'{"fileIds": ' + nested + b"}", b'{"itemIds": ' + nested + b"}"):
+        assert len(deep) < 64 * 1024  # under the size limit: the parser meets it
+        response = client.post(
+            path.format(batch=batch), content=deep, headers={"Content-Type": "application/json"}
+        )
+        # Refused before parsing: how deep the parser can go never decides.
+        assert "nests deeper than" in _error(response, 400, "bad_json")["message"]
+
+
+def test_json_depth_counts_brackets_outside_strings_only() -> None:
+    """Brackets in strings (escaped quotes too) do not count; an unclosed string is linear."""
+    from batchtrack._wire import MAX_JSON_DEPTH, json_depth
+
+    assert json_depth(b'{"itemIds": ["a", "b"]}') == 2
+    assert json_depth(b'["[[[[", "\\"[[[", {"a": []}]') == 3
+    assert json_depth(b"[" * (MAX_JSON_DEPTH + 1)) == MAX_JSON_DEPTH + 1
+    started = time.monotonic()
+    assert json_depth(b'"' + b'\\"' * 30_000) == 0  # no quadratic rescans
+    assert time.monotonic() - started < 1
+
+
+def test_json_just_within_the_depth_limit_still_parses(client: Client) -> None:
+    """Nesting up to the limit is judged on its content (here: not a list of ids)."""
+    from batchtrack._wire import MAX_JSON_DEPTH
+
+    body = b'{"fileIds": ' + b"[" * (MAX_JSON_DEPTH - 1) + b"]" * (MAX_JSON_DEPTH - 1) + b"}"
+    response = client.post(
+        "/api/process-batch", content=body, headers={"Content-Type": "application/json"}
+    )
+    _error(response, 400, "bad_file_ids")
+
+
+# -- all results as one ZIP -----------------------------------------------------------------
+
+
+def test_zip_holds_every_completed_result_named_after_its_upload(
+    new_client: Callable[[], Client],
+) -> None:
+    """The ZIP has one entry per completed item, named for the upload (made unique and
+    safe), each the same bytes as that item's own download; failed items are left out."""
+    import io
+    import zipfile
+
+    client = new_client()
+    started = _start(
+        client,
+        ("photo.jpg", jpeg()),
+        ("photo.jpg", jpeg(color=(0, 90, 0))),
+        ("../../etc/passwd.jpg", jpeg((90, 60))),
+        ("broken.jpg", b"not an image"),
+    )
+    final = _wait_finished(client, started["statusUrl"])
+    response = client.get(f"/api/batch-results/{started['batchId']}.zip")
+    assert response.status_code == 200, response.text
+    assert response.headers["content-type"] == "application/zip"
+    assert response.headers["content-disposition"].startswith("attachment; filename*=UTF-8''")
+    assert response.headers["cache-control"] == "no-store"
+    with zipfile.ZipFile(io.BytesIO(response.content)) as archive:
+        assert archive.testzip() is None
+        assert archive.namelist() == ["photo.jpg", "photo (2).jpg", "passwd.jpg"]
+        for name, image in zip(archive.namelist(), final["images"][:3], strict=True):
+            one = client.get(f"/api/batch-results/{started['batchId']}/{image['id']}")
+            assert archive.read(name) == one.content
+    _error(new_client().get(f"/api/batch-results/{started['batchId']}.zip"), 404)
+
+
+def test_zip_errors(client: Client, service: Service) -> None:
+    """400 for a bad id, 404 for an unknown batch, 409 while nothing has completed."""
+    _error(client.get("/api/batch-results/nope.zip"), 400, "invalid_id")
+    _error(client.get(f"/api/batch-results/{uuid.uuid4()}.zip"), 404, "batch_not_found")
+    _error(client.post(f"/api/batch-results/{uuid.uuid4()}.zip"), 405)
+    service.processor.gate.clear()  # the batch's items stay processing
+    try:
+        started = _start(client, ("a.jpg", jpeg((64, 48))))
+        _error(client.get(f"/api/batch-results/{started['batchId']}.zip"), 409, "nothing_completed")
+    finally:
+        service.processor.gate.set()
+    _wait_finished(client, started["statusUrl"])
+    assert client.get(f"/api/batch-results/{started['batchId']}.zip").status_code == 200
+    failed = _start(client, ("broken.jpg", b"not an image"))
+    _wait_finished(client, failed["statusUrl"])
+    _error(client.get(f"/api/batch-results/{failed['batchId']}.zip"), 409, "nothing_completed")
+
+
+def test_zip_is_streamed_a_part_at_a_time(tmp_path: Path) -> None:
+    """The archive is made as it is sent: no poll reads more than PART bytes of results, and
+    a result removed meanwhile is left out of a still valid ZIP."""
+    import io
+    import zipfile
+
+    from batchtrack._zip import PART, ZipStream
+
+    big, small, gone = tmp_path / "big.bin", tmp_path / "small.bin", tmp_path / "gone.bin"
+    big.write_bytes(os.urandom(3 * PART + 123))
+    small.write_bytes(b"small")
+    stream = ZipStream([("big.jpg", big), ("gone.jpg", gone), ("small.jpg", small)])
+    parts: list[list[bytes]] = []
+    while (chunks := stream.poll()) is not None:
+        parts.append(chunks)
+    assert len(parts) >= 4
+    assert max(sum(map(len, chunks)) for chunks in parts) < PART + 64 * 1024
+    with zipfile.ZipFile(io.BytesIO(b"".join(b"".join(c) for c in parts))) as archive:
+        assert archive.namelist() == ["big.jpg", "small.jpg"]
+        assert archive.read("big.jpg") == big.read_bytes()
+        assert archive.read("small.jpg") == b"small"
+
+
+# -- the page, as an option of create_app ---------------------------------------------------
+
+
+@pytest.mark.parametrize("transport", TRANSPORTS)
+def test_the_page_is_off_unless_asked_for(tmp_path: Path, transport: str) -> None:
+    """Without page=True, / and /favicon.ico are not the app's (JSON 404)."""
+    service = Service(tmp_path)
+    try:
+        with clients(service, transport) as make:
+            client = make()
+            _error(client.get("/"), 404, "not_found")
+            _error(client.get("/favicon.ico"), 404, "not_found")
+    finally:
+        service.close()
+
+
+@pytest.mark.parametrize("transport", TRANSPORTS)
+def test_the_page_and_its_icon_with_page_true(tmp_path: Path, transport: str) -> None:
+    """page=True serves the page (strict CSP, the app's limits and API path in its config)
+    at / and /index.html, and an icon at /favicon.ico, under ASGI and WSGI alike."""
+    service = Service(tmp_path, page=True, prefix="/v1", max_files=7, max_bytes=123_456)
+    try:
+        with clients(service, transport) as make:
+            client = make()
+            for path in ("/", "/index.html"):
+                page = client.get(path)
+                assert page.status_code == 200
+                assert page.headers["content-type"] == "text/html; charset=utf-8"
+                csp = page.headers["content-security-policy"]
+                assert csp.startswith("default-src 'self';")
+                assert "frame-ancestors 'none'" in csp
+                assert page.headers["x-content-type-options"] == "nosniff"
+                config = page.text.split('id="config">')[1].split("</script>")[0]
+                assert json.loads(config) == {"api": "/v1", "maxFiles": 7, "maxBytes": 123_456}
+                assert "{{root}}" not in page.text
+                assert "http://" not in page.text.replace("http://www.w3.org", "")
+            icon = client.get("/favicon.ico")
+            assert icon.status_code == 200
+            assert icon.headers["content-type"] == "image/x-icon"
+            assert icon.content[:4] == b"\x00\x00\x01\x00"  # an ICO file
+            assert client.request("HEAD", "/").content == b""
+            _error(client.post("/"), 405, "method_not_allowed")
+            assert client.get("/v1/openapi.json").status_code == 200  # the API still answers
+    finally:
+        service.close()
+
+
+@pytest.mark.parametrize("transport", ["asgi", "wsgi"])
+def test_the_page_under_a_mount_point_calls_the_api_there(tmp_path: Path, transport: str) -> None:
+    """Mounted at /mount, the page's API path and icon carry the mount point."""
+    service = Service(tmp_path, page=True)
+    try:
+        with clients(service, transport, root_path="/mount") as make:
+            page = make().get("/")
+            assert '"api": "/mount/api"' in page.text
+            assert 'href="/mount/favicon.ico"' in page.text
+    finally:
+        service.close()
+
+
+# -- on_progress ----------------------------------------------------------------------------
+
+
+def test_on_progress_gets_every_event_of_batches_started_and_retried_over_http(
+    tmp_path: Path,
+) -> None:
+    """Every transition of a batch started (then retried) through the app reaches the
+    callback, from the orchestrator's event thread, never from a request's thread."""
+    import threading
+
+    events: list[Any] = []
+    threads: set[str] = set()
+
+    def on_progress(event: Any) -> None:
+        events.append(event)
+        threads.add(threading.current_thread().name)
+
+    service = Service(tmp_path, on_progress=on_progress)
+    try:
+        with clients(service, "uvicorn") as make:
+            client = make()
+            service.switch.touch()
+            started = _start(client, ("a.jpg", jpeg((64, 48))), ("b.jpg", flaky_jpeg()))
+            _wait_finished(client, started["statusUrl"])
+            service.orchestrator.wait(started["batchId"], 10)
+            finals = [e for e in events if e.item.status.is_final]
+            assert sorted(e.progress.completed + e.progress.failed for e in finals) == [1, 2]
+            assert {e.batch_id for e in events} == {started["batchId"]}
+            service.switch.unlink()
+            retried = client.post(f"/api/batch-retry/{started['batchId']}")
+            assert retried.status_code == 202
+            _wait_finished(client, started["statusUrl"])
+            service.orchestrator.wait(started["batchId"], 10)
+    finally:
+        service.close()
+    assert [e.item.status.value for e in events[len(finals) * 2 :]] == ["processing", "completed"]
+    assert events[-1].progress.completed == 2
+    assert threads == {"batchtrack-events"}
+
+
+def test_an_on_progress_that_raises_is_logged_and_the_batch_goes_on(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A callback that raises never fails a request or an item: it is logged."""
+
+    def on_progress(event: Any) -> None:
+        raise RuntimeError("the integrator's bug")
+
+    service = Service(tmp_path, on_progress=on_progress)
+    try:
+        with clients(service, "asgi") as make:
+            client = make()
+            started = _start(client, ("a.jpg", jpeg((64, 48))))
+            final = _wait_finished(client, started["statusUrl"])
+            service.orchestrator.wait(started["batchId"], 10)
+    finally:
+        service.close()
+    assert final["status"] == "completed"
+    assert "on_progress callback raised" in caplog.text
+    assert "the integrator's bug" in caplog.text
+
+
+@pytest.mark.parametrize("module", ["asgi", "wsgi"])
+def test_on_progress_needs_a_runner_that_can_call_it(tmp_path: Path, module: str) -> None:
+    """A runner whose submit/resume take no on_progress (its items run elsewhere), or a
+    callback that is not callable, is a ValidationError when the app is made."""
+    import importlib
+
+    from batchtrack import ValidationError
+    from batchtrack.uploads import UploadStore
+
+    create_app = importlib.import_module(f"batchtrack.{module}").create_app
+    tracker = BatchTracker()
+    runner = RecordingRunner(tracker, None)  # type: ignore[arg-type]
+    with pytest.raises(ValidationError, match=r"RecordingRunner\.submit does not"):
+        create_app(tracker, runner, UploadStore(tmp_path), on_progress=print)
+    service = Service(tmp_path / "s")
+    try:
+        with pytest.raises(ValidationError, match="on_progress must be callable"):
+            create_app(tracker, service.orchestrator, service.uploads, on_progress=42)
+    finally:
+        service.close()
+
+
+def test_docstrings_say_what_they_mean_without_a_contract() -> None:
+    """The rendered API docs never send a reader to a contract they cannot see."""
+    import batchtrack._control
+    import batchtrack._http
+    import batchtrack.asgi
+    import batchtrack.wsgi
+
+    for documented in (
+        batchtrack.asgi,
+        batchtrack.wsgi,
+        batchtrack._http,
+        batchtrack._control,
+        batchtrack.asgi.create_app,
+        batchtrack.wsgi.create_app,
+        batchtrack._http.Api,
+    ):
+        doc = documented.__doc__ or ""
+        assert "contract" not in doc.lower(), documented
+        assert "§" not in doc, documented
+    assert "page" in (batchtrack.asgi.create_app.__doc__ or "")
+    assert "on_progress" in (batchtrack.asgi.create_app.__doc__ or "")

@@ -73,6 +73,7 @@ def test_api_never_errors_and_matches_its_document(tmp_path: Path) -> None:
             "/batch-status/{batchId}",
             "/batch-events/{batchId}",
             "/batch-results/{batchId}/{itemId}",
+            "/batch-results/{batchId}.zip",
             "/batch-cancel/{batchId}",
             "/batch-retry/{batchId}",
         }

@@ -68,3 +68,58 @@ def test_framework_keeps_its_own_routes_and_serves_the_api_under_batch(mounted: 
         assert time.monotonic() < deadline, body
         time.sleep(0.05)
     assert body["progress"]["completed"] == 1
+
+
+def _page_in_starlette(data_dir: Path) -> Any:
+    pytest.importorskip("starlette")
+    from service import parts
+    from starlette.applications import Starlette
+    from starlette.responses import PlainTextResponse
+    from starlette.routing import Mount, Route
+
+    import batchtrack.asgi
+
+    async def home(request: object) -> PlainTextResponse:
+        return PlainTextResponse("my app")
+
+    app = batchtrack.asgi.create_app(*parts(data_dir), page=True)
+    return _asgi(Starlette(routes=[Route("/", home), Mount("/batch", app=app)]))
+
+
+def _page_in_flask(data_dir: Path) -> Any:
+    pytest.importorskip("flask")
+    from flask import Flask
+    from service import parts
+    from werkzeug.middleware.dispatcher import DispatcherMiddleware
+
+    import batchtrack.wsgi
+
+    flask = Flask(__name__)
+    flask.add_url_rule("/", "home", lambda: "my app")
+    app = batchtrack.wsgi.create_app(*parts(data_dir), page=True)
+    flask.wsgi_app = DispatcherMiddleware(flask.wsgi_app, {"/batch": app})  # type: ignore[method-assign]
+    return _wsgi(flask)
+
+
+@pytest.mark.parametrize("make", [_page_in_starlette, _page_in_flask], ids=["starlette", "flask"])
+def test_integrators_mount_the_page_with_the_api(
+    make: Callable[[Path], Any], tmp_path: Path
+) -> None:
+    """create_app(..., page=True) under /batch: the page at /batch/ calls the API at
+    /batch/api, its icon is at /batch/favicon.ico, and the framework keeps its own /."""
+    client = make(tmp_path)
+    try:
+        assert client.get("/").text == "my app"
+        page = client.get("/batch/")
+        assert page.status_code == 200
+        assert page.headers["content-type"] == "text/html; charset=utf-8"
+        assert page.headers["content-security-policy"].startswith("default-src 'self'")
+        assert '"api": "/batch/api"' in page.text
+        assert 'href="/batch/favicon.ico"' in page.text
+        icon = client.get("/batch/favicon.ico")
+        assert icon.status_code == 200
+        assert icon.headers["content-type"] == "image/x-icon"
+        up = client.post("/batch/api/upload", files=[("files", ("a.jpg", jpeg(), "image/jpeg"))])
+        assert up.status_code == 201, up.text
+    finally:
+        client.close()

@@ -1,20 +1,25 @@
-"""The endpoints that act on a batch once it runs: cancel and retry (contract §7).
+"""The endpoints that act on a batch once it runs: cancel it, and retry its failures.
 
-They live apart from the router (:class:`batchtrack._http.Api`), which only maps
-``POST {prefix}/batch-cancel/{batchId}`` and ``POST {prefix}/batch-retry/{batchId}``
-to :meth:`BatchControl.cancel` and :meth:`BatchControl.retry`.
+``POST {prefix}/batch-cancel/{batchId}`` fails every item not started yet with the error
+``"cancelled"`` and answers how many; ``POST {prefix}/batch-retry/{batchId}`` puts failed
+items (all, or those named) back to pending and has the runner resume the batch. They
+live apart from the router (:class:`batchtrack._http.Api`), which only maps the two
+routes to :meth:`BatchControl.cancel` and :meth:`BatchControl.retry`. The ``on_progress``
+hook of ``create_app`` is handed to the runner from here too (:func:`progress_hook`).
 """
 
 from __future__ import annotations
 
+import functools
+import inspect
 import logging
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
 import attrs
 
-from ._models import ItemSnapshot, Status
+from ._models import ItemSnapshot, ProgressEvent, Status
 from ._tracker import BatchTracker
 from ._wire import (
     NO_BODY,
@@ -27,11 +32,17 @@ from ._wire import (
     reject,
     status_url,
 )
-from .exceptions import BatchNotFound, InvalidTransition, ItemNotFound, OrchestratorClosed
+from .exceptions import (
+    BatchNotFound,
+    InvalidTransition,
+    ItemNotFound,
+    OrchestratorClosed,
+    ValidationError,
+)
 from .typing import Runner
 from .uploads import FileNotFound, UploadStore
 
-__all__ = ["MAX_RETRY_IDS", "BatchControl"]
+__all__ = ["MAX_RETRY_IDS", "BatchControl", "progress_hook"]
 
 log = logging.getLogger("batchtrack")
 
@@ -48,6 +59,50 @@ def _describe(items: Sequence[ItemSnapshot]) -> str:
     return f"{named} and {rest} more" if rest > 0 else named
 
 
+def _takes_on_progress(method: object) -> bool:
+    """Whether ``method`` accepts an ``on_progress`` keyword argument."""
+    try:
+        parameters = inspect.signature(method).parameters.values()  # type: ignore[arg-type]
+    except (TypeError, ValueError):  # no signature to read: assume the protocol's
+        return False
+    return any(
+        (p.name == "on_progress" and p.kind is not p.POSITIONAL_ONLY) or p.kind is p.VAR_KEYWORD
+        for p in parameters
+    )
+
+
+def _deliver(callback: Callable[[ProgressEvent], Any], event: ProgressEvent) -> None:
+    """Call the app's ``on_progress``; an exception is logged, never raised."""
+    try:
+        callback(event)
+    except Exception:
+        log.exception("batchtrack: the app's on_progress callback raised; the batch goes on")
+
+
+def progress_hook(runner: Runner, on_progress: object) -> dict[str, Any]:
+    """The keyword arguments that hand ``create_app``'s ``on_progress`` to the runner.
+
+    Empty without a callback. With one, the runner's ``submit`` and ``resume`` must take
+    ``on_progress`` (as :class:`~batchtrack.Orchestrator`'s do): the callback runs in the
+    process that runs the items, which a runner on other machines cannot offer.
+
+    Raises:
+        ValidationError: ``on_progress`` is not callable, or the runner cannot take it.
+    """
+    if on_progress is None:
+        return {}
+    if not callable(on_progress):
+        raise ValidationError("on_progress must be callable with one ProgressEvent")
+    unable = [m for m in ("submit", "resume") if not _takes_on_progress(getattr(runner, m))]
+    if unable:
+        raise ValidationError(
+            f"on_progress needs a runner whose submit and resume take on_progress (such as "
+            f"an Orchestrator); {type(runner).__name__}.{unable[0]} does not. With a runner "
+            f"on other machines, follow the batch in the tracker's store instead"
+        )
+    return {"on_progress": functools.partial(_deliver, on_progress)}
+
+
 @attrs.frozen
 class BatchControl:
     """Cancel and retry over HTTP, on the tracker and the runner behind ``create_app``.
@@ -57,12 +112,15 @@ class BatchControl:
         runner: Told to drop a cancelled batch's queued work, and to resume a retried one.
         uploads: Where the inputs of batches started over HTTP are; a retry needs them.
         prefix: The API prefix, for the URLs handed out.
+        progress: The keyword arguments that give the runner the app's ``on_progress``
+            when it resumes a retried batch (:func:`progress_hook`).
     """
 
     tracker: BatchTracker
     runner: Runner
     uploads: UploadStore
     prefix: str
+    progress: dict[str, Any] = attrs.field(factory=dict)
 
     def cancel(self, request: Request, owner: str, batch: str) -> Response:
         """``POST /batch-cancel/{batchId}``: fail every pending item, ``{"cancelled": n}``."""
@@ -127,7 +185,7 @@ class BatchControl:
         except (BatchNotFound, ItemNotFound):
             reject(404, "batch_not_found", "no such batch (it may have expired)")
         try:
-            self.runner.resume(batch_id)
+            self.runner.resume(batch_id, **self.progress)
         except OrchestratorClosed:
             reject(503, "shutting_down", "the service is shutting down; try again shortly")
         url = status_url(request, self.prefix, batch_id)

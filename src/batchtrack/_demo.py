@@ -1,45 +1,70 @@
-"""The demo service of ``batchtrack serve``: the page at ``/`` and the API under ``/api``."""
+"""The demo service of ``batchtrack serve``: the page at ``/`` and the API under ``/api``.
+
+The page is the app's own (``create_app(..., page=True)``), as any integrator can have it.
+
+For tests only: when the environment variable ``BATCHTRACK_TEST_ITEM_DELAY`` holds a
+number of seconds (at most 10), every image waits that long before it is processed, so
+that a browser test can reload or cancel a batch while it runs. It is read when the
+service is built, and is no option of the command line: no one else should set it.
+"""
 
 from __future__ import annotations
 
 import logging
+import math
+import os
 import threading
+import time
 from collections.abc import Callable
-from importlib import resources
 from pathlib import Path
 from typing import Any
 
+import attrs
+
+from ._models import Item
 from ._orchestrator import Orchestrator
 from ._paths import DB_NAME
 from ._tracker import BatchTracker
-from .asgi import Receive, Scope, Send, create_app
+from .asgi import create_app
 from .exceptions import BatchtrackError
 from .imaging import ImagePipeline
 from .stores.sqlite import SQLiteStore
 from .uploads import UploadStore
 
-__all__ = ["INTERRUPTED", "build", "recover"]
+__all__ = ["INTERRUPTED", "TEST_ITEM_DELAY", "build", "recover"]
 
 log = logging.getLogger("batchtrack")
 
 INTERRUPTED = "interrupted"
 """The error of items the server stopped before they started."""
 
-_PAGE_HEADERS = [
-    (b"content-type", b"text/html; charset=utf-8"),
-    (b"cache-control", b"no-cache"),
-    (
-        b"content-security-policy",
-        b"default-src 'self'; img-src 'self' blob: data:; style-src 'self' 'unsafe-inline'; "
-        b"script-src 'self' 'unsafe-inline'; frame-ancestors 'none'",
-    ),
-    (b"x-content-type-options", b"nosniff"),
-]
+TEST_ITEM_DELAY = "BATCHTRACK_TEST_ITEM_DELAY"
+"""The environment variable of the test-only delay per image (see the module's doc)."""
 
 
-def page() -> bytes:
-    """The self-contained demo page (HTML, CSS and JavaScript in one file)."""
-    return resources.files("batchtrack").joinpath("static/index.html").read_bytes()
+@attrs.frozen
+class _Delayed:
+    """The pipeline, each image started ``delay`` seconds late (for tests only)."""
+
+    pipeline: ImagePipeline
+    delay: float
+
+    @property
+    def output_dir(self) -> Path:
+        return self.pipeline.output_dir
+
+    def __call__(self, item: Item) -> Path:
+        time.sleep(self.delay)
+        return self.pipeline(item)
+
+
+def _test_delay() -> float:
+    """The test-only delay per image from the environment; 0 when unset or not a number."""
+    try:
+        delay = float(os.environ.get(TEST_ITEM_DELAY, "0"))
+    except ValueError:
+        return 0.0
+    return min(delay, 10.0) if math.isfinite(delay) and delay > 0 else 0.0
 
 
 def recover(tracker: BatchTracker, orchestrator: Orchestrator) -> int:
@@ -82,9 +107,13 @@ def build(
     pipeline = ImagePipeline(data_dir / "results")
     # Results live as long as their batch; writes a crash cut short are swept.
     tracker.add_removal_hook(pipeline.remove_results)
-    orchestrator = Orchestrator(tracker, pipeline, concurrency=concurrency)
+    delay = _test_delay()
+    processor = _Delayed(pipeline, delay) if delay else pipeline
+    orchestrator = Orchestrator(tracker, processor, concurrency=concurrency)
     uploads = UploadStore(data_dir / "uploads", max_total_bytes=max_upload_storage)
-    api = create_app(tracker, orchestrator, uploads, upload_bytes_per_client=upload_quota)
+    app = create_app(
+        tracker, orchestrator, uploads, upload_bytes_per_client=upload_quota, page=True
+    )
     tracker.start_sweeper(interval=600)
     stop = threading.Event()
 
@@ -111,20 +140,6 @@ def build(
     every(600, pipeline.sweep_partial, "sweep unfinished results", first=1)
     # The first round shortly after start, so that the server announces itself first.
     every(min(60.0, lease), resume, "resume lost work", first=0.5)
-
-    body = page()
-
-    async def app(scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] == "http" and scope["path"] in ("/", "/index.html"):
-            if scope["method"] not in ("GET", "HEAD"):
-                await api(scope, receive, send)  # answers 404 JSON
-                return
-            await send({"type": "http.response.start", "status": 200, "headers": _PAGE_HEADERS})
-            await send(
-                {"type": "http.response.body", "body": body if scope["method"] == "GET" else b""}
-            )
-            return
-        await api(scope, receive, send)
 
     def close() -> None:
         # Items not started yet are failed as "interrupted"; running ones finish, and the

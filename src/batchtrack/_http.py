@@ -1,8 +1,10 @@
 """The framework-free HTTP API: one request value in, one response value out.
 
-Routing, ownership and error mapping live here, once, with the endpoints of contract §2;
-cancel and retry (§7) live in :mod:`batchtrack._control`, the request and response values
-and the JSON helpers in :mod:`batchtrack._wire`. The WSGI and ASGI modules only translate
+Routing, ownership and error mapping live here, once, with the endpoints that upload
+files, start a batch and report on it; cancel and retry live in :mod:`batchtrack._control`,
+the ZIP of a batch's results in :mod:`batchtrack._zip`, the optional page in
+:mod:`batchtrack._page`, the request and response values and the JSON helpers in
+:mod:`batchtrack._wire`. The WSGI and ASGI modules only translate
 their protocol to :class:`Request` and back from :class:`Response`. Everything here is
 synchronous: the ASGI shell runs it in a thread.
 """
@@ -20,15 +22,16 @@ import secrets
 import time
 from collections.abc import Callable, Mapping
 from pathlib import Path
-from typing import cast
+from typing import Any, cast
 from urllib.parse import quote
 
 import attrs
 from typing_extensions import TypedDict
 
-from ._control import BatchControl
+from ._control import BatchControl, progress_hook
 from ._json import status_body
-from ._models import Item
+from ._models import Item, ProgressEvent
+from ._page import Page
 from ._query import find_items, wants_delta
 from ._tracker import BatchTracker
 from ._wire import (
@@ -45,6 +48,7 @@ from ._wire import (
     reject,
     status_url,
 )
+from ._zip import ResultsZip
 from .exceptions import BatchNotFound, OrchestratorClosed, ValidationError
 from .stores.memory import MemoryStore
 from .typing import Runner
@@ -96,6 +100,8 @@ class AppOptions(TypedDict, total=False):
     upload_bytes_per_client: int | None
     upload_window: float
     client_key: ClientKey | None
+    page: bool
+    on_progress: Callable[[ProgressEvent], Any] | None
 
 
 def _seconds(instance: object, attribute: attrs.Attribute[float], value: object) -> None:
@@ -182,10 +188,11 @@ class EventStream:
 
 @attrs.define(eq=False)
 class Api:
-    """The router of the API (contract §2, §7) over a tracker, a runner and an upload store.
+    """The router of the HTTP API over a tracker, a runner and an upload store.
 
     It maps every route to its endpoint, identifies the caller and turns every error into
-    the JSON error body. The endpoints of §2 are its methods; cancel and retry live in
+    the JSON error body. Uploading, starting a batch, its status, events and results are its
+    methods; cancel and retry live in
     :class:`~batchtrack._control.BatchControl`. See :func:`batchtrack.asgi.create_app`
     for the arguments.
     """
@@ -206,6 +213,10 @@ class Api:
     upload_window: float = 3600.0
     client_key: ClientKey | None = None
     heartbeat: float = 15.0
+    page: bool = False
+    on_progress: Callable[[ProgressEvent], Any] | None = None
+    _page: Page | None = attrs.field(init=False, default=None)
+    _progress: dict[str, Any] = attrs.field(init=False, factory=dict)
     _routes: list[tuple[str, re.Pattern[str], Callable[..., Response]]] = attrs.field(
         init=False, factory=list
     )
@@ -232,7 +243,13 @@ class Api:
         )
         if self.results_dir is None:
             self.results_dir = _results_dir(self.runner)
-        self._control = BatchControl(self.tracker, self.runner, self.uploads, self.prefix)
+        self._progress = progress_hook(self.runner, self.on_progress)
+        self._control = BatchControl(
+            self.tracker, self.runner, self.uploads, self.prefix, self._progress
+        )
+        if self.page:
+            self._page = Page(self.prefix, self.max_files, self.uploads.max_bytes)
+        results_zip = ResultsZip(self.tracker, self.results_dir)
         self._status_prefix = f"{self.prefix}/batch-status/"
         id_ = r"(?P<batch>[^/]+)"
         self._routes = [
@@ -241,6 +258,7 @@ class Api:
             ("POST", re.compile(r"/upload"), self._upload),
             ("POST", re.compile(r"/process-batch"), self._process_batch),
             ("GET", re.compile(rf"/batch-events/{id_}"), self._batch_events),
+            ("GET", re.compile(rf"/batch-results/{id_}\.zip"), results_zip.download),
             ("GET", re.compile(rf"/batch-results/{id_}/(?P<item>[^/]+)"), self._batch_results),
             ("POST", re.compile(rf"/batch-cancel/{id_}"), self._control.cancel),
             ("POST", re.compile(rf"/batch-retry/{id_}"), self._control.retry),
@@ -270,6 +288,11 @@ class Api:
     def handle(self, request: Request) -> Response:
         """Answer one request; never raises, never shows a traceback."""
         cookie_headers: list[tuple[str, str]] = []
+        if self._page is not None and (shown := self._page.route(request.path)):
+            if request.method in ("GET", "HEAD"):
+                return self._page.serve(request, shown)
+            allow = [("Allow", "GET, HEAD")]
+            return error_response(405, "method_not_allowed", "use GET or HEAD here", allow)
         try:
             handler, params, allowed = self._route(request)
             if handler is None:
@@ -423,7 +446,9 @@ class Api:
         try:
             # A str source is stored with the item, so that retry and resume find it.
             snap = self.runner.submit(
-                [Item(f.filename, source=str(f.path)) for f in files], owner=owner
+                [Item(f.filename, source=str(f.path)) for f in files],
+                owner=owner,
+                **self._progress,
             )
         except OrchestratorClosed:
             reject(503, "shutting_down", "the service is shutting down; try again shortly")

@@ -231,18 +231,8 @@ class ProgressEvent:
     Immutable and hashable, like the other values (assigning an attribute raises
     :class:`attrs.exceptions.FrozenInstanceError`); two events are equal when all their
     attributes are. The ETA of an event the tracker made is worked out the first time it
-    is read, so that transitions nobody watches do not pay for it.
-
-    Attributes:
-        batch_id: The batch.
-        item: The item as it is after the transition.
-        progress: The batch's counts right after the transition.
-        changed: False when the call repeated a transition that had already happened
-            (a no-op, counted nothing).
-        version: The batch version after the transition.
-
-    Its :attr:`estimated_time_remaining` and :attr:`eta_range` are those right after the
-    transition.
+    is read, so that transitions nobody watches do not pay for it. Its attributes are
+    the properties below.
     """
 
     __slots__ = ("_eta", "_values")
@@ -307,7 +297,8 @@ class ProgressEvent:
 
     @property
     def changed(self) -> bool:
-        """False when the call repeated a transition that had already happened."""
+        """False when the call repeated a transition that had already happened (a no-op,
+        counted nothing)."""
         return self._values[3]
 
     @property

@@ -375,6 +375,44 @@ def document(base: str, max_files: int, max_json_bytes: int = 64 * 1024) -> dict
                     ),
                 }
             },
+            "/batch-results/{batchId}.zip": {
+                "get": {
+                    "operationId": "getBatchResultsZip",
+                    "summary": "Download the processed files of every completed item as one "
+                    "ZIP, streamed.",
+                    "parameters": [_BATCH_ID],
+                    "responses": _with_session(
+                        {
+                            "200": {
+                                "description": "The ZIP: each result named after its uploaded "
+                                "file with the result's extension (`photo (2).jpg` for a "
+                                "second `photo.jpg`).",
+                                "headers": {
+                                    "Content-Disposition": {
+                                        "description": "`attachment`.",
+                                        "required": True,
+                                        "schema": {"type": "string"},
+                                    },
+                                    "Cache-Control": {
+                                        "required": True,
+                                        "schema": {"const": "no-store"},
+                                    },
+                                },
+                                "content": {
+                                    "application/zip": {
+                                        "schema": {"type": "string", "format": "binary"}
+                                    }
+                                },
+                            },
+                            "400": _error("Not a UUID."),
+                            "404": _error(
+                                "Unknown, expired or not yours; or no result file is left."
+                            ),
+                            "409": _error("`nothing_completed`: no item has completed (yet)."),
+                        }
+                    ),
+                }
+            },
             "/batch-cancel/{batchId}": {
                 "post": {
                     "operationId": "cancelBatch",

@@ -24,6 +24,7 @@ from .exceptions import BatchNotFound
 
 __all__ = [
     "CHUNK",
+    "MAX_JSON_DEPTH",
     "NO_BODY",
     "SPOOL_MEMORY",
     "Body",
@@ -36,6 +37,7 @@ __all__ = [
     "check_uuid",
     "error_response",
     "find_batch",
+    "json_depth",
     "json_response",
     "read_json",
     "reject",
@@ -276,6 +278,33 @@ def check_uuid(value: str, what: str) -> str:
 NO_BODY: Any = object()
 """What :func:`read_json` returns for an empty optional body."""
 
+MAX_JSON_DEPTH = 64
+"""How deeply arrays and objects may nest in a JSON body; deeper is a 400 ``bad_json``.
+
+No body of the API nests more than three levels. Checked before parsing, so that how deep
+:func:`json.loads` can go (the interpreter's recursion limit, the thread's stack) never
+decides between a 400 and a 500.
+"""
+# A string (one never ending counts to the end, so no search starts inside it) or a bracket.
+_JSON_TOKEN = re.compile(rb'"(?:[^"\\]+|\\.)*"?|[\[\]{}]', re.DOTALL)
+
+
+def json_depth(raw: bytes) -> int:
+    """How deeply arrays and objects nest in ``raw`` (JSON text), in linear time.
+
+    Brackets inside strings do not count. For text that is not JSON the answer is only
+    an upper bound, which is all that :func:`read_json` needs of it.
+    """
+    depth = deepest = 0
+    for match in _JSON_TOKEN.finditer(raw):
+        token = match[0]
+        if token in (b"[", b"{"):
+            depth += 1
+            deepest = max(deepest, depth)
+        elif token in (b"]", b"}"):
+            depth = max(depth - 1, 0)
+    return deepest
+
 
 def read_json(request: Request, *, optional: bool = False) -> Any:
     """The request's body, parsed as JSON.
@@ -287,7 +316,8 @@ def read_json(request: Request, *, optional: bool = False) -> Any:
 
     Raises:
         Reject: 415 when the body is not ``application/json`` (for a required body this
-            is checked before any of it is read), 400 ``bad_json`` when it does not parse.
+            is checked before any of it is read), 400 ``bad_json`` when it does not parse
+            or nests deeper than :data:`MAX_JSON_DEPTH`.
         BodyTooLarge: Over the route's limit (413).
     """
     media = request.headers.get("content-type", "").split(";")[0].strip().lower()
@@ -299,9 +329,11 @@ def read_json(request: Request, *, optional: bool = False) -> Any:
         return NO_BODY
     if not is_json:
         reject(415, "unsupported_media_type", "send no body, or a JSON body (application/json)")
+    if json_depth(raw) > MAX_JSON_DEPTH:
+        reject(400, "bad_json", f"the JSON body nests deeper than {MAX_JSON_DEPTH} levels")
     try:
         return json.loads(raw)
-    except (ValueError, RecursionError):  # RecursionError: nested too deeply to parse
+    except (ValueError, RecursionError):  # RecursionError: a last line of defence
         reject(400, "bad_json", "the body is not valid JSON")
 
 

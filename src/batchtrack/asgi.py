@@ -178,7 +178,7 @@ def create_app(
     uploads: UploadStore,
     **options: Unpack[AppOptions],
 ) -> App:
-    """The HTTP API (contract §2, §7) as an ASGI application.
+    """The HTTP API as an ASGI application: upload images, run them as a batch, follow it.
 
     Args:
         tracker: Where batches are read, cancelled and retried.
@@ -188,22 +188,18 @@ def create_app(
             :class:`~batchtrack.Orchestrator` (in this process) or a
             :class:`batchtrack.celery.CeleryRunner`.
         uploads: Where uploaded files go.
-        **options: ``prefix`` (``"/api"``): the path the endpoints live under.
-            ``max_files`` (10): files per upload request and per batch.
-            ``owner``: who is asking, from the request headers (lower-case names), None
-            answering 401; without it an anonymous session cookie
-            (``batchtrack_session``) decides. ``secure_cookies`` (False): mark that
-            cookie ``Secure``. ``max_json_bytes`` (64 KiB): the largest JSON body.
-            ``results_dir``: where processed files are, named ``<item id>.<ext>``; by
-            default the ``output_dir`` of the runner's ``processor`` (None when the
-            runner has none: results are then not served). ``events_poll`` (0.5): seconds
-            between checks for changes in the events stream. ``body_timeout`` (300) and
-            ``idle_timeout`` (30): the seconds a request body may take to arrive, in all
-            and between two chunks; a slower one is answered 408 ``request_timeout``
-            (under WSGI the server's socket timeout is the idle timeout).
+        **options: ``prefix`` (``"/api"``), ``max_files`` (10), ``owner`` (identity
+            from the headers instead of a session cookie), ``secure_cookies``,
+            ``max_json_bytes``, ``results_dir``, ``events_poll``, ``body_timeout``,
+            ``idle_timeout``, the upload quota's ``upload_bytes_per_client``,
+            ``upload_window`` and ``client_key``; ``page`` (False: also serve the demo
+            page at ``/``); ``on_progress`` (called with every
+            :class:`~batchtrack.ProgressEvent` of the batches started or retried through
+            the app, in the runner's thread; what it raises is logged, never raised).
+            Each is described in :ref:`create-app-options`.
 
     Raises:
-        ValidationError: A bad option, or a ``runner`` without ``submit``, ``resume``
-            and ``cancel`` methods.
+        ValidationError: A bad option, a ``runner`` without ``submit``, ``resume`` and
+            ``cancel`` methods, or an ``on_progress`` the runner cannot take.
     """
     return App(Api(tracker, runner, uploads, **options))

@@ -101,9 +101,10 @@ def create_app(
     uploads: UploadStore,
     **options: Unpack[AppOptions],
 ) -> App:
-    """The HTTP API (contract §2, §7) as a WSGI application.
+    """The HTTP API as a WSGI application: upload files, run them as a batch, follow it.
 
-    The arguments are those of :func:`batchtrack.asgi.create_app`.
+    The endpoints, the arguments and the options (the ``page`` and ``on_progress`` among
+    them) are those of :func:`batchtrack.asgi.create_app`.
 
     What a slow client costs: WSGI hands the body to the app as a blocking file, read in
     the server thread that handles the request, so a client sending its body slowly holds
