@@ -1,89 +1,142 @@
-"""Apps for ``bench_serve``: started by uvicorn or gunicorn as ``serve_apps:asgi`` or
-``serve_apps:wsgi`` with ``BENCH_APP`` (``ours`` or ``raw``) and ``BENCH_STORE``
-(``memory`` or ``sqlite``) in the environment; ``BENCH_DIR`` is a scratch folder."""
+"""Apps for ``bench_serve``, built from the environment by a server's factory:
+``uvicorn serve_apps:asgi --factory`` or ``gunicorn 'serve_apps:wsgi()'``.
+
+- ``BENCH_APP``: ``ours`` (the default session-cookie owner), ``owner`` (ours with
+  ``owner=`` a callable, which takes the app off its inline fast path) or ``raw`` (the
+  floor: the very bytes and headers ours answers, precomputed, 304 when the request
+  carries ``If-None-Match``).
+- ``BENCH_STORE``: ``memory`` or ``sqlite`` (a file in ``BENCH_DIR``).
+- ``BENCH_DIR``: a scratch folder; ``info.json`` is written there once the app is
+  built (gunicorn builds it after it listens): batch id, ETag, body length.
+
+The batch: 10 items, 4 completed, 1 running. Its tracker's clock stops once the batch is
+built, so the ETA, and with it the ETag, stays the same for the whole run (with a running
+clock the ETA of a running batch moves every second or so, and with it the ETag).
+"""
 
 from __future__ import annotations
 
+import json
 import os
+import time
 from collections.abc import Callable, Iterable
 from pathlib import Path
 from typing import Any
 
 from batchtrack import BatchTracker, MemoryStore, Orchestrator, SQLiteStore
+from batchtrack._wire import Body, Request
 from batchtrack.uploads import UploadStore
 
 SESSION = "0123456789abcdef0123456789abcdef"
-"""The session cookie value wrk sends: the batch belongs to it."""
-
-_folder = Path(os.environ.get("BENCH_DIR", "/tmp/bench-serve"))
-_store = (
-    SQLiteStore(_folder / "bench.db")
-    if os.environ.get("BENCH_STORE") == "sqlite"
-    else MemoryStore()
-)
-tracker = BatchTracker(_store)
-_batch = tracker.create_batch([f"image{i}.jpg" for i in range(10)], owner=f"session:{SESSION}")
-for _item in _batch.items[:4]:
-    tracker.start_item(_batch.batch_id, _item.id)
-    tracker.complete_item(_batch.batch_id, _item.id)
-tracker.start_item(_batch.batch_id, _batch.items[4].id)
-BATCH_ID = _batch.batch_id
-Path(_folder / "batch_id").write_text(BATCH_ID)
-
-_orchestrator = Orchestrator(tracker, lambda item: None, concurrency=1)
-_uploads = UploadStore(_folder / "uploads")
+COOKIE = f"batchtrack_session={SESSION}"
+"""The session cookie every request carries: the batch belongs to it."""
 
 
-def _ours_asgi() -> Any:
-    from batchtrack.asgi import create_app
+class _Clock:
+    """time.time until stopped, then the moment it was stopped."""
 
-    return create_app(tracker, _orchestrator, _uploads)
+    def __init__(self) -> None:
+        self.stopped: float | None = None
 
-
-def _ours_wsgi() -> Any:
-    from batchtrack.wsgi import create_app
-
-    return create_app(tracker, _orchestrator, _uploads)
+    def __call__(self) -> float:
+        return time.time() if self.stopped is None else self.stopped
 
 
-def _answer() -> tuple[bytes, list[tuple[str, str]]]:
-    """The very bytes and headers our status endpoint answers with (the floor's body)."""
-    from batchtrack._json import status_body
+def _build(kind: str) -> Any:
+    """The app ``BENCH_APP`` asks for, as ``kind`` (``"asgi"`` or ``"wsgi"``)."""
+    which = os.environ.get("BENCH_APP", "ours")
+    folder = Path(os.environ.get("BENCH_DIR", "/tmp/bench-serve"))
+    folder.mkdir(parents=True, exist_ok=True)
+    store = (
+        SQLiteStore(folder / "bench.db")
+        if os.environ.get("BENCH_STORE") == "sqlite"
+        else MemoryStore()
+    )
+    clock = _Clock()
+    tracker = BatchTracker(store, clock=clock)
+    snap = tracker.create_batch([f"image{i}.jpg" for i in range(10)], owner=f"session:{SESSION}")
+    for item in snap.items[:4]:
+        tracker.start_item(snap.batch_id, item.id)
+        time.sleep(0.01)  # durations the ETA can use
+        tracker.complete_item(snap.batch_id, item.id)
+    tracker.start_item(snap.batch_id, snap.items[4].id)
+    clock.stopped = time.time()
+    batch_id = snap.batch_id
 
-    snap = tracker.get(BATCH_ID)
-    body = status_body(snap)
-    headers = [
-        ("Content-Type", "application/json"),
-        ("Content-Length", str(len(body))),
-        ("ETag", f'"{snap.version}.{snap.estimated_time_remaining}"'),
-        ("Cache-Control", "no-store"),
-    ]
-    return body, headers
+    runner = Orchestrator(tracker, lambda item: None, concurrency=1)
+    uploads = UploadStore(folder / "uploads")
+    module = __import__(f"batchtrack.{kind}", fromlist=["create_app"])
+    options: dict[str, Any] = {}
+    if which == "owner":
+        options["owner"] = lambda headers: f"session:{SESSION}"
+    ours = module.create_app(tracker, runner, uploads, **options)
+
+    # What ours answers, asked in-process: the floor returns the same bytes and headers.
+    path = f"/api/batch-status/{batch_id}"
+
+    def ask(headers: dict[str, str]) -> tuple[int, list[tuple[str, str]], bytes]:
+        request = Request("GET", path, headers, Body(lambda size: b"", 0), "", "127.0.0.1")
+        answer = ours.api.handle(request)
+        return answer.status, list(answer.headers), answer.body
+
+    status, headers, body = ask({"cookie": COOKIE})
+    assert status == 200, status
+    etag = dict(headers)["ETag"]
+    status_304, headers_304, _ = ask({"cookie": COOKIE, "if-none-match": etag})
+    assert status_304 == 304, status_304
+    info = {"batch_id": batch_id, "etag": etag, "body_bytes": len(body), "app": which}
+    (folder / "info.json.part").write_text(json.dumps(info))
+    os.replace(folder / "info.json.part", folder / "info.json")
+
+    if which != "raw":
+        return ours
+    if kind == "asgi":
+        return _raw_asgi(headers, body, headers_304)
+    return _raw_wsgi(headers, body, headers_304)
 
 
-def _raw_asgi() -> Any:
-    body, headers = _answer()
-    raw = [(k.lower().encode(), v.encode()) for k, v in headers]
+def _raw_asgi(
+    headers: list[tuple[str, str]], body: bytes, headers_304: list[tuple[str, str]]
+) -> Any:
+    ok = [(k.lower().encode(), v.encode("latin-1")) for k, v in headers]
+    not_modified = [(k.lower().encode(), v.encode("latin-1")) for k, v in headers_304]
+    start_200 = {"type": "http.response.start", "status": 200, "headers": ok}
+    start_304 = {"type": "http.response.start", "status": 304, "headers": not_modified}
+    body_200 = {"type": "http.response.body", "body": body}
+    body_304 = {"type": "http.response.body", "body": b""}
 
     async def app(scope: dict[str, Any], receive: Any, send: Any) -> None:
         if scope["type"] != "http":
             return
-        await send({"type": "http.response.start", "status": 200, "headers": raw})
-        await send({"type": "http.response.body", "body": body})
+        for name, _ in scope["headers"]:
+            if name == b"if-none-match":
+                await send(start_304)
+                await send(body_304)
+                return
+        await send(start_200)
+        await send(body_200)
 
     return app
 
 
-def _raw_wsgi() -> Any:
-    body, headers = _answer()
-
+def _raw_wsgi(
+    headers: list[tuple[str, str]], body: bytes, headers_304: list[tuple[str, str]]
+) -> Any:
     def app(environ: dict[str, Any], start_response: Callable[..., Any]) -> Iterable[bytes]:
+        if "HTTP_IF_NONE_MATCH" in environ:
+            start_response("304 Not Modified", headers_304)
+            return [b""]
         start_response("200 OK", headers)
         return [body]
 
     return app
 
 
-_ours = os.environ.get("BENCH_APP", "ours") == "ours"
-asgi = _ours_asgi() if _ours else _raw_asgi()
-wsgi = _ours_wsgi() if _ours else _raw_wsgi()
+def asgi() -> Any:
+    """The ASGI app (a uvicorn ``--factory``)."""
+    return _build("asgi")
+
+
+def wsgi() -> Any:
+    """The WSGI app (gunicorn ``'serve_apps:wsgi()'``)."""
+    return _build("wsgi")
