@@ -8,7 +8,7 @@ import time
 from collections.abc import Callable
 from typing import Any
 
-from batchtrack import BatchTracker
+from batchtrack import BatchSnapshot, BatchTracker
 from batchtrack.stores.base import Store
 from harness import Comparison, compare
 
@@ -112,11 +112,9 @@ def counts_read(make_store: StoreMaker, name: str, *, reads: int = 2000) -> Comp
     )
 
 
-def snapshot_json(
-    make_store: StoreMaker, name: str, *, goal: float, n: int = 10_000
-) -> tuple[Comparison, Callable[[], None]]:
-    """Full snapshot + json.dumps of a 10,000-item batch vs copying dicts under a lock."""
-    tracker = BatchTracker(make_store())
+def half_done_batch(store: Store, n: int) -> tuple[BatchTracker, BatchSnapshot]:
+    """A batch of ``n`` images, half of them done: nine in ten processed, one failed."""
+    tracker = BatchTracker(store)
     snap = tracker.create_batch([f"image{i}.jpg" for i in range(n)])
     for k, item in enumerate(snap.items[: n // 2]):
         tracker.start_item(snap.batch_id, item.id)
@@ -124,6 +122,14 @@ def snapshot_json(
             tracker.complete_item(snap.batch_id, item.id)
         else:
             tracker.fail_item(snap.batch_id, item.id, "not an image")
+    return tracker, snap
+
+
+def snapshot_json(
+    make_store: StoreMaker, name: str, *, goal: float, n: int = 10_000
+) -> tuple[Comparison, Callable[[], None]]:
+    """Full snapshot + json.dumps of a 10,000-item batch vs copying dicts under a lock."""
+    tracker, snap = half_done_batch(make_store(), n)
     lock = threading.Lock()
     rows = [item.to_dict() for item in tracker.get(snap.batch_id).items]
 

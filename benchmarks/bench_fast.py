@@ -24,6 +24,7 @@ from pathlib import Path
 from batchtrack import BatchTracker, MemoryStore, SQLiteStore
 from batchtrack._json import status_body
 from batchtrack.stores.base import Store
+from bench_core import half_done_batch
 from harness import Comparison, compare
 
 
@@ -135,14 +136,7 @@ def sqlite_event(folder: Path, n: int) -> Comparison:
 
 
 def status_bodies(kind: str, make: Callable[[], Store], goal_ms: float, n: int) -> Comparison:
-    tracker = BatchTracker(make())
-    snap = tracker.create_batch([f"image{i}.jpg" for i in range(n)])
-    for k, item in enumerate(snap.items[: n // 2]):
-        tracker.start_item(snap.batch_id, item.id)
-        if k % 10:
-            tracker.complete_item(snap.batch_id, item.id)
-        else:
-            tracker.fail_item(snap.batch_id, item.id, "not an image")
+    tracker, snap = half_done_batch(make(), n)
     encoded = [b'{"id":"x","filename":"y","status":"completed"}' for _ in range(n)]
     lock = threading.Lock()
 
