@@ -291,3 +291,57 @@ def test_retried_failures_count_as_work_still_to_do(
             tracker.complete_item(snap.batch_id, item.id)
         etas.append(tracker.get(snap.batch_id, items=False).estimated_time_remaining)
     assert etas == [10, 20]  # 10 items left at 1 s, and at 2 attempts of 1 s
+
+
+# -- what the future may hold: pauses and lost workers ---------------------------------
+
+
+def test_a_pause_widens_the_range_with_its_length(tracker: BatchTracker, clock: FakeClock) -> None:
+    """While nothing runs, the estimate expects the pause to last about as long again as
+    it has so far, and the range reaches up to several times that."""
+    snap = tracker.create_batch([f"{i}.jpg" for i in range(40)])
+    for item in snap.items[:20]:
+        tracker.start_item(snap.batch_id, item.id)
+        clock.advance(1.0)
+        tracker.complete_item(snap.batch_id, item.id)
+    working = tracker.get(snap.batch_id, items=False)
+    assert working.estimated_time_remaining == 20
+    clock.advance(30.0)
+    paused = tracker.get(snap.batch_id, items=False)
+    assert paused.estimated_time_remaining is not None
+    assert paused.eta_range is not None
+    assert 45 <= paused.estimated_time_remaining <= 55  # 20 s of work after ~30 s more idle
+    low, high = paused.eta_range
+    assert low <= 30  # the pause may end at once
+    assert high >= 20 + 5 * 30  # or go on for much longer
+
+
+def test_items_held_by_lost_workers_add_a_wait(clock: FakeClock) -> None:
+    """Once an item came back from a lost worker, more items processing than the work
+    finished lately shows are held by lost workers: the estimate waits for them."""
+    tracker = BatchTracker(clock=clock, lease=20.0)
+    snap = tracker.create_batch([f"{i}.jpg" for i in range(60)])
+    ids = [item.id for item in snap.items]
+    tracker.start_item(snap.batch_id, ids[0])  # its worker dies
+    for item in ids[1:21]:
+        tracker.start_item(snap.batch_id, item)
+        clock.advance(1.0)
+        tracker.complete_item(snap.batch_id, item)
+    assert tracker.reclaim() == 1
+    tracker.start_item(snap.batch_id, ids[21])  # this worker dies too
+    for item in ids[22:30]:
+        tracker.start_item(snap.batch_id, item)
+        clock.advance(1.0)
+        tracker.complete_item(snap.batch_id, item)
+    snap_now = tracker.get(snap.batch_id, items=False)
+    assert snap_now.progress.processing == 1  # the lost one; no item is running
+    tracker.start_item(snap.batch_id, ids[30])
+    clock.advance(0.5)
+    got = tracker.get(snap.batch_id, items=False)
+    assert got.progress.processing == 2
+    assert got.estimated_time_remaining is not None
+    assert got.eta_range is not None
+    # 31 items of work (29 pending, one held, one running) at 1 s each, one worker; the
+    # held one is back only when its lease runs out, and more may be lost meanwhile.
+    assert got.estimated_time_remaining > 31
+    assert got.eta_range[1] > got.estimated_time_remaining + 5

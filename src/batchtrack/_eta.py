@@ -11,7 +11,9 @@ How the estimate works
 Durations of items that finished after processing are kept as power sums weighted by
 when the item finished: ``sum(t**k)``, ``sum(t**k * d)`` and ``sum(t**k * d**2)`` with
 ``t`` the finish time since the batch was created, for k in :data:`_KS`, and
-``sum(t**(2k))`` for each window's effective number of items (11 sums in all). The
+``sum(t**(2k))`` for each window's effective number of items; and every start counts
+(``s0``), so that starts - attempts that ended - items processing = attempts taken
+back from lost workers (12 sums in all). The
 weight ``t**k`` looks back over roughly the last ``1 / (k + 1)`` of the batch's life:
 k = 0 is the whole batch, the largest k its most recent stretch. The windows precise
 enough to be trusted (relative standard error at most :data:`_TRUSTED`) are blended,
@@ -29,17 +31,24 @@ From the blended mean ``m`` and variance ``v`` of durations:
 * remaining work = pending items x ``m`` (times attempts per finished item, when failed
   attempts were retried) + running items x that residual, shared by the workers busy
   now. Workers are the running items, unless the work finished lately shows fewer
-  working (``(k + 1) sum(t**k d) / T**(k + 1)`` is a window's busy workers): items left
-  processing by lost workers do not count until reclaimed. While none runs (a pause),
-  the batch's mean concurrency so far;
+  working (``(k + 1) sum(t**k d) / T**(k + 1)`` is a window's busy workers): the
+  excess is *held* by lost workers and counts as work still to do. While none runs (a
+  pause), the concurrency the batch had while it worked;
 * the batch ends when its last worker does, not its average one: add the expected lead
-  of the last of ``r`` workers over their mean, ``residual x (r - 1) / (r + 1)``.
+  of the last of ``r`` workers over their mean, ``residual x (r - 1) / (r + 1)``;
+* a wait on top of the work: in a pause, as long again as it has lasted (the median of
+  not knowing where in it we are); once items came back from lost workers, until the
+  held ones come back (how long an item stays held by Little's law: held now / rate
+  lost) and, when more losses are likely, until the last of those comes back.
 
-The range is the unrounded estimate times ``exp(-z s)`` and ``exp(+z s)`` (z = 1.28 for
-8 in 10), ``s**2`` the relative variance from: the pending items' own spread
-(``cv**2 / pending``), the blended mean's standard error and the windows' disagreement
-(a trend the estimate may not have caught up with), one residual, and a share that
-grows with how far ahead it looks compared with the history it has seen.
+The range is the work part times ``exp(-z s)`` and ``exp(+z s)`` (z = 1.28 for 8 in
+10), ``s**2`` its relative variance from: the pending items' own spread
+(``cv**2 / pending``), the blended mean's standard error (the windows overlap, so no
+better than their weighted MSE) and the two most recent windows' disagreement (a trend
+still under way), one residual, and a share that grows with how far ahead it looks
+compared with the history it has seen; plus the wait at its low and high ends: a
+pause's a ninth and nine times its idle time; lost workers' a third and three times
+the expected wait (before any reclaim, only the high end).
 ``benchmarks/bench_eta.py`` scores both against the usual estimators.
 """
 
@@ -62,6 +71,9 @@ _TREND = 0.5  # how much of the windows' disagreement counts as uncertainty
 _IDLE = 1.5  # running items beyond this many times the busy workers are not running
 
 _NO_STATS: Mapping[Status, Mapping[str, tuple[float, int]]] = {}
+# Every start counts one attempt: starts - attempts that ended - processing = attempts
+# taken back from lost workers.
+_STARTED: Mapping[Status, Mapping[str, tuple[float, int]]] = {Status.PENDING: {"s0": (1.0, 0)}}
 # Per window: the names of its weight, duration and squared-duration sums, and of the
 # sum of squared weights (t**(2k)).
 _WINDOWS = tuple((f"w{k}", f"d{k}", f"q{k}", f"w{2 * k}", k + 1) for k in _KS)
@@ -82,6 +94,8 @@ def stats_for(
         at: When the transition happens.
         origin: When the batch was created.
     """
+    if target is Status.PROCESSING:
+        return _STARTED
     if target is not Status.COMPLETED and target is not Status.FAILED:
         return _NO_STATS
     t = max(at - origin, 0.0)
@@ -106,10 +120,10 @@ def stats_for(
     }
 
 
-# The durations model of a batch, a pure function of its stats: memoised on the exact
-# stats (every name and value, in the store's order), so two batches share an entry only
-# when their stats are equal. Stats change only when an item finishes, while the
-# estimate is also wanted at every start and every read.
+# The durations model of a batch, a pure function of the stats its fit reads (every
+# name but "s0"): memoised on their exact values, so two batches share an entry only when
+# those are equal. They change only when an item finishes, while the estimate is also
+# wanted at every start and every read.
 class _Model(NamedTuple):
     mean: float  # item duration
     residual: float  # what a running item still needs, on average
@@ -117,13 +131,15 @@ class _Model(NamedTuple):
     uncertainty: float  # relative variance of the mean: standard error and trend
     finished: float  # attempts that ended after processing (sum(t**0))
     busy: tuple[tuple[float, int], ...]  # per window: (k + 1) * sum(t**k * d), k + 1
+    last: float  # about when the latest attempt ended, in seconds since creation
 
 
-_memo: dict[tuple[object, ...], _Model | None] = {}
+_FIT_NAMES = tuple(name for window in _WINDOWS for name in window[:4])
+_memo: dict[tuple[float | None, ...], _Model | None] = {}
 
 
 def _model(stats: Mapping[str, float]) -> _Model | None:
-    key = (*stats, *stats.values())
+    key = tuple(map(stats.get, _FIT_NAMES))
     model = _memo.get(key, _memo)
     if model is _memo:
         if len(_memo) >= 4096:
@@ -165,9 +181,11 @@ def _fit(stats: Mapping[str, float]) -> _Model | None:
     noise = _AGREE * _AGREE * errors[-1]
     floor = 1e-12 * recent * recent
     total_weight = mean = variance = 0.0
+    weights = []
     for m, v, e in zip(means, variances, errors, strict=True):
         bias = (m - recent) ** 2 - noise
         weight = 1.0 / (e + (bias if bias > 0.0 else 0.0) + floor)
+        weights.append(weight)
         total_weight += weight
         mean += weight * m
         variance += weight * v
@@ -175,28 +193,50 @@ def _fit(stats: Mapping[str, float]) -> _Model | None:
     variance /= total_weight
     if mean <= 0:
         return None
-    trend = max(abs(m - mean) for m in means) / mean
+    # The windows overlap (the whole batch holds the recent items), so their errors are
+    # not independent: the blend is no more precise than its windows' weighted MSE.
+    # A trend still under way shows as the two most recent windows disagreeing beyond
+    # their noise.
+    shift = 0.0
+    if len(means) > 1:
+        shift = (means[-1] - means[-2]) ** 2 - noise
+        if shift < 0.0:
+            shift = 0.0
+    # About when the latest attempt ended: the sum-weighted mean of t**16 over t**32.
+    last = 0.0
+    w16 = get("w16", 0.0)
+    if w16 > 0.0:
+        last = (get("w32", 0.0) / w16) ** (1.0 / 16.0)
     return _Model(
         mean,
         (mean * mean + variance) / (2.0 * mean),
         variance / (mean * mean),
-        1.0 / (total_weight * mean * mean) + _TREND * trend * trend,
+        (len(means) / total_weight + _TREND * shift) / (mean * mean),
         get("w0", 0.0),
         tuple(busy),
+        last,
     )
+
+
+class _Found(NamedTuple):
+    seconds: float  # the estimate, unrounded
+    work: float  # the part of it that is work, the rest being a wait
+    variance: float  # relative variance of the work part
+    low_wait: float  # the wait at the range's low end
+    high_wait: float  # the wait at its high end
 
 
 def _seconds(
     progress: Progress, created_at: float, stats: Mapping[str, float], now: float
-) -> tuple[float, float] | None:
-    """(seconds left, relative variance of that), unrounded; None without a basis."""
+) -> _Found | None:
+    """The estimate and what its range is made of; None without a basis."""
     finished = progress.completed + progress.failed
     if finished == 0:
         return None
     pending = progress.pending
     running = progress.processing
     if pending + running == 0:
-        return 0.0, 0.0
+        return _Found(0.0, 0.0, 0.0, 0.0, 0.0)
     elapsed = now - created_at
     if elapsed < 1e-6:
         elapsed = 1e-6
@@ -204,36 +244,76 @@ def _seconds(
     if model is None:
         # Only cancelled items are final: no durations yet, use plain throughput.
         seconds = (pending + running) * elapsed / finished
-        return seconds, 1.0 / finished + _HORIZON * seconds / elapsed
-    mean, residual, cv2, uncertainty, attempts, busy = model
+        return _Found(seconds, seconds, 1.0 / finished + _HORIZON * seconds / elapsed, 0, 0)
+    mean, residual, cv2, uncertainty, attempts, busy, last = model
+    held = reclaimed = 0.0
     if running == 0:
-        # Nobody is working right now (a pause, or between items): assume the
-        # concurrency the batch has had on average so far.
-        workers = busy[0][0] / elapsed
+        # Nobody is working (a pause, or between items): assume the concurrency the
+        # batch had while it worked.
+        idle = elapsed - last if last < elapsed else 0.0
+        active = elapsed - idle if elapsed - idle > mean else elapsed
+        workers = busy[0][0] / active
         if workers * pending < 1.0:
             workers = 1.0 / pending
     else:
-        # Workers busy lately: each window's work done per second of its span. More
-        # items processing than that says are held by workers that are gone without
-        # failing them (or by a run of long items): count those that visibly work.
+        idle = 0.0
+        # Workers busy lately: each window's work done per second of its span. Items
+        # processing beyond that, by half an item or more, are held by workers that are
+        # gone without failing them (or by a run of long items, or by workers that
+        # just joined): count those that visibly work. Once items were taken back from
+        # lost workers (starts beyond the attempts that ended), any such excess counts
+        # as held; before, only a clear one.
         working = max(total / elapsed**k1 for total, k1 in busy)
-        workers = working if running > _IDLE * working else float(running)
+        reclaimed = stats.get("s0", 0.0) - attempts - running
+        if running >= working + 0.5 and (running > _IDLE * working or reclaimed >= 1.0):
+            workers = working
+            held = running - working
+        else:
+            workers = float(running)
     # Failed attempts that were retried did work without finishing an item.
-    ahead = pending * mean / workers
-    if attempts > finished:
-        ahead *= attempts / finished
-    seconds = ahead + running * residual / workers
+    per_item = attempts / finished if attempts > finished else 1.0
+    ahead = (pending + held) * mean * per_item / workers
+    seconds = ahead + (running - held) * residual / workers
     if workers > 1.0:
         seconds += residual * (workers - 1.0) / (workers + 1.0)
-    # Relative variance: the remaining items' own spread, the mean's standard error and
-    # the windows' disagreement (both only on the pending items), how far ahead we look.
+    wait = low_wait = high_wait = 0.0
+    if idle > 0.0:
+        # A pause: it goes on about as long again as it has lasted so far, the median
+        # of not knowing where in it we are, and 8 times in 10 between a ninth of that
+        # and nine times it.
+        wait, low_wait, high_wait = idle, idle / 9.0, 9.0 * idle
+    elif held > 0.0:
+        # Lost work: the held items come back when their leases run out. By Little's
+        # law an item stays held for the items held now over the rate items were lost
+        # at, (held + reclaimed) per elapsed second. The last of those held now is back
+        # after about held / (held + 1) of that, and then needs an item's time.
+        lost = held + (reclaimed if reclaimed > 0.0 else 0.0)
+        lease = held * elapsed / lost
+        back = lease * held / (held + 1.0) + mean
+        # Attempts to come may be lost too, at the rate seen so far; the last such
+        # loss, near the end of the work, adds a whole stay.
+        losses = lost / (lost + attempts) * (pending + held)
+        later = seconds * losses / (losses + 1.0) + lease + mean
+        chance = 1.0 - math.exp(-losses)
+        end = max(back, seconds + chance * (later - seconds))
+        if end > seconds:
+            # Only reclaims show that items are really lost (and not, say, held by
+            # workers that just joined): before the first, the wait only widens the
+            # range. The stay is known to a factor of about 3 either way.
+            high_wait = 3.0 * (end - seconds)
+            if reclaimed >= 1.0:
+                wait = end - seconds
+                low_wait = wait / 3.0
+    # Relative variance of the work: the remaining items' own spread, the mean's
+    # standard error and the windows' disagreement (both only on the pending items),
+    # how far ahead we look.
     share = ahead / seconds
     variance = (
-        share * share * (cv2 / (pending or 1) + uncertainty)
+        share * share * (cv2 / (pending + held or 1) + uncertainty)
         + residual * residual / (3.0 * seconds * seconds)
-        + _HORIZON * seconds / elapsed
+        + _HORIZON * (seconds + wait) / elapsed
     )
-    return seconds, variance
+    return _Found(seconds + wait, seconds, variance, low_wait, high_wait)
 
 
 def seconds_remaining(
@@ -241,7 +321,7 @@ def seconds_remaining(
 ) -> float | None:
     """The estimate before rounding: None until an item is final, 0.0 once all are."""
     found = _seconds(progress, created_at, stats, now)
-    return None if found is None else found[0]
+    return None if found is None else found.seconds
 
 
 def estimate(
@@ -256,11 +336,11 @@ def estimate(
     found = _seconds(progress, created_at, stats, now)
     if found is None:
         return None, None
-    seconds, variance = found
+    seconds, work, variance, low_wait, high_wait = found
     if seconds == 0.0 and not (progress.pending or progress.processing):
         return 0, (0, 0)
     point = round(seconds) or 1
     factor = math.exp(min(_Z * math.sqrt(variance), 30.0))
-    low = round(seconds / factor) or 1
-    high = round(seconds * factor)
+    low = round(work / factor + low_wait) or 1
+    high = round(work * factor + high_wait)
     return point, (low if low < point else point, high if high > point else point)
