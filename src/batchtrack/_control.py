@@ -25,6 +25,7 @@ from ._wire import (
     NO_BODY,
     Request,
     Response,
+    batch_not_found,
     check_uuid,
     find_batch,
     json_response,
@@ -128,7 +129,7 @@ class BatchControl:
         try:
             cancelled = self.tracker.cancel(batch_id, owner=owner)
         except BatchNotFound:
-            reject(404, "batch_not_found", "no such batch (it may have expired)")
+            batch_not_found()
         try:
             # The count is the tracker's, atomic and exact; the runner only drops the
             # work it had queued, whose items the tracker has just failed.
@@ -183,7 +184,7 @@ class BatchControl:
                 f"item {exc.item_id} is {exc.current} now, not failed; nothing was retried",
             )
         except (BatchNotFound, ItemNotFound):
-            reject(404, "batch_not_found", "no such batch (it may have expired)")
+            batch_not_found()
         try:
             self.runner.resume(batch_id, **self.progress)
         except OrchestratorClosed:

@@ -12,7 +12,6 @@ synchronous: the ASGI shell runs it in a thread.
 from __future__ import annotations
 
 import ipaddress
-import json
 import logging
 import math
 import mimetypes
@@ -29,7 +28,7 @@ import attrs
 from typing_extensions import TypedDict
 
 from ._control import BatchControl, progress_hook
-from ._json import status_body
+from ._json import dumps, status_body
 from ._models import Item, ProgressEvent
 from ._page import Page
 from ._query import find_items, wants_delta
@@ -40,6 +39,7 @@ from ._wire import (
     Reject,
     Request,
     Response,
+    batch_not_found,
     check_uuid,
     error_response,
     find_batch,
@@ -178,7 +178,7 @@ class EventStream:
             fields = snap.to_dict()
             if self.delta:
                 fields["version"] = snap.version
-            body = json.dumps(fields, separators=(",", ":"), ensure_ascii=False)
+            body = dumps(fields).decode()
             return [f"id: {snap.version}\ndata: {body}\n\n".encode()]
         if now - self.last_write >= self.api.heartbeat:
             self.last_write = now
@@ -470,7 +470,7 @@ class Api:
         try:
             tag = _etag(*self.tracker._state(batch_id, owner))
         except BatchNotFound:
-            reject(404, "batch_not_found", "no such batch (it may have expired)")
+            batch_not_found()
         made = self._bodies.get(batch_id)
         if made is not None and made[0] == tag:
             return _status_answer(request, tag, lambda: made[1])

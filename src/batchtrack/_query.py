@@ -9,7 +9,7 @@ from urllib.parse import parse_qsl
 
 from ._models import BatchSnapshot, Status
 from ._tracker import BatchTracker
-from ._wire import Request, reject
+from ._wire import Request, batch_not_found, reject
 from .exceptions import BatchNotFound, ItemNotFound
 
 __all__ = ["MAX_LIMIT", "MAX_VERSION", "find_items", "item_conditions", "wants_delta"]
@@ -93,7 +93,7 @@ def find_items(tracker: BatchTracker, batch_id: str, owner: str, request: Reques
     try:
         return tracker.get(batch_id, owner=owner, **conditions)
     except BatchNotFound:
-        reject(404, "batch_not_found", "no such batch (it may have expired)")
+        batch_not_found()
     except ItemNotFound:
         reject(404, "item_not_found", "after names no image of this batch")
 

@@ -18,6 +18,7 @@ from typing import IO, Any, NoReturn, Protocol
 
 import attrs
 
+from ._json import dumps
 from ._models import BatchSnapshot
 from ._tracker import BatchTracker
 from .exceptions import BatchNotFound
@@ -249,7 +250,7 @@ def json_response(
     status: int, payload: Any, headers: list[tuple[str, str]] | None = None
 ) -> Response:
     """A compact JSON response."""
-    body = json.dumps(payload, separators=(",", ":"), ensure_ascii=False).encode()
+    body = dumps(payload)
     return Response(
         status,
         [
@@ -337,6 +338,11 @@ def read_json(request: Request, *, optional: bool = False) -> Any:
         reject(400, "bad_json", "the body is not valid JSON")
 
 
+def batch_not_found() -> NoReturn:
+    """Stop with the 404 of a batch that is unknown, expired or someone else's."""
+    reject(404, "batch_not_found", "no such batch (it may have expired)")
+
+
 def find_batch(
     tracker: BatchTracker, batch: str, owner: str, *, items: bool = True
 ) -> BatchSnapshot:
@@ -349,7 +355,7 @@ def find_batch(
     try:
         return tracker.get(check_uuid(batch, "batchId"), owner=owner, items=items)
     except BatchNotFound:
-        reject(404, "batch_not_found", "no such batch (it may have expired)")
+        batch_not_found()
 
 
 def status_url(request: Request, prefix: str, batch_id: str) -> str:

@@ -20,7 +20,7 @@ import attrs
 
 from ._models import Status
 from ._tracker import BatchTracker
-from ._wire import Request, Response, check_uuid, reject
+from ._wire import Request, Response, batch_not_found, check_uuid, reject
 from .exceptions import BatchNotFound
 
 __all__ = ["PART", "ResultsZip", "ZipStream", "result_path"]
@@ -177,7 +177,7 @@ class ResultsZip:
         try:
             snap = self.tracker.get(batch_id, owner=owner, status=Status.COMPLETED)
         except BatchNotFound:
-            reject(404, "batch_not_found", "no such batch (it may have expired)")
+            batch_not_found()
         if not snap.items:
             reject(409, "nothing_completed", "no item of this batch has completed (yet)")
         taken: set[str] = set()
