@@ -66,21 +66,29 @@ _KS = (0, 2, 16)  # the windows' powers; t**32 stays finite for t up to 1e9 s
 _TRUSTED = 0.4  # largest relative standard error of a window we believe
 _AGREE = 2.0  # how many standard errors of the recent window a bias must exceed
 _Z = 1.2816  # the 90th percentile of the standard normal: 8 in 10 between -z and +z
-_HORIZON = 0.0015  # relative variance per unit of (time ahead / time seen)
+_HORIZON = 0.0004  # relative variance per unit of (time ahead / time seen)
 _TREND = 0.5  # how much of the windows' disagreement counts as uncertainty
+_Z_HIGH = -math.log(0.9)  # gap exceeded 9 times in 10 by an exponential gap x rate
+_Z_LOW = -math.log(0.1)  # gap exceeded 1 time in 10
+_LEADCAP = 1.0  # how far beyond exponential the last worker's lead is extrapolated
 _IDLE = 1.5  # running items beyond this many times the busy workers are not running
 
 _NO_STATS: Mapping[Status, Mapping[str, tuple[float, int]]] = {}
 # Every start counts one attempt: starts - attempts that ended - processing = attempts
 # taken back from lost workers.
 _STARTED: Mapping[Status, Mapping[str, tuple[float, int]]] = {Status.PENDING: {"s0": (1.0, 0)}}
+_started: dict[float, Mapping[Status, Mapping[str, tuple[float, int]]]] = {}
+# A reclaimed item adds how long it was held, from its start to the reclaim.
+RECLAIMED: Mapping[Status, Mapping[str, tuple[float, int]]] = {
+    Status.PROCESSING: {"l1": (1.0, 1)}
+}
 # Per window: the names of its weight, duration and squared-duration sums, and of the
 # sum of squared weights (t**(2k)).
 _WINDOWS = tuple((f"w{k}", f"d{k}", f"q{k}", f"w{2 * k}", k + 1) for k in _KS)
 
 
 def stats_for(
-    target: Status, at: float, origin: float
+    target: Status, at: float, origin: float, lease: float | None = None
 ) -> Mapping[Status, Mapping[str, tuple[float, int]]]:
     """What a transition to ``target`` at ``at`` adds to the batch's stats.
 
@@ -93,9 +101,18 @@ def stats_for(
         target: The item's new status.
         at: When the transition happens.
         origin: When the batch was created.
+        lease: For a start, the seconds the item is leased for (summed as ``g0``:
+            how long a lost item is likely to stay held).
     """
     if target is Status.PROCESSING:
-        return _STARTED
+        if lease is None:
+            return _STARTED
+        started = _started.get(lease)
+        if started is None:
+            if len(_started) >= 64:
+                _started.clear()
+            started = _started[lease] = {Status.PENDING: {"s0": (1.0, 0), "g0": (lease, 0)}}
+        return started
     if target is not Status.COMPLETED and target is not Status.FAILED:
         return _NO_STATS
     t = max(at - origin, 0.0)
@@ -218,6 +235,71 @@ def _fit(stats: Mapping[str, float]) -> _Model | None:
     )
 
 
+def _lead(workers: float, cv2: float) -> float:
+    """The expected lead of the last of ``workers`` running items over their mean, in
+    residuals: ``(r - 1) / (r + 1)`` when all items take the same time (residuals
+    uniform), ``H(r) - 1`` when durations are exponential (``cv2`` = 1), between and
+    beyond by ``cv2``."""
+    uniform = (workers - 1.0) / (workers + 1.0)
+    # H(r) - 1 for real r: log(r) + Euler's gamma + 1 / (2r) - 1
+    exponential = math.log(workers) + 0.5772 + 0.5 / workers - 1.0
+    if exponential < uniform:
+        exponential = uniform
+    return uniform + min(cv2, _LEADCAP) * (exponential - uniform)
+
+
+def _lost_wait(
+    stats: Mapping[str, float],
+    held: float,
+    reclaimed: float,
+    attempts: float,
+    pending: int,
+    mean: float,
+    seconds: float,
+    elapsed: float,
+) -> tuple[float, float, float]:
+    """The wait lost workers add to ``seconds`` of work: expected, low and high.
+
+    An item lost stays held until its lease runs out: as long as the reclaimed ones
+    stayed (``l1`` sums their time from start to reclaim), or before any reclaim, by
+    Little's law, the items held now over the rate they were lost at. The held ones
+    come back spread over that stay (the last of ``h`` at quantile ``q`` after
+    ``stay * q**(1/h)``), and each then needs an item's time. Attempts to come are lost
+    at the rate seen so far: the last such loss, ``gap`` before the work would end
+    (exponential, at ``rate`` losses per second of work), pushes the end out by
+    ``stay + mean - gap`` if that is positive.
+    """
+    lost = held + (reclaimed if reclaimed > 0.0 else 0.0)
+    if reclaimed >= 1.0 and stats.get("l1", 0.0) > 0.0:
+        stay = stats["l1"] / reclaimed
+    elif stats.get("g0", 0.0) > 0.0:
+        stay = stats["g0"] / stats["s0"]
+    else:
+        stay = held * elapsed / lost
+    back = back_low = back_high = 0.0
+    if held > 0.0:
+        back = stay * held / (held + 1.0) + mean - seconds
+        back_low = stay * 0.1 ** (1.0 / held) + mean - seconds
+        back_high = stay * 0.9 ** (1.0 / held) + mean - seconds
+    late = stay + mean
+    future = low = high = 0.0
+    rate = lost / (lost + attempts) * (pending + held) / seconds
+    if rate > 0.0:
+        span = min(late, seconds)  # a loss must come while there is work
+        future = late * -math.expm1(-rate * span) - (
+            -math.expm1(-rate * span) - rate * span * math.exp(-rate * span)
+        ) / rate
+        if _Z_HIGH / rate < span:
+            high = late - _Z_HIGH / rate
+        if _Z_LOW / rate < span:
+            low = late - _Z_LOW / rate
+    if reclaimed < 1.0:
+        # Only reclaims show that items are really lost (and not, say, held by workers
+        # that just joined): before the first, the wait only widens the range.
+        return 0.0, 0.0, max(back_high, high, 0.0)
+    return max(back, future, 0.0), max(back_low, low, 0.0), max(back_high, high, 0.0)
+
+
 class _Found(NamedTuple):
     seconds: float  # the estimate, unrounded
     work: float  # the part of it that is work, the rest being a wait
@@ -246,7 +328,7 @@ def _seconds(
         seconds = (pending + running) * elapsed / finished
         return _Found(seconds, seconds, 1.0 / finished + _HORIZON * seconds / elapsed, 0, 0)
     mean, residual, cv2, uncertainty, attempts, busy, last = model
-    held = reclaimed = 0.0
+    held = reclaimed = suspect = 0.0
     if running == 0:
         # Nobody is working (a pause, or between items): assume the concurrency the
         # batch had while it worked.
@@ -265,48 +347,37 @@ def _seconds(
         # as held; before, only a clear one.
         working = max(total / elapsed**k1 for total, k1 in busy)
         reclaimed = stats.get("s0", 0.0) - attempts - running
-        if running >= working + 0.5 and (running > _IDLE * working or reclaimed >= 1.0):
-            workers = working
-            held = running - working
-        else:
-            workers = float(running)
+        workers = float(running)
+        if running >= working + 0.5:
+            if running > _IDLE * working or reclaimed >= 1.0:
+                workers = working
+                held = running - working
+            else:
+                suspect = running - working  # only widens the range
+
     # Failed attempts that were retried did work without finishing an item.
     per_item = attempts / finished if attempts > finished else 1.0
     ahead = (pending + held) * mean * per_item / workers
     seconds = ahead + (running - held) * residual / workers
     if workers > 1.0:
-        seconds += residual * (workers - 1.0) / (workers + 1.0)
+        seconds += residual * _lead(workers, cv2)
     wait = low_wait = high_wait = 0.0
     if idle > 0.0:
         # A pause: it goes on about as long again as it has lasted so far, the median
         # of not knowing where in it we are, and 8 times in 10 between a ninth of that
         # and nine times it.
         wait, low_wait, high_wait = idle, idle / 9.0, 9.0 * idle
-    elif held > 0.0:
-        # Lost work: the held items come back when their leases run out. By Little's
-        # law an item stays held for the items held now over the rate items were lost
-        # at, (held + reclaimed) per elapsed second. The last of those held now is back
-        # after about held / (held + 1) of that, and then needs an item's time.
-        lost = held + (reclaimed if reclaimed > 0.0 else 0.0)
-        lease = held * elapsed / lost
-        back = lease * held / (held + 1.0) + mean
-        # Attempts to come may be lost too, at the rate seen so far; the last such
-        # loss, near the end of the work, adds a whole stay.
-        losses = lost / (lost + attempts) * (pending + held)
-        later = seconds * losses / (losses + 1.0) + lease + mean
-        chance = 1.0 - math.exp(-losses)
-        end = max(back, seconds + chance * (later - seconds))
-        if end > seconds:
-            # Only reclaims show that items are really lost (and not, say, held by
-            # workers that just joined): before the first, the wait only widens the
-            # range. The stay is known to a factor of about 3 either way.
-            high_wait = 3.0 * (end - seconds)
-            if reclaimed >= 1.0:
-                wait = end - seconds
-                low_wait = wait / 3.0
+    elif held > 0.0 or reclaimed >= 1.0 or suspect > 0.0:
+        wait, low_wait, high_wait = _lost_wait(
+            stats, held or suspect, reclaimed, attempts, pending, mean, seconds, elapsed
+        )
     # Relative variance of the work: the remaining items' own spread, the mean's
     # standard error and the windows' disagreement (both only on the pending items),
     # how far ahead we look.
+    # An item's work is its attempts' durations: with a attempts per item on average
+    # (geometric, variance a (a - 1)), its relative variance is cv2 / a + (a - 1) / a.
+    if per_item > 1.0:
+        cv2 = (cv2 + per_item - 1.0) / per_item
     share = ahead / seconds
     variance = (
         share * share * (cv2 / (pending + held or 1) + uncertainty)

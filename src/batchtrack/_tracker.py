@@ -514,7 +514,7 @@ class BatchTracker(Closing):
                 error,
                 now + IDLE_TIMEOUT,
                 now + self.ttl,
-                _eta.stats_for(target, now, origin),
+                _eta.stats_for(target, now, origin, lease),
                 None if lease is None else now + lease,
             )
         )
@@ -579,7 +579,7 @@ class BatchTracker(Closing):
                     error,
                     now + IDLE_TIMEOUT,
                     now + self.ttl,
-                    _NO_STATS,  # a lost item's time says nothing about item durations
+                    _eta.RECLAIMED,  # how long it was held; nothing about durations
                     lost_before=now,
                     max_attempts=max_attempts,
                 ),
