@@ -79,9 +79,7 @@ _NO_STATS: Mapping[Status, Mapping[str, tuple[float, int]]] = {}
 _STARTED: Mapping[Status, Mapping[str, tuple[float, int]]] = {Status.PENDING: {"s0": (1.0, 0)}}
 _started: dict[float, Mapping[Status, Mapping[str, tuple[float, int]]]] = {}
 # A reclaimed item adds how long it was held, from its start to the reclaim.
-RECLAIMED: Mapping[Status, Mapping[str, tuple[float, int]]] = {
-    Status.PROCESSING: {"l1": (1.0, 1)}
-}
+RECLAIMED: Mapping[Status, Mapping[str, tuple[float, int]]] = {Status.PROCESSING: {"l1": (1.0, 1)}}
 # Per window: the names of its weight, duration and squared-duration sums, and of the
 # sum of squared weights (t**(2k)).
 _WINDOWS = tuple((f"w{k}", f"d{k}", f"q{k}", f"w{2 * k}", k + 1) for k in _KS)
@@ -286,9 +284,10 @@ def _lost_wait(
     rate = lost / (lost + attempts) * (pending + held) / seconds
     if rate > 0.0:
         span = min(late, seconds)  # a loss must come while there is work
-        future = late * -math.expm1(-rate * span) - (
-            -math.expm1(-rate * span) - rate * span * math.exp(-rate * span)
-        ) / rate
+        future = (
+            late * -math.expm1(-rate * span)
+            - (-math.expm1(-rate * span) - rate * span * math.exp(-rate * span)) / rate
+        )
         if _Z_HIGH / rate < span:
             high = late - _Z_HIGH / rate
         if _Z_LOW / rate < span:
