@@ -67,19 +67,16 @@ _TRUSTED = 0.4  # largest relative standard error of a window we believe
 _AGREE = 2.0  # how many standard errors of the recent window a bias must exceed
 _Z = 1.2816  # the 90th percentile of the standard normal: 8 in 10 between -z and +z
 _HORIZON = 0.0004  # relative variance per unit of (time ahead / time seen)
+_KURT = 1.0
+_SUBSET = 0.1
 _TREND = 0.5  # how much of the windows' disagreement counts as uncertainty
 _Z_HIGH = -math.log(0.9)  # gap exceeded 9 times in 10 by an exponential gap x rate
 _Z_LOW = -math.log(0.1)  # gap exceeded 1 time in 10
 _LEADCAP = 1.0  # how far beyond exponential the last worker's lead is extrapolated
-_IDLE = 1.5  # running items beyond this many times the busy workers are not running
+_SURE = 8.0  # residuals (times 1 + cv2) of age that show held items are lost
+_AGED = 2.0  # standard deviations of age beyond which running items are held
 
 _NO_STATS: Mapping[Status, Mapping[str, tuple[float, int]]] = {}
-# Every start counts one attempt: starts - attempts that ended - processing = attempts
-# taken back from lost workers.
-_STARTED: Mapping[Status, Mapping[str, tuple[float, int]]] = {Status.PENDING: {"s0": (1.0, 0)}}
-_started: dict[float, Mapping[Status, Mapping[str, tuple[float, int]]]] = {}
-# A reclaimed item adds how long it was held, from its start to the reclaim.
-RECLAIMED: Mapping[Status, Mapping[str, tuple[float, int]]] = {Status.PROCESSING: {"l1": (1.0, 1)}}
 # Per window: the names of its weight, duration and squared-duration sums, and of the
 # sum of squared weights (t**(2k)).
 _WINDOWS = tuple((f"w{k}", f"d{k}", f"q{k}", f"w{2 * k}", k + 1) for k in _KS)
@@ -103,14 +100,13 @@ def stats_for(
             how long a lost item is likely to stay held).
     """
     if target is Status.PROCESSING:
-        if lease is None:
-            return _STARTED
-        started = _started.get(lease)
-        if started is None:
-            if len(_started) >= 64:
-                _started.clear()
-            started = _started[lease] = {Status.PENDING: {"s0": (1.0, 0), "g0": (lease, 0)}}
-        return started
+        return {
+            Status.PENDING: {
+                "s0": (1.0, 0),
+                "a0": (max(at - origin, 0.0), 0),
+                "g0": (300.0 if lease is None else lease, 0),
+            }
+        }
     if target is not Status.COMPLETED and target is not Status.FAILED:
         return _NO_STATS
     t = max(at - origin, 0.0)
@@ -131,8 +127,17 @@ def stats_for(
             "q0": (1.0, 2),
             "q2": (p2, 2),
             "q16": (p16, 2),
+            "c0": (1.0, 3),
+            "f0": (1.0, 4),
+            "e0": (t, 0),
         }
     }
+
+
+def reclaimed(at: float, origin: float) -> Mapping[Status, Mapping[str, tuple[float, int]]]:
+    """What taking a lost item back at ``at`` adds: when (``r0``) and how long it was
+    held, from its start (``l1``)."""
+    return {Status.PROCESSING: {"r0": (max(at - origin, 0.0), 0), "l1": (1.0, 1)}}
 
 
 # The durations model of a batch, a pure function of the stats its fit reads (every
@@ -149,7 +154,7 @@ class _Model(NamedTuple):
     last: float  # about when the latest attempt ended, in seconds since creation
 
 
-_FIT_NAMES = tuple(name for window in _WINDOWS for name in window[:4])
+_FIT_NAMES = (*(name for window in _WINDOWS for name in window[:4]), "c0", "f0")
 _memo: dict[tuple[float | None, ...], _Model | None] = {}
 
 
@@ -195,13 +200,20 @@ def _fit(stats: Mapping[str, float]) -> _Model | None:
     recent = means[-1]
     noise = _AGREE * _AGREE * errors[-1]
     floor = 1e-12 * recent * recent
-    total_weight = mean = variance = 0.0
-    weights = []
-    for m, v, e in zip(means, variances, errors, strict=True):
+    total_weight = mean = variance = spread = 0.0
+    # Nested windows: while they all agree, the recent ones add no information, only
+    # noise; the whole batch leads.
+    subset = 1.0
+    if all((m - recent) ** 2 <= noise for m in means):
+        subset = _SUBSET
+    for i, (m, v, e) in enumerate(zip(means, variances, errors, strict=True)):
         bias = (m - recent) ** 2 - noise
-        weight = 1.0 / (e + (bias if bias > 0.0 else 0.0) + floor)
-        weights.append(weight)
+        mse = e + (bias if bias > 0.0 else 0.0) + floor
+        weight = 1.0 / mse
+        if i:
+            weight *= subset
         total_weight += weight
+        spread += weight * math.sqrt(mse)
         mean += weight * m
         variance += weight * v
     mean /= total_weight
@@ -209,7 +221,9 @@ def _fit(stats: Mapping[str, float]) -> _Model | None:
     if mean <= 0:
         return None
     # The windows overlap (the whole batch holds the recent items), so their errors are
-    # not independent: the blend is no more precise than its windows' weighted MSE.
+    # not independent: the blend is no more precise than if they were one error, its
+    # root MSE the weighted mean of theirs.
+    spread /= total_weight
     # A trend still under way shows as the two most recent windows disagreeing beyond
     # their noise.
     shift = 0.0
@@ -217,6 +231,22 @@ def _fit(stats: Mapping[str, float]) -> _Model | None:
         shift = (means[-1] - means[-2]) ** 2 - noise
         if shift < 0.0:
             shift = 0.0
+    # Heavy tails: a sample's variance then falls short of the true one more often
+    # than not. Plan for one standard error of it more, (kurtosis - 1) / n relative,
+    # from the whole batch's third and fourth moments.
+    n = get("w0", 0.0)
+    if n > 1.0 and "f0" in stats:
+        m1 = get("d0", 0.0) / n
+        m2 = get("q0", 0.0) / n
+        second = m2 - m1 * m1
+        if second > 1e-12 * m2:
+            third = 4.0 * m1 * get("c0", 0.0) / n
+            fourth = get("f0", 0.0) / n - third + (6.0 * m2 - 3.0 * m1 * m1) * m1 * m1
+            kurtosis = fourth / (second * second)
+            if kurtosis > 1.0:
+                inflate = 1.0 + _KURT * math.sqrt((kurtosis - 1.0) / n)
+                variance *= inflate
+                spread *= math.sqrt(inflate)
     # About when the latest attempt ended: the sum-weighted mean of t**16 over t**32.
     last = 0.0
     w16 = get("w16", 0.0)
@@ -226,29 +256,36 @@ def _fit(stats: Mapping[str, float]) -> _Model | None:
         mean,
         (mean * mean + variance) / (2.0 * mean),
         variance / (mean * mean),
-        (len(means) / total_weight + _TREND * shift) / (mean * mean),
+        (spread * spread + _TREND * shift) / (mean * mean),
         get("w0", 0.0),
         tuple(busy),
         last,
     )
 
 
-def _lead(workers: float, cv2: float) -> float:
-    """The expected lead of the last of ``workers`` running items over their mean, in
-    residuals: ``(r - 1) / (r + 1)`` when all items take the same time (residuals
-    uniform), ``H(r) - 1`` when durations are exponential (``cv2`` = 1), between and
-    beyond by ``cv2``."""
-    uniform = (workers - 1.0) / (workers + 1.0)
-    # H(r) - 1 for real r: log(r) + Euler's gamma + 1 / (2r) - 1
-    exponential = math.log(workers) + 0.5772 + 0.5 / workers - 1.0
+def _last(workers: float, cv2: float) -> tuple[float, float]:
+    """How the last of ``workers`` running items ends: the expected lead of its residual
+    over their mean, and its variance, in residuals (squared). With residuals uniform
+    (all items take the same time): ``(r - 1) / (r + 1)`` and ``4r / ((r + 1)**2 (r +
+    2))``; exponential (``cv2`` = 1): ``H(r) - 1`` and ``sum(1 / k**2, k <= r)``;
+    between and beyond by ``cv2``."""
+    r = workers if workers > 1.0 else 1.0
+    uniform = (r - 1.0) / (r + 1.0)
+    uniform_var = 4.0 * r / ((r + 1.0) * (r + 1.0) * (r + 2.0))
+    # H(r) - 1 and sum(1 / k**2) for real r
+    exponential = math.log(r) + 0.5772 + 0.5 / r - 1.0
     if exponential < uniform:
         exponential = uniform
-    return uniform + min(cv2, _LEADCAP) * (exponential - uniform)
+    exponential_var = 1.6449 - 1.0 / (r + 0.5)
+    f = cv2 if cv2 < _LEADCAP else _LEADCAP
+    return uniform + f * (exponential - uniform), uniform_var + f * (exponential_var - uniform_var)
 
 
 def _lost_wait(
     stats: Mapping[str, float],
     held: float,
+    held_age: float,
+    sure: bool,
     reclaimed: float,
     attempts: float,
     pending: int,
@@ -276,25 +313,33 @@ def _lost_wait(
         stay = held * elapsed / lost
     back = back_low = back_high = 0.0
     if held > 0.0:
-        back = stay * held / (held + 1.0) + mean - seconds
-        back_low = stay * 0.1 ** (1.0 / held) + mean - seconds
-        back_high = stay * 0.9 ** (1.0 / held) + mean - seconds
+        # What is left of their stay: spread up to twice what their mean age leaves.
+        left = stay if held_age <= 0.0 else min(stay, 2.0 * max(stay - held_age, mean))
+        back = left * held / (held + 1.0) + mean - seconds
+        back_low = left * 0.1 ** (1.0 / held) + mean - seconds
+        back_high = left * 0.9 ** (1.0 / held) + mean - seconds
     late = stay + mean
     future = low = high = 0.0
-    rate = lost / (lost + attempts) * (pending + held) / seconds
+    chance = lost / (lost + attempts)  # that an attempt is lost
+    rate = chance * (pending + held) / seconds
     if rate > 0.0:
         span = min(late, seconds)  # a loss must come while there is work
-        future = (
-            late * -math.expm1(-rate * span)
-            - (-math.expm1(-rate * span) - rate * span * math.exp(-rate * span)) / rate
-        )
+        some = -math.expm1(-rate * span)  # that one comes within a stay of the end
+        future = late * some - (some - rate * span * math.exp(-rate * span)) / rate
         if _Z_HIGH / rate < span:
             high = late - _Z_HIGH / rate
         if _Z_LOW / rate < span:
             low = late - _Z_LOW / rate
-    if reclaimed < 1.0:
-        # Only reclaims show that items are really lost (and not, say, held by workers
-        # that just joined): before the first, the wait only widens the range.
+        # The items that come back at the end (rate x stay of them) may be lost again,
+        # each by the same chance: one more stay.
+        again = -math.expm1(-chance * rate * stay)
+        future += some * again * late
+        if some * again > 0.1:
+            high += late
+    if not sure:
+        # Only reclaims, or items held for longer than items run, show that items are
+        # really lost (and not, say, held by workers that just joined): until then the
+        # wait only widens the range.
         return 0.0, 0.0, max(back_high, high, 0.0)
     return max(back, future, 0.0), max(back_low, low, 0.0), max(back_high, high, 0.0)
 
@@ -327,7 +372,7 @@ def _seconds(
         seconds = (pending + running) * elapsed / finished
         return _Found(seconds, seconds, 1.0 / finished + _HORIZON * seconds / elapsed, 0, 0)
     mean, residual, cv2, uncertainty, attempts, busy, last = model
-    held = reclaimed = suspect = 0.0
+    held = reclaimed = suspect = held_age = 0.0
     if running == 0:
         # Nobody is working (a pause, or between items): assume the concurrency the
         # batch had while it worked.
@@ -348,9 +393,22 @@ def _seconds(
         reclaimed = stats.get("s0", 0.0) - attempts - running
         workers = float(running)
         if running >= working + 0.5:
-            if running > _IDLE * working or reclaimed >= 1.0:
+            # Which it is, their age tells: the running items' ages add up to about
+            # running x residual (a renewal process's age is distributed like its
+            # residual); a held item's keeps growing. Start times of all attempts, less
+            # those that ended (end - duration) or were reclaimed (reclaim - stay).
+            age = running * (elapsed) - (
+                stats.get("a0", 0.0)
+                - stats.get("e0", 0.0)
+                + stats.get("d0", 0.0)
+                - stats.get("r0", 0.0)
+                + stats.get("l1", 0.0)
+            )
+            excess_age = age - running * residual
+            if excess_age > _AGED * residual * math.sqrt(running * (1.0 + cv2)):
                 workers = working
                 held = running - working
+                held_age = (age - working * residual) / held
             else:
                 suspect = running - working  # only widens the range
 
@@ -358,8 +416,8 @@ def _seconds(
     per_item = attempts / finished if attempts > finished else 1.0
     ahead = (pending + held) * mean * per_item / workers
     seconds = ahead + (running - held) * residual / workers
-    if workers > 1.0:
-        seconds += residual * _lead(workers, cv2)
+    lead, lead_var = _last(workers, cv2)
+    seconds += residual * lead
     wait = low_wait = high_wait = 0.0
     if idle > 0.0:
         # A pause: it goes on about as long again as it has lasted so far, the median
@@ -368,7 +426,16 @@ def _seconds(
         wait, low_wait, high_wait = idle, idle / 9.0, 9.0 * idle
     elif held > 0.0 or reclaimed >= 1.0 or suspect > 0.0:
         wait, low_wait, high_wait = _lost_wait(
-            stats, held or suspect, reclaimed, attempts, pending, mean, seconds, elapsed
+            stats,
+            held or suspect,
+            held_age,
+            reclaimed >= 1.0 or held_age > _SURE * residual * (1.0 + cv2),
+            reclaimed,
+            attempts,
+            pending,
+            mean,
+            seconds,
+            elapsed,
         )
     # Relative variance of the work: the remaining items' own spread, the mean's
     # standard error and the windows' disagreement (both only on the pending items),
@@ -380,7 +447,7 @@ def _seconds(
     share = ahead / seconds
     variance = (
         share * share * (cv2 / (pending + held or 1) + uncertainty)
-        + residual * residual / (3.0 * seconds * seconds)
+        + residual * residual * lead_var / (seconds * seconds)
         + _HORIZON * (seconds + wait) / elapsed
     )
     return _Found(seconds + wait, seconds, variance, low_wait, high_wait)

@@ -569,6 +569,9 @@ class BatchTracker(Closing):
 
     def _reclaim_one(self, lost: LostItem, now: float) -> Status | None:
         def move(target: Status, error: str | None, max_attempts: int | None) -> bool:
+            origin = self._origins.get(lost.batch_id)
+            if origin is None:
+                origin = self._origin(lost.batch_id)
             result = self.store.apply(
                 lost.batch_id,
                 Transition(
@@ -579,7 +582,7 @@ class BatchTracker(Closing):
                     error,
                     now + IDLE_TIMEOUT,
                     now + self.ttl,
-                    _eta.RECLAIMED,  # how long it was held; nothing about durations
+                    _eta.reclaimed(now, origin),  # nothing about durations
                     lost_before=now,
                     max_attempts=max_attempts,
                 ),
