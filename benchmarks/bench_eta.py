@@ -40,7 +40,7 @@ import random
 import statistics
 import time
 from collections import deque
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from typing import NamedTuple
 
 from batchtrack import BatchTracker, MemoryStore, _eta
@@ -70,6 +70,7 @@ class Kind(NamedTuple):
     sizes: list[int]
     pause: bool = False  # every worker stops for PAUSE s when the middle item is due
     change: bool = False  # the number of workers changes when the middle item is due
+    event: float | None = None  # the share of items done when something changes unannounced
 
 
 def changed_workers(workers: int) -> int:
@@ -182,14 +183,14 @@ def fail_fast(rng: random.Random, i: int, n: int, tries: int) -> tuple[float, st
 KINDS: dict[str, Kind] = {
     "steady": Kind(_plain(steady), [200, 600]),
     "heavy-tailed": Kind(_plain(heavy_tailed), [200, 600]),
-    "warm-up": Kind(_plain(warm_up), [200, 600]),
-    "slow-down": Kind(_plain(slow_down), [200, 600]),
+    "warm-up": Kind(_plain(warm_up), [200, 600], event=0.1),
+    "slow-down": Kind(_plain(slow_down), [200, 600], event=0.5),
     "fast items": Kind(_plain(fast), [20_000, 60_000]),
     "bimodal": Kind(_plain(bimodal), [300, 900]),
     "retried failures": Kind(retried, [200, 600]),
     "lost workers": Kind(lost, [200, 600]),
-    "pause": Kind(_plain(steady), [200, 600], pause=True),
-    "concurrency change": Kind(_plain(steady), [200, 600], change=True),
+    "pause": Kind(_plain(steady), [200, 600], pause=True, event=0.5),
+    "concurrency change": Kind(_plain(steady), [200, 600], change=True, event=0.5),
     "mostly fail fast": Kind(fail_fast, [500, 1500]),
 }
 CONCURRENCY = [1, 8]
@@ -274,6 +275,11 @@ class OursUnrounded(Ours):
         snap = self.tracker.store.load(self.batch, items=False)
         assert snap is not None
         return _eta.seconds_remaining(snap.progress, snap.created_at, snap.stats, now)
+
+    def range(self, now: float) -> tuple[float, float] | None:
+        snap = self.tracker.store.load(self.batch, items=False)
+        assert snap is not None
+        return _eta.span_remaining(snap.progress, snap.created_at, snap.stats, now)
 
 
 class AverageDuration(Estimator):
@@ -388,6 +394,8 @@ class Score(NamedTuple):
     jump: float  # mean move between consecutive polls, s
     coverage: float  # % of polls whose range holds the truth (nan without a range)
     width: float  # median range width, % of the truth (nan without a range)
+    before: float = math.nan  # coverage of the polls before the kind's event
+    after: float = math.nan  # and after it
 
 
 def shown(value: float | None) -> float | None:
@@ -411,13 +419,17 @@ def polls(events: list[Event]) -> Iterator[tuple[float, list[Event]]]:
         t += POLL
 
 
-def score(events: list[Event], n: int, make: Callable[[int], Estimator]) -> Score:
-    """How one estimator does on one event stream."""
+def score(
+    events: list[Event], n: int, make: Callable[[int], Estimator], change: float | None = None
+) -> Score:
+    """How one estimator does on one event stream; with ``change`` (the share of items
+    done when something changes unannounced), its coverage before and after."""
     estimator = make(n)
     end = max(e.at for e in events if e.kind in ("done", "fail"))
     errors: list[float] = []
     jumps: list[float] = []
     held: list[bool] = []
+    phases: list[bool] = []  # after the event
     widths: list[float] = []
     previous: float | None = None
     done = 0
@@ -440,14 +452,22 @@ def score(events: list[Event], n: int, make: Callable[[int], Estimator]) -> Scor
         span = estimator.range(t)
         if span is not None:
             held.append(span[0] <= truth <= span[1])
+            phases.append(change is not None and done >= change * n)
             widths.append((span[1] - span[0]) / truth)
     if not errors:
         return Score(math.nan, math.nan, math.nan, math.nan)
+
+    def share(after: bool) -> float:
+        chosen = [h for h, p in zip(held, phases, strict=True) if p is after]
+        return 100 * statistics.fmean(chosen) if chosen and change is not None else math.nan
+
     return Score(
         100 * statistics.fmean(errors),
         statistics.fmean(jumps) if jumps else 0.0,
         100 * statistics.fmean(held) if held else math.nan,
         100 * statistics.median(widths) if widths else math.nan,
+        share(False),
+        share(True),
     )
 
 
@@ -468,17 +488,25 @@ def table(quick: bool = False, seeds: list[int] | None = None) -> dict[str, dict
                     events = simulate(n, workers, kind, seed)
                     for make in ESTIMATORS:
                         name = make(1).name
-                        per.setdefault(name, []).append(score(events, n, make))
+                        per.setdefault(name, []).append(score(events, n, make, kind.event))
         results[kind_name] = {
             name: Score(
                 statistics.fmean(s.error for s in scores),
                 statistics.fmean(s.jump for s in scores),
                 statistics.fmean(s.coverage for s in scores),
                 statistics.median(s.width for s in scores),
+                _mean_known(s.before for s in scores),
+                _mean_known(s.after for s in scores),
             )
             for name, scores in per.items()
         }
     return results
+
+
+def _mean_known(values: Iterable[float]) -> float:
+    """The mean of the values that are not nan (a run may have no poll before an event)."""
+    known = [v for v in values if not math.isnan(v)]
+    return statistics.fmean(known) if known else math.nan
 
 
 def steadiness(quick: bool = False) -> float:
@@ -506,19 +534,32 @@ def report(quick: bool = False, seeds: list[int] | None = None) -> str:
     lines += [
         "",
         "batchtrack against the best baseline of each kind; its 80% range",
-        f"{'':<{width}}{'ours':>7}{'best baseline':>36}{'ratio':>7}{'held':>7}{'width':>7}",
+        f"{'':<{width}}{'ours':>7}{'best baseline':>36}{'ratio':>7}{'held':>7}{'width':>7}"
+        f"{'held¹':>7}{'width¹':>7}",
     ]
     for kind, row in results.items():
         best = min(BASELINES, key=lambda n: row[n].error)
         ours = row["batchtrack"]
+        raw = row["batchtrack (unrounded)"]
         lines.append(
             f"{kind:<{width}}{ours.error:>7.1f}{best:>29}{row[best].error:>7.1f}"
             f"{ours.error / row[best].error:>7.2f}{ours.coverage:>6.0f}%{ours.width:>6.0f}%"
+            f"{raw.coverage:>6.0f}%{raw.width:>6.0f}%"
         )
     lines.append(
         "(held: % of polls whose range holds the true time left; width: median width, "
-        "% of the true time left)"
+        "% of the true time left;\n ¹ the range before its ends are rounded down and up to "
+        "whole seconds)"
     )
+    lines += [
+        "",
+        "where something changes that nothing announced: % of polls held before and after it",
+        f"{'':<{width}}{'before':>8}{'after':>8}",
+    ]
+    for kind, row in results.items():
+        if KINDS[kind].event is not None:
+            ours = row["batchtrack"]
+            lines.append(f"{kind:<{width}}{ours.before:>7.0f}%{ours.after:>7.0f}%")
     lines.append(f"mean jump between polls on steady workloads: {steadiness(quick):.2f} s")
     return "\n".join(lines)
 

@@ -60,16 +60,16 @@ from typing import NamedTuple
 
 from ._models import Progress, Status
 
-__all__ = ["estimate", "seconds_remaining", "stats_for"]
+__all__ = ["estimate", "reclaimed", "seconds_remaining", "span_remaining", "stats_for"]
 
-_KS = (0, 2, 16)  # the windows' powers; t**32 stays finite for t up to 1e9 s
+_KS = (0, 1, 16)  # the windows' powers; t**32 stays finite for t up to 1e9 s
 _TRUSTED = 0.4  # largest relative standard error of a window we believe
 _AGREE = 2.0  # how many standard errors of the recent window a bias must exceed
 _Z = 1.2816  # the 90th percentile of the standard normal: 8 in 10 between -z and +z
 _HORIZON = 0.0004  # relative variance per unit of (time ahead / time seen)
-_KURT = 1.0
-_SUBSET = 0.1
-_TREND = 0.5  # how much of the windows' disagreement counts as uncertainty
+_KURT = 1.0  # standard errors of the variance added for heavy tails
+_SUBSET = 0.1  # weight of the recent windows while all windows agree
+_TREND = 0.1  # how much of the windows' disagreement counts as uncertainty
 _Z_HIGH = -math.log(0.9)  # gap exceeded 9 times in 10 by an exponential gap x rate
 _Z_LOW = -math.log(0.1)  # gap exceeded 1 time in 10
 _LEADCAP = 1.0  # how far beyond exponential the last worker's lead is extrapolated
@@ -102,7 +102,6 @@ def stats_for(
     if target is Status.PROCESSING:
         return {
             Status.PENDING: {
-                "s0": (1.0, 0),
                 "a0": (max(at - origin, 0.0), 0),
                 "g0": (300.0 if lease is None else lease, 0),
             }
@@ -111,33 +110,32 @@ def stats_for(
         return _NO_STATS
     t = max(at - origin, 0.0)
     p2 = t * t
-    p4 = p2 * p2
-    p16 = p4 * p4
+    p16 = p2 * p2
+    p16 *= p16
     p16 *= p16
     return {
         Status.PROCESSING: {
             "w0": (1.0, 0),
+            "w1": (t, 0),
             "w2": (p2, 0),
-            "w4": (p4, 0),
             "w16": (p16, 0),
             "w32": (p16 * p16, 0),
             "d0": (1.0, 1),
-            "d2": (p2, 1),
+            "d1": (t, 1),
             "d16": (p16, 1),
             "q0": (1.0, 2),
-            "q2": (p2, 2),
+            "q1": (t, 2),
             "q16": (p16, 2),
             "c0": (1.0, 3),
             "f0": (1.0, 4),
-            "e0": (t, 0),
         }
     }
 
 
 def reclaimed(at: float, origin: float) -> Mapping[Status, Mapping[str, tuple[float, int]]]:
-    """What taking a lost item back at ``at`` adds: when (``r0``) and how long it was
-    held, from its start (``l1``)."""
-    return {Status.PROCESSING: {"r0": (max(at - origin, 0.0), 0), "l1": (1.0, 1)}}
+    """What taking a lost item back at ``at`` adds: one more (``k0``), when (``r0``)
+    and how long it was held, from its start (``l1``)."""
+    return {Status.PROCESSING: {"k0": (1.0, 0), "r0": (max(at - origin, 0.0), 0), "l1": (1.0, 1)}}
 
 
 # The durations model of a batch, a pure function of the stats its fit reads (every
@@ -288,6 +286,7 @@ def _lost_wait(
     sure: bool,
     reclaimed: float,
     attempts: float,
+    running: int,
     pending: int,
     mean: float,
     seconds: float,
@@ -308,7 +307,7 @@ def _lost_wait(
     if reclaimed >= 1.0 and stats.get("l1", 0.0) > 0.0:
         stay = stats["l1"] / reclaimed
     elif stats.get("g0", 0.0) > 0.0:
-        stay = stats["g0"] / stats["s0"]
+        stay = stats["g0"] / (attempts + running + reclaimed)
     else:
         stay = held * elapsed / lost
     back = back_low = back_high = 0.0
@@ -390,7 +389,7 @@ def _seconds(
         # lost workers (starts beyond the attempts that ended), any such excess counts
         # as held; before, only a clear one.
         working = max(total / elapsed**k1 for total, k1 in busy)
-        reclaimed = stats.get("s0", 0.0) - attempts - running
+        reclaimed = stats.get("k0", 0.0)
         workers = float(running)
         if running >= working + 0.5:
             # Which it is, their age tells: the running items' ages add up to about
@@ -399,7 +398,7 @@ def _seconds(
             # those that ended (end - duration) or were reclaimed (reclaim - stay).
             age = running * (elapsed) - (
                 stats.get("a0", 0.0)
-                - stats.get("e0", 0.0)
+                - stats.get("w1", 0.0)
                 + stats.get("d0", 0.0)
                 - stats.get("r0", 0.0)
                 + stats.get("l1", 0.0)
@@ -432,6 +431,7 @@ def _seconds(
             reclaimed >= 1.0 or held_age > _SURE * residual * (1.0 + cv2),
             reclaimed,
             attempts,
+            running,
             pending,
             mean,
             seconds,
@@ -461,6 +461,20 @@ def seconds_remaining(
     return None if found is None else found.seconds
 
 
+def _span(found: _Found) -> tuple[float, float]:
+    """The 80% range before rounding."""
+    factor = math.exp(min(_Z * math.sqrt(found.variance), 30.0))
+    return found.work / factor + found.low_wait, found.work * factor + found.high_wait
+
+
+def span_remaining(
+    progress: Progress, created_at: float, stats: Mapping[str, float], now: float
+) -> tuple[float, float] | None:
+    """The 80% range before rounding to whole seconds (for the benchmark)."""
+    found = _seconds(progress, created_at, stats, now)
+    return None if found is None else _span(found)
+
+
 def estimate(
     progress: Progress, created_at: float, stats: Mapping[str, float], now: float
 ) -> tuple[int | None, tuple[int, int] | None]:
@@ -468,16 +482,17 @@ def estimate(
 
     Both None until the first item is final; ``0`` and ``(0, 0)`` once every item is;
     otherwise the estimate rounded to the nearest second but at least 1 (so that 0
-    always means finished), and ``(low, high)`` with ``1 <= low <= estimate <= high``.
+    always means finished), and ``(low, high)`` with ``1 <= low <= estimate <= high``:
+    the range's ends rounded down and up, so that it holds the whole span (a span
+    narrower than a second never becomes a point no true time can equal).
     """
     found = _seconds(progress, created_at, stats, now)
     if found is None:
         return None, None
-    seconds, work, variance, low_wait, high_wait = found
-    if seconds == 0.0 and not (progress.pending or progress.processing):
+    if found.seconds == 0.0 and not (progress.pending or progress.processing):
         return 0, (0, 0)
-    point = round(seconds) or 1
-    factor = math.exp(min(_Z * math.sqrt(variance), 30.0))
-    low = round(work / factor + low_wait) or 1
-    high = round(work * factor + high_wait)
+    point = round(found.seconds) or 1
+    start, end = _span(found)
+    low = math.floor(start) or 1
+    high = math.ceil(end)
     return point, (low if low < point else point, high if high > point else point)

@@ -186,10 +186,11 @@ def add_stats(
 
     The arithmetic of :attr:`Transition.stats`, for stores that run Python.
     """
-    small = (1.0, elapsed, elapsed * elapsed)
+    square = elapsed * elapsed
+    small = (1.0, elapsed, square, square * elapsed, square * square)
     get = stats.get
     for name, (coefficient, power) in contributions.items():
-        scale = small[power] if 0 <= power < 3 else elapsed**power
+        scale = small[power] if 0 <= power < 5 else elapsed**power
         stats[name] = get(name, 0.0) + coefficient * scale
 
 
