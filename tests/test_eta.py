@@ -4,13 +4,15 @@ from __future__ import annotations
 
 import heapq
 import itertools
+import random
+import statistics
 from collections.abc import Callable
 
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from batchtrack import BatchTracker, InvalidTransition, MemoryStore, Progress
+from batchtrack import BatchTracker, InvalidTransition, MemoryStore, Progress, _eta
 from batchtrack.stores.base import Store
 from batchtrack.testing import FakeClock
 
@@ -175,7 +177,7 @@ def _histories(draw: st.DrawFn) -> tuple[int, list[tuple[str, int, float]]]:
     steps = draw(
         st.lists(
             st.tuples(
-                st.sampled_from(["start", "complete", "fail", "retry", "get"]),
+                st.sampled_from(["start", "lease", "complete", "fail", "retry", "reclaim", "get"]),
                 st.integers(0, size - 1),
                 st.sampled_from([0.0, 0.5, 1.0, 2.0, 7.0, 30.0]),
             ),
@@ -197,6 +199,11 @@ def _replay(
         try:
             if action == "start":
                 event = tracker.start_item(snap.batch_id, item)
+            elif action == "lease":  # a start whose worker may be lost
+                event = tracker.start_item(snap.batch_id, item, lease=5.0)
+            elif action == "reclaim":
+                tracker.reclaim()
+                continue
             elif action == "complete":
                 event = tracker.complete_item(snap.batch_id, item)
             elif action == "fail":
@@ -345,3 +352,123 @@ def test_items_held_by_lost_workers_add_a_wait(clock: FakeClock) -> None:
     # held one is back only when its lease runs out, and more may be lost meanwhile.
     assert got.estimated_time_remaining > 31
     assert got.eta_range[1] > got.estimated_time_remaining + 5
+
+
+# -- what the range is made of ----------------------------------------------------------
+
+
+def test_a_narrow_range_is_never_a_point_that_misses(clock: FakeClock) -> None:
+    """Two workers on items of exactly 1 s: the true time left is known to a hair, and a
+    span narrower than a second still becomes whole seconds that hold it."""
+    tracker = BatchTracker(clock=clock)
+    snap = tracker.create_batch([f"{i}.jpg" for i in range(100)])
+    ids = [item.id for item in snap.items]
+    for pair in range(0, 94, 2):
+        for item in ids[pair : pair + 2]:
+            tracker.start_item(snap.batch_id, item)
+        clock.advance(1.0)
+        for item in ids[pair : pair + 2]:
+            tracker.complete_item(snap.batch_id, item)
+    for item in ids[94:96]:
+        tracker.start_item(snap.batch_id, item)
+    clock.advance(0.3)
+    got = tracker.get(snap.batch_id, items=False)
+    truth = 2 + 0.7  # two more pairs, and what is left of this one
+    assert got.eta_range is not None
+    low, high = got.eta_range
+    assert low < high
+    assert low <= truth <= high
+
+
+def test_retried_attempts_widen_the_range(tracker: BatchTracker, clock: FakeClock) -> None:
+    """How many attempts the items still to do will need is itself uncertain."""
+    widths = []
+    for retries in (False, True):
+        snap = tracker.create_batch([f"{i}.jpg" for i in range(40)])
+        for item in snap.items[:20]:
+            tracker.start_item(snap.batch_id, item.id)
+            clock.advance(1)
+            if retries:  # each item fails once, then succeeds
+                tracker.fail_item(snap.batch_id, item.id, "flaky")
+                tracker.retry(snap.batch_id, [item.id])
+                tracker.start_item(snap.batch_id, item.id)
+                clock.advance(1)
+            tracker.complete_item(snap.batch_id, item.id)
+        got = tracker.get(snap.batch_id, items=False)
+        assert got.eta_range is not None
+        assert got.estimated_time_remaining is not None
+        low, high = got.eta_range
+        widths.append((high - low) / got.estimated_time_remaining)
+    assert widths[1] > 2 * widths[0]
+
+
+def test_heavy_tails_widen_the_range(tracker: BatchTracker, clock: FakeClock) -> None:
+    """Rare long items make a sample's variance fall short of the truth: the range plans
+    for more, from the third and fourth moments of the durations."""
+    snap = tracker.create_batch([f"{i}.jpg" for i in range(120)])
+    for i, item in enumerate(snap.items[:60]):
+        tracker.start_item(snap.batch_id, item.id)
+        clock.advance(20.0 if i % 30 == 7 else 1.0)
+        tracker.complete_item(snap.batch_id, item.id)
+    record = tracker.store.load(snap.batch_id, items=False)
+    assert record is not None
+    light = {k: v for k, v in record.stats.items() if k not in ("c0", "f0")}
+    now = clock()
+    _, wide = _eta.estimate(record.progress, record.created_at, record.stats, now)
+    _, narrow = _eta.estimate(record.progress, record.created_at, light, now)
+    assert wide is not None
+    assert narrow is not None
+    assert wide[1] - wide[0] > 1.2 * (narrow[1] - narrow[0])
+
+
+def test_the_last_of_many_workers_sets_the_end(clock: FakeClock) -> None:
+    """With spread-out durations the batch ends when its slowest last item does: on
+    exponential durations and 8 workers the ETA is not biased low near the end."""
+    rng = random.Random(7)
+    polls: list[tuple[float, int | None, float]] = []
+    for _ in range(12):
+        batch: list[tuple[float, int | None, float]] = []
+        durations = [rng.expovariate(1.0) for _ in range(120)]
+        _run(BatchTracker(clock=clock), clock, durations, 8, lambda *poll, b=batch: b.append(poll))
+        polls += batch[len(batch) * 2 // 3 :]  # the last third of the batch
+    ratios = [eta / (end - at) for at, eta, end in polls if eta is not None and end - at >= 4.0]
+    assert 0.9 <= statistics.fmean(ratios) <= 1.15
+
+
+def test_workers_that_join_are_not_lost_workers(tracker: BatchTracker, clock: FakeClock) -> None:
+    """More items running than the work done lately shows, all of them young: workers
+    joined (or came back from a pause). The ETA shares the work among them all."""
+    snap = tracker.create_batch([f"{i}.jpg" for i in range(60)])
+    ids = [item.id for item in snap.items]
+    for item in ids[:20]:
+        tracker.start_item(snap.batch_id, item)
+        clock.advance(1.0)
+        tracker.complete_item(snap.batch_id, item)
+    for item in ids[20:24]:  # four workers now
+        tracker.start_item(snap.batch_id, item)
+    clock.advance(0.2)
+    got = tracker.get(snap.batch_id, items=False)
+    assert got.estimated_time_remaining is not None
+    assert got.estimated_time_remaining <= 12  # ~40 items of 1 s on 4 workers
+
+
+def test_a_lost_item_shows_by_its_age_before_any_reclaim(clock: FakeClock) -> None:
+    """An item processing for far longer than items take is held by a lost worker: the
+    ETA waits for its lease to run out and for it to be done again, before any reclaim."""
+    tracker = BatchTracker(clock=clock, lease=30.0)
+    snap = tracker.create_batch([f"{i}.jpg" for i in range(12)])
+    ids = [item.id for item in snap.items]
+    tracker.start_item(snap.batch_id, ids[0])  # its worker dies
+    for item in ids[1:11]:
+        tracker.start_item(snap.batch_id, item)
+        clock.advance(1.0)
+        tracker.complete_item(snap.batch_id, item)
+    tracker.start_item(snap.batch_id, ids[11])
+    clock.advance(0.5)
+    got = tracker.get(snap.batch_id, items=False)
+    assert got.progress.processing == 2
+    assert got.estimated_time_remaining is not None
+    assert got.eta_range is not None
+    # Back after its 30 s lease (~19.5 s from now), then about a second of work.
+    assert got.estimated_time_remaining >= 10
+    assert got.eta_range[1] >= 20
