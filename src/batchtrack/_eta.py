@@ -11,17 +11,20 @@ How the estimate works
 Durations of items that finished after processing are kept as power sums weighted by
 when the item finished: ``sum(t**k)``, ``sum(t**k * d)`` and ``sum(t**k * d**2)`` with
 ``t`` the finish time since the batch was created, for k in :data:`_KS`, and
-``sum(t**(2k))`` for each window's effective number of items; and every start counts
-(``s0``), so that starts - attempts that ended - items processing = attempts taken
-back from lost workers (12 sums in all). The
-weight ``t**k`` looks back over roughly the last ``1 / (k + 1)`` of the batch's life:
-k = 0 is the whole batch, the largest k its most recent stretch. The windows precise
-enough to be trusted (relative standard error at most :data:`_TRUSTED`) are blended,
-each weighted by one over its mean squared error: its variance, plus its squared
-distance from the most recent trusted window beyond :data:`_AGREE` standard errors of
-that one (a bias; closer than that it is noise). A steady or merely noisy batch thus
-keeps the whole-batch mean, one that really sped up or slowed down moves to the recent
-window within a few items.
+``sum(t**(2k))`` for each window's effective number of items; ``sum(d**3)`` and
+``sum(d**4)`` for how heavy the tail is. Every start adds its start time (``a0``) and
+lease (``g0``), every reclaim one (``k0``), its time (``r0``) and how long the item was
+held (``l1``): with ``sum(t)`` of finishes (``w1``) and ``sum(d)`` they give the total
+age of the items running now. 18 sums in all, 2 per start, 13 per finish. The weight
+``t**k`` looks back over roughly the last ``1 / (k + 1)`` of the batch's life: k = 0 is
+the whole batch, the largest k its most recent stretch. The windows precise enough to
+be trusted (relative standard error at most :data:`_TRUSTED`) are blended, each
+weighted by one over its mean squared error: its variance, plus its squared distance
+from the most recent trusted window beyond :data:`_AGREE` standard errors of that one
+(a bias; closer than that it is noise). While every window agrees, the recent ones,
+which are subsets of the whole, add only noise: they count a tenth. A steady or merely
+noisy batch thus keeps the whole-batch mean, one that really sped up or slowed down
+moves to the recent window within a few items.
 
 From the blended mean ``m`` and variance ``v`` of durations:
 
@@ -31,24 +34,34 @@ From the blended mean ``m`` and variance ``v`` of durations:
 * remaining work = pending items x ``m`` (times attempts per finished item, when failed
   attempts were retried) + running items x that residual, shared by the workers busy
   now. Workers are the running items, unless the work finished lately shows fewer
-  working (``(k + 1) sum(t**k d) / T**(k + 1)`` is a window's busy workers): the
-  excess is *held* by lost workers and counts as work still to do. While none runs (a
-  pause), the concurrency the batch had while it worked;
+  working (``(k + 1) sum(t**k d) / T**(k + 1)`` is a window's busy workers) *and* the
+  running items are older than running items get (their ages add up to about running x
+  residual; a held item's age keeps growing): then the excess is *held* by lost
+  workers and counts as work still to do. Young excess items are workers that joined,
+  or came back from a pause. While none runs (a pause), the concurrency the batch had
+  while it worked;
 * the batch ends when its last worker does, not its average one: add the expected lead
-  of the last of ``r`` workers over their mean, ``residual x (r - 1) / (r + 1)``;
+  of the last of ``r`` residuals over their mean: ``(r - 1) / (r + 1)`` residuals when
+  items all take the same time, ``H(r) - 1`` when durations are exponential, between by
+  the durations' relative variance;
 * a wait on top of the work: in a pause, as long again as it has lasted (the median of
-  not knowing where in it we are); once items came back from lost workers, until the
-  held ones come back (how long an item stays held by Little's law: held now / rate
-  lost) and, when more losses are likely, until the last of those comes back.
+  not knowing where in it we are); once items came back from lost workers, or the held
+  ones are clearly old, until they come back (after the stay the reclaimed ones had, or
+  before any reclaim their lease) and, when more losses are likely, until the last of
+  those comes back, and one more stay when those may be lost again.
 
 The range is the work part times ``exp(-z s)`` and ``exp(+z s)`` (z = 1.28 for 8 in
 10), ``s**2`` its relative variance from: the pending items' own spread
-(``cv**2 / pending``), the blended mean's standard error (the windows overlap, so no
-better than their weighted MSE) and the two most recent windows' disagreement (a trend
-still under way), one residual, and a share that grows with how far ahead it looks
-compared with the history it has seen; plus the wait at its low and high ends: a
-pause's a ninth and nine times its idle time; lost workers' a third and three times
-the expected wait (before any reclaim, only the high end).
+(``cv**2 / pending``, an item's attempts included when failures are retried), the
+blended mean's standard error (the windows overlap, so no better than if they were one
+error), both planned one standard error larger when the tail is heavy (kurtosis), the
+two most recent windows' disagreement (a trend still under way), the spread of the
+last worker's end, and a share that grows with how far ahead it looks compared with
+the history it has seen; plus the wait at its low and high ends: a pause's a ninth and
+nine times its idle time; lost workers' from the same model of losses (a loss comes
+after an exponential gap). Its ends are rounded down and up to whole seconds, so that
+the range always holds the span: one narrower than a second becomes a second wide, not
+a point that no true time can equal.
 ``benchmarks/bench_eta.py`` scores both against the usual estimators.
 """
 
@@ -138,9 +151,9 @@ def reclaimed(at: float, origin: float) -> Mapping[Status, Mapping[str, tuple[fl
     return {Status.PROCESSING: {"k0": (1.0, 0), "r0": (max(at - origin, 0.0), 0), "l1": (1.0, 1)}}
 
 
-# The durations model of a batch, a pure function of the stats its fit reads (every
-# name but "s0"): memoised on their exact values, so two batches share an entry only when
-# those are equal. They change only when an item finishes, while the estimate is also
+# The durations model of a batch, a pure function of the stats its fit reads (the
+# windows' sums, c0 and f0): memoised on their exact values, so two batches share an
+# entry only when those are equal. They change only when an item finishes, while the estimate is also
 # wanted at every start and every read.
 class _Model(NamedTuple):
     mean: float  # item duration
