@@ -25,7 +25,8 @@ attempt that is retried is no progress), and, for the per-running rule, the item
 tracker shows in progress (a lost worker's item until it is reclaimed).
 
 ``SEEDS`` are the seeds the estimator was tuned on; ``HELD_OUT_SEEDS`` are for checking
-that it was not fitted to them: ``python benchmarks/bench_eta.py --held-out``.
+that it was not fitted to them: ``python benchmarks/bench_eta.py --held-out``; any
+other range with ``--seeds 100-119``.
 
 Also here: the cost of the ETA in a memory-store event, in microseconds, measured side
 by side with the same events with the ETA switched off.
@@ -559,7 +560,8 @@ def report(quick: bool = False, seeds: list[int] | None = None) -> str:
     for kind, row in results.items():
         if KINDS[kind].event is not None:
             ours = row["batchtrack"]
-            lines.append(f"{kind:<{width}}{ours.before:>7.0f}%{ours.after:>7.0f}%")
+            before = "—" if math.isnan(ours.before) else f"{ours.before:.0f}%"
+            lines.append(f"{kind:<{width}}{before:>8}{ours.after:>7.0f}%")
     lines.append(f"mean jump between polls on steady workloads: {steadiness(quick):.2f} s")
     return "\n".join(lines)
 
@@ -623,6 +625,9 @@ if __name__ == "__main__":
 
     if "--held-out" in sys.argv[1:]:
         print(report(seeds=HELD_OUT_SEEDS))
+    elif "--seeds" in sys.argv[1:]:  # e.g. --seeds 100-119: seeds nobody has looked at
+        first, _, last = sys.argv[sys.argv.index("--seeds") + 1].partition("-")
+        print(report(seeds=list(range(int(first), int(last or first) + 1))))
     else:
         print(report())
         print(event_cost())

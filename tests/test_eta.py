@@ -472,3 +472,18 @@ def test_a_lost_item_shows_by_its_age_before_any_reclaim(clock: FakeClock) -> No
     # Back after its 30 s lease (~19.5 s from now), then about a second of work.
     assert got.estimated_time_remaining >= 10
     assert got.eta_range[1] >= 20
+
+
+def test_running_items_count_what_is_left_of_them(tracker: BatchTracker, clock: FakeClock) -> None:
+    """Items that all take the same time: one that has run for 1.6 of its 2 s needs 0.4
+    more, not the 1 s an item seen at a random moment has left on average."""
+    snap = tracker.create_batch([f"{i}.jpg" for i in range(31)])
+    ids = [item.id for item in snap.items]
+    for item in ids[:20]:
+        tracker.start_item(snap.batch_id, item)
+        clock.advance(2.0)
+        tracker.complete_item(snap.batch_id, item)
+    tracker.start_item(snap.batch_id, ids[20])
+    clock.advance(1.6)
+    got = tracker.get(snap.batch_id, items=False)
+    assert got.estimated_time_remaining == 20  # 10 pending x 2 s + 0.4 s

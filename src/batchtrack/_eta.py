@@ -153,8 +153,8 @@ def reclaimed(at: float, origin: float) -> Mapping[Status, Mapping[str, tuple[fl
 
 # The durations model of a batch, a pure function of the stats its fit reads (the
 # windows' sums, c0 and f0): memoised on their exact values, so two batches share an
-# entry only when those are equal. They change only when an item finishes, while the estimate is also
-# wanted at every start and every read.
+# entry only when those are equal. They change only when an item finishes, while the
+# estimate is also wanted at every start and every read.
 class _Model(NamedTuple):
     mean: float  # item duration
     residual: float  # what a running item still needs, on average
@@ -385,6 +385,7 @@ def _seconds(
         return _Found(seconds, seconds, 1.0 / finished + _HORIZON * seconds / elapsed, 0, 0)
     mean, residual, cv2, uncertainty, attempts, busy, last = model
     held = reclaimed = suspect = held_age = 0.0
+    running_work = 0.0
     if running == 0:
         # Nobody is working (a pause, or between items): assume the concurrency the
         # batch had while it worked.
@@ -395,39 +396,48 @@ def _seconds(
             workers = 1.0 / pending
     else:
         idle = 0.0
-        # Workers busy lately: each window's work done per second of its span. Items
-        # processing beyond that, by half an item or more, are held by workers that are
-        # gone without failing them (or by a run of long items, or by workers that
-        # just joined): count those that visibly work. Once items were taken back from
-        # lost workers (starts beyond the attempts that ended), any such excess counts
-        # as held; before, only a clear one.
-        working = max(total / elapsed**k1 for total, k1 in busy)
-        reclaimed = stats.get("k0", 0.0)
-        workers = float(running)
-        if running >= working + 0.5:
-            # Which it is, their age tells: the running items' ages add up to about
-            # running x residual (a renewal process's age is distributed like its
-            # residual); a held item's keeps growing. Start times of all attempts, less
-            # those that ended (end - duration) or were reclaimed (reclaim - stay).
-            age = running * (elapsed) - (
-                stats.get("a0", 0.0)
+        # The running items' ages: start times of all attempts, less those that ended
+        # (end - duration) or were reclaimed (reclaim - stay). They add up to about
+        # running x residual (a renewal process's age is distributed like its residual).
+        if "a0" in stats:
+            age = running * elapsed - (
+                stats["a0"]
                 - stats.get("w1", 0.0)
                 + stats.get("d0", 0.0)
                 - stats.get("r0", 0.0)
                 + stats.get("l1", 0.0)
             )
+        else:  # a batch started before ages were kept
+            age = running * residual
+        # Workers busy lately: each window's work done per second of its span. Items
+        # processing beyond that, by half an item or more, are held by workers that are
+        # gone without failing them, or are run by workers that just joined (or came
+        # back from a pause): the age tells which, as a held item's keeps growing.
+        working = max(total / elapsed**k1 for total, k1 in busy)
+        reclaimed = stats.get("k0", 0.0)
+        workers = float(running)
+        if running >= working + 0.5:
             excess_age = age - running * residual
             if excess_age > _AGED * residual * math.sqrt(running * (1.0 + cv2)):
                 workers = working
                 held = running - working
                 held_age = (age - working * residual) / held
+                running_work = working * residual
             else:
                 suspect = running - working  # only widens the range
+        if held == 0.0:
+            # What the running items still need, from how long they have run: with
+            # durations all alike, an item's mean less its age; with exponential ones
+            # (or wider), no matter its age, the residual.
+            alike = 1.0 - cv2 if cv2 < 1.0 else 0.0
+            work = running * residual - alike * (age - running * residual)
+            floor = 0.1 * running * residual
+            running_work = work if work > floor else floor
 
     # Failed attempts that were retried did work without finishing an item.
     per_item = attempts / finished if attempts > finished else 1.0
     ahead = (pending + held) * mean * per_item / workers
-    seconds = ahead + (running - held) * residual / workers
+    seconds = ahead + running_work / workers
     lead, lead_var = _last(workers, cv2)
     seconds += residual * lead
     wait = low_wait = high_wait = 0.0
