@@ -487,3 +487,22 @@ def test_running_items_count_what_is_left_of_them(tracker: BatchTracker, clock: 
     clock.advance(1.6)
     got = tracker.get(snap.batch_id, items=False)
     assert got.estimated_time_remaining == 20  # 10 pending x 2 s + 0.4 s
+
+
+def test_a_long_item_after_instant_failures_is_not_taken_for_lost(
+    tracker: BatchTracker, clock: FakeClock
+) -> None:
+    """Files that fail at once (not images) say little about how long a real item takes:
+    the first real one, running for seconds, is not a lost worker's, and the ETA does not
+    wait for its lease."""
+    snap = tracker.create_batch([f"{i}.jpg" for i in range(12)])
+    ids = [item.id for item in snap.items]
+    for item in ids[:5]:
+        tracker.start_item(snap.batch_id, item)
+        clock.advance(0.001)
+        tracker.fail_item(snap.batch_id, item, "not an image")
+    tracker.start_item(snap.batch_id, ids[5])
+    clock.advance(3.0)
+    got = tracker.get(snap.batch_id, items=False)
+    assert got.estimated_time_remaining is not None
+    assert got.estimated_time_remaining < 10  # not the 300 s lease

@@ -87,6 +87,7 @@ _Z_HIGH = -math.log(0.9)  # gap exceeded 9 times in 10 by an exponential gap x r
 _Z_LOW = -math.log(0.1)  # gap exceeded 1 time in 10
 _LEADCAP = 1.0  # how far beyond exponential the last worker's lead is extrapolated
 _SURE = 8.0  # residuals (times 1 + cv2) of age that show held items are lost
+_SEEN = 10  # finished attempts before items are judged held by their age
 _AGED = 2.0  # standard deviations of age beyond which running items are held
 
 _NO_STATS: Mapping[Status, Mapping[str, tuple[float, int]]] = {}
@@ -163,6 +164,7 @@ class _Model(NamedTuple):
     finished: float  # attempts that ended after processing (sum(t**0))
     busy: tuple[tuple[float, int], ...]  # per window: (k + 1) * sum(t**k * d), k + 1
     last: float  # about when the latest attempt ended, in seconds since creation
+    tail: float  # where residuals lie between uniform (0) and exponential (1), or beyond
 
 
 _FIT_NAMES = (*(name for window in _WINDOWS for name in window[:4]), "c0", "f0")
@@ -246,6 +248,20 @@ def _fit(stats: Mapping[str, float]) -> _Model | None:
     # than not. Plan for one standard error of it more, (kurtosis - 1) / n relative,
     # from the whole batch's third and fourth moments.
     n = get("w0", 0.0)
+    # How the running items' residuals spread: their second moment is E[d**3] / 3m, so
+    # their relative variance is 1/3 with durations all alike, 1 with exponential ones.
+    tail = variance / (mean * mean)
+    if n > 0.0 and "c0" in stats:
+        m1 = get("d0", 0.0) / n
+        m2 = get("q0", 0.0) / n
+        if m1 > 0.0 and m2 > 0.0:
+            residual_cv2 = 4.0 * m1 * get("c0", 0.0) / (3.0 * n * m2 * m2) - 1.0
+            # From the whole batch, while the durations' cv2 is from the recent
+            # windows too: the smaller, as a mixture of short and long items has a
+            # large cv2 but residuals no wider than uniform ones.
+            if 1.5 * residual_cv2 - 0.5 < tail:
+                tail = 1.5 * residual_cv2 - 0.5
+    tail = 0.0 if tail < 0.0 else _LEADCAP if tail > _LEADCAP else tail
     if n > 1.0 and "f0" in stats:
         m1 = get("d0", 0.0) / n
         m2 = get("q0", 0.0) / n
@@ -271,25 +287,36 @@ def _fit(stats: Mapping[str, float]) -> _Model | None:
         get("w0", 0.0),
         tuple(busy),
         last,
+        tail,
     )
 
 
-def _last(workers: float, cv2: float) -> tuple[float, float]:
+def _last(workers: float, tail: float) -> tuple[float, float]:
     """How the last of ``workers`` running items ends: the expected lead of its residual
     over their mean, and its variance, in residuals (squared). With residuals uniform
     (all items take the same time): ``(r - 1) / (r + 1)`` and ``4r / ((r + 1)**2 (r +
-    2))``; exponential (``cv2`` = 1): ``H(r) - 1`` and ``sum(1 / k**2, k <= r)``;
-    between and beyond by ``cv2``."""
+    2))``; exponential (``tail`` = 1): ``H(r) - 1`` and ``sum(1 / k**2, k <= r)``;
+    between and beyond by ``tail``."""
     r = workers if workers > 1.0 else 1.0
     uniform = (r - 1.0) / (r + 1.0)
     uniform_var = 4.0 * r / ((r + 1.0) * (r + 1.0) * (r + 2.0))
     # H(r) - 1 and sum(1 / k**2) for real r
-    exponential = math.log(r) + 0.5772 + 0.5 / r - 1.0
+    exponential = math.log(r) + 0.5772 + 0.5 / r - 1.0 / (12.0 * r * r) - 1.0
     if exponential < uniform:
         exponential = uniform
     exponential_var = 1.6449 - 1.0 / (r + 0.5)
-    f = cv2 if cv2 < _LEADCAP else _LEADCAP
+    f = tail
     return uniform + f * (exponential - uniform), uniform_var + f * (exponential_var - uniform_var)
+
+
+def _lost_for_sure(
+    stats: Mapping[str, float], held_age: float, residual: float, cv2: float, starts: float
+) -> bool:
+    """Whether items held this long are surely lost before any came back: older than
+    many residuals, and than a tenth of the lease they were given (a worker renews its
+    lease every third of it or so; an item young next to its lease may still run)."""
+    lease = stats.get("g0", 0.0) / starts if starts > 0.0 else 0.0
+    return held_age > _SURE * residual * (1.0 + cv2) and held_age > 0.1 * lease
 
 
 def _lost_wait(
@@ -383,7 +410,7 @@ def _seconds(
         # Only cancelled items are final: no durations yet, use plain throughput.
         seconds = (pending + running) * elapsed / finished
         return _Found(seconds, seconds, 1.0 / finished + _HORIZON * seconds / elapsed, 0, 0)
-    mean, residual, cv2, uncertainty, attempts, busy, last = model
+    mean, residual, cv2, uncertainty, attempts, busy, last, tail = model
     held = reclaimed = suspect = held_age = 0.0
     running_work = 0.0
     if running == 0:
@@ -417,9 +444,12 @@ def _seconds(
         reclaimed = stats.get("k0", 0.0)
         workers = float(running)
         if running >= working + 0.5:
+            # A handful of finished items says little about how long items take: an
+            # old item is then as likely a long one.
             excess_age = age - running * residual
-            if excess_age > _AGED * residual * math.sqrt(running * (1.0 + cv2)):
-                workers = working
+            aged = excess_age > _AGED * residual * math.sqrt(running * (1.0 + cv2))
+            if aged and attempts >= _SEEN:
+                workers = working if working > 1.0 else 1.0
                 held = running - working
                 held_age = (age - working * residual) / held
                 running_work = working * residual
@@ -438,7 +468,7 @@ def _seconds(
     per_item = attempts / finished if attempts > finished else 1.0
     ahead = (pending + held) * mean * per_item / workers
     seconds = ahead + running_work / workers
-    lead, lead_var = _last(workers, cv2)
+    lead, lead_var = _last(workers, tail)
     seconds += residual * lead
     wait = low_wait = high_wait = 0.0
     if idle > 0.0:
@@ -451,7 +481,7 @@ def _seconds(
             stats,
             held or suspect,
             held_age,
-            reclaimed >= 1.0 or held_age > _SURE * residual * (1.0 + cv2),
+            reclaimed >= 1.0 or _lost_for_sure(stats, held_age, residual, cv2, attempts + running),
             reclaimed,
             attempts,
             running,
