@@ -541,3 +541,20 @@ def test_a_resume_after_the_run_settles_starts_a_new_run(
     final = orch.wait(snap.batch_id, timeout=10)
     assert final.status is Status.COMPLETED
     assert flaky.seen == ["src-0", "src-1", "src-0"]
+
+
+def test_wait_after_a_resume_that_found_nothing_to_do(
+    orchestrator: Callable[..., Orchestrator], tracker: BatchTracker
+) -> None:
+    """A resume whose items another worker already runs ends here at once; wait() still
+    answers for the batch (as it stands) however late it is called, instead of taking it
+    for a batch never submitted here."""
+    snap = tracker.create_batch([Item("a.jpg", source="a")])
+    tracker.start_item(snap.batch_id, snap.items[0].id)  # another worker has it
+    orch = orchestrator(upper)
+    orch.resume(snap.batch_id)
+    deadline = time.monotonic() + 10
+    while snap.batch_id in orch._runs and time.monotonic() < deadline:
+        time.sleep(0.01)  # the run has ended and is gone
+    got = orch.wait(snap.batch_id, timeout=5)
+    assert got.progress.processing == 1

@@ -37,6 +37,7 @@ log = logging.getLogger("batchtrack")
 _T = TypeVar("_T")
 ItemLike = Union[Item, str, "os.PathLike[str]"]
 _MAX_MESSAGE = 300
+_FINISHED_KEPT = 4096  # batches whose run here ended, remembered for wait()
 _PATH = re.compile(r"(?:[A-Za-z]:)?(?:[\\/][^\s\\/'\"():,;]+)+[\\/]?")
 
 
@@ -140,6 +141,7 @@ class Orchestrator(Closing):
     _leased: dict[tuple[str, str], None]  # running items whose lease we renew
     _beater: threading.Thread | None
     _stop_beating: threading.Event
+    _finished: dict[str, None]  # batches whose run here ended lately, for wait()
 
     def __init__(
         self,
@@ -191,6 +193,7 @@ class Orchestrator(Closing):
             {},
             None,
             threading.Event(),
+            {},
         )
 
     # -- public ---------------------------------------------------------------------------
@@ -328,15 +331,15 @@ class Orchestrator(Closing):
             The final snapshot.
 
         Raises:
-            BatchNotFound: The batch was not submitted to this orchestrator and is not
-                finished either.
+            BatchNotFound: The batch was not submitted to (or resumed by) this
+                orchestrator lately and is not finished either.
             TimeoutError: It did not finish within ``timeout`` seconds.
         """
         run = self._runs.get(batch_id)
         if run is not None and not run.done.wait(timeout):
             raise TimeoutError(f"batch {batch_id!r} did not finish within {timeout} s")
         snap = self._retrying(f"reading batch {batch_id}", lambda: self.tracker.get(batch_id))
-        if run is None and not snap.status.is_final:
+        if run is None and not snap.status.is_final and batch_id not in self._finished:
             raise BatchNotFound(batch_id)
         return snap
 
@@ -619,6 +622,11 @@ class Orchestrator(Closing):
                 with self._lock:
                     if self._runs.get(run.batch_id) is run:
                         del self._runs[run.batch_id]
+                    # wait() may come after the run ended (it had nothing to do, or its
+                    # items were given up): it still answers for the batch.
+                    if len(self._finished) >= _FINISHED_KEPT:
+                        del self._finished[next(iter(self._finished))]
+                    self._finished[run.batch_id] = None
                 run.done.set()
                 continue
             assert run.on_progress is not None
