@@ -273,14 +273,14 @@ class OursUnrounded(Ours):
 
     def eta(self, now: float) -> float | None:
         self.clock.now = now
-        snap = self.tracker.store.load(self.batch, items=False)
-        assert snap is not None
-        return _eta.seconds_remaining(snap.progress, snap.created_at, snap.stats, now)
+        record = self.tracker.store.load(self.batch, items=False)
+        assert record is not None
+        self.record = record
+        return _eta.seconds_remaining(record.progress, record.created_at, record.stats, now)
 
     def range(self, now: float) -> tuple[float, float] | None:
-        snap = self.tracker.store.load(self.batch, items=False)
-        assert snap is not None
-        return _eta.span_remaining(snap.progress, snap.created_at, snap.stats, now)
+        record = self.record  # of the poll eta() just read
+        return _eta.span_remaining(record.progress, record.created_at, record.stats, now)
 
 
 class AverageDuration(Estimator):

@@ -6,7 +6,7 @@ import heapq
 import itertools
 import random
 import statistics
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 
 import pytest
 from hypothesis import HealthCheck, given, settings
@@ -15,6 +15,28 @@ from hypothesis import strategies as st
 from batchtrack import BatchTracker, InvalidTransition, MemoryStore, Progress, _eta
 from batchtrack.stores.base import Store
 from batchtrack.testing import FakeClock
+
+
+def _one_by_one(
+    tracker: BatchTracker,
+    clock: FakeClock,
+    batch_id: str,
+    item_ids: Iterable[str],
+    seconds: float,
+    *,
+    retried: bool = False,
+) -> None:
+    """One worker: each item started, ``seconds`` later completed (with ``retried``,
+    first failed after ``seconds``, retried and run again for as long)."""
+    for item in item_ids:
+        tracker.start_item(batch_id, item)
+        clock.advance(seconds)
+        if retried:
+            tracker.fail_item(batch_id, item, "flaky")
+            tracker.retry(batch_id, [item])
+            tracker.start_item(batch_id, item)
+            clock.advance(seconds)
+        tracker.complete_item(batch_id, item)
 
 
 def _run(
@@ -287,15 +309,8 @@ def test_retried_failures_count_as_work_still_to_do(
     etas = []
     for retries in (False, True):
         snap = tracker.create_batch([f"{i}.jpg" for i in range(20)])
-        for item in snap.items[:10]:
-            tracker.start_item(snap.batch_id, item.id)
-            clock.advance(1)
-            if retries:  # each item fails once, then succeeds
-                tracker.fail_item(snap.batch_id, item.id, "flaky")
-                tracker.retry(snap.batch_id, [item.id])
-                tracker.start_item(snap.batch_id, item.id)
-                clock.advance(1)
-            tracker.complete_item(snap.batch_id, item.id)
+        ids = [item.id for item in snap.items[:10]]
+        _one_by_one(tracker, clock, snap.batch_id, ids, 1, retried=retries)
         etas.append(tracker.get(snap.batch_id, items=False).estimated_time_remaining)
     assert etas == [10, 20]  # 10 items left at 1 s, and at 2 attempts of 1 s
 
@@ -307,10 +322,7 @@ def test_a_pause_widens_the_range_with_its_length(tracker: BatchTracker, clock: 
     """While nothing runs, the estimate expects the pause to last about as long again as
     it has so far, and the range reaches up to several times that."""
     snap = tracker.create_batch([f"{i}.jpg" for i in range(40)])
-    for item in snap.items[:20]:
-        tracker.start_item(snap.batch_id, item.id)
-        clock.advance(1.0)
-        tracker.complete_item(snap.batch_id, item.id)
+    _one_by_one(tracker, clock, snap.batch_id, [item.id for item in snap.items[:20]], 1.0)
     working = tracker.get(snap.batch_id, items=False)
     assert working.estimated_time_remaining == 20
     clock.advance(30.0)
@@ -330,16 +342,10 @@ def test_items_held_by_lost_workers_add_a_wait(clock: FakeClock) -> None:
     snap = tracker.create_batch([f"{i}.jpg" for i in range(60)])
     ids = [item.id for item in snap.items]
     tracker.start_item(snap.batch_id, ids[0])  # its worker dies
-    for item in ids[1:21]:
-        tracker.start_item(snap.batch_id, item)
-        clock.advance(1.0)
-        tracker.complete_item(snap.batch_id, item)
+    _one_by_one(tracker, clock, snap.batch_id, ids[1:21], 1.0)
     assert tracker.reclaim() == 1
     tracker.start_item(snap.batch_id, ids[21])  # this worker dies too
-    for item in ids[22:30]:
-        tracker.start_item(snap.batch_id, item)
-        clock.advance(1.0)
-        tracker.complete_item(snap.batch_id, item)
+    _one_by_one(tracker, clock, snap.batch_id, ids[22:30], 1.0)
     snap_now = tracker.get(snap.batch_id, items=False)
     assert snap_now.progress.processing == 1  # the lost one; no item is running
     tracker.start_item(snap.batch_id, ids[30])
@@ -385,15 +391,8 @@ def test_retried_attempts_widen_the_range(tracker: BatchTracker, clock: FakeCloc
     widths = []
     for retries in (False, True):
         snap = tracker.create_batch([f"{i}.jpg" for i in range(40)])
-        for item in snap.items[:20]:
-            tracker.start_item(snap.batch_id, item.id)
-            clock.advance(1)
-            if retries:  # each item fails once, then succeeds
-                tracker.fail_item(snap.batch_id, item.id, "flaky")
-                tracker.retry(snap.batch_id, [item.id])
-                tracker.start_item(snap.batch_id, item.id)
-                clock.advance(1)
-            tracker.complete_item(snap.batch_id, item.id)
+        ids = [item.id for item in snap.items[:20]]
+        _one_by_one(tracker, clock, snap.batch_id, ids, 1, retried=retries)
         got = tracker.get(snap.batch_id, items=False)
         assert got.eta_range is not None
         assert got.estimated_time_remaining is not None
@@ -440,10 +439,7 @@ def test_workers_that_join_are_not_lost_workers(tracker: BatchTracker, clock: Fa
     joined (or came back from a pause). The ETA shares the work among them all."""
     snap = tracker.create_batch([f"{i}.jpg" for i in range(60)])
     ids = [item.id for item in snap.items]
-    for item in ids[:20]:
-        tracker.start_item(snap.batch_id, item)
-        clock.advance(1.0)
-        tracker.complete_item(snap.batch_id, item)
+    _one_by_one(tracker, clock, snap.batch_id, ids[:20], 1.0)
     for item in ids[20:24]:  # four workers now
         tracker.start_item(snap.batch_id, item)
     clock.advance(0.2)
@@ -459,10 +455,7 @@ def test_a_lost_item_shows_by_its_age_before_any_reclaim(clock: FakeClock) -> No
     snap = tracker.create_batch([f"{i}.jpg" for i in range(12)])
     ids = [item.id for item in snap.items]
     tracker.start_item(snap.batch_id, ids[0])  # its worker dies
-    for item in ids[1:11]:
-        tracker.start_item(snap.batch_id, item)
-        clock.advance(1.0)
-        tracker.complete_item(snap.batch_id, item)
+    _one_by_one(tracker, clock, snap.batch_id, ids[1:11], 1.0)
     tracker.start_item(snap.batch_id, ids[11])
     clock.advance(0.5)
     got = tracker.get(snap.batch_id, items=False)
@@ -479,10 +472,7 @@ def test_running_items_count_what_is_left_of_them(tracker: BatchTracker, clock: 
     more, not the 1 s an item seen at a random moment has left on average."""
     snap = tracker.create_batch([f"{i}.jpg" for i in range(31)])
     ids = [item.id for item in snap.items]
-    for item in ids[:20]:
-        tracker.start_item(snap.batch_id, item)
-        clock.advance(2.0)
-        tracker.complete_item(snap.batch_id, item)
+    _one_by_one(tracker, clock, snap.batch_id, ids[:20], 2.0)
     tracker.start_item(snap.batch_id, ids[20])
     clock.advance(1.6)
     got = tracker.get(snap.batch_id, items=False)

@@ -111,13 +111,13 @@ def stats_for(
         at: When the transition happens.
         origin: When the batch was created.
         lease: For a start, the seconds the item is leased for (summed as ``g0``:
-            how long a lost item is likely to stay held).
+            how long a lost item is likely to stay held); the tracker always gives it.
     """
     if target is Status.PROCESSING:
         return {
             Status.PENDING: {
                 "a0": (max(at - origin, 0.0), 0),
-                "g0": (300.0 if lease is None else lease, 0),
+                "g0": (lease or 0.0, 0),
             }
         }
     if target is not Status.COMPLETED and target is not Status.FAILED:
@@ -244,27 +244,25 @@ def _fit(stats: Mapping[str, float]) -> _Model | None:
         shift = (means[-1] - means[-2]) ** 2 - noise
         if shift < 0.0:
             shift = 0.0
-    # Heavy tails: a sample's variance then falls short of the true one more often
-    # than not. Plan for one standard error of it more, (kurtosis - 1) / n relative,
-    # from the whole batch's third and fourth moments.
+    # The whole batch's raw moments of durations, for the two corrections below.
     n = get("w0", 0.0)
+    m1 = get("d0", 0.0) / n if n > 0.0 else 0.0
+    m2 = get("q0", 0.0) / n if n > 0.0 else 0.0
     # How the running items' residuals spread: their second moment is E[d**3] / 3m, so
     # their relative variance is 1/3 with durations all alike, 1 with exponential ones.
     tail = variance / (mean * mean)
-    if n > 0.0 and "c0" in stats:
-        m1 = get("d0", 0.0) / n
-        m2 = get("q0", 0.0) / n
-        if m1 > 0.0 and m2 > 0.0:
-            residual_cv2 = 4.0 * m1 * get("c0", 0.0) / (3.0 * n * m2 * m2) - 1.0
-            # From the whole batch, while the durations' cv2 is from the recent
-            # windows too: the smaller, as a mixture of short and long items has a
-            # large cv2 but residuals no wider than uniform ones.
-            if 1.5 * residual_cv2 - 0.5 < tail:
-                tail = 1.5 * residual_cv2 - 0.5
+    if m1 > 0.0 and m2 > 0.0 and "c0" in stats:
+        residual_cv2 = 4.0 * m1 * get("c0", 0.0) / (3.0 * n * m2 * m2) - 1.0
+        # From the whole batch, while the durations' cv2 is from the recent windows
+        # too: the smaller, as a mixture of short and long items has a large cv2 but
+        # residuals no wider than uniform ones.
+        if 1.5 * residual_cv2 - 0.5 < tail:
+            tail = 1.5 * residual_cv2 - 0.5
     tail = 0.0 if tail < 0.0 else _LEADCAP if tail > _LEADCAP else tail
+    # Heavy tails: a sample's variance then falls short of the true one more often
+    # than not. Plan for one standard error of it more, (kurtosis - 1) / n relative,
+    # from the whole batch's third and fourth moments.
     if n > 1.0 and "f0" in stats:
-        m1 = get("d0", 0.0) / n
-        m2 = get("q0", 0.0) / n
         second = m2 - m1 * m1
         if second > 1e-12 * m2:
             third = 4.0 * m1 * get("c0", 0.0) / n
@@ -284,7 +282,7 @@ def _fit(stats: Mapping[str, float]) -> _Model | None:
         (mean * mean + variance) / (2.0 * mean),
         variance / (mean * mean),
         (spread * spread + _TREND * shift) / (mean * mean),
-        get("w0", 0.0),
+        n,
         tuple(busy),
         last,
         tail,

@@ -569,9 +569,6 @@ class BatchTracker(Closing):
 
     def _reclaim_one(self, lost: LostItem, now: float) -> Status | None:
         def move(target: Status, error: str | None, max_attempts: int | None) -> bool:
-            origin = self._origins.get(lost.batch_id)
-            if origin is None:
-                origin = self._origin(lost.batch_id)
             result = self.store.apply(
                 lost.batch_id,
                 Transition(
@@ -582,7 +579,7 @@ class BatchTracker(Closing):
                     error,
                     now + IDLE_TIMEOUT,
                     now + self.ttl,
-                    _eta.reclaimed(now, origin),  # nothing about durations
+                    added,  # nothing about durations
                     lost_before=now,
                     max_attempts=max_attempts,
                 ),
@@ -591,6 +588,7 @@ class BatchTracker(Closing):
 
         silent = max(0, round(now - lost.beat_at))
         try:
+            added = _eta.reclaimed(now, self._origin(lost.batch_id))
             if move(Status.PENDING, None, self.max_attempts):
                 return Status.PENDING
             if move(Status.FAILED, f"worker lost: no heartbeat for {silent} s", None):
