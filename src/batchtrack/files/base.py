@@ -98,7 +98,7 @@ class FileWriter(ABC):
     def tell(self) -> int:
         """The bytes written so far."""
 
-    def flush(self) -> None:
+    def flush(self) -> None:  # noqa: B027 - deliberately nothing, not abstract
         """Nothing to do: a file is only visible once committed."""
 
     def writable(self) -> bool:
