@@ -5,9 +5,10 @@ Uploads, results and the archives built from them are files; where they live is 
 the whole file or nothing, open a file for reading, tell its size, delete one file or
 every file under a prefix, and list what is there with sizes and times. Keys are
 ``/``-separated relative names (``uploads/<uuid>``, ``results/<item id>.jpg``); every
-storage also turns a key into a *location*, a URL that any machine with access to the
-same storage can open (:meth:`FileStorage.location`), which is what
-:attr:`Item.source <batchtrack.Item.source>` holds when a batch's input lives in one.
+storage also turns a key into a *location* that any machine with access to the same
+storage can open (:meth:`FileStorage.location`: a URL, or for a folder an absolute path),
+which is what :attr:`Item.source <batchtrack.Item.source>` holds when a batch's input
+lives in one.
 
 Two storages come with batchtrack: :class:`~batchtrack.files.local.LocalFiles` (a
 folder: today's behaviour and the default) and :class:`~batchtrack.files.s3.S3Files`
@@ -213,8 +214,9 @@ class FileStorage(Closing, ABC):
         return len(data)
 
     def location(self, key: str) -> str:
-        """A URL for the file ``key`` that any machine with access to this storage can
-        resolve (:meth:`key_of` of the same storage gives ``key`` back)."""
+        """Where the file ``key`` is, for any machine with access to this storage: a URL
+        (``s3://bucket/prefix/key``), or for a folder its absolute path. :meth:`key_of` of
+        the same storage gives ``key`` back."""
         return f"{self.url.rstrip('/')}/{check_key(key)}"
 
     def key_of(self, location: str) -> str | None:

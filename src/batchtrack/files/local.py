@@ -11,6 +11,7 @@ import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import BinaryIO
+from urllib.parse import unquote, urlsplit
 
 from ..exceptions import FileStorageError, ValidationError
 from .base import FileInfo, FileStorage, FileWriter, check_key
@@ -81,8 +82,8 @@ class LocalFiles(FileStorage):
 
     A key is a path below the folder; writes go to a dotted temporary file beside the
     target and are renamed onto it, so a reader sees the whole file or none, and
-    :meth:`sweep_partial` deletes what a killed process left. Locations are ``file://``
-    URLs.
+    :meth:`sweep_partial` deletes what a killed process left. A file's location is its
+    absolute path.
 
     Args:
         root: The folder.
@@ -165,6 +166,26 @@ class LocalFiles(FileStorage):
 
     def local_path(self, key: str) -> Path | None:
         return self._path(key)
+
+    def location(self, key: str) -> str:
+        """The file's absolute path: what any process of this machine (or of a machine
+        that mounts the same folder at the same place) opens."""
+        return str(self._path(key))
+
+    def key_of(self, location: str) -> str | None:
+        """The key of an absolute path (or ``file://`` URL) below the folder, else None."""
+        if not isinstance(location, str):
+            return None
+        if location.startswith("file://"):
+            location = unquote(urlsplit(location).path)
+        path = Path(location)
+        if not path.is_absolute():
+            return None
+        try:
+            key = path.relative_to(self.root).as_posix()
+            return check_key(key)
+        except (ValueError, ValidationError):
+            return None
 
     def free_bytes(self) -> int | None:
         return shutil.disk_usage(self.root).free
