@@ -945,11 +945,13 @@ def test_zip_is_streamed_a_part_at_a_time(tmp_path: Path) -> None:
     import zipfile
 
     from batchtrack._zip import PART, ZipStream
+    from batchtrack.files import LocalFiles
 
-    big, small, gone = tmp_path / "big.bin", tmp_path / "small.bin", tmp_path / "gone.bin"
+    big, small = tmp_path / "big.bin", tmp_path / "small.bin"
     big.write_bytes(os.urandom(3 * PART + 123))
     small.write_bytes(b"small")
-    stream = ZipStream([("big.jpg", big), ("gone.jpg", gone), ("small.jpg", small)])
+    members = [("big.jpg", "big.bin"), ("gone.jpg", "gone.bin"), ("small.jpg", "small.bin")]
+    stream = ZipStream(LocalFiles(tmp_path), members)
     parts: list[list[bytes]] = []
     while (chunks := stream.poll()) is not None:
         parts.append(chunks)

@@ -94,7 +94,7 @@ class App:
             path = path[len(root) :]
         headers = fold_headers(scope["headers"])
         method = scope["method"]
-        spool = Spool(self.api.uploads.directory, self.api.body_limit(path))
+        spool = Spool(self.api.uploads.spool_dir, self.api.body_limit(path))
         client = (scope.get("client") or (None,))[0]  # (host, port), or None when unknown
         received, query = Body(spool.read, spool.limit), scope.get("query_string", b"")
         request = Request(method, path, headers, received, root, client, query.decode("latin-1"))

@@ -387,7 +387,7 @@ class _IntoFolders:
             # Made on first use, so a folder whose images all fail is not created.
             pipeline = ImagePipeline(self.out / result.parent, **self.settings)
             self._pipelines[result.parent] = pipeline
-        path: Path = pipeline(attrs.evolve(item, id=result.name))
+        path = Path(pipeline(attrs.evolve(item, id=result.name)))
         self.written[item_id] = path
         return path
 

@@ -10,14 +10,26 @@
 from __future__ import annotations
 
 import os
+import threading
 from pathlib import Path
+from typing import BinaryIO
 from urllib.parse import unquote, urlsplit
 
 from ..exceptions import ValidationError
 from .base import FileInfo, FileStorage, FileWriter, check_key
 from .local import LocalFiles
+from .results import ResultFiles
 
-__all__ = ["FileInfo", "FileStorage", "FileWriter", "LocalFiles", "check_key", "from_url"]
+__all__ = [
+    "FileInfo",
+    "FileStorage",
+    "FileWriter",
+    "LocalFiles",
+    "ResultFiles",
+    "check_key",
+    "from_url",
+    "open_location",
+]
 
 _FORMS = "file:///absolute/path or s3://bucket[/prefix]"
 
@@ -53,3 +65,34 @@ def from_url(url: str | os.PathLike[str]) -> FileStorage:
 
         return S3Files(parts.netloc, unquote(parts.path).strip("/"))
     raise ValidationError(f"unknown file storage {url!r}: use {_FORMS}")
+
+
+_buckets: dict[str, FileStorage] = {}
+_buckets_lock = threading.Lock()
+
+
+def open_location(location: str) -> BinaryIO:
+    """Open a file by its location (a path, a ``file://`` or an ``s3://bucket/key`` URL).
+
+    What a worker does with an :attr:`Item.source <batchtrack.Item.source>` that names
+    an upload in object storage. One storage per bucket is made on first use and kept.
+
+    Raises:
+        FileNotFoundError: There is no such file.
+        ValidationError: Not a location of a known form.
+        FileStorageError: The storage cannot be reached.
+    """
+    if not isinstance(location, str) or not location:
+        raise ValidationError(f"not a file location: {location!r}")
+    parts = urlsplit(location)
+    if parts.scheme == "s3":
+        with _buckets_lock:
+            storage = _buckets.get(parts.netloc)
+            if storage is None:
+                storage = _buckets[parts.netloc] = from_url(f"s3://{parts.netloc}")
+        return storage.open(unquote(parts.path).lstrip("/"))
+    if parts.scheme == "file":
+        return open(unquote(parts.path), "rb")
+    if "://" in location:
+        raise ValidationError(f"not a file location: {location!r}")
+    return open(location, "rb")

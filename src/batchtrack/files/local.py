@@ -23,6 +23,23 @@ _PART_SUFFIX = ".part"
 _NO_SPACE = (errno.ENOSPC, errno.EDQUOT)
 
 
+def _umask() -> int:
+    """The process's umask, read without changing it where the system allows."""
+    try:
+        with open("/proc/self/status", encoding="ascii") as status:
+            for line in status:
+                if line.startswith("Umask:"):
+                    return int(line.split()[1], 8)
+    except (OSError, ValueError):
+        pass
+    mask = os.umask(0o022)  # at import, before any thread of ours writes a file
+    os.umask(mask)
+    return mask
+
+
+_UMASK = _umask()
+
+
 class _LocalWriter(FileWriter):
     """A temporary file beside the target, renamed onto it on commit (atomic)."""
 
@@ -102,9 +119,7 @@ class LocalFiles(FileStorage):
             raise ValidationError(f"cannot use {str(path)!r}: {exc.strerror or exc}") from None
         self.root = path
         self.url = path.as_uri()
-        umask = os.umask(0)
-        os.umask(umask)
-        self._mode = 0o666 & ~umask
+        self._mode = 0o666 & ~_UMASK
 
     def __repr__(self) -> str:
         return f"LocalFiles({str(self.root)!r})"
