@@ -18,7 +18,7 @@ import socket
 import sys
 from collections.abc import Sequence
 from pathlib import Path, PurePath
-from typing import Any, NoReturn
+from typing import TYPE_CHECKING, Any, NoReturn
 
 import attrs
 
@@ -26,6 +26,9 @@ from . import __version__
 from ._models import BatchSnapshot, Item, ProgressEvent
 from ._paths import DB_NAME
 from .exceptions import BatchNotFound, BatchtrackError, ValidationError
+
+if TYPE_CHECKING:
+    from .files.base import FileStorage
 
 __all__ = ["main"]
 
@@ -128,6 +131,13 @@ def _parser() -> argparse.ArgumentParser:
     )
     serve.add_argument("--port", type=_port, default=8000, help="port to listen on (default: 8000)")
     _data_dir_option(serve, "database, uploads and results")
+    serve.add_argument(
+        "--files",
+        metavar="URL",
+        help="where uploads and results live: file:///path or s3://bucket/prefix (endpoint "
+        "and credentials from AWS_ENDPOINT_URL, AWS_ACCESS_KEY_ID, AWS_SECRET_ACCESS_KEY, "
+        "AWS_REGION); default: the --data-dir folder",
+    )
     serve.add_argument(
         "--concurrency",
         type=_positive,
@@ -548,6 +558,20 @@ def _listen(host: str, port: int) -> socket.socket:
     return sock
 
 
+def _files(url: str | None) -> FileStorage | None:
+    """The file storage ``--files`` names, checked now: one clear line when it is unusable."""
+    if url is None:
+        return None
+    from .files import from_url
+
+    try:
+        return from_url(url)
+    except ImportError as exc:
+        raise _Usage(f"--files {url}: {exc}") from None
+    except BatchtrackError as exc:
+        raise _Usage(f"cannot use --files {url}: {exc}") from None
+
+
 def _serve(args: argparse.Namespace) -> int:
     _need("uvicorn", "server")
     _need("python_multipart", "server")
@@ -559,6 +583,7 @@ def _serve(args: argparse.Namespace) -> int:
     from ._demo import build
 
     logging.getLogger("batchtrack").setLevel(logging.WARNING if args.quiet else logging.INFO)
+    files = _files(args.files)
     sock = _listen(args.host, args.port)
     try:
         try:
@@ -568,6 +593,7 @@ def _serve(args: argparse.Namespace) -> int:
                 lease=args.lease,
                 max_upload_storage=args.max_upload_storage,
                 upload_quota=args.upload_quota,
+                files=files,
             )
         except (OSError, BatchtrackError) as exc:
             raise _Usage(f"cannot use --data-dir {str(args.data_dir)!r}: {exc}") from None
@@ -575,9 +601,11 @@ def _serve(args: argparse.Namespace) -> int:
         store = SQLiteStore(args.data_dir / DB_NAME)
         watch = BatchWatch(functools.partial(BatchTracker(store).get, items=False))
         host = f"[{args.host}]" if ":" in args.host else args.host
+        where = f"data in {args.data_dir.resolve()}"
+        if files is not None:
+            where += f", files in {files.url}"
         print(
-            f"batchtrack serving on http://{host}:{args.port}/ "
-            f"(data in {args.data_dir.resolve()}); Ctrl-C stops",
+            f"batchtrack serving on http://{host}:{args.port}/ ({where}); Ctrl-C stops",
             file=sys.stderr,
             flush=True,
         )
