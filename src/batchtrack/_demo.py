@@ -97,6 +97,7 @@ def build(
     upload_quota: int | None = 200 * 2**20,
     store: Store | None = None,
     files: FileStorage | None = None,
+    session_secret: str | None = None,
 ) -> tuple[Any, Callable[[], None]]:
     """The demo ASGI app over ``data_dir``, and the function that shuts it down.
 
@@ -126,7 +127,12 @@ def build(
     processor = _Delayed(pipeline, delay) if delay else pipeline
     orchestrator = Orchestrator(tracker, processor, concurrency=concurrency)
     app = create_app(
-        tracker, orchestrator, uploads, upload_bytes_per_client=upload_quota, page=True
+        tracker,
+        orchestrator,
+        uploads,
+        upload_bytes_per_client=upload_quota,
+        page=True,
+        session_secret=session_secret,
     )
     tracker.start_sweeper(interval=600)
     stop = threading.Event()

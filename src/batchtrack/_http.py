@@ -11,6 +11,9 @@ synchronous: the ASGI shell runs it in a thread.
 
 from __future__ import annotations
 
+import base64
+import hashlib
+import hmac
 import ipaddress
 import logging
 import math
@@ -85,7 +88,7 @@ __all__ = [
 log = logging.getLogger("batchtrack")
 
 COOKIE = "batchtrack_session"
-_COOKIE_VALUE = re.compile(r"\A[0-9a-f]{32}\Z")
+_COOKIE_VALUE = re.compile(r"\A([0-9a-f]{32})(?:\.([0-9A-Za-z_-]{43}))?\Z")
 _RUNNER_METHODS = ("submit", "resume", "cancel")
 
 Owner = Callable[[Mapping[str, str]], "str | None"]
@@ -100,6 +103,7 @@ class AppOptions(TypedDict, total=False):
     max_files: int
     owner: Owner | None
     secure_cookies: bool
+    session_secret: str | bytes | None
     max_json_bytes: int
     results_dir: str | Path | FileStorage | ResultFiles | None
     events_poll: float
@@ -122,6 +126,23 @@ def _seconds(instance: object, attribute: attrs.Attribute[float], value: object)
         raise ValidationError(
             f"{attribute.name} must be a positive number of seconds, not {value!r}"
         )
+
+
+def _secret(value: str | bytes | None) -> bytes | None:
+    """A session secret: None, or a string or bytes of at least 16 characters."""
+    if value is None:
+        return None
+    if isinstance(value, str):
+        value = value.encode()
+    if not isinstance(value, bytes) or len(value) < 16:
+        raise ValidationError("session_secret must be a string of at least 16 characters")
+    return value
+
+
+def _sign(secret: bytes, token: str) -> str:
+    """The signature of a session token: HMAC-SHA256, URL-safe base64 without padding."""
+    digest = hmac.new(secret, token.encode(), hashlib.sha256).digest()
+    return base64.urlsafe_b64encode(digest).rstrip(b"=").decode()
 
 
 def _check_runner(runner: object) -> Runner:
@@ -214,6 +235,7 @@ class Api:
     owner: Owner | None = None
     max_json_bytes: int = 64 * 1024
     secure_cookies: bool = False
+    session_secret: bytes | None = attrs.field(default=None, converter=_secret)
     results_dir: ResultFiles | None = attrs.field(default=None, converter=result_files)
     events_poll: float = 0.5
     body_timeout: float = attrs.field(default=300.0, validator=_seconds)
@@ -355,13 +377,20 @@ class Api:
             return str(owner), []
         for part in request.headers.get("cookie", "").split(";"):
             name, _, value = part.strip().partition("=")
-            if name == COOKIE and _COOKIE_VALUE.match(value):
-                return f"session:{value}", []
-        value = secrets.token_hex(16)
+            if name == COOKIE and (found := _COOKIE_VALUE.match(value)):
+                token, signature = found.groups()
+                if self.session_secret is None or (
+                    signature is not None
+                    and hmac.compare_digest(signature, _sign(self.session_secret, token))
+                ):
+                    return f"session:{token}", []
+        token = value = secrets.token_hex(16)
+        if self.session_secret is not None:
+            value = f"{token}.{_sign(self.session_secret, token)}"
         attributes = f"{COOKIE}={value}; Path=/; HttpOnly; SameSite=Lax"
         if self.secure_cookies:
             attributes += "; Secure"
-        return f"session:{value}", [("Set-Cookie", attributes)]
+        return f"session:{token}", [("Set-Cookie", attributes)]
 
     # -- endpoints ------------------------------------------------------------------------
 

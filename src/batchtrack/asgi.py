@@ -190,6 +190,7 @@ def create_app(
         uploads: Where uploaded files go.
         **options: ``prefix`` (``"/api"``), ``max_files`` (10), ``owner`` (identity
             from the headers instead of a session cookie), ``secure_cookies``,
+            ``session_secret`` (signs session cookies: give every process the same),
             ``max_json_bytes``, ``results_dir``, ``events_poll``, ``body_timeout``,
             ``idle_timeout``, the upload quota's ``upload_bytes_per_client``,
             ``upload_window`` and ``client_key``; ``page`` (False: also serve the demo

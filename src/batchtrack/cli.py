@@ -583,6 +583,9 @@ def _serve(args: argparse.Namespace) -> int:
     from ._demo import build
 
     logging.getLogger("batchtrack").setLevel(logging.WARNING if args.quiet else logging.INFO)
+    secret = os.environ.get("BATCHTRACK_SECRET") or None
+    if secret is not None and len(secret) < 16:
+        raise _Usage("BATCHTRACK_SECRET must be at least 16 characters (a long random string)")
     files = _files(args.files)
     sock = _listen(args.host, args.port)
     try:
@@ -594,6 +597,7 @@ def _serve(args: argparse.Namespace) -> int:
                 max_upload_storage=args.max_upload_storage,
                 upload_quota=args.upload_quota,
                 files=files,
+                session_secret=secret,
             )
         except (OSError, BatchtrackError) as exc:
             raise _Usage(f"cannot use --data-dir {str(args.data_dir)!r}: {exc}") from None
