@@ -57,7 +57,7 @@ class ResultFiles:
         """
         if not _names_a_file(item_id):
             return None
-        if self.storage.local_path(self.prefix or "x") is not None:
+        if self.storage.local_path(f"{self.prefix}x") is not None:
             # On a disk a few stats cost less than reading the folder.
             for extension in RESULT_EXTENSIONS:
                 if self.storage.size(key := self.key(item_id, extension)) is not None:
