@@ -503,6 +503,7 @@ class Cluster:
             proc.wait(10)
         with contextlib.suppress(Exception):
             self.example.app.close()
+        self.tracker.stop_sweeper()  # web_app() starts one
         with contextlib.suppress(Exception):
             self.tracker.store.close()
         self.redis.terminate()

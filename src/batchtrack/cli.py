@@ -136,7 +136,7 @@ def _parser() -> argparse.ArgumentParser:
         metavar="URL",
         help="where uploads and results live: file:///path or s3://bucket/prefix (endpoint "
         "and credentials from AWS_ENDPOINT_URL, AWS_ACCESS_KEY_ID, AWS_SECRET_ACCESS_KEY, "
-        "AWS_REGION); default: the --data-dir folder",
+        "AWS_REGION) (default: the --data-dir folder)",
     )
     serve.add_argument(
         "--concurrency",
