@@ -137,12 +137,12 @@ def _free_port() -> int:
         return int(s.getsockname()[1])
 
 
-def s3_request(endpoint: str, method: str, bucket: str, path: str = "") -> int:
+def s3_request(endpoint: str, method: str, bucket: str, path: str = "", body: bytes = b"") -> int:
     """One request to the test server signed for the test identity, its HTTP status:
     ``PUT`` of a bucket creates it, ``DELETE`` removes it and all it holds."""
     obstore = pytest.importorskip("obstore")
     url = obstore.sign(_test_store(endpoint, bucket), method, path, timedelta(minutes=5))
-    data = b"" if method == "PUT" else None
+    data = body if method == "PUT" else None
     try:
         request = urllib.request.Request(url, data, method=method)
         with urllib.request.urlopen(request, timeout=10) as response:
@@ -226,7 +226,8 @@ def start_seaweedfs(folder: Path) -> tuple[subprocess.Popen[bytes], int]:
         with contextlib.suppress(OSError):
             if (
                 s3_request(endpoint, "PUT", probe) in (200, 409)
-                and s3_request(endpoint, "PUT", probe, "probe") == 200
+                # Not empty: the object needs a volume, so the volume server is in too.
+                and s3_request(endpoint, "PUT", probe, "probe", b"ready" * 1000) == 200
                 and s3_request(endpoint, "GET", probe, "probe") == 200
             ):
                 return proc, int(ports["s3.port"])
@@ -239,12 +240,13 @@ def start_seaweedfs(folder: Path) -> tuple[subprocess.Popen[bytes], int]:
 
 def stop_seaweedfs(proc: subprocess.Popen[bytes], *, kill: bool = False) -> None:
     """Stop a :func:`start_seaweedfs` server by its process group: SIGTERM, then SIGKILL
-    after two seconds (weed's graceful stop is slow); ``kill`` goes straight to SIGKILL."""
+    after half a second (weed's graceful stop takes far longer and the tests need none of
+    it); ``kill`` goes straight to SIGKILL."""
     if proc.poll() is None and not kill:
         with contextlib.suppress(ProcessLookupError):
             os.killpg(proc.pid, signal.SIGTERM)
         with contextlib.suppress(subprocess.TimeoutExpired):
-            proc.wait(2)
+            proc.wait(0.5)
     with contextlib.suppress(ProcessLookupError):
         os.killpg(proc.pid, signal.SIGKILL)
     proc.wait(10)
