@@ -24,6 +24,7 @@ OPTIONAL = (
     "kombu",
     "dask",
     "distributed",
+    "obstore",
 )
 
 

@@ -167,8 +167,13 @@ class FileStorage(Closing, ABC):
         """Delete every file named in ``keys`` (missing ones are skipped); how many went.
 
         Object stores do this in one request per thousand keys.
+
+        Raises:
+            ValidationError: A bad key; then nothing is deleted.
+            FileStorageError: The storage failed.
         """
-        return sum(self.delete(key) for key in keys)
+        checked = [check_key(key) for key in keys]  # every key, before any file goes
+        return sum(self.delete(key) for key in checked)
 
     @abstractmethod
     def list(self, prefix: str = "") -> Iterator[FileInfo]:
