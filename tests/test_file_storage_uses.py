@@ -264,3 +264,87 @@ def test_a_folder_path_still_works_as_before(tmp_path: Path) -> None:
     written = pipeline(Item("a.jpg", source=stored.location, id="i1"))
     assert written == tmp_path / "out" / "i1.jpg"
     assert (tmp_path / "out" / "i1.jpg").stat().st_mode & 0o044  # readable by others too
+
+
+# -- outages -------------------------------------------------------------------------------
+
+
+def test_an_object_store_outage_is_503_for_uploads_and_a_clear_item_error(tmp_path: Path) -> None:
+    """With the S3 server killed: an upload answers 503 JSON and keeps nothing, a running
+    item fails with one clear line; restarted, the retried batch completes with exactly
+    one result per item."""
+    import threading
+
+    from batchtrack.files.s3 import S3Files
+    from conftest import (
+        S3_ACCESS_KEY,
+        S3_SECRET_KEY,
+        create_bucket,
+        start_seaweedfs,
+        stop_seaweedfs,
+    )
+
+    pytest.importorskip("obstore")
+    proc, port = start_seaweedfs(tmp_path / "s3")
+    try:
+        endpoint = f"http://127.0.0.1:{port}"
+        bucket = create_bucket(endpoint, "outage")
+        storage = S3Files(
+            "outage",
+            "app",
+            endpoint=endpoint,
+            region="us-east-1",
+            access_key_id=S3_ACCESS_KEY,
+            secret_access_key=S3_SECRET_KEY,
+            retry_timeout=1.0,
+        )
+        gate = threading.Event()
+        pipeline = ImagePipeline(storage, prefix="results/", max_size=200)
+
+        def processor(item: Item) -> Any:
+            gate.wait(30)
+            return pipeline(item)
+
+        tracker = BatchTracker()
+        with Orchestrator(tracker, processor, concurrency=2) as orchestrator:
+            app = asgi_module.create_app(
+                tracker,
+                orchestrator,
+                UploadStore(storage, prefix="uploads/"),
+                owner=lambda headers: "me",
+            )
+            client = SyncASGIClient(app)
+            try:
+                files = [("files", (f"{n}.jpg", jpeg((400, 300)), "image/jpeg")) for n in range(2)]
+                up = client.post("/api/upload", files=files)
+                assert up.status_code == 201, up.text
+                ids = [f["id"] for f in up.json()["files"]]
+                started = client.post("/api/process-batch", json={"fileIds": ids})
+                assert started.status_code == 202, started.text
+                batch_id = started.json()["batchId"]
+                stop_seaweedfs(proc, kill=True)
+                gate.set()  # the items now meet the outage
+                down = client.post("/api/upload", files=files[:1])
+                assert down.status_code == 503, down.text
+                assert down.json()["error"]["code"] == "storage_unavailable"
+                assert down.headers["retry-after"]
+                assert "Traceback" not in down.text
+                snap = orchestrator.wait(batch_id, timeout=60)
+                assert snap.progress.failed == 2
+                for item in snap.items:
+                    assert item.error == "the file storage could not be reached; retry later"
+                proc, _ = start_seaweedfs(tmp_path / "s3")
+                assert tracker.retry(batch_id) == 2
+                orchestrator.resume(batch_id)
+                snap = orchestrator.wait(batch_id, timeout=60)
+                assert snap.status is Status.COMPLETED
+                keys = sorted(info["path"] for info in bucket.list("app/"))
+                assert keys == sorted(
+                    [f"app/uploads/{i}" for i in ids]
+                    + [f"app/uploads/{i}.json" for i in ids]
+                    + [f"app/results/{item.id}.jpg" for item in snap.items]
+                )
+            finally:
+                client.close()
+    finally:
+        stop_seaweedfs(proc)
