@@ -187,6 +187,24 @@ def test_an_open_file_seeks_and_tells(storage: FileStorage) -> None:
         assert file.read() == data
 
 
+def test_a_reader_never_mixes_two_versions(storage: FileStorage) -> None:
+    """A file replaced while it is open is read on as the version that was opened, or
+    the read fails with FileStorageError; it never hands out bytes of the new version."""
+    old, new = os.urandom(6 * MiB), os.urandom(6 * MiB)
+    storage.write_bytes("replaced", old)
+    with storage.open("replaced") as file:
+        assert file.read(10) == old[:10]
+        storage.write_bytes("replaced", new)
+        file.seek(5 * MiB)  # far ahead: past anything already on its way
+        try:
+            rest = file.read()
+        except FileStorageError as exc:
+            assert "changed while it was being read" in str(exc)
+        else:
+            assert rest == old[5 * MiB :]
+    assert storage.read_bytes("replaced") == new
+
+
 def test_an_empty_file_is_a_file(storage: FileStorage) -> None:
     """An empty file is stored, listed with size 0 and reads back empty."""
     with storage.writer("empty"):

@@ -53,8 +53,9 @@ __all__ = ["S3Files"]
 _MiB = 2**20
 #: The smallest part S3 accepts in a multipart upload (but the last).
 _MIN_PART = 5 * _MiB
-#: How much of a download is handed over at once: one chunk of the GET body.
-_READ_CHUNK = 256 * 1024
+#: How much of a download is handed over at once: one chunk of the GET body (fewer,
+#: bigger chunks cost less; this is also about what a reader holds in memory).
+_READ_CHUNK = _MiB
 #: Forward seeks up to this far read on through the open body instead of a new request.
 _SKIP = 256 * 1024
 #: How many times a read resumes (a ranged GET where it broke off) without progress.
@@ -114,8 +115,9 @@ class S3Files(FileStorage):
             :class:`~batchtrack.FileStorageError`. A request that hangs can add up to the
             client's ``timeout`` (30 s) to that.
         part_size: Bytes a writer buffers before it turns to a multipart upload, and the
-            size of each part (at least 5 MiB, S3's minimum). A writer holds at most
-            this much plus the parts in flight (two).
+            size of each part: 5 MiB (S3's minimum) unless you say more. A writer holds
+            at most three parts in memory (one filling, two on their way), so a server
+            taking many uploads at once needs about that much per upload.
         client_options: obstore HTTP client options (``ClientConfig``: ``timeout``,
             ``connect_timeout``, ``proxy_url``, ``allow_invalid_certificates``, ...).
         **options: obstore S3 settings (``S3Config``: ``access_key_id``,
@@ -136,7 +138,7 @@ class S3Files(FileStorage):
         endpoint: str | None = None,
         region: str | None = None,
         retry_timeout: float = 10.0,
-        part_size: int = 8 * _MiB,
+        part_size: int = _MIN_PART,
         client_options: Mapping[str, Any] | None = None,
         **options: Any,
     ) -> None:
@@ -496,7 +498,9 @@ class _S3Reader(io.RawIOBase):
         meta = result.meta
         self._size = int(meta["size"])
         self._etag: str | None = meta.get("e_tag")
-        self._stream: BytesStream | None = result.stream(min_chunk_size=_READ_CHUNK)
+        # The answer to the first GET, its body not yet read: whole by readall, or streamed.
+        self._pending: GetResult | None = result
+        self._stream: BytesStream | None = None
         self._chunk = memoryview(b"")
         self._pos = 0
 
@@ -525,7 +529,7 @@ class _S3Reader(io.RawIOBase):
         ahead = target - self._pos
         if 0 <= ahead <= len(self._chunk):
             self._chunk = self._chunk[ahead:]
-        elif 0 < ahead <= _SKIP and self._stream is not None:
+        elif 0 < ahead <= _SKIP and (self._stream is not None or self._pending is not None):
             self._pos += len(self._chunk)
             self._chunk = memoryview(b"")
             while self._pos < target and self._next_chunk():
@@ -533,7 +537,7 @@ class _S3Reader(io.RawIOBase):
                 self._chunk = self._chunk[step:]
                 self._pos += step
         else:
-            self._stream = None  # the next read asks for a range from here
+            self._pending = self._stream = None  # the next read asks for a range from here
             self._chunk = memoryview(b"")
         self._pos = target
         return target
@@ -553,27 +557,47 @@ class _S3Reader(io.RawIOBase):
         return n
 
     def readall(self) -> bytes:
-        parts = [bytes(self._chunk)] if self._chunk else []
+        if self.closed:
+            raise ValueError("read of a closed file")
+        if self._pending is not None and self._pos == 0:
+            # Nothing read yet: take the body whole, as obstore.get(...).bytes() does.
+            result, self._pending = self._pending, None
+            try:
+                whole = bytes(result.bytes())
+            except Exception:
+                whole = b""  # broke off: read on below, from a fresh ranged GET
+            if len(whole) == self._size:
+                self._pos = self._size
+                return whole
+        parts = [self._chunk.tobytes()] if self._chunk else []
         self._pos += len(self._chunk)
         self._chunk = memoryview(b"")
-        while self._pos < self._size and self._next_chunk():
-            parts.append(bytes(self._chunk))
-            self._pos += len(self._chunk)
+        while self._pos < self._size and (data := self._fill()):
+            parts.append(data)
+            self._pos += len(data)
             self._chunk = memoryview(b"")
         return b"".join(parts)
 
     def close(self) -> None:
-        self._stream = None
+        self._pending = self._stream = None
         self._chunk = memoryview(b"")
         super().close()
 
     def _next_chunk(self) -> bool:
         """Fill ``_chunk`` with the bytes at ``_pos``; False at the end of the object."""
+        return bool(self._fill())
+
+    def _fill(self) -> bytes:
+        """The next piece of the body, from ``_pos`` on, also put in ``_chunk``; empty at
+        the end of the object."""
         failures = 0
         while True:
             if self._pos >= self._size:
-                return False
-            if self._stream is None:
+                return b""
+            if self._pending is not None:
+                self._stream = self._pending.stream(min_chunk_size=_READ_CHUNK)
+                self._pending = None
+            elif self._stream is None:
                 result = self._files._get(self._key, self._pos, self._etag)
                 self._stream = result.stream(min_chunk_size=_READ_CHUNK)
             try:
@@ -590,7 +614,7 @@ class _S3Reader(io.RawIOBase):
                 continue
             if data:
                 self._chunk = memoryview(data)
-                return True
+                return data
             # An empty end before the size said: the body was cut short. Resume.
             failures += 1
             self._stream = None
