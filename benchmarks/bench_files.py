@@ -48,7 +48,7 @@ def run(quick: bool = False) -> list[Comparison]:
     )
 
     n = 10 if quick else 40
-    rounds = 3 if quick else 9
+    rounds = 3 if quick else 15
     sizes = {"1 MiB": 2**20, "100 KiB": 100 * 1024}
     results: list[Comparison] = []
     with tempfile.TemporaryDirectory() as tmp:

@@ -218,14 +218,7 @@ class S3Files(FileStorage):
     # -- the boundary ----------------------------------------------------------------------
 
     def writer(self, key: str) -> FileWriter:
-        check_key(key)
-        try:
-            file = obstore.open_writer(
-                self._store, key, buffer_size=self.part_size, max_concurrency=2
-            )
-        except Exception as exc:
-            raise self._failure(exc, key, "write") from exc
-        return _S3Writer(self, key, file)
+        return _S3Writer(self, check_key(key))
 
     def open(self, key: str) -> BinaryIO:
         """The file ``key`` for reading: its body streamed as it arrives, seekable.
@@ -440,20 +433,36 @@ class S3Files(FileStorage):
 
 
 class _S3Writer(FileWriter):
-    """obstore's buffered writer: one PUT on commit, or a multipart upload once the file
-    outgrows a part; the object appears only when the upload completes."""
+    """A file held in memory until it outgrows a part: then obstore's buffered writer, a
+    multipart upload whose parts go out as the file comes in. A small file is one PUT on
+    commit. The object appears only when the commit completes the upload."""
 
-    def __init__(self, files: S3Files, key: str, file: WritableFile) -> None:
+    def __init__(self, files: S3Files, key: str) -> None:
         self._files = files
         self._key = key
-        self._file: WritableFile | None = file
+        self._buffer: bytearray | None = bytearray()
+        self._file: WritableFile | None = None
         self._size = 0
 
     def write(self, data: bytes) -> int:
-        if self._file is None:
+        file, buffer = self._file, self._buffer
+        if file is None and buffer is None:
             raise ValueError("write to a writer that was committed or aborted")
         try:
-            self._file.write(data)
+            if file is not None:
+                file.write(data)
+            elif buffer is not None:
+                buffer += data
+                if len(buffer) > self._files.part_size:
+                    # Past one part: from here on a multipart upload, parts sent as they fill.
+                    self._file = obstore.open_writer(
+                        self._files._store,
+                        self._key,
+                        buffer_size=self._files.part_size,
+                        max_concurrency=2,
+                    )
+                    self._buffer = None
+                    self._file.write(buffer)
         except Exception as exc:
             self.abort()
             raise self._files._failure(exc, self._key, "write") from exc
@@ -464,23 +473,28 @@ class _S3Writer(FileWriter):
         return self._size
 
     def commit(self) -> int:
+        buffered, self._buffer = self._buffer, None
         file, self._file = self._file, None
-        if file is None:
+        if buffered is None and file is None:
             raise ValueError("commit of a writer that was committed or aborted")
         try:
-            file.close()
+            if file is not None:
+                file.close()
+            elif buffered is not None:
+                obstore.put(self._files._store, self._key, buffered, use_multipart=False)
         except Exception as exc:
             # A failed completion leaves the upload incomplete: invisible (see sweep_partial).
             raise self._files._failure(exc, self._key, "write") from exc
         return self._size
 
     def abort(self) -> None:
+        self._buffer = None
         file, self._file = self._file, None
         if file is None:
             return
-        # Leaving obstore's writer by an exception aborts its multipart upload (a file still
-        # in the buffer was never sent); there is no other way to ask for that. Best effort:
-        # if it fails, the parts stay invisible all the same.
+        # Leaving obstore's writer by an exception aborts its multipart upload; there is no
+        # other way to ask for that. Best effort: if it fails, the parts stay invisible
+        # all the same.
         with contextlib.suppress(Exception):
             file.__exit__(FileStorageError, None, None)
 
