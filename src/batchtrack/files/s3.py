@@ -312,6 +312,9 @@ class S3Files(FileStorage):
         """
         if not isinstance(prefix, str):
             raise ValidationError(f"a prefix must be a string, not {prefix!r}")
+        folder = prefix.rpartition("/")[0]
+        if folder.startswith("/") or {".", ".."} & set(folder.split("/")):
+            raise ValidationError(f"{prefix!r} is not a usable prefix")
         return self._list(prefix)
 
     def sweep_partial(self, prefix: str, older_than: float) -> int:
