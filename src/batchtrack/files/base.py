@@ -18,6 +18,7 @@ folder: today's behaviour and the default) and :class:`~batchtrack.files.s3.S3Fi
 
 from __future__ import annotations
 
+import builtins
 import re
 from abc import ABC, abstractmethod
 from collections.abc import Iterator
@@ -162,7 +163,7 @@ class FileStorage(Closing, ABC):
             FileStorageError: The storage failed.
         """
 
-    def delete_many(self, keys: list[str]) -> int:
+    def delete_many(self, keys: builtins.list[str]) -> int:
         """Delete every file named in ``keys`` (missing ones are skipped); how many went.
 
         Object stores do this in one request per thousand keys.
@@ -198,7 +199,7 @@ class FileStorage(Closing, ABC):
             raise ValidationError("delete_prefix needs a non-empty prefix")
         return self.delete_many([info.key for info in self.list(prefix)])
 
-    def older_than(self, prefix: str, before: float) -> list[FileInfo]:
+    def older_than(self, prefix: str, before: float) -> builtins.list[FileInfo]:
         """The files under ``prefix`` last written before ``before`` (the storage's time)."""
         return [info for info in self.list(prefix) if info.modified < before]
 
