@@ -553,6 +553,55 @@ def test_s3_without_obstore_says_how_to_install_it() -> None:
     assert "pip install 'batchtrack[s3]'" in out
 
 
+_FORK = """
+import os, signal, sys
+from batchtrack.exceptions import FileStorageError
+from batchtrack.files.s3 import S3Files
+
+files = S3Files(sys.argv[1], "forked")
+if sys.argv[2] == "used":
+    files.write_bytes("parent", b"before the fork")
+pid = os.fork()
+if pid == 0:
+    signal.alarm(20)  # a hang ends here, as a failure
+    try:
+        files.write_bytes("child", b"from the child")
+        os._exit(0 if files.read_bytes("child") == b"from the child" else 3)
+    except FileStorageError as exc:
+        print(exc, flush=True)
+        os._exit(4)
+_, status = os.waitpid(pid, 0)
+print("child exit", os.waitstatus_to_exitcode(status), flush=True)
+print("parent reads", files.size("child"), flush=True)
+"""
+
+
+def _fork(bucket: str, mode: str) -> list[str]:
+    out = subprocess.run(
+        [sys.executable, "-c", _FORK, bucket, mode],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        env={**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)},
+    )
+    assert out.returncode == 0, out.stderr
+    return out.stdout.splitlines()
+
+
+def test_s3_a_storage_made_before_a_fork_works_in_the_child(s3_bucket: Any) -> None:
+    """Creating a storage (its bucket check included) starts nothing that a fork breaks:
+    a child forked afterwards (Celery's prefork pool, gunicorn --preload) uses it."""
+    assert _fork(s3_bucket.name, "made") == ["child exit 0", "parent reads 14"]
+
+
+def test_s3_a_storage_used_before_a_fork_says_so_in_the_child(s3_bucket: Any) -> None:
+    """Once obstore has worked in a process its threads are there only: a child forked
+    after that gets one clear FileStorageError at once instead of hanging."""
+    lines = _fork(s3_bucket.name, "used")
+    assert lines[1:] == ["child exit 4", "parent reads None"]
+    assert lines[0].startswith(f"s3://{s3_bucket.name}/forked: obstore was started in process")
+
+
 # -- S3 only: outages ------------------------------------------------------------------------
 
 

@@ -30,6 +30,8 @@ import errno
 import io
 import os
 import re
+import socket
+import ssl
 from collections.abc import Iterator, Mapping
 from concurrent.futures import ThreadPoolExecutor
 from datetime import timedelta
@@ -42,6 +44,7 @@ except ImportError as exc:  # pragma: no cover - depends on the environment
     raise ImportError("batchtrack.files.s3 needs obstore: pip install 'batchtrack[s3]'") from exc
 
 from ..exceptions import BatchtrackError, FileStorageError, ValidationError
+from . import _sigv4
 from .base import FileInfo, FileStorage, FileWriter, check_key
 
 if TYPE_CHECKING:
@@ -81,6 +84,12 @@ _DENIED = frozenset(
     }
 )
 _CREDENTIALS_HINT = "check AWS_ACCESS_KEY_ID/AWS_SECRET_ACCESS_KEY"
+_WRONG_REGION = frozenset(
+    {"PermanentRedirect", "AuthorizationHeaderMalformed", "IncorrectEndpoint"}
+)
+
+#: The process in which S3Files first made obstore work: its Tokio threads live there only.
+_started_in: int | None = None
 
 
 class S3Files(FileStorage):
@@ -181,14 +190,6 @@ class S3Files(FileStorage):
                 "base": 2,
             },
         }
-        # The check at construction has a budget of its own: a storage that cannot be
-        # used must say so in a few seconds, not after the outage budget of a request.
-        probe_retry: RetryConfig = {
-            "max_retries": 3,
-            "retry_timeout": timedelta(seconds=min(self.retry_timeout, 2.0)),
-            "backoff": {"init_backoff": timedelta(milliseconds=100)},
-        }
-        probe_client = {**client, "connect_timeout": "2s", "timeout": "3s"}
         try:
             self._store = S3Store(
                 bucket,
@@ -197,20 +198,9 @@ class S3Files(FileStorage):
                 retry_config=retry,
                 **config,
             )
-            probe = S3Store(
-                bucket,
-                prefix=prefix or None,
-                client_options=_client(probe_client),
-                retry_config=probe_retry,
-                **config,
-            )
         except Exception as exc:  # obstore's own config errors: unknown keys, bad values
             raise ValidationError(f"{self.url}: {_first_line(exc)}") from exc
-        try:
-            for _ in obstore.list(probe, chunk_size=1):
-                break
-        except Exception as exc:
-            raise self._failure(exc, None, "use") from exc
+        self._check(client, config)
 
     def __repr__(self) -> str:
         return f"S3Files({self.bucket!r}, {self.prefix!r})"
@@ -233,14 +223,14 @@ class S3Files(FileStorage):
     def read_bytes(self, key: str) -> bytes:
         check_key(key)
         try:
-            return bytes(obstore.get(self._store, key).bytes())
+            return bytes(obstore.get(self._use(), key).bytes())
         except Exception as exc:
             raise self._failure(exc, key, "read", missing=True) from exc
 
     def write_bytes(self, key: str, data: bytes) -> int:
         check_key(key)
         try:
-            obstore.put(self._store, key, data, chunk_size=self.part_size, max_concurrency=2)
+            obstore.put(self._use(), key, data, chunk_size=self.part_size, max_concurrency=2)
         except Exception as exc:
             raise self._failure(exc, key, "write") from exc
         return len(data)
@@ -253,7 +243,7 @@ class S3Files(FileStorage):
         """
         check_key(key)
         try:
-            return int(obstore.head(self._store, key)["size"])
+            return int(obstore.head(self._use(), key)["size"])
         except FileNotFoundError:
             return None
         except Exception as exc:
@@ -268,7 +258,7 @@ class S3Files(FileStorage):
         if self.size(key) is None:
             return False
         try:
-            obstore.delete(self._store, key)
+            obstore.delete(self._use(), key)
         except Exception as exc:
             raise self._failure(exc, key, "delete") from exc
         return True
@@ -328,6 +318,112 @@ class S3Files(FileStorage):
 
     # -- plumbing --------------------------------------------------------------------------
 
+    def _check(self, client: Mapping[str, Any], config: Mapping[str, Any]) -> None:
+        """List at most one key of the prefix, within about three seconds; raise the one
+        FileStorageError line that says why the bucket cannot be used.
+
+        Made in plain Python (:mod:`._sigv4`), so that creating a storage never starts
+        obstore's threads: a process may create its storage and then fork its workers.
+        Only credentials that obstore alone can find (an instance or task role) are
+        checked through obstore.
+        """
+        credentials = _static_credentials(config)
+        if credentials is None:
+            self._check_through_obstore(client, config)
+            return
+        region = str(
+            config.get("region")
+            or os.environ.get("AWS_REGION")
+            or os.environ.get("AWS_DEFAULT_REGION")
+            or "us-east-1"
+        )
+        url = self._bucket_url(region, _truthy(config.get("virtual_hosted_style_request")))
+        query = "list-type=2&max-keys=1" + (f"&prefix={self.prefix}/" if self.prefix else "")
+        url = f"{url}?{query}"
+        access_key, secret_key, token = credentials
+        headers = _sigv4.signed_headers(
+            url, region=region, access_key=access_key, secret_key=secret_key, token=token
+        )
+        try:
+            answer = _sigv4.get(url, headers, client_options=client, timeout=3.0, retry_for=2.0)
+        except OSError as exc:
+            raise FileStorageError(f"{self.url}: {self._unreachable(exc)}") from exc
+        if answer.status == 200:
+            return
+        text = answer.body.decode("utf-8", "replace")
+        code_match = _CODE.search(text)
+        code = code_match.group(1) if code_match else None
+        if code in _WRONG_REGION or answer.status in (301, 307):
+            where = answer.headers.get("x-amz-bucket-region")
+            named = f" ({where})" if where else ""
+            reason = f"the bucket is in another region{named}: set AWS_REGION"
+        else:
+            reason = _http_reason(answer.status, code)[0]
+        cause = FileStorageError(f"HTTP {answer.status} from {url}: {text[:500]}")
+        raise FileStorageError(f"{self.url}: {reason}") from cause
+
+    def _check_through_obstore(self, client: Mapping[str, Any], config: Mapping[str, Any]) -> None:
+        probe_retry: RetryConfig = {
+            "max_retries": 3,
+            "retry_timeout": timedelta(seconds=min(self.retry_timeout, 2.0)),
+            "backoff": {"init_backoff": timedelta(milliseconds=100)},
+        }
+        probe_client = {**client, "connect_timeout": "2s", "timeout": "3s"}
+        probe = S3Store(
+            self.bucket,
+            prefix=self.prefix or None,
+            client_options=_client(probe_client),
+            retry_config=probe_retry,
+            **config,
+        )
+        self._use()
+        try:
+            for _ in obstore.list(probe, chunk_size=1):
+                break
+        except Exception as exc:
+            raise self._failure(exc, None, "use") from exc
+
+    def _bucket_url(self, region: str, virtual_hosted: bool) -> str:
+        """The bucket's URL as obstore builds it: path style unless asked otherwise (then
+        an endpoint given already names the bucket)."""
+        if self.endpoint:
+            base = self.endpoint.rstrip("/")
+            return base if virtual_hosted else f"{base}/{self.bucket}"
+        if virtual_hosted:
+            return f"https://{self.bucket}.s3.{region}.amazonaws.com"
+        return f"https://s3.{region}.amazonaws.com/{self.bucket}"
+
+    def _unreachable(self, exc: OSError) -> str:
+        reason: object = getattr(exc, "reason", exc)
+        where = self.endpoint or "the S3 endpoint"
+        if isinstance(reason, ConnectionRefusedError):
+            why = "connection refused"
+        elif isinstance(reason, TimeoutError):
+            why = "no answer in time"
+        elif isinstance(reason, socket.gaierror):
+            why = "unknown host"
+        elif isinstance(reason, ssl.SSLError):
+            why = f"TLS: {reason.reason or reason}"
+        elif isinstance(reason, ConnectionResetError):
+            why = "connection reset"
+        else:
+            why = str(getattr(reason, "strerror", None) or reason)
+        return f"cannot reach {where} ({why})"
+
+    def _use(self) -> S3Store:
+        """The obstore store, once it is sure obstore can work in this process."""
+        global _started_in
+        pid = os.getpid()
+        if _started_in is None:
+            _started_in = pid
+        elif _started_in != pid:
+            raise FileStorageError(
+                f"{self.url}: obstore was started in process {_started_in}, which then forked "
+                "this one; it cannot work here. Create the storage in the child, or start "
+                "workers with spawn instead of fork"
+            )
+        return self._store
+
     def _list(self, prefix: str) -> Iterator[FileInfo]:
         folder, _, rest = prefix.rpartition("/")
         # S3 lists whole path segments; a partial last segment ("results/abc") is found by
@@ -339,7 +435,7 @@ class S3Files(FileStorage):
                 offset = f"{prefix[:-1]}{chr(ord(last) - 1)}~"
         try:
             stream = obstore.list(
-                self._store, folder or None, offset=offset, chunk_size=_DELETE_BATCH
+                self._use(), folder or None, offset=offset, chunk_size=_DELETE_BATCH
             )
             for chunk in stream:
                 for meta in chunk:
@@ -358,7 +454,7 @@ class S3Files(FileStorage):
         for start in range(0, len(keys), _DELETE_BATCH):
             batch = keys[start : start + _DELETE_BATCH]
             try:
-                obstore.delete(self._store, batch)
+                obstore.delete(self._use(), batch)
             except Exception as exc:
                 raise self._failure(exc, batch[0], "delete") from exc
 
@@ -369,7 +465,7 @@ class S3Files(FileStorage):
         if etag is not None:
             options["if_match"] = etag
         try:
-            return obstore.get(self._store, key, options=options or None)
+            return obstore.get(self._use(), key, options=options or None)
         except Exception as exc:
             raise self._failure(exc, key, "read", missing=True) from exc
 
@@ -405,21 +501,13 @@ class S3Files(FileStorage):
         where = self.endpoint or "the S3 endpoint"
         if _METADATA.search(text):
             return ("no credentials found (set AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY)", True)
-        if code == "NoSuchBucket":
-            return "no such bucket", True
         kind = type(exc).__name__
-        if (
-            code in _DENIED
-            or status in (401, 403)
-            or kind in ("PermissionDeniedError", "UnauthenticatedError")
-        ):
-            return f"access denied ({_CREDENTIALS_HINT})", True
-        if status is not None and status >= 500:
-            return f"the server failed (HTTP {status}{f' {code}' if code else ''})", False
-        if kind == "PreconditionError" or status == 412:
-            return "it changed while it was being read", False
-        if status is not None:
-            return f"refused (HTTP {status}{f' {code}' if code else ''})", False
+        if kind in ("PermissionDeniedError", "UnauthenticatedError"):
+            status = status or 403
+        elif kind == "PreconditionError":
+            status = status or 412
+        if status is not None or code is not None:
+            return _http_reason(status, code)
         if "ConnectionRefused" in text or "Connection refused" in text:
             return f"cannot reach {where} (connection refused)", True
         if "kind: Timeout" in text or "TimedOut" in text or "timed out" in text:
@@ -459,7 +547,7 @@ class _S3Writer(FileWriter):
                 if len(buffer) > self._files.part_size:
                     # Past one part: from here on a multipart upload, parts sent as they fill.
                     self._file = obstore.open_writer(
-                        self._files._store,
+                        self._files._use(),
                         self._key,
                         buffer_size=self._files.part_size,
                         max_concurrency=2,
@@ -484,7 +572,7 @@ class _S3Writer(FileWriter):
             if file is not None:
                 file.close()
             elif buffered is not None:
-                obstore.put(self._files._store, self._key, buffered, use_multipart=False)
+                obstore.put(self._files._use(), self._key, buffered, use_multipart=False)
         except Exception as exc:
             # A failed completion leaves the upload incomplete: invisible (see sweep_partial).
             raise self._files._failure(exc, self._key, "write") from exc
@@ -639,6 +727,40 @@ class _S3Reader(io.RawIOBase):
                 raise FileStorageError(
                     f"{self._files.url}: cannot read {self._key}: the body ended early"
                 )
+
+
+def _http_reason(status: int | None, code: str | None) -> tuple[str, bool]:
+    """What an S3 error answer means, and whether it concerns the whole storage."""
+    if code == "NoSuchBucket":
+        return "no such bucket", True
+    if code in _DENIED or status in (401, 403):
+        return f"access denied ({_CREDENTIALS_HINT})", True
+    detail = " ".join(str(part) for part in (status, code) if part is not None)
+    if status is not None and status >= 500:
+        return f"the server failed (HTTP {detail})", False
+    if status == 412 or code == "PreconditionFailed":
+        return "it changed while it was being read", False
+    return f"refused (HTTP {detail})", False
+
+
+def _static_credentials(config: Mapping[str, Any]) -> tuple[str, str, str | None] | None:
+    """The key, secret and session token obstore will sign with, when they are given (in
+    ``config`` or the environment); empty ones for unsigned requests; None when only
+    obstore can find them (a role)."""
+    if _truthy(config.get("skip_signature", os.environ.get("AWS_SKIP_SIGNATURE"))):
+        return "", "", None
+    key = config.get("access_key_id") or os.environ.get("AWS_ACCESS_KEY_ID")
+    secret = config.get("secret_access_key") or os.environ.get("AWS_SECRET_ACCESS_KEY")
+    token = (
+        config.get("session_token") or config.get("token") or os.environ.get("AWS_SESSION_TOKEN")
+    )
+    if not (key and secret):
+        return None
+    return str(key), str(secret), str(token) if token else None
+
+
+def _truthy(value: object) -> bool:
+    return value is True or str(value).strip().lower() in ("1", "true", "yes", "on")
 
 
 def _client(options: Mapping[str, Any]) -> ClientConfig:
