@@ -520,6 +520,38 @@ def test_s3_an_endpoint_that_never_answers_is_one_clear_error(s3_bucket: Any) ->
     assert message == f"s3://{s3_bucket.name}: cannot reach {endpoint} (no answer in time)"
 
 
+def test_s3_a_wrong_region_is_one_clear_error() -> None:
+    """An endpoint that answers as AWS does for a bucket in another region (301
+    PermanentRedirect, the right region in a header): one line that names it."""
+    pytest.importorskip("obstore")
+    from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+    class AnotherRegion(BaseHTTPRequestHandler):
+        def do_GET(self) -> None:
+            body = b"<Error><Code>PermanentRedirect</Code><Message>...</Message></Error>"
+            self.send_response(301)
+            self.send_header("x-amz-bucket-region", "eu-west-1")
+            self.send_header("Content-Length", str(len(body)))
+            self.end_headers()
+            self.wfile.write(body)
+
+        def log_message(self, *args: object) -> None:
+            pass
+
+    with ThreadingHTTPServer(("127.0.0.1", 0), AnotherRegion) as server:
+        threading.Thread(target=server.serve_forever, daemon=True).start()
+        endpoint = f"http://127.0.0.1:{server.server_address[1]}"
+        try:
+            message = _one_clear_error(
+                lambda: _s3_files(
+                    "far-away", endpoint=endpoint, access_key_id="k", secret_access_key="s"
+                )
+            )
+        finally:
+            server.shutdown()
+    assert message == "s3://far-away: the bucket is in another region (eu-west-1): set AWS_REGION"
+
+
 def test_s3_names_and_settings_are_checked(s3_bucket: Any) -> None:
     """A bucket name S3 refuses, a bad prefix, a part below 5 MiB, a non-positive retry
     time and an unknown option are ValidationErrors."""

@@ -20,6 +20,10 @@ request, retries with back-off built in.
   ``retry_timeout`` seconds (10 by default); then the call raises
   :class:`~batchtrack.FileStorageError`. Puts are atomic and idempotent, so a retried
   write never leaves a half-written or doubled object.
+- Forks: obstore's threads start with its first request and do not survive ``fork()``.
+  Creating a storage makes no obstore request (the bucket check is plain Python), so a
+  process may create it and then fork its workers; a process forked after obstore ran
+  gets a :class:`~batchtrack.FileStorageError` saying so, not a hang.
 """
 
 from __future__ import annotations
@@ -103,8 +107,12 @@ class S3Files(FileStorage):
     you named it (obstore would otherwise ask for ``AWS_ALLOW_HTTP``).
 
     The bucket is checked at once (one listing request, answered within about five
-    seconds): a missing bucket, refused credentials or an endpoint that does not answer
-    raise one :class:`~batchtrack.FileStorageError` line.
+    seconds): a missing bucket, refused credentials, a wrong region or an endpoint that
+    does not answer raise one :class:`~batchtrack.FileStorageError` line. The check is
+    made in plain Python and starts none of obstore's threads, so the storage may be
+    created before the process forks (Celery's prefork pool, ``gunicorn --preload``);
+    only with credentials that obstore alone finds (a role) is it made through obstore,
+    and the storage must then be created after the fork.
 
     A file's location is ``s3://bucket/prefix/key``; :attr:`url` is
     ``s3://bucket/prefix``. Unfinished writes leave nothing visible, so
