@@ -187,6 +187,27 @@ def test_an_open_file_seeks_and_tells(storage: FileStorage) -> None:
         assert file.read() == data
 
 
+def test_a_reader_never_mixes_two_versions(storage: FileStorage) -> None:
+    """A file replaced while it is open is read on as the version that was opened, or
+    the read fails with FileStorageError; it never hands out bytes of the new version."""
+    old, new = os.urandom(6 * MiB), os.urandom(6 * MiB)
+    storage.write_bytes("replaced", old)
+    with storage.open("replaced") as file:
+        assert file.read(10) == old[:10]
+        storage.write_bytes("replaced", new)
+        file.seek(5 * MiB)  # far ahead: past anything already on its way
+        rest: bytes | FileStorageError
+        try:
+            rest = file.read()
+        except FileStorageError as exc:
+            rest = exc
+    if isinstance(rest, FileStorageError):
+        assert "changed while it was being read" in str(rest)
+    else:
+        assert rest == old[5 * MiB :]
+    assert storage.read_bytes("replaced") == new
+
+
 def test_an_empty_file_is_a_file(storage: FileStorage) -> None:
     """An empty file is stored, listed with size 0 and reads back empty."""
     with storage.writer("empty"):
@@ -305,6 +326,18 @@ def test_list_is_a_plain_string_prefix_with_sizes_and_times(storage: FileStorage
         assert info.size == len(info.key)
         # S3 keeps whole seconds; both clocks are this machine's.
         assert before - 2 <= info.modified <= after + 2
+
+
+def test_a_prefix_that_climbs_out_is_refused(storage: FileStorage) -> None:
+    """A prefix whose folder part climbs out (``../``, ``a/../``) is a ValidationError for
+    list and delete_prefix, and nothing is deleted."""
+    _write(storage, "a/b")
+    for bad in ("../", "a/../", "../x"):
+        with pytest.raises(ValidationError):
+            list(storage.list(bad))
+        with pytest.raises(ValidationError):
+            storage.delete_prefix(bad)
+    assert _keys(storage) == ["a/b"]
 
 
 def test_older_than_picks_files_by_their_time(storage: FileStorage) -> None:
@@ -487,6 +520,38 @@ def test_s3_an_endpoint_that_never_answers_is_one_clear_error(s3_bucket: Any) ->
     assert message == f"s3://{s3_bucket.name}: cannot reach {endpoint} (no answer in time)"
 
 
+def test_s3_a_wrong_region_is_one_clear_error() -> None:
+    """An endpoint that answers as AWS does for a bucket in another region (301
+    PermanentRedirect, the right region in a header): one line that names it."""
+    pytest.importorskip("obstore")
+    from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+    class AnotherRegion(BaseHTTPRequestHandler):
+        def do_GET(self) -> None:
+            body = b"<Error><Code>PermanentRedirect</Code><Message>...</Message></Error>"
+            self.send_response(301)
+            self.send_header("x-amz-bucket-region", "eu-west-1")
+            self.send_header("Content-Length", str(len(body)))
+            self.end_headers()
+            self.wfile.write(body)
+
+        def log_message(self, *args: object) -> None:
+            pass
+
+    with ThreadingHTTPServer(("127.0.0.1", 0), AnotherRegion) as server:
+        threading.Thread(target=server.serve_forever, daemon=True).start()
+        endpoint = f"http://127.0.0.1:{server.server_address[1]}"
+        try:
+            message = _one_clear_error(
+                lambda: _s3_files(
+                    "far-away", endpoint=endpoint, access_key_id="k", secret_access_key="s"
+                )
+            )
+        finally:
+            server.shutdown()
+    assert message == "s3://far-away: the bucket is in another region (eu-west-1): set AWS_REGION"
+
+
 def test_s3_names_and_settings_are_checked(s3_bucket: Any) -> None:
     """A bucket name S3 refuses, a bad prefix, a part below 5 MiB, a non-positive retry
     time and an unknown option are ValidationErrors."""
@@ -518,6 +583,55 @@ def test_s3_without_obstore_says_how_to_install_it() -> None:
         [sys.executable, "-c", code], capture_output=True, text=True, check=True
     ).stdout
     assert "pip install 'batchtrack[s3]'" in out
+
+
+_FORK = """
+import os, signal, sys
+from batchtrack.exceptions import FileStorageError
+from batchtrack.files.s3 import S3Files
+
+files = S3Files(sys.argv[1], "forked")
+if sys.argv[2] == "used":
+    files.write_bytes("parent", b"before the fork")
+pid = os.fork()
+if pid == 0:
+    signal.alarm(20)  # a hang ends here, as a failure
+    try:
+        files.write_bytes("child", b"from the child")
+        os._exit(0 if files.read_bytes("child") == b"from the child" else 3)
+    except FileStorageError as exc:
+        print(exc, flush=True)
+        os._exit(4)
+_, status = os.waitpid(pid, 0)
+print("child exit", os.waitstatus_to_exitcode(status), flush=True)
+print("parent reads", files.size("child"), flush=True)
+"""
+
+
+def _fork(bucket: str, mode: str) -> list[str]:
+    out = subprocess.run(
+        [sys.executable, "-c", _FORK, bucket, mode],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        env={**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)},
+    )
+    assert out.returncode == 0, out.stderr
+    return out.stdout.splitlines()
+
+
+def test_s3_a_storage_made_before_a_fork_works_in_the_child(s3_bucket: Any) -> None:
+    """Creating a storage (its bucket check included) starts nothing that a fork breaks:
+    a child forked afterwards (Celery's prefork pool, gunicorn --preload) uses it."""
+    assert _fork(s3_bucket.name, "made") == ["child exit 0", "parent reads 14"]
+
+
+def test_s3_a_storage_used_before_a_fork_says_so_in_the_child(s3_bucket: Any) -> None:
+    """Once obstore has worked in a process its threads are there only: a child forked
+    after that gets one clear FileStorageError at once instead of hanging."""
+    lines = _fork(s3_bucket.name, "used")
+    assert lines[1:] == ["child exit 4", "parent reads None"]
+    assert lines[0].startswith(f"s3://{s3_bucket.name}/forked: obstore was started in process")
 
 
 # -- S3 only: outages ------------------------------------------------------------------------

@@ -20,6 +20,10 @@ request, retries with back-off built in.
   ``retry_timeout`` seconds (10 by default); then the call raises
   :class:`~batchtrack.FileStorageError`. Puts are atomic and idempotent, so a retried
   write never leaves a half-written or doubled object.
+- Forks: obstore's threads start with its first request and do not survive ``fork()``.
+  Creating a storage makes no obstore request (the bucket check is plain Python), so a
+  process may create it and then fork its workers; a process forked after obstore ran
+  gets a :class:`~batchtrack.FileStorageError` saying so, not a hang.
 """
 
 from __future__ import annotations
@@ -30,6 +34,8 @@ import errno
 import io
 import os
 import re
+import socket
+import ssl
 from collections.abc import Iterator, Mapping
 from concurrent.futures import ThreadPoolExecutor
 from datetime import timedelta
@@ -42,6 +48,7 @@ except ImportError as exc:  # pragma: no cover - depends on the environment
     raise ImportError("batchtrack.files.s3 needs obstore: pip install 'batchtrack[s3]'") from exc
 
 from ..exceptions import BatchtrackError, FileStorageError, ValidationError
+from . import _sigv4
 from .base import FileInfo, FileStorage, FileWriter, check_key
 
 if TYPE_CHECKING:
@@ -53,8 +60,9 @@ __all__ = ["S3Files"]
 _MiB = 2**20
 #: The smallest part S3 accepts in a multipart upload (but the last).
 _MIN_PART = 5 * _MiB
-#: How much of a download is handed over at once: one chunk of the GET body.
-_READ_CHUNK = 256 * 1024
+#: How much of a download is handed over at once: one chunk of the GET body (fewer,
+#: bigger chunks cost less; this is also about what a reader holds in memory).
+_READ_CHUNK = _MiB
 #: Forward seeks up to this far read on through the open body instead of a new request.
 _SKIP = 256 * 1024
 #: How many times a read resumes (a ranged GET where it broke off) without progress.
@@ -80,6 +88,12 @@ _DENIED = frozenset(
     }
 )
 _CREDENTIALS_HINT = "check AWS_ACCESS_KEY_ID/AWS_SECRET_ACCESS_KEY"
+_WRONG_REGION = frozenset(
+    {"PermanentRedirect", "AuthorizationHeaderMalformed", "IncorrectEndpoint"}
+)
+
+#: The process in which S3Files first made obstore work: its Tokio threads live there only.
+_started_in: int | None = None
 
 
 class S3Files(FileStorage):
@@ -93,8 +107,12 @@ class S3Files(FileStorage):
     you named it (obstore would otherwise ask for ``AWS_ALLOW_HTTP``).
 
     The bucket is checked at once (one listing request, answered within about five
-    seconds): a missing bucket, refused credentials or an endpoint that does not answer
-    raise one :class:`~batchtrack.FileStorageError` line.
+    seconds): a missing bucket, refused credentials, a wrong region or an endpoint that
+    does not answer raise one :class:`~batchtrack.FileStorageError` line. The check is
+    made in plain Python and starts none of obstore's threads, so the storage may be
+    created before the process forks (Celery's prefork pool, ``gunicorn --preload``);
+    only with credentials that obstore alone finds (a role) is it made through obstore,
+    and the storage must then be created after the fork.
 
     A file's location is ``s3://bucket/prefix/key``; :attr:`url` is
     ``s3://bucket/prefix``. Unfinished writes leave nothing visible, so
@@ -114,8 +132,9 @@ class S3Files(FileStorage):
             :class:`~batchtrack.FileStorageError`. A request that hangs can add up to the
             client's ``timeout`` (30 s) to that.
         part_size: Bytes a writer buffers before it turns to a multipart upload, and the
-            size of each part (at least 5 MiB, S3's minimum). A writer holds at most
-            this much plus the parts in flight (two).
+            size of each part: 5 MiB (S3's minimum) unless you say more. A writer holds
+            at most three parts in memory (one filling, two on their way), so a server
+            taking many uploads at once needs about that much per upload.
         client_options: obstore HTTP client options (``ClientConfig``: ``timeout``,
             ``connect_timeout``, ``proxy_url``, ``allow_invalid_certificates``, ...).
         **options: obstore S3 settings (``S3Config``: ``access_key_id``,
@@ -136,7 +155,7 @@ class S3Files(FileStorage):
         endpoint: str | None = None,
         region: str | None = None,
         retry_timeout: float = 10.0,
-        part_size: int = 8 * _MiB,
+        part_size: int = _MIN_PART,
         client_options: Mapping[str, Any] | None = None,
         **options: Any,
     ) -> None:
@@ -179,14 +198,6 @@ class S3Files(FileStorage):
                 "base": 2,
             },
         }
-        # The check at construction has a budget of its own: a storage that cannot be
-        # used must say so in a few seconds, not after the outage budget of a request.
-        probe_retry: RetryConfig = {
-            "max_retries": 3,
-            "retry_timeout": timedelta(seconds=min(self.retry_timeout, 2.0)),
-            "backoff": {"init_backoff": timedelta(milliseconds=100)},
-        }
-        probe_client = {**client, "connect_timeout": "2s", "timeout": "3s"}
         try:
             self._store = S3Store(
                 bucket,
@@ -195,20 +206,9 @@ class S3Files(FileStorage):
                 retry_config=retry,
                 **config,
             )
-            probe = S3Store(
-                bucket,
-                prefix=prefix or None,
-                client_options=_client(probe_client),
-                retry_config=probe_retry,
-                **config,
-            )
         except Exception as exc:  # obstore's own config errors: unknown keys, bad values
             raise ValidationError(f"{self.url}: {_first_line(exc)}") from exc
-        try:
-            for _ in obstore.list(probe, chunk_size=1):
-                break
-        except Exception as exc:
-            raise self._failure(exc, None, "use") from exc
+        self._check(client, config)
 
     def __repr__(self) -> str:
         return f"S3Files({self.bucket!r}, {self.prefix!r})"
@@ -216,14 +216,7 @@ class S3Files(FileStorage):
     # -- the boundary ----------------------------------------------------------------------
 
     def writer(self, key: str) -> FileWriter:
-        check_key(key)
-        try:
-            file = obstore.open_writer(
-                self._store, key, buffer_size=self.part_size, max_concurrency=2
-            )
-        except Exception as exc:
-            raise self._failure(exc, key, "write") from exc
-        return _S3Writer(self, key, file)
+        return _S3Writer(self, check_key(key))
 
     def open(self, key: str) -> BinaryIO:
         """The file ``key`` for reading: its body streamed as it arrives, seekable.
@@ -238,14 +231,14 @@ class S3Files(FileStorage):
     def read_bytes(self, key: str) -> bytes:
         check_key(key)
         try:
-            return bytes(obstore.get(self._store, key).bytes())
+            return bytes(obstore.get(self._use(), key).bytes())
         except Exception as exc:
             raise self._failure(exc, key, "read", missing=True) from exc
 
     def write_bytes(self, key: str, data: bytes) -> int:
         check_key(key)
         try:
-            obstore.put(self._store, key, data, chunk_size=self.part_size, max_concurrency=2)
+            obstore.put(self._use(), key, data, chunk_size=self.part_size, max_concurrency=2)
         except Exception as exc:
             raise self._failure(exc, key, "write") from exc
         return len(data)
@@ -258,7 +251,7 @@ class S3Files(FileStorage):
         """
         check_key(key)
         try:
-            return int(obstore.head(self._store, key)["size"])
+            return int(obstore.head(self._use(), key)["size"])
         except FileNotFoundError:
             return None
         except Exception as exc:
@@ -273,7 +266,7 @@ class S3Files(FileStorage):
         if self.size(key) is None:
             return False
         try:
-            obstore.delete(self._store, key)
+            obstore.delete(self._use(), key)
         except Exception as exc:
             raise self._failure(exc, key, "delete") from exc
         return True
@@ -317,6 +310,9 @@ class S3Files(FileStorage):
         """
         if not isinstance(prefix, str):
             raise ValidationError(f"a prefix must be a string, not {prefix!r}")
+        folder = prefix.rpartition("/")[0]
+        if folder.startswith("/") or {".", ".."} & set(folder.split("/")):
+            raise ValidationError(f"{prefix!r} is not a usable prefix")
         return self._list(prefix)
 
     def sweep_partial(self, prefix: str, older_than: float) -> int:
@@ -330,6 +326,112 @@ class S3Files(FileStorage):
 
     # -- plumbing --------------------------------------------------------------------------
 
+    def _check(self, client: Mapping[str, Any], config: Mapping[str, Any]) -> None:
+        """List at most one key of the prefix, within about three seconds; raise the one
+        FileStorageError line that says why the bucket cannot be used.
+
+        Made in plain Python (:mod:`._sigv4`), so that creating a storage never starts
+        obstore's threads: a process may create its storage and then fork its workers.
+        Only credentials that obstore alone can find (an instance or task role) are
+        checked through obstore.
+        """
+        credentials = _static_credentials(config)
+        if credentials is None:
+            self._check_through_obstore(client, config)
+            return
+        region = str(
+            config.get("region")
+            or os.environ.get("AWS_REGION")
+            or os.environ.get("AWS_DEFAULT_REGION")
+            or "us-east-1"
+        )
+        url = self._bucket_url(region, _truthy(config.get("virtual_hosted_style_request")))
+        query = "list-type=2&max-keys=1" + (f"&prefix={self.prefix}/" if self.prefix else "")
+        url = f"{url}?{query}"
+        access_key, secret_key, token = credentials
+        headers = _sigv4.signed_headers(
+            url, region=region, access_key=access_key, secret_key=secret_key, token=token
+        )
+        try:
+            answer = _sigv4.get(url, headers, client_options=client, timeout=3.0, retry_for=2.0)
+        except OSError as exc:
+            raise FileStorageError(f"{self.url}: {self._unreachable(exc)}") from exc
+        if answer.status == 200:
+            return
+        text = answer.body.decode("utf-8", "replace")
+        code_match = _CODE.search(text)
+        code = code_match.group(1) if code_match else None
+        if code in _WRONG_REGION or answer.status in (301, 307):
+            where = answer.headers.get("x-amz-bucket-region")
+            named = f" ({where})" if where else ""
+            reason = f"the bucket is in another region{named}: set AWS_REGION"
+        else:
+            reason = _http_reason(answer.status, code)[0]
+        cause = FileStorageError(f"HTTP {answer.status} from {url}: {text[:500]}")
+        raise FileStorageError(f"{self.url}: {reason}") from cause
+
+    def _check_through_obstore(self, client: Mapping[str, Any], config: Mapping[str, Any]) -> None:
+        probe_retry: RetryConfig = {
+            "max_retries": 3,
+            "retry_timeout": timedelta(seconds=min(self.retry_timeout, 2.0)),
+            "backoff": {"init_backoff": timedelta(milliseconds=100)},
+        }
+        probe_client = {**client, "connect_timeout": "2s", "timeout": "3s"}
+        probe = S3Store(
+            self.bucket,
+            prefix=self.prefix or None,
+            client_options=_client(probe_client),
+            retry_config=probe_retry,
+            **config,
+        )
+        self._use()
+        try:
+            for _ in obstore.list(probe, chunk_size=1):
+                break
+        except Exception as exc:
+            raise self._failure(exc, None, "use") from exc
+
+    def _bucket_url(self, region: str, virtual_hosted: bool) -> str:
+        """The bucket's URL as obstore builds it: path style unless asked otherwise (then
+        an endpoint given already names the bucket)."""
+        if self.endpoint:
+            base = self.endpoint.rstrip("/")
+            return base if virtual_hosted else f"{base}/{self.bucket}"
+        if virtual_hosted:
+            return f"https://{self.bucket}.s3.{region}.amazonaws.com"
+        return f"https://s3.{region}.amazonaws.com/{self.bucket}"
+
+    def _unreachable(self, exc: OSError) -> str:
+        reason: object = getattr(exc, "reason", exc)
+        where = self.endpoint or "the S3 endpoint"
+        if isinstance(reason, ConnectionRefusedError):
+            why = "connection refused"
+        elif isinstance(reason, TimeoutError):
+            why = "no answer in time"
+        elif isinstance(reason, socket.gaierror):
+            why = "unknown host"
+        elif isinstance(reason, ssl.SSLError):
+            why = f"TLS: {reason.reason or reason}"
+        elif isinstance(reason, ConnectionResetError):
+            why = "connection reset"
+        else:
+            why = str(getattr(reason, "strerror", None) or reason)
+        return f"cannot reach {where} ({why})"
+
+    def _use(self) -> S3Store:
+        """The obstore store, once it is sure obstore can work in this process."""
+        global _started_in
+        pid = os.getpid()
+        if _started_in is None:
+            _started_in = pid
+        elif _started_in != pid:
+            raise FileStorageError(
+                f"{self.url}: obstore was started in process {_started_in}, which then forked "
+                "this one; it cannot work here. Create the storage in the child, or start "
+                "workers with spawn instead of fork"
+            )
+        return self._store
+
     def _list(self, prefix: str) -> Iterator[FileInfo]:
         folder, _, rest = prefix.rpartition("/")
         # S3 lists whole path segments; a partial last segment ("results/abc") is found by
@@ -341,7 +443,7 @@ class S3Files(FileStorage):
                 offset = f"{prefix[:-1]}{chr(ord(last) - 1)}~"
         try:
             stream = obstore.list(
-                self._store, folder or None, offset=offset, chunk_size=_DELETE_BATCH
+                self._use(), folder or None, offset=offset, chunk_size=_DELETE_BATCH
             )
             for chunk in stream:
                 for meta in chunk:
@@ -360,7 +462,7 @@ class S3Files(FileStorage):
         for start in range(0, len(keys), _DELETE_BATCH):
             batch = keys[start : start + _DELETE_BATCH]
             try:
-                obstore.delete(self._store, batch)
+                obstore.delete(self._use(), batch)
             except Exception as exc:
                 raise self._failure(exc, batch[0], "delete") from exc
 
@@ -371,7 +473,7 @@ class S3Files(FileStorage):
         if etag is not None:
             options["if_match"] = etag
         try:
-            return obstore.get(self._store, key, options=options or None)
+            return obstore.get(self._use(), key, options=options or None)
         except Exception as exc:
             raise self._failure(exc, key, "read", missing=True) from exc
 
@@ -407,21 +509,13 @@ class S3Files(FileStorage):
         where = self.endpoint or "the S3 endpoint"
         if _METADATA.search(text):
             return ("no credentials found (set AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY)", True)
-        if code == "NoSuchBucket":
-            return "no such bucket", True
         kind = type(exc).__name__
-        if (
-            code in _DENIED
-            or status in (401, 403)
-            or kind in ("PermissionDeniedError", "UnauthenticatedError")
-        ):
-            return f"access denied ({_CREDENTIALS_HINT})", True
-        if status is not None and status >= 500:
-            return f"the server failed (HTTP {status}{f' {code}' if code else ''})", False
-        if kind == "PreconditionError" or status == 412:
-            return "it changed while it was being read", False
-        if status is not None:
-            return f"refused (HTTP {status}{f' {code}' if code else ''})", False
+        if kind in ("PermissionDeniedError", "UnauthenticatedError"):
+            status = status or 403
+        elif kind == "PreconditionError":
+            status = status or 412
+        if status is not None or code is not None:
+            return _http_reason(status, code)
         if "ConnectionRefused" in text or "Connection refused" in text:
             return f"cannot reach {where} (connection refused)", True
         if "kind: Timeout" in text or "TimedOut" in text or "timed out" in text:
@@ -438,20 +532,36 @@ class S3Files(FileStorage):
 
 
 class _S3Writer(FileWriter):
-    """obstore's buffered writer: one PUT on commit, or a multipart upload once the file
-    outgrows a part; the object appears only when the upload completes."""
+    """A file held in memory until it outgrows a part: then obstore's buffered writer, a
+    multipart upload whose parts go out as the file comes in. A small file is one PUT on
+    commit. The object appears only when the commit completes the upload."""
 
-    def __init__(self, files: S3Files, key: str, file: WritableFile) -> None:
+    def __init__(self, files: S3Files, key: str) -> None:
         self._files = files
         self._key = key
-        self._file: WritableFile | None = file
+        self._buffer: bytearray | None = bytearray()
+        self._file: WritableFile | None = None
         self._size = 0
 
     def write(self, data: bytes) -> int:
-        if self._file is None:
+        file, buffer = self._file, self._buffer
+        if file is None and buffer is None:
             raise ValueError("write to a writer that was committed or aborted")
         try:
-            self._file.write(data)
+            if file is not None:
+                file.write(data)
+            elif buffer is not None:
+                buffer += data
+                if len(buffer) > self._files.part_size:
+                    # Past one part: from here on a multipart upload, parts sent as they fill.
+                    self._file = obstore.open_writer(
+                        self._files._use(),
+                        self._key,
+                        buffer_size=self._files.part_size,
+                        max_concurrency=2,
+                    )
+                    self._buffer = None
+                    self._file.write(buffer)
         except Exception as exc:
             self.abort()
             raise self._files._failure(exc, self._key, "write") from exc
@@ -462,23 +572,28 @@ class _S3Writer(FileWriter):
         return self._size
 
     def commit(self) -> int:
+        buffered, self._buffer = self._buffer, None
         file, self._file = self._file, None
-        if file is None:
+        if buffered is None and file is None:
             raise ValueError("commit of a writer that was committed or aborted")
         try:
-            file.close()
+            if file is not None:
+                file.close()
+            elif buffered is not None:
+                obstore.put(self._files._use(), self._key, buffered, use_multipart=False)
         except Exception as exc:
             # A failed completion leaves the upload incomplete: invisible (see sweep_partial).
             raise self._files._failure(exc, self._key, "write") from exc
         return self._size
 
     def abort(self) -> None:
+        self._buffer = None
         file, self._file = self._file, None
         if file is None:
             return
-        # Leaving obstore's writer by an exception aborts its multipart upload (a file still
-        # in the buffer was never sent); there is no other way to ask for that. Best effort:
-        # if it fails, the parts stay invisible all the same.
+        # Leaving obstore's writer by an exception aborts its multipart upload; there is no
+        # other way to ask for that. Best effort: if it fails, the parts stay invisible
+        # all the same.
         with contextlib.suppress(Exception):
             file.__exit__(FileStorageError, None, None)
 
@@ -496,7 +611,9 @@ class _S3Reader(io.RawIOBase):
         meta = result.meta
         self._size = int(meta["size"])
         self._etag: str | None = meta.get("e_tag")
-        self._stream: BytesStream | None = result.stream(min_chunk_size=_READ_CHUNK)
+        # The answer to the first GET, its body not yet read: whole by readall, or streamed.
+        self._pending: GetResult | None = result
+        self._stream: BytesStream | None = None
         self._chunk = memoryview(b"")
         self._pos = 0
 
@@ -525,7 +642,7 @@ class _S3Reader(io.RawIOBase):
         ahead = target - self._pos
         if 0 <= ahead <= len(self._chunk):
             self._chunk = self._chunk[ahead:]
-        elif 0 < ahead <= _SKIP and self._stream is not None:
+        elif 0 < ahead <= _SKIP and (self._stream is not None or self._pending is not None):
             self._pos += len(self._chunk)
             self._chunk = memoryview(b"")
             while self._pos < target and self._next_chunk():
@@ -533,7 +650,7 @@ class _S3Reader(io.RawIOBase):
                 self._chunk = self._chunk[step:]
                 self._pos += step
         else:
-            self._stream = None  # the next read asks for a range from here
+            self._pending = self._stream = None  # the next read asks for a range from here
             self._chunk = memoryview(b"")
         self._pos = target
         return target
@@ -553,27 +670,47 @@ class _S3Reader(io.RawIOBase):
         return n
 
     def readall(self) -> bytes:
-        parts = [bytes(self._chunk)] if self._chunk else []
+        if self.closed:
+            raise ValueError("read of a closed file")
+        if self._pending is not None and self._pos == 0:
+            # Nothing read yet: take the body whole, as obstore.get(...).bytes() does.
+            result, self._pending = self._pending, None
+            try:
+                whole = bytes(result.bytes())
+            except Exception:
+                whole = b""  # broke off: read on below, from a fresh ranged GET
+            if len(whole) == self._size:
+                self._pos = self._size
+                return whole
+        parts = [self._chunk.tobytes()] if self._chunk else []
         self._pos += len(self._chunk)
         self._chunk = memoryview(b"")
-        while self._pos < self._size and self._next_chunk():
-            parts.append(bytes(self._chunk))
-            self._pos += len(self._chunk)
+        while self._pos < self._size and (data := self._fill()):
+            parts.append(data)
+            self._pos += len(data)
             self._chunk = memoryview(b"")
         return b"".join(parts)
 
     def close(self) -> None:
-        self._stream = None
+        self._pending = self._stream = None
         self._chunk = memoryview(b"")
         super().close()
 
     def _next_chunk(self) -> bool:
         """Fill ``_chunk`` with the bytes at ``_pos``; False at the end of the object."""
+        return bool(self._fill())
+
+    def _fill(self) -> bytes:
+        """The next piece of the body, from ``_pos`` on, also put in ``_chunk``; empty at
+        the end of the object."""
         failures = 0
         while True:
             if self._pos >= self._size:
-                return False
-            if self._stream is None:
+                return b""
+            if self._pending is not None:
+                self._stream = self._pending.stream(min_chunk_size=_READ_CHUNK)
+                self._pending = None
+            elif self._stream is None:
                 result = self._files._get(self._key, self._pos, self._etag)
                 self._stream = result.stream(min_chunk_size=_READ_CHUNK)
             try:
@@ -590,7 +727,7 @@ class _S3Reader(io.RawIOBase):
                 continue
             if data:
                 self._chunk = memoryview(data)
-                return True
+                return data
             # An empty end before the size said: the body was cut short. Resume.
             failures += 1
             self._stream = None
@@ -598,6 +735,40 @@ class _S3Reader(io.RawIOBase):
                 raise FileStorageError(
                     f"{self._files.url}: cannot read {self._key}: the body ended early"
                 )
+
+
+def _http_reason(status: int | None, code: str | None) -> tuple[str, bool]:
+    """What an S3 error answer means, and whether it concerns the whole storage."""
+    if code == "NoSuchBucket":
+        return "no such bucket", True
+    if code in _DENIED or status in (401, 403):
+        return f"access denied ({_CREDENTIALS_HINT})", True
+    detail = " ".join(str(part) for part in (status, code) if part is not None)
+    if status is not None and status >= 500:
+        return f"the server failed (HTTP {detail})", False
+    if status == 412 or code == "PreconditionFailed":
+        return "it changed while it was being read", False
+    return f"refused (HTTP {detail})", False
+
+
+def _static_credentials(config: Mapping[str, Any]) -> tuple[str, str, str | None] | None:
+    """The key, secret and session token obstore will sign with, when they are given (in
+    ``config`` or the environment); empty ones for unsigned requests; None when only
+    obstore can find them (a role)."""
+    if _truthy(config.get("skip_signature", os.environ.get("AWS_SKIP_SIGNATURE"))):
+        return "", "", None
+    key = config.get("access_key_id") or os.environ.get("AWS_ACCESS_KEY_ID")
+    secret = config.get("secret_access_key") or os.environ.get("AWS_SECRET_ACCESS_KEY")
+    token = (
+        config.get("session_token") or config.get("token") or os.environ.get("AWS_SESSION_TOKEN")
+    )
+    if not (key and secret):
+        return None
+    return str(key), str(secret), str(token) if token else None
+
+
+def _truthy(value: object) -> bool:
+    return value is True or str(value).strip().lower() in ("1", "true", "yes", "on")
 
 
 def _client(options: Mapping[str, Any]) -> ClientConfig:
