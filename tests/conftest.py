@@ -235,7 +235,7 @@ def start_postgres(
             "127.0.0.1",
             # Tests start many stores and listeners at once.
             "-c",
-            "max_connections=200",
+            "max_connections=300",
             *options,
         ],
         stdout=subprocess.DEVNULL,
@@ -272,6 +272,24 @@ def postgres_url(postgres: Postgres) -> str:
     return postgres.dsn()
 
 
+def drop_postgres_tables(url: str, pattern: str) -> None:
+    """Drop the tables whose names are LIKE ``pattern`` (the test stores' own), so that
+    the catalog of the session's server stays small."""
+    import psycopg
+
+    with psycopg.connect(url, autocommit=True) as conn:
+        names = [
+            r[0]
+            for r in conn.execute(
+                "SELECT quote_ident(tablename) FROM pg_tables"
+                " WHERE schemaname = current_schema() AND tablename LIKE %s",
+                (pattern,),
+            )
+        ]
+        for first in range(0, len(names), 200):
+            conn.execute(f"DROP TABLE IF EXISTS {', '.join(names[first : first + 200])}")
+
+
 @pytest.fixture(params=STORE_NAMES)
 def store_factory(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[StoreFactory]:
     """A factory for fresh stores of each kind in turn; every store made is closed after."""
@@ -304,6 +322,8 @@ def store_factory(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[St
     yield factory
     for store in made:
         store.close()
+    if request.param == "postgres":
+        drop_postgres_tables(request.getfixturevalue("postgres_url"), "t%")
 
 
 @pytest.fixture

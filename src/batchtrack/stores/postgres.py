@@ -332,6 +332,7 @@ class PostgresStore(Store):
             max_size=self.max_connections,
             timeout=self.timeout,
             name=f"batchtrack-{self.table_prefix}",
+            num_workers=2,
             open=True,
         )
 
