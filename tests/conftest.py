@@ -222,39 +222,41 @@ def start_postgres(
         with socket.socket() as s:
             s.bind(("127.0.0.1", 0))
             port = int(s.getsockname()[1])
-    proc = subprocess.Popen(
-        [
-            str(binaries / "postgres"),
-            "-D",
-            str(data),
-            "-p",
-            str(port),
-            "-k",
-            str(sockets),
-            "-h",
-            "127.0.0.1",
-            # Tests start many stores and listeners at once.
-            "-c",
-            "max_connections=300",
-            *options,
-        ],
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-        **run_as,
-    )
-    server = Postgres(proc, port, data, sockets, binaries)
+    command = [
+        str(binaries / "postgres"),
+        "-D",
+        str(data),
+        "-p",
+        str(port),
+        "-k",
+        str(sockets),
+        "-h",
+        "127.0.0.1",
+        # Tests start many stores and listeners at once.
+        "-c",
+        "max_connections=300",
+        *options,
+    ]
+    log = data.parent / "server.log"
+    # Started again on a killed server's folder, it refuses while the old server's last
+    # processes are still exiting: try again for a while.
     deadline = time.monotonic() + 30
     while True:
-        ready = subprocess.run(
-            [str(binaries / "pg_isready"), "-q", "-h", "127.0.0.1", "-p", str(port)],
-            check=False,
-        )
-        if ready.returncode == 0:
-            return server
-        if proc.poll() is not None or time.monotonic() > deadline:
-            server.stop()
-            raise RuntimeError("postgres did not start")
-        time.sleep(0.05)
+        with log.open("ab") as sink:
+            proc = subprocess.Popen(command, stdout=sink, stderr=sink, **run_as)
+        server = Postgres(proc, port, data, sockets, binaries)
+        while proc.poll() is None and time.monotonic() < deadline:
+            ready = subprocess.run(
+                [str(binaries / "pg_isready"), "-q", "-h", "127.0.0.1", "-p", str(port)],
+                check=False,
+            )
+            if ready.returncode == 0:
+                return server
+            time.sleep(0.05)
+        if time.monotonic() >= deadline:
+            server.stop(remove=False)
+            raise RuntimeError(f"postgres did not start: {log.read_text(errors='replace')}")
+        time.sleep(0.2)
 
 
 @pytest.fixture(scope="session")

@@ -28,6 +28,7 @@ from ._tracker import BatchTracker
 from .asgi import create_app
 from .exceptions import BatchtrackError
 from .imaging import ImagePipeline
+from .stores.base import Store
 from .stores.sqlite import SQLiteStore
 from .uploads import UploadStore
 
@@ -88,12 +89,16 @@ def recover(tracker: BatchTracker, orchestrator: Orchestrator) -> int:
 def build(
     data_dir: Path,
     *,
+    store: Store | None = None,
     concurrency: int = 4,
     lease: float = 60.0,
     max_upload_storage: int | None = 2**30,
     upload_quota: int | None = 200 * 2**20,
 ) -> tuple[Any, Callable[[], None]]:
     """The demo ASGI app over ``data_dir``, and the function that shuts it down.
+
+    Batches live in ``store`` (closed by the shutdown), by default the SQLite database in
+    ``data_dir``; uploads and results in ``data_dir``.
 
     At start it reclaims lost items and resumes every unfinished batch in the database,
     then does so again every ``min(60, lease)`` seconds; running items are heartbeated
@@ -103,7 +108,7 @@ def build(
     """
     data_dir.mkdir(parents=True, exist_ok=True)
     (data_dir / "results").mkdir(exist_ok=True)
-    tracker = BatchTracker(SQLiteStore(data_dir / DB_NAME), lease=lease)
+    tracker = BatchTracker(SQLiteStore(data_dir / DB_NAME) if store is None else store, lease=lease)
     pipeline = ImagePipeline(data_dir / "results")
     # Results live as long as their batch; writes a crash cut short are swept.
     tracker.add_removal_hook(pipeline.remove_results)
