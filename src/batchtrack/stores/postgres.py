@@ -83,8 +83,10 @@ _STATUSES = (Status.PENDING, Status.PROCESSING, Status.COMPLETED, Status.FAILED)
 _CODE = {status: code for code, status in enumerate(_STATUSES)}
 _FAILED = _CODE[Status.FAILED]
 
+_IDLE = psycopg.pq.TransactionStatus.IDLE
 _PREFIX = re.compile(r"[a-z_][a-z0-9_]{0,39}")
 _LISTEN_POLL = 0.5  # seconds between two looks at listen()'s stop event
+_TRIES = 1000  # compare-and-set rounds before a transition gives up (each lost to a writer)
 
 # Each entry makes the schema of its version from the one before, in one transaction.
 # {batches}, {items} are the qualified table names, {p} the prefix (for index names).
@@ -418,36 +420,52 @@ class PostgresStore(Store):
         """Every statement of the store, with its table names in place."""
         n = self._names()
         b, i = n["batches"], n["items"]
+        key_of = f"SELECT key FROM {b} WHERE batch_id = %s"
         return {
             "header": f"SELECT {', '.join(_COLUMNS)}, key FROM {b} WHERE batch_id = %s",
-            # A transition first reads the batch and the item without a lock (one
-            # statement, so they agree), and is done if that shows it changes nothing.
+            # A transition reads the batch and the item in one statement (one snapshot,
+            # no lock, no transaction), decides, and writes both in one statement that
+            # applies only if the batch's version is still the one it read: a
+            # compare-and-set on the batch's row, which serialises every writer of the
+            # batch (a concurrent one waits for the row, then finds the version moved
+            # and reads again). Two round trips, one commit; one round trip and no
+            # write at all when nothing is to change (a redelivered message).
             "peek": (
                 f"SELECT {', '.join('b.' + c for c in _COLUMNS)}, b.key, i.filename,"
                 " i.status, i.error, i.position, i.changed_at, i.attempts, i.source,"
                 f" i.lease_until FROM {b} b LEFT JOIN {i} i"
                 " ON i.batch_key = b.key AND i.item_id = %s WHERE b.batch_id = %s"
             ),
-            # Otherwise it locks the batch's row: every change of a batch takes that lock
-            # first, so they apply one at a time, in full. If the batch's version moved
-            # meanwhile it reads the item again, in a statement of its own: one statement
-            # that waited for the lock would see the batch's new row but the item as it
-            # was (READ COMMITTED re-reads only the rows it locks).
-            "item": (
-                "SELECT filename, status, error, position, changed_at, attempts, source,"
-                f" lease_until FROM {i} WHERE batch_key = %s AND item_id = %s"
+            "write_item": (
+                f"WITH batch AS (UPDATE {b} SET updated_at = %s, finished_at = %s,"
+                " expires_at = %s, version = %s, completed = %s, failed = %s,"
+                " processing = %s, pending = %s, stats = %s"
+                " WHERE key = %s AND version = %s RETURNING key),"
+                f" item AS (UPDATE {i} SET status = %s, error = %s, changed_at = %s,"
+                " attempts = %s, lease_until = %s, beat_at = %s, version = %s"
+                " WHERE batch_key = (SELECT key FROM batch) AND position = %s)"
+                " SELECT pg_notify(%s, %s) FROM batch"
             ),
+            # A heartbeat changes no version: the batch's expiry and the item's lease.
+            "renew": (
+                f"WITH batch AS (UPDATE {b} SET expires_at = %s"
+                " WHERE key = %s AND version = %s RETURNING key)"
+                f" UPDATE {i} SET lease_until = %s, beat_at = %s"
+                " WHERE batch_key = (SELECT key FROM batch) AND position = %s RETURNING 1"
+            ),
+            # Writers that decide on more than a version take the batch row's lock
+            # first (SELECT ... FOR UPDATE), and compare-and-set writers wait for them:
+            # reclaims (a lease, which heartbeats change without a version), bulk
+            # changes, deletes. They read the item after the lock, in a statement of
+            # its own: one statement that waited for the lock would see the batch's new
+            # row but the item as it was (READ COMMITTED re-reads only the rows it
+            # locks). Both go to the server together (pipeline mode): one round trip.
             "lock_header": (
                 f"SELECT {', '.join(_COLUMNS)}, key FROM {b} WHERE batch_id = %s FOR UPDATE"
             ),
-            "write_item": (
-                f"WITH item AS (UPDATE {i} SET status = %s, error = %s, changed_at = %s,"
-                " attempts = %s, lease_until = %s, beat_at = %s, version = %s"
-                " WHERE batch_key = %s AND position = %s),"
-                f" batch AS (UPDATE {b} SET updated_at = %s, finished_at = %s,"
-                " expires_at = %s, version = %s, completed = %s, failed = %s,"
-                " processing = %s, pending = %s, stats = %s WHERE key = %s)"
-                " SELECT pg_notify(%s, %s)"
+            "item": (
+                "SELECT filename, status, error, position, changed_at, attempts, source,"
+                f" lease_until FROM {i} WHERE batch_key = ({key_of}) AND item_id = %s"
             ),
             "write_many": (
                 f"WITH moved AS (UPDATE {i} SET status = %s, error = %s, changed_at = %s,"
@@ -460,11 +478,6 @@ class PostgresStore(Store):
                 " processing = %s, pending = %s WHERE key = %s)"
                 " SELECT pg_notify(%s, %s)"
             ),
-            "renew": (
-                f"WITH item AS (UPDATE {i} SET lease_until = %s, beat_at = %s"
-                " WHERE batch_key = %s AND position = %s)"
-                f" UPDATE {b} SET expires_at = %s WHERE key = %s"
-            ),
             "create": (
                 f"INSERT INTO {b} ({', '.join(_COLUMNS)})"
                 f" VALUES ({', '.join(['%s'] * len(_COLUMNS))}) RETURNING key"
@@ -472,14 +485,17 @@ class PostgresStore(Store):
             "copy": f"COPY {i} ({_COPY_COLUMNS}) FROM STDIN",
             "notify": "SELECT pg_notify(%s, %s)",
             "notify_many": "SELECT pg_notify(%s, unnest(%s::text[]))",
-            "items": (f"SELECT {_ITEM_COLUMNS} FROM {i} WHERE batch_key = %s ORDER BY position"),
-            "position": f"SELECT position FROM {i} WHERE batch_key = %s AND item_id = %s",
+            "items": (
+                f"SELECT {_ITEM_COLUMNS} FROM {i} WHERE batch_key = ({key_of}) ORDER BY position"
+            ),
+            "position": f"SELECT position FROM {i} WHERE batch_key = ({key_of}) AND item_id = %s",
             "named": (
                 f"SELECT item_id, position, status FROM {i}"
-                " WHERE batch_key = %s AND item_id = ANY(%s)"
+                f" WHERE batch_key = ({key_of}) AND item_id = ANY(%s)"
             ),
             "in_status": (
-                f"SELECT position, status FROM {i} WHERE batch_key = %s AND status = ANY(%s)"
+                f"SELECT position, status FROM {i}"
+                f" WHERE batch_key = ({key_of}) AND status = ANY(%s)"
             ),
             "lost": (
                 "SELECT b.batch_id, i.item_id, i.attempts, i.beat_at, i.lease_until"
@@ -500,6 +516,7 @@ class PostgresStore(Store):
             "purge_items": f"DELETE FROM {i} WHERE batch_key = ANY(%s)",
             "purge_batches": f"DELETE FROM {b} WHERE key = ANY(%s)",
             "items_table": i,
+            "key_of": key_of,
         }
 
     # -- connections -------------------------------------------------------------------
@@ -519,30 +536,54 @@ class PostgresStore(Store):
         return self._pool
 
     @contextmanager
-    def _transaction(self, what: str, begin: str = "BEGIN") -> Iterator[psycopg.Connection[Any]]:
-        """One transaction on a pooled connection; psycopg errors become StoreError."""
+    def _transaction(
+        self, what: str, begin: str = "BEGIN", *, pipeline: bool = True
+    ) -> Iterator[psycopg.Connection[Any]]:
+        """One transaction on a pooled connection; psycopg errors become StoreError.
+
+        In pipeline mode (the default) statements are sent as they are executed and the
+        client waits only when it fetches a result: ``BEGIN`` and the reads that follow
+        it cost one round trip, the writes and ``COMMIT`` another.
+        """
         pool = self._the_pool()
         try:
             with pool.connection() as conn:
-                conn.execute(begin)
                 try:
-                    yield conn
+                    with conn.pipeline() if pipeline else contextlib.nullcontext():
+                        conn.execute(begin)
+                        yield conn
+                        conn.execute("COMMIT")
                 except BaseException:
-                    if not conn.closed:
+                    if not conn.closed and conn.info.transaction_status != _IDLE:
                         # A broken connection cannot roll back; the pool drops it.
                         with contextlib.suppress(psycopg.Error):
                             conn.execute("ROLLBACK")
                     raise
-                conn.execute("COMMIT")
         except psycopg.Error as exc:
             self._after_error(pool, exc)
             raise _store_error(what, exc) from exc
 
-    @contextmanager
-    def _read(self, what: str) -> Iterator[psycopg.Connection[Any]]:
-        """A read-only transaction that sees one snapshot across its statements."""
-        with self._transaction(what, "BEGIN ISOLATION LEVEL REPEATABLE READ READ ONLY") as conn:
-            yield conn
+    def _read(self, what: str, statements: Sequence[tuple[str, Sequence[Any]]]) -> list[list[Any]]:
+        """The rows of each statement, all read from one snapshot, in one round trip (a
+        read-only REPEATABLE READ transaction, pipelined)."""
+        pool = self._the_pool()
+        try:
+            with pool.connection() as conn:
+                try:
+                    with conn.pipeline() as pipe:
+                        conn.execute("BEGIN ISOLATION LEVEL REPEATABLE READ READ ONLY")
+                        cursors = [conn.execute(q, args) for q, args in statements]
+                        conn.execute("COMMIT")
+                        pipe.sync()
+                        return [cursor.fetchall() for cursor in cursors]
+                except BaseException:
+                    if not conn.closed and conn.info.transaction_status != _IDLE:
+                        with contextlib.suppress(psycopg.Error):
+                            conn.execute("ROLLBACK")
+                    raise
+        except psycopg.Error as exc:
+            self._after_error(pool, exc)
+            raise _store_error(what, exc) from exc
 
     def _query(self, what: str, statement: str, args: Sequence[Any]) -> list[Any]:
         """The rows of one statement, on its own (one statement is one snapshot)."""
@@ -576,7 +617,8 @@ class PostgresStore(Store):
     def create(self, batch: BatchRecord, items: Sequence[ItemSnapshot]) -> None:
         p = batch.progress
         q = self._sql
-        with self._transaction(f"create batch {batch.batch_id!r}") as conn:
+        # COPY needs the connection outside pipeline mode.
+        with self._transaction(f"create batch {batch.batch_id!r}", pipeline=False) as conn:
             try:
                 row = conn.execute(
                     q["create"],
@@ -618,9 +660,9 @@ class PostgresStore(Store):
                     )
             conn.execute(q["notify"], (self._channel, batch.batch_id))
 
-    def _peek(self, batch_id: str, item_id: str, at: float) -> tuple[Any, Any]:
+    def _peek(self, what: str, batch_id: str, item_id: str, at: float) -> tuple[Any, Any]:
         """The batch's header and the item, read together without a lock."""
-        rows = self._query(f"read batch {batch_id!r}", self._sql["peek"], (item_id, batch_id))
+        rows = self._query(what, self._sql["peek"], (item_id, batch_id))
         if not rows or rows[0][5] <= at:
             raise BatchNotFound(batch_id)
         row = rows[0]
@@ -628,25 +670,15 @@ class PostgresStore(Store):
             raise ItemNotFound(batch_id, item_id)
         return row[:14], row[14:]
 
-    def _lock_batch(
-        self,
-        conn: psycopg.Connection[Any],
-        batch_id: str,
-        item_id: str,
-        at: float,
-        seen: Any,
-        reread: bool,
-    ) -> tuple[Any, Any | None]:
-        """The batch's header, its row locked, and the item when it must be read again:
-        when ``reread`` or when the batch changed since ``seen`` (the peeked header),
-        else None. Every change of an item changes its batch's version, but for a
-        lease renewed."""
-        row = conn.execute(self._sql["lock_header"], (batch_id,)).fetchone()
+    def _locked(
+        self, conn: psycopg.Connection[Any], batch_id: str, item_id: str, at: float
+    ) -> tuple[Any, Any]:
+        """The batch's header, its row locked, and the item read after the lock."""
+        head = conn.execute(self._sql["lock_header"], (batch_id,))
+        found = conn.execute(self._sql["item"], (batch_id, item_id))
+        row, item = head.fetchone(), found.fetchone()
         if row is None or row[5] <= at:
             raise BatchNotFound(batch_id)
-        if not reread and row[13] == seen[13] and row[6] == seen[6]:
-            return row, None
-        item = conn.execute(self._sql["item"], (row[13], item_id)).fetchone()
         if item is None:
             raise ItemNotFound(batch_id, item_id)
         return row, item
@@ -670,77 +702,81 @@ class PostgresStore(Store):
         return None
 
     def apply(self, batch_id: str, transition: Transition) -> TransitionResult:
-        # The hot path: a read of the batch and the item (the answer, when nothing is to
-        # change), then BEGIN, a locking read of the batch, one write of the item and
-        # the batch with the notification, COMMIT.
         item_id = transition.item_id
-        row, it = self._peek(batch_id, item_id, transition.at)
-        outcome = self._unchanged(transition, it)
-        if outcome is not None:
-            return _result(outcome, _STATUSES[it[1]], _item(item_id, it), _header(row))
-        with self._transaction(f"update batch {batch_id!r}") as conn:
-            # A reclaim decides by the lease, which a heartbeat changes without a version.
-            row, again = self._lock_batch(
-                conn, batch_id, item_id, transition.at, row, transition.lost_before is not None
-            )
-            if again is not None:
-                it = again
+        what = f"update batch {batch_id!r}"
+        if transition.lost_before is not None:
+            with self._transaction(what) as conn:
+                row, it = self._locked(conn, batch_id, item_id, transition.at)
                 outcome = self._unchanged(transition, it)
                 if outcome is not None:
                     return _result(outcome, _STATUSES[it[1]], _item(item_id, it), _header(row))
-            previous = _STATUSES[it[1]]
-            target = transition.target
-            attempts = it[5]
-            counts = _counts(row)
-            counts[previous] -= 1
-            counts[target] += 1
-            packed = bytes(row[12])
-            memo_blob, memo_stats = self._stats_memo
-            stats = memo_stats if packed == memo_blob else unpack_stats(packed)
-            contributions = transition.stats.get(previous)
-            if contributions:
-                stats = dict(stats)
-                add_stats(stats, contributions, transition.at - it[4])
-                packed = pack_stats(stats)
-            self._stats_memo = (packed, stats)
-            if transition.add_attempt:
-                attempts += 1
-            elif transition.reset_attempts:
-                attempts = 0
-            lease = transition.lease_until
-            finished_at, expires_at = _ends(counts, transition)
-            version = row[6] + 1
-            key = row[13]
-            conn.execute(
-                self._sql["write_item"],
-                (
-                    _CODE[target],
-                    transition.error,
-                    transition.at,
-                    attempts,
-                    lease,
-                    None if lease is None else transition.at,
-                    version,
-                    key,
-                    it[3],
-                    transition.at,
-                    finished_at,
-                    expires_at,
-                    version,
-                    counts[Status.COMPLETED],
-                    counts[Status.FAILED],
-                    counts[Status.PROCESSING],
-                    counts[Status.PENDING],
-                    packed,
-                    key,
-                    self._channel,
-                    batch_id,
-                ),
-            )
-        return TransitionResult(
+                args, result = self._move(batch_id, transition, row, it)
+                conn.execute(self._sql["write_item"], args)  # holds the lock: it applies
+            return result
+        for _ in range(_TRIES):
+            row, it = self._peek(what, batch_id, item_id, transition.at)
+            outcome = self._unchanged(transition, it)
+            if outcome is not None:
+                return _result(outcome, _STATUSES[it[1]], _item(item_id, it), _header(row))
+            args, result = self._move(batch_id, transition, row, it)
+            if self._query(what, self._sql["write_item"], args):
+                return result
+        raise _contended(batch_id)
+
+    def _move(
+        self, batch_id: str, transition: Transition, row: Any, it: Any
+    ) -> tuple[tuple[Any, ...], TransitionResult]:
+        """The arguments of ``write_item`` that apply ``transition`` to the item ``it``
+        of the batch ``row``, and the answer once it has."""
+        previous = _STATUSES[it[1]]
+        target = transition.target
+        attempts = it[5]
+        counts = _counts(row)
+        counts[previous] -= 1
+        counts[target] += 1
+        packed = bytes(row[12])
+        memo_blob, memo_stats = self._stats_memo
+        stats = memo_stats if packed == memo_blob else unpack_stats(packed)
+        contributions = transition.stats.get(previous)
+        if contributions:
+            stats = dict(stats)
+            add_stats(stats, contributions, transition.at - it[4])
+            packed = pack_stats(stats)
+        self._stats_memo = (packed, stats)
+        if transition.add_attempt:
+            attempts += 1
+        elif transition.reset_attempts:
+            attempts = 0
+        lease = transition.lease_until
+        finished_at, expires_at = _ends(counts, transition)
+        version = row[6] + 1
+        args = (
+            transition.at,
+            finished_at,
+            expires_at,
+            version,
+            counts[Status.COMPLETED],
+            counts[Status.FAILED],
+            counts[Status.PROCESSING],
+            counts[Status.PENDING],
+            packed,
+            row[13],
+            row[6],
+            _CODE[target],
+            transition.error,
+            transition.at,
+            attempts,
+            lease,
+            None if lease is None else transition.at,
+            version,
+            it[3],
+            self._channel,
+            batch_id,
+        )
+        result = TransitionResult(
             Outcome.APPLIED,
             previous,
-            ItemSnapshot(item_id, it[0], target, transition.error, attempts, it[6]),
+            ItemSnapshot(transition.item_id, it[0], target, transition.error, attempts, it[6]),
             _progress(row[7], counts),
             version,
             row[2],
@@ -748,26 +784,24 @@ class PostgresStore(Store):
             expires_at,
             stats,
         )
+        return args, result
 
     def renew(
         self, batch_id: str, item_id: str, at: float, lease_until: float, expires_at_open: float
     ) -> TransitionResult:
         # A heartbeat changes no status, count or version: no notification.
-        row, it = self._peek(batch_id, item_id, at)
-        if it[1] != _CODE[Status.PROCESSING]:
-            return _result(Outcome.REJECTED, _STATUSES[it[1]], _item(item_id, it), _header(row))
-        with self._transaction(f"renew a lease in batch {batch_id!r}") as conn:
-            row, again = self._lock_batch(conn, batch_id, item_id, at, row, False)
-            if again is not None:
-                it = again
-                if it[1] != _CODE[Status.PROCESSING]:
-                    status = _STATUSES[it[1]]
-                    return _result(Outcome.REJECTED, status, _item(item_id, it), _header(row))
-            conn.execute(
-                self._sql["renew"], (lease_until, at, row[13], it[3], expires_at_open, row[13])
-            )
-        header = attrs.evolve(_header(row), expires_at=expires_at_open)
-        return _result(Outcome.APPLIED, Status.PROCESSING, _item(item_id, it), header)
+        what = f"renew a lease in batch {batch_id!r}"
+        for _ in range(_TRIES):
+            row, it = self._peek(what, batch_id, item_id, at)
+            status = _STATUSES[it[1]]
+            header = _header(row)
+            if status is not Status.PROCESSING:
+                return _result(Outcome.REJECTED, status, _item(item_id, it), header)
+            args = (expires_at_open, row[13], row[6], lease_until, at, it[3])
+            if self._query(what, self._sql["renew"], args):
+                header = attrs.evolve(header, expires_at=expires_at_open)
+                return _result(Outcome.APPLIED, status, _item(item_id, it), header)
+        raise _contended(batch_id)
 
     def apply_many(
         self, batch_id: str, transition: Transition, item_ids: Sequence[str] | None = None
@@ -775,19 +809,24 @@ class PostgresStore(Store):
         target = transition.target
         sources = [_CODE[s] for s in transition.sources if s is not target]
         q = self._sql
+        names = None if item_ids is None else list(dict.fromkeys(item_ids))
         with self._transaction(f"update batch {batch_id!r}") as conn:
-            row = conn.execute(q["lock_header"], (batch_id,)).fetchone()
+            # The lock, then the items (read after it), in one round trip.
+            head = conn.execute(q["lock_header"], (batch_id,))
+            if names is None:
+                chosen = conn.execute(q["in_status"], (batch_id, sources))
+            else:
+                chosen = conn.execute(q["named"], (batch_id, names))
+            row = head.fetchone()
+            rows = chosen.fetchall()
             if row is None or row[5] <= transition.at:
                 raise BatchNotFound(batch_id)
             key = row[13]
             found: list[tuple[int, int]]
-            if item_ids is None:
-                found = conn.execute(q["in_status"], (key, sources)).fetchall()
+            if names is None:
+                found = rows
             else:
-                names = list(dict.fromkeys(item_ids))
-                hits = {
-                    r[0]: (r[1], r[2]) for r in conn.execute(q["named"], (key, names)).fetchall()
-                }
+                hits = {r[0]: (r[1], r[2]) for r in rows}
                 for item_id in names:
                     if item_id not in hits:
                         raise ItemNotFound(batch_id, item_id)
@@ -844,44 +883,44 @@ class PostgresStore(Store):
     def load(self, batch_id: str, *, items: bool = True) -> BatchRecord | None:
         what = f"read batch {batch_id!r}"
         if not items:
-            rows = self._query(what, self._sql["header"], (batch_id,))
-            return _header(rows[0]) if rows else None
-        with self._read(what) as conn:
-            row = conn.execute(self._sql["header"], (batch_id,)).fetchone()
-            if row is None:
-                return None
-            found = conn.execute(self._sql["items"], (row[13],)).fetchall()
-        return _header(row, _snapshots(found))
+            header = self._query(what, self._sql["header"], (batch_id,))
+            return _header(header[0]) if header else None
+        head, found = self._read(
+            what, [(self._sql["header"], (batch_id,)), (self._sql["items"], (batch_id,))]
+        )
+        return _header(head[0], _snapshots(found)) if head else None
 
     def load_items(self, batch_id: str, query: ItemQuery) -> BatchRecord | None:
         # Each read walks one index from where it starts: items_by_version for what
         # changed, items_failed for failed items, the primary key for the rest.
-        where = ["batch_key = %s"]
-        args: list[Any] = []
+        where = [f"batch_key = ({self._sql['key_of']})"]
+        args: list[Any] = [batch_id]
         if query.since is not None:
             where.append("version > 0 AND version > %s")  # the literal admits the index
             args.append(query.since)
         if query.status is not None:
             # A literal, so that the planner may use the partial index items_failed.
             where.append(f"status = {_CODE[query.status]}")
-        with self._read(f"read batch {batch_id!r}") as conn:
-            row = conn.execute(self._sql["header"], (batch_id,)).fetchone()
-            if row is None:
-                return None
-            key = row[13]
-            if query.after is not None:
-                hit = conn.execute(self._sql["position"], (key, query.after)).fetchone()
-                if hit is None:
-                    raise ItemNotFound(batch_id, query.after)
-                where.append("position > %s")
-                args.append(hit[0])
-            limit = "" if query.limit is None else f" LIMIT {int(query.limit)}"
-            found = conn.execute(
+        statements: list[tuple[str, Sequence[Any]]] = [(self._sql["header"], (batch_id,))]
+        if query.after is not None:
+            # The item named is also looked for on its own, to tell a missing one apart.
+            where.append(f"position > ({self._sql['position']})")
+            args += [batch_id, query.after]
+            statements.append((self._sql["position"], (batch_id, query.after)))
+        limit = "" if query.limit is None else f" LIMIT {int(query.limit)}"
+        statements.append(
+            (
                 f"SELECT {_ITEM_COLUMNS} FROM {self._sql['items_table']}"
                 f" WHERE {' AND '.join(where)} ORDER BY position{limit}",
-                (key, *args),
-            ).fetchall()
-        return _header(row, _snapshots(found))
+                args,
+            )
+        )
+        head, *after, found = self._read(f"read batch {batch_id!r}", statements)
+        if not head:
+            return None
+        if after and not after[0]:
+            raise ItemNotFound(batch_id, query.after)
+        return _header(head[0], _snapshots(found))
 
     def delete(self, batch_id: str) -> bool:
         with self._transaction(f"delete batch {batch_id!r}") as conn:
@@ -952,6 +991,13 @@ class PostgresStore(Store):
             on_change(batch_id)
         except Exception:
             log.exception("batchtrack: a change listener raised (batch %s)", batch_id)
+
+
+def _contended(batch_id: str) -> StoreError:
+    return StoreError(
+        f"batch {batch_id!r} changed {_TRIES} times while this change was being made; "
+        "nothing was applied"
+    )
 
 
 def _item(item_id: str, item: Any) -> ItemSnapshot:
