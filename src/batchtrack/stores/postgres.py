@@ -67,6 +67,7 @@ from .base import (
     pack_stats,
     unpack_stats,
 )
+from .sqlite import SchemaVersionError  # one error for every store's newer schema
 
 __all__ = ["SCHEMA_VERSION", "PostgresStore", "SchemaVersionError"]
 
@@ -162,10 +163,6 @@ _ITEM_COLUMNS = "item_id, filename, status, error, attempts, source"
 _COPY_COLUMNS = (
     "batch_key, position, item_id, filename, status, error, changed_at, source, attempts"
 )
-
-
-class SchemaVersionError(StoreError):
-    """The tables were written by a newer batchtrack; they are left untouched."""
 
 
 def _one_line(exc: BaseException) -> str:
