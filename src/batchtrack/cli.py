@@ -249,9 +249,9 @@ def _store_option(parser: argparse.ArgumentParser) -> None:
         "--store",
         metavar="URL",
         default=None,
-        help="where the batches live instead of the database in --data-dir: "
-        "sqlite:///absolute/path.db, redis://host:6379/0, "
-        "postgresql://user:password@host:5432/dbname (or memory://)",
+        help="where the batches live: sqlite:///absolute/path.db, redis://host:6379/0, "
+        "postgresql://user:password@host:5432/dbname or memory:// "
+        "(default: the database in --data-dir)",
     )
 
 
