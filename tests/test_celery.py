@@ -425,7 +425,7 @@ class Cluster:
         """Configure workers and this process alike; import the modules the workers run."""
         settings = {
             "REDIS_URL": self.url,
-            "DATA_DIR": str(self.data),
+            "FILES_URL": str(self.data),
             "BATCHTRACK_TEST_OUT": str(self.out),
         }
         path = [str(TESTS), str(EXAMPLES), os.environ.get("PYTHONPATH", "")]
@@ -503,6 +503,7 @@ class Cluster:
             proc.wait(10)
         with contextlib.suppress(Exception):
             self.example.app.close()
+        self.tracker.stop_sweeper()  # web_app() starts one
         with contextlib.suppress(Exception):
             self.tracker.store.close()
         self.redis.terminate()

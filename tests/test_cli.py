@@ -21,7 +21,7 @@ from http_support import free_port, jpeg, wait_until_serving
 
 
 def batchtrack(
-    *args: str, timeout: float = 120, cwd: Path | None = None
+    *args: str, timeout: float = 120, cwd: Path | None = None, env: dict[str, str] | None = None
 ) -> subprocess.CompletedProcess[str]:
     return subprocess.run(
         [sys.executable, "-m", "batchtrack", *args],
@@ -30,6 +30,7 @@ def batchtrack(
         timeout=timeout,
         check=False,
         cwd=cwd,
+        env=None if env is None else {**os.environ, **env},
     )
 
 
@@ -734,3 +735,38 @@ def test_serve_and_status_on_postgresql(tmp_path: Path, request: pytest.FixtureR
         rows = conn.execute("SELECT batch_id, completed FROM batchtrack_batches").fetchall()
     assert rows == [(started["batchId"], 3)]
     assert not (tmp_path / "data" / "batchtrack.db").exists()
+
+
+@pytest.mark.parametrize(
+    ("options", "env", "message"),
+    [
+        (
+            ["--files", "ftp://host/x"],
+            {},
+            "cannot use --files ftp://host/x: unknown file storage 'ftp://host/x': "
+            "use file:///absolute/path or s3://bucket[/prefix]",
+        ),
+        (
+            ["--files", "file://relative/x"],
+            {},
+            "cannot use --files file://relative/x: 'file://relative/x': "
+            "a file URL must be file:///absolute/path",
+        ),
+        (
+            [],
+            {"BATCHTRACK_SECRET": "short"},
+            "BATCHTRACK_SECRET must be at least 16 characters (a long random string)",
+        ),
+    ],
+)
+def test_serve_with_unusable_files_or_secret_says_so_and_exits_2(
+    tmp_path: Path, options: list[str], env: dict[str, str], message: str
+) -> None:
+    """A --files URL of an unknown form, or a BATCHTRACK_SECRET too short to sign with: one
+    plain line, exit 2, before anything starts."""
+    result = batchtrack(
+        "serve", "--port", "1", "--data-dir", str(tmp_path / "data"), *options, env=env
+    )
+    assert result.returncode == 2
+    assert result.stderr.splitlines() == [f"batchtrack serve: error: {message}"]
+    assert not (tmp_path / "data").exists()

@@ -13,7 +13,8 @@ from typing import Any
 import pytest
 
 pytest.importorskip("python_multipart")
-from batchtrack import BatchTracker, Item, Status
+from batchtrack import BatchTracker, Item, Status, ValidationError
+from batchtrack import wsgi as wsgi_module
 from batchtrack._http import COOKIE
 from http_support import (
     TRANSPORTS,
@@ -719,6 +720,64 @@ def test_openapi_document_describes_the_real_responses(client: Client, service: 
 # -- ownership and mounting -----------------------------------------------------------------
 
 
+def test_signed_session_cookies_are_honoured_by_every_app_with_the_secret(tmp_path: Path) -> None:
+    """With session_secret, a cookie one app issued is honoured by another app with the same
+    secret (two web processes), and its batch stays invisible to an app with another."""
+    import httpx
+
+    secret = "s3cret-shared-by-every-web-process"
+    service = Service(tmp_path, session_secret=secret)
+    twin = wsgi_module.create_app(
+        service.tracker, service.runner, service.uploads, session_secret=secret
+    )
+    stranger = wsgi_module.create_app(
+        service.tracker, service.runner, service.uploads, session_secret="another-secret-entirely"
+    )
+    try:
+        with clients(service, "asgi") as make:
+            client = make()
+            started = _start(client, ("one.jpg", jpeg()))
+            cookie = client.cookies[COOKIE]
+            token, _, signature = cookie.partition(".")
+            assert len(token) == 32
+            assert len(signature) == 43
+            url = f"/api/batch-status/{started['batchId']}"
+            for app, status in ((twin, 200), (stranger, 404)):
+                with httpx.Client(
+                    transport=httpx.WSGITransport(app=app), base_url="http://testserver"
+                ) as other:
+                    answer = other.get(url, headers={"cookie": f"{COOKIE}={cookie}"})
+                    assert answer.status_code == status, answer.text
+                    assert ("set-cookie" in answer.headers) is (status == 404)
+    finally:
+        service.close()
+
+
+def test_with_a_secret_a_cookie_the_client_made_up_starts_a_new_session(tmp_path: Path) -> None:
+    """With session_secret, an unsigned or wrongly signed cookie is replaced by a new signed
+    session, so a client cannot choose (or guess its way into) a session id."""
+    service = Service(tmp_path, session_secret="s3cret-shared-by-every-web-process")
+    try:
+        with clients(service, "wsgi") as make:
+            client = make()
+            started = _start(client, ("one.jpg", jpeg()))
+            token = client.cookies[COOKIE].partition(".")[0]
+            url = f"/api/batch-status/{started['batchId']}"
+            for forged in (token, f"{token}.{'A' * 43}"):
+                answer = make().get(url, headers={"cookie": f"{COOKIE}={forged}"})
+                _error(answer, 404, "batch_not_found")
+                issued = answer.headers["set-cookie"].split(";")[0].split("=", 1)[1]
+                assert issued.partition(".")[0] != token
+    finally:
+        service.close()
+
+
+def test_a_short_session_secret_is_refused(tmp_path: Path) -> None:
+    """A session secret under 16 characters is a ValidationError when the app is made."""
+    with pytest.raises(ValidationError, match="session_secret"):
+        Service(tmp_path, session_secret="short")
+
+
 def test_integrator_identity_replaces_the_cookie(tmp_path: Path) -> None:
     """With owner=..., requests without an identity get 401 and no cookie is issued."""
     service = Service(tmp_path, owner=lambda headers: headers.get("x-user"))
@@ -945,11 +1004,13 @@ def test_zip_is_streamed_a_part_at_a_time(tmp_path: Path) -> None:
     import zipfile
 
     from batchtrack._zip import PART, ZipStream
+    from batchtrack.files import LocalFiles
 
-    big, small, gone = tmp_path / "big.bin", tmp_path / "small.bin", tmp_path / "gone.bin"
+    big, small = tmp_path / "big.bin", tmp_path / "small.bin"
     big.write_bytes(os.urandom(3 * PART + 123))
     small.write_bytes(b"small")
-    stream = ZipStream([("big.jpg", big), ("gone.jpg", gone), ("small.jpg", small)])
+    members = [("big.jpg", "big.bin"), ("gone.jpg", "gone.bin"), ("small.jpg", "small.bin")]
+    stream = ZipStream(LocalFiles(tmp_path), members)
     parts: list[list[bytes]] = []
     while (chunks := stream.poll()) is not None:
         parts.append(chunks)

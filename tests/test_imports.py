@@ -26,6 +26,7 @@ OPTIONAL = (
     "kombu",
     "dask",
     "distributed",
+    "obstore",
 )
 
 

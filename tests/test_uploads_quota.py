@@ -230,9 +230,9 @@ def test_a_disk_that_runs_out_mid_write_is_storage_full(tmp_path: Path) -> None:
 
     store = _store(tmp_path)
     writer = store.begin("a.jpg")
-    real = writer._file
+    real = writer._out._file  # the local storage's temporary file
     real.close()
-    writer._file = FullDisk()
+    writer._out._file = FullDisk()
     with pytest.raises(StorageFull):
         writer.write(b"a" * 10)
     assert _entries(store.directory) == []

@@ -4,27 +4,31 @@ Workers::
 
     celery -A celery_app worker --concurrency 4
 
-Web tier: ``create_app(tracker, runner, uploads)`` (see ``web_app`` below).
+Web tier: ``uvicorn --factory celery_app:web_app`` (see ``web_app`` below).
 
-Both read ``REDIS_URL`` (broker and store) and ``DATA_DIR`` (uploads and results, on
-storage that every machine sees) from the environment.
+Both read from the environment:
+
+- ``REDIS_URL``: the broker and the tracker's store;
+- ``FILES_URL``: where uploads and results live, for every machine: ``s3://bucket/prefix``
+  (endpoint and credentials from ``AWS_ENDPOINT_URL``, ``AWS_ACCESS_KEY_ID``,
+  ``AWS_SECRET_ACCESS_KEY``, ``AWS_REGION``), or a folder that every machine mounts;
+- ``BATCH_TTL``: seconds a finished batch (and its results) stays (default: an hour).
 """
 
 from __future__ import annotations
 
 import os
-from pathlib import Path
 
 from celery import Celery
 
 from batchtrack import BatchTracker
 from batchtrack.celery import CeleryRunner, tracked_task
+from batchtrack.files import from_url
 from batchtrack.imaging import ImagePipeline
 from batchtrack.stores.redis import RedisStore
 
 REDIS_URL = os.environ.get("REDIS_URL", "redis://localhost:6379/0")
-DATA_DIR = Path(os.environ.get("DATA_DIR", "/srv/myapp"))
-(DATA_DIR / "results").mkdir(parents=True, exist_ok=True)
+files = from_url(os.environ.get("FILES_URL", "/srv/myapp"))
 
 app = Celery("myapp", broker=REDIS_URL)
 app.conf.update(
@@ -43,12 +47,20 @@ app.conf.update(
 
 # Workers heartbeat every third of the lease; an item whose worker is silent for a
 # whole lease is lost, and tracker.reclaim() may hand it out again.
-tracker = BatchTracker(RedisStore(REDIS_URL), lease=60.0)
+tracker = BatchTracker(
+    RedisStore(REDIS_URL), lease=60.0, ttl=float(os.environ.get("BATCH_TTL", 3600))
+)
+
+# Results go to results/<item id>.<ext> in the shared storage; a worker reads each
+# item's upload from the location stored with it (uploads/<id> in the same storage).
+pipeline = ImagePipeline(files, prefix="results/", max_size=1024)
+# A batch's results go with it when it is deleted or expires.
+tracker.add_removal_hook(pipeline.remove_results)
 
 process_image = tracked_task(
     app,
     tracker,
-    ImagePipeline(DATA_DIR / "results", max_size=1024),
+    pipeline,
     name="myapp.process_image",
     max_retries=3,
     retry_backoff=1.0,
@@ -58,8 +70,19 @@ runner = CeleryRunner(tracker, process_image)
 
 
 def web_app() -> object:
-    """The ASGI app of the web tier: the batchtrack API over the Celery runner."""
+    """The ASGI app of the web tier: the batchtrack API over the Celery runner.
+
+    Each web process also sweeps: batches that expired are removed with their results.
+    Session cookies are signed with ``BATCHTRACK_SECRET``, the same on every web process,
+    so that each honours the sessions the others issued.
+    """
     from batchtrack.asgi import create_app
     from batchtrack.uploads import UploadStore
 
-    return create_app(tracker, runner, UploadStore(DATA_DIR / "uploads"))
+    tracker.start_sweeper(interval=min(60.0, tracker.ttl))
+    return create_app(
+        tracker,
+        runner,
+        UploadStore(files, prefix="uploads/"),
+        session_secret=os.environ.get("BATCHTRACK_SECRET"),
+    )

@@ -11,6 +11,7 @@ from ._tracker import BatchTracker
 from .exceptions import (
     BatchNotFound,
     BatchtrackError,
+    FileStorageError,
     InvalidTransition,
     ItemNotFound,
     OrchestratorClosed,
@@ -27,6 +28,7 @@ __all__ = [
     "BatchSnapshot",
     "BatchTracker",
     "BatchtrackError",
+    "FileStorageError",
     "InvalidTransition",
     "Item",
     "ItemNotFound",

@@ -216,13 +216,16 @@ class BatchControl:
 
     def _input_available(self, item: ItemSnapshot) -> bool:
         """Whether the item's stored input can still be read: for an upload, one that
-        has not expired (even when no cleanup has removed it yet)."""
+        has not expired (even when no cleanup has removed it yet) and is still stored."""
         if item.source is None:
             return False
-        path = Path(item.source)
-        if path.parent == self.uploads.directory:
+        file_id = self.uploads.file_id_of(item.source)
+        if file_id is not None:
             try:
-                self.uploads.get(path.name)
+                self.uploads.get(file_id)
             except FileNotFound:
                 return False
-        return path.is_file()
+            return self.uploads.storage.size(self.uploads.prefix + file_id) is not None
+        if "://" in item.source:
+            return True  # another storage's: the processor says when it cannot read it
+        return Path(item.source).is_file()

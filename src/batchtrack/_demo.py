@@ -27,6 +27,8 @@ from ._paths import DB_NAME
 from ._tracker import BatchTracker
 from .asgi import create_app
 from .exceptions import BatchtrackError
+from .files.base import FileStorage
+from .files.results import ResultFiles
 from .imaging import ImagePipeline
 from .stores.base import Store
 from .stores.sqlite import SQLiteStore
@@ -51,10 +53,10 @@ class _Delayed:
     delay: float
 
     @property
-    def output_dir(self) -> Path:
-        return self.pipeline.output_dir
+    def results(self) -> ResultFiles:
+        return self.pipeline.results
 
-    def __call__(self, item: Item) -> Path:
+    def __call__(self, item: Item) -> Path | str:
         time.sleep(self.delay)
         return self.pipeline(item)
 
@@ -89,35 +91,48 @@ def recover(tracker: BatchTracker, orchestrator: Orchestrator) -> int:
 def build(
     data_dir: Path,
     *,
-    store: Store | None = None,
     concurrency: int = 4,
     lease: float = 60.0,
     max_upload_storage: int | None = 2**30,
     upload_quota: int | None = 200 * 2**20,
+    store: Store | None = None,
+    files: FileStorage | None = None,
+    session_secret: str | None = None,
 ) -> tuple[Any, Callable[[], None]]:
     """The demo ASGI app over ``data_dir``, and the function that shuts it down.
-
-    Batches live in ``store`` (closed by the shutdown), by default the SQLite database in
-    ``data_dir``; uploads and results in ``data_dir``.
 
     At start it reclaims lost items and resumes every unfinished batch in the database,
     then does so again every ``min(60, lease)`` seconds; running items are heartbeated
     every ``lease / 3`` seconds. The uploads folder holds at most ``max_upload_storage``
     bytes (1 GiB), and one client (by IP address) may upload ``upload_quota`` bytes
     (200 MiB) per hour; None lifts either limit.
+
+    Batches live in ``store`` (default: the SQLite file in ``data_dir``); uploads and
+    results in ``files`` under ``uploads/`` and ``results/`` (default: those folders of
+    ``data_dir``). Processes sharing both serve the same users.
     """
     data_dir.mkdir(parents=True, exist_ok=True)
-    (data_dir / "results").mkdir(exist_ok=True)
-    tracker = BatchTracker(SQLiteStore(data_dir / DB_NAME) if store is None else store, lease=lease)
-    pipeline = ImagePipeline(data_dir / "results")
+    if store is None:
+        store = SQLiteStore(data_dir / DB_NAME)
+    tracker = BatchTracker(store, lease=lease)
+    if files is None:
+        pipeline = ImagePipeline(data_dir / "results")
+        uploads = UploadStore(data_dir / "uploads", max_total_bytes=max_upload_storage)
+    else:
+        pipeline = ImagePipeline(files, prefix="results/")
+        uploads = UploadStore(files, prefix="uploads/", max_total_bytes=max_upload_storage)
     # Results live as long as their batch; writes a crash cut short are swept.
     tracker.add_removal_hook(pipeline.remove_results)
     delay = _test_delay()
     processor = _Delayed(pipeline, delay) if delay else pipeline
     orchestrator = Orchestrator(tracker, processor, concurrency=concurrency)
-    uploads = UploadStore(data_dir / "uploads", max_total_bytes=max_upload_storage)
     app = create_app(
-        tracker, orchestrator, uploads, upload_bytes_per_client=upload_quota, page=True
+        tracker,
+        orchestrator,
+        uploads,
+        upload_bytes_per_client=upload_quota,
+        page=True,
+        session_secret=session_secret,
     )
     tracker.start_sweeper(interval=600)
     stop = threading.Event()

@@ -11,6 +11,9 @@ synchronous: the ASGI shell runs it in a thread.
 
 from __future__ import annotations
 
+import base64
+import hashlib
+import hmac
 import ipaddress
 import logging
 import math
@@ -20,7 +23,7 @@ import re
 import secrets
 import time
 from collections.abc import Callable, Mapping
-from pathlib import Path
+from pathlib import Path, PurePosixPath
 from typing import Any, cast
 from urllib.parse import quote
 
@@ -49,7 +52,15 @@ from ._wire import (
     status_url,
 )
 from ._zip import ResultsZip
-from .exceptions import BatchNotFound, OrchestratorClosed, ValidationError
+from .exceptions import (
+    BatchNotFound,
+    FileStorageError,
+    OrchestratorClosed,
+    StoreError,
+    ValidationError,
+)
+from .files.base import FileStorage
+from .files.results import ResultFiles, result_files
 from .stores.memory import MemoryStore
 from .typing import Runner
 from .uploads import (
@@ -77,7 +88,7 @@ __all__ = [
 log = logging.getLogger("batchtrack")
 
 COOKIE = "batchtrack_session"
-_COOKIE_VALUE = re.compile(r"\A[0-9a-f]{32}\Z")
+_COOKIE_VALUE = re.compile(r"\A([0-9a-f]{32})(?:\.([0-9A-Za-z_-]{43}))?\Z")
 _RUNNER_METHODS = ("submit", "resume", "cancel")
 
 Owner = Callable[[Mapping[str, str]], "str | None"]
@@ -92,8 +103,9 @@ class AppOptions(TypedDict, total=False):
     max_files: int
     owner: Owner | None
     secure_cookies: bool
+    session_secret: str | bytes | None
     max_json_bytes: int
-    results_dir: str | Path | None
+    results_dir: str | Path | FileStorage | ResultFiles | None
     events_poll: float
     body_timeout: float
     idle_timeout: float
@@ -116,8 +128,21 @@ def _seconds(instance: object, attribute: attrs.Attribute[float], value: object)
         )
 
 
-def _optional_path(value: str | Path | None) -> Path | None:
-    return None if value is None else Path(value)
+def _secret(value: str | bytes | None) -> bytes | None:
+    """A session secret: None, or a string or bytes of at least 16 characters."""
+    if value is None:
+        return None
+    if isinstance(value, str):
+        value = value.encode()
+    if not isinstance(value, bytes) or len(value) < 16:
+        raise ValidationError("session_secret must be a string of at least 16 characters")
+    return value
+
+
+def _sign(secret: bytes, token: str) -> str:
+    """The signature of a session token: HMAC-SHA256, URL-safe base64 without padding."""
+    digest = hmac.new(secret, token.encode(), hashlib.sha256).digest()
+    return base64.urlsafe_b64encode(digest).rstrip(b"=").decode()
 
 
 def _check_runner(runner: object) -> Runner:
@@ -136,10 +161,15 @@ def _check_runner(runner: object) -> Runner:
     return cast(Runner, runner)
 
 
-def _results_dir(runner: Runner) -> Path | None:
-    """Where the runner's processor writes results (its ``output_dir``), if it says."""
-    output = getattr(getattr(runner, "processor", None), "output_dir", None)
-    return Path(output) if isinstance(output, (str, os.PathLike)) else None
+def _results_of(runner: Runner) -> ResultFiles | None:
+    """Where the runner's processor writes results (its ``results``, or its
+    ``output_dir`` folder), if it says."""
+    processor = getattr(runner, "processor", None)
+    results = getattr(processor, "results", None)
+    if isinstance(results, ResultFiles):
+        return results
+    output = getattr(processor, "output_dir", None)
+    return result_files(output) if isinstance(output, (str, os.PathLike)) else None
 
 
 @attrs.define(eq=False)
@@ -205,7 +235,8 @@ class Api:
     owner: Owner | None = None
     max_json_bytes: int = 64 * 1024
     secure_cookies: bool = False
-    results_dir: Path | None = attrs.field(default=None, converter=_optional_path)
+    session_secret: bytes | None = attrs.field(default=None, converter=_secret)
+    results_dir: ResultFiles | None = attrs.field(default=None, converter=result_files)
     events_poll: float = 0.5
     body_timeout: float = attrs.field(default=300.0, validator=_seconds)
     idle_timeout: float = attrs.field(default=30.0, validator=_seconds)
@@ -242,7 +273,7 @@ class Api:
             self.upload_bytes_per_client, self.upload_window, self.client_key
         )
         if self.results_dir is None:
-            self.results_dir = _results_dir(self.runner)
+            self.results_dir = _results_of(self.runner)
         self._progress = progress_hook(self.runner, self.on_progress)
         self._control = BatchControl(
             self.tracker, self.runner, self.uploads, self.prefix, self._progress
@@ -312,6 +343,8 @@ class Api:
             response = error_response(exc.status, exc.code, exc.message, exc.headers)
         except BodyTooLarge:
             response = error_response(413, "too_large", "the request body is too large")
+        except StoreError as exc:
+            response = _unavailable(request, exc)
         except Exception:
             log.exception("batchtrack: %s %s failed", request.method, request.path[:200])
             response = error_response(500, "internal", "internal error; it has been logged")
@@ -344,13 +377,20 @@ class Api:
             return str(owner), []
         for part in request.headers.get("cookie", "").split(";"):
             name, _, value = part.strip().partition("=")
-            if name == COOKIE and _COOKIE_VALUE.match(value):
-                return f"session:{value}", []
-        value = secrets.token_hex(16)
+            if name == COOKIE and (found := _COOKIE_VALUE.match(value)):
+                token, signature = found.groups()
+                if self.session_secret is None or (
+                    signature is not None
+                    and hmac.compare_digest(signature, _sign(self.session_secret, token))
+                ):
+                    return f"session:{token}", []
+        token = value = secrets.token_hex(16)
+        if self.session_secret is not None:
+            value = f"{token}.{_sign(self.session_secret, token)}"
         attributes = f"{COOKIE}={value}; Path=/; HttpOnly; SameSite=Lax"
         if self.secure_cookies:
             attributes += "; Secure"
-        return f"session:{value}", [("Set-Cookie", attributes)]
+        return f"session:{token}", [("Set-Cookie", attributes)]
 
     # -- endpoints ------------------------------------------------------------------------
 
@@ -446,7 +486,7 @@ class Api:
         try:
             # A str source is stored with the item, so that retry and resume find it.
             snap = self.runner.submit(
-                [Item(f.filename, source=str(f.path)) for f in files],
+                [Item(f.filename, source=f.location) for f in files],
                 owner=owner,
                 **self._progress,
             )
@@ -503,13 +543,17 @@ class Api:
         found = next((i for i in snap.items if i.id == item_id), None)
         if found is None or found.status.value != "completed":
             reject(404, "result_not_found", "no processed file for this item (yet)")
-        paths = sorted(self.results_dir.glob(f"{item_id}.*")) if self.results_dir else []
-        paths = [p for p in paths if p.suffix != ".part"]
-        if not paths:
+        results = self.results_dir
+        key = results.find(item_id) if results is not None else None
+        if results is None or key is None:
             reject(404, "result_not_found", "the processed file is not available")
-        data = paths[0].read_bytes()
-        name = Path(found.filename).stem + paths[0].suffix
-        kind = mimetypes.guess_type(paths[0].name)[0] or "application/octet-stream"
+        try:
+            data = results.storage.read_bytes(key)
+        except FileNotFoundError:  # removed with its batch meanwhile
+            reject(404, "result_not_found", "the processed file is not available")
+        suffix = PurePosixPath(key).suffix
+        name = Path(found.filename).stem + suffix
+        kind = mimetypes.guess_type(f"x{suffix}")[0] or "application/octet-stream"
         return Response(
             200,
             [
@@ -530,6 +574,23 @@ class Api:
 
 _CACHED_BODIES = 2048  # status bodies kept, one per batch
 _CACHED_BODY_BYTES = 32 * 1024  # bigger ones are joined from cached item JSON anyway
+
+
+def _unavailable(request: Request, exc: StoreError) -> Response:
+    """503 for a store or file storage that cannot be reached: nothing was changed."""
+    log.warning("batchtrack: %s %s: %s", request.method, request.path[:200], exc)
+    if isinstance(exc, FileStorageError):
+        if exc.full:
+            return error_response(507, "storage_full", "the file storage is full")
+        code, what = "storage_unavailable", "the file storage"
+    else:
+        code, what = "store_unavailable", "the batch store"
+    return error_response(
+        503,
+        code,
+        f"{what} cannot be reached just now; nothing was changed, try again shortly",
+        [("Retry-After", "5")],
+    )
 
 
 def _etag(version: int, eta: int | None, eta_range: tuple[int, int] | None) -> str:

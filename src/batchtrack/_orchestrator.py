@@ -23,6 +23,7 @@ from ._tracker import CANCELLED, BatchTracker
 from .exceptions import (
     BatchNotFound,
     BatchtrackError,
+    FileStorageError,
     InvalidTransition,
     OrchestratorClosed,
     ProcessingError,
@@ -38,7 +39,8 @@ _T = TypeVar("_T")
 ItemLike = Union[Item, str, "os.PathLike[str]"]
 _MAX_MESSAGE = 300
 _FINISHED_KEPT = 4096  # batches whose run here ended, remembered for wait()
-_PATH = re.compile(r"(?:[A-Za-z]:)?(?:[\\/][^\s\\/'\"():,;]+)+[\\/]?")
+# A path starts after a space, quote or bracket: never inside a URL (s3://bucket/key).
+_PATH = re.compile(r"(?<![\w:/\\])(?:[A-Za-z]:)?(?:[\\/][^\s\\/'\"():,;]+)+[\\/]?")
 
 
 def _as_item(value: object, position: int) -> Item:
@@ -63,8 +65,11 @@ def error_message(exc: BaseException, item: Item) -> str:
     """One line for users: the message of a ProcessingError, else ``Type: message``.
 
     Server paths never reach users: the item's own source becomes its filename and any
-    other absolute path its last component.
+    other absolute path its last component. A file storage that could not be reached is
+    said in plain words, without its address (the log has it).
     """
+    if isinstance(exc, FileStorageError):
+        return "the file storage could not be reached; retry later"
     text = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
     if isinstance(item.source, (str, os.PathLike)):
         source = os.fspath(item.source)

@@ -9,10 +9,9 @@ whole in memory and no thread is held between polls.
 from __future__ import annotations
 
 import logging
-import os
 import re
 import zipfile
-from pathlib import Path
+from pathlib import Path, PurePosixPath
 from typing import IO
 from urllib.parse import quote
 
@@ -22,8 +21,10 @@ from ._models import Status
 from ._tracker import BatchTracker
 from ._wire import Request, Response, batch_not_found, check_uuid, reject
 from .exceptions import BatchNotFound
+from .files.base import FileStorage
+from .files.results import ResultFiles
 
-__all__ = ["PART", "ResultsZip", "ZipStream", "result_path"]
+__all__ = ["PART", "ResultsZip", "ZipStream"]
 
 log = logging.getLogger("batchtrack")
 
@@ -31,14 +32,6 @@ PART = 1 << 20
 """The most bytes of results one poll of a :class:`ZipStream` reads (and so sends)."""
 
 _UNSAFE = re.compile(r'[\x00-\x1f\x7f/\\:*?"<>|]+')
-
-
-def result_path(results_dir: Path | None, item_id: str) -> Path | None:
-    """The processed file of an item, ``<item id>.<ext>`` in ``results_dir``, if there."""
-    if results_dir is None:
-        return None
-    found = sorted(p for p in results_dir.glob(f"{item_id}.*") if p.suffix != ".part")
-    return found[0] if found else None
 
 
 def _member_name(filename: str, suffix: str, taken: set[str]) -> str:
@@ -86,13 +79,16 @@ class _Sink:
 
 @attrs.define(eq=False)
 class ZipStream:
-    """The ZIP of ``members`` (name in the archive, file), made as it is polled.
+    """The ZIP of ``members`` (name in the archive, key in ``storage``), made as it is
+    polled.
 
     A file that cannot be read any more (removed with its batch meanwhile) is left out
-    and logged: the archive stays valid.
+    and logged: the archive stays valid. A storage that fails mid-archive ends it there
+    (logged): the client sees a cut download, never a wrong file.
     """
 
-    members: list[tuple[str, Path]]
+    storage: FileStorage
+    members: list[tuple[str, str]]
     interval: float = 0.0
     _sink: _Sink = attrs.field(init=False, factory=_Sink)
     _zip: zipfile.ZipFile | None = attrs.field(init=False, default=None)
@@ -133,12 +129,14 @@ class ZipStream:
         """Open the next member's file and its entry; False when none is left."""
         assert self._zip is not None
         while self.members:
-            name, path = self.members.pop(0)
+            name, key = self.members.pop(0)
             try:
-                source = path.open("rb")
-                size = os.fstat(source.fileno()).st_size
-            except OSError:
-                log.warning("batchtrack: result %s is gone; left out of the ZIP", path.name)
+                size = self.storage.size(key)
+                source = self.storage.open(key)
+            except FileNotFoundError:
+                size = None
+            if size is None:
+                log.warning("batchtrack: result %s is gone; left out of the ZIP", key)
                 continue
             self._source = source
             # The archive's compression applies to members opened by name.
@@ -160,11 +158,11 @@ class ResultsZip:
 
     Attributes:
         tracker: Where the batch and its completed items are read.
-        results_dir: Where results are, ``<item id>.<ext>`` (None: none are served).
+        results: Where results are, ``<item id>.<ext>`` (None: none are served).
     """
 
     tracker: BatchTracker
-    results_dir: Path | None
+    results: ResultFiles | None
 
     def download(self, request: Request, owner: str, batch: str) -> Response:
         """``GET /batch-results/{batchId}.zip``: 200 the ZIP of every completed item.
@@ -180,12 +178,16 @@ class ResultsZip:
             batch_not_found()
         if not snap.items:
             reject(409, "nothing_completed", "no item of this batch has completed (yet)")
+        results = self.results
+        if results is None:
+            reject(404, "result_not_found", "the processed files are not available")
         taken: set[str] = set()
         members = []
         for item in snap.items:
-            path = result_path(self.results_dir, item.id)
-            if path is not None:
-                members.append((_member_name(item.filename, path.suffix, taken), path))
+            key = results.find(item.id)
+            if key is not None:
+                suffix = PurePosixPath(key).suffix
+                members.append((_member_name(item.filename, suffix, taken), key))
         if not members:
             reject(404, "result_not_found", "the processed files are not available")
         name = f"batch-{snap.batch_id[:8]}-results.zip"
@@ -196,5 +198,5 @@ class ResultsZip:
                 ("Content-Disposition", f"attachment; filename*=UTF-8''{quote(name)}"),
                 ("Cache-Control", "no-store"),
             ],
-            stream=ZipStream(members),
+            stream=ZipStream(results.storage, members),
         )

@@ -94,7 +94,7 @@ class App:
             path = path[len(root) :]
         headers = fold_headers(scope["headers"])
         method = scope["method"]
-        spool = Spool(self.api.uploads.directory, self.api.body_limit(path))
+        spool = Spool(self.api.uploads.spool_dir, self.api.body_limit(path))
         client = (scope.get("client") or (None,))[0]  # (host, port), or None when unknown
         received, query = Body(spool.read, spool.limit), scope.get("query_string", b"")
         request = Request(method, path, headers, received, root, client, query.decode("latin-1"))
@@ -190,6 +190,7 @@ def create_app(
         uploads: Where uploaded files go.
         **options: ``prefix`` (``"/api"``), ``max_files`` (10), ``owner`` (identity
             from the headers instead of a session cookie), ``secure_cookies``,
+            ``session_secret`` (signs session cookies: give every process the same),
             ``max_json_bytes``, ``results_dir``, ``events_poll``, ``body_timeout``,
             ``idle_timeout``, the upload quota's ``upload_bytes_per_client``,
             ``upload_window`` and ``client_key``; ``page`` (False: also serve the demo

@@ -18,7 +18,7 @@ import socket
 import sys
 from collections.abc import Sequence
 from pathlib import Path, PurePath
-from typing import Any, NoReturn
+from typing import TYPE_CHECKING, Any, NoReturn
 
 import attrs
 
@@ -27,6 +27,9 @@ from ._models import BatchSnapshot, Item, ProgressEvent
 from ._paths import DB_NAME
 from .exceptions import BatchNotFound, BatchtrackError, ValidationError
 from .stores.base import Store
+
+if TYPE_CHECKING:
+    from .files.base import FileStorage
 
 __all__ = ["main"]
 
@@ -130,6 +133,13 @@ def _parser() -> argparse.ArgumentParser:
     serve.add_argument("--port", type=_port, default=8000, help="port to listen on (default: 8000)")
     _data_dir_option(serve, "database, uploads and results")
     _store_option(serve)
+    serve.add_argument(
+        "--files",
+        metavar="URL",
+        help="where uploads and results live: file:///path or s3://bucket/prefix (endpoint "
+        "and credentials from AWS_ENDPOINT_URL, AWS_ACCESS_KEY_ID, AWS_SECRET_ACCESS_KEY, "
+        "AWS_REGION) (default: the --data-dir folder)",
+    )
     serve.add_argument(
         "--concurrency",
         type=_positive,
@@ -417,7 +427,7 @@ class _IntoFolders:
             # Made on first use, so a folder whose images all fail is not created.
             pipeline = ImagePipeline(self.out / result.parent, **self.settings)
             self._pipelines[result.parent] = pipeline
-        path: Path = pipeline(attrs.evolve(item, id=result.name))
+        path = Path(pipeline(attrs.evolve(item, id=result.name)))
         self.written[item_id] = path
         return path
 
@@ -578,6 +588,20 @@ def _listen(host: str, port: int) -> socket.socket:
     return sock
 
 
+def _files(url: str | None) -> FileStorage | None:
+    """The file storage ``--files`` names, checked now: one clear line when it is unusable."""
+    if url is None:
+        return None
+    from .files import from_url
+
+    try:
+        return from_url(url)
+    except ImportError as exc:
+        raise _Usage(f"--files {url}: {exc}") from None
+    except BatchtrackError as exc:
+        raise _Usage(f"cannot use --files {url}: {exc}") from None
+
+
 def _serve(args: argparse.Namespace) -> int:
     _need("uvicorn", "server")
     _need("python_multipart", "server")
@@ -590,6 +614,10 @@ def _serve(args: argparse.Namespace) -> int:
     from .stores import _shown
 
     logging.getLogger("batchtrack").setLevel(logging.WARNING if args.quiet else logging.INFO)
+    secret = os.environ.get("BATCHTRACK_SECRET") or None
+    if secret is not None and len(secret) < 16:
+        raise _Usage("BATCHTRACK_SECRET must be at least 16 characters (a long random string)")
+    files = _files(args.files)
     sock = _listen(args.host, args.port)
     try:
         # The store is opened first: a URL that cannot be used stops here, with nothing made.
@@ -602,6 +630,8 @@ def _serve(args: argparse.Namespace) -> int:
                 lease=args.lease,
                 max_upload_storage=args.max_upload_storage,
                 upload_quota=args.upload_quota,
+                files=files,
+                session_secret=secret,
             )
         except (OSError, BatchtrackError) as exc:
             if tracked is not None:
@@ -613,7 +643,11 @@ def _serve(args: argparse.Namespace) -> int:
         host = f"[{args.host}]" if ":" in args.host else args.host
         where = f"data in {args.data_dir.resolve()}"
         if args.store is not None:
-            where = f"batches in {_shown(args.store)}, files in {args.data_dir.resolve()}"
+            where = f"batches in {_shown(args.store)}"
+            if files is None:
+                where += f", files in {args.data_dir.resolve()}"
+        if files is not None:
+            where += f", files in {files.url}"
         print(
             f"batchtrack serving on http://{host}:{args.port}/ ({where}); Ctrl-C stops",
             file=sys.stderr,

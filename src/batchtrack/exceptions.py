@@ -10,6 +10,7 @@ from __future__ import annotations
 __all__ = [
     "BatchNotFound",
     "BatchtrackError",
+    "FileStorageError",
     "InvalidTransition",
     "ItemNotFound",
     "OrchestratorClosed",
@@ -73,6 +74,23 @@ class StoreError(BatchtrackError):
 
     The underlying error, when there is one, is attached as ``__cause__``.
     """
+
+
+class FileStorageError(StoreError):
+    """A file storage could not do what was asked (object store down, missing bucket,
+    refused credentials, a full disk, ...).
+
+    A :class:`StoreError`, so code that handles store outages handles this one too; the
+    HTTP API answers it with 503 (507 when ``full``). The underlying error, when there is
+    one, is attached as ``__cause__``.
+
+    Attributes:
+        full: True when the storage ran out of space (a full disk).
+    """
+
+    def __init__(self, message: str, *, full: bool = False) -> None:
+        super().__init__(message)
+        self.full = full
 
 
 class ProcessingError(BatchtrackError):

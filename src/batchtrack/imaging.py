@@ -8,11 +8,9 @@ from __future__ import annotations
 import contextlib
 import io
 import os
-import tempfile
-import time
 from collections.abc import Iterable
 from pathlib import Path
-from typing import Any, TypeGuard
+from typing import IO, Any, cast
 
 try:
     from PIL import Image, ImageOps, UnidentifiedImageError
@@ -23,6 +21,10 @@ import attrs
 
 from ._models import Item
 from .exceptions import ProcessingError, ValidationError
+from .files import open_location
+from .files.base import FileStorage, check_key
+from .files.local import LocalFiles
+from .files.results import ResultFiles, _names_a_file
 
 __all__ = ["INPUT_FORMATS", "MAX_PIXELS", "OUTPUT_FORMATS", "ImagePipeline"]
 
@@ -52,6 +54,10 @@ def _check_format(value: str | None) -> str | None:
     return name
 
 
+def _output(value: str | os.PathLike[str] | FileStorage) -> Path | FileStorage:
+    return value if isinstance(value, FileStorage) else Path(value)
+
+
 def _check_int(value: int, what: str, low: int, high: int) -> int:
     if isinstance(value, bool) or not isinstance(value, int) or not low <= value <= high:
         raise ValidationError(f"{what} must be a whole number from {low} to {high}, not {value!r}")
@@ -70,8 +76,17 @@ class ImagePipeline:
     colour profile, and writes the result atomically into ``output_dir`` as
     ``<item id><extension>``: exactly one file per image, nothing else left behind.
 
+    The output may be a folder or a :class:`~batchtrack.files.FileStorage` (object
+    storage shared by every machine: :func:`batchtrack.files.from_url`); an item's
+    ``source`` may be a path, bytes, a binary file, or the location of a file in a
+    storage (an upload's :attr:`~batchtrack.uploads.StoredFile.location`, such as
+    ``s3://bucket/prefix/uploads/<id>``). Either way a reader never sees half a result.
+
     Args:
-        output_dir: Where results go; created, with its parents, when missing.
+        output_dir: Where results go: a folder (created, with its parents, when
+            missing) or a file storage.
+        prefix: Where in a file storage results go (``""`` or ending in ``/``, such as
+            ``"results/"``).
         max_size: The longest side of a result, in pixels (never enlarged).
         format: ``"JPEG"``, ``"PNG"`` or ``"WEBP"``; None keeps JPEG, PNG and WebP as
             they are and writes other formats as PNG.
@@ -80,7 +95,8 @@ class ImagePipeline:
         max_pixels: The decompression-bomb limit (width x height).
 
     Returns (when called):
-        The path of the written file.
+        The path of the written file (its location, such as an ``s3://`` URL, when the
+        output is object storage).
 
     Raises:
         ValidationError: A setting is out of range, or ``output_dir`` is a file (or lies
@@ -90,19 +106,31 @@ class ImagePipeline:
         ProcessingError: With a short message for users: "not an image", "unsupported
             image format: ICO", "truncated image", "image too large: ...", "file not
             found".
+        FileStorageError (when called): The file storage could not be reached (after
+            its own retries with back-off); nothing was written.
     """
 
-    output_dir: Path = attrs.field(converter=Path)
+    output_dir: Path | FileStorage = attrs.field(converter=_output)
     max_size: int = attrs.field(default=2048, kw_only=True)
     format: str | None = attrs.field(default=None, kw_only=True, converter=_check_format)
     quality: int = attrs.field(default=85, kw_only=True)
     strip_metadata: bool = attrs.field(default=True, kw_only=True)
     max_pixels: int = attrs.field(default=MAX_PIXELS, kw_only=True)
+    prefix: str = attrs.field(default="", kw_only=True)
+    results: ResultFiles = attrs.field(init=False, eq=False, repr=False)
+    """Where the results are: the files the HTTP API serves and removal hooks delete."""
 
     def __attrs_post_init__(self) -> None:
         _check_int(self.max_size, "max_size", 1, 65_535)
         _check_int(self.quality, "quality", 1, 100)
         _check_int(self.max_pixels, "max_pixels", 1, 2**40)
+        if not isinstance(self.prefix, str) or (self.prefix and not self.prefix.endswith("/")):
+            raise ValidationError(f"prefix must be '' or end with '/', not {self.prefix!r}")
+        if self.prefix:
+            check_key(self.prefix.rstrip("/"))
+        if isinstance(self.output_dir, FileStorage):
+            object.__setattr__(self, "results", ResultFiles(self.output_dir, self.prefix))
+            return
         where = str(self.output_dir)
         try:
             self.output_dir.mkdir(parents=True, exist_ok=True)
@@ -113,8 +141,10 @@ class ImagePipeline:
             raise ValidationError(
                 f"cannot create output_dir {where!r}: {exc.strerror or exc}"
             ) from None
+        storage = LocalFiles(self.output_dir)
+        object.__setattr__(self, "results", ResultFiles(storage, self.prefix))
 
-    def __call__(self, item: Item) -> Path:
+    def __call__(self, item: Item) -> Path | str:
         """Process one item; return the path written."""
         if not _names_a_file(item.id):
             # The id names the output file: it must not be able to leave output_dir.
@@ -131,30 +161,16 @@ class ImagePipeline:
         ``tracker.add_removal_hook(pipeline.remove_results)``, and deleting or expiring a
         batch removes its results (``batchtrack serve`` does this).
         """
-        removed = 0
-        for item_id in item_ids:
-            if not _names_a_file(item_id):
-                continue
-            for extension in set(OUTPUT_FORMATS.values()):
-                with contextlib.suppress(FileNotFoundError):
-                    (self.output_dir / f"{item_id}{extension}").unlink()
-                    removed += 1
-        return removed
+        return self.results.remove(batch_id, item_ids)
 
     def sweep_partial(self, older_than: float = 3600.0) -> int:
         """Delete temporary files of writes that never finished (a process killed while
         writing), once they are ``older_than`` seconds old; return how many went.
 
         Writes in progress are seconds old, so the default hour never touches one.
+        Object storage leaves nothing visible of an unfinished write (0).
         """
-        cutoff = time.time() - older_than
-        removed = 0
-        for path in self.output_dir.glob(".batchtrack-*.part"):
-            with contextlib.suppress(FileNotFoundError):
-                if path.stat().st_mtime < cutoff:
-                    path.unlink()
-                    removed += 1
-        return removed
+        return self.results.sweep_partial(older_than)
 
     @contextlib.contextmanager
     def _open(self, item: Item) -> Any:
@@ -162,6 +178,7 @@ class ImagePipeline:
         if isinstance(source, (bytes, bytearray, memoryview)):
             source = io.BytesIO(source)
         try:
+            source = self._fetch(source)
             image = Image.open(source, formats=None)
         except FileNotFoundError:
             raise ProcessingError("file not found") from None
@@ -185,6 +202,19 @@ class ImagePipeline:
             yield image
         finally:
             image.close()
+
+    def _fetch(self, source: Any) -> Any:
+        """A source Pillow can open: a location in a file storage is read into memory."""
+        if not isinstance(source, str):
+            return source
+        storage = self.results.storage
+        key = storage.key_of(source)
+        if key is not None and storage.local_path(key) is None:
+            return io.BytesIO(storage.read_bytes(key))
+        if key is None and "://" in source:
+            with open_location(source) as file:
+                return io.BytesIO(file.read())
+        return source
 
     def _transform(self, image: Image.Image, fmt: str) -> tuple[Image.Image, dict[str, Any]]:
         icc = image.info.get("icc_profile")
@@ -216,30 +246,16 @@ class ImagePipeline:
             result.info.pop(key, None)
         return result, params
 
-    def _write(self, image: Image.Image, fmt: str, params: dict[str, Any], item_id: str) -> Path:
-        target = self.output_dir / f"{item_id}{OUTPUT_FORMATS[fmt]}"
-        fd, tmp = tempfile.mkstemp(dir=self.output_dir, prefix=".batchtrack-", suffix=".part")
-        try:
-            # Rename is atomic: readers see the whole file or none. (No fsync: losing the
-            # last results to a power cut is fine for a pipeline that can run again.)
-            with os.fdopen(fd, "wb") as out:
-                image.save(out, fmt, **params)
-            os.replace(tmp, target)
-        except BaseException:
-            with contextlib.suppress(OSError):
-                os.unlink(tmp)
-            raise
-        return target
-
-
-def _names_a_file(item_id: str | None) -> TypeGuard[str]:
-    """Whether an item id can name a file in the output folder and nowhere else."""
-    return (
-        bool(item_id)
-        and item_id is not None
-        and not item_id.startswith(".")
-        and not any(c in item_id for c in "/\\\0")
-    )
+    def _write(
+        self, image: Image.Image, fmt: str, params: dict[str, Any], item_id: str
+    ) -> Path | str:
+        # The storage writes atomically: readers see the whole file or none. (No fsync: losing
+        # the last results to a power cut is fine for a pipeline that can run again.)
+        key = self.results.key(item_id, OUTPUT_FORMATS[fmt])
+        storage = self.results.storage
+        with storage.writer(key) as out:
+            image.save(cast(IO[bytes], out), fmt, **params)
+        return storage.local_path(key) or storage.location(key)
 
 
 def _for_format(image: Image.Image, fmt: str) -> Image.Image:

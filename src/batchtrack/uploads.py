@@ -1,8 +1,9 @@
-"""Uploaded files on disk: stored under UUIDs, size-limited while streaming, owned, expiring.
+"""Uploaded files: stored under UUIDs, size-limited while streaming, owned, expiring.
 
-Files live in one folder as ``<uuid>`` with a ``<uuid>.json`` sidecar holding the
-original name, the owner, the size and the time of upload, so several processes (web
-workers) sharing the folder see the same files. A filename is metadata only: it never
+Files live in a :class:`~batchtrack.files.FileStorage` (a folder, or object storage) as
+``<uuid>`` with a ``<uuid>.json`` sidecar holding the original name, the owner, the size
+and the time of upload, so several processes (web workers), and with object storage
+several machines, sharing the storage see the same files. A filename is metadata only: it never
 chooses a path.
 
 Two quotas keep uploads from filling a disk: :class:`UploadStore` caps the folder as a
@@ -20,7 +21,6 @@ import json
 import math
 import os
 import re
-import shutil
 import tempfile
 import threading
 import time
@@ -31,7 +31,9 @@ from typing import BinaryIO
 
 import attrs
 
-from .exceptions import BatchtrackError, ValidationError
+from .exceptions import BatchtrackError, FileStorageError, ValidationError
+from .files.base import FileStorage, FileWriter, check_key
+from .files.local import LocalFiles
 
 __all__ = [
     "FileNotFound",
@@ -121,20 +123,25 @@ class StoredFile:
     """An upload as stored.
 
     Attributes:
-        id: Its id (UUID4), also its name on disk.
+        id: Its id (UUID4), also its name in the storage.
         filename: The name it was uploaded with (the last path component only).
-        path: Where the bytes are.
+        path: Where the bytes are on this machine's disk, or None when they live in
+            object storage (then use ``location``).
         size: Its size in bytes.
         owner: Who uploaded it, or None.
         created_at: When it was stored (seconds since the epoch).
+        location: Where the bytes are for any machine: the path for a folder, a URL such
+            as ``s3://bucket/prefix/uploads/<id>`` for object storage. This is what a
+            batch's :attr:`Item.source <batchtrack.Item.source>` holds.
     """
 
     id: str
     filename: str
-    path: Path
+    path: Path | None
     size: int
     owner: str | None = None
     created_at: float = 0.0
+    location: str = ""
 
 
 def clean_filename(name: object) -> str:
@@ -155,16 +162,18 @@ def clean_filename(name: object) -> str:
 class UploadWriter:
     """Receives one upload chunk by chunk; :meth:`commit` keeps it, :meth:`abort` drops it.
 
-    Made by :meth:`UploadStore.begin`. Writing past the limit raises
+    Made by :meth:`UploadStore.begin`. The bytes stream to the store's file storage as
+    they arrive (never held whole in memory). Writing past the limit raises
     :class:`FileTooLarge`, and past the store's room :class:`StorageFull`; either drops
-    what was written.
+    what was written. A storage outage raises :class:`~batchtrack.FileStorageError` and
+    drops it too.
     """
 
     store: UploadStore
     filename: str
     owner: str | None
-    _file: BinaryIO
-    _tmp: str
+    file_id: str
+    _out: FileWriter
     size: int = 0
     _open: bool = True
     _unchecked: int = 0  # bytes written since the disk's free space was last asked
@@ -175,6 +184,7 @@ class UploadWriter:
         Raises:
             FileTooLarge: Past the store's ``max_bytes``; nothing of the file is kept.
             StorageFull: No room left in the store or on its disk; nothing of it is kept.
+            FileStorageError: The storage failed; nothing of it is kept.
         """
         if self.size + len(data) > self.store.max_bytes:
             self.abort()
@@ -190,90 +200,106 @@ class UploadWriter:
             raise
         self.size += len(data)  # reserved: abort() gives it back
         try:
-            self._file.write(data)
-        except OSError as exc:
+            self._out.write(data)
+        except FileStorageError as exc:
             self.abort()
-            if exc.errno in _NO_SPACE:
+            if exc.full:
                 raise self.store._disk_full() from None
             raise
 
     def commit(self) -> StoredFile:
-        """Store the upload under a new id and return it.
+        """Keep the upload under its id and return it.
+
+        The bytes are committed first, then the sidecar that describes them: the upload
+        is visible (to :meth:`UploadStore.get`) once the sidecar is there.
 
         Raises:
             StorageFull: The disk ran out of space while the file was being kept;
                 nothing of it is kept.
+            FileStorageError: The storage failed; nothing of it is kept.
         """
-        file_id = str(uuid.uuid4())
-        final = self.store.directory / file_id
-        tmp: str | None = None
+        store = self.store
+        key = store._key(self.file_id)
+        stored = StoredFile(
+            self.file_id,
+            self.filename,
+            store.storage.local_path(key),
+            self.size,
+            self.owner,
+            store.clock(),
+            store.storage.location(key),
+        )
+        meta = {
+            "filename": stored.filename,
+            "owner": stored.owner,
+            "size": stored.size,
+            "created_at": stored.created_at,
+        }
         try:
-            self._file.close()
             self._open = False
-            os.replace(self._tmp, final)
-            stored = StoredFile(
-                file_id, self.filename, final, self.size, self.owner, self.store.clock()
-            )
-            meta = {
-                "filename": stored.filename,
-                "owner": stored.owner,
-                "size": stored.size,
-                "created_at": stored.created_at,
-            }
-            fd, tmp = tempfile.mkstemp(dir=self.store.directory, prefix=".meta-", suffix=".part")
-            with os.fdopen(fd, "w", encoding="utf-8") as out:
-                json.dump(meta, out)
-            os.replace(tmp, final.with_suffix(".json"))  # the file is visible once this exists
+            self._out.commit()
+            store.storage.write_bytes(f"{key}.json", json.dumps(meta).encode())
         except BaseException as exc:
-            for path in (self._tmp, final, tmp):
-                if path is not None:
-                    with contextlib.suppress(OSError):
-                        os.unlink(path)
-            self._open = False
-            self.store._release(self.size)
-            if isinstance(exc, OSError) and exc.errno in _NO_SPACE:
-                raise self.store._disk_full() from None
+            self._out.abort()
+            with contextlib.suppress(FileStorageError):
+                store.storage.delete(key)
+            store._release(self.size)
+            if isinstance(exc, FileStorageError) and exc.full:
+                raise store._disk_full() from None
             raise
-        self.store._settle(stored)
+        store._settle(stored)
         return stored
 
     def abort(self) -> None:
         """Drop what was written; safe to call more than once."""
         if self._open:
             self._open = False
-            with contextlib.suppress(OSError):  # flushing may meet a full disk: dropped anyway
-                self._file.close()
-            with contextlib.suppress(OSError):
-                os.unlink(self._tmp)
+            self._out.abort()
             self.store._release(self.size)
+
+
+def _storage(where: str | os.PathLike[str] | FileStorage) -> FileStorage:
+    if isinstance(where, FileStorage):
+        return where
+    if not isinstance(where, (str, os.PathLike)):
+        raise ValidationError(f"uploads go to a folder or a FileStorage, not {where!r}")
+    return LocalFiles(where)
 
 
 @attrs.define(eq=False, init=False)
 class UploadStore:
-    """Uploaded files in a folder, shared by every process that opens it.
+    """Uploaded files in a folder or in object storage, shared by every process (and
+    machine) that opens the same one.
 
-    The folder as a whole has a cap: the uploads that have not expired, plus those being
-    received, may hold at most ``max_total_bytes``, and the disk must keep more than
+    Each upload is two files in the storage, under ``prefix``: ``<uuid>`` (the bytes)
+    and ``<uuid>.json`` (the original name, the owner, the size and the time of upload,
+    written last: the upload exists once it is there).
+
+    The storage as a whole has a cap: the uploads that have not expired, plus those being
+    received, may hold at most ``max_total_bytes``, and a disk must keep more than
     ``min_free_bytes`` free; an upload that would break either is dropped with
     :class:`StorageFull`, before it starts or while it streams. Expired uploads never
     count: the store deletes them as soon as the next upload begins (and
     :meth:`cleanup` sweeps them too).
 
-    The total is a running count, not a walk of the folder per upload: it is read from
-    the folder when the store is made and kept current on every commit, abort,
-    :meth:`delete`, expiry and :meth:`cleanup` (thread-safe). Several processes sharing
-    the folder each keep their own count, which sees the others' uploads when
-    :meth:`cleanup` (which reads the whole folder anyway) recounts it: run it every few
-    minutes, as ``batchtrack serve`` does, or give each process its share of the cap.
-    The free-space check asks the disk itself (:func:`shutil.disk_usage`: before each
-    file and after every MiB written), so it sees every process.
+    The total is a running count, not a listing per upload: it is read from the storage
+    when the store is made and kept current on every commit, abort, :meth:`delete`,
+    expiry and :meth:`cleanup` (thread-safe). Several processes sharing the storage each
+    keep their own count, which sees the others' uploads when :meth:`cleanup` (which
+    lists the whole storage anyway) recounts it: run it every few minutes, as
+    ``batchtrack serve`` does, or give each process its share of the cap. The free-space
+    check asks the disk itself (:func:`shutil.disk_usage`: before each file and after
+    every MiB written), so it sees every process; object storage has no such check.
 
     Args:
-        directory: The folder (created when missing).
+        directory: The folder (created when missing), or a
+            :class:`~batchtrack.files.FileStorage` (:func:`batchtrack.files.from_url`
+            makes one from ``s3://bucket/prefix``).
+        prefix: Where in the storage uploads go (``""``: at its top; ``"uploads/"``).
         max_bytes: The largest file accepted, enforced while streaming.
         ttl: Seconds an upload stays available.
         clock: Where times come from, like :func:`time.time`.
-        max_total_bytes: The most the folder may hold (uploads not yet expired plus
+        max_total_bytes: The most the storage may hold (uploads not yet expired plus
             those arriving), or None (the default) for no cap.
         min_free_bytes: The free space the disk must keep (100 MiB by default; 0 turns
             the check off). A disk that runs out of space mid-write is
@@ -281,9 +307,11 @@ class UploadStore:
 
     Raises:
         ValidationError: A bad option, or a folder that cannot be created.
+        FileStorageError: The storage cannot be read.
     """
 
-    directory: Path
+    storage: FileStorage
+    prefix: str
     max_bytes: int
     ttl: float
     clock: Callable[[], float]
@@ -296,8 +324,9 @@ class UploadStore:
 
     def __init__(
         self,
-        directory: str | os.PathLike[str],
+        directory: str | os.PathLike[str] | FileStorage,
         *,
+        prefix: str = "",
         max_bytes: int = 20 * 2**20,
         ttl: float = 3600.0,
         clock: Callable[[], float] = time.time,
@@ -311,13 +340,17 @@ class UploadStore:
         if max_total_bytes is not None:
             _check_bytes("max_total_bytes", max_total_bytes, minimum=1)
         _check_bytes("min_free_bytes", min_free_bytes, minimum=0)
-        path = Path(directory)
+        if not isinstance(prefix, str) or (prefix and not prefix.endswith("/")):
+            raise ValidationError(f"prefix must be '' or end with '/', not {prefix!r}")
+        if prefix:
+            check_key(prefix.rstrip("/"))
         try:
-            path.mkdir(parents=True, exist_ok=True)
-        except OSError as exc:
-            raise ValidationError(f"cannot use {str(path)!r} for uploads: {exc}") from exc
+            storage = _storage(directory)
+        except ValidationError as exc:
+            raise ValidationError(f"cannot use {str(directory)!r} for uploads: {exc}") from None
         self.__attrs_init__(
-            path,
+            storage,
+            prefix,
             max_bytes,
             float(ttl),
             clock,
@@ -329,6 +362,17 @@ class UploadStore:
             0,
         )
         self._recount({s.id: (s.created_at, s.size) for s in self._scan()})
+
+    @property
+    def directory(self) -> Path | None:
+        """The folder uploads are in, or None when they live in object storage."""
+        path = self.storage.local_path(self.prefix + "x")
+        return None if path is None else path.parent
+
+    @property
+    def spool_dir(self) -> Path:
+        """A folder on this machine's disk for request bodies on their way in."""
+        return self.directory or Path(tempfile.gettempdir())
 
     @property
     def used_bytes(self) -> int:
@@ -347,6 +391,7 @@ class UploadStore:
         Raises:
             ValidationError: An unusable filename.
             StorageFull: The store is already full, or its disk nearly is.
+            FileStorageError: The storage cannot be reached.
         """
         name = clean_filename(filename)
         self._expire()
@@ -356,13 +401,14 @@ class UploadStore:
                 self._stored + self._reserved >= self.max_total_bytes
             ):
                 raise self._total_full()
+        file_id = str(uuid.uuid4())
         try:
-            fd, tmp = tempfile.mkstemp(dir=self.directory, prefix=".upload-", suffix=".part")
-        except OSError as exc:
-            if exc.errno in _NO_SPACE:
+            out = self.storage.writer(self._key(file_id))
+        except FileStorageError as exc:
+            if exc.full:
                 raise self._disk_full() from None
             raise
-        return UploadWriter(self, name, owner, os.fdopen(fd, "wb"), tmp)
+        return UploadWriter(self, name, owner, file_id, out)
 
     def save(self, filename: str, fileobj: BinaryIO, *, owner: str | None = None) -> StoredFile:
         """Store the contents of ``fileobj``, read in chunks, never past ``max_bytes``.
@@ -371,6 +417,7 @@ class UploadStore:
             ValidationError: An unusable filename.
             FileTooLarge: The file is over the limit; nothing was kept.
             StorageFull: No room for it in the store or on its disk; nothing was kept.
+            FileStorageError: The storage failed; nothing was kept.
         """
         writer = self.begin(filename, owner=owner)
         try:
@@ -386,15 +433,38 @@ class UploadStore:
 
         Raises:
             FileNotFound: Unknown, expired, or another owner's.
+            FileStorageError: The storage cannot be reached.
         """
         if not isinstance(file_id, str) or not _UUID.match(file_id):
             raise FileNotFound(file_id)
-        stored = self._read(self.directory / f"{file_id}.json")
+        stored = self._read(file_id)
         if stored is None or stored.created_at + self.ttl <= self.clock():
             raise FileNotFound(file_id)
         if owner is not None and stored.owner != owner:
             raise FileNotFound(file_id)
         return stored
+
+    def file_id_of(self, location: str) -> str | None:
+        """The id of the upload at ``location`` (a :attr:`StoredFile.location`), if it
+        is one of this store's; None for anything else."""
+        key = self.storage.key_of(location)
+        if key is None or not key.startswith(self.prefix):
+            return None
+        file_id = key[len(self.prefix) :]
+        return file_id if _UUID.match(file_id) else None
+
+    def open(self, file_id: str, *, owner: str | None = None) -> BinaryIO:
+        """The bytes of a visible upload, for reading.
+
+        Raises:
+            FileNotFound: Unknown, expired, or another owner's (or deleted meanwhile).
+            FileStorageError: The storage cannot be reached.
+        """
+        self.get(file_id, owner=owner)
+        try:
+            return self.storage.open(self._key(file_id))
+        except FileNotFoundError:
+            raise FileNotFound(file_id) from None
 
     def delete(self, file_id: str) -> bool:
         """Delete an upload (whoever owns it); True when there was one to delete."""
@@ -406,75 +476,77 @@ class UploadStore:
                 self._stored -= known[1]
         return self._unlink(file_id)
 
-    def _read(self, meta_path: Path) -> StoredFile | None:
+    def _key(self, file_id: str) -> str:
+        return f"{self.prefix}{file_id}"
+
+    def _read(self, file_id: str) -> StoredFile | None:
         """The upload a sidecar describes, or None when it is missing or unreadable."""
+        key = self._key(file_id)
         try:
-            meta = json.loads(meta_path.read_text(encoding="utf-8"))
+            meta = json.loads(self.storage.read_bytes(f"{key}.json"))
             return StoredFile(
-                meta_path.stem,
+                file_id,
                 meta["filename"],
-                self.directory / meta_path.stem,
+                self.storage.local_path(key),
                 meta["size"],
                 meta["owner"],
                 meta["created_at"],
+                self.storage.location(key),
             )
-        except (OSError, ValueError, KeyError, TypeError):
+        except (FileNotFoundError, ValueError, KeyError, TypeError):
             return None
 
     def _unlink(self, file_id: str) -> bool:
         """Remove an upload's sidecar (which hides it), then its bytes; True if it was there."""
-        try:
-            (self.directory / f"{file_id}.json").unlink()
-        except OSError:
-            gone = False
-        else:
-            gone = True
-        with contextlib.suppress(OSError):
-            (self.directory / file_id).unlink()
+        key = self._key(file_id)
+        gone = self.storage.delete(f"{key}.json")
+        self.storage.delete(key)
         return gone
 
     def cleanup(self) -> int:
         """Delete expired uploads (and stale partial files); return how many uploads.
 
-        It reads every sidecar in the folder, and so also recounts the running total,
-        taking in what other processes sharing the folder stored or deleted.
+        It reads every sidecar in the storage, and so also recounts the running total,
+        taking in what other processes sharing it stored or deleted.
         """
         started = self.clock()
         removed = 0
         found: dict[str, tuple[float, int]] = {}
         for stored in self._scan():
             if stored.created_at + self.ttl <= started:
-                with contextlib.suppress(OSError):
-                    (self.directory / f"{stored.id}.json").unlink()
-                    (self.directory / stored.id).unlink()
+                self._unlink(stored.id)
                 removed += 1
             else:
                 found[stored.id] = (stored.created_at, stored.size)
         self._recount(found)
-        for part in self.directory.glob(".*.part"):
-            with contextlib.suppress(OSError):
-                if part.stat().st_mtime + self.ttl <= time.time():
-                    part.unlink()
+        self.storage.sweep_partial(self.prefix, self.ttl)
         return removed
 
     # -- the running total -----------------------------------------------------------------
 
     def _scan(self) -> list[StoredFile]:
-        """Every upload the folder's sidecars describe (expired ones too): O(files)."""
-        return [s for m in self.directory.glob("*.json") if (s := self._read(m)) is not None]
+        """Every upload the storage's sidecars describe (expired ones too): O(files)."""
+        ids = [
+            name[:-5]
+            for info in self.storage.list(self.prefix)
+            if (name := info.key[len(self.prefix) :]).endswith(".json") and _UUID.match(name[:-5])
+        ]
+        return [s for file_id in ids if (s := self._read(file_id)) is not None]
 
     def _recount(self, found: dict[str, tuple[float, int]]) -> None:
         """Make the running total that of the uploads a scan just ``found``.
 
         Where the scan and this process disagree (an upload committed or deleted while the
-        scan ran, here or in another process), the sidecar on disk decides.
+        scan ran, here or in another process), the sidecar in the storage decides.
         """
+        with self._lock:
+            disputed = set(found).symmetric_difference(self._files)
+        present = {i for i in disputed if self.storage.size(f"{self._key(i)}.json") is not None}
         with self._lock:
             merged = {
                 file_id: entry
                 for file_id, entry in (found | self._files).items()
-                if (file_id in found and file_id in self._files)
-                or (self.directory / f"{file_id}.json").exists()
+                if (file_id in found and file_id in self._files) or file_id in present
             }
             self._files = collections.OrderedDict(
                 sorted(merged.items(), key=lambda pair: pair[1][0])
@@ -519,9 +591,10 @@ class UploadStore:
 
     def _check_disk(self, nbytes: int) -> None:
         """Raise :class:`StorageFull` unless ``min_free_bytes`` stay free after ``nbytes``."""
-        if self.min_free_bytes and (
-            shutil.disk_usage(self.directory).free - nbytes < self.min_free_bytes
-        ):
+        if not self.min_free_bytes:
+            return
+        free = self.storage.free_bytes()
+        if free is not None and free - nbytes < self.min_free_bytes:
             raise self._disk_full()
 
     def _total_full(self) -> StorageFull:
