@@ -2,15 +2,18 @@
 
 Needs psycopg 3 and its pool: ``pip install 'batchtrack[postgres]'``.
 
-Every transition is one short transaction on a pooled connection: it locks the batch's
-row (``SELECT ... FOR UPDATE``), reads the item with it, works out the new header in
-Python (the same arithmetic as every store, so ETAs agree to the bit), writes the item
-and the header in one statement and commits. The row lock serialises the transitions of
-one batch across every connection, process and host, so no update is ever lost or
-counted twice; transitions of different batches never wait for each other. Every
-transaction that changes a batch also sends ``pg_notify(channel, batch_id)``, which
-PostgreSQL delivers only if it commits: :meth:`PostgresStore.listen` turns those into
-calls.
+A transition is two statements on a pooled connection in autocommit mode: one reads the
+batch and the item together; one writes the item and the batch's counts, version, times
+and ETA sums (worked out in Python by the same code as every store, so ETAs agree to the
+bit) only if the batch's version is still the one read — a compare-and-set on the
+batch's row. The row serialises every writer of a batch across connections, processes
+and hosts (a concurrent writer waits for it, finds the version moved, and reads again),
+so no update is ever lost or counted twice, and batches never wait for each other.
+Changes that decide on more than the version (reclaims, bulk retries and cancels,
+deletes, expiry sweeps) lock the batch's row first (``SELECT ... FOR UPDATE``) and read
+after the lock. Every change also sends ``pg_notify(channel, batch_id)`` in its own
+transaction, which PostgreSQL delivers only if it commits: :meth:`PostgresStore.listen`
+turns those into calls.
 
 Tables, under ``table_prefix`` (default ``batchtrack_``), in the connection's current
 schema (the first of its ``search_path``, usually ``public``):
