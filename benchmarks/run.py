@@ -1,7 +1,7 @@
 """Run every benchmark and print ratios measured side by side in one run.
 
 Usage: ``python benchmarks/run.py [--quick] [SUITE ...]``; suites: core, sqlite, eta, images,
-http, redis, leases, big, fast, serve, files.
+http, redis, postgres, leases, big, fast, serve, files.
 Exit status 0 even when a goal is missed: these are figures, not tests.
 """
 
@@ -22,6 +22,7 @@ SUITES = {
     "images": "bench_images",
     "http": "bench_http",
     "redis": "bench_redis",
+    "postgres": "bench_postgres",
     "leases": "bench_leases",
     "big": "bench_big",
     "fast": "bench_fast",

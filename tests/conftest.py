@@ -1,9 +1,10 @@
-"""Shared fixtures: a fake clock, every store, real Redis and S3 servers, and the Hypothesis
-profiles."""
+"""Shared fixtures: a fake clock, every store, real Redis, PostgreSQL and S3 servers, and the
+Hypothesis profiles."""
 
 from __future__ import annotations
 
 import contextlib
+import glob
 import json
 import os
 import shutil
@@ -11,15 +12,17 @@ import signal
 import socket
 import subprocess
 import sys
+import tempfile
 import time
 import urllib.error
 import urllib.request
 import uuid
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from datetime import timedelta
 from pathlib import Path
 from typing import Any
 
+import attrs
 import pytest
 from hypothesis import HealthCheck, settings
 
@@ -50,7 +53,7 @@ IN_CI = os.environ.get("CI", "").lower() in ("1", "true", "yes")
 ALL_STORES: dict[str, Callable[[Path], StoreFactory]] = {"memory": _memory, "sqlite": _sqlite}
 """Every built-in store but Redis, by name: each turns a temporary folder into a factory."""
 
-STORE_NAMES = [*sorted(ALL_STORES), "redis"]
+STORE_NAMES = [*sorted(ALL_STORES), "postgres", "redis"]
 
 
 def start_redis(
@@ -109,6 +112,191 @@ def redis_url(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
     yield f"redis://127.0.0.1:{port}/0"
     proc.terminate()
     proc.wait(10)
+
+
+def _postgres_bin() -> Path | None:
+    """The folder of PostgreSQL's server programs (initdb, postgres), or None."""
+    found = sorted(glob.glob("/usr/lib/postgresql/*/bin"), key=lambda p: int(Path(p).parent.name))
+    folders = [Path(p) for p in reversed(found)]
+    pg_config = shutil.which("pg_config")
+    if pg_config is not None:
+        with contextlib.suppress(OSError, subprocess.SubprocessError):
+            out = subprocess.run(
+                [pg_config, "--bindir"], capture_output=True, text=True, check=True, timeout=10
+            ).stdout.strip()
+            folders.append(Path(out))
+    for folder in folders:
+        if (folder / "initdb").is_file() and (folder / "postgres").is_file():
+            return folder
+    return None
+
+
+@attrs.define
+class Postgres:
+    """A PostgreSQL server started by :func:`start_postgres` (stopped by :meth:`stop`)."""
+
+    proc: subprocess.Popen[bytes]
+    port: int
+    data: Path
+    sockets: Path
+    bin: Path
+    user: str = "batchtrack"
+
+    def dsn(self, dbname: str = "postgres", user: str | None = None) -> str:
+        """A URL for the server on 127.0.0.1."""
+        return f"postgresql://{user or self.user}@127.0.0.1:{self.port}/{dbname}"
+
+    def kill(self) -> None:
+        """``kill -9`` of the server (its children then exit on their own)."""
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(self.proc.pid, signal.SIGKILL)
+        self.proc.wait(10)
+
+    def stop(self, *, remove: bool = True) -> None:
+        """Stop the server by its PID (a fast shutdown, then SIGKILL if it hangs) and,
+        unless told not to, remove its folder."""
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGINT)  # "fast" shutdown: ends every session
+            try:
+                self.proc.wait(15)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait(10)
+        if remove:
+            shutil.rmtree(self.data.parent, ignore_errors=True)
+
+
+def _as_postgres() -> dict[str, Any]:
+    """How to run a server program: as the ``postgres`` user when we are root (the
+    server refuses to run as root)."""
+    return {"user": "postgres"} if os.geteuid() == 0 else {}
+
+
+def start_postgres(
+    folder: Path,
+    *,
+    port: int | None = None,
+    data: Path | None = None,
+    options: Sequence[str] = ("-c", "fsync=off"),
+) -> Postgres:
+    """A real PostgreSQL server on 127.0.0.1, ready to use; trust auth, superuser
+    ``batchtrack``.
+
+    ``data`` names an existing data folder to start again (after :meth:`Postgres.kill`);
+    otherwise a new one is made under ``folder`` with ``initdb``. ``options`` are more
+    arguments of ``postgres``: by default ``fsync=off``, which loses nothing when the
+    server's processes die (each commit is still handed to the OS before it returns),
+    only when the machine does; pass ``()`` for the shipped settings.
+    """
+    binaries = _postgres_bin()
+    if binaries is None:
+        if IN_CI:
+            pytest.fail("CI needs PostgreSQL's server (the postgresql package, by .ci/run)")
+        pytest.skip("the PostgreSQL server (initdb, postgres) is not installed")
+    run_as = _as_postgres()
+    if data is None:
+        # Its own folder, which the postgres user owns; as root, outside pytest's
+        # temporary folders (private to root), in the system's (removed by stop).
+        base = Path(tempfile.mkdtemp(prefix="batchtrack-pg-", dir=None if run_as else folder))
+        data, sockets = base / "data", base / "sockets"
+        sockets.mkdir()
+        if run_as:
+            base.chmod(0o700)
+            shutil.chown(base, "postgres")
+            shutil.chown(sockets, "postgres")
+        made = subprocess.run(
+            [
+                str(binaries / "initdb"),
+                "-D",
+                str(data),
+                "--auth=trust",
+                "-U",
+                "batchtrack",
+                "--encoding=UTF8",
+                "--locale=C",
+                "--no-sync",
+            ],
+            check=False,
+            capture_output=True,
+            text=True,
+            **run_as,
+        )
+        if made.returncode != 0:
+            raise RuntimeError(f"initdb failed: {made.stderr.strip()}")
+    else:
+        sockets = data.parent / "sockets"
+    if port is None:
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            port = int(s.getsockname()[1])
+    command = [
+        str(binaries / "postgres"),
+        "-D",
+        str(data),
+        "-p",
+        str(port),
+        "-k",
+        str(sockets),
+        "-h",
+        "127.0.0.1",
+        # Tests start many stores and listeners at once.
+        "-c",
+        "max_connections=300",
+        *options,
+    ]
+    log = data.parent / "server.log"
+    # Started again on a killed server's folder, it refuses while the old server's last
+    # processes are still exiting: try again for a while.
+    deadline = time.monotonic() + 30
+    while True:
+        with log.open("ab") as sink:
+            proc = subprocess.Popen(command, stdout=sink, stderr=sink, **run_as)
+        server = Postgres(proc, port, data, sockets, binaries)
+        while proc.poll() is None and time.monotonic() < deadline:
+            ready = subprocess.run(
+                [str(binaries / "pg_isready"), "-q", "-h", "127.0.0.1", "-p", str(port)],
+                check=False,
+            )
+            if ready.returncode == 0:
+                return server
+            time.sleep(0.05)
+        if time.monotonic() >= deadline:
+            server.stop(remove=False)
+            raise RuntimeError(f"postgres did not start: {log.read_text(errors='replace')}")
+        time.sleep(0.2)
+
+
+@pytest.fixture(scope="session")
+def postgres(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Postgres]:
+    """A PostgreSQL server for the whole session; each store uses tables of its own."""
+    pytest.importorskip("psycopg")
+    server = start_postgres(tmp_path_factory.mktemp("postgres"))
+    yield server
+    server.stop()
+
+
+@pytest.fixture(scope="session")
+def postgres_url(postgres: Postgres) -> str:
+    """The URL of the session's PostgreSQL database."""
+    return postgres.dsn()
+
+
+def drop_postgres_tables(url: str, pattern: str) -> None:
+    """Drop the tables whose names are LIKE ``pattern`` (the test stores' own), so that
+    the catalog of the session's server stays small."""
+    import psycopg
+
+    with psycopg.connect(url, autocommit=True) as conn:
+        names = [
+            r[0]
+            for r in conn.execute(
+                "SELECT quote_ident(tablename) FROM pg_tables"
+                " WHERE schemaname = current_schema() AND tablename LIKE %s",
+                (pattern,),
+            )
+        ]
+        for first in range(0, len(names), 200):
+            conn.execute(f"DROP TABLE IF EXISTS {', '.join(names[first : first + 200])}")
 
 
 S3_ACCESS_KEY = "batchtrack-test"
@@ -355,6 +543,15 @@ def store_factory(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[St
         def make() -> Store:
             return RedisStore(url, prefix=f"test-{uuid.uuid4()}:")
 
+    elif request.param == "postgres":
+        from batchtrack.stores.postgres import PostgresStore
+
+        url = request.getfixturevalue("postgres_url")
+
+        def make() -> Store:
+            # Tables of its own (a prefix never used before), so tests never see each other.
+            return PostgresStore(url, table_prefix=f"t{uuid.uuid4().hex[:16]}_")
+
     else:
         make = ALL_STORES[request.param](tmp_path)
 
@@ -366,6 +563,8 @@ def store_factory(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[St
     yield factory
     for store in made:
         store.close()
+    if request.param == "postgres":
+        drop_postgres_tables(request.getfixturevalue("postgres_url"), "t%")
 
 
 @pytest.fixture

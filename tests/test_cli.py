@@ -644,6 +644,99 @@ def test_ctrl_c_stops_cleanly_and_marks_unstarted_items_interrupted(
     assert len(list(results.iterdir())) == body["progress"]["completed"]
 
 
+# -- --store ---------------------------------------------------------------------------------
+
+
+def test_status_reads_a_store_url(folder: Path, tmp_path: Path) -> None:
+    """`status --store sqlite:///...` reads the database named by the URL, not --data-dir;
+    an empty memory:// store knows no batch (exit 1)."""
+    data = tmp_path / "data"
+    result = batchtrack(
+        "process", str(folder), "--out", str(tmp_path / "out"), "--data-dir", str(data)
+    )
+    batch_id = result.stderr.splitlines()[0].removeprefix("batch ")
+    url = f"sqlite://{(data / 'batchtrack.db').resolve()}"
+    found = batchtrack("status", batch_id, "--store", url, cwd=tmp_path)
+    assert found.returncode == 0, found.stderr
+    assert json.loads(found.stdout)["progress"]["total"] == 4
+    missing = batchtrack("status", batch_id, "--store", "memory://")
+    assert missing.returncode == 1
+    assert missing.stderr == f"batchtrack status: batch {batch_id} not found\n"
+
+
+@pytest.mark.parametrize("command", ["status", "serve"])
+@pytest.mark.parametrize(
+    ("url", "says"),
+    [
+        ("http://example.org/db", "unknown scheme 'http'"),
+        ("sqlite://relative.db", "absolute file path"),
+        ("nothing", "no scheme"),
+        ("postgresql://%zz", "not a usable PostgreSQL URL"),
+        ("postgresql://nobody@127.0.0.1:{port}/db", "cannot connect to PostgreSQL"),
+        ("redis://127.0.0.1:{port}/0", "cannot reach Redis at 127.0.0.1"),
+    ],
+)
+def test_a_bad_or_unreachable_store_url_is_one_line_and_exit_2(
+    command: str, url: str, says: str, tmp_path: Path
+) -> None:
+    """A --store URL of another form, malformed, or whose server is not there: one line
+    naming the problem, exit 2, nothing started and no data folder made."""
+    if url.startswith("postgresql://nobody"):
+        pytest.importorskip("psycopg")
+    if url.startswith("redis"):
+        pytest.importorskip("redis")
+    url = url.format(port=free_port())
+    args = ["status", "00000000-0000-4000-8000-000000000000"] if command == "status" else ["serve"]
+    data = tmp_path / "data"
+    result = (
+        batchtrack(*args, "--store", url, "--data-dir", str(data), "--port", str(free_port()))
+        if command == "serve"
+        else batchtrack(*args, "--store", url)
+    )
+    assert result.returncode == 2, result.stderr
+    lines = result.stderr.splitlines()
+    assert len(lines) == 1, lines
+    assert lines[0].startswith(f"batchtrack {command}: error: "), lines
+    assert says in lines[0]
+    assert result.stdout == ""
+    assert not data.exists()
+
+
+def test_serve_and_status_on_postgresql(tmp_path: Path, request: pytest.FixtureRequest) -> None:
+    """`serve --store postgresql://...` keeps its batches in PostgreSQL (uploads and
+    results in --data-dir); `status --store` reads them from another process."""
+    pytest.importorskip("psycopg")
+    import psycopg
+
+    server_url = request.getfixturevalue("postgres_url")
+    database = f"cli_{os.getpid()}_{int(time.time() * 1000)}"
+    with psycopg.connect(server_url, autocommit=True) as conn:
+        conn.execute(f"CREATE DATABASE {database}")
+    url = server_url.rsplit("/", 1)[0] + f"/{database}"
+    log = tmp_path / "serve.log"
+    base, proc = start_serve(tmp_path / "data", log, "--store", url)
+    try:
+        assert f"batches in '{url}'" in log.read_text().splitlines()[0]
+        with httpx.Client(base_url=base, timeout=30) as client:
+            files = [("files", (f"{n}.jpg", jpeg((400, 300)), "image/jpeg")) for n in range(3)]
+            ids = [f["id"] for f in client.post("/api/upload", files=files).json()["files"]]
+            started = client.post("/api/process-batch", json={"fileIds": ids}).json()
+            deadline = time.monotonic() + 60
+            while client.get(started["statusUrl"]).json()["status"] != "completed":
+                assert time.monotonic() < deadline
+                time.sleep(0.1)
+    finally:
+        stop_serve(proc)
+    status = batchtrack("status", started["batchId"], "--store", url)
+    assert status.returncode == 0, status.stderr
+    body = json.loads(status.stdout)
+    assert (body["status"], body["progress"]["completed"]) == ("completed", 3)
+    with psycopg.connect(url) as conn:
+        rows = conn.execute("SELECT batch_id, completed FROM batchtrack_batches").fetchall()
+    assert rows == [(started["batchId"], 3)]
+    assert not (tmp_path / "data" / "batchtrack.db").exists()
+
+
 @pytest.mark.parametrize(
     ("options", "env", "message"),
     [

@@ -256,8 +256,9 @@ def test_the_range_brackets_the_estimate_on_every_store(
     size, steps = history
     runs = []
     for store in (MemoryStore(), store_factory()):
-        clock = FakeClock(1_000.0)
-        runs.append(_replay(BatchTracker(store, clock=clock), clock, size, steps))
+        with store:  # closed by each example: a server allows only so many connections
+            clock = FakeClock(1_000.0)
+            runs.append(_replay(BatchTracker(store, clock=clock), clock, size, steps))
     assert runs[0] == runs[1]
     for progress, eta, eta_range in runs[0]:
         if eta is None:

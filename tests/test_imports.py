@@ -10,6 +10,8 @@ import batchtrack
 OPTIONAL = (
     "PIL",
     "redis",
+    "psycopg",
+    "psycopg_pool",
     "uvicorn",
     "starlette",
     "flask",

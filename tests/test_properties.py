@@ -14,14 +14,21 @@ from batchtrack.testing.strategies import event_sequences, item_lists
 StoreFactory = Callable[[], Store]
 
 
-# store_factory makes a fresh store on every call, so sharing it across examples is safe.
+# store_factory makes a fresh store on every call, so sharing it across examples is safe;
+# each example closes its own (a server allows only so many connections at once).
 @settings(suppress_health_check=[HealthCheck.function_scoped_fixture])
 @given(data=st.data(), items=item_lists(max_size=8))
 def test_any_event_sequence_keeps_counts_equal_to_item_statuses(
     store_factory: StoreFactory, data: st.DataObject, items: list[object]
 ) -> None:
     """Whatever events arrive, valid or not, each count equals the items in that status."""
-    tracker = BatchTracker(store_factory())
+    with store_factory() as store:
+        _check_any_event_sequence(BatchTracker(store), data, items)
+
+
+def _check_any_event_sequence(
+    tracker: BatchTracker, data: st.DataObject, items: list[object]
+) -> None:
     snap = tracker.create_batch(items)  # type: ignore[arg-type]
     ids = [item.id for item in snap.items]
     applied = 0

@@ -26,6 +26,7 @@ from . import __version__
 from ._models import BatchSnapshot, Item, ProgressEvent
 from ._paths import DB_NAME
 from .exceptions import BatchNotFound, BatchtrackError, ValidationError
+from .stores.base import Store
 
 if TYPE_CHECKING:
     from .files.base import FileStorage
@@ -131,6 +132,7 @@ def _parser() -> argparse.ArgumentParser:
     )
     serve.add_argument("--port", type=_port, default=8000, help="port to listen on (default: 8000)")
     _data_dir_option(serve, "database, uploads and results")
+    _store_option(serve)
     serve.add_argument(
         "--files",
         metavar="URL",
@@ -233,6 +235,7 @@ def _parser() -> argparse.ArgumentParser:
     )
     status.add_argument("batch_id", metavar="BATCH_ID")
     _data_dir_option(status, "the folder of the database")
+    _store_option(status)
     status.add_argument(
         "--failed",
         action="store_true",
@@ -249,6 +252,35 @@ def _data_dir_option(parser: argparse.ArgumentParser, what: str) -> None:
         metavar="DIR",
         help=f"{what} (default: ./{DATA_DIR}; created when missing)",
     )
+
+
+def _store_option(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--store",
+        metavar="URL",
+        default=None,
+        help="where the batches live: sqlite:///absolute/path.db, redis://host:6379/0, "
+        "postgresql://user:password@host:5432/dbname or memory:// "
+        "(default: the database in --data-dir)",
+    )
+
+
+def _open_store(args: argparse.Namespace) -> Store:
+    """The store of ``--store``, or the SQLite database in ``--data-dir``; a usage error
+    (one line) when it cannot be used."""
+    from .stores import SQLiteStore, from_url
+
+    if args.store is None:
+        try:
+            return SQLiteStore(args.data_dir / DB_NAME)
+        except BatchtrackError as exc:
+            raise _Usage(f"cannot use --data-dir {str(args.data_dir)!r}: {exc}") from None
+    try:
+        return from_url(args.store)
+    except ImportError as exc:
+        raise _Usage(f"--store: {exc}") from None
+    except BatchtrackError as exc:
+        raise _Usage(f"cannot use --store: {exc}") from None
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -272,17 +304,13 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 def _status(args: argparse.Namespace) -> int:
-    from . import BatchTracker, SQLiteStore, Status
+    from . import BatchTracker, Status
 
     db = args.data_dir / DB_NAME
-    if not db.is_file():
-        hint = " (the default; give --data-dir)" if args.data_dir == DATA_DIR else ""
+    if args.store is None and not db.is_file():
+        hint = " (the default; give --data-dir or --store)" if args.data_dir == DATA_DIR else ""
         raise _Usage(f"no batchtrack database in {str(args.data_dir)!r}{hint}")
-    try:
-        store = SQLiteStore(db)
-    except BatchtrackError as exc:
-        raise _Usage(str(exc)) from None
-    with store:
+    with _open_store(args) as store:
         tracker = BatchTracker(store)
         try:
             # Only the failed items are read: cheap for a batch of any size.
@@ -290,6 +318,8 @@ def _status(args: argparse.Namespace) -> int:
         except BatchNotFound:
             print(f"batchtrack status: batch {args.batch_id} not found", file=sys.stderr)
             return 1
+        except BatchtrackError as exc:  # the server went away meanwhile, ...
+            raise _Usage(str(exc)) from None
     print(json.dumps(snap.to_dict(), indent=2, ensure_ascii=False))
     return 0
 
@@ -578,9 +608,10 @@ def _serve(args: argparse.Namespace) -> int:
     _need("PIL", "images")
     import uvicorn
 
-    from . import BatchTracker, SQLiteStore
+    from . import BatchTracker
     from ._access_log import AccessLog, BatchWatch
     from ._demo import build
+    from .stores import _shown
 
     logging.getLogger("batchtrack").setLevel(logging.WARNING if args.quiet else logging.INFO)
     secret = os.environ.get("BATCHTRACK_SECRET") or None
@@ -589,9 +620,12 @@ def _serve(args: argparse.Namespace) -> int:
     files = _files(args.files)
     sock = _listen(args.host, args.port)
     try:
+        # The store is opened first: a URL that cannot be used stops here, with nothing made.
+        tracked = _open_store(args) if args.store is not None else None
         try:
             app, close = build(
                 args.data_dir,
+                store=tracked,
                 concurrency=args.concurrency,
                 lease=args.lease,
                 max_upload_storage=args.max_upload_storage,
@@ -600,12 +634,18 @@ def _serve(args: argparse.Namespace) -> int:
                 session_secret=secret,
             )
         except (OSError, BatchtrackError) as exc:
+            if tracked is not None:
+                tracked.close()
             raise _Usage(f"cannot use --data-dir {str(args.data_dir)!r}: {exc}") from None
         # The log reads the batches through a store of its own on the same database.
-        store = SQLiteStore(args.data_dir / DB_NAME)
+        store = _open_store(args)
         watch = BatchWatch(functools.partial(BatchTracker(store).get, items=False))
         host = f"[{args.host}]" if ":" in args.host else args.host
         where = f"data in {args.data_dir.resolve()}"
+        if args.store is not None:
+            where = f"batches in {_shown(args.store)}"
+            if files is None:
+                where += f", files in {args.data_dir.resolve()}"
         if files is not None:
             where += f", files in {files.url}"
         print(
