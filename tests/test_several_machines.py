@@ -186,9 +186,10 @@ def test_two_webs_and_two_workers_share_only_the_object_store_and_redis(
     group.worker("worker1")
     group.worker("worker2")
     count = 20
-    with httpx.Client(base_url=web1, timeout=60) as one, httpx.Client(
-        base_url=web2, timeout=60
-    ) as two:
+    with (
+        httpx.Client(base_url=web1, timeout=60) as one,
+        httpx.Client(base_url=web2, timeout=60) as two,
+    ):
         files = [
             ("files", (f"photo{n}.jpg", jpeg((2400, 1800), (n * 10, 90, 200)), "image/jpeg"))
             for n in range(count)
@@ -231,7 +232,7 @@ def test_two_webs_and_two_workers_share_only_the_object_store_and_redis(
         keys = {info["path"] for info in s3.list("app/results/")}
         items = [image for final in finals for image in final["images"]]
         assert keys == {f"app/results/{image['id']}.jpg" for image in items}
-        for n, (batch, final) in enumerate(zip(batches, finals)):
+        for n, (batch, final) in enumerate(zip(batches, finals, strict=True)):
             for m, image in enumerate(final["images"]):
                 web = (one, two)[(n + m) % 2]
                 result = web.get(f"/api/batch-results/{batch}/{image['id']}")
@@ -255,6 +256,6 @@ def test_two_webs_and_two_workers_share_only_the_object_store_and_redis(
                 BATCH_TTL * 4 + 30,
             )
         deadline = time.monotonic() + 30
-        while [info for info in s3.list("app/results/")] and time.monotonic() < deadline:
+        while list(s3.list("app/results/")) and time.monotonic() < deadline:
             time.sleep(0.5)
         assert list(s3.list("app/results/")) == []
