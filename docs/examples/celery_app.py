@@ -8,7 +8,8 @@ Web tier: ``uvicorn --factory celery_app:web_app`` (see ``web_app`` below).
 
 Both read from the environment:
 
-- ``REDIS_URL``: the broker and the tracker's store;
+- ``REDIS_URL``: Celery's broker, and the tracker's store unless ``STORE_URL`` names
+  another (``postgresql://...``: :func:`batchtrack.stores.from_url`);
 - ``FILES_URL``: where uploads and results live, for every machine: ``s3://bucket/prefix``
   (endpoint and credentials from ``AWS_ENDPOINT_URL``, ``AWS_ACCESS_KEY_ID``,
   ``AWS_SECRET_ACCESS_KEY``, ``AWS_REGION``), or a folder that every machine mounts;
@@ -25,7 +26,7 @@ from batchtrack import BatchTracker
 from batchtrack.celery import CeleryRunner, tracked_task
 from batchtrack.files import from_url
 from batchtrack.imaging import ImagePipeline
-from batchtrack.stores.redis import RedisStore
+from batchtrack.stores import from_url as store_from_url
 
 REDIS_URL = os.environ.get("REDIS_URL", "redis://localhost:6379/0")
 files = from_url(os.environ.get("FILES_URL", "/srv/myapp"))
@@ -48,7 +49,9 @@ app.conf.update(
 # Workers heartbeat every third of the lease; an item whose worker is silent for a
 # whole lease is lost, and tracker.reclaim() may hand it out again.
 tracker = BatchTracker(
-    RedisStore(REDIS_URL), lease=60.0, ttl=float(os.environ.get("BATCH_TTL", 3600))
+    store_from_url(os.environ.get("STORE_URL", REDIS_URL)),
+    lease=60.0,
+    ttl=float(os.environ.get("BATCH_TTL", 3600)),
 )
 
 # Results go to results/<item id>.<ext> in the shared storage; a worker reads each
