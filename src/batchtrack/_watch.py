@@ -16,8 +16,9 @@ number, at the cost of one callback each.
   changed in between is then seen.
 - Watchers of one batch share their reads (:meth:`Subscription.shared`): after a change,
   the first one to read it reads the store, and the others take that answer.
-- A listener outlives its last watcher by :data:`LINGER` seconds, then stops and drops
-  its store, so a store nobody watches holds no thread and no connection.
+- A listener outlives its last watcher by :data:`LINGER` seconds (less if listening
+  fails meanwhile), then stops and drops its store, so a store nobody watches holds no
+  thread and no connection.
 
 ``wake`` is called from the listener's thread and must return at once: a threading
 event's ``set``, or ``loop.call_soon_threadsafe`` for an asyncio waiter.
@@ -200,6 +201,9 @@ class Watch:
                 if not stop.is_set():
                     raise StoreError("listen() returned before it was stopped")
             except Exception as exc:
+                with self._lock:
+                    if not self._count:  # nobody watches: no need to listen again
+                        stop.set()
                 if not stop.is_set():  # (a failure on the way out is no news)
                     if time.monotonic() - began > LAST_RETRY:
                         failures = 0  # it had been working for a while: start over
