@@ -1,7 +1,7 @@
 """Run every benchmark and print ratios measured side by side in one run.
 
 Usage: ``python benchmarks/run.py [--quick] [SUITE ...]``; suites: core, sqlite, eta, images,
-http, redis, leases, big, fast, serve.
+http, redis, leases, big, fast, serve, watch.
 Exit status 0 even when a goal is missed: these are figures, not tests.
 """
 
@@ -26,6 +26,7 @@ SUITES = {
     "big": "bench_big",
     "fast": "bench_fast",
     "serve": "bench_serve",
+    "watch": "bench_watch",
 }
 
 
