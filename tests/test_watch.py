@@ -401,6 +401,24 @@ def test_the_listener_stops_after_its_last_watcher_left(monkeypatch: pytest.Monk
         again.close()
 
 
+def test_watchers_coming_and_going_keep_one_linger_timer() -> None:
+    """A watcher opening and closing again and again arms one lingering timer, not one
+    each time."""
+    store = MemoryStore()
+    batch_id = str(uuid.uuid4())
+    for _ in range(20):
+        sub = _watch.subscribe(store, batch_id, Wakes())
+        assert sub is not None
+        sub.close()
+    watch = _watch._watches[id(store)]
+    timers = [
+        t
+        for t in threading.enumerate()
+        if isinstance(t, threading.Timer) and getattr(t.function, "__self__", None) is watch
+    ]
+    assert len(timers) == 1
+
+
 def _watches_now() -> dict[int, Any]:
     with _watch._registry_lock:
         return dict(_watch._watches)

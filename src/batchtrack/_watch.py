@@ -144,7 +144,8 @@ class Watch:
     _count: int = attrs.field(default=0, init=False)  # open subscriptions
     _thread: threading.Thread | None = attrs.field(default=None, init=False)
     _stop: threading.Event = attrs.field(factory=threading.Event, init=False)
-    _idle: int = attrs.field(default=0, init=False)  # moves whenever watchers come or all go
+    _idle_since: float | None = attrs.field(default=None, init=False)  # when the last left
+    _timer: threading.Timer | None = attrs.field(default=None, init=False)  # ends lingering
     _down_since: float | None = attrs.field(default=None, init=False)  # when listening failed
 
     def _subscribe(self, batch_id: str, wake: Wake) -> Subscription:
@@ -157,7 +158,7 @@ class Watch:
             subscription = Subscription(batch_id, wake, self, topic)
             topic.subscribers.add(subscription)
             self._count += 1
-            self._idle += 1  # a lingering stop no longer applies
+            self._idle_since = None
             if self._thread is None:
                 self._stop = threading.Event()
                 self._thread = threading.Thread(
@@ -178,16 +179,26 @@ class Watch:
             self._count -= 1
             if self._count:
                 return
-            self._idle += 1
-            idle = self._idle
-        timer = threading.Timer(LINGER, self._linger_over, args=(idle,))
-        timer.daemon = True
-        timer.name = "batchtrack-watch-linger"
-        timer.start()
+            self._idle_since = time.monotonic()
+            if self._timer is None:  # one timer at most, however often watchers come and go
+                self._arm(LINGER)
 
-    def _linger_over(self, idle: int) -> None:
+    def _arm(self, seconds: float) -> None:
+        """Check for the end of lingering in ``seconds`` (under the lock)."""
+        self._timer = threading.Timer(seconds, self._linger_over)
+        self._timer.daemon = True
+        self._timer.name = "batchtrack-watch-linger"
+        self._timer.start()
+
+    def _linger_over(self) -> None:
         with self._lock:
-            if self._count == 0 and self._idle == idle:
+            self._timer = None
+            if self._count or self._idle_since is None:
+                return  # watched again
+            left = self._idle_since + LINGER - time.monotonic()
+            if left > 0:
+                self._arm(left)  # watchers came and went meanwhile
+            else:
                 self._stop.set()
 
     def _run(self) -> None:
