@@ -655,6 +655,39 @@ def test_streams_poll_while_the_redis_subscription_is_down_and_it_comes_back(
             admin.close()
 
 
+class Unreadable(CountingStore):
+    """A counting store whose reads fail with StoreError while ``failing`` is set."""
+
+    failing = False
+
+    def _count(self) -> None:
+        super()._count()
+        if self.failing:
+            raise StoreError("the store is away")
+
+
+@pytest.mark.parametrize("server", ["uvicorn", "wsgiref"])
+def test_a_stream_outlives_reads_that_fail(tmp_path: Path, server: str) -> None:
+    """While the store cannot be read the stream stays open, and it sends the change
+    once the store answers again (tried every events_poll)."""
+    store = Unreadable(MemoryStore())
+    batch_id, items = _batch(store.inner)
+    with serving(store, server, tmp_path, events_poll=0.1) as base:
+        follower = Follower(base, batch_id)
+        try:
+            assert _until(lambda: follower.events)
+            store.failing = True
+            BatchTracker(store.inner).start_item(batch_id, items[0])
+            assert _until(lambda: store.reads >= 3)  # woken, then trying again and again
+            assert follower.versions() == [0]
+            store.failing = False
+            assert _until(lambda: follower.versions() == [0, 1])
+            assert follower.error is None
+            assert not follower.ended
+        finally:
+            follower.close()
+
+
 # -- Orchestrator.wait -----------------------------------------------------------------------
 
 

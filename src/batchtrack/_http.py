@@ -50,7 +50,7 @@ from ._wire import (
     status_url,
 )
 from ._zip import ResultsZip
-from .exceptions import BatchNotFound, OrchestratorClosed, ValidationError
+from .exceptions import BatchNotFound, OrchestratorClosed, StoreError, ValidationError
 from .stores.memory import MemoryStore
 from .typing import Runner
 from .uploads import (
@@ -176,11 +176,12 @@ class EventStream:
     _subscription: Subscription | None = attrs.field(default=None, init=False)
     _seen: int = attrs.field(default=-1, init=False)  # the batch's change count when read
     _expires: float = attrs.field(default=math.inf, init=False)  # time.monotonic()'s
+    _failing: bool = attrs.field(default=False, init=False)  # the last read failed
 
     @property
     def interval(self) -> float:
         subscription = self._subscription
-        if subscription is None or not subscription.live:
+        if subscription is None or not subscription.live or self._failing:
             return self.api.events_poll
         due = min(self.last_write + self.api.heartbeat, self._expires)
         return max(due - time.monotonic(), 0.0) + 0.001
@@ -198,18 +199,19 @@ class EventStream:
             return None
         subscription = self._subscription
         now = time.monotonic()
-        if subscription is None or not subscription.live:
-            read = self._read(self.owner)
-        else:
-            changes = subscription.changes
-            if self.version == -1 or changes != self._seen or now >= self._expires:
-                self._seen = changes
-                key = (self.delta, self._since())  # what the event holds
-                read = subscription.shared(key, changes, lambda: self._read(None))
-                if read is not None and read.owner != self.owner:
-                    read = None
+        try:
+            if subscription is None or not subscription.live:
+                read = self._read(self.owner)
+            elif self._stale(subscription, now):
+                read = self._shared(subscription)
             else:
                 read = _UNCHANGED
+            self._failing = False
+        except StoreError as exc:  # the store is away: the stream stays, and reads again
+            if not self._failing:
+                log.info("batchtrack: events of batch %s: cannot read it: %s", self.batch_id, exc)
+            self._failing = True
+            read = _UNCHANGED
         if read is None:
             return None
         if read is not _UNCHANGED:
@@ -225,6 +227,25 @@ class EventStream:
             self.last_write = now
             return [b": keep-alive\n\n"]
         return []
+
+    def _stale(self, subscription: Subscription, now: float) -> bool:
+        """Whether what the stream sent may be out of date: a change was reported since,
+        the batch may have expired, or there was no good read yet."""
+        return (
+            self.version == -1
+            or self._failing
+            or subscription.changes != self._seen
+            or now >= self._expires
+        )
+
+    def _shared(self, subscription: Subscription) -> _Read | None:
+        """The batch as it is since the last change reported, read once for all the
+        process's streams that want the same event; None when it is not the caller's."""
+        changes = subscription.changes
+        self._seen = changes
+        key = (self.delta, self._since())  # what the event holds
+        read = subscription.shared(key, changes, lambda: self._read(None))
+        return None if read is not None and read.owner != self.owner else read
 
     def _since(self) -> int | None:
         """The version whose changes the next event carries (None: the whole batch)."""
