@@ -32,7 +32,6 @@ import shutil
 import subprocess
 import sys
 import tempfile
-import threading
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -49,6 +48,7 @@ HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE.parent / "tests"))
 
 from counting_store import CountingStore  # noqa: E402
+from http_support import uvicorn_server  # noqa: E402
 
 SESSION = "b" * 32
 OWNER = f"session:{SESSION}"
@@ -160,37 +160,13 @@ class Clients:
 @contextlib.contextmanager
 def _serving(store: Store, folder: Path) -> Iterator[str]:
     """The ASGI app over ``store`` under uvicorn in a thread; yields the base URL."""
-    import socket
-
-    import uvicorn
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = int(s.getsockname()[1])
     tracker = BatchTracker(store)
     runner = Orchestrator(tracker, lambda item: None, concurrency=1)
     app = create_app(tracker, runner, UploadStore(folder / "uploads"), events_poll=0.5)
-    config = uvicorn.Config(
-        app,
-        host="127.0.0.1",
-        port=port,
-        log_level="warning",
-        access_log=False,
-        lifespan="on",
-        backlog=2048,
-    )
-    server = uvicorn.Server(config)
-    thread = threading.Thread(target=server.run, daemon=True)
-    thread.start()
-    while not server.started:
-        if not thread.is_alive():
-            raise RuntimeError("uvicorn did not start")
-        time.sleep(0.01)
     try:
-        yield f"http://127.0.0.1:{port}"
+        with uvicorn_server(app) as base:  # the tests' real server
+            yield base
     finally:
-        server.should_exit = True
-        thread.join(30)
         runner.close()
 
 
