@@ -23,6 +23,7 @@ from batchtrack import asgi as asgi_module
 from batchtrack import wsgi as wsgi_module
 from batchtrack.exceptions import ProcessingError
 from batchtrack.imaging import ImagePipeline
+from batchtrack.stores.base import Store
 from batchtrack.uploads import UploadStore
 
 TRANSPORTS = ["asgi", "wsgi", "uvicorn", "wsgiref"]
@@ -295,7 +296,7 @@ class Service:
     """A tracker, a runner over the :class:`TestProcessor`, uploads; and both apps.
 
     The runner is an orchestrator unless ``runner`` makes another one from the tracker
-    and the processor.
+    and the processor; the store a :class:`MemoryStore` unless ``store`` is given.
     """
 
     def __init__(
@@ -303,10 +304,11 @@ class Service:
         root: Path,
         *,
         runner: Callable[[BatchTracker, TestProcessor], Any] | None = None,
+        store: Store | None = None,
         **app_options: Any,
     ) -> None:
         (root / "out").mkdir(parents=True, exist_ok=True)
-        self.tracker = BatchTracker()
+        self.tracker = BatchTracker(store)
         self.switch = root / "failing"
         self.processor = TestProcessor(ImagePipeline(root / "out", max_size=256), self.switch)
         self.orchestrator = Orchestrator(self.tracker, self.processor, concurrency=2)

@@ -13,7 +13,7 @@ from typing import Any
 import pytest
 
 pytest.importorskip("python_multipart")
-from batchtrack import BatchTracker, Item, Status, ValidationError
+from batchtrack import BatchTracker, Item, SQLiteStore, Status, ValidationError
 from batchtrack import wsgi as wsgi_module
 from batchtrack._http import COOKIE
 from http_support import (
@@ -872,7 +872,8 @@ def test_shells_stay_thin() -> None:
 def test_events_stream_stops_polling_when_the_client_leaves(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    """Under uvicorn, closing the events stream mid-batch stops its polling at once."""
+    """Under uvicorn, closing the events stream mid-batch stops its polling at once (on
+    a store that cannot listen, so that the stream polls)."""
     import httpx
 
     from batchtrack._http import EventStream
@@ -886,7 +887,7 @@ def test_events_stream_stops_polling_when_the_client_leaves(
         return real_poll(self)
 
     monkeypatch.setattr(EventStream, "poll", counting_poll)
-    service = Service(tmp_path)
+    service = Service(tmp_path, store=SQLiteStore(tmp_path / "batches.db"))
     try:
         batch = service.tracker.create_batch(["a.jpg"], owner="session:" + "c" * 32)
         with uvicorn_server(service.asgi) as base:

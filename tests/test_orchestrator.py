@@ -5,6 +5,7 @@ from __future__ import annotations
 import logging
 import threading
 import time
+import uuid
 from collections.abc import Callable, Iterator
 from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
@@ -309,11 +310,14 @@ def test_non_callable_on_progress_is_rejected(orchestrator: Callable[..., Orches
 def test_wait_for_a_batch_never_submitted_here(
     orchestrator: Callable[..., Orchestrator], tracker: BatchTracker
 ) -> None:
-    """wait() on an unfinished batch from elsewhere raises BatchNotFound; a timeout too."""
+    """wait() on an unfinished batch from elsewhere waits for it, up to its timeout; an
+    unknown batch raises BatchNotFound; a batch of its own that is late, TimeoutError."""
     orch = orchestrator(upper)
     other = tracker.create_batch(["x.jpg"])
+    with pytest.raises(TimeoutError):
+        orch.wait(other.batch_id, timeout=0.05)
     with pytest.raises(BatchNotFound):
-        orch.wait(other.batch_id)
+        orch.wait(str(uuid.uuid4()), timeout=5)
     gate = Gate()
     slow = orchestrator(gate)
     snap = slow.submit(["a.jpg"])

@@ -36,6 +36,7 @@ from ._models import Item, ProgressEvent
 from ._page import Page
 from ._query import find_items, wants_delta
 from ._tracker import BatchTracker
+from ._watch import Subscription, subscribe
 from ._wire import (
     Body,
     BodyTooLarge,
@@ -172,48 +173,130 @@ def _results_of(runner: Runner) -> ResultFiles | None:
     return result_files(output) if isinstance(output, (str, os.PathLike)) else None
 
 
+@attrs.frozen
+class _Read:
+    """What one read of a batch gives an events stream: the next event and what decides
+    whether to send it (made once per change when watchers share it)."""
+
+    owner: str | None
+    version: int
+    final: bool
+    expires_at: float  # by the tracker's clock
+    chunk: bytes  # the event, ready to send
+
+
 @attrs.define(eq=False)
 class EventStream:
     """Server-sent events for one batch: a :class:`~batchtrack._wire.Stream`.
 
-    Polling instead of blocking keeps no thread waiting between events.
+    On a store that can listen (:mod:`batchtrack._watch`) it reads the batch only when
+    the store reports a change, and that read is shared by every stream of the process
+    on the batch (made as a trusted reader; each stream checks the owner itself); in
+    between it sends only keep-alives. On a store that cannot, and while the store's
+    channel is down, it reads the batch every ``events_poll`` seconds. Either way no
+    thread waits between two polls.
     """
 
     api: Api
     batch_id: str
     owner: str
     delta: bool = False  # after the first event, only the items changed since the last
-    version: int = -1
+    version: int = -1  # of the last event sent; -1 before the first, -2 once final
     last_write: float = attrs.field(factory=time.monotonic)
+    _subscription: Subscription | None = attrs.field(default=None, init=False)
+    _seen: int = attrs.field(default=-1, init=False)  # the batch's change count when read
+    _expires: float = attrs.field(default=math.inf, init=False)  # time.monotonic()'s
+    _failing: bool = attrs.field(default=False, init=False)  # the last read failed
 
     @property
     def interval(self) -> float:
-        return self.api.events_poll
+        subscription = self._subscription
+        if subscription is None or not subscription.live or self._failing:
+            return self.api.events_poll
+        due = min(self.last_write + self.api.heartbeat, self._expires)
+        return max(due - time.monotonic(), 0.0) + 0.001
+
+    def open(self, wake: Callable[[], None]) -> None:
+        self._subscription = subscribe(self.api.tracker.store, self.batch_id, wake)
+
+    def close(self) -> None:
+        if self._subscription is not None:
+            self._subscription.close()
 
     def poll(self) -> list[bytes] | None:
         """The chunks to send now (maybe none); None when the stream is over."""
         if self.version == -2:
             return None
-        try:
-            if self.delta and self.version >= 0:
-                snap = self.api.tracker.get(self.batch_id, owner=self.owner, since=self.version)
-            else:
-                snap = self.api.tracker.get(self.batch_id, owner=self.owner)
-        except BatchNotFound:
-            return None
+        subscription = self._subscription
         now = time.monotonic()
-        if snap.version != self.version:
-            self.version = -2 if snap.status.is_final else snap.version
-            self.last_write = now
-            fields = snap.to_dict()
-            if self.delta:
-                fields["version"] = snap.version
-            body = dumps(fields).decode()
-            return [f"id: {snap.version}\ndata: {body}\n\n".encode()]
+        try:
+            if subscription is None or not subscription.live:
+                read = self._read(self.owner)
+            elif self._stale(subscription, now):
+                read = self._shared(subscription)
+            else:
+                read = _UNCHANGED
+            self._failing = False
+        except StoreError as exc:  # the store is away: the stream stays, and reads again
+            if not self._failing:
+                log.info("batchtrack: events of batch %s: cannot read it: %s", self.batch_id, exc)
+            self._failing = True
+            read = _UNCHANGED
+        if read is None:
+            return None
+        if read is not _UNCHANGED:
+            clock = self.api.tracker.clock()
+            if read.expires_at <= clock:
+                return None
+            self._expires = now + (read.expires_at - clock)
+            if read.version != self.version:
+                self.version = -2 if read.final else read.version
+                self.last_write = now
+                return [read.chunk]
         if now - self.last_write >= self.api.heartbeat:
             self.last_write = now
             return [b": keep-alive\n\n"]
         return []
+
+    def _stale(self, subscription: Subscription, now: float) -> bool:
+        """Whether what the stream sent may be out of date: a change was reported since,
+        the batch may have expired, or there was no good read yet."""
+        return (
+            self.version == -1
+            or self._failing
+            or subscription.changes != self._seen
+            or now >= self._expires
+        )
+
+    def _shared(self, subscription: Subscription) -> _Read | None:
+        """The batch as it is since the last change reported, read once for all the
+        process's streams that want the same event; None when it is not the caller's."""
+        changes = subscription.changes
+        self._seen = changes
+        key = (self.delta, self._since())  # what the event holds
+        read = subscription.shared(key, changes, lambda: self._read(None))
+        return None if read is not None and read.owner != self.owner else read
+
+    def _since(self) -> int | None:
+        """The version whose changes the next event carries (None: the whole batch)."""
+        return self.version if self.delta and self.version >= 0 else None
+
+    def _read(self, owner: str | None) -> _Read | None:
+        """Read the batch now, as ``owner`` (None: trusted); None when it is not found."""
+        try:
+            snap, expires_at = self.api.tracker._watched(self.batch_id, owner, self._since())
+        except BatchNotFound:
+            return None
+        fields = snap.to_dict()
+        if self.delta:
+            fields["version"] = snap.version
+        body = dumps(fields).decode()
+        chunk = f"id: {snap.version}\ndata: {body}\n\n".encode()
+        return _Read(snap.owner, snap.version, snap.status.is_final, expires_at, chunk)
+
+
+_UNCHANGED = _Read(None, -1, False, math.inf, b"")
+"""What :meth:`EventStream.poll` makes of a poll that reads nothing."""
 
 
 @attrs.define(eq=False)

@@ -20,6 +20,7 @@ import attrs
 from ._closing import Closing
 from ._models import BatchSnapshot, Item, ProgressEvent, Status
 from ._tracker import CANCELLED, BatchTracker
+from ._watch import subscribe
 from .exceptions import (
     BatchNotFound,
     BatchtrackError,
@@ -39,6 +40,8 @@ _T = TypeVar("_T")
 ItemLike = Union[Item, str, "os.PathLike[str]"]
 _MAX_MESSAGE = 300
 _FINISHED_KEPT = 4096  # batches whose run here ended, remembered for wait()
+_WAIT_POLL = 0.5  # seconds between reads of a batch run elsewhere, on a store that cannot listen
+_WAIT_CHECK = 60.0  # ... on one that can: a read now and then all the same, for expiry
 # A path starts after a space, quote or bracket: never inside a URL (s3://bucket/key).
 _PATH = re.compile(r"(?<![\w:/\\])(?:[A-Za-z]:)?(?:[\\/][^\s\\/'\"():,;]+)+[\\/]?")
 
@@ -330,23 +333,57 @@ class Orchestrator(Closing):
         self._pump()
 
     def wait(self, batch_id: str, timeout: float | None = None) -> BatchSnapshot:
-        """Wait until a batch submitted here is finished and every callback has run.
+        """Wait until a batch is finished and, for one submitted here, every callback has
+        run.
+
+        A batch not running here (run by another process, another orchestrator, a Celery
+        worker) is waited for through the store: woken by it when it can listen
+        (:attr:`Store.can_listen <batchtrack.stores.base.Store.can_listen>`: memory,
+        Redis), else reading it every 0.5 s. Nothing may ever run it: give a ``timeout``.
 
         Returns:
-            The final snapshot.
+            The final snapshot; for a batch whose run here ended without finishing it
+            (its items were left to a store outage, or to another worker), the
+            snapshot as it is.
 
         Raises:
-            BatchNotFound: The batch was not submitted to (or resumed by) this
-                orchestrator lately and is not finished either.
+            BatchNotFound: The batch does not exist, has expired, or was deleted while
+                waiting.
             TimeoutError: It did not finish within ``timeout`` seconds.
         """
         run = self._runs.get(batch_id)
+        if run is None and batch_id not in self._finished:
+            return self._wait_elsewhere(batch_id, timeout)
         if run is not None and not run.done.wait(timeout):
             raise TimeoutError(f"batch {batch_id!r} did not finish within {timeout} s")
-        snap = self._retrying(f"reading batch {batch_id}", lambda: self.tracker.get(batch_id))
-        if run is None and not snap.status.is_final and batch_id not in self._finished:
-            raise BatchNotFound(batch_id)
-        return snap
+        return self._retrying(f"reading batch {batch_id}", lambda: self.tracker.get(batch_id))
+
+    def _wait_elsewhere(self, batch_id: str, timeout: float | None) -> BatchSnapshot:
+        """:meth:`wait` for a batch that runs elsewhere: its header is read whenever the
+        store reports a change of it (at the latest every :data:`_WAIT_CHECK` s, for an
+        expiry nobody reports), or every :data:`_WAIT_POLL` s while the store cannot."""
+        deadline = None if timeout is None else time.monotonic() + timeout
+        woken = threading.Event()
+        subscription = subscribe(self.tracker.store, batch_id, woken.set)
+        what = f"reading batch {batch_id}"
+        try:
+            while True:
+                woken.clear()  # before the read: a change during it wakes the next wait
+                head = self._retrying(what, lambda: self.tracker.get(batch_id, items=False))
+                if head.status.is_final:
+                    return self._retrying(what, lambda: self.tracker.get(batch_id))
+                pause = (
+                    _WAIT_CHECK if subscription is not None and subscription.live else _WAIT_POLL
+                )
+                if deadline is not None:
+                    left = deadline - time.monotonic()
+                    if left <= 0:
+                        raise TimeoutError(f"batch {batch_id!r} did not finish within {timeout} s")
+                    pause = min(pause, left)
+                woken.wait(pause)
+        finally:
+            if subscription is not None:
+                subscription.close()
 
     def run(
         self,

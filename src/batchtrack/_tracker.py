@@ -786,6 +786,24 @@ class BatchTracker(Closing):
         eta, eta_range = _eta.estimate(record.progress, record.created_at, record.stats, now)
         return record.version, eta, eta_range
 
+    def _watched(
+        self, batch_id: str, owner: str | None, since: int | None
+    ) -> tuple[BatchSnapshot, float]:
+        """What :meth:`get` answers with ``since`` (all items when None), and the moment
+        the batch expires by :attr:`clock` unless it changes again: what a watcher needs
+        to know when to look again even if nothing is reported.
+
+        Raises:
+            BatchNotFound: As for :meth:`get`.
+        """
+        now = self.clock()
+        if since is None:
+            record = self._visible(batch_id, owner, items=True, now=now)
+            return self._snapshot(record, now), record.expires_at
+        query = ItemQuery(since=since)
+        record = self._visible(batch_id, owner, items=query, now=now)
+        return attrs.evolve(self._snapshot(record, now), query=query), record.expires_at
+
     def _snapshot(self, record: BatchRecord, now: float) -> BatchSnapshot:
         progress = record.progress
         eta, eta_range = _eta.estimate(progress, record.created_at, record.stats, now)

@@ -194,15 +194,29 @@ class Request:
 class Stream(Protocol):
     """A response body that the shell polls, such as server-sent events.
 
-    The shell calls :meth:`poll` every :attr:`interval` seconds (in a thread for ASGI)
-    and writes what it returns, until it returns None or the client goes away.
+    The shell calls :meth:`open` once with a ``wake`` callable, then :meth:`poll` (in a
+    thread for ASGI) and writes what it returns, then waits until ``wake()`` is called
+    or :attr:`interval` seconds have passed, and polls again; until :meth:`poll` returns
+    None or the client goes away. Then it calls :meth:`close`, whatever happened. The
+    wait holds no thread under ASGI.
     """
 
     @property
-    def interval(self) -> float: ...
+    def interval(self) -> float:
+        """The longest wait before the next :meth:`poll` (read after each poll)."""
+        ...
+
+    def open(self, wake: Callable[[], None]) -> None:
+        """Called before the first poll; ``wake()``, callable from any thread at any time
+        and returning at once, makes the shell poll without waiting any longer."""
+        ...
 
     def poll(self) -> list[bytes] | None:
         """The chunks to send now (maybe none); None when the stream is over."""
+        ...
+
+    def close(self) -> None:
+        """The response is over (ended, or the client left)."""
         ...
 
 

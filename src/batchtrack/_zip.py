@@ -11,6 +11,7 @@ from __future__ import annotations
 import logging
 import re
 import zipfile
+from collections.abc import Callable
 from pathlib import Path, PurePosixPath
 from typing import IO
 from urllib.parse import quote
@@ -95,6 +96,14 @@ class ZipStream:
     _source: IO[bytes] | None = attrs.field(init=False, default=None)
     _target: IO[bytes] | None = attrs.field(init=False, default=None)
     _done: bool = attrs.field(init=False, default=False)
+
+    def open(self, wake: Callable[[], None]) -> None:
+        """Nothing to wait for: each poll sends the next part at once."""
+
+    def close(self) -> None:
+        """The response is over: a result file still open (the client left) is closed."""
+        if self._source is not None:
+            self._source.close()
 
     def poll(self) -> list[bytes] | None:
         """The next part of the archive; None once all of it was sent."""

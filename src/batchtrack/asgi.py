@@ -149,27 +149,35 @@ class App:
             return self.api.handle(request)
 
     async def _stream(self, stream: Stream, receive: Receive, send: Send) -> None:
-        gone = asyncio.Event()
+        loop = asyncio.get_running_loop()
+        woken = asyncio.Event()  # by the stream's wake-up, or by the client leaving
+
+        def wake() -> None:  # from any thread
+            with contextlib.suppress(RuntimeError):  # the loop is closed: nobody waits
+                loop.call_soon_threadsafe(woken.set)
 
         async def watch() -> None:
             while (await receive())["type"] != "http.disconnect":
                 pass
-            gone.set()
+            woken.set()
 
         watcher = asyncio.ensure_future(watch())
+        stream.open(wake)
         try:
-            while not gone.is_set():
+            while not watcher.done():
+                woken.clear()  # before the poll: a wake-up during it polls again at once
                 chunks = await self._run(stream.poll)  # a short call: no thread waits between
                 if chunks is None:
                     break
                 for chunk in chunks:
                     await send({"type": "http.response.body", "body": chunk, "more_body": True})
                 with contextlib.suppress(asyncio.TimeoutError):
-                    await asyncio.wait_for(gone.wait(), stream.interval)
-            if not gone.is_set():
+                    await asyncio.wait_for(woken.wait(), stream.interval)
+            if not watcher.done():
                 await send({"type": "http.response.body", "body": b""})
         finally:
             watcher.cancel()
+            stream.close()
 
 
 def create_app(

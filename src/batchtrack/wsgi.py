@@ -7,6 +7,7 @@ client holds that server thread while its body arrives: see :func:`create_app`.
 
 from __future__ import annotations
 
+import threading
 import time
 from collections.abc import Callable, Iterable, Iterator
 from http import HTTPStatus
@@ -90,9 +91,18 @@ class App:
 
 def _events(stream: Stream) -> Iterator[bytes]:
     """The event stream; the server closes the generator when the client goes away."""
-    while (chunks := stream.poll()) is not None:
-        yield from chunks
-        time.sleep(stream.interval)
+    woken = threading.Event()
+    stream.open(woken.set)
+    try:
+        while True:
+            woken.clear()  # before the poll: a wake-up during it polls again at once
+            chunks = stream.poll()
+            if chunks is None:
+                return
+            yield from chunks
+            woken.wait(stream.interval)
+    finally:
+        stream.close()
 
 
 def create_app(

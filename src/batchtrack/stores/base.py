@@ -9,15 +9,18 @@ transition in one step of its own (a lock, one SQL transaction, one Lua script) 
 read-modify-write races between threads, processes or hosts.
 
 To write a store, subclass :class:`Store` and run :mod:`batchtrack.testing`'s
-conformance suite against it.
+conformance suite against it. A store that can tell when a batch changes (a pub/sub
+channel, LISTEN/NOTIFY) also implements :meth:`Store.listen`, so that watchers are woken
+instead of polling it.
 """
 
 from __future__ import annotations
 
 import enum
 import struct
+import threading
 from abc import ABC, abstractmethod
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 
 import attrs
 
@@ -285,7 +288,40 @@ class Store(Closing, ABC):
 
     Stores that share their data between processes or hosts (SQLite, Redis) must keep
     :meth:`apply` atomic across all of them too.
+
+    Attributes:
+        can_listen: True on stores that implement :meth:`listen` (a class attribute).
+            Watchers of a store that cannot listen read it again every few moments.
     """
+
+    can_listen: bool = False
+
+    def listen(self, on_change: Callable[[str | None], None], stop: threading.Event) -> None:
+        """Block until ``stop`` is set, calling ``on_change(batch_id)`` for every change any
+        process makes to a batch (create, every applied transition, retry/cancel,
+        delete/expiry).
+
+        Calls ``on_change(None)`` once as soon as the subscription is in place (meaning:
+        anything may have changed before now, re-read). Checks ``stop`` at least once a
+        second. batchtrack runs one listener per store and process, in a thread of its
+        own (:mod:`batchtrack._watch`), and wakes every watcher of the batch named.
+
+        What is not a change: a transition that did not apply (:attr:`Outcome.UNCHANGED`,
+        :attr:`Outcome.REJECTED`) and a lease renewal (:meth:`renew`) change nothing a
+        watcher sees, so they need not be told. A batch that expires without anyone
+        removing it is not told either: watchers know its ``expires_at``. A spurious call
+        (a batch that did not change) costs a watcher one read and is allowed.
+
+        ``on_change`` returns at once and never raises. Call it from the listening
+        thread, not from the threads that make changes: it wakes every watcher of the
+        batch, which is not work for a writer's hot path.
+
+        Raises:
+            StoreError: The notification connection dropped (the caller falls back to
+                polling and calls listen again later).
+            NotImplementedError: The store cannot listen (:attr:`can_listen` is False).
+        """
+        raise NotImplementedError(f"{type(self).__name__} cannot listen for changes")
 
     @abstractmethod
     def create(self, batch: BatchRecord, items: Sequence[ItemSnapshot]) -> None:

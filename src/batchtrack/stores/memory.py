@@ -4,9 +4,10 @@ from __future__ import annotations
 
 import heapq
 import itertools
+import queue
 import threading
 from array import array
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 import attrs
@@ -29,6 +30,7 @@ __all__ = ["MemoryStore"]
 
 _PENDING = Status.PENDING
 _PROCESSING = Status.PROCESSING
+_APPLIED = Outcome.APPLIED
 
 
 @attrs.define
@@ -150,9 +152,17 @@ class MemoryStore(Store):
 
     The default store of :class:`~batchtrack.BatchTracker`. Every method is atomic
     with respect to every other; nothing is shared with other processes.
+
+    It can :meth:`listen`: every change is handed to each listener's queue (a cheap put
+    in the writer's thread) and reported from the listener's own thread.
     """
 
+    can_listen = True
+
     _lock: threading.Lock = attrs.field(factory=threading.Lock, init=False)
+    # One queue per running listen(), replaced (never changed) under the lock, so writers
+    # read it without taking the lock.
+    _listeners: tuple[queue.SimpleQueue[str | None], ...] = attrs.field(default=(), init=False)
     _batches: dict[str, _Batch] = attrs.field(factory=dict, init=False)
     # Every lease handed out: (lease_until, batch id, position). Entries whose item has
     # moved on or renewed are dropped when they come due, so listing lost items costs
@@ -187,6 +197,28 @@ class MemoryStore(Store):
             if batch.batch_id in self._batches:
                 raise StoreError(f"batch {batch.batch_id!r} exists already")
             self._batches[batch.batch_id] = state
+        self._changed(batch.batch_id)
+
+    def _changed(self, batch_id: str) -> None:
+        """Tell every listener that ``batch_id`` changed (after the change is visible)."""
+        for listener in self._listeners:
+            listener.put(batch_id)
+
+    def listen(self, on_change: Callable[[str | None], None], stop: threading.Event) -> None:
+        changes: queue.SimpleQueue[str | None] = queue.SimpleQueue()
+        with self._lock:
+            self._listeners = (*self._listeners, changes)
+        try:
+            on_change(None)
+            while not stop.is_set():
+                try:
+                    batch_id = changes.get(timeout=0.5)
+                except queue.Empty:
+                    continue
+                on_change(batch_id)
+        finally:
+            with self._lock:
+                self._listeners = tuple(q for q in self._listeners if q is not changes)
 
     def _find(self, batch_id: str, item_id: str, at: float) -> tuple[_Batch, int]:
         state = self._batches.get(batch_id)
@@ -220,7 +252,10 @@ class MemoryStore(Store):
                 state.move(position, transition)
                 if transition.lease_until is not None:
                     heapq.heappush(self._leases, (transition.lease_until, batch_id, position))
-            return self._result(outcome, previous, state, position)
+            result = self._result(outcome, previous, state, position)
+        if outcome is _APPLIED and self._listeners:
+            self._changed(batch_id)
+        return result
 
     def __init_subclass__(cls, **kwargs: Any) -> None:
         super().__init_subclass__(**kwargs)
@@ -258,7 +293,7 @@ class MemoryStore(Store):
                 )
                 if lease_until is not None:
                     heapq.heappush(self._leases, (lease_until, batch_id, position))
-            return (
+            answer = (
                 outcome,
                 previous,
                 state.items[position],
@@ -268,6 +303,9 @@ class MemoryStore(Store):
                 state.expires_at,
                 state.stats,
             )
+        if outcome is _APPLIED and self._listeners:
+            self._changed(batch_id)
+        return answer
 
     @staticmethod
     def _result(
@@ -330,7 +368,10 @@ class MemoryStore(Store):
                 for position in sorted(set(positions)):  # in creation order
                     state.move(position, transition)
             applied = 0 if rejected else len(set(positions))
-            return BulkResult(applied, rejected, state.progress, state.version)
+            result = BulkResult(applied, rejected, state.progress, state.version)
+        if applied:
+            self._changed(batch_id)
+        return result
 
     def lost(self, now: float, limit: int) -> list[LostItem]:
         found: list[LostItem] = []
@@ -383,7 +424,10 @@ class MemoryStore(Store):
 
     def delete(self, batch_id: str) -> bool:
         with self._lock:
-            return self._batches.pop(batch_id, None) is not None
+            removed = self._batches.pop(batch_id, None) is not None
+        if removed:
+            self._changed(batch_id)
+        return removed
 
     def expired(self, now: float, limit: int) -> list[str]:
         with self._lock:
@@ -398,6 +442,8 @@ class MemoryStore(Store):
             if expired:
                 self._leases = [e for e in self._leases if e[1] in self._batches]
                 heapq.heapify(self._leases)
+        for batch_id in expired:
+            self._changed(batch_id)
         return len(expired)
 
 

@@ -20,21 +20,31 @@ Keys, under ``prefix`` (default ``batchtrack:``):
 - ``leases`` — a sorted set of ``<batch>\x1f<item>`` by ``lease_until``, one member per
   processing item, for :meth:`RedisStore.lost`.
 
+Every change to a batch (creation, each applied transition, retry and cancel, deletion,
+removal by ``cleanup()``) is published on the channel ``<prefix>changes``, with the batch
+id as the message, from inside the very script (or ``MULTI``) that makes it:
+:meth:`RedisStore.listen` subscribes to it.
+
 The five batch keys carry a Redis TTL (the batch's own expiry plus a minute), so a batch
 nobody sweeps still disappears; ``cleanup()`` works all the same.
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 import struct
+import threading
+import time
 import uuid
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 try:
     import redis
+    from redis.backoff import NoBackoff
     from redis.exceptions import RedisError
+    from redis.retry import Retry
 except ImportError as exc:  # pragma: no cover - depends on the environment
     raise ImportError(
         "batchtrack.stores.redis needs redis-py: pip install 'batchtrack[redis]'"
@@ -85,6 +95,16 @@ _CREATE_PIPELINE = 20  # staging calls sent per round trip
 _STAGING_TTL = 3600  # seconds staged items of a creator that died are kept
 _SLACK = 60  # seconds a key outlives the batch's own expiry, for clock skew
 _PURGE_CHUNK = 500
+_PING_AFTER = 5.0  # seconds of silence on the listening connection before a PING
+_DEAD_AFTER = 15.0  # seconds of silence (no answer to it either) that mean it is gone
+
+# Publishes a change of batch `id` on <prefix>changes. KEYS[4] is always <prefix>expiry
+# (_keys' order), so the channel is made from it: channels are not keys.
+_NOTIFY = """
+local function notify(id)
+  redis.call('PUBLISH', string.sub(KEYS[4], 1, -7) .. 'changes', id)
+end
+"""
 
 # A batch is created in two steps, so that 100,000 items never travel in one command:
 # its items are written in pipelined chunks to staging keys (_STAGE), then one script
@@ -115,7 +135,9 @@ return 1
 # KEYS: the batch keys (_keys' order), then the staged items hash, order list and status
 # zset. ARGV: batch id, slack, then the header's field/value pairs.
 # Returns 1, or 0 (and deletes the staged keys) when the batch exists already.
-_CREATE = """
+_CREATE = (
+    _NOTIFY
+    + """
 if redis.call('EXISTS', KEYS[1]) == 1 then
   redis.call('DEL', KEYS[8], KEYS[9], KEYS[10])
   return 0
@@ -136,12 +158,16 @@ local ttl = math.max(1, math.ceil(expires - created + tonumber(ARGV[2])))
 redis.call('ZADD', KEYS[6], -1, string.char(31))
 for _, i in ipairs({1, 2, 3, 6, 7}) do redis.call('EXPIRE', KEYS[i], ttl) end
 redis.call('ZADD', KEYS[4], expires, ARGV[1])
+notify(ARGV[1])
 return 1
 """
+)
 
 # Shared by the scripts below: KEYS are always batch hash, items hash, order list, expiry
 # zset, leases zset, changes zset, status zset (_keys' order).
-_PRELUDE = """
+_PRELUDE = (
+    _NOTIFY
+    + """
 local SEP = string.char(31)  -- pack_stats' separator between names
 local header_fields = {'owner', 'created_at', 'updated_at', 'finished_at', 'expires_at',
   'version', 'total', 'completed', 'failed', 'processing', 'pending', 'stats'}
@@ -203,6 +229,7 @@ local function settle(head, counts, changes, at, expires_open, expires_finished)
   return update, finished, new_expiry
 end
 """
+)
 
 # ARGV: batch id, item id, target code, source codes, at, error ('' = none),
 #       expires_open, expires_finished, slack, lease_until ('' = none), attempts ('+' add
@@ -287,6 +314,7 @@ for g = 0, tonumber(ARGV[14]) - 1 do
 end
 redis.call('HSET', KEYS[1], unpack(update))
 refresh_ttl(ARGV[1], new_expiry, at, ARGV[9], finished)
+notify(ARGV[1])
 return answer('applied', previous, raw, update)
 """
 )
@@ -368,6 +396,7 @@ if #chosen > 0 then
   local update, finished, new_expiry = settle(head, counts, #chosen, ARGV[5], ARGV[7], ARGV[8])
   redis.call('HSET', KEYS[1], unpack(update))
   refresh_ttl(ARGV[1], new_expiry, at, ARGV[9], finished)
+  notify(ARGV[1])
 end
 local values = redis.call('HMGET', KEYS[1], unpack(header_fields))
 table.remove(values)
@@ -522,6 +551,7 @@ for _, id in ipairs(ids) do
     redis.call('DEL', batch, ARGV[3] .. 'i:' .. id, ARGV[3] .. 'o:' .. id,
       ARGV[3] .. 'c:' .. id, ARGV[3] .. 's:' .. id)
     redis.call('ZREM', KEYS[1], id)
+    redis.call('PUBLISH', ARGV[3] .. 'changes', id)
     removed = removed + 1
   end
 end
@@ -640,7 +670,12 @@ class RedisStore(Store):
 
     Every method raises :class:`~batchtrack.StoreError` (the redis-py error attached) when
     the server cannot be reached or answers with an error: never a silent success.
+
+    Every change is published on the channel ``<prefix>changes``; :meth:`listen`
+    subscribes to it on a connection of its own.
     """
+
+    can_listen = True
 
     url: str | None
     prefix: str
@@ -659,6 +694,7 @@ class RedisStore(Store):
     # Per set of stats names: the names and powers as the transition script takes them
     # (the tracker's names always carry the same powers).
     _groups: dict[tuple[str, ...], tuple[str, str]]
+    _channel: str  # where every change is published
 
     def __init__(
         self, url: str | None = None, *, prefix: str = "batchtrack:", client: Any = None
@@ -693,6 +729,7 @@ class RedisStore(Store):
             client.register_script(_OPEN),
             client.register_script(_EXPIRED),
             {},
+            f"{prefix}changes",
         )
 
     def _keys(self, batch_id: str) -> list[str]:
@@ -717,6 +754,59 @@ class RedisStore(Store):
         """Release the connections (of a pool this store created)."""
         if self._owns_client:
             self._client.close()
+
+    def listen(self, on_change: Callable[[str | None], None], stop: threading.Event) -> None:
+        """Subscribe to ``<prefix>changes`` and report each published batch id.
+
+        The subscription has a connection of its own that never reconnects by itself:
+        when it drops (the server restarts, ``CLIENT KILL``, the network), this raises
+        :class:`~batchtrack.StoreError` and the caller decides when to listen again (that
+        listen reports ``on_change(None)`` once subscribed: what was published meanwhile
+        is lost). A silent connection is pinged after 5 s and given up after 15 s.
+        """
+        client, owned = self._listening_client()
+        pubsub = client.pubsub()
+        try:
+            pubsub.subscribe(self._channel)
+            heard = time.monotonic()
+            pinged = False
+            while not stop.is_set():
+                message = pubsub.get_message(timeout=1.0)
+                now = time.monotonic()
+                if message is None:
+                    if now - heard > _DEAD_AFTER:
+                        raise StoreError(
+                            f"Redis change notifications: no answer for {_DEAD_AFTER:g} s"
+                        )
+                    if now - heard > _PING_AFTER and not pinged:
+                        pubsub.ping()
+                        pinged = True
+                    continue
+                heard, pinged = now, False
+                if message["type"] == "message":
+                    on_change(message["data"].decode())
+                elif message["type"] == "subscribe":
+                    on_change(None)
+        except RedisError as exc:
+            raise StoreError(f"Redis change notifications stopped: {exc}") from exc
+        finally:
+            with contextlib.suppress(RedisError, OSError):
+                pubsub.close()
+                if owned:
+                    client.close()
+
+    def _listening_client(self) -> tuple[Any, bool]:
+        """A client for :meth:`listen` and whether it is ours to close: made from the URL
+        with retries off, so that a dropped subscription is an error here rather than a
+        silent reconnect (what was published meanwhile would be lost unnoticed). Given a
+        ``client`` instead of a URL, that client, retries and all: its reconnects come
+        back as a fresh ``subscribe`` confirmation, which reports ``on_change(None)``."""
+        if self.url is None:
+            return self._client, False
+        own = redis.Redis.from_url(
+            self.url, socket_timeout=10, socket_connect_timeout=5, retry=Retry(NoBackoff(), 0)
+        )
+        return own, True
 
     def create(self, batch: BatchRecord, items: Sequence[ItemSnapshot]) -> None:
         p = batch.progress
@@ -926,6 +1016,7 @@ class RedisStore(Store):
                 pipe.delete(keys[0])
                 pipe.delete(keys[1], keys[2], keys[5], keys[6])
                 pipe.zrem(keys[3], batch_id)
+                pipe.publish(self._channel, batch_id)  # also when there was none: harmless
                 removed = pipe.execute()[0]
         except RedisError as exc:
             raise StoreError(f"Redis failed to delete batch {batch_id!r}: {exc}") from exc
