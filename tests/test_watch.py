@@ -190,6 +190,22 @@ def redis_pair(redis_url: str) -> Iterator[tuple[Any, Any]]:
     two.close()
 
 
+@pytest.fixture
+def postgres_pair(postgres_url: str) -> Iterator[tuple[Any, Any]]:
+    """Two PostgresStore objects on the same server and tables (dropped after)."""
+    from batchtrack.stores.postgres import PostgresStore
+
+    prefix = f"w{uuid.uuid4().hex[:16]}_"
+    one = PostgresStore(postgres_url, table_prefix=prefix)
+    two = PostgresStore(postgres_url, table_prefix=prefix)
+    yield one, two
+    two.close()
+    with one._pool.connection() as conn:
+        for table in ("items", "batches", "schema"):
+            conn.execute(f"DROP TABLE IF EXISTS {prefix}{table} CASCADE")
+    one.close()
+
+
 _CHANGE_ELSEWHERE = """
 import sys
 from batchtrack import BatchTracker
@@ -498,15 +514,16 @@ def serving(store: Store, server: str, folder: Path, **options: Any) -> Iterator
         runner.close()
 
 
-@pytest.fixture(params=["memory", "redis"])
+@pytest.fixture(params=["memory", "redis", "postgres"])
 def shared_stores(request: pytest.FixtureRequest) -> Iterator[tuple[Store, Store]]:
     """(the server's store, another object on the same data): for memory, there is only
-    one object, changed from another thread and tracker; for Redis, another RedisStore."""
+    one object, changed from another thread and tracker; for Redis and PostgreSQL,
+    another store object on the same server."""
     if request.param == "memory":
         store = MemoryStore()
         yield store, store
         return
-    yield request.getfixturevalue("redis_pair")
+    yield request.getfixturevalue(f"{request.param}_pair")
 
 
 def _batch(store: Store, items: int = 1) -> tuple[str, list[str]]:
@@ -560,13 +577,14 @@ def test_a_redis_stream_is_woken_by_another_process(
             follower.close()
 
 
-@pytest.fixture(params=["memory", "redis"])
+@pytest.fixture(params=["memory", "redis", "postgres"])
 def counting(request: pytest.FixtureRequest) -> Iterator[CountingStore]:
-    """A store that counts its reads, over a memory store or a RedisStore."""
+    """A store that counts its reads, over a memory store, a RedisStore or a
+    PostgresStore."""
     if request.param == "memory":
         yield CountingStore(MemoryStore())
         return
-    one, _ = request.getfixturevalue("redis_pair")
+    one, _ = request.getfixturevalue(f"{request.param}_pair")
     yield CountingStore(one)
 
 
