@@ -168,6 +168,88 @@ def run(quick: bool = False) -> list[Comparison]:
                     rounds=rounds,
                 )
             )
+            results += _uses(ours, bare, n=n, rounds=rounds)
             return results
         finally:
             stop_seaweedfs(proc)
+
+
+def _uses(ours: object, bare: object, *, n: int, rounds: int) -> list[Comparison]:
+    """What users drive through the storage: uploads, result writes, the ZIP of a batch."""
+    import io
+
+    import obstore
+    from PIL import Image
+
+    from batchtrack._zip import ZipStream
+    from batchtrack.uploads import UploadStore
+
+    uploads = UploadStore(ours, prefix="uploads/", min_free_bytes=0)  # type: ignore[arg-type]
+    body = os.urandom(2**20)
+
+    def upload() -> None:
+        for i in range(n):
+            writer = uploads.begin(f"photo{i}.jpg")
+            for start in range(0, len(body), CHUNK):
+                writer.write(body[start : start + CHUNK])
+            writer.commit()
+
+    def put_uploads() -> None:
+        for i in range(n):
+            obstore.put(bare, f"uploads/{i:04d}", body)
+
+    image = Image.new("RGB", (1024, 768), (120, 40, 200))
+    image.putdata([((x * 7) % 256, (x * 13) % 256, (x * 3) % 256) for x in range(1024 * 768)])
+
+    def result_writes() -> None:
+        for i in range(n):
+            with ours.writer(f"results/r{i:04d}.jpg") as out:  # type: ignore[attr-defined]
+                image.save(out, "JPEG", quality=85)
+
+    def put_results() -> None:
+        for i in range(n):
+            buffer = io.BytesIO()
+            image.save(buffer, "JPEG", quality=85)
+            obstore.put(bare, f"results/r{i:04d}.jpg", buffer.getvalue())
+
+    results = [
+        compare(
+            f"files: {n} uploads of 1 MiB by UploadStore (64 KiB writes + sidecar) vs obstore.put",
+            upload,
+            put_uploads,
+            goal=1.25,
+            rounds=rounds,
+        ),
+        compare(
+            f"files: {n} JPEG results saved into S3Files.writer vs saved to memory + obstore.put",
+            result_writes,
+            put_results,
+            goal=1.25,
+            rounds=rounds,
+        ),
+    ]
+    for i in range(n):
+        data = os.urandom(2**20)
+        ours.write_bytes(f"zip/{i:04d}.jpg", data)  # type: ignore[attr-defined]
+        obstore.put(bare, f"zip/{i:04d}.jpg", data)
+    members = [(f"photo{i}.jpg", f"zip/{i:04d}.jpg") for i in range(n)]
+
+    def zip_stream() -> None:
+        stream = ZipStream(ours, list(members))  # type: ignore[arg-type]
+        while stream.poll() is not None:
+            pass
+
+    def get_all() -> None:
+        for i in range(n):
+            bytes(obstore.get(bare, f"zip/{i:04d}.jpg").bytes())
+
+    results.append(
+        compare(
+            f"files: the ZIP of {n} x 1 MiB results streamed from the bucket vs getting them",
+            zip_stream,
+            get_all,
+            goal=2.0,
+            rounds=rounds,
+        )
+    )
+    return results

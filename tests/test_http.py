@@ -1019,6 +1019,8 @@ def test_zip_is_streamed_a_part_at_a_time(tmp_path: Path) -> None:
     assert max(sum(map(len, chunks)) for chunks in parts) < PART + 64 * 1024
     with zipfile.ZipFile(io.BytesIO(b"".join(b"".join(c) for c in parts))) as archive:
         assert archive.namelist() == ["big.jpg", "small.jpg"]
+        # Images are compressed already: stored as they are, not deflated again.
+        assert archive.getinfo("big.jpg").compress_type == zipfile.ZIP_STORED
         assert archive.read("big.jpg") == big.read_bytes()
         assert archive.read("small.jpg") == b"small"
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import logging
 import re
+import time
 import zipfile
 from collections.abc import Callable
 from pathlib import Path, PurePosixPath
@@ -28,6 +29,9 @@ from .files.results import ResultFiles
 __all__ = ["PART", "ResultsZip", "ZipStream"]
 
 log = logging.getLogger("batchtrack")
+
+_PACKED = frozenset({".jpg", ".jpeg", ".png", ".webp", ".gif", ".avif", ".heic", ".zip"})
+"""Suffixes of files stored in the archive as they are, not deflated again."""
 
 PART = 1 << 20
 """The most bytes of results one poll of a :class:`ZipStream` reads (and so sends)."""
@@ -148,8 +152,18 @@ class ZipStream:
                 log.warning("batchtrack: result %s is gone; left out of the ZIP", key)
                 continue
             self._source = source
-            # The archive's compression applies to members opened by name.
-            self._target = self._zip.open(name, "w", force_zip64=size * 1.05 > zipfile.ZIP64_LIMIT)
+            member = zipfile.ZipInfo(name, time.localtime()[:6])
+            if PurePosixPath(name).suffix.lower() in _PACKED:
+                # Compressed already: deflate would spend ~15x the time of storing them
+                # for an archive no smaller.
+                member.compress_type = zipfile.ZIP_STORED
+            else:
+                member.compress_type = zipfile.ZIP_DEFLATED
+                member.compress_level = 1
+            member.external_attr = 0o644 << 16
+            self._target = self._zip.open(
+                member, "w", force_zip64=size * 1.05 > zipfile.ZIP64_LIMIT
+            )
             return True
         return False
 
