@@ -152,15 +152,13 @@ class ZipStream:
                 log.warning("batchtrack: result %s is gone; left out of the ZIP", key)
                 continue
             self._source = source
-            member = zipfile.ZipInfo(name, time.localtime()[:6])
+            member: zipfile.ZipInfo | str = name  # deflated at the archive's level 1
             if PurePosixPath(name).suffix.lower() in _PACKED:
                 # Compressed already: deflate would spend ~15x the time of storing them
                 # for an archive no smaller.
+                member = zipfile.ZipInfo(name, time.localtime()[:6])
                 member.compress_type = zipfile.ZIP_STORED
-            else:
-                member.compress_type = zipfile.ZIP_DEFLATED
-                member.compress_level = 1
-            member.external_attr = 0o644 << 16
+                member.external_attr = 0o644 << 16
             self._target = self._zip.open(
                 member, "w", force_zip64=size * 1.05 > zipfile.ZIP64_LIMIT
             )

@@ -54,8 +54,16 @@ except ImportError as exc:  # pragma: no cover - depends on the environment
 
 import attrs
 
-from .._models import ItemSnapshot, Progress, Status
+from .._models import ItemSnapshot, Status
 from ..exceptions import BatchNotFound, ItemNotFound, StoreError, ValidationError
+from ._rows import CODE as _CODE
+from ._rows import COLUMNS as _COLUMNS
+from ._rows import FAILED as _FAILED
+from ._rows import STATUSES as _STATUSES
+from ._rows import counts as _counts
+from ._rows import header
+from ._rows import progress as _progress
+from ._rows import result as _result
 from .base import (
     BatchRecord,
     BulkResult,
@@ -83,9 +91,6 @@ PURGE_CHUNK = 500
 """:meth:`PostgresStore.purge_expired` deletes at most this many batches per transaction."""
 
 # Statuses are stored as small integers: their position in this tuple (as in SQLite).
-_STATUSES = (Status.PENDING, Status.PROCESSING, Status.COMPLETED, Status.FAILED)
-_CODE = {status: code for code, status in enumerate(_STATUSES)}
-_FAILED = _CODE[Status.FAILED]
 
 _IDLE = psycopg.pq.TransactionStatus.IDLE
 _PREFIX = re.compile(r"[a-z_][a-z0-9_]{0,39}")
@@ -147,21 +152,6 @@ _MIGRATIONS: dict[int, tuple[str, ...]] = {
 assert sorted(_MIGRATIONS) == list(range(1, SCHEMA_VERSION + 1))
 
 # The batch header, in the order _header() reads it.
-_COLUMNS = (
-    "batch_id",
-    "owner",
-    "created_at",
-    "updated_at",
-    "finished_at",
-    "expires_at",
-    "version",
-    "total",
-    "completed",
-    "failed",
-    "processing",
-    "pending",
-    "stats",
-)
 _ITEM_COLUMNS = "item_id, filename, status, error, attempts, source"
 _COPY_COLUMNS = (
     "batch_key, position, item_id, filename, status, error, changed_at, source, attempts"
@@ -184,18 +174,7 @@ def _store_error(what: str, exc: psycopg.Error) -> StoreError:
 
 
 def _header(row: Sequence[Any], items: tuple[ItemSnapshot, ...] = ()) -> BatchRecord:
-    return BatchRecord(
-        batch_id=row[0],
-        owner=row[1],
-        created_at=row[2],
-        updated_at=row[3],
-        finished_at=row[4],
-        expires_at=row[5],
-        version=row[6],
-        progress=Progress(row[7], row[8], row[9], row[10], row[11]),
-        stats=PackedStats(bytes(row[12])),
-        items=items,
-    )
+    return header(row, PackedStats(bytes(row[12])), items)
 
 
 @attrs.define(eq=False, init=False)
@@ -1020,39 +999,3 @@ def _ends(counts: dict[Status, int], transition: Transition) -> tuple[float | No
     if counts[Status.PENDING] or counts[Status.PROCESSING]:
         return None, transition.expires_at_open
     return transition.at, transition.expires_at_finished
-
-
-def _counts(row: Sequence[Any]) -> dict[Status, int]:
-    """The counts per status of a header row (``_COLUMNS`` order)."""
-    return {
-        Status.COMPLETED: row[8],
-        Status.FAILED: row[9],
-        Status.PROCESSING: row[10],
-        Status.PENDING: row[11],
-    }
-
-
-def _progress(total: int, counts: dict[Status, int]) -> Progress:
-    return Progress(
-        total,
-        counts[Status.COMPLETED],
-        counts[Status.FAILED],
-        counts[Status.PROCESSING],
-        counts[Status.PENDING],
-    )
-
-
-def _result(
-    outcome: Outcome, previous: Status, item: ItemSnapshot, header: BatchRecord
-) -> TransitionResult:
-    return TransitionResult(
-        outcome,
-        previous,
-        item,
-        header.progress,
-        header.version,
-        header.created_at,
-        header.finished_at,
-        header.expires_at,
-        header.stats,
-    )

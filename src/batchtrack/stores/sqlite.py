@@ -25,8 +25,16 @@ from typing import Any
 
 import attrs
 
-from .._models import ItemSnapshot, Progress, Status
+from .._models import ItemSnapshot, Status
 from ..exceptions import BatchNotFound, ItemNotFound, StoreError, ValidationError
+from ._rows import CODE as _CODE
+from ._rows import COLUMNS as _COLUMNS
+from ._rows import FAILED as _FAILED
+from ._rows import STATUSES as _STATUSES
+from ._rows import counts as _counts
+from ._rows import header
+from ._rows import progress as _progress
+from ._rows import result as _result
 from .base import (
     BatchRecord,
     BulkResult,
@@ -53,10 +61,7 @@ LEGACY_LEASE = 300.0
 """The lease (seconds from their start) that items processing in a version-1 file get."""
 
 # Statuses are stored as small integers: their position in this tuple.
-_STATUSES = (Status.PENDING, Status.PROCESSING, Status.COMPLETED, Status.FAILED)
-_CODE = {status: code for code, status in enumerate(_STATUSES)}
 _SYNCHRONOUS = ("OFF", "NORMAL", "FULL", "EXTRA")
-_FAILED = _CODE[Status.FAILED]
 
 # Each entry migrates the schema from version i to i + 1; run inside one transaction.
 _MIGRATIONS: list[tuple[str, ...]] = [
@@ -138,21 +143,6 @@ _STALE_CHUNK = 500  # changed items read per query
 _NO_ITEM = (-1, None)
 
 # The batch header, in the order _header() reads it.
-_COLUMNS = (
-    "batch_id",
-    "owner",
-    "created_at",
-    "updated_at",
-    "finished_at",
-    "expires_at",
-    "version",
-    "total",
-    "completed",
-    "failed",
-    "processing",
-    "pending",
-    "stats",
-)
 _HEADER = f"SELECT {', '.join(_COLUMNS)}, key FROM batches WHERE batch_id = ?"
 _HEADER_AND_ITEM = (
     f"SELECT {', '.join('b.' + c for c in _COLUMNS)},"
@@ -168,18 +158,7 @@ class SchemaVersionError(StoreError):
 
 
 def _header(row: Sequence[Any], items: tuple[ItemSnapshot, ...] = ()) -> BatchRecord:
-    return BatchRecord(
-        batch_id=row[0],
-        owner=row[1],
-        created_at=row[2],
-        updated_at=row[3],
-        finished_at=row[4],
-        expires_at=row[5],
-        version=row[6],
-        progress=Progress(row[7], row[8], row[9], row[10], row[11]),
-        stats=unpack_stats(row[12]),
-        items=items,
-    )
+    return header(row, unpack_stats(row[12]), items)
 
 
 @attrs.define
@@ -763,39 +742,3 @@ class SQLiteStore(Store):
             removed += len(keys)
             if len(keys) < PURGE_CHUNK:
                 return removed
-
-
-def _counts(row: Sequence[Any]) -> dict[Status, int]:
-    """The counts per status of a header row (``_COLUMNS`` order)."""
-    return {
-        Status.COMPLETED: row[8],
-        Status.FAILED: row[9],
-        Status.PROCESSING: row[10],
-        Status.PENDING: row[11],
-    }
-
-
-def _progress(total: int, counts: dict[Status, int]) -> Progress:
-    return Progress(
-        total,
-        counts[Status.COMPLETED],
-        counts[Status.FAILED],
-        counts[Status.PROCESSING],
-        counts[Status.PENDING],
-    )
-
-
-def _result(
-    outcome: Outcome, previous: Status, item: ItemSnapshot, header: BatchRecord
-) -> TransitionResult:
-    return TransitionResult(
-        outcome,
-        previous,
-        item,
-        header.progress,
-        header.version,
-        header.created_at,
-        header.finished_at,
-        header.expires_at,
-        header.stats,
-    )

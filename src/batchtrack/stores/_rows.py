@@ -1,0 +1,94 @@
+"""What the SQL stores (SQLite, PostgreSQL) share: status codes and the batch header row.
+
+Both keep a batch's header as one row whose columns are :data:`COLUMNS`, in that order,
+and an item's status as a small integer (:data:`CODE`); these turn such rows into the
+values that cross the store boundary.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+from .._models import ItemSnapshot, Progress, Status
+from .base import BatchRecord, Outcome, TransitionResult
+
+__all__ = ["CODE", "COLUMNS", "FAILED", "STATUSES", "counts", "header", "progress", "result"]
+
+STATUSES = (Status.PENDING, Status.PROCESSING, Status.COMPLETED, Status.FAILED)
+"""Item statuses by their code in the database."""
+CODE = {status: code for code, status in enumerate(STATUSES)}
+FAILED = CODE[Status.FAILED]
+
+COLUMNS = (
+    "batch_id",
+    "owner",
+    "created_at",
+    "updated_at",
+    "finished_at",
+    "expires_at",
+    "version",
+    "total",
+    "completed",
+    "failed",
+    "processing",
+    "pending",
+    "stats",
+)
+"""The batch header's columns, in the order :func:`header` reads them."""
+
+
+def header(
+    row: Sequence[Any], stats: Mapping[str, float], items: tuple[ItemSnapshot, ...] = ()
+) -> BatchRecord:
+    """The batch a header row (:data:`COLUMNS` first) describes, with its decoded stats."""
+    return BatchRecord(
+        batch_id=row[0],
+        owner=row[1],
+        created_at=row[2],
+        updated_at=row[3],
+        finished_at=row[4],
+        expires_at=row[5],
+        version=row[6],
+        progress=Progress(row[7], row[8], row[9], row[10], row[11]),
+        stats=stats,
+        items=items,
+    )
+
+
+def counts(row: Sequence[Any]) -> dict[Status, int]:
+    """The counts per status of a header row (:data:`COLUMNS` order)."""
+    return {
+        Status.COMPLETED: row[8],
+        Status.FAILED: row[9],
+        Status.PROCESSING: row[10],
+        Status.PENDING: row[11],
+    }
+
+
+def progress(total: int, counts: dict[Status, int]) -> Progress:
+    """A :class:`Progress` from a total and the counts per status."""
+    return Progress(
+        total,
+        counts[Status.COMPLETED],
+        counts[Status.FAILED],
+        counts[Status.PROCESSING],
+        counts[Status.PENDING],
+    )
+
+
+def result(
+    outcome: Outcome, previous: Status, item: ItemSnapshot, header: BatchRecord
+) -> TransitionResult:
+    """The result of a transition: the item as it is now and the batch's header."""
+    return TransitionResult(
+        outcome,
+        previous,
+        item,
+        header.progress,
+        header.version,
+        header.created_at,
+        header.finished_at,
+        header.expires_at,
+        header.stats,
+    )
