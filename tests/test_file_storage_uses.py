@@ -348,3 +348,15 @@ def test_an_object_store_outage_is_503_for_uploads_and_a_clear_item_error(tmp_pa
                 client.close()
     finally:
         stop_seaweedfs(proc)
+
+
+def test_a_pipeline_over_a_storage_pickles_for_process_pools(storage: FileStorage) -> None:
+    """ImagePipeline over a storage survives pickling (what a process pool or a Dask
+    cluster does with the processor) and writes to the same place after."""
+    import pickle
+
+    pipeline = ImagePipeline(storage, prefix="results/", max_size=100)
+    copy = pickle.loads(pickle.dumps(pipeline))
+    data = jpeg((300, 200))
+    copy(Item("a.jpg", source=data, id="pickled"))
+    assert _keys(storage, "results/") == ["results/pickled.jpg"]
