@@ -12,7 +12,8 @@ Both read from the environment:
   another (``postgresql://...``: :func:`batchtrack.stores.from_url`);
 - ``FILES_URL``: where uploads and results live, for every machine: ``s3://bucket/prefix``
   (endpoint and credentials from ``AWS_ENDPOINT_URL``, ``AWS_ACCESS_KEY_ID``,
-  ``AWS_SECRET_ACCESS_KEY``, ``AWS_REGION``), or a folder that every machine mounts;
+  ``AWS_SECRET_ACCESS_KEY``, ``AWS_REGION``), or a folder that every machine mounts
+  (default: ``./batchtrack-data``, for trying it on one machine);
 - ``BATCH_TTL``: seconds a finished batch (and its results) stays (default: an hour).
 """
 
@@ -29,7 +30,7 @@ from batchtrack.imaging import ImagePipeline
 from batchtrack.stores import from_url as store_from_url
 
 REDIS_URL = os.environ.get("REDIS_URL", "redis://localhost:6379/0")
-files = from_url(os.environ.get("FILES_URL", "/srv/myapp"))
+files = from_url(os.environ.get("FILES_URL", "batchtrack-data"))
 
 app = Celery("myapp", broker=REDIS_URL)
 app.conf.update(
