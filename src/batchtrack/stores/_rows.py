@@ -11,9 +11,19 @@ from collections.abc import Mapping, Sequence
 from typing import Any
 
 from .._models import ItemSnapshot, Progress, Status
-from .base import BatchRecord, Outcome, TransitionResult
+from .base import BatchRecord, Outcome, TransitionResult, pack_stats
 
-__all__ = ["CODE", "COLUMNS", "FAILED", "STATUSES", "counts", "header", "progress", "result"]
+__all__ = [
+    "CODE",
+    "COLUMNS",
+    "FAILED",
+    "STATUSES",
+    "counts",
+    "header",
+    "progress",
+    "result",
+    "values",
+]
 
 STATUSES = (Status.PENDING, Status.PROCESSING, Status.COMPLETED, Status.FAILED)
 """Item statuses by their code in the database."""
@@ -53,6 +63,26 @@ def header(
         progress=Progress(row[7], row[8], row[9], row[10], row[11]),
         stats=stats,
         items=items,
+    )
+
+
+def values(batch: BatchRecord) -> tuple[Any, ...]:
+    """A batch's header as a row: its values in :data:`COLUMNS` order."""
+    p = batch.progress
+    return (
+        batch.batch_id,
+        batch.owner,
+        batch.created_at,
+        batch.updated_at,
+        batch.finished_at,
+        batch.expires_at,
+        batch.version,
+        p.total,
+        p.completed,
+        p.failed,
+        p.processing,
+        p.pending,
+        pack_stats(batch.stats),
     )
 
 

@@ -64,6 +64,7 @@ from ._rows import counts as _counts
 from ._rows import header
 from ._rows import progress as _progress
 from ._rows import result as _result
+from ._rows import values as _values
 from .base import (
     BatchRecord,
     BulkResult,
@@ -594,28 +595,13 @@ class PostgresStore(Store):
     # -- the store boundary ------------------------------------------------------------
 
     def create(self, batch: BatchRecord, items: Sequence[ItemSnapshot]) -> None:
-        p = batch.progress
         q = self._sql
         # COPY needs the connection outside pipeline mode.
         with self._transaction(f"create batch {batch.batch_id!r}", pipeline=False) as conn:
             try:
                 row = conn.execute(
                     q["create"],
-                    (
-                        batch.batch_id,
-                        batch.owner,
-                        batch.created_at,
-                        batch.updated_at,
-                        batch.finished_at,
-                        batch.expires_at,
-                        batch.version,
-                        p.total,
-                        p.completed,
-                        p.failed,
-                        p.processing,
-                        p.pending,
-                        pack_stats(batch.stats),
-                    ),
+                    _values(batch),
                 ).fetchone()
             except pg_errors.UniqueViolation:
                 raise StoreError(f"batch {batch.batch_id!r} exists already") from None

@@ -35,6 +35,7 @@ from ._rows import counts as _counts
 from ._rows import header
 from ._rows import progress as _progress
 from ._rows import result as _result
+from ._rows import values as _values
 from .base import (
     BatchRecord,
     BulkResult,
@@ -328,27 +329,12 @@ class SQLiteStore(Store):
     # -- the store boundary --------------------------------------------------------------
 
     def create(self, batch: BatchRecord, items: Sequence[ItemSnapshot]) -> None:
-        p = batch.progress
         with self._write() as db:
             try:
                 key = db.execute(
                     f"INSERT INTO batches ({', '.join(_COLUMNS)})"
                     f" VALUES ({', '.join('?' * len(_COLUMNS))})",
-                    (
-                        batch.batch_id,
-                        batch.owner,
-                        batch.created_at,
-                        batch.updated_at,
-                        batch.finished_at,
-                        batch.expires_at,
-                        batch.version,
-                        p.total,
-                        p.completed,
-                        p.failed,
-                        p.processing,
-                        p.pending,
-                        pack_stats(batch.stats),
-                    ),
+                    _values(batch),
                 ).lastrowid
             except sqlite3.IntegrityError as exc:
                 raise StoreError(f"batch {batch.batch_id!r} exists already") from exc
