@@ -11,7 +11,15 @@ from collections.abc import Mapping, Sequence
 from typing import Any
 
 from .._models import ItemSnapshot, Progress, Status
-from .base import BatchRecord, Outcome, TransitionResult, pack_stats
+from .base import (
+    BatchRecord,
+    Outcome,
+    Transition,
+    TransitionResult,
+    add_stats,
+    pack_stats,
+    unpack_stats,
+)
 
 __all__ = [
     "CODE",
@@ -19,9 +27,11 @@ __all__ = [
     "FAILED",
     "STATUSES",
     "counts",
+    "ends",
     "header",
     "progress",
     "result",
+    "step",
     "values",
 ]
 
@@ -122,3 +132,52 @@ def result(
         header.expires_at,
         header.stats,
     )
+
+
+def step(
+    row: Sequence[Any],
+    packed: bytes,
+    memo: tuple[bytes, dict[str, float]],
+    previous: Status,
+    transition: Transition,
+    elapsed: float,
+    attempts: int,
+) -> tuple[dict[Status, int], bytes, dict[str, float], int]:
+    """What applying ``transition`` to an item makes of its batch's header ``row``.
+
+    Args:
+        row: The header row (:data:`COLUMNS` first).
+        packed: The header's stats as stored.
+        memo: The last ``(packed, decoded)`` stats this store saw: decoding is skipped
+            when ``packed`` is the same blob.
+        previous: The item's status before.
+        transition: What is applied.
+        elapsed: Seconds since the item's previous change.
+        attempts: The item's attempts before.
+
+    Returns:
+        The new counts per status, the new stats packed and decoded (the caller's next
+        ``memo``), and the item's new attempts.
+    """
+    counts_now = counts(row)
+    counts_now[previous] -= 1
+    counts_now[transition.target] += 1
+    memo_blob, memo_stats = memo
+    stats = memo_stats if packed == memo_blob else unpack_stats(packed)
+    contributions = transition.stats.get(previous)
+    if contributions:
+        stats = dict(stats)
+        add_stats(stats, contributions, elapsed)
+        packed = pack_stats(stats)
+    if transition.add_attempt:
+        attempts += 1
+    elif transition.reset_attempts:
+        attempts = 0
+    return counts_now, packed, stats, attempts
+
+
+def ends(counts: dict[Status, int], transition: Transition) -> tuple[float | None, float]:
+    """The batch's ``finished_at`` and ``expires_at`` once its counts are ``counts``."""
+    if counts[Status.PENDING] or counts[Status.PROCESSING]:
+        return None, transition.expires_at_open
+    return transition.at, transition.expires_at_finished

@@ -61,9 +61,11 @@ from ._rows import COLUMNS as _COLUMNS
 from ._rows import FAILED as _FAILED
 from ._rows import STATUSES as _STATUSES
 from ._rows import counts as _counts
+from ._rows import ends as _ends
 from ._rows import header
 from ._rows import progress as _progress
 from ._rows import result as _result
+from ._rows import step as _step
 from ._rows import values as _values
 from .base import (
     BatchRecord,
@@ -75,9 +77,6 @@ from .base import (
     Store,
     Transition,
     TransitionResult,
-    add_stats,
-    pack_stats,
-    unpack_stats,
 )
 from .sqlite import SchemaVersionError  # one error for every store's newer schema
 
@@ -695,23 +694,16 @@ class PostgresStore(Store):
         of the batch ``row``, and the answer once it has."""
         previous = _STATUSES[it[1]]
         target = transition.target
-        attempts = it[5]
-        counts = _counts(row)
-        counts[previous] -= 1
-        counts[target] += 1
-        packed = bytes(row[12])
-        memo_blob, memo_stats = self._stats_memo
-        stats = memo_stats if packed == memo_blob else unpack_stats(packed)
-        contributions = transition.stats.get(previous)
-        if contributions:
-            stats = dict(stats)
-            add_stats(stats, contributions, transition.at - it[4])
-            packed = pack_stats(stats)
+        counts, packed, stats, attempts = _step(
+            row,
+            bytes(row[12]),
+            self._stats_memo,
+            previous,
+            transition,
+            transition.at - it[4],
+            it[5],
+        )
         self._stats_memo = (packed, stats)
-        if transition.add_attempt:
-            attempts += 1
-        elif transition.reset_attempts:
-            attempts = 0
         lease = transition.lease_until
         finished_at, expires_at = _ends(counts, transition)
         version = row[6] + 1
@@ -978,10 +970,3 @@ def _snapshots(rows: list[Any]) -> tuple[ItemSnapshot, ...]:
             for item_id, filename, status, error, attempts, source in rows
         ]
     )
-
-
-def _ends(counts: dict[Status, int], transition: Transition) -> tuple[float | None, float]:
-    """The batch's ``finished_at`` and ``expires_at`` once its counts are ``counts``."""
-    if counts[Status.PENDING] or counts[Status.PROCESSING]:
-        return None, transition.expires_at_open
-    return transition.at, transition.expires_at_finished

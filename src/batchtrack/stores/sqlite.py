@@ -32,9 +32,11 @@ from ._rows import COLUMNS as _COLUMNS
 from ._rows import FAILED as _FAILED
 from ._rows import STATUSES as _STATUSES
 from ._rows import counts as _counts
+from ._rows import ends as _ends
 from ._rows import header
 from ._rows import progress as _progress
 from ._rows import result as _result
+from ._rows import step as _step
 from ._rows import values as _values
 from .base import (
     BatchRecord,
@@ -45,8 +47,6 @@ from .base import (
     Store,
     Transition,
     TransitionResult,
-    add_stats,
-    pack_stats,
     unpack_stats,
 )
 
@@ -385,22 +385,16 @@ class SQLiteStore(Store):
                 )
                 return _result(outcome, previous, item, _header(row))
 
-            counts = _counts(row)
-            counts[previous] -= 1
-            counts[target] += 1
-            packed = row[12]
-            memo_blob, memo_stats = self._stats_memo
-            stats = memo_stats if packed == memo_blob else unpack_stats(packed)
-            contributions = transition.stats.get(previous)
-            if contributions:
-                stats = dict(stats)
-                add_stats(stats, contributions, transition.at - row[18])
-                packed = pack_stats(stats)
+            counts, packed, stats, attempts = _step(
+                row,
+                row[12],
+                self._stats_memo,
+                previous,
+                transition,
+                transition.at - row[18],
+                attempts,
+            )
             self._stats_memo = (packed, stats)
-            if transition.add_attempt:
-                attempts += 1
-            elif transition.reset_attempts:
-                attempts = 0
             lease = transition.lease_until
             db.execute(
                 "UPDATE items SET status = ?, error = ?, changed_at = ?, attempts = ?,"
@@ -441,10 +435,7 @@ class SQLiteStore(Store):
     ) -> tuple[float | None, float, int]:
         """Write the batch header after ``changes`` items moved; return its new
         ``finished_at``, ``expires_at`` and version."""
-        if counts[Status.PENDING] or counts[Status.PROCESSING]:
-            finished_at, expires_at = None, transition.expires_at_open
-        else:
-            finished_at, expires_at = transition.at, transition.expires_at_finished
+        finished_at, expires_at = _ends(counts, transition)
         version = row[6] + changes
         db.execute(
             "UPDATE batches SET updated_at = ?, finished_at = ?, expires_at = ?,"
