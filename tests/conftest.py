@@ -622,3 +622,27 @@ def browser(tmp_path: Path) -> Iterator[Any]:
         yield chrome
     finally:
         chrome.quit()
+
+
+def celery_worker_command(name: str) -> list[str]:
+    """``celery worker`` of the tests' worker app (the docs example with test timings),
+    prefork with 2 processes, named ``name``."""
+    return [
+        sys.executable,
+        "-m",
+        "celery",
+        "-A",
+        "celery_worker_app",
+        "worker",
+        "--pool",
+        "prefork",
+        "--concurrency",
+        "2",
+        "--hostname",
+        f"{name}@%h",
+        "--without-heartbeat",
+        "--without-gossip",
+        "--without-mingle",
+        "--loglevel",
+        "INFO",
+    ]

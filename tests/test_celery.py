@@ -26,7 +26,7 @@ from batchtrack import BatchSnapshot, BatchTracker, Item, MemoryStore, Processin
 from batchtrack.exceptions import StoreError, ValidationError
 from batchtrack.stores.base import Transition, TransitionResult
 from batchtrack.testing import FakeClock
-from conftest import IN_CI, start_redis
+from conftest import IN_CI, celery_worker_command, start_redis
 
 try:
     from celery import Celery
@@ -448,25 +448,7 @@ class Cluster:
         """Start ``celery worker`` (prefork, 2 processes) in its own process group."""
         with open(self.root / f"{name}.log", "wb") as log:
             proc = subprocess.Popen(
-                [
-                    sys.executable,
-                    "-m",
-                    "celery",
-                    "-A",
-                    "celery_worker_app",
-                    "worker",
-                    "--pool",
-                    "prefork",
-                    "--concurrency",
-                    "2",
-                    "--hostname",
-                    f"{name}@%h",
-                    "--without-heartbeat",
-                    "--without-gossip",
-                    "--without-mingle",
-                    "--loglevel",
-                    "INFO",
-                ],
+                celery_worker_command(name),
                 cwd=self.root,
                 env=self.env,
                 stdout=log,

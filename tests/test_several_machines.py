@@ -22,7 +22,14 @@ from typing import Any
 import httpx
 import pytest
 
-from conftest import IN_CI, S3_ACCESS_KEY, S3_SECRET_KEY, create_bucket, start_redis
+from conftest import (
+    IN_CI,
+    S3_ACCESS_KEY,
+    S3_SECRET_KEY,
+    celery_worker_command,
+    create_bucket,
+    start_redis,
+)
 from http_support import free_port, jpeg, wait_until_serving
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -94,28 +101,7 @@ class Machines:
     def worker(self, name: str) -> None:
         # celery_worker_app is the docs example with test timings: the message of a dead
         # worker comes back after 4 s, not 15 minutes.
-        self._start(
-            name,
-            [
-                sys.executable,
-                "-m",
-                "celery",
-                "-A",
-                "celery_worker_app",
-                "worker",
-                "--pool",
-                "prefork",
-                "--concurrency",
-                "2",
-                "--hostname",
-                f"{name}@%h",
-                "--without-heartbeat",
-                "--without-gossip",
-                "--without-mingle",
-                "--loglevel",
-                "INFO",
-            ],
-        )
+        self._start(name, celery_worker_command(name))
 
     def kill(self, name: str) -> None:
         """kill -9 a process and its children, like a machine that is gone."""

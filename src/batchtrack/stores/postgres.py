@@ -90,7 +90,6 @@ SCHEMA_VERSION = 1
 PURGE_CHUNK = 500
 """:meth:`PostgresStore.purge_expired` deletes at most this many batches per transaction."""
 
-# Statuses are stored as small integers: their position in this tuple (as in SQLite).
 
 _IDLE = psycopg.pq.TransactionStatus.IDLE
 _PREFIX = re.compile(r"[a-z_][a-z0-9_]{0,39}")
