@@ -7,9 +7,13 @@ them. Lookup failures are also :class:`LookupError` and bad arguments are also
 
 from __future__ import annotations
 
+import shlex
+from pathlib import PurePath
+
 __all__ = [
     "BatchNotFound",
     "BatchtrackError",
+    "DatabaseDamaged",
     "FileStorageError",
     "InvalidTransition",
     "ItemNotFound",
@@ -74,6 +78,31 @@ class StoreError(BatchtrackError):
 
     The underlying error, when there is one, is attached as ``__cause__``.
     """
+
+
+class DatabaseDamaged(StoreError):
+    """A database file is damaged (SQLite found malformed pages or missing tables).
+
+    Raised when the store is opened (the file is then not written to), or by a later call
+    that met damage the check at open did not reach (that call changed nothing). The
+    message says how to keep what can still be read.
+
+    Attributes:
+        path: The file.
+        detail: What was found, as SQLite put it.
+    """
+
+    def __init__(self, path: object, detail: str) -> None:
+        name = PurePath(str(path))
+        recovered = name.with_name(f"{name.stem}-recovered{name.suffix}")
+        super().__init__(
+            f"{name} is damaged ({detail}); it was kept untouched. To keep what can be read: "
+            f"sqlite3 {shlex.quote(str(name))} .recover | sqlite3 {shlex.quote(str(recovered))},"
+            " then put the recovered file in its place; or move it aside (with its -wal and"
+            " -shm files) to start with an empty database"
+        )
+        self.path = path
+        self.detail = detail
 
 
 class FileStorageError(StoreError):

@@ -14,12 +14,12 @@ from __future__ import annotations
 
 import uuid
 from typing import Any
-from urllib.parse import unquote, urlsplit
+from urllib.parse import urlsplit
 
 from ..exceptions import StoreError, ValidationError
 from .base import BatchRecord, Outcome, Store, Transition, TransitionResult
 from .memory import MemoryStore
-from .sqlite import SQLiteStore
+from .sqlite import SQLiteStore, url_path
 
 __all__ = [
     "URL_FORMS",
@@ -98,11 +98,11 @@ def from_url(url: str, **options: Any) -> Store:
             raise _bad(url, "memory:// takes nothing after it")
         return MemoryStore(**options)
     if scheme == "sqlite":
-        if parts.netloc or not parts.path.startswith("/") or parts.path == "/":
-            raise _bad(url, "SQLite needs an absolute file path after sqlite:///")
-        if parts.query or parts.fragment:
-            raise _bad(url, "SQLite URLs take no query")
-        return SQLiteStore(unquote(parts.path), **options)
+        try:
+            path = url_path(url)
+        except ValueError as exc:
+            raise _bad(url, str(exc)) from None
+        return SQLiteStore(path, **options)
     if scheme in ("redis", "rediss"):
         if not parts.hostname:
             raise _bad(url, "no host")

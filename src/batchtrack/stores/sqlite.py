@@ -11,22 +11,37 @@ a crash of the process (or of every process); a power loss or OS crash may lose 
 transactions before the WAL was checkpointed, but never corrupts the file. Pass
 ``synchronous="FULL"`` to make every returned transition survive power loss too, at the
 cost of an ``fsync`` per transition.
+
+Damage: the first time a process opens a file, :data:`CHECK_SECONDS` of ``PRAGMA
+quick_check`` (on a read-only connection) and a look at the schema find a file that was cut
+short or overwritten, and :class:`~batchtrack.exceptions.DatabaseDamaged` refuses it before
+anything is written to it. Damage met later (past what the check read, or done since) is
+the same error.
 """
 
 from __future__ import annotations
 
 import os
+import re
 import sqlite3
 import threading
+import time
 from collections.abc import Iterator, Sequence
-from contextlib import contextmanager
+from contextlib import contextmanager, suppress
 from pathlib import Path
 from typing import Any
+from urllib.parse import unquote, urlsplit
 
 import attrs
 
 from .._models import ItemSnapshot, Status
-from ..exceptions import BatchNotFound, ItemNotFound, StoreError, ValidationError
+from ..exceptions import (
+    BatchNotFound,
+    DatabaseDamaged,
+    ItemNotFound,
+    StoreError,
+    ValidationError,
+)
 from ._rows import CODE as _CODE
 from ._rows import COLUMNS as _COLUMNS
 from ._rows import FAILED as _FAILED
@@ -50,7 +65,7 @@ from .base import (
     unpack_stats,
 )
 
-__all__ = ["SCHEMA_VERSION", "SQLiteStore", "SchemaVersionError"]
+__all__ = ["CHECK_SECONDS", "SCHEMA_VERSION", "SQLiteStore", "SchemaVersionError"]
 
 SCHEMA_VERSION = 3
 """The schema this batchtrack writes; stored in ``PRAGMA user_version``."""
@@ -60,6 +75,16 @@ PURGE_CHUNK = 500
 
 LEGACY_LEASE = 300.0
 """The lease (seconds from their start) that items processing in a version-1 file get."""
+
+CHECK_SECONDS = 2.0
+"""How long the first open of a file in a process checks its pages, at most.
+
+``PRAGMA quick_check`` reads every page of the file once (about 1 GB a second from the
+page cache, 0.1 s for 600,000 items), so it checks a file of up to a gigabyte or two
+whole; on a bigger one it stops here, and the file is trusted on the pages read, its
+header and its schema. Damage beyond that surfaces, as the same
+:class:`~batchtrack.exceptions.DatabaseDamaged`, at the first call that reads it.
+"""
 
 # Statuses are stored as small integers: their position in this tuple.
 _SYNCHRONOUS = ("OFF", "NORMAL", "FULL", "EXTRA")
@@ -136,6 +161,25 @@ _MIGRATIONS: list[tuple[str, ...]] = [
 ]
 assert len(_MIGRATIONS) == SCHEMA_VERSION
 
+# What a file of the current schema holds; one missing is damage (or a hand that dropped it).
+_SCHEMA_OBJECTS = (
+    ("table", "batches"),
+    ("table", "items"),
+    ("index", "items_by_id"),
+    ("index", "items_by_lease"),
+    ("index", "items_by_version"),
+    ("index", "items_failed"),
+)
+_URL = re.compile(r"([A-Za-z][A-Za-z0-9+.-]*)://")  # a scheme; a drive letter has no //
+_SQLITE_INTERRUPT = 9
+_SQLITE_CORRUPT = 11
+
+# The files (device, inode) this process found whole, and a lock per file being checked:
+# threads opening one file wait for one check instead of making their own.
+_checked: set[tuple[int, int]] = set()
+_checking: dict[tuple[int, int], threading.Lock] = {}
+_checking_lock = threading.Lock()
+
 # An item as load() and load_items() read it: what a snapshot shows, then the version and
 # position that identify the snapshot in SQLiteStore._items_memo.
 _ITEM_COLUMNS = "item_id, filename, status, error, attempts, source, version, position"
@@ -162,6 +206,106 @@ def _header(row: Sequence[Any], items: tuple[ItemSnapshot, ...] = ()) -> BatchRe
     return header(row, unpack_stats(row[12]), items)
 
 
+def url_path(url: str) -> str:
+    """The file a ``sqlite:///absolute/path.db`` URL names (percent escapes decoded).
+
+    The one reading of SQLite URLs, for :func:`batchtrack.stores.from_url` and
+    :class:`SQLiteStore`.
+
+    Raises:
+        ValueError: Not such a URL; the message says why, without the URL.
+    """
+    parts = urlsplit(url.strip())
+    if parts.scheme.lower() != "sqlite":
+        raise ValueError("not a sqlite:/// URL")
+    if parts.netloc or not parts.path.startswith("/") or parts.path == "/":
+        raise ValueError("SQLite needs an absolute file path after sqlite:///")
+    if parts.query or parts.fragment:
+        raise ValueError("SQLite URLs take no query")
+    return unquote(parts.path)
+
+
+def _is_damage(exc: sqlite3.Error) -> bool:
+    """Whether SQLite found the file malformed (``SQLITE_CORRUPT`` and its variants)."""
+    code = getattr(exc, "sqlite_errorcode", None)  # Python 3.11+
+    if isinstance(code, int):
+        return code & 0xFF == _SQLITE_CORRUPT
+    return "malformed" in str(exc)
+
+
+def _is_interrupt(exc: sqlite3.Error) -> bool:
+    code = getattr(exc, "sqlite_errorcode", None)
+    if isinstance(code, int):
+        return code & 0xFF == _SQLITE_INTERRUPT
+    return str(exc) == "interrupted"
+
+
+def _check(path: Path, timeout: float) -> None:
+    """Refuse a damaged file; each file is checked once per process, by one thread.
+
+    Raises:
+        DatabaseDamaged: SQLite found malformed pages, or a table or index is missing.
+    """
+    try:
+        info = path.stat()
+    except OSError:
+        return  # a new file; one that cannot be read is reported when it is opened
+    key = (info.st_dev, info.st_ino)
+    if info.st_size == 0 or key in _checked:
+        return
+    with _checking_lock:
+        lock = _checking.setdefault(key, threading.Lock())
+    with lock:
+        if key in _checked:
+            return
+        whole, detail = _examine(path, timeout)
+        if whole:
+            _checked.add(key)
+    if detail is not None:
+        raise DatabaseDamaged(path, detail)
+
+
+def _examine(path: Path, timeout: float) -> tuple[bool, str | None]:
+    """Check ``path`` on a read-only connection (which never writes the file, not even a
+    checkpoint when it closes): ``(True, None)`` when it is whole, ``(False, what)`` when
+    it is damaged, ``(False, None)`` when it cannot be checked (not a database, locked,
+    ...; opening it for use then says why)."""
+    try:
+        db = sqlite3.connect(
+            f"{path.absolute().as_uri()}?mode=ro", uri=True, timeout=timeout, isolation_level=None
+        )
+    except sqlite3.Error:
+        return False, None
+    try:
+        deadline = time.monotonic() + CHECK_SECONDS
+        db.set_progress_handler(lambda: time.monotonic() > deadline, 10_000)
+        db.execute("BEGIN")  # one snapshot: writers in other processes go on meanwhile
+        try:
+            # At most 3 problems: one is enough to refuse, a few say what kind of damage.
+            found = [r[0] for r in db.execute("PRAGMA quick_check(3)")]
+        except sqlite3.OperationalError as exc:
+            if not _is_interrupt(exc):
+                raise
+            found = ["ok"]  # a big file: trusted on the pages read and on its schema
+        db.set_progress_handler(None, 0)
+        if found != ["ok"]:
+            lines = [n for f in found for n in f.splitlines() if not n.startswith("***")]
+            return False, "; ".join(lines)[:300] or "quick_check failed"
+        if db.execute("PRAGMA user_version").fetchone()[0] == SCHEMA_VERSION:
+            present = set(db.execute("SELECT type, name FROM sqlite_master"))
+            missing = [
+                f"the {t} {n} is missing" for t, n in _SCHEMA_OBJECTS if (t, n) not in present
+            ]
+            if missing:
+                return False, "; ".join(missing)
+        db.execute("COMMIT")
+    except sqlite3.Error as exc:
+        return False, str(exc) if _is_damage(exc) else None
+    finally:
+        db.close()
+    return True, None
+
+
 @attrs.define
 class _Connection:
     """A connection and the process that opened it (a forked child must not reuse it)."""
@@ -176,15 +320,17 @@ class SQLiteStore(Store):
 
     Args:
         path: The database file; created (with its schema, and its folder with any
-            missing parents) when missing.
+            missing parents) when missing. A ``sqlite:///absolute/path.db`` URL names
+            the file too (read as :func:`batchtrack.stores.from_url` reads it).
         synchronous: SQLite's ``synchronous`` setting: ``"NORMAL"`` (default: survives
             process crashes) or ``"FULL"`` (survives power loss too; slower).
         timeout: Seconds to wait for another connection's write lock before failing.
 
     Raises:
-        ValidationError: A path that cannot name a file (``""``, ``":memory:"``), or a bad
-            setting.
+        ValidationError: A path that cannot name a file (``""``, ``":memory:"``), a URL
+            that is not a well-formed ``sqlite:///`` one, or a bad setting.
         SchemaVersionError: The file was written by a newer batchtrack.
+        DatabaseDamaged: The file is damaged; it was not written to.
         StoreError: The file cannot be opened or is not an SQLite database.
     """
 
@@ -210,6 +356,8 @@ class SQLiteStore(Store):
             raise ValidationError(
                 f"SQLiteStore needs a file path, not {path!r} (use MemoryStore for memory)"
             )
+        if isinstance(path, str) and (url := _URL.match(path.strip())):
+            path = self._from_url(path, url[1])
         if not isinstance(synchronous, str) or synchronous.upper() not in _SYNCHRONOUS:
             raise ValidationError(f"synchronous must be one of {_SYNCHRONOUS}, not {synchronous!r}")
         if isinstance(timeout, bool) or not isinstance(timeout, (int, float)) or not timeout > 0:
@@ -225,7 +373,26 @@ class SQLiteStore(Store):
             (b"", {}),
             {},
         )
+        _check(self.path, self.timeout)
         self._migrate()
+
+    @staticmethod
+    def _from_url(url: str, scheme: str) -> str:
+        """The file of a ``sqlite:///`` URL given as the path; any other URL is refused
+        (it would otherwise name a file such as ``./redis:/host``)."""
+        if scheme.lower() != "sqlite":
+            # Only the scheme is shown: the rest may hold a password.
+            raise ValidationError(
+                f"SQLiteStore needs a file path or a sqlite:///absolute/path.db URL, not a "
+                f"{scheme}:// URL; batchtrack.stores.from_url(url) makes the store a URL names"
+            )
+        try:
+            return url_path(url)
+        except ValueError as exc:
+            raise ValidationError(
+                f"not a usable SQLite URL: {url!r} ({exc}); use sqlite:///absolute/path.db"
+                " or a plain file path"
+            ) from None
 
     # -- connections ---------------------------------------------------------------------
 
@@ -252,7 +419,7 @@ class SQLiteStore(Store):
             db.execute(f"PRAGMA synchronous = {self.synchronous}")
         except sqlite3.DatabaseError as exc:
             db.close()
-            raise StoreError(f"{self.path} is not a usable SQLite database: {exc}") from exc
+            raise self._failure(f"{self.path} is not a usable SQLite database:", exc) from exc
         except BaseException:
             db.close()
             raise
@@ -276,15 +443,17 @@ class SQLiteStore(Store):
         try:
             db.execute("BEGIN IMMEDIATE")
         except sqlite3.Error as exc:
-            raise StoreError(f"cannot write to {self.path}: {exc}") from exc
+            raise self._failure(f"cannot write to {self.path}:", exc) from exc
         try:
             yield db
             db.execute("COMMIT")
         except BaseException as exc:
             if db.in_transaction:
-                db.execute("ROLLBACK")
+                # A damaged file may refuse even this; the first error says why.
+                with suppress(sqlite3.Error):
+                    db.execute("ROLLBACK")
             if isinstance(exc, sqlite3.Error):
-                raise StoreError(f"cannot write to {self.path}: {exc}") from exc
+                raise self._failure(f"cannot write to {self.path}:", exc) from exc
             raise
 
     @contextmanager
@@ -298,7 +467,7 @@ class SQLiteStore(Store):
             finally:
                 db.execute("COMMIT")
         except sqlite3.Error as exc:
-            raise StoreError(f"cannot read {self.path}: {exc}") from exc
+            raise self._failure(f"cannot read {self.path}:", exc) from exc
 
     def _migrate(self) -> None:
         try:
@@ -316,7 +485,14 @@ class SQLiteStore(Store):
                 if current != SCHEMA_VERSION:
                     db.execute(f"PRAGMA user_version = {SCHEMA_VERSION}")
         except sqlite3.Error as exc:
-            raise StoreError(f"cannot prepare the database {self.path}: {exc}") from exc
+            raise self._failure(f"cannot prepare the database {self.path}:", exc) from exc
+
+    def _failure(self, doing: str, exc: sqlite3.Error) -> StoreError:
+        """The error to raise for ``exc``: :class:`DatabaseDamaged` when the file is
+        malformed, else a :class:`StoreError` saying what could not be done."""
+        if _is_damage(exc):
+            return DatabaseDamaged(self.path, str(exc))
+        return StoreError(f"{doing} {exc}")
 
     def close(self) -> None:
         """Close every connection this store opened, in every thread."""
