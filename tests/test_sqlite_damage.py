@@ -183,6 +183,39 @@ def test_a_file_is_checked_once_per_process_by_one_thread(
     assert len(calls) == 1
 
 
+def test_checks_while_another_connection_writes_find_nothing(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Opens checked while a writer moves items (each check forgotten, so each runs
+    again) pass: the check reads one consistent snapshot and does not block the writer."""
+    path = tmp_path / "b.db"
+    ids = _database(path)
+    writer = SQLiteStore(path)
+    tracker = BatchTracker(writer)
+    stop = threading.Event()
+    moved = []
+
+    def write() -> None:
+        for batch_id in ids:
+            for n in range(ITEMS):
+                if stop.is_set():
+                    return
+                tracker.start_item(batch_id, str(n))
+                moved.append(n)
+
+    thread = threading.Thread(target=write)
+    thread.start()
+    try:
+        for _ in range(20):
+            monkeypatch.setattr(sqlite_module, "_checked", set())
+            SQLiteStore(path).close()
+    finally:
+        stop.set()
+        thread.join()
+        writer.close()
+    assert moved
+
+
 # -- damage met later ------------------------------------------------------------------
 
 
