@@ -24,7 +24,13 @@ from ._models import (
     Status,
     utc_datetime,
 )
-from .exceptions import BatchNotFound, InvalidTransition, ItemNotFound, ValidationError
+from .exceptions import (
+    BatchNotFound,
+    InputsGone,
+    InvalidTransition,
+    ItemNotFound,
+    ValidationError,
+)
 from .stores.base import (
     BatchRecord,
     ItemQuery,
@@ -36,7 +42,14 @@ from .stores.base import (
 )
 from .stores.memory import MemoryStore
 
-__all__ = ["CANCELLED", "IDLE_TIMEOUT", "MAX_ERROR_LENGTH", "BatchTracker", "ItemSpec"]
+__all__ = [
+    "CANCELLED",
+    "IDLE_TIMEOUT",
+    "INPUT_NOT_KEPT",
+    "MAX_ERROR_LENGTH",
+    "BatchTracker",
+    "ItemSpec",
+]
 
 log = logging.getLogger("batchtrack")
 
@@ -51,6 +64,10 @@ _MAX_ID_LENGTH = 255
 
 CANCELLED = "cancelled"
 """The error of items that a cancel kept from starting."""
+
+INPUT_NOT_KEPT = ""
+"""The stored source of an item whose input could not be kept (bytes, a file object):
+such an item is never run again from a guess; :meth:`BatchTracker.retry` refuses it."""
 
 _RECLAIM_PAGE = 500
 _NO_STATS: dict[Status, dict[str, tuple[float, int]]] = {}
@@ -623,6 +640,9 @@ class BatchTracker(Closing):
             BatchNotFound: Unknown, expired or someone else's batch.
             ItemNotFound: A named item is not in the batch (nothing changed).
             InvalidTransition: A named item has not failed (nothing changed).
+            InputsGone: An item to retry had an input that was not kept (bytes or a
+                file object given to an :class:`~batchtrack.Orchestrator`): nothing could
+                run it again without guessing (nothing changed).
         """
         names = None
         if item_ids is not None:
@@ -631,9 +651,27 @@ class BatchTracker(Closing):
             names = list(dict.fromkeys(_check_id(i, "item id") for i in item_ids))
             if not names:
                 raise ValidationError("item_ids is empty; pass None to retry every failed item")
+        self._check_inputs_kept(batch_id, owner, names)
         return self._bulk(
             batch_id, owner, Status.PENDING, frozenset({Status.FAILED}), None, names, reset=True
         )
+
+    def _check_inputs_kept(self, batch_id: str, owner: str | None, names: list[str] | None) -> None:
+        """Raise :class:`~batchtrack.exceptions.InputsGone` when a failed item to retry
+        (a named one, or any when ``names`` is None) has an input that was not kept.
+
+        Sources never change, so reading them before the retry is as good as during it.
+        """
+        query = ItemQuery(status=Status.FAILED)
+        record = self._visible(batch_id, owner, items=query, now=self.clock())
+        wanted = None if names is None else set(names)
+        gone = tuple(
+            item.id
+            for item in record.items
+            if item.source == INPUT_NOT_KEPT and (wanted is None or item.id in wanted)
+        )
+        if gone:
+            raise InputsGone(batch_id, gone)
 
     def cancel(self, batch_id: str, *, owner: str | None = None) -> int:
         """Fail every pending item of the batch with the error ``"cancelled"``.
