@@ -403,3 +403,26 @@ def test_remove_results_ignores_ids_that_cannot_name_a_file(tmp_path: Path) -> N
     assert ImagePipeline(out).remove_results("b", ["../x", ".hidden", ""]) == 0
     assert (tmp_path / "x.jpg").exists()
     assert (out / ".hidden.jpg").exists()
+
+
+@pytest.mark.parametrize("as_path", [str, Path])
+def test_the_pipeline_called_with_a_path_processes_that_file(
+    tmp_path: Path, out: Path, as_path: type
+) -> None:
+    """ImagePipeline(out)(path) treats the path as an item's source and names the result
+    after the file."""
+    src = _jpeg_with_exif(tmp_path / "photo.jpg", size=(400, 300))
+    written = ImagePipeline(out, max_size=100)(as_path(src))
+    assert Path(written) == out / "photo.jpg"
+    with Image.open(written) as result:
+        assert result.size == (75, 100)  # rotated by its EXIF orientation, then fitted
+    assert [p.name for p in out.iterdir()] == ["photo.jpg"]
+
+
+def test_the_pipeline_called_with_neither_item_nor_path_raises_type_error(out: Path) -> None:
+    """Bytes, numbers and bytes paths are refused with a TypeError that says what to pass."""
+    pipeline = ImagePipeline(out)
+    for bad in (b"\xff\xd8 raw bytes", 42, None):
+        with pytest.raises(TypeError, match=r"an Item or a path \(str or os.PathLike\)"):
+            pipeline(bad)  # type: ignore[arg-type]
+    assert list(out.iterdir()) == []

@@ -196,8 +196,20 @@ class ImagePipeline:
         storage = LocalFiles(self.output_dir)
         object.__setattr__(self, "results", ResultFiles(storage, self.prefix))
 
-    def __call__(self, item: Item) -> Path | str:
-        """Process one item; return the path written."""
+    def __call__(self, item: Item | str | os.PathLike[str]) -> Path | str:
+        """Process one item, or one file given by its path; return the path written.
+
+        A path (``str`` or :class:`os.PathLike`) is an item whose source is that path,
+        its result named after the file: ``ImagePipeline("out")("photo.jpg")`` writes
+        ``out/photo.jpg``.
+
+        Raises:
+            TypeError: ``item`` is neither an :class:`~batchtrack.Item` nor a path.
+            ValidationError: The item's id (a path's file name) cannot name a file.
+            ProcessingError: The input cannot be made into a result (see the class).
+        """
+        if not isinstance(item, Item):
+            item = _path_item(item)
         if not _names_a_file(item.id):
             # The id names the output file: it must not be able to leave output_dir.
             raise ValidationError(f"item id {item.id!r} cannot name a file")
@@ -322,6 +334,23 @@ class ImagePipeline:
         with storage.writer(key) as out:
             image.save(cast(IO[bytes], out), fmt, **params)
         return storage.local_path(key) or storage.location(key)
+
+
+def _path_item(path: object) -> Item:
+    """The item of a file given by its path: source the path, named after the file."""
+    if not isinstance(path, (str, os.PathLike)):
+        raise TypeError(
+            "ImagePipeline takes an Item or a path (str or os.PathLike), not "
+            f"{type(path).__name__}; for bytes or a file use Item(filename, source=...)"
+        )
+    text = os.fspath(path)
+    if not isinstance(text, str):
+        raise TypeError("ImagePipeline takes text paths, not bytes; decode the path first")
+    name = os.path.basename(text.rstrip("/\\"))
+    stem = os.path.splitext(name)[0]
+    if not _names_a_file(stem):
+        raise ValidationError(f"{text!r} names no file a result can be named after")
+    return Item(name, source=path, id=stem)
 
 
 def _for_format(image: Image.Image, fmt: str) -> Image.Image:
