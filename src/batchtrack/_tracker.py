@@ -70,6 +70,7 @@ INPUT_NOT_KEPT = ""
 such an item is never run again from a guess; :meth:`BatchTracker.retry` refuses it."""
 
 _RECLAIM_PAGE = 500
+_LOST_PAGE = 1000  # lost items of every batch read to count one batch's
 _NO_STATS: dict[Status, dict[str, tuple[float, int]]] = {}
 
 ItemSpec = Union[str, "tuple[str, str]", Item]
@@ -821,7 +822,7 @@ class BatchTracker(Closing):
         """
         now = self.clock()
         record = self._visible(batch_id, owner, items=False, now=now)
-        eta, eta_range = _eta.estimate(record.progress, record.created_at, record.stats, now)
+        eta, eta_range, _ = self._estimate(record, now)
         return record.version, eta, eta_range
 
     def _watched(
@@ -842,9 +843,28 @@ class BatchTracker(Closing):
         record = self._visible(batch_id, owner, items=query, now=now)
         return attrs.evolve(self._snapshot(record, now), query=query), record.expires_at
 
+    def _lost_in(self, batch_id: str, now: float) -> int:
+        """How many of the batch's processing items are lost now (their lease ran out,
+        not yet reclaimed); a lower bound when more than a page of items of every batch
+        is lost. Costs what the store's lease index holds that ran out, not the batch."""
+        return sum(1 for lost in self.store.lost(now, _LOST_PAGE) if lost.batch_id == batch_id)
+
+    def _estimate(
+        self, record: BatchRecord, now: float
+    ) -> tuple[int | None, tuple[int, int] | None, str | None]:
+        """The batch's ETA, its range and why there is none (see
+        :attr:`BatchSnapshot.eta_unavailable`), lost items taken into account."""
+        progress = record.progress
+        lost = 0
+        if progress.processing and (progress.completed or progress.failed):
+            # Only then can lost items change what is shown (before anything finished
+            # the reason is "starting" whatever else holds).
+            lost = self._lost_in(record.batch_id, now)
+        return _eta.estimate_why(progress, record.created_at, record.stats, now, lost)
+
     def _snapshot(self, record: BatchRecord, now: float) -> BatchSnapshot:
         progress = record.progress
-        eta, eta_range = _eta.estimate(progress, record.created_at, record.stats, now)
+        eta, eta_range, why = self._estimate(record, now)
         return BatchSnapshot(
             batch_id=record.batch_id,
             status=progress.status,
@@ -852,6 +872,7 @@ class BatchTracker(Closing):
             items=record.items,
             estimated_time_remaining=eta,
             eta_range=eta_range,
+            eta_unavailable=why,
             created_at=utc_datetime(record.created_at),
             updated_at=utc_datetime(record.updated_at),
             finished_at=None if record.finished_at is None else utc_datetime(record.finished_at),
