@@ -23,6 +23,7 @@ from typing import Any
 import pytest
 
 from batchtrack import BatchSnapshot, BatchTracker, Item, MemoryStore, ProcessingError, Status
+from batchtrack._tracker import INPUT_NOT_KEPT
 from batchtrack.exceptions import StoreError, ValidationError
 from batchtrack.stores.base import Transition, TransitionResult
 from batchtrack.testing import FakeClock
@@ -145,6 +146,21 @@ def test_cancelled_item_is_skipped(eager_app: Any) -> None:
     final = tracker.get(snap.batch_id)
     assert [i.error for i in final.items] == ["cancelled", "cancelled"]
     assert runner.cancel(snap.batch_id) is False
+
+
+def test_an_item_whose_input_was_not_kept_fails_instead_of_running_a_guess(
+    eager_app: Any,
+) -> None:
+    """An item an Orchestrator took as bytes (stored source "") reaches no processor on
+    a Celery worker: it fails with "its input was not kept: submit it again"."""
+    calls = Calls()
+    tracker, _, runner = _eager(eager_app, calls)
+    snap = tracker.create_batch([Item("cat.jpg", source=INPUT_NOT_KEPT)])
+    runner.resume(snap.batch_id)
+    final = tracker.get(snap.batch_id)
+    assert calls.items == []
+    assert final.items[0].status is Status.FAILED
+    assert final.items[0].error == "its input was not kept: submit it again"
 
 
 def test_cancel_of_an_unknown_batch_is_false(eager_app: Any) -> None:

@@ -80,7 +80,7 @@ def test_process_folder_takes_image_files_by_extension_and_fails_unreadable_ones
     }
     images = {i["filename"]: i for i in body["images"]}
     assert list(images) == ["one.jpg", "sub/broken.jpg", "sub/fake.PNG", "sub/two.png"]
-    assert images["sub/broken.jpg"]["error"] == "truncated image"
+    assert images["sub/broken.jpg"]["error"] == "truncated image: the file ends early"
     assert images["sub/fake.PNG"]["error"] == "not an image"
     assert sorted(p.relative_to(out).as_posix() for p in out.rglob("*")) == [
         "one.jpg",
@@ -236,7 +236,7 @@ def test_process_data_dir_keeps_the_batch_for_status(folder: Path, tmp_path: Pat
     body = json.loads(failed.stdout)
     assert body["progress"]["total"] == 4
     assert {(i["filename"], i["error"]) for i in body["images"]} == {
-        ("sub/broken.jpg", "truncated image"),
+        ("sub/broken.jpg", "truncated image: the file ends early"),
         ("sub/fake.PNG", "not an image"),
     }
 

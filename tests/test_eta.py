@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import heapq
 import itertools
+import json
 import random
 import statistics
 from collections.abc import Callable, Iterable
@@ -13,6 +14,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from batchtrack import BatchTracker, InvalidTransition, MemoryStore, Progress, _eta
+from batchtrack._json import status_body
 from batchtrack.stores.base import Store
 from batchtrack.testing import FakeClock
 
@@ -251,8 +253,9 @@ def test_the_range_brackets_the_estimate_on_every_store(
     store_factory: Callable[[], Store], history: tuple[int, list[tuple[str, int, float]]]
 ) -> None:
     """On any sequence of events, every event and read has low <= ETA <= high, None
-    exactly when the ETA is None, (0, 0) once finished, and every store gives the same
-    ETA and range as the memory store."""
+    exactly when the ETA is None (before anything finished, or a read while only lost
+    items are left), (0, 0) once finished, and every store gives the same ETA and range
+    as the memory store."""
     size, steps = history
     runs = []
     for store in (MemoryStore(), store_factory()):
@@ -263,7 +266,9 @@ def test_the_range_brackets_the_estimate_on_every_store(
     for progress, eta, eta_range in runs[0]:
         if eta is None:
             assert eta_range is None
-            assert progress.completed + progress.failed == 0
+            assert progress.completed + progress.failed == 0 or (
+                progress.processing and not progress.pending
+            )
         elif progress.pending + progress.processing == 0:
             assert (eta, eta_range) == (0, (0, 0))
         else:
@@ -497,3 +502,72 @@ def test_a_long_item_after_instant_failures_is_not_taken_for_lost(
     got = tracker.get(snap.batch_id, items=False)
     assert got.estimated_time_remaining is not None
     assert got.estimated_time_remaining < 10  # not the 300 s lease
+
+
+# -- why there is no ETA ------------------------------------------------------------------
+
+
+def test_no_eta_while_only_lost_items_are_left_and_the_body_says_why(
+    tracker: BatchTracker, clock: FakeClock
+) -> None:
+    """Once every item left is lost (its lease ran out, not yet reclaimed) the ETA is
+    None with the reason "waiting_for_lost_items", not "1 s" until the reclaim."""
+    snap = tracker.create_batch([("a", "a.jpg"), ("b", "b.jpg"), ("c", "c.jpg")])
+    batch = snap.batch_id
+    tracker.start_item(batch, "a", lease=30.0)  # its worker is killed (-9)
+    _one_by_one(tracker, clock, batch, ["b", "c"], 2.0)
+    before = tracker.get(batch)
+    assert before.estimated_time_remaining is not None
+    assert before.eta_unavailable is None
+    assert "etaUnavailable" not in before.to_dict()
+    clock.advance(27.0)  # the lease of "a" runs out (started 4 s ago plus 27 > 30)
+    lost = tracker.get(batch)
+    assert (lost.estimated_time_remaining, lost.eta_range) == (None, None)
+    assert lost.eta_unavailable == "waiting_for_lost_items"
+    body = json.loads(status_body(lost))
+    assert body["estimatedTimeRemaining"] is None
+    assert body["etaUnavailable"] == "waiting_for_lost_items"
+    assert tracker._state(batch, None)[1:] == (None, None)  # what the ETag is made of
+    assert tracker.reclaim() == 1  # back to pending: a runner will start it again
+    again = tracker.get(batch)
+    assert again.estimated_time_remaining is not None
+    assert again.eta_unavailable is None
+
+
+def test_the_reason_is_starting_until_something_finished(
+    tracker: BatchTracker, clock: FakeClock
+) -> None:
+    """Before any item is final the body says "starting"; a finished batch carries no
+    reason at all."""
+    snap = tracker.create_batch([("a", "a.jpg")])
+    assert snap.eta_unavailable == "starting"
+    assert snap.to_dict()["etaUnavailable"] == "starting"
+    tracker.start_item(snap.batch_id, "a", lease=5.0)
+    clock.advance(10.0)  # lost before anything finished: still no pace to go by
+    assert tracker.get(snap.batch_id).eta_unavailable == "starting"
+    tracker.complete_item(snap.batch_id, "a")  # late, but it counts
+    done = tracker.get(snap.batch_id)
+    assert (done.estimated_time_remaining, done.eta_unavailable) == (0, None)
+    assert "etaUnavailable" not in done.to_dict()
+
+
+def test_lost_items_among_running_ones_are_not_counted_as_about_to_finish(
+    tracker: BatchTracker, clock: FakeClock
+) -> None:
+    """Of two items processing, the one whose lease ran out is work to do again, not
+    half an item from done: one live worker still has it, and the pending ones, ahead."""
+    snap = tracker.create_batch([f"{i}.jpg" for i in range(8)])
+    ids = [item.id for item in snap.items]
+    tracker.start_item(snap.batch_id, ids[0], lease=3.0)  # its worker dies
+    _one_by_one(tracker, clock, snap.batch_id, ids[1:4], 1.0)  # the other goes on
+    tracker.start_item(snap.batch_id, ids[4])
+    clock.advance(0.5)  # the lease of ids[0] ran out 0.5 s ago; nothing reclaimed it
+    got = tracker.get(snap.batch_id, items=False)
+    assert (got.progress.processing, got.progress.pending) == (2, 3)
+    assert got.eta_unavailable is None
+    assert got.estimated_time_remaining is not None
+    assert got.eta_range is not None
+    # 3 pending items and the lost one again, 1 s each, on the one live worker (counted
+    # as a running item, the lost one would make that about 2 s).
+    assert got.estimated_time_remaining >= 4
+    assert got.eta_range[1] >= 4

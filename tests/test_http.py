@@ -1190,3 +1190,36 @@ def test_docstrings_say_what_they_mean_without_a_contract() -> None:
         assert "§" not in doc, documented
     assert "page" in (batchtrack.asgi.create_app.__doc__ or "")
     assert "on_progress" in (batchtrack.asgi.create_app.__doc__ or "")
+
+
+def test_the_status_body_says_why_there_is_no_eta_even_after_a_304(tmp_path: Path) -> None:
+    """A poll after a lost worker's lease ran out gets a new ETag and a body whose null
+    ETA carries "etaUnavailable": "waiting_for_lost_items", not a 304 or the cached "1 s"."""
+    import httpx
+
+    from batchtrack.testing import FakeClock
+    from batchtrack.uploads import UploadStore
+
+    clock = FakeClock()
+    tracker = BatchTracker(clock=clock, lease=30.0)
+    runner = RecordingRunner(tracker, None)  # type: ignore[arg-type]
+    app = wsgi_module.create_app(
+        tracker, runner, UploadStore(tmp_path / "uploads"), owner=lambda headers: "me"
+    )
+    snap = tracker.create_batch([("a", "a.jpg"), ("b", "b.jpg")], owner="me")
+    with httpx.Client(transport=httpx.WSGITransport(app=app), base_url="http://t") as client:
+        url = f"/api/batch-status/{snap.batch_id}"
+        assert client.get(url).json()["etaUnavailable"] == "starting"
+        tracker.start_item(snap.batch_id, "a")  # its worker is killed (-9)
+        tracker.start_item(snap.batch_id, "b")
+        clock.advance(2.0)
+        tracker.complete_item(snap.batch_id, "b")
+        running = client.get(url)
+        assert running.json()["estimatedTimeRemaining"] >= 1
+        assert "etaUnavailable" not in running.json()
+        clock.advance(30.0)  # the lease of "a" runs out; no item changed
+        lost = client.get(url, headers={"If-None-Match": running.headers["etag"]})
+        assert lost.status_code == 200
+        assert lost.json()["estimatedTimeRemaining"] is None
+        assert lost.json()["estimatedTimeRemainingRange"] is None
+        assert lost.json()["etaUnavailable"] == "waiting_for_lost_items"

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import io
 import os
 import pickle
 import struct
@@ -12,10 +13,10 @@ from pathlib import Path
 import pytest
 
 pytest.importorskip("PIL")
-from PIL import Image
+from PIL import Image, PngImagePlugin
 
 from batchtrack import BatchTracker, Item, Orchestrator, ProcessingError, Status
-from batchtrack.imaging import ImagePipeline
+from batchtrack.imaging import TRUNCATED, ImagePipeline
 
 ORIENTATION, GPS_IFD = 0x0112, 0x8825
 
@@ -151,12 +152,59 @@ def test_broken_files_fail_with_a_short_message(
 
 
 def test_truncated_jpeg_fails_and_leaves_nothing(tmp_path: Path, out: Path) -> None:
-    """A JPEG cut in half fails with 'truncated image' and leaves no partial file."""
+    """A JPEG cut in half fails as a truncated image and leaves no partial file."""
     whole = _jpeg_with_exif(tmp_path / "whole.jpg").read_bytes()
     src = tmp_path / "cut.jpg"
     src.write_bytes(whole[: len(whole) // 2])
-    with pytest.raises(ProcessingError, match=r"^truncated image$"):
+    with pytest.raises(ProcessingError, match=r"^truncated image: the file ends early$"):
         _run(ImagePipeline(out), src)
+    assert list(out.iterdir()) == []
+
+
+def test_a_jpeg_cut_inside_its_header_reads_as_truncated(tmp_path: Path, out: Path) -> None:
+    """A JPEG cut before its image data fails with the same short text, not Pillow's
+    "cannot read the file (Truncated File Read)"."""
+    whole = _jpeg_with_exif(tmp_path / "whole.jpg", size=(64, 64)).read_bytes()
+    for length in (30, 200):
+        with pytest.raises(ProcessingError) as caught:
+            _run(ImagePipeline(out), whole[:length])
+        assert str(caught.value) == TRUNCATED == "truncated image: the file ends early"
+    assert list(out.iterdir()) == []
+
+
+def _chunk(kind: bytes, data: bytes) -> bytes:
+    return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+
+
+def _png_with_text_bomb(kind: bytes, *, after_image: bool) -> bytes:
+    """A small valid PNG with one compressed text chunk (zTXt or iTXt) that inflates to
+    just over Pillow's limit, before or after the image data."""
+    buffer = io.BytesIO()
+    Image.new("RGB", (8, 8), "red").save(buffer, "PNG")
+    png = buffer.getvalue()
+    inflated = zlib.compress(b"a" * (PngImagePlugin.MAX_TEXT_CHUNK + 1), 9)
+    header = b"Comment\x00\x00" if kind == b"zTXt" else b"Comment\x00\x01\x00\x00\x00"
+    bomb = _chunk(kind, header + inflated)
+    at = png.index(b"IEND" if after_image else b"IDAT") - 4
+    return png[:at] + bomb + png[at:]
+
+
+@pytest.mark.parametrize("kind", [b"zTXt", b"iTXt"])
+@pytest.mark.parametrize("after_image", [False, True])
+def test_a_png_text_bomb_is_refused_in_plain_words(
+    out: Path, kind: bytes, after_image: bool
+) -> None:
+    """A PNG whose text chunk inflates past Pillow's limit fails with one short sentence
+    that names the bomb, not "ValueError: Decompressed data too large ..."."""
+    data = _png_with_text_bomb(kind, after_image=after_image)
+    assert len(data) < 10_000
+    with pytest.raises(ProcessingError) as caught:
+        _run(ImagePipeline(out), data)
+    limit = f"{PngImagePlugin.MAX_TEXT_CHUNK:,}"
+    assert str(caught.value) == (
+        f"refused: the PNG's text chunks decompress to more than {limit} bytes "
+        "(a decompression bomb)"
+    )
     assert list(out.iterdir()) == []
 
 
@@ -172,8 +220,10 @@ def test_decompression_bomb_is_refused_before_decoding(tmp_path: Path, out: Path
     """A 400-megapixel PNG bomb is refused with a clear message, without decoding it."""
     src = _png_bomb(tmp_path / "bomb.png")
     assert src.stat().st_size < 200_000
-    with pytest.raises(ProcessingError, match="image too large"):
+    with pytest.raises(ProcessingError) as caught:
         _run(ImagePipeline(out), src)
+    # The text the docs give, also when Pillow's own limit strikes before ours.
+    assert str(caught.value) == "image too large: 20,000 x 20,000 pixels (the limit is 50,000,000)"
 
 
 def test_own_pixel_limit_is_enforced(tmp_path: Path, out: Path) -> None:
@@ -275,7 +325,7 @@ def test_orchestrated_batch_writes_one_file_per_good_image(mixed_folder: Path, o
         snap = orch.run(sorted(mixed_folder.iterdir()))
     statuses = {i.filename: (i.status, i.error) for i in snap.items}
     assert statuses["broken.jpg"][0] is Status.FAILED
-    assert statuses["broken.jpg"][1] in ("not an image", "truncated image")
+    assert statuses["broken.jpg"][1] in ("not an image", "truncated image: the file ends early")
     done = {i.id for i in snap.items if i.status is Status.COMPLETED}
     assert len(done) == 3
     assert sorted(p.stem for p in out.iterdir()) == sorted(done)
@@ -353,3 +403,26 @@ def test_remove_results_ignores_ids_that_cannot_name_a_file(tmp_path: Path) -> N
     assert ImagePipeline(out).remove_results("b", ["../x", ".hidden", ""]) == 0
     assert (tmp_path / "x.jpg").exists()
     assert (out / ".hidden.jpg").exists()
+
+
+@pytest.mark.parametrize("as_path", [str, Path])
+def test_the_pipeline_called_with_a_path_processes_that_file(
+    tmp_path: Path, out: Path, as_path: type
+) -> None:
+    """ImagePipeline(out)(path) treats the path as an item's source and names the result
+    after the file."""
+    src = _jpeg_with_exif(tmp_path / "photo.jpg", size=(400, 300))
+    written = ImagePipeline(out, max_size=100)(as_path(src))
+    assert Path(written) == out / "photo.jpg"
+    with Image.open(written) as result:
+        assert result.size == (75, 100)  # rotated by its EXIF orientation, then fitted
+    assert [p.name for p in out.iterdir()] == ["photo.jpg"]
+
+
+def test_the_pipeline_called_with_neither_item_nor_path_raises_type_error(out: Path) -> None:
+    """Bytes, numbers and bytes paths are refused with a TypeError that says what to pass."""
+    pipeline = ImagePipeline(out)
+    for bad in (b"\xff\xd8 raw bytes", 42, None):
+        with pytest.raises(TypeError, match=r"an Item or a path \(str or os.PathLike\)"):
+            pipeline(bad)  # type: ignore[arg-type]
+    assert list(out.iterdir()) == []

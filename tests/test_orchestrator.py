@@ -16,6 +16,7 @@ import pytest
 from batchtrack import (
     BatchNotFound,
     BatchTracker,
+    InputsGone,
     Item,
     Orchestrator,
     OrchestratorClosed,
@@ -24,7 +25,8 @@ from batchtrack import (
     Status,
     ValidationError,
 )
-from batchtrack._orchestrator import error_message
+from batchtrack._orchestrator import INPUT_NOT_KEPT_ERROR, error_message
+from batchtrack._tracker import INPUT_NOT_KEPT
 
 
 def upper(item: Item) -> str:
@@ -499,7 +501,88 @@ def test_a_source_that_is_not_text_runs_but_is_not_stored(
     final = orch.run([Item("a.jpg", source=b"raw bytes"), Item("b.jpg", source="/x/b\udcff")])
     assert final.progress.completed == 2
     assert sorted(map(repr, seen)) == sorted([repr(b"raw bytes"), repr("/x/b\udcff")])
-    assert [i.source for i in final.items] == [None, None]
+    assert [i.source for i in final.items] == [INPUT_NOT_KEPT, INPUT_NOT_KEPT]
+
+
+def _decoy(folder: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Work in ``folder``, which holds a ``cat.jpg`` that is not the item's input."""
+    folder.mkdir()
+    (folder / "cat.jpg").write_bytes(b"an unrelated file that happens to be called cat.jpg")
+    monkeypatch.chdir(folder)
+
+
+def test_a_retried_item_whose_input_was_bytes_is_refused_not_guessed(
+    orchestrator: Callable[..., Orchestrator],
+    tracker: BatchTracker,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """retry() refuses an item whose bytes input was not kept, instead of letting a runner
+    read whatever file in the working directory has its name."""
+    _decoy(tmp_path / "cwd", monkeypatch)
+    seen: list[object] = []
+
+    def reads(item: Item) -> None:
+        seen.append(item.source)
+        if isinstance(item.source, bytes):
+            raise ProcessingError("not an image")
+
+    orch = orchestrator(reads)
+    first = orch.run([Item("cat.jpg", source=b"not an image")])
+    assert first.status is Status.FAILED
+    with pytest.raises(InputsGone) as caught:
+        tracker.retry(first.batch_id)
+    assert caught.value.item_ids == (first.items[0].id,)
+    assert "submit it again" in str(caught.value)
+    with pytest.raises(InputsGone):
+        tracker.retry(first.batch_id, [first.items[0].id])
+    orch.resume(first.batch_id)
+    final = orch.wait(first.batch_id)
+    assert final.items[0].status is Status.FAILED
+    assert final.items[0].error == "not an image"  # unchanged: nothing was retried
+    assert seen == [b"not an image"]
+
+
+def test_resume_fails_an_item_whose_input_was_not_kept(
+    orchestrator: Callable[..., Orchestrator],
+    tracker: BatchTracker,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """An item put back to pending (a reclaim) whose input was bytes fails with a clear
+    error on resume; the processor never gets its filename as a guess."""
+    _decoy(tmp_path / "cwd", monkeypatch)
+    gate = Gate()
+    first = orchestrator(gate)
+    snap = first.submit([Item("cat.jpg", source=b"\xff\xd8 the real bytes")])
+    _wait_until(lambda: gate.running == 1)
+    assert tracker.get(snap.batch_id).items[0].source == INPUT_NOT_KEPT
+    # The process that held the bytes is gone: its item comes back to pending.
+    tracker.clock.advance(tracker.lease + 1)  # type: ignore[attr-defined]
+    assert tracker.reclaim() == 1
+    seen: list[object] = []
+    second = orchestrator(lambda item: seen.append((item.filename, item.source)))
+    second.resume(snap.batch_id)
+    final = second.wait(snap.batch_id, timeout=10)
+    gate.release.set()
+    assert seen == []
+    assert final.items[0].status is Status.FAILED
+    assert final.items[0].error == INPUT_NOT_KEPT_ERROR == "its input was not kept: submit it again"
+
+
+def test_an_item_given_without_a_source_still_resumes_from_its_filename(
+    orchestrator: Callable[..., Orchestrator], tracker: BatchTracker
+) -> None:
+    """An Item with no source means its filename is the input, before and after a resume."""
+    snap = tracker.create_batch([Item("named.jpg")])
+    tracker.start_item(snap.batch_id, snap.items[0].id)
+    tracker.clock.advance(tracker.lease + 1)  # type: ignore[attr-defined]
+    assert tracker.reclaim() == 1
+    seen: list[object] = []
+    orch = orchestrator(lambda item: seen.append((item.filename, item.source)))
+    orch.resume(snap.batch_id)
+    assert orch.wait(snap.batch_id, timeout=10).status is Status.COMPLETED
+    assert seen == [("named.jpg", None)]
 
 
 def test_a_resume_racing_a_submit_joins_its_run(tracker: BatchTracker) -> None:

@@ -16,6 +16,7 @@ from batchtrack import (
     BatchSnapshot,
     BatchTracker,
     BatchtrackError,
+    InputsGone,
     InvalidTransition,
     Item,
     ItemNotFound,
@@ -626,3 +627,21 @@ def test_text_that_is_not_valid_unicode_is_rejected() -> None:
         tracker.create_batch(["bad\udcff.jpg"])
     with pytest.raises(ValidationError, match="Unicode"):
         tracker.create_batch([Item("a.jpg", source="/up/bad\udcff")])
+
+
+def test_retry_refuses_items_whose_input_was_not_kept_and_changes_nothing(
+    tracker: BatchTracker,
+) -> None:
+    """retry() raises InputsGone when an item to retry had an input that was not kept
+    (stored source ""), for the whole batch or that item named, and retries nothing."""
+    snap = tracker.create_batch(
+        [Item("kept.jpg", source="/in/kept.jpg", id="kept"), Item("cat.jpg", source="", id="cat")]
+    )
+    for item in ("kept", "cat"):
+        tracker.fail_item(snap.batch_id, item, "not an image")
+    for names in (None, ["cat"], ["kept", "cat"]):
+        with pytest.raises(InputsGone) as caught:
+            tracker.retry(snap.batch_id, names)
+        assert caught.value.item_ids == ("cat",)
+    assert tracker.get(snap.batch_id).progress.failed == 2
+    assert tracker.retry(snap.batch_id, ["kept"]) == 1  # an input that was kept: fine

@@ -73,7 +73,24 @@ from typing import NamedTuple
 
 from ._models import Progress, Status
 
-__all__ = ["estimate", "reclaimed", "seconds_remaining", "span_remaining", "stats_for"]
+__all__ = [
+    "STARTING",
+    "WAITING_FOR_LOST_ITEMS",
+    "estimate",
+    "estimate_why",
+    "reclaimed",
+    "seconds_remaining",
+    "span_remaining",
+    "stats_for",
+]
+
+STARTING = "starting"
+"""Why there is no ETA: nothing has finished yet, so there is no pace to go by."""
+
+WAITING_FOR_LOST_ITEMS = "waiting_for_lost_items"
+"""Why there is no ETA: every item left is lost (its lease ran out, its worker is gone)
+and waits to be reclaimed; when that happens, and how long the next worker takes, no
+pace of this batch tells."""
 
 _KS = (0, 1, 16)  # the windows' powers; t**32 stays finite for t up to 1e9 s
 _TRUSTED = 0.4  # largest relative standard error of a window we believe
@@ -390,9 +407,13 @@ class _Found(NamedTuple):
 
 
 def _seconds(
-    progress: Progress, created_at: float, stats: Mapping[str, float], now: float
+    progress: Progress, created_at: float, stats: Mapping[str, float], now: float, lost: int = 0
 ) -> _Found | None:
-    """The estimate and what its range is made of; None without a basis."""
+    """The estimate and what its range is made of; None without a basis.
+
+    ``lost`` processing items are known lost (their lease ran out): they are not about
+    to finish but work to do again once reclaimed, held until then.
+    """
     finished = progress.completed + progress.failed
     if finished == 0:
         return None
@@ -400,6 +421,8 @@ def _seconds(
     running = progress.processing
     if pending + running == 0:
         return _Found(0.0, 0.0, 0.0, 0.0, 0.0)
+    known_lost = float(lost if lost < running else running)
+    running -= int(known_lost)  # the ones still run by a worker
     elapsed = now - created_at
     if elapsed < 1e-6:
         elapsed = 1e-6
@@ -419,6 +442,13 @@ def _seconds(
         workers = busy[0][0] / active
         if workers * pending < 1.0:
             workers = 1.0 / pending
+    elif known_lost:
+        # The lost items' ages are in the sums too, so the live ones' cannot be told
+        # apart: take each live item's residual as it comes on average.
+        idle = 0.0
+        reclaimed = stats.get("k0", 0.0)
+        workers = float(running)
+        running_work = running * residual
     else:
         idle = 0.0
         # The running items' ages: start times of all attempts, less those that ended
@@ -462,6 +492,10 @@ def _seconds(
             floor = 0.1 * running * residual
             running_work = work if work > floor else floor
 
+    if known_lost:
+        # Work to do again once reclaimed; their stay is over, so they add no wait of
+        # their own, only to the losses seen (as if reclaimed already).
+        held += known_lost
     # Failed attempts that were retried did work without finishing an item.
     per_item = attempts / finished if attempts > finished else 1.0
     ahead = (pending + held) * mean * per_item / workers
@@ -477,10 +511,12 @@ def _seconds(
     elif held > 0.0 or reclaimed >= 1.0 or suspect > 0.0:
         wait, low_wait, high_wait = _lost_wait(
             stats,
-            held or suspect,
+            (held - known_lost) or suspect,
             held_age,
-            reclaimed >= 1.0 or _lost_for_sure(stats, held_age, residual, cv2, attempts + running),
-            reclaimed,
+            reclaimed >= 1.0
+            or known_lost > 0.0
+            or _lost_for_sure(stats, held_age, residual, cv2, attempts + running),
+            reclaimed + known_lost,
             attempts,
             running,
             pending,
@@ -526,8 +562,31 @@ def span_remaining(
     return None if found is None else _span(found)
 
 
+def estimate_why(
+    progress: Progress, created_at: float, stats: Mapping[str, float], now: float, lost: int
+) -> tuple[int | None, tuple[int, int] | None, str | None]:
+    """:func:`estimate`, knowing that ``lost`` of the processing items are lost (their
+    lease ran out, not yet reclaimed), and why there is no ETA when there is none.
+
+    The reason is None whenever the ETA is not: :data:`STARTING` while nothing has
+    finished (whatever else holds), :data:`WAITING_FOR_LOST_ITEMS` while every item left
+    is a lost one. Lost items among others still running count as work to do again,
+    not as about to finish.
+    """
+    if progress.completed + progress.failed == 0 and progress.pending + progress.processing:
+        return None, None, STARTING
+    if progress.processing and not progress.pending and lost >= progress.processing:
+        return None, None, WAITING_FOR_LOST_ITEMS
+    eta, eta_range = estimate(progress, created_at, stats, now, lost)
+    return eta, eta_range, None
+
+
 def estimate(
-    progress: Progress, created_at: float, stats: Mapping[str, float], now: float
+    progress: Progress,
+    created_at: float,
+    stats: Mapping[str, float],
+    now: float,
+    lost: int = 0,
 ) -> tuple[int | None, tuple[int, int] | None]:
     """Whole seconds until the batch is finished, and the 80% range around it.
 
@@ -537,7 +596,7 @@ def estimate(
     the range's ends rounded down and up, so that it holds the whole span (a span
     narrower than a second never becomes a point no true time can equal).
     """
-    found = _seconds(progress, created_at, stats, now)
+    found = _seconds(progress, created_at, stats, now, lost)
     if found is None:
         return None, None
     if found.seconds == 0.0 and not (progress.pending or progress.processing):

@@ -181,6 +181,11 @@ class BatchSnapshot:
         eta_range: ``(low, high)`` whole seconds that hold the true remaining time 8
             times out of 10, with ``low <= estimated_time_remaining <= high``; None
             exactly when :attr:`estimated_time_remaining` is, ``(0, 0)`` once finished.
+        eta_unavailable: Why :attr:`estimated_time_remaining` is None while the batch is
+            not finished, else None: ``"starting"`` (nothing has finished yet, so there
+            is no pace to go by) or ``"waiting_for_lost_items"`` (every item left is
+            lost: its lease ran out and it waits to be reclaimed). The JSON body
+            carries it as ``"etaUnavailable"`` only when it is set.
     """
 
     batch_id: str
@@ -196,6 +201,7 @@ class BatchSnapshot:
     query: ItemQuery | None = None
     next_after: str | None = None
     eta_range: tuple[int, int] | None = None
+    eta_unavailable: str | None = None
 
     def to_dict(self) -> dict[str, Any]:
         """The JSON body of ``GET /api/batch-status/{batchId}``.
@@ -214,10 +220,12 @@ class BatchSnapshot:
             "images": images,
             "estimatedTimeRemaining": self.estimated_time_remaining,
             "estimatedTimeRemainingRange": None if self.eta_range is None else list(self.eta_range),
-            "createdAt": iso_utc(self.created_at),
-            "updatedAt": iso_utc(self.updated_at),
-            "finishedAt": iso_utc(self.finished_at),
         }
+        if self.eta_unavailable is not None:
+            body["etaUnavailable"] = self.eta_unavailable
+        body["createdAt"] = iso_utc(self.created_at)
+        body["updatedAt"] = iso_utc(self.updated_at)
+        body["finishedAt"] = iso_utc(self.finished_at)
         if self.query is not None:
             body["version"] = self.version
             if self.query.limit is not None:

@@ -592,6 +592,13 @@ def document(base: str, max_files: int, max_json_bytes: int = 64 * 1024) -> dict
                             "minItems": 2,
                             "maxItems": 2,
                         },
+                        "etaUnavailable": {
+                            "description": "Why `estimatedTimeRemaining` is null while the "
+                            "batch is not finished: nothing has finished yet (`starting`), "
+                            "or every item left waits for its lost worker's lease to be "
+                            "reclaimed (`waiting_for_lost_items`). Absent otherwise.",
+                            "enum": ["starting", "waiting_for_lost_items"],
+                        },
                         "createdAt": timestamp,
                         "updatedAt": timestamp,
                         "finishedAt": {"type": ["string", "null"], "format": "date-time"},

@@ -19,7 +19,7 @@ import attrs
 
 from ._closing import Closing
 from ._models import BatchSnapshot, Item, ProgressEvent, Status
-from ._tracker import CANCELLED, BatchTracker
+from ._tracker import CANCELLED, INPUT_NOT_KEPT, BatchTracker
 from ._watch import subscribe
 from .exceptions import (
     BatchNotFound,
@@ -243,7 +243,7 @@ class Orchestrator(Closing):
         with self._registering:
             snap = self.tracker.create_batch(
                 [
-                    Item(item.filename, source=_storable(item.source), id=i)
+                    Item(item.filename, source=_stored_source(item.source), id=i)
                     for i, item in zip(ids, prepared, strict=True)
                 ],
                 owner=owner,
@@ -266,7 +266,10 @@ class Orchestrator(Closing):
         any orchestrator on the same store can resume it. Items already queued or running
         here are not queued twice; an item that another worker starts first is skipped.
         Each item's processor gets ``Item(filename, source, id, batch_id)`` with the
-        stored source (None when none was stored).
+        stored source (None when the item was given none: its filename is its input).
+        An item whose input was not kept (bytes or a file object given to
+        :meth:`submit`) is never run from a guess: it fails with the error
+        ``"its input was not kept: submit it again"``.
 
         Args:
             batch_id: The batch.
@@ -287,7 +290,12 @@ class Orchestrator(Closing):
             raise OrchestratorClosed("the orchestrator is closed; create a new one")
         snap = self.tracker.get(batch_id)
         items = [
-            Item(i.filename, source=i.source, id=i.id, batch_id=batch_id)
+            Item(
+                i.filename,
+                source=_UNKEPT if i.source == INPUT_NOT_KEPT else i.source,
+                id=i.id,
+                batch_id=batch_id,
+            )
             for i in snap.items
             if i.status is Status.PENDING
         ]
@@ -491,6 +499,11 @@ class Orchestrator(Closing):
 
     def _start(self, run: _Run, item: Item) -> None:
         assert item.id is not None
+        if item.source is _UNKEPT:
+            # Its input lived only in the process that submitted it: fail it rather
+            # than hand the processor a guess (its filename could name another file).
+            self._finish(run, item, ProcessingError(INPUT_NOT_KEPT_ERROR))
+            return
         batch_id, item_id = run.batch_id, item.id
         failed: list[bool] = []
         try:
@@ -678,6 +691,16 @@ class Orchestrator(Closing):
                 log.exception("batchtrack: on_progress callback raised; the batch goes on")
 
 
+def _stored_source(source: object) -> str | None:
+    """What the tracker keeps of an item's source: None for none (the filename is the
+    input), the path or string itself, or :data:`INPUT_NOT_KEPT` for an input that
+    exists only in this process (bytes, a file object, a path that is not UTF-8)."""
+    if source is None:
+        return None
+    stored = _storable(source)
+    return INPUT_NOT_KEPT if stored is None else stored
+
+
 def _storable(source: object) -> str | None:
     """The part of an item's source the tracker can keep: paths and strings of text."""
     if isinstance(source, os.PathLike):
@@ -692,3 +715,6 @@ def _storable(source: object) -> str | None:
 
 
 _STOP: Any = object()
+_UNKEPT: Any = object()  # the source of a resumed item whose input was not kept
+INPUT_NOT_KEPT_ERROR = "its input was not kept: submit it again"
+"""The error of a resumed item whose input (bytes, a file object) was not kept."""

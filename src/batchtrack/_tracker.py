@@ -24,7 +24,13 @@ from ._models import (
     Status,
     utc_datetime,
 )
-from .exceptions import BatchNotFound, InvalidTransition, ItemNotFound, ValidationError
+from .exceptions import (
+    BatchNotFound,
+    InputsGone,
+    InvalidTransition,
+    ItemNotFound,
+    ValidationError,
+)
 from .stores.base import (
     BatchRecord,
     ItemQuery,
@@ -36,7 +42,14 @@ from .stores.base import (
 )
 from .stores.memory import MemoryStore
 
-__all__ = ["CANCELLED", "IDLE_TIMEOUT", "MAX_ERROR_LENGTH", "BatchTracker", "ItemSpec"]
+__all__ = [
+    "CANCELLED",
+    "IDLE_TIMEOUT",
+    "INPUT_NOT_KEPT",
+    "MAX_ERROR_LENGTH",
+    "BatchTracker",
+    "ItemSpec",
+]
 
 log = logging.getLogger("batchtrack")
 
@@ -52,7 +65,12 @@ _MAX_ID_LENGTH = 255
 CANCELLED = "cancelled"
 """The error of items that a cancel kept from starting."""
 
+INPUT_NOT_KEPT = ""
+"""The stored source of an item whose input could not be kept (bytes, a file object):
+such an item is never run again from a guess; :meth:`BatchTracker.retry` refuses it."""
+
 _RECLAIM_PAGE = 500
+_LOST_PAGE = 1000  # lost items of every batch read to count one batch's
 _NO_STATS: dict[Status, dict[str, tuple[float, int]]] = {}
 
 ItemSpec = Union[str, "tuple[str, str]", Item]
@@ -623,6 +641,9 @@ class BatchTracker(Closing):
             BatchNotFound: Unknown, expired or someone else's batch.
             ItemNotFound: A named item is not in the batch (nothing changed).
             InvalidTransition: A named item has not failed (nothing changed).
+            InputsGone: An item to retry had an input that was not kept (bytes or a
+                file object given to an :class:`~batchtrack.Orchestrator`): nothing could
+                run it again without guessing (nothing changed).
         """
         names = None
         if item_ids is not None:
@@ -631,9 +652,27 @@ class BatchTracker(Closing):
             names = list(dict.fromkeys(_check_id(i, "item id") for i in item_ids))
             if not names:
                 raise ValidationError("item_ids is empty; pass None to retry every failed item")
+        self._check_inputs_kept(batch_id, owner, names)
         return self._bulk(
             batch_id, owner, Status.PENDING, frozenset({Status.FAILED}), None, names, reset=True
         )
+
+    def _check_inputs_kept(self, batch_id: str, owner: str | None, names: list[str] | None) -> None:
+        """Raise :class:`~batchtrack.exceptions.InputsGone` when a failed item to retry
+        (a named one, or any when ``names`` is None) has an input that was not kept.
+
+        Sources never change, so reading them before the retry is as good as during it.
+        """
+        query = ItemQuery(status=Status.FAILED)
+        record = self._visible(batch_id, owner, items=query, now=self.clock())
+        wanted = None if names is None else set(names)
+        gone = tuple(
+            item.id
+            for item in record.items
+            if item.source == INPUT_NOT_KEPT and (wanted is None or item.id in wanted)
+        )
+        if gone:
+            raise InputsGone(batch_id, gone)
 
     def cancel(self, batch_id: str, *, owner: str | None = None) -> int:
         """Fail every pending item of the batch with the error ``"cancelled"``.
@@ -783,7 +822,7 @@ class BatchTracker(Closing):
         """
         now = self.clock()
         record = self._visible(batch_id, owner, items=False, now=now)
-        eta, eta_range = _eta.estimate(record.progress, record.created_at, record.stats, now)
+        eta, eta_range, _ = self._estimate(record, now)
         return record.version, eta, eta_range
 
     def _watched(
@@ -804,9 +843,28 @@ class BatchTracker(Closing):
         record = self._visible(batch_id, owner, items=query, now=now)
         return attrs.evolve(self._snapshot(record, now), query=query), record.expires_at
 
+    def _lost_in(self, batch_id: str, now: float) -> int:
+        """How many of the batch's processing items are lost now (their lease ran out,
+        not yet reclaimed); a lower bound when more than a page of items of every batch
+        is lost. Costs what the store's lease index holds that ran out, not the batch."""
+        return sum(1 for lost in self.store.lost(now, _LOST_PAGE) if lost.batch_id == batch_id)
+
+    def _estimate(
+        self, record: BatchRecord, now: float
+    ) -> tuple[int | None, tuple[int, int] | None, str | None]:
+        """The batch's ETA, its range and why there is none (see
+        :attr:`BatchSnapshot.eta_unavailable`), lost items taken into account."""
+        progress = record.progress
+        lost = 0
+        if progress.processing and (progress.completed or progress.failed):
+            # Only then can lost items change what is shown (before anything finished
+            # the reason is "starting" whatever else holds).
+            lost = self._lost_in(record.batch_id, now)
+        return _eta.estimate_why(progress, record.created_at, record.stats, now, lost)
+
     def _snapshot(self, record: BatchRecord, now: float) -> BatchSnapshot:
         progress = record.progress
-        eta, eta_range = _eta.estimate(progress, record.created_at, record.stats, now)
+        eta, eta_range, why = self._estimate(record, now)
         return BatchSnapshot(
             batch_id=record.batch_id,
             status=progress.status,
@@ -814,6 +872,7 @@ class BatchTracker(Closing):
             items=record.items,
             estimated_time_remaining=eta,
             eta_range=eta_range,
+            eta_unavailable=why,
             created_at=utc_datetime(record.created_at),
             updated_at=utc_datetime(record.updated_at),
             finished_at=None if record.finished_at is None else utc_datetime(record.finished_at),

@@ -18,7 +18,7 @@ import os
 import random
 import threading
 from collections.abc import Callable, Iterable, Iterator, Sequence
-from contextlib import contextmanager
+from contextlib import contextmanager, suppress
 from typing import Any
 
 try:
@@ -30,8 +30,8 @@ except ImportError as exc:  # pragma: no cover - depends on the environment
 import attrs
 
 from ._models import BatchSnapshot, Item, ProgressEvent, Status
-from ._orchestrator import ItemLike, _as_item, error_message
-from ._tracker import BatchTracker
+from ._orchestrator import INPUT_NOT_KEPT_ERROR, ItemLike, _as_item, error_message
+from ._tracker import INPUT_NOT_KEPT, BatchTracker
 from .exceptions import (
     BatchNotFound,
     InvalidTransition,
@@ -156,6 +156,12 @@ class _Job:
             log.warning("batchtrack: item %s of batch %s is gone; skipped", item_id, batch_id)
             return None
         snap = event.item
+        if snap.source == INPUT_NOT_KEPT:
+            # Submitted elsewhere with bytes or a file object: nothing here can read it,
+            # and its filename could name another file.
+            with suppress(InvalidTransition, BatchNotFound, ItemNotFound):
+                self.tracker.fail_item(batch_id, item_id, INPUT_NOT_KEPT_ERROR)
+            return None
         return Item(snap.filename, source=snap.source, id=item_id, batch_id=batch_id)
 
     @contextmanager

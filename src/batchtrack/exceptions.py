@@ -15,6 +15,7 @@ __all__ = [
     "BatchtrackError",
     "DatabaseDamaged",
     "FileStorageError",
+    "InputsGone",
     "InvalidTransition",
     "ItemNotFound",
     "OrchestratorClosed",
@@ -71,6 +72,28 @@ class InvalidTransition(BatchtrackError):
         self.item_id = item_id
         self.current = current
         self.requested = requested
+
+
+class InputsGone(BatchtrackError):
+    """Items cannot be retried: their input was not kept, so nothing could run them.
+
+    An item whose input was bytes or a file object (not a path or a string the tracker
+    can store) lived only in the process that submitted it; running it again would need
+    a guess. Submit such items again instead. Nothing was changed.
+
+    Attributes:
+        batch_id: The batch.
+        item_ids: The items whose input was not kept, in batch order.
+    """
+
+    def __init__(self, batch_id: str, item_ids: tuple[str, ...]) -> None:
+        more = f" (and {len(item_ids) - 1} more)" if len(item_ids) > 1 else ""
+        super().__init__(
+            f"item {item_ids[0]!r}{more} of batch {batch_id!r} cannot be retried: "
+            "its input was not kept; submit it again"
+        )
+        self.batch_id = batch_id
+        self.item_ids = item_ids
 
 
 class StoreError(BatchtrackError):

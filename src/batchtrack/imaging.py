@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import IO, Any, cast
 
 try:
-    from PIL import Image, ImageOps, UnidentifiedImageError
+    from PIL import Image, ImageOps, PngImagePlugin, UnidentifiedImageError
 except ImportError as exc:  # pragma: no cover - depends on the environment
     raise ImportError("batchtrack.imaging needs Pillow: pip install 'batchtrack[images]'") from exc
 
@@ -26,7 +26,7 @@ from .files.base import FileStorage, check_key
 from .files.local import LocalFiles
 from .files.results import ResultFiles, _names_a_file
 
-__all__ = ["INPUT_FORMATS", "MAX_PIXELS", "OUTPUT_FORMATS", "ImagePipeline"]
+__all__ = ["INPUT_FORMATS", "MAX_PIXELS", "OUTPUT_FORMATS", "TRUNCATED", "ImagePipeline"]
 
 MAX_PIXELS = 50_000_000
 """Images with more pixels than this (e.g. 8,000 x 6,250) are refused before decoding."""
@@ -36,6 +36,9 @@ INPUT_FORMATS = ("JPEG", "PNG", "WEBP", "GIF", "BMP", "TIFF")
 
 OUTPUT_FORMATS = {"JPEG": ".jpg", "PNG": ".png", "WEBP": ".webp"}
 """What it writes, with the file extension used."""
+
+TRUNCATED = "truncated image: the file ends early"
+"""The error of an image whose file was cut short (an upload broken off, a partial copy)."""
 
 _ALIASES = {"JPG": "JPEG"}
 _METADATA_KEYS = ("exif", "xmp", "XML:com.adobe.xmp", "comment", "dpi", "photoshop")
@@ -56,6 +59,54 @@ def _check_format(value: str | None) -> str | None:
 
 def _output(value: str | os.PathLike[str] | FileStorage) -> Path | FileStorage:
     return value if isinstance(value, FileStorage) else Path(value)
+
+
+def _too_large(width: int, height: int, limit: int) -> ProcessingError:
+    """The one error of an image with more pixels than ``limit``."""
+    return ProcessingError(
+        f"image too large: {width:,} x {height:,} pixels (the limit is {limit:,})"
+    )
+
+
+def _header_size(source: Any) -> tuple[int, int] | None:
+    """The width and height an image's header declares, read without Pillow's own
+    decompression-bomb check (which refused it before our limit could); None when no
+    accepted format reads it."""
+    with contextlib.ExitStack() as stack:
+        if isinstance(source, (str, os.PathLike)):
+            source = stack.enter_context(open(source, "rb"))
+        for name in INPUT_FORMATS:
+            factory, accept = Image.OPEN[name]
+            try:
+                source.seek(0)
+                prefix = source.read(16)
+                source.seek(0)
+                if accept is None or accept(prefix):
+                    return factory(source, "").size
+            except Exception:  # not this format, or unreadable: try the next
+                continue
+    return None
+
+
+def _text_bomb(exc: ValueError) -> ProcessingError | None:
+    """The error for a PNG whose compressed text chunks would inflate past Pillow's
+    limits (a decompression bomb in metadata); None for any other ValueError."""
+    text = str(exc)
+    if "MAX_TEXT_CHUNK" in text:  # one chunk too large
+        limit = PngImagePlugin.MAX_TEXT_CHUNK
+    elif "text chunks" in text:  # all of them: "Too much memory used in text chunks"
+        limit = PngImagePlugin.MAX_TEXT_MEMORY
+    else:
+        return None
+    return ProcessingError(
+        f"refused: the PNG's text chunks decompress to more than {limit:,} bytes "
+        "(a decompression bomb)"
+    )
+
+
+def _is_truncated(exc: BaseException) -> bool:
+    text = str(exc).lower()
+    return "truncated" in text or "broken" in text or isinstance(exc, (SyntaxError, EOFError))
 
 
 def _check_int(value: int, what: str, low: int, high: int) -> int:
@@ -104,8 +155,9 @@ class ImagePipeline:
 
     Raises (when called):
         ProcessingError: With a short message for users: "not an image", "unsupported
-            image format: ICO", "truncated image", "image too large: ...", "file not
-            found".
+            image format: ICO", "truncated image: the file ends early", "image too large:
+            W x H pixels (the limit is N)", "refused: the PNG's text chunks decompress
+            to more than N bytes (a decompression bomb)", "file not found".
         FileStorageError (when called): The file storage could not be reached (after
             its own retries with back-off); nothing was written.
     """
@@ -144,8 +196,20 @@ class ImagePipeline:
         storage = LocalFiles(self.output_dir)
         object.__setattr__(self, "results", ResultFiles(storage, self.prefix))
 
-    def __call__(self, item: Item) -> Path | str:
-        """Process one item; return the path written."""
+    def __call__(self, item: Item | str | os.PathLike[str]) -> Path | str:
+        """Process one item, or one file given by its path; return the path written.
+
+        A path (``str`` or :class:`os.PathLike`) is an item whose source is that path,
+        its result named after the file: ``ImagePipeline("out")("photo.jpg")`` writes
+        ``out/photo.jpg``.
+
+        Raises:
+            TypeError: ``item`` is neither an :class:`~batchtrack.Item` nor a path.
+            ValidationError: The item's id (a path's file name) cannot name a file.
+            ProcessingError: The input cannot be made into a result (see the class).
+        """
+        if not isinstance(item, Item):
+            item = _path_item(item)
         if not _names_a_file(item.id):
             # The id names the output file: it must not be able to leave output_dir.
             raise ValidationError(f"item id {item.id!r} cannot name a file")
@@ -185,20 +249,32 @@ class ImagePipeline:
         except IsADirectoryError:
             raise ProcessingError("not an image (a folder)") from None
         except Image.DecompressionBombError:
-            raise ProcessingError(f"image too large (over {self.max_pixels:,} pixels)") from None
+            # Pillow's own limit (twice its MAX_IMAGE_PIXELS) struck first; say it as
+            # our limit does, with the size the header declares.
+            size = _header_size(source)
+            if size is None:
+                raise ProcessingError(
+                    f"image too large: more than {self.max_pixels:,} pixels"
+                ) from None
+            raise _too_large(*size, self.max_pixels) from None
         except UnidentifiedImageError:
             raise ProcessingError("not an image") from None
-        except OSError as exc:
-            raise ProcessingError(f"cannot read the file ({exc.strerror or exc})") from None
+        except ValueError as exc:
+            bomb = _text_bomb(exc)
+            if bomb is not None:
+                raise bomb from None
+            raise ProcessingError(f"cannot decode the image ({exc})") from None
+        except (OSError, EOFError) as exc:
+            if _is_truncated(exc):
+                raise ProcessingError(TRUNCATED) from None
+            reason = exc.strerror if isinstance(exc, OSError) else None
+            raise ProcessingError(f"cannot read the file ({reason or exc})") from None
         try:
             if image.format not in INPUT_FORMATS:
                 raise ProcessingError(f"unsupported image format: {image.format}")
             width, height = image.size
             if width * height > self.max_pixels:
-                raise ProcessingError(
-                    f"image too large: {width:,} x {height:,} pixels "
-                    f"(the limit is {self.max_pixels:,})"
-                )
+                raise _too_large(width, height, self.max_pixels)
             yield image
         finally:
             image.close()
@@ -226,11 +302,13 @@ class ImagePipeline:
         try:
             image.load()
             oriented = ImageOps.exif_transpose(image)
-        except (OSError, SyntaxError, ValueError) as exc:
-            text = str(exc)
-            if "truncated" in text or "broken" in text or isinstance(exc, SyntaxError):
-                raise ProcessingError("truncated image") from None
-            raise ProcessingError(f"cannot decode the image ({text})") from None
+        except (OSError, SyntaxError, ValueError, EOFError) as exc:
+            bomb = _text_bomb(exc) if isinstance(exc, ValueError) else None
+            if bomb is not None:
+                raise bomb from None
+            if _is_truncated(exc):
+                raise ProcessingError(TRUNCATED) from None
+            raise ProcessingError(f"cannot decode the image ({exc})") from None
         oriented.thumbnail((self.max_size, self.max_size), Image.Resampling.LANCZOS)
         result = _for_format(oriented, fmt)
         params: dict[str, Any] = {}
@@ -256,6 +334,23 @@ class ImagePipeline:
         with storage.writer(key) as out:
             image.save(cast(IO[bytes], out), fmt, **params)
         return storage.local_path(key) or storage.location(key)
+
+
+def _path_item(path: object) -> Item:
+    """The item of a file given by its path: source the path, named after the file."""
+    if not isinstance(path, (str, os.PathLike)):
+        raise TypeError(
+            "ImagePipeline takes an Item or a path (str or os.PathLike), not "
+            f"{type(path).__name__}; for bytes or a file use Item(filename, source=...)"
+        )
+    text = os.fspath(path)
+    if not isinstance(text, str):
+        raise TypeError("ImagePipeline takes text paths, not bytes; decode the path first")
+    name = os.path.basename(text.rstrip("/\\"))
+    stem = os.path.splitext(name)[0]
+    if not _names_a_file(stem):
+        raise ValidationError(f"{text!r} names no file a result can be named after")
+    return Item(name, source=path, id=stem)
 
 
 def _for_format(image: Image.Image, fmt: str) -> Image.Image:

@@ -236,15 +236,32 @@ class TrackerMachine(RuleBasedStateMachine):
         return self.tracker.fail_item(batch_id, item_id, error)
 
     @staticmethod
-    def _check_eta(batch: _ModelBatch, eta: int | None) -> None:
+    def _check_eta(
+        batch: _ModelBatch, eta: int | None, now: float | None = None, why: object = None
+    ) -> None:
+        """The ETA as the contract says; for a read (``now`` given) also why it is None:
+        "starting" before anything finished, "waiting_for_lost_items" while every item
+        left is processing with its lease run out (events know only the counts)."""
         progress = batch.progress()
+        all_lost = (
+            now is not None
+            and progress.processing > 0
+            and progress.pending == 0
+            and all(until <= now for until, _ in batch.leases.values())
+        )
         if progress.completed + progress.failed == 0:
             assert eta is None
+            assert now is None or why == "starting"
         elif progress.pending + progress.processing == 0:
             assert eta == 0
+            assert why is None
+        elif all_lost:
+            assert eta is None
+            assert why == "waiting_for_lost_items"
         else:
             assert isinstance(eta, int)
             assert eta >= 0
+            assert why is None
 
     @rule(batch_id=batches, data=st.data())
     def heartbeat(self, batch_id: str, data: st.DataObject) -> None:
@@ -371,7 +388,7 @@ class TrackerMachine(RuleBasedStateMachine):
         else:
             assert snap.finished_at is not None
             assert snap.finished_at.timestamp() == pytest.approx(batch.finished_at)
-        self._check_eta(batch, snap.estimated_time_remaining)
+        self._check_eta(batch, snap.estimated_time_remaining, self.clock(), snap.eta_unavailable)
 
     @rule(batch_id=batches, data=st.data())
     def read_some(self, batch_id: str, data: st.DataObject) -> None:
