@@ -187,3 +187,62 @@ def test_progress_example_rejects_bad_arguments() -> None:
     )
     assert result.returncode == 2
     assert "Traceback" not in result.stderr
+
+
+BENCHMARKS = ROOT / "benchmarks" / "run.py"
+
+
+def test_benchmarks_run_py_gives_help_and_runs_a_quick_suite() -> None:
+    """`python benchmarks/run.py --help` and `--quick core` run as the benchmarks page says."""
+    helped = subprocess.run(
+        [sys.executable, str(BENCHMARKS), "--help"],
+        capture_output=True,
+        text=True,
+        check=False,
+        timeout=60,
+    )
+    assert helped.returncode == 0, helped.stderr
+    assert "--quick" in helped.stdout
+    ran = subprocess.run(
+        [sys.executable, str(BENCHMARKS), "--quick", "core"],
+        capture_output=True,
+        text=True,
+        check=False,
+        timeout=120,
+    )
+    assert ran.returncode == 0, ran.stdout + ran.stderr
+    assert "## core" in ran.stdout
+    assert " ratio " in ran.stdout
+    assert ran.stderr == ""
+
+
+def test_benchmarks_skip_a_suite_with_a_note_when_its_server_program_is_missing() -> None:
+    """Without redis-server on the PATH the redis suite is skipped with one line naming it."""
+    env = {**os.environ, "PATH": str(Path(sys.executable).parent)}
+    result = subprocess.run(
+        [sys.executable, str(BENCHMARKS), "--quick", "redis"],
+        capture_output=True,
+        text=True,
+        check=False,
+        timeout=60,
+        env=env,
+    )
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert "redis: SKIPPED: needs redis-server, which is not installed" in result.stdout
+    assert "Traceback" not in result.stderr
+
+
+def test_benchmarks_skip_a_suite_with_a_note_when_pytest_is_missing() -> None:
+    """Suites that start servers with the tests' helpers need pytest: without it they are
+    skipped with a line saying what to install, not a ModuleNotFoundError."""
+    code = (
+        "import runpy, sys; sys.modules['pytest'] = None; "
+        f"sys.argv = ['run.py', '--quick', 'postgres']; runpy.run_path({str(BENCHMARKS)!r}, "
+        "run_name='__main__')"
+    )
+    result = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, check=False, timeout=60
+    )
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert "postgres: SKIPPED: needs pytest (pip install -e '.[test]'" in result.stdout
+    assert "Traceback" not in result.stderr
