@@ -246,3 +246,29 @@ def test_benchmarks_skip_a_suite_with_a_note_when_pytest_is_missing() -> None:
     assert result.returncode == 0, result.stdout + result.stderr
     assert "postgres: SKIPPED: needs pytest (pip install -e '.[test]'" in result.stdout
     assert "Traceback" not in result.stderr
+
+
+def test_index_says_which_page_each_kind_of_user_needs() -> None:
+    """The index opens with a table sending FastAPI, Flask, Django, Celery, script and
+    several-machine users to their pages, before the table of contents."""
+    index = (ROOT / "docs" / "index.rst").read_text()
+    section = index.split("Which page do I need?", 1)[1].split(".. toctree::", 1)[0]
+    for who in ("FastAPI", "Flask", "Django", "Celery", "a plain script", "several machines"):
+        assert f"   * - {who}" in section, who
+    assert ":ref:`mounting`" in section
+    assert ".. _mounting:" in (ROOT / "docs" / "http.rst").read_text()
+
+
+def test_docs_use_the_furo_theme_and_keep_wide_tables_in_the_column() -> None:
+    """conf.py picks furo, the docs extra installs it, and the stylesheet that makes wide
+    tables scroll and wrap inside the text column is shipped with the pages."""
+    conf = (ROOT / "docs" / "conf.py").read_text()
+    assert 'html_theme = "furo"' in conf
+    assert 'html_css_files = ["batchtrack.css"]' in conf
+    css = (ROOT / "docs" / "_static" / "batchtrack.css").read_text()
+    assert "overflow-x: auto" in css
+    assert "white-space: normal" in css
+    pyproject = (ROOT / "pyproject.toml").read_text()
+    docs_extra = re.search(r"^docs = \[(.*)\]$", pyproject, re.MULTILINE)
+    assert docs_extra is not None
+    assert '"furo' in docs_extra.group(1)
