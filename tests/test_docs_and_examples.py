@@ -272,3 +272,30 @@ def test_docs_use_the_furo_theme_and_keep_wide_tables_in_the_column() -> None:
     docs_extra = re.search(r"^docs = \[(.*)\]$", pyproject, re.MULTILINE)
     assert docs_extra is not None
     assert '"furo' in docs_extra.group(1)
+
+
+@pytest.mark.slow
+def test_dask_page_first_example_runs_on_a_local_cluster(tmp_path: Path) -> None:
+    """docs/examples/dask_start.py, run as the Dask page says, processes two images on
+    the worker processes of its LocalCluster and prints the batch's counts."""
+    pytest.importorskip("distributed")
+    image = pytest.importorskip("PIL.Image")
+    shutil.copy(ROOT / "docs" / "examples" / "dask_start.py", tmp_path)
+    (tmp_path / "photos").mkdir()
+    image.new("RGB", (40, 30), (200, 30, 30)).save(tmp_path / "photos" / "a.jpg")
+    image.new("RGB", (30, 40), (30, 200, 30)).save(tmp_path / "photos" / "b.png")
+    assert (
+        "python dask_start.py photos/a.jpg photos/b.png" in (ROOT / "docs" / "dask.rst").read_text()
+    )
+    result = subprocess.run(
+        [sys.executable, "dask_start.py", "photos/a.jpg", "photos/b.png"],
+        capture_output=True,
+        text=True,
+        check=False,
+        cwd=tmp_path,
+        timeout=120,
+    )
+    assert result.returncode == 0, result.stdout + result.stderr
+    lines = result.stdout.splitlines()
+    assert lines[-1] == "Progress(total=2, completed=2, failed=0, processing=0, pending=0)"
+    assert len(list((tmp_path / "results").iterdir())) == 2
