@@ -299,3 +299,45 @@ def test_dask_page_first_example_runs_on_a_local_cluster(tmp_path: Path) -> None
     lines = result.stdout.splitlines()
     assert lines[-1] == "Progress(total=2, completed=2, failed=0, processing=0, pending=0)"
     assert len(list((tmp_path / "results").iterdir())) == 2
+
+
+@pytest.mark.slow
+def test_conformance_example_passes_as_the_testing_page_runs_it(tmp_path: Path) -> None:
+    """docs/examples/test_my_store.py, saved alone in a folder and run with the testing
+    page's command, passes the whole suite: its factory makes a fresh store per call."""
+    pytest.importorskip("hypothesis")
+    page = (ROOT / "docs" / "testing.rst").read_text()
+    assert ".. literalinclude:: examples/test_my_store.py" in page
+    assert "``python -m pytest test_my_store.py``" in page
+    shutil.copy(ROOT / "docs" / "examples" / "test_my_store.py", tmp_path)
+    result = subprocess.run(
+        [sys.executable, "-m", "pytest", "test_my_store.py", "-q", "-p", "no:cacheprovider"],
+        capture_output=True,
+        text=True,
+        check=False,
+        cwd=tmp_path,
+        timeout=300,
+    )
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    summary = result.stdout.strip().splitlines()[-1]
+    assert re.search(r"^\d+ passed in ", summary), summary
+
+
+def test_deployment_and_http_pages_say_when_uploads_are_cleaned_as_serve_does() -> None:
+    """Both pages say what the code does: the next upload deletes expired uploads, and
+    `batchtrack serve` runs UploadStore.cleanup() every 10 minutes and at shutdown."""
+    demo = (ROOT / "src" / "batchtrack" / "_demo.py").read_text()
+    assert "every(600, uploads.cleanup," in demo
+    closing = demo.split("def close() -> None:", 1)[1]
+    assert "uploads.cleanup()" in closing
+    uploads = (ROOT / "src" / "batchtrack" / "uploads.py").read_text()
+    begin = uploads.split("def begin(", 1)[1].split("\n    def ", 1)[0]
+    assert "self._expire()" in begin
+    deployment = " ".join((ROOT / "docs" / "deployment.rst").read_text().split())
+    http = " ".join((ROOT / "docs" / "http.rst").read_text().split())
+    assert "serve`` does at shutdown" not in deployment
+    assert "``batchtrack serve`` does every 10 minutes, and once more at shutdown" in deployment
+    assert "(``serve``: every 10 minutes and at shutdown)" in deployment
+    assert "deleted when the next upload begins" in deployment
+    assert "(``batchtrack serve`` does, every 10 minutes and at shutdown)" in http
+    assert "the store deletes them when the next upload begins" in http
