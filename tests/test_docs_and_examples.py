@@ -2,13 +2,18 @@
 
 from __future__ import annotations
 
+import ast
 import os
 import re
 import shutil
 import subprocess
 import sys
+import textwrap
+from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
+import attrs
 import pytest
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -341,3 +346,174 @@ def test_deployment_and_http_pages_say_when_uploads_are_cleaned_as_serve_does() 
     assert "deleted when the next upload begins" in deployment
     assert "(``batchtrack serve`` does, every 10 minutes and at shutdown)" in http
     assert "the store deletes them when the next upload begins" in http
+
+
+# -- every Python snippet of the docs runs somewhere --------------------------------------
+
+DOCS = ROOT / "docs"
+TESTS = ROOT / "tests"
+PYTHON = ("python", "python3", "py", "pycon")
+
+
+@attrs.frozen
+class Block:
+    """A block of a docs page: where it starts, its directive, options and text."""
+
+    where: str
+    directive: str
+    options: dict[str, str]
+    text: str
+
+
+def _blocks(page: Path) -> Iterator[Block]:
+    """The directives (``.. name:: argument``) and ``::`` literal blocks of an rst page."""
+    lines = page.read_text().splitlines()
+    for number, line in enumerate(lines):
+        directive = re.match(r"^(\s*)\.\. ([\w:-]+)::\s*(.*)$", line)
+        literal = not directive and line.rstrip().endswith("::") and line.strip() != ""
+        if not (directive or literal):
+            continue
+        indent = len(line) - len(line.lstrip())
+        options: dict[str, str] = {}
+        body: list[str] = []
+        rest = iter(lines[number + 1 :])
+        for following in rest:
+            option = re.match(r"^\s+:([\w-]+):\s*(.*)$", following)
+            if directive and option and not body:
+                options[option.group(1)] = option.group(2)
+                continue
+            if following.strip() and len(following) - len(following.lstrip()) <= indent:
+                break
+            body.append(following)
+        kind = f"{directive.group(2)} {directive.group(3)}".strip() if directive else "::"
+        text = textwrap.dedent("\n".join(body)).strip("\n")
+        yield Block(f"{page.name}:{number + 1}", kind, options, text)
+
+
+def _is_python(text: str) -> bool:
+    try:
+        ast.parse(text)
+    except SyntaxError:
+        return False
+    return True
+
+
+def _tests_text() -> str:
+    return "\n".join(path.read_text() for path in sorted(TESTS.glob("*.py")))
+
+
+def _untested_snippets(docs: Path) -> list[str]:
+    """Every Python snippet of the pages in ``docs`` that nothing runs, with its place."""
+    tests = _tests_text()
+    wrong = []
+    for page in sorted(docs.glob("*.rst")):
+        for block in _blocks(page):
+            language = block.directive.split(" ", 1)[-1]
+            if block.directive == "::":
+                if _is_python(block.text):
+                    wrong.append(f"{block.where}: Python in a `::` block")
+            elif block.directive.startswith("code-block ") and language in PYTHON:
+                name = block.options.get("name", "")
+                caption = block.options.get("caption", "")
+                if caption.startswith("Fragment: ") and len(caption) > len("Fragment: "):
+                    continue
+                if name.startswith("tested-") and f'"{name}"' in tests:
+                    continue
+                wrong.append(f"{block.where}: code-block:: python that nothing runs")
+            elif block.directive.startswith("literalinclude ") and language.endswith(".py"):
+                stem = Path(language).stem
+                if not re.search(rf"\b{re.escape(stem)}\b", tests):
+                    wrong.append(f"{block.where}: {language} is named by no test")
+    return wrong
+
+
+def test_every_python_snippet_in_the_docs_is_run_or_marked_as_a_fragment() -> None:
+    """Python on a page is a doctest/testcode block (run by the docs build), an included
+    example that a test names, a code-block whose ``:name: tested-...`` a test runs, or a
+    code-block captioned "Fragment: why it cannot run"; never an untested ``::`` block."""
+    assert _untested_snippets(DOCS) == []
+
+
+def test_snippet_checker_flags_untested_python_and_accepts_marked_blocks(tmp_path: Path) -> None:
+    """The check above sees an untested code-block and a Python ``::`` block, and lets
+    shell ``::`` blocks, fragments with a reason and testcode through."""
+    page = tmp_path / "page.rst"
+    page.write_text(
+        "Title\n=====\n\nRun::\n\n    python benchmarks/run.py --quick\n\n"
+        "Code::\n\n    tracker = BatchTracker()\n\n"
+        ".. code-block:: python\n\n    import batchtrack\n\n"
+        ".. code-block:: python\n    :caption: Fragment: needs a cloud account\n\n    x = 1\n\n"
+        ".. code-block:: python\n    :caption: Fragment: \n\n    y = 1\n\n"
+        ".. testcode::\n\n    z = 1\n"
+    )
+    blocks = list(_blocks(page))
+    found = {(b.where, b.directive, b.options.get("caption")) for b in blocks}
+    assert ("page.rst:4", "::", None) in found
+    assert ("page.rst:16", "code-block python", "Fragment: needs a cloud account") in found
+    message = "\n".join(_untested_snippets(tmp_path))
+    assert "page.rst:8: Python in a `::` block" in message
+    assert "page.rst:12: code-block:: python that nothing runs" in message
+    assert "page.rst:21: code-block:: python that nothing runs" in message
+    assert "page.rst:4:" not in message
+    assert "page.rst:16:" not in message
+    assert "page.rst:26:" not in message
+
+
+def _snippet(page: str, name: str) -> str:
+    """The text of the code-block ``:name: name`` on ``docs/page``."""
+    for block in _blocks(DOCS / page):
+        if block.options.get("name") == name:
+            return block.text
+    raise AssertionError(f"no code-block named {name} in {page}")
+
+
+def test_redis_store_snippet_runs_against_a_real_redis(redis_url: str) -> None:
+    """stores.rst's RedisStore example, pointed at the test server, tracks a batch."""
+    code = _snippet("stores.rst", "tested-redis-store")
+    assert "redis://redis.internal:6379/0" in code
+    namespace: dict[str, Any] = {}
+    exec(code.replace("redis://redis.internal:6379/0", redis_url), namespace)
+    tracker = namespace["tracker"]
+    try:
+        batch = tracker.create_batch(["a.jpg"])
+        assert tracker.get(batch.batch_id).progress.total == 1
+        assert tracker.delete(batch.batch_id)
+    finally:
+        tracker.store.close()
+
+
+def test_postgres_store_snippets_run_against_a_real_postgresql(postgres_url: str) -> None:
+    """stores.rst's PostgresStore examples (a DSN, then the application's own pool) and its
+    listen example, pointed at the test server, run as written one after the other."""
+    pytest.importorskip("psycopg_pool")
+    from conftest import drop_postgres_tables
+
+    made = _snippet("stores.rst", "tested-postgres-store")
+    for dsn in ("postgresql://app:secret@db.internal/app", "postgresql://app@db.internal/app"):
+        assert dsn in made
+        made = made.replace(dsn, postgres_url)
+    namespace: dict[str, Any] = {}
+    exec(made, namespace)
+    try:
+        tracker = namespace["tracker"]
+        batch = tracker.create_batch(["a.jpg"])
+        assert tracker.get(batch.batch_id).progress.total == 1
+        exec(_snippet("stores.rst", "tested-postgres-listen"), namespace)
+        assert not namespace["listener"].is_alive()
+    finally:
+        namespace["tracker"].store.close()
+        namespace["pool"].close()
+        drop_postgres_tables(postgres_url, "uploads_%")
+
+
+def test_s3_files_snippet_runs_against_a_real_s3_server(s3_bucket: Any) -> None:
+    """files.rst's S3Files example, on a fresh bucket of the test S3 server, writes the
+    upload in chunks and reads its first bytes back."""
+    code = _snippet("files.rst", "tested-s3-files")
+    assert 'S3Files("my-bucket", "batchtrack")' in code
+    namespace: dict[str, Any] = {}
+    exec(code.replace('"my-bucket"', repr(s3_bucket.name)), namespace)
+    try:
+        assert namespace["header"] == b"\xff\xd8\xff\xe0...the rest "
+    finally:
+        namespace["files"].close()
