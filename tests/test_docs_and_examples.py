@@ -517,3 +517,46 @@ def test_s3_files_snippet_runs_against_a_real_s3_server(s3_bucket: Any) -> None:
         assert namespace["header"] == b"\xff\xd8\xff\xe0...the rest "
     finally:
         namespace["files"].close()
+
+
+@pytest.mark.slow
+def test_celery_example_needs_no_root_and_its_web_app_starts_the_sweeper(
+    redis_url: str, tmp_path: Path
+) -> None:
+    """celery_app.py with only REDIS_URL set keeps its files in ./batchtrack-data of the
+    folder it runs in, and web_app() starts the sweeper the Celery page tells you to run."""
+    pytest.importorskip("celery")
+    code = textwrap.dedent(
+        """
+        import threading
+        import celery_app
+
+        def sweepers():
+            return [t for t in threading.enumerate() if t.name == "batchtrack-sweeper"]
+
+        assert sweepers() == []
+        app = celery_app.web_app()
+        print(len(sweepers()), celery_app.files.url)
+        celery_app.tracker.stop_sweeper()
+        celery_app.tracker.store.close()
+        """
+    )
+    env = {k: v for k, v in os.environ.items() if k not in ("FILES_URL", "STORE_URL")}
+    env["REDIS_URL"] = redis_url
+    env["PYTHONPATH"] = os.pathsep.join(
+        [str(DOCS / "examples"), *filter(None, [env.get("PYTHONPATH")])]
+    )
+    result = subprocess.run(
+        [sys.executable, "-c", code],
+        capture_output=True,
+        text=True,
+        check=False,
+        cwd=tmp_path,
+        env=env,
+        timeout=60,
+    )
+    assert result.returncode == 0, result.stdout + result.stderr
+    count, url = result.stdout.split()
+    assert count == "1"
+    assert url == (tmp_path / "batchtrack-data").resolve().as_uri()
+    assert (tmp_path / "batchtrack-data").is_dir()
