@@ -469,3 +469,24 @@ def test_processes_reclaiming_at_once_move_each_lost_item_once(tmp_path: Path) -
     first = tracker.get(batches[0].batch_id)
     assert (first.progress.completed, first.progress.pending) == (50, 100)
     assert tracker.get(batches[1].batch_id).progress.pending == 150
+
+
+def test_a_relative_path_names_one_file_whatever_the_folder_later(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A relative path is the file in the folder the store was made in, also for a thread
+    that opens its connection after the process changed folder."""
+    import threading
+
+    (tmp_path / "a").mkdir()
+    (tmp_path / "b").mkdir()
+    monkeypatch.chdir(tmp_path / "a")
+    tracker = BatchTracker(SQLiteStore("batches.db"))
+    snap = tracker.create_batch(["x.jpg"])
+    monkeypatch.chdir(tmp_path / "b")
+    seen: list[int] = []
+    thread = threading.Thread(target=lambda: seen.append(tracker.get(snap.batch_id).progress.total))
+    thread.start()
+    thread.join()
+    assert seen == [1]
+    assert not (tmp_path / "b" / "batches.db").exists()

@@ -363,7 +363,8 @@ class SQLiteStore(Store):
         if isinstance(timeout, bool) or not isinstance(timeout, (int, float)) or not timeout > 0:
             raise ValidationError(f"timeout must be a positive number of seconds, not {timeout!r}")
         self.__attrs_init__(
-            Path(path),
+            # Absolute now: each thread opens its own connection later, maybe after a chdir.
+            Path(path).absolute(),
             synchronous.upper(),
             float(timeout),
             threading.local(),

@@ -10,7 +10,10 @@ boundary itself:
   expiry, header-only reads, purging, threads racing on one batch) plus the state machine.
 
 Use it from your own tests by subclassing :class:`StoreConformance` and providing a
-``store_factory`` fixture that returns a callable making a fresh, empty store::
+``store_factory`` fixture that returns a callable making a fresh, empty store on every
+call (the state machine makes one per example; a shared one fails as flaky)::
+
+    import itertools
 
     import pytest
     from batchtrack.testing.conformance import StoreConformance
@@ -18,7 +21,8 @@ Use it from your own tests by subclassing :class:`StoreConformance` and providin
     class TestMyStore(StoreConformance):
         @pytest.fixture
         def store_factory(self, tmp_path):
-            return lambda: MyStore(tmp_path / "db")
+            numbers = itertools.count()
+            return lambda: MyStore(tmp_path / f"my-{next(numbers)}.db")
 """
 
 from __future__ import annotations
