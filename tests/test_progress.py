@@ -28,7 +28,7 @@ def test_show_draws_a_batch_run_elsewhere_until_it_ends(store: str, tmp_path: Pa
     """show() follows a batch an Orchestrator runs in another thread — woken by a memory
     store, polling SQLite — drawing counts, rate and ETA, and returns the final snapshot."""
     tracker = BatchTracker(SQLiteStore(tmp_path / "t.db")) if store == "sqlite" else BatchTracker()
-    names = [f"{n:02d}.jpg" for n in range(18)] + ["bad1.jpg", "bad2.jpg"]
+    names = [f"{n:02d}.jpg" for n in range(38)] + ["bad1.jpg", "bad2.jpg"]
     with Orchestrator(tracker, slow, concurrency=2) as orch:
         batch = tracker.create_batch([Item(name) for name in names])
         runner = threading.Thread(target=orch.resume, args=(batch.batch_id,))
@@ -37,12 +37,12 @@ def test_show_draws_a_batch_run_elsewhere_until_it_ends(store: str, tmp_path: Pa
         snap = show(tracker, batch.batch_id, file=out, interval=0.1)
         runner.join()
     assert snap.status.is_final
-    assert (snap.progress.completed, snap.progress.failed) == (18, 2)
-    assert len(snap.items) == 20
+    assert (snap.progress.completed, snap.progress.failed) == (38, 2)
+    assert len(snap.items) == 40
     text = out.getvalue()
-    assert "20/20" in text
+    assert "40/40" in text
     assert "item/s" in text or "s/item" in text
-    assert "18 ok, 2 failed" in text
+    assert "38 ok, 2 failed" in text
     assert re.search(r"\d+ ok, \d+ failed, ETA \d+s", text), text
 
 
