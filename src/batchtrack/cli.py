@@ -32,6 +32,8 @@ from .exceptions import BatchNotFound, BatchtrackError, ValidationError
 from .stores.base import Store
 
 if TYPE_CHECKING:
+    from ._orchestrator import Orchestrator
+    from ._tracker import BatchTracker
     from .files.base import FileStorage
 
 __all__ = ["main"]
@@ -576,7 +578,7 @@ def _process(args: argparse.Namespace) -> int:
     return 0 if snap.progress.failed == 0 else 1
 
 
-def _stop(orch: Any, tracker: Any, batch_id: str) -> bool:
+def _stop(orch: Orchestrator, tracker: BatchTracker, batch_id: str) -> bool:
     """After Ctrl-C: fail the images not started as "interrupted" and give the running
     ones :data:`GRACE` seconds; return True when some were abandoned (failed as
     "interrupted", still running)."""
