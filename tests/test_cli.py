@@ -288,7 +288,7 @@ def test_process_bar_shows_the_eta_range_on_a_terminal(tmp_path: Path) -> None:
 def test_postfix_says_counts_eta_and_its_range() -> None:
     """The bar's postfix: counts, the ETA and its 80% range; nothing to wait for at the end."""
     from batchtrack import BatchTracker
-    from batchtrack.cli import _postfix
+    from batchtrack.progress import describe
     from batchtrack.testing import FakeClock
 
     clock = FakeClock()
@@ -301,11 +301,11 @@ def test_postfix_says_counts_eta_and_its_range() -> None:
         event = tracker.complete_item(batch.batch_id, item.id)
     assert event is not None
     assert event.eta_range is not None
-    text = _postfix(event)
+    text = describe(event.progress, event.estimated_time_remaining, event.eta_range)
     assert re.fullmatch(r"20 ok, 0 failed, ETA \d+m \(\d+m–\d+m\)", text), text
     for item in batch.items[20:]:
         event = tracker.fail_item(batch.batch_id, item.id, "cancelled")
-    assert _postfix(event) == "20 ok, 180 failed"
+    assert describe(event.progress, event.estimated_time_remaining) == "20 ok, 180 failed"
 
 
 @pytest.mark.parametrize(
@@ -314,9 +314,9 @@ def test_postfix_says_counts_eta_and_its_range() -> None:
 )
 def test_durations_read_like_a_person_would_say_them(seconds: int, text: str) -> None:
     """Seconds under a minute and a half, then minutes, then hours and minutes."""
-    from batchtrack.cli import _duration
+    from batchtrack.progress import duration
 
-    assert _duration(seconds) == text
+    assert duration(seconds) == text
 
 
 def test_process_all_good_exits_zero(folder: Path, tmp_path: Path) -> None:
@@ -770,3 +770,201 @@ def test_serve_with_unusable_files_or_secret_says_so_and_exits_2(
     assert result.returncode == 2
     assert result.stderr.splitlines() == [f"batchtrack serve: error: {message}"]
     assert not (tmp_path / "data").exists()
+
+
+# -- Ctrl-C in process ---------------------------------------------------------------------
+
+
+def start_process(
+    tmp_path: Path, count: int, delay: float, *options: str
+) -> tuple[subprocess.Popen[str], str]:
+    """`batchtrack process --data-dir` over ``count`` real images, each waiting ``delay``
+    seconds first; return the process and its batch id (its first line on stderr)."""
+    root = tmp_path / "in"
+    root.mkdir()
+    for n in range(count):
+        Image.new("RGB", (64, 48), (n * 10, 90, 90)).save(root / f"{n:02d}.jpg")
+    out, data = str(tmp_path / "out"), str(tmp_path / "data")
+    command = ["process", str(root), "--out", out, "--data-dir", data, "--concurrency", "2"]
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "batchtrack", *command, *options],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        env={**os.environ, "BATCHTRACK_TEST_ITEM_DELAY": str(delay)},
+    )
+    assert proc.stderr is not None
+    first = proc.stderr.readline()
+    assert first.startswith("batch "), first
+    return proc, first.split()[1]
+
+
+def batch_progress(tmp_path: Path, batch_id: str) -> dict[str, int]:
+    """The counts of a batch in the database of ``start_process``."""
+    from batchtrack import BatchTracker, SQLiteStore
+
+    with SQLiteStore(tmp_path / "data" / "batchtrack.db") as store:
+        progress = BatchTracker(store).get(batch_id, items=False).progress
+    return {"completed": progress.completed, "processing": progress.processing}
+
+
+def test_process_ctrl_c_stops_starting_images_and_names_the_interrupted_ones(
+    tmp_path: Path,
+) -> None:
+    """The first Ctrl-C starts no new image, lets the running ones finish, prints the
+    summary naming the images not processed, and exits 130; the batch is finished."""
+    proc, batch_id = start_process(tmp_path, 20, 0.5, "--json")
+    deadline = time.monotonic() + 60
+    while batch_progress(tmp_path, batch_id)["completed"] < 2:
+        assert time.monotonic() < deadline
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGINT)
+    out, err = proc.communicate(timeout=60)
+    assert proc.returncode == 130, err
+    assert "Traceback" not in err
+    body = json.loads(out)  # --json: the final status, as after any run
+    progress = body["progress"]
+    assert progress["pending"] == progress["processing"] == 0
+    assert 2 <= progress["completed"] <= 8  # stopped well before the 20
+    stopped = [i["filename"] for i in body["images"] if i.get("error") == "interrupted"]
+    assert len(stopped) == 20 - progress["completed"] == progress["failed"]
+    assert f"{progress['completed']} of 20 images processed, 0 failed" in err
+    names = ", ".join(stopped[:5])
+    assert f"interrupted: {len(stopped)} images not processed: {names} and " in err
+    assert len(list((tmp_path / "out").iterdir())) == progress["completed"]
+
+
+def test_process_ctrl_c_abandons_images_still_running_after_the_grace(tmp_path: Path) -> None:
+    """Images that do not finish within the grace after Ctrl-C are abandoned: failed as
+    interrupted, no result written, the summary printed, exit 130."""
+    proc, batch_id = start_process(tmp_path, 6, 10)
+    deadline = time.monotonic() + 60
+    while batch_progress(tmp_path, batch_id)["processing"] < 2:
+        assert time.monotonic() < deadline
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGINT)
+    _, err = proc.communicate(timeout=60)
+    assert proc.returncode == 130, err
+    assert "waiting up to 5s for the 2 being processed" in err
+    assert "0 of 6 images processed, 0 failed" in err
+    assert "interrupted: 6 images not processed: 00.jpg, 01.jpg, 02.jpg, 03.jpg, 04.jpg" in err
+    assert "Traceback" not in err
+    body = json.loads(batchtrack("status", batch_id, "--data-dir", str(tmp_path / "data")).stdout)
+    assert {i["error"] for i in body["images"]} == {"interrupted"}
+    assert not (tmp_path / "out").exists() or not list((tmp_path / "out").iterdir())
+
+
+def test_process_second_ctrl_c_exits_at_once_quietly(tmp_path: Path) -> None:
+    """A second Ctrl-C while the running images finish exits at once with 130: no
+    traceback, no summary."""
+    proc, batch_id = start_process(tmp_path, 20, 10)
+    deadline = time.monotonic() + 60
+    while batch_progress(tmp_path, batch_id)["processing"] < 2:
+        assert time.monotonic() < deadline
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGINT)
+    assert proc.stderr is not None
+    assert proc.stderr.readline().startswith("stopping: no new images")
+    proc.send_signal(signal.SIGINT)
+    _, err = proc.communicate(timeout=60)
+    assert proc.returncode == 130
+    assert err == ""
+    assert batch_progress(tmp_path, batch_id)["completed"] == 0
+
+
+# -- small things --------------------------------------------------------------------------
+
+
+def test_status_help_says_the_data_dir_must_exist() -> None:
+    """status reads an existing database: its --help does not say the folder is created."""
+    text = " ".join(batchtrack("status", "--help").stdout.split())
+    assert "(default: ./batchtrack-data; it must exist)" in text
+    assert "created" not in text
+    assert "created when missing" in " ".join(batchtrack("serve", "--help").stdout.split())
+
+
+def test_process_with_nothing_to_do_creates_nothing(tmp_path: Path) -> None:
+    """An empty folder: exit 2 saying no images, and neither --out nor --data-dir made."""
+    (tmp_path / "empty").mkdir()
+    result = batchtrack(
+        "process",
+        str(tmp_path / "empty"),
+        "--out",
+        str(tmp_path / "out"),
+        "--data-dir",
+        str(tmp_path / "data"),
+    )
+    assert result.returncode == 2
+    assert "no images found in the paths given" in result.stderr
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["empty"]
+
+
+def test_process_renames_only_on_a_real_collision(tmp_path: Path) -> None:
+    """dup.jpg and dup.png stay JPEG and PNG: both keep their names (ids dup and dup.png);
+    with --format png their results collide and the second becomes dup-2.png."""
+    root = tmp_path / "in"
+    root.mkdir()
+    (root / "dup.jpg").write_bytes(jpeg((80, 60)))
+    Image.new("RGB", (80, 60), (0, 0, 250)).save(root / "dup.png")
+    Image.new("RGB", (80, 60), (0, 250, 0)).save(root / "other.gif")  # written as PNG
+    (root / "other.png").write_bytes(jpeg((80, 60)))  # JPEG inside: written as .jpg
+    result = batchtrack("process", str(root), "--out", str(tmp_path / "kept"), "--json")
+    assert result.returncode == 0, result.stderr
+    kept = sorted(p.name for p in (tmp_path / "kept").iterdir())
+    assert kept == ["dup.jpg", "dup.png", "other.jpg", "other.png"]
+    assert [i["id"] for i in json.loads(result.stdout)["images"]] == [
+        "dup",
+        "dup.png",
+        "other",
+        "other.jpg",
+    ]
+    assert "Renamed" not in result.stderr
+
+    result = batchtrack("process", str(root), "--out", str(tmp_path / "png"), "--format", "png")
+    assert result.returncode == 0, result.stderr
+    names = sorted(p.name for p in (tmp_path / "png").iterdir())
+    assert names == ["dup-2.png", "dup.png", "other-2.png", "other.png"]
+    assert f"{root / 'dup.png'} -> {tmp_path / 'png' / 'dup-2.png'}" in result.stderr
+
+
+@pytest.mark.parametrize("command", ["serve", "process", "status"])
+def test_an_unknown_option_is_the_commands_error(command: str, tmp_path: Path) -> None:
+    """An option a command does not know: "batchtrack <command>: error: unrecognized
+    arguments", one line, exit 2, nothing started."""
+    args = {"serve": [], "process": [str(tmp_path), "--out", "o"], "status": ["x"]}[command]
+    result = batchtrack(command, *args, "--bogus", cwd=tmp_path)
+    assert result.returncode == 2
+    assert result.stderr.splitlines()[-1] == (
+        f"batchtrack {command}: error: unrecognized arguments: --bogus"
+    )
+    assert "Traceback" not in result.stderr
+
+
+def test_serve_announces_only_the_batches_left_before_it_started(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """At start the service logs "resuming 1 unfinished batch" for a batch an earlier run
+    left, not counting one a user started just after it came up; both are run."""
+    from batchtrack import BatchTracker, Item, SQLiteStore
+    from batchtrack._demo import build
+
+    data = tmp_path / "data"
+    data.mkdir()
+    image = tmp_path / "a.jpg"
+    image.write_bytes(jpeg((50, 50)))
+    with SQLiteStore(data / "batchtrack.db") as store:
+        left = BatchTracker(store).create_batch([Item("a.jpg", source=str(image))]).batch_id
+    caplog.set_level("INFO", logger="batchtrack")
+    _, close = build(data, concurrency=1)
+    try:
+        with SQLiteStore(data / "batchtrack.db") as store:
+            tracker = BatchTracker(store)
+            new = tracker.create_batch([Item("b.jpg", source=str(image))]).batch_id
+            deadline = time.monotonic() + 60
+            while not all(tracker.get(b, items=False).status.is_final for b in (left, new)):
+                assert time.monotonic() < deadline
+                time.sleep(0.05)
+    finally:
+        close()
+    resuming = [r.getMessage() for r in caplog.records if "resuming" in r.getMessage()]
+    assert resuming == ["batchtrack: resuming 1 unfinished batch"]

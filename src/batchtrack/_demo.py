@@ -2,17 +2,12 @@
 
 The page is the app's own (``create_app(..., page=True)``), as any integrator can have it.
 
-For tests only: when the environment variable ``BATCHTRACK_TEST_ITEM_DELAY`` holds a
-number of seconds (at most 10), every image waits that long before it is processed, so
-that a browser test can reload or cancel a batch while it runs. It is read when the
-service is built, and is no option of the command line: no one else should set it.
+For tests only, ``BATCHTRACK_TEST_ITEM_DELAY`` delays every image (see ``_test_delay``).
 """
 
 from __future__ import annotations
 
 import logging
-import math
-import os
 import threading
 import time
 from collections.abc import Callable
@@ -24,6 +19,7 @@ import attrs
 from ._models import Item
 from ._orchestrator import Orchestrator
 from ._paths import DB_NAME
+from ._test_delay import TEST_ITEM_DELAY, item_delay
 from ._tracker import BatchTracker
 from .asgi import create_app
 from .exceptions import BatchtrackError
@@ -34,15 +30,12 @@ from .stores.base import Store
 from .stores.sqlite import SQLiteStore
 from .uploads import UploadStore
 
-__all__ = ["INTERRUPTED", "TEST_ITEM_DELAY", "build", "recover"]
+__all__ = ["INTERRUPTED", "TEST_ITEM_DELAY", "build", "recover", "resuming"]
 
 log = logging.getLogger("batchtrack")
 
 INTERRUPTED = "interrupted"
 """The error of items the server stopped before they started."""
-
-TEST_ITEM_DELAY = "BATCHTRACK_TEST_ITEM_DELAY"
-"""The environment variable of the test-only delay per image (see the module's doc)."""
 
 
 @attrs.frozen
@@ -61,31 +54,27 @@ class _Delayed:
         return self.pipeline(item)
 
 
-def _test_delay() -> float:
-    """The test-only delay per image from the environment; 0 when unset or not a number."""
-    try:
-        delay = float(os.environ.get(TEST_ITEM_DELAY, "0"))
-    except ValueError:
-        return 0.0
-    return min(delay, 10.0) if math.isfinite(delay) and delay > 0 else 0.0
-
-
-def recover(tracker: BatchTracker, orchestrator: Orchestrator) -> int:
-    """Take back lost items and resume every unfinished batch; return how many resumed.
+def recover(tracker: BatchTracker, orchestrator: Orchestrator) -> list[str]:
+    """Take back lost items and resume every unfinished batch; return the ids resumed.
 
     What a service does at start (a batch a killed process had started finishes) and
     every so often (items whose worker died go back to pending and run again).
     """
     tracker.reclaim()
-    resumed = 0
+    resumed = []
     for batch_id in tracker.open_batches():
         try:
             orchestrator.resume(batch_id)
         except BatchtrackError:  # expired meanwhile, or we are shutting down
             log.debug("batchtrack: could not resume batch %s", batch_id, exc_info=True)
         else:
-            resumed += 1
+            resumed.append(batch_id)
     return resumed
+
+
+def resuming(count: int) -> str:
+    """The log line of a service that found unfinished batches at start."""
+    return f"batchtrack: resuming {count} unfinished batch{'' if count == 1 else 'es'}"
 
 
 def build(
@@ -123,7 +112,7 @@ def build(
         uploads = UploadStore(files, prefix="uploads/", max_total_bytes=max_upload_storage)
     # Results live as long as their batch; writes a crash cut short are swept.
     tracker.add_removal_hook(pipeline.remove_results)
-    delay = _test_delay()
+    delay = item_delay()
     processor = _Delayed(pipeline, delay) if delay else pipeline
     orchestrator = Orchestrator(tracker, processor, concurrency=concurrency)
     app = create_app(
@@ -151,11 +140,15 @@ def build(
 
     def resume() -> None:
         resumed = recover(tracker, orchestrator)
-        if resumed and not started.is_set():
-            log.warning("batchtrack: resuming %d unfinished batches", resumed)
-        started.set()
+        if not started.is_set():
+            # Only batches a stopped service left: not one a user started meanwhile.
+            left = [batch_id for batch_id in resumed if batch_id in unfinished]
+            if left:
+                log.warning(resuming(len(left)))
+            started.set()
 
     started = threading.Event()
+    unfinished = frozenset(tracker.open_batches())  # before the app takes any request
     every(600, uploads.cleanup, "clean up expired uploads", first=600)
     every(600, pipeline.sweep_partial, "sweep unfinished results", first=1)
     # The first round shortly after start, so that the server announces itself first.

@@ -10,8 +10,10 @@ import attrs
 try:
     from python_multipart.multipart import MultipartParser, parse_options_header
 except ImportError as exc:  # pragma: no cover - depends on the environment
+    from ._extras import missing
+
     raise ImportError(
-        "batchtrack's upload endpoint needs python-multipart: pip install 'batchtrack[server]'"
+        missing("batchtrack's upload endpoint", "python-multipart", "server")
     ) from exc
 
 __all__ = ["read_uploads"]

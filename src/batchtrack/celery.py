@@ -25,7 +25,9 @@ try:
     from celery import Celery  # type: ignore[import-untyped]
     from celery.exceptions import Reject  # type: ignore[import-untyped]
 except ImportError as exc:  # pragma: no cover - depends on the environment
-    raise ImportError("batchtrack.celery needs Celery: pip install 'batchtrack[celery]'") from exc
+    from ._extras import missing
+
+    raise ImportError(missing("batchtrack.celery", "Celery", "celery")) from exc
 
 import attrs
 

@@ -14,8 +14,11 @@ import json
 import logging
 import os
 import re
+import signal
 import socket
 import sys
+import threading
+import time
 from collections.abc import Sequence
 from pathlib import Path, PurePath
 from typing import TYPE_CHECKING, Any, NoReturn
@@ -23,12 +26,14 @@ from typing import TYPE_CHECKING, Any, NoReturn
 import attrs
 
 from . import __version__
-from ._models import BatchSnapshot, Item, ProgressEvent
+from ._models import BatchSnapshot, Item
 from ._paths import DB_NAME
 from .exceptions import BatchNotFound, BatchtrackError, ValidationError
 from .stores.base import Store
 
 if TYPE_CHECKING:
+    from ._orchestrator import Orchestrator
+    from ._tracker import BatchTracker
     from .files.base import FileStorage
 
 __all__ = ["main"]
@@ -40,11 +45,13 @@ class _Usage(Exception):
     """A usage error: printed as one line, exit status 2."""
 
 
-def _need(module: str, extra: str) -> None:
+def _need(module: str, name: str, extra: str) -> None:
     try:
         __import__(module)
     except ImportError:
-        raise _Usage(f"this command needs {module}: pip install 'batchtrack[{extra}]'") from None
+        from ._extras import missing
+
+        raise _Usage(missing("this command", name, extra)) from None
 
 
 def _positive(text: str) -> int:
@@ -107,8 +114,21 @@ _MAX_ID, _MAX_NAME = 255, 1024  # the tracker's limits for item ids and filename
 
 
 class _Parser(argparse.ArgumentParser):
+    commands: dict[str, argparse.ArgumentParser]  # the parser of each command, by name
+
     def error(self, message: str) -> NoReturn:
         self.exit(2, f"{self.prog}: error: {message}\n")
+
+    def parse_args(  # type: ignore[override]
+        self, args: Sequence[str] | None = None, namespace: None = None
+    ) -> argparse.Namespace:
+        # An option no command knows is the command's error ("batchtrack serve: error"),
+        # not the main parser's, which argparse would report.
+        parsed, unknown = self.parse_known_args(args, namespace)
+        if unknown:
+            where = getattr(self, "commands", {}).get(getattr(parsed, "command", None), self)
+            where.error(f"unrecognized arguments: {' '.join(unknown)}")
+        return parsed
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -131,7 +151,7 @@ def _parser() -> argparse.ArgumentParser:
         "--host", default="127.0.0.1", help="address to listen on (default: 127.0.0.1)"
     )
     serve.add_argument("--port", type=_port, default=8000, help="port to listen on (default: 8000)")
-    _data_dir_option(serve, "database, uploads and results")
+    _data_dir_option(serve, "database, uploads and results", created=True)
     _store_option(serve)
     serve.add_argument(
         "--files",
@@ -234,23 +254,25 @@ def _parser() -> argparse.ArgumentParser:
         "of `serve` or `process --data-dir`, also while the batch is running.",
     )
     status.add_argument("batch_id", metavar="BATCH_ID")
-    _data_dir_option(status, "the folder of the database")
+    _data_dir_option(status, "the folder of the database", created=False)
     _store_option(status)
     status.add_argument(
         "--failed",
         action="store_true",
         help="list only the failed images (counts stay those of the whole batch)",
     )
+    parser.commands = {"serve": serve, "process": process, "status": status}
     return parser
 
 
-def _data_dir_option(parser: argparse.ArgumentParser, what: str) -> None:
+def _data_dir_option(parser: argparse.ArgumentParser, what: str, *, created: bool) -> None:
+    made = "created when missing" if created else "it must exist"
     parser.add_argument(
         "--data-dir",
         type=Path,
         default=DATA_DIR,
         metavar="DIR",
-        help=f"{what} (default: ./{DATA_DIR}; created when missing)",
+        help=f"{what} (default: ./{DATA_DIR}; {made})",
     )
 
 
@@ -369,28 +391,51 @@ def _text(value: str) -> str:
     return _UNSAFE.sub("_", value)
 
 
-def _plan(sources: Sequence[_Source]) -> list[tuple[str, PurePath]]:
-    """Each source's item id and result path under ``--out`` (without the extension).
+def _result_suffix(path: Path, fmt: str | None) -> str:
+    """The extension of the result of ``path``: that of ``--format``, else the one its
+    format gets as its first bytes tell (JPEG, PNG and WebP stay as they are, the rest
+    becomes PNG, as :class:`~batchtrack.imaging.ImagePipeline` does)."""
+    if fmt is not None:
+        return {"jpeg": ".jpg", "png": ".png", "webp": ".webp"}[fmt]
+    try:
+        with path.open("rb") as file:
+            head = file.read(12)
+    except OSError:  # it fails when processed, and writes nothing
+        return ".png"
+    if head.startswith(b"\xff\xd8\xff"):
+        return ".jpg"
+    if head[:4] == b"RIFF" and head[8:12] == b"WEBP":
+        return ".webp"
+    return ".png"
+
+
+def _plan(sources: Sequence[_Source], suffixes: Sequence[str]) -> list[tuple[str, PurePath]]:
+    """Each source's item id and result path under ``--out`` (without the extension),
+    given the extension of each source's result.
 
     A result keeps its source's place and name; when two sources would give one result
-    name in one folder (``a.png`` and ``a.jpg``, ``A.jpg`` and ``a.jpg``, or the same name
-    from two folders given), the first keeps it and the next get ``-2``, ``-3``: no result
-    ever overwrites another. The item id is the result path, so it is unique too.
+    file in one folder (``a.png`` and ``a.jpg`` with ``--format jpeg``, ``A.jpg`` and
+    ``a.jpg``, or the same name from two folders given), the first keeps it and the next
+    get ``-2``, ``-3``: no result ever overwrites another, and no other is renamed
+    (``a.jpg`` and ``a.png`` keep their names when they stay JPEG and PNG). The item id
+    is the result path without the extension, with it when that is taken (``a.png``).
     """
     taken: dict[PurePath, set[str]] = {}
     ids: set[str] = set()
     plan = []
-    for number, source in enumerate(sources, 1):
+    for number, (source, suffix) in enumerate(zip(sources, suffixes, strict=True), 1):
         folder = source.relative.parent
         stem = _text(source.relative.stem).lstrip(".") or "image"
         used = taken.setdefault(folder, set())
         name, n = stem, 1
-        while name.casefold() in used:
+        while (name + suffix).casefold() in used:
             n += 1
             name = f"{stem}-{n}"
-        used.add(name.casefold())
+        used.add((name + suffix).casefold())
         result = folder / name
         item_id = _text(result.as_posix())
+        if item_id in ids:  # a.jpg and a.png: ids a and a.png
+            item_id += suffix
         if len(item_id) > _MAX_ID or item_id in ids:
             # Very deep paths, or folders whose names differ only in unprintable bytes:
             # the id only has to be unique, the result path stays as planned.
@@ -414,12 +459,15 @@ class _IntoFolders:
     out: Path
     settings: dict[str, Any]
     results: dict[str, PurePath]  # item id -> result path under out, without extension
+    delay: float = 0.0  # for tests only: seconds each image waits (BATCHTRACK_TEST_ITEM_DELAY)
     written: dict[str, Path] = attrs.field(factory=dict)
     _pipelines: dict[PurePath, Any] = attrs.field(factory=dict)
 
     def __call__(self, item: Item) -> Path:
         from .imaging import ImagePipeline
 
+        if self.delay:
+            time.sleep(self.delay)
         item_id = str(item.id)
         result = self.results[item_id]
         pipeline = self._pipelines.get(result.parent)
@@ -432,13 +480,38 @@ class _IntoFolders:
         return path
 
 
-def _process(args: argparse.Namespace) -> int:
-    _need("PIL", "images")
-    _need("tqdm", "cli")
-    from tqdm import tqdm
+GRACE = 5.0
+"""Seconds the images being processed get to finish after Ctrl-C, before they are
+abandoned (failed as "interrupted", their results not written)."""
 
+_INTERRUPTED = "interrupted"  # the error of images Ctrl-C stopped, as serve gives them
+
+
+_TICK = 0.1
+"""Seconds the main thread blocks at most while a batch runs: a signal may be delivered
+to any thread, and Python runs its handler only once the main thread wakes up."""
+
+
+@attrs.define
+class _CtrlC:
+    """The SIGINT handler while a batch runs: the first Ctrl-C asks to stop the batch,
+    the second exits at once, with status 130."""
+
+    pressed: bool = False
+
+    def __call__(self, signum: int, frame: object) -> None:
+        if self.pressed:
+            os._exit(130)  # the threads still processing images are not waited for
+        self.pressed = True
+
+
+def _process(args: argparse.Namespace) -> int:
+    _need("PIL", "Pillow", "images")
+    _need("tqdm", "tqdm", "cli")
     from . import BatchTracker, Orchestrator, SQLiteStore
+    from ._test_delay import item_delay
     from .imaging import ImagePipeline
+    from .progress import ProgressBar
 
     missing = [str(p) for p in args.paths if not p.exists()]
     if missing:
@@ -446,6 +519,10 @@ def _process(args: argparse.Namespace) -> int:
     odd = [str(p) for p in args.paths if not (p.is_file() or p.is_dir())]
     if odd:
         raise _Usage(f"not a file or a folder: {', '.join(odd)}")
+    sources, skipped = _collect(args.paths, args.out)
+    if not sources:  # before --out is made: nothing to do creates nothing
+        found = f"; skipped {_skipped_text(skipped)}" if skipped else ""
+        raise _Usage(f"no images found in the paths given{found}")
     settings = {"max_size": args.max_size, "format": args.format}
     try:
         ImagePipeline(args.out, **settings)  # checks the settings and creates --out
@@ -453,12 +530,8 @@ def _process(args: argparse.Namespace) -> int:
         raise _Usage(
             str(exc).replace("output_dir", "--out").replace("max_size", "--max-size")
         ) from None
-    sources, skipped = _collect(args.paths, args.out)
-    if not sources:
-        found = f"; skipped {_skipped_text(skipped)}" if skipped else ""
-        raise _Usage(f"no images found in the paths given{found}")
-    plan = _plan(sources)
-    processor = _IntoFolders(args.out, settings, dict(plan))
+    plan = _plan(sources, [_result_suffix(s.path, args.format) for s in sources])
+    processor = _IntoFolders(args.out, settings, dict(plan), delay=item_delay())
     items = [
         Item(_shown(s.relative), source=s.path, id=i)
         for s, (i, _) in zip(sources, plan, strict=True)
@@ -471,66 +544,80 @@ def _process(args: argparse.Namespace) -> int:
             tracker = BatchTracker(SQLiteStore(args.data_dir / DB_NAME), ttl=_PROCESS_TTL)
         except (OSError, BatchtrackError) as exc:
             raise _Usage(f"cannot use --data-dir {str(args.data_dir)!r}: {exc}") from None
-    bar = tqdm(
-        total=len(items),
-        unit="img",
-        file=sys.stderr,
-        dynamic_ncols=True,
-        bar_format="{l_bar}{bar}| {n_fmt}/{total_fmt} [{elapsed}, {rate_fmt}{postfix}]",
-        disable=None,  # drawn on a terminal, silent when stderr is not one
-    )
-
-    def on_progress(event: ProgressEvent) -> None:
-        if not event.item.status.is_final:
-            return
-        bar.set_postfix_str(_postfix(event), refresh=False)
-        bar.update(1)
-
+    ctrl_c = _CtrlC()
+    handled = threading.current_thread() is threading.main_thread()
+    previous = signal.signal(signal.SIGINT, ctrl_c) if handled else None
+    bar = ProgressBar(total=len(items), unit="img")
+    orch = Orchestrator(tracker, processor, concurrency=args.concurrency)
     try:
-        with Orchestrator(tracker, processor, concurrency=args.concurrency) as orch:
-            try:
-                started = orch.submit(items, on_progress=on_progress)
-                if args.data_dir is not None:
-                    bar.write(f"batch {started.batch_id}", file=sys.stderr)
-                snap = orch.wait(started.batch_id)
-            finally:
-                bar.close()
+        batch_id = orch.submit(items, on_progress=bar).batch_id
+        if args.data_dir is not None:
+            bar.write(f"batch {batch_id}")
+        while not ctrl_c.pressed:
+            with contextlib.suppress(TimeoutError):
+                orch.wait(batch_id, timeout=_TICK)
+                break
+        bar.close()  # after Ctrl-C, the images failed now are not drawn
+        abandoned = _stop(orch, tracker, batch_id) if ctrl_c.pressed else False
+        snap = tracker.get(batch_id)
+        _report(snap, sources, skipped, processor, args, interrupted=ctrl_c.pressed)
+        if abandoned:
+            # Threads still process images: exiting normally would wait for them.
+            sys.stdout.flush()
+            sys.stderr.flush()
+            os._exit(130)
     finally:
+        bar.close()
+        # Nothing runs on once we return (an error above stops the batch, too).
+        orch.close(cancel_pending=True, reason=_INTERRUPTED)
         tracker.store.close()
-    _report(snap, sources, skipped, processor, args)
+        if previous is not None:
+            signal.signal(signal.SIGINT, previous)
+    if ctrl_c.pressed:
+        return 130
     return 0 if snap.progress.failed == 0 else 1
 
 
-def _duration(seconds: int) -> str:
-    """``45s``, ``3m``, ``1h 05m``: as precise as a person needs."""
-    if seconds < 90:
-        return f"{seconds}s"
-    if seconds < 5400:
-        return f"{round(seconds / 60)}m"
-    hours, minutes = divmod(round(seconds / 60), 60)
-    return f"{hours}h {minutes:02d}m"
+def _stop(orch: Orchestrator, tracker: BatchTracker, batch_id: str) -> bool:
+    """After Ctrl-C: fail the images not started as "interrupted" and give the running
+    ones :data:`GRACE` seconds; return True when some were abandoned (failed as
+    "interrupted", still running)."""
+    from . import InvalidTransition, Status
+
+    running = tracker.get(batch_id, items=False).progress.processing
+    wait = f"; waiting up to {GRACE:.0f}s for the {running} being processed" if running else ""
+    print(f"stopping: no new images{wait} (Ctrl-C again quits now)", file=sys.stderr, flush=True)
+    closer = threading.Thread(
+        target=orch.close,
+        kwargs={"cancel_pending": True, "reason": _INTERRUPTED},
+        name="batchtrack-stop",
+        daemon=True,
+    )
+    closer.start()
+    deadline = time.monotonic() + GRACE
+    while closer.is_alive() and time.monotonic() < deadline:
+        closer.join(_TICK)
+    if not closer.is_alive():
+        return False
+    # The abandoned images' workers may still finish: they are not reported.
+    logging.getLogger("batchtrack").setLevel(logging.CRITICAL)
+    for item in tracker.get(batch_id, status=Status.PROCESSING).items:
+        with contextlib.suppress(InvalidTransition):
+            tracker.fail_item(batch_id, item.id, _INTERRUPTED)
+    return True
 
 
-def _postfix(event: ProgressEvent) -> str:
-    """The progress bar's counts and ETA: ``3 ok, 1 failed, ETA 2m (1m–3m)``."""
-    p = event.progress
-    text = f"{p.completed} ok, {p.failed} failed"
-    eta = event.estimated_time_remaining
-    if eta is None or p.pending + p.processing == 0:
-        return text
-    text += f", ETA {_duration(eta)}"
-    if event.eta_range is not None:
-        low, high = event.eta_range
-        text += f" ({_duration(low)}–{_duration(high)})"
-    return text
+def _names(names: Sequence[str], shown: int = 5) -> str:
+    """``a.jpg, b.jpg, c.jpg and 4 more``."""
+    more = f" and {len(names) - shown} more" if len(names) > shown else ""
+    return ", ".join(names[:shown]) + more
 
 
 def _skipped_text(skipped: Sequence[Path], shown: int = 5) -> str:
     """``3 files (no image extension, or hidden): a.txt, b.csv, .DS_Store``."""
-    names = ", ".join(_text(str(p)) for p in skipped[:shown])
-    more = f" and {len(skipped) - shown} more" if len(skipped) > shown else ""
     files = "file" if len(skipped) == 1 else "files"
-    return f"{len(skipped)} {files} (no image extension, or hidden): {names}{more}"
+    names = _names([_text(str(p)) for p in skipped], shown)
+    return f"{len(skipped)} {files} (no image extension, or hidden): {names}"
 
 
 def _report(
@@ -539,11 +626,19 @@ def _report(
     skipped: Sequence[Path],
     processor: _IntoFolders,
     args: argparse.Namespace,
+    *,
+    interrupted: bool = False,
 ) -> None:
     if args.json:
-        print(json.dumps(snap.to_dict(), ensure_ascii=False))
+        print(json.dumps(snap.to_dict(), ensure_ascii=False), flush=True)
+    stopped = [item for item in snap.items if interrupted and item.error == _INTERRUPTED]
     p = snap.progress
-    print(f"{p.completed} of {p.total} images processed, {p.failed} failed", file=sys.stderr)
+    failed = p.failed - len(stopped)
+    print(f"{p.completed} of {p.total} images processed, {failed} failed", file=sys.stderr)
+    if stopped:
+        images = "image" if len(stopped) == 1 else "images"
+        names = _names([item.filename for item in stopped])
+        print(f"interrupted: {len(stopped)} {images} not processed: {names}", file=sys.stderr)
     if skipped:
         print(f"Skipped {_skipped_text(skipped)}", file=sys.stderr)
     by_id = {item.id: source for item, source in zip(snap.items, sources, strict=True)}
@@ -556,7 +651,10 @@ def _report(
         print("Renamed, so that no result overwrites another:", file=sys.stderr)
         for source, path in renamed:
             print(f"  {_text(str(source.path))} -> {_text(str(path))}", file=sys.stderr)
-    failures = [(by_id[item.id], item) for item in snap.items if item.error]
+    stopped_ids = {item.id for item in stopped}
+    failures = [
+        (by_id[item.id], item) for item in snap.items if item.error and item.id not in stopped_ids
+    ]
     if failures:
         width = min(max(len(_text(str(s.path))) for s, _ in failures), 60)
         print(f"\n{'file':<{width}}  error", file=sys.stderr)
@@ -565,6 +663,7 @@ def _report(
     if args.data_dir is not None:
         where = "" if args.data_dir == DATA_DIR else f" --data-dir {args.data_dir}"
         print(f"\nbatch {snap.batch_id}: batchtrack status {snap.batch_id}{where}", file=sys.stderr)
+    sys.stderr.flush()
 
 
 # -- serve ----------------------------------------------------------------------------------
@@ -603,9 +702,9 @@ def _files(url: str | None) -> FileStorage | None:
 
 
 def _serve(args: argparse.Namespace) -> int:
-    _need("uvicorn", "server")
-    _need("python_multipart", "server")
-    _need("PIL", "images")
+    _need("uvicorn", "uvicorn", "server")
+    _need("python_multipart", "python-multipart", "server")
+    _need("PIL", "Pillow", "images")
     import uvicorn
 
     from . import BatchTracker

@@ -15,7 +15,9 @@ from typing import IO, Any, cast
 try:
     from PIL import Image, ImageOps, PngImagePlugin, UnidentifiedImageError
 except ImportError as exc:  # pragma: no cover - depends on the environment
-    raise ImportError("batchtrack.imaging needs Pillow: pip install 'batchtrack[images]'") from exc
+    from ._extras import missing
+
+    raise ImportError(missing("batchtrack.imaging", "Pillow", "images")) from exc
 
 import attrs
 

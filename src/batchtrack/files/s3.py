@@ -45,7 +45,9 @@ try:
     import obstore
     from obstore.store import S3Store
 except ImportError as exc:  # pragma: no cover - depends on the environment
-    raise ImportError("batchtrack.files.s3 needs obstore: pip install 'batchtrack[s3]'") from exc
+    from .._extras import missing
+
+    raise ImportError(missing("batchtrack.files.s3", "obstore", "s3")) from exc
 
 from ..exceptions import BatchtrackError, FileStorageError, ValidationError
 from . import _sigv4

@@ -47,9 +47,10 @@ try:
     from psycopg.conninfo import conninfo_to_dict
     from psycopg_pool import ConnectionPool
 except ImportError as exc:  # pragma: no cover - depends on the environment
+    from .._extras import missing
+
     raise ImportError(
-        "batchtrack.stores.postgres needs psycopg 3 and psycopg-pool: "
-        "pip install 'batchtrack[postgres]'"
+        missing("batchtrack.stores.postgres", "psycopg 3 and psycopg-pool", "postgres")
     ) from exc
 
 import attrs

@@ -46,9 +46,9 @@ try:
     from redis.exceptions import RedisError
     from redis.retry import Retry
 except ImportError as exc:  # pragma: no cover - depends on the environment
-    raise ImportError(
-        "batchtrack.stores.redis needs redis-py: pip install 'batchtrack[redis]'"
-    ) from exc
+    from .._extras import missing
+
+    raise ImportError(missing("batchtrack.stores.redis", "redis-py", "redis")) from exc
 
 import attrs
 

@@ -44,8 +44,10 @@ try:
         run_state_machine_as_test,
     )
 except ImportError as exc:  # pragma: no cover - depends on the environment
+    from .._extras import missing
+
     raise ImportError(
-        "batchtrack.testing.conformance needs Hypothesis and pytest: pip install 'batchtrack[test]'"
+        missing("batchtrack.testing.conformance", "Hypothesis and pytest", "test")
     ) from exc
 
 import attrs

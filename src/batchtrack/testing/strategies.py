@@ -11,9 +11,9 @@ from __future__ import annotations
 try:
     from hypothesis import strategies as st
 except ImportError as exc:  # pragma: no cover - depends on the environment
-    raise ImportError(
-        "batchtrack.testing.strategies needs Hypothesis: pip install 'batchtrack[test]'"
-    ) from exc
+    from .._extras import missing
+
+    raise ImportError(missing("batchtrack.testing.strategies", "Hypothesis", "test")) from exc
 
 from .._models import Item
 
