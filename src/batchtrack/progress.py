@@ -157,7 +157,7 @@ def show(
     The batch may run anywhere (an :class:`~batchtrack.Orchestrator` in this process,
     another process, Celery workers): the bar reads the tracker whenever its store reports
     a change of the batch (memory and Redis stores), at most ten times a second, or every
-    ``interval`` seconds when the store cannot report changes (SQLite, PostgreSQL).
+    ``interval`` seconds when the store cannot report changes (SQLite).
     Ctrl-C stops showing (the ``KeyboardInterrupt`` goes on), not the batch.
 
     Args:
