@@ -9,6 +9,7 @@ import sys
 import types
 import zipfile
 from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
@@ -201,6 +202,41 @@ def test_an_events_stream_asked_for_in_an_outage_says_come_back(
             _error(client.get(url), 503, "store_unavailable")
     finally:
         service.close()
+
+
+def test_failures_at_once_in_many_threads_log_one_line_per_app(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Status requests failing at once in 8 threads log one "store unreachable" line per
+    app (the ASGI and the WSGI app each keep their own), then one "reachable again" each."""
+    store = _DownStore()
+    service = Service(tmp_path, store=store, runner=RecordingRunner, owner=lambda h: "alice")
+    caplog.set_level(logging.INFO, logger="batchtrack")
+    asgi = SyncASGIClient(service.asgi)
+    try:
+        with clients(service, "wsgi") as make:
+            pairs = [(make(), asgi) for _ in range(8)]  # SyncASGIClient is thread-safe
+            snap = service.tracker.create_batch(["a.jpg"], owner="alice")
+            url = f"/api/batch-status/{snap.batch_id}"
+            store.down = True
+
+            def fail(pair: tuple[Any, Any]) -> list[int]:
+                return [c.get(url).status_code for _ in range(5) for c in pair]
+
+            with ThreadPoolExecutor(8) as pool:
+                codes = [c for got in pool.map(fail, pairs) for c in got]
+            assert set(codes) == {503}
+            assert len([m for m in _outage_lines(caplog) if "unreachable" in m]) == 2
+            store.down = False
+            for client in pairs[0]:
+                assert client.get(url).status_code == 200
+                assert client.get(url).status_code == 200  # logs nothing more
+    finally:
+        asgi.close()
+        service.close()
+    lines = _outage_lines(caplog)
+    assert len(lines) == 4
+    assert len([m for m in lines if "reachable again after" in m]) == 2
 
 
 def test_a_full_disk_while_spooling_an_upload_answers_507(
