@@ -4,16 +4,16 @@ Routing, ownership and error mapping live here, once, with the endpoints that up
 files, start a batch and report on it; cancel and retry live in :mod:`batchtrack._control`,
 the ZIP of a batch's results in :mod:`batchtrack._zip`, the optional page in
 :mod:`batchtrack._page`, the request and response values and the JSON helpers in
-:mod:`batchtrack._wire`. The WSGI and ASGI modules only translate
-their protocol to :class:`Request` and back from :class:`Response`. Everything here is
-synchronous: the ASGI shell runs it in a thread.
+:mod:`batchtrack._wire`, the check of other sites' requests in
+:mod:`batchtrack._origins` and the log of outages in :mod:`batchtrack._outages`. The WSGI
+and ASGI modules only translate their protocol to :class:`Request` and back from
+:class:`Response`. Everything here is synchronous: the ASGI shell runs it in a thread.
 """
 
 from __future__ import annotations
 
 import base64
 import difflib
-import errno
 import hashlib
 import hmac
 import importlib
@@ -24,12 +24,11 @@ import mimetypes
 import os
 import re
 import secrets
-import threading
 import time
 from collections.abc import Callable, Iterable, Mapping
 from pathlib import Path, PurePosixPath
 from typing import Any, cast
-from urllib.parse import quote, urlsplit
+from urllib.parse import quote
 
 import attrs
 from typing_extensions import TypedDict
@@ -37,6 +36,8 @@ from typing_extensions import TypedDict
 from ._control import BatchControl, progress_hook
 from ._json import dumps, status_body
 from ._models import Item, ProgressEvent
+from ._origins import check_origin, parse_trusted_origins
+from ._outages import Outages, disk_full
 from ._page import Page
 from ._query import find_items, wants_delta
 from ._tracker import BatchTracker
@@ -177,46 +178,6 @@ def _sign(secret: bytes, token: str) -> str:
     """The signature of a session token: HMAC-SHA256, URL-safe base64 without padding."""
     digest = hmac.new(secret, token.encode(), hashlib.sha256).digest()
     return base64.urlsafe_b64encode(digest).rstrip(b"=").decode()
-
-
-def _origins(value: Iterable[str] | None) -> frozenset[str]:
-    """Trusted origins: ``scheme://host[:port]`` each, kept in lower case.
-
-    Raises:
-        ValidationError: A string alone (not a list of them), or an entry that is not an
-            origin (a path, no scheme, ...).
-    """
-    if value is None:
-        return frozenset()
-    if isinstance(value, (str, bytes)):
-        raise ValidationError("trusted_origins must be a list of origins, not one string")
-    origins = set()
-    for origin in value:
-        parts = urlsplit(origin) if isinstance(origin, str) else None
-        if (
-            parts is None
-            or parts.scheme not in ("http", "https")
-            or not parts.netloc
-            or origin.rstrip("/") != f"{parts.scheme}://{parts.netloc}"
-        ):
-            raise ValidationError(
-                f"trusted_origins: {origin!r} is not an origin such as 'https://example.com'"
-            )
-        origins.add(_origin(parts.scheme, parts.netloc))
-    return frozenset(origins)
-
-
-def _origin(scheme: str, host: str) -> str:
-    """``scheme://host[:port]`` in lower case, without the scheme's default port."""
-    scheme, host = scheme.lower(), host.lower()
-    host = host.removesuffix(_DEFAULT_PORTS.get(scheme, ""))
-    return f"{scheme}://{host}"
-
-
-_DEFAULT_PORTS = {"http": ":80", "https": ":443"}
-_SAFE_METHODS = frozenset({"GET", "HEAD", "OPTIONS"})
-_OTHER_SITES = frozenset({"same-site", "cross-site"})
-"""``Sec-Fetch-Site`` values of a request sent by another origin's page."""
 
 
 def _check_runner(runner: object) -> Runner:
@@ -389,52 +350,6 @@ def _sse_unavailable(code: str, message: str) -> bytes:
     return f"retry: {RETRY_MS}\nevent: unavailable\ndata: {body}\n\n".encode()
 
 
-# What a kind of outage is called in the log: when it starts, when it ends.
-_OUTAGE_WORDS = {
-    "store": ("store unreachable", "store reachable again"),
-    "files": ("file storage unreachable", "file storage reachable again"),
-    "full": ("storage full", "storage has room again"),
-}
-
-
-@attrs.define(eq=False)
-class _Outages:
-    """One log line when the store (or the file storage) stops answering, one when it
-    answers again, and silence for the failed requests in between; per app, any thread."""
-
-    _since: dict[str, tuple[float, int]] = attrs.field(factory=dict)  # first failure, count
-    _lock: threading.Lock = attrs.field(factory=threading.Lock)
-
-    def failed(self, kind: str, what: str, exc: BaseException) -> None:
-        """A request (``what``) found ``kind`` away: logged when it is the first one."""
-        with self._lock:
-            since, count = self._since.get(kind, (time.monotonic(), 0))
-            self._since[kind] = since, count + 1
-        if not count:
-            log.warning(
-                "batchtrack: %s: %s (%s); later failures are not logged until it answers",
-                _OUTAGE_WORDS[kind][0],
-                exc,
-                what,
-            )
-
-    def answered(self, kinds: Iterable[str]) -> None:
-        """A request was served by ``kinds``: the end of their outages, if any."""
-        if not self._since:  # the usual case, without taking the lock
-            return
-        for kind in kinds:
-            with self._lock:
-                ended = self._since.pop(kind, None)
-            if ended is not None:
-                since, count = ended
-                log.warning(
-                    "batchtrack: %s after %.1f s (%d failed requests)",
-                    _OUTAGE_WORDS[kind][1],
-                    time.monotonic() - since,
-                    count,
-                )
-
-
 # What each endpoint needs to answer well, by handler name (other endpoints: the store).
 _SERVED_BY = {
     "_upload": ("files", "full"),
@@ -443,11 +358,6 @@ _SERVED_BY = {
     "_openapi": (),
     "_batch_events": (),  # its stream says, once it has read the batch
 }
-
-
-def _disk_full(exc: BaseException) -> bool:
-    """Whether ``exc`` is a write that found no room (a full disk, or over a quota)."""
-    return isinstance(exc, OSError) and exc.errno in (errno.ENOSPC, getattr(errno, "EDQUOT", -1))
 
 
 @attrs.define(eq=False)
@@ -480,9 +390,9 @@ class Api:
     heartbeat: float = 15.0
     page: bool = False
     on_progress: Callable[[ProgressEvent], Any] | None = None
-    trusted_origins: frozenset[str] = attrs.field(default=None, converter=_origins)
+    trusted_origins: frozenset[str] = attrs.field(default=None, converter=parse_trusted_origins)
     _page: Page | None = attrs.field(init=False, default=None)
-    _outages: _Outages = attrs.field(init=False, factory=_Outages)
+    _outages: Outages = attrs.field(init=False, factory=Outages)
     _progress: dict[str, Any] = attrs.field(init=False, factory=dict)
     _routes: list[tuple[str, re.Pattern[str], Callable[..., Response]]] = attrs.field(
         init=False, factory=list
@@ -573,8 +483,8 @@ class Api:
                 reject(404, "not_found", f"no such endpoint: {request.path[:200]}")
             owner = None
             if handler is not self._openapi:
-                if request.method not in _SAFE_METHODS and self.owner is None:
-                    self._check_origin(request)
+                if self.owner is None:  # a session cookie: the browser sends it anyway
+                    check_origin(request, self.trusted_origins)
                 owner, cookie_headers = self._identify(request)
             response = handler(request, owner, **params)
             if response.status < 400:
@@ -586,7 +496,7 @@ class Api:
         except StoreError as exc:
             response = self._unavailable(request, exc)
         except Exception as exc:
-            if _disk_full(exc):  # a request body spooled to a full disk
+            if disk_full(exc):  # a request body spooled to a full disk
                 self._outages.failed("full", _what(request), exc)
                 response = error_response(
                     507, "storage_full", "the server's disk is full; nothing was kept"
@@ -614,36 +524,6 @@ class Api:
                 return handler, match.groupdict(), []
             allowed.append(method)
         return None, {}, allowed
-
-    def _check_origin(self, request: Request) -> None:
-        """Refuse a state-changing request that another site's page sent with the session
-        cookie (cross-site request forgery): 403 ``cross_origin``.
-
-        The browser's ``Sec-Fetch-Site`` decides when it is there (``same-site`` is
-        refused too: a sibling subdomain is another origin, and ``SameSite=Lax`` lets the
-        cookie go with it); else ``Origin`` must be the request's own scheme and host. A
-        request with neither (curl, a server-side client) is no browser's, and passes;
-        an origin in ``trusted_origins`` always does.
-        """
-        headers = request.headers
-        origin = headers.get("origin")
-        if origin is not None and origin != "null":
-            parts = urlsplit(origin)
-            origin = _origin(parts.scheme, parts.netloc)
-            if origin in self.trusted_origins:
-                return
-        site = headers.get("sec-fetch-site", "").strip().lower()
-        if site:
-            if site not in _OTHER_SITES:
-                return
-        elif origin is None or origin == _origin(request.scheme, headers.get("host", "")):
-            return
-        reject(
-            403,
-            "cross_origin",
-            f"a page of another site ({(origin or site)[:100]}) may not send this request; "
-            f"send it from this site's own pages",
-        )
 
     def _identify(self, request: Request) -> tuple[str, list[tuple[str, str]]]:
         if self.owner is not None:
@@ -856,7 +736,7 @@ class Api:
     def _unavailable(self, request: Request, exc: StoreError) -> Response:
         """503 for a store or file storage that cannot be reached: nothing was changed.
 
-        Logged once per outage (see :class:`_Outages`), not once per request.
+        Logged once per outage (see :class:`~batchtrack._outages.Outages`), not once per request.
         """
         if isinstance(exc, FileStorageError):
             if exc.full:
