@@ -202,11 +202,12 @@ def test_a_body_announced_over_the_limit_is_refused_without_being_received(
 def test_a_spool_that_cannot_be_written_is_a_logged_500_that_keeps_nothing(
     make_service: Callable[..., Service], monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    """When the disk refuses a spooled body, the answer is the JSON 500 and no file stays."""
+    """When the disk refuses a spooled body, the answer is the JSON 500 and no file stays
+    (a full disk is a 507: tests/test_http_hardening.py)."""
     import batchtrack._wire
 
     def refuse(*args: Any, **kwargs: Any) -> Any:
-        raise OSError(28, "No space left on device")
+        raise OSError(5, "Input/output error")
 
     service = make_service()
     monkeypatch.setattr(batchtrack._wire.tempfile, "mkstemp", refuse)

@@ -4,16 +4,19 @@ Routing, ownership and error mapping live here, once, with the endpoints that up
 files, start a batch and report on it; cancel and retry live in :mod:`batchtrack._control`,
 the ZIP of a batch's results in :mod:`batchtrack._zip`, the optional page in
 :mod:`batchtrack._page`, the request and response values and the JSON helpers in
-:mod:`batchtrack._wire`. The WSGI and ASGI modules only translate
-their protocol to :class:`Request` and back from :class:`Response`. Everything here is
-synchronous: the ASGI shell runs it in a thread.
+:mod:`batchtrack._wire`, the check of other sites' requests in
+:mod:`batchtrack._origins` and the log of outages in :mod:`batchtrack._outages`. The WSGI
+and ASGI modules only translate their protocol to :class:`Request` and back from
+:class:`Response`. Everything here is synchronous: the ASGI shell runs it in a thread.
 """
 
 from __future__ import annotations
 
 import base64
+import difflib
 import hashlib
 import hmac
+import importlib
 import ipaddress
 import logging
 import math
@@ -22,7 +25,7 @@ import os
 import re
 import secrets
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from pathlib import Path, PurePosixPath
 from typing import Any, cast
 from urllib.parse import quote
@@ -33,6 +36,8 @@ from typing_extensions import TypedDict
 from ._control import BatchControl, progress_hook
 from ._json import dumps, status_body
 from ._models import Item, ProgressEvent
+from ._origins import check_origin, parse_trusted_origins
+from ._outages import Outages, disk_full
 from ._page import Page
 from ._query import find_items, wants_delta
 from ._tracker import BatchTracker
@@ -84,6 +89,7 @@ __all__ = [
     "EventStream",
     "Request",
     "Response",
+    "build_api",
 ]
 
 log = logging.getLogger("batchtrack")
@@ -115,6 +121,34 @@ class AppOptions(TypedDict, total=False):
     client_key: ClientKey | None
     page: bool
     on_progress: Callable[[ProgressEvent], Any] | None
+    trusted_origins: Iterable[str]
+
+
+def build_api(
+    tracker: BatchTracker, runner: Runner, uploads: UploadStore, options: Mapping[str, Any]
+) -> Api:
+    """The :class:`Api` that ``create_app`` (ASGI or WSGI) wraps, its options checked.
+
+    Raises:
+        TypeError: An option ``create_app`` does not take (the closest one is suggested).
+        ImportError: python-multipart, which the upload endpoint needs, is not installed.
+        ValidationError: A bad option value (see :class:`Api`).
+    """
+    accepted = sorted(AppOptions.__annotations__)
+    for name in options:
+        if name not in accepted:
+            close = difflib.get_close_matches(name, accepted, n=1)
+            hint = f"did you mean {close[0]!r}?" if close else f"it takes {', '.join(accepted)}"
+            raise TypeError(f"create_app() got an unexpected keyword argument {name!r}; {hint}")
+    try:
+        importlib.import_module("batchtrack._multipart")  # the upload endpoint's parser
+    except ImportError as exc:
+        raise ImportError(
+            "create_app() needs python-multipart for its upload endpoint: "
+            "pip install 'batchtrack[server]'",
+            name="python_multipart",
+        ) from exc
+    return Api(tracker, runner, uploads, **options)
 
 
 def _seconds(instance: object, attribute: attrs.Attribute[float], value: object) -> None:
@@ -195,6 +229,10 @@ class EventStream:
     between it sends only keep-alives. On a store that cannot, and while the store's
     channel is down, it reads the batch every ``events_poll`` seconds. Either way no
     thread waits between two polls.
+
+    The first event carries a ``retry:`` field (:data:`RETRY_MS`). A read that fails
+    (the store is away) ends the stream with an ``unavailable`` event and that field
+    again, so that a browser's ``EventSource`` reconnects once the delay is over.
     """
 
     api: Api
@@ -206,12 +244,13 @@ class EventStream:
     _subscription: Subscription | None = attrs.field(default=None, init=False)
     _seen: int = attrs.field(default=-1, init=False)  # the batch's change count when read
     _expires: float = attrs.field(default=math.inf, init=False)  # time.monotonic()'s
-    _failing: bool = attrs.field(default=False, init=False)  # the last read failed
 
     @property
     def interval(self) -> float:
+        if self.version == -2:
+            return 0.0  # over: the next poll ends the response
         subscription = self._subscription
-        if subscription is None or not subscription.live or self._failing:
+        if subscription is None or not subscription.live:
             return self.api.events_poll
         due = min(self.last_write + self.api.heartbeat, self._expires)
         return max(due - time.monotonic(), 0.0) + 0.001
@@ -236,23 +275,27 @@ class EventStream:
                 read = self._shared(subscription)
             else:
                 read = _UNCHANGED
-            self._failing = False
-        except StoreError as exc:  # the store is away: the stream stays, and reads again
-            if not self._failing:
-                log.info("batchtrack: events of batch %s: cannot read it: %s", self.batch_id, exc)
-            self._failing = True
-            read = _UNCHANGED
+        except StoreError as exc:  # the store is away: the browser comes back later
+            self.version = -2
+            return [self.api._stream_failed(self.batch_id, exc)]
+        except Exception:  # a bug: logged, and the response still ends as it should
+            log.exception("batchtrack: events of batch %s failed", self.batch_id)
+            self.version = -2
+            return [_sse_unavailable("internal", "internal error; it has been logged")]
         if read is None:
             return None
         if read is not _UNCHANGED:
+            self.api._outages.answered(("store",))
             clock = self.api.tracker.clock()
             if read.expires_at <= clock:
                 return None
             self._expires = now + (read.expires_at - clock)
             if read.version != self.version:
+                first = self.version == -1
                 self.version = -2 if read.final else read.version
                 self.last_write = now
-                return [read.chunk]
+                # The first event also says how long to wait before reconnecting.
+                return [read.chunk[:-1] + _RETRY if first else read.chunk]
         if now - self.last_write >= self.api.heartbeat:
             self.last_write = now
             return [b": keep-alive\n\n"]
@@ -261,12 +304,7 @@ class EventStream:
     def _stale(self, subscription: Subscription, now: float) -> bool:
         """Whether what the stream sent may be out of date: a change was reported since,
         the batch may have expired, or there was no good read yet."""
-        return (
-            self.version == -1
-            or self._failing
-            or subscription.changes != self._seen
-            or now >= self._expires
-        )
+        return self.version == -1 or subscription.changes != self._seen or now >= self._expires
 
     def _shared(self, subscription: Subscription) -> _Read | None:
         """The batch as it is since the last change reported, read once for all the
@@ -297,6 +335,29 @@ class EventStream:
 
 _UNCHANGED = _Read(None, -1, False, math.inf, b"")
 """What :meth:`EventStream.poll` makes of a poll that reads nothing."""
+
+RETRY_MS = 5000
+"""The reconnection delay an events stream gives the browser (its ``retry:`` field), in
+milliseconds: as long as the ``Retry-After`` of a 503."""
+
+
+_RETRY = b"retry: %d\n\n" % RETRY_MS
+
+
+def _sse_unavailable(code: str, message: str) -> bytes:
+    """The last event of a stream that cannot go on: when to reconnect, and why."""
+    body = dumps({"error": {"code": code, "message": message}}).decode()
+    return f"retry: {RETRY_MS}\nevent: unavailable\ndata: {body}\n\n".encode()
+
+
+# What each endpoint needs to answer well, by handler name (other endpoints: the store).
+_SERVED_BY = {
+    "_upload": ("files", "full"),
+    "_process_batch": ("store", "files"),
+    "_batch_results": ("store", "files"),
+    "_openapi": (),
+    "_batch_events": (),  # its stream says, once it has read the batch
+}
 
 
 @attrs.define(eq=False)
@@ -329,7 +390,9 @@ class Api:
     heartbeat: float = 15.0
     page: bool = False
     on_progress: Callable[[ProgressEvent], Any] | None = None
+    trusted_origins: frozenset[str] = attrs.field(default=None, converter=parse_trusted_origins)
     _page: Page | None = attrs.field(init=False, default=None)
+    _outages: Outages = attrs.field(init=False, factory=Outages)
     _progress: dict[str, Any] = attrs.field(init=False, factory=dict)
     _routes: list[tuple[str, re.Pattern[str], Callable[..., Response]]] = attrs.field(
         init=False, factory=list
@@ -420,17 +483,27 @@ class Api:
                 reject(404, "not_found", f"no such endpoint: {request.path[:200]}")
             owner = None
             if handler is not self._openapi:
+                if self.owner is None:  # a session cookie: the browser sends it anyway
+                    check_origin(request, self.trusted_origins)
                 owner, cookie_headers = self._identify(request)
             response = handler(request, owner, **params)
+            if response.status < 400:
+                self._outages.answered(_SERVED_BY.get(handler.__name__, ("store",)))
         except Reject as exc:
             response = error_response(exc.status, exc.code, exc.message, exc.headers)
         except BodyTooLarge:
             response = error_response(413, "too_large", "the request body is too large")
         except StoreError as exc:
-            response = _unavailable(request, exc)
-        except Exception:
-            log.exception("batchtrack: %s %s failed", request.method, request.path[:200])
-            response = error_response(500, "internal", "internal error; it has been logged")
+            response = self._unavailable(request, exc)
+        except Exception as exc:
+            if disk_full(exc):  # a request body spooled to a full disk
+                self._outages.failed("full", _what(request), exc)
+                response = error_response(
+                    507, "storage_full", "the server's disk is full; nothing was kept"
+                )
+            else:
+                log.exception("batchtrack: %s %s failed", request.method, request.path[:200])
+                response = error_response(500, "internal", "internal error; it has been logged")
         if cookie_headers:
             response.headers.extend(cookie_headers)
         return response
@@ -471,7 +544,7 @@ class Api:
         if self.session_secret is not None:
             value = f"{token}.{_sign(self.session_secret, token)}"
         attributes = f"{COOKIE}={value}; Path=/; HttpOnly; SameSite=Lax"
-        if self.secure_cookies:
+        if self.secure_cookies or request.scheme == "https":
             attributes += "; Secure"
         return f"session:{token}", [("Set-Cookie", attributes)]
 
@@ -609,15 +682,27 @@ class Api:
 
     def _batch_events(self, request: Request, owner: str, batch: str) -> Response:
         delta = wants_delta(request)
-        batch_id = find_batch(self.tracker, batch, owner, items=False).batch_id
-        return Response(
-            200,
-            [
-                ("Content-Type", "text/event-stream"),
-                ("Cache-Control", "no-store"),
-                ("X-Accel-Buffering", "no"),
-            ],
-            stream=EventStream(self, batch_id, owner, delta=delta),
+        headers = [
+            ("Content-Type", "text/event-stream"),
+            ("Cache-Control", "no-store"),
+            ("X-Accel-Buffering", "no"),
+        ]
+        try:
+            batch_id = find_batch(self.tracker, batch, owner, items=False).batch_id
+        except StoreError as exc:
+            if "text/event-stream" not in request.headers.get("accept", ""):
+                raise
+            # An EventSource gives up for good on an answer that is not a stream (a 503):
+            # this one tells it to come back later instead.
+            return Response(200, headers, self._stream_failed(batch, exc))
+        return Response(200, headers, stream=EventStream(self, batch_id, owner, delta=delta))
+
+    def _stream_failed(self, batch_id: str, exc: StoreError) -> bytes:
+        """The last event of a stream of ``batch_id`` whose store is away (logged once)."""
+        self._outages.failed("store", f"events of batch {batch_id[:40]}", exc)
+        return _sse_unavailable(
+            "store_unavailable",
+            f"the batch store cannot be reached just now; reconnect in {RETRY_MS // 1000} s",
         )
 
     def _batch_results(self, request: Request, owner: str, batch: str, item: str) -> Response:
@@ -648,6 +733,27 @@ class Api:
             data,
         )
 
+    def _unavailable(self, request: Request, exc: StoreError) -> Response:
+        """503 for a store or file storage that cannot be reached: nothing was changed.
+
+        Logged once per outage (see :class:`~batchtrack._outages.Outages`), not once per request.
+        """
+        if isinstance(exc, FileStorageError):
+            if exc.full:
+                self._outages.failed("full", _what(request), exc)
+                return error_response(507, "storage_full", "the file storage is full")
+            self._outages.failed("files", _what(request), exc)
+            code, what = "storage_unavailable", "the file storage"
+        else:
+            self._outages.failed("store", _what(request), exc)
+            code, what = "store_unavailable", "the batch store"
+        return error_response(
+            503,
+            code,
+            f"{what} cannot be reached just now; nothing was changed, try again shortly",
+            [("Retry-After", str(RETRY_MS // 1000))],
+        )
+
     def _openapi(self, request: Request, owner: str | None) -> Response:
         from ._openapi import document
 
@@ -659,21 +765,9 @@ _CACHED_BODIES = 2048  # status bodies kept, one per batch
 _CACHED_BODY_BYTES = 32 * 1024  # bigger ones are joined from cached item JSON anyway
 
 
-def _unavailable(request: Request, exc: StoreError) -> Response:
-    """503 for a store or file storage that cannot be reached: nothing was changed."""
-    log.warning("batchtrack: %s %s: %s", request.method, request.path[:200], exc)
-    if isinstance(exc, FileStorageError):
-        if exc.full:
-            return error_response(507, "storage_full", "the file storage is full")
-        code, what = "storage_unavailable", "the file storage"
-    else:
-        code, what = "store_unavailable", "the batch store"
-    return error_response(
-        503,
-        code,
-        f"{what} cannot be reached just now; nothing was changed, try again shortly",
-        [("Retry-After", "5")],
-    )
+def _what(request: Request) -> str:
+    """The request, as the log names it."""
+    return f"{request.method} {request.path[:200]}"
 
 
 def _etag(version: int, eta: int | None, eta_range: tuple[int, int] | None) -> str:

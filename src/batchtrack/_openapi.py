@@ -64,6 +64,11 @@ _STATUS_URL = {
     }
 }
 
+_CROSS_ORIGIN = _error(
+    "`cross_origin`: sent by another site's page (its `Sec-Fetch-Site` or `Origin`); "
+    "refused for session-cookie callers."
+)
+
 _JSON_BYTES_PER_ID = len('"00000000-0000-0000-0000-000000000000", ')
 _JSON_ENVELOPE = 32  # `{"fileIds": [` ... `]}` with room to spare
 
@@ -145,12 +150,27 @@ def document(base: str, max_files: int, max_json_bytes: int = 64 * 1024) -> dict
     # the items of a stream (3.2 has `itemSchema`); tools read a 3.1 `text/event-stream`
     # schema as describing each event, as schemathesis does.
     event = {
-        "description": "One event; a `: keep-alive` comment comes every 15 s between events.",
+        "description": "One event; a `: keep-alive` comment comes every 15 s between events. "
+        "When the store cannot be read the stream ends with an `unavailable` event (its "
+        "`data` the error body, no `id`) and `retry`: reconnect then.",
         "type": "object",
-        "required": ["id", "data"],
+        "required": ["data"],
         "properties": {
-            "id": {"type": "string", "pattern": "^[0-9]+$", "description": "The batch version."},
-            "event": {"const": "message", "description": "Not sent: the default type."},
+            "id": {
+                "type": "string",
+                "pattern": "^[0-9]+$",
+                "description": "The batch version; on every status event.",
+            },
+            "event": {
+                "enum": ["message", "unavailable"],
+                "description": "`message` is not sent: the default type.",
+            },
+            "retry": {
+                "type": "integer",
+                "minimum": 0,
+                "description": "Milliseconds to wait before reconnecting: on the first "
+                "event and on `unavailable`.",
+            },
             "data": {
                 "type": "string",
                 "contentMediaType": "application/json",
@@ -164,7 +184,7 @@ def document(base: str, max_files: int, max_json_bytes: int = 64 * 1024) -> dict
         "Cache-Control": {"required": True, "schema": {"const": "no-store"}},
     }
     timeout = _error("`request_timeout`: the body did not arrive in time.")
-    return {
+    doc: dict[str, Any] = {
         "openapi": "3.1.0",
         "info": {
             "title": "batchtrack",
@@ -619,3 +639,9 @@ def document(base: str, max_files: int, max_json_bytes: int = 64 * 1024) -> dict
             }
         },
     }
+    # Every operation that changes state refuses another site's page (cookie sessions).
+    for operations in doc["paths"].values():
+        if "post" in operations:
+            responses = {**operations["post"]["responses"], "403": _CROSS_ORIGIN}
+            operations["post"]["responses"] = dict(sorted(responses.items()))
+    return doc

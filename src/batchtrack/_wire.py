@@ -84,7 +84,8 @@ class Spool:
     thread waits for the client and no body is ever held whole in memory. Past ``limit``
     bytes the spool drops what it has and stops keeping anything: :meth:`read` then
     raises :class:`BodyTooLarge`, which the handler answers with 413 if it reads the body;
-    when the file cannot be written, :meth:`read` raises that error (a 500, logged). The
+    when the file cannot be written, :meth:`read` raises that error (a 507 for a full
+    disk, else a 500, logged). The
     handler reads the body back with :meth:`read` (in its worker thread); :meth:`close`
     frees everything and may be called any number of times.
     """
@@ -180,6 +181,8 @@ class Request:
         client: The address of the peer (ASGI ``scope["client"]`` host, WSGI
             ``REMOTE_ADDR``), or None when the server gives none.
         query: The query string as it came (``a=1&b=2``, still percent-encoded).
+        scheme: ``"http"`` or ``"https"``, as the server says (ASGI ``scope["scheme"]``,
+            WSGI ``wsgi.url_scheme``).
     """
 
     method: str
@@ -189,6 +192,7 @@ class Request:
     root_path: str = ""
     client: str | None = None
     query: str = ""
+    scheme: str = "http"
 
 
 class Stream(Protocol):

@@ -37,16 +37,23 @@ PART = 1 << 20
 """The most bytes of results one poll of a :class:`ZipStream` reads (and so sends)."""
 
 _UNSAFE = re.compile(r'[\x00-\x1f\x7f/\\:*?"<>|]+')
+_RESERVED = re.compile(r"(?:CON|PRN|AUX|NUL|(?:COM|LPT)[0-9\u00b9\u00b2\u00b3])\Z", re.IGNORECASE)
+"""Names Windows keeps for devices, whatever the extension (``CON.jpg`` is the console)."""
 
 
 def _member_name(filename: str, suffix: str, taken: set[str]) -> str:
     """The name of a result in the archive: the upload's stem and the result's extension.
 
-    Never a path (separators and control characters become ``_``; no leading dots), and
-    unique in the archive (``photo (2).jpg`` for the second ``photo.jpg``).
+    Never a path (separators and control characters become ``_``; no leading dots), never
+    a name Windows cannot extract (a device name such as ``CON`` or ``lpt1`` before the
+    first dot gets a ``_``: ``CON_.jpg``; no trailing dots or spaces), and unique in the
+    archive (``photo (2).jpg`` for the second ``photo.jpg``).
     """
     stem = _UNSAFE.sub("_", Path(filename.replace("\\", "/")).stem).lstrip(".").strip()
-    stem = stem[:150] or "image"
+    stem = stem[:150].rstrip(". ") or "image"
+    first, dot, rest = stem.partition(".")
+    if _RESERVED.match(first.rstrip(" ")):
+        stem = f"{first.rstrip(' ')}_{dot}{rest}"
     name, n = f"{stem}{suffix}", 1
     while name.lower() in taken:
         n += 1

@@ -21,7 +21,7 @@ from typing import Any, TypeVar
 import attrs
 from typing_extensions import Unpack
 
-from ._http import Api, AppOptions
+from ._http import Api, AppOptions, build_api
 from ._tracker import BatchTracker
 from ._wire import (
     Body,
@@ -96,8 +96,9 @@ class App:
         method = scope["method"]
         spool = Spool(self.api.uploads.spool_dir, self.api.body_limit(path))
         client = (scope.get("client") or (None,))[0]  # (host, port), or None when unknown
-        received, query = Body(spool.read, spool.limit), scope.get("query_string", b"")
-        request = Request(method, path, headers, received, root, client, query.decode("latin-1"))
+        received, scheme = Body(spool.read, spool.limit), scope.get("scheme", "http")
+        query = scope.get("query_string", b"").decode("latin-1")
+        request = Request(method, path, headers, received, root, client, query, scheme)
         handed_over = False
         try:
             length = body_length(method, headers)  # None: no body to wait for
@@ -204,11 +205,14 @@ def create_app(
             ``upload_window`` and ``client_key``; ``page`` (False: also serve the demo
             page at ``/``); ``on_progress`` (called with every
             :class:`~batchtrack.ProgressEvent` of the batches started or retried through
-            the app, in the runner's thread; what it raises is logged, never raised).
+            the app, in the runner's thread; what it raises is logged, never raised);
+            ``trusted_origins`` (other sites whose pages may change state).
             Each is described in :ref:`create-app-options`.
 
     Raises:
         ValidationError: A bad option, a ``runner`` without ``submit``, ``resume`` and
             ``cancel`` methods, or an ``on_progress`` the runner cannot take.
+        TypeError: An option it does not take (a misspelt one names the closest).
+        ImportError: python-multipart (the ``server`` extra) is not installed.
     """
-    return App(Api(tracker, runner, uploads, **options))
+    return App(build_api(tracker, runner, uploads, options))

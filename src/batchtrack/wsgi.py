@@ -16,7 +16,7 @@ from typing import Any
 import attrs
 from typing_extensions import Unpack
 
-from ._http import Api, AppOptions
+from ._http import Api, AppOptions, build_api
 from ._tracker import BatchTracker
 from ._wire import Body, Request, Stream, request_timeout
 from .typing import Runner
@@ -78,6 +78,7 @@ class App:
             root,
             environ.get("REMOTE_ADDR") or None,
             environ.get("QUERY_STRING", ""),
+            environ.get("wsgi.url_scheme", "http"),
         )
         response = self.api.handle(request)
         reason = HTTPStatus(response.status).phrase
@@ -128,4 +129,4 @@ def create_app(
     body before calling the app (waitress; gunicorn behind nginx, as gunicorn advises for
     its sync workers, which set no socket timeout) are never held by a slow client.
     """
-    return App(Api(tracker, runner, uploads, **options))
+    return App(build_api(tracker, runner, uploads, options))
