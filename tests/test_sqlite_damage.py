@@ -277,7 +277,7 @@ def test_http_answers_damage_with_503_json(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
 ) -> None:
     """Through the WSGI app, a batch on a damaged page is 503 store_unavailable (never 404
-    or 500), and the log says the file is damaged."""
+    or 500) saying the store needs repair, and the log says the file is damaged."""
     path, ids = _trusted_damaged(tmp_path, monkeypatch)
     service = Service(tmp_path / "svc", store=SQLiteStore(path), owner=lambda _: OWNER)
     transport = httpx.WSGITransport(app=service.wsgi)
@@ -298,6 +298,9 @@ def test_http_answers_damage_with_503_json(
     assert damaged
     assert damaged[0].headers["content-type"].startswith("application/json")
     assert damaged[0].json()["error"]["code"] == "store_unavailable"
+    # The client is not told to retry shortly: the file needs repair, which the log says.
+    assert "damaged and needs repair" in damaged[0].json()["error"]["message"]
+    assert "retry-after" not in damaged[0].headers
     assert "is damaged" in caplog.text
 
 

@@ -60,6 +60,7 @@ from ._wire import (
 from ._zip import ResultsZip
 from .exceptions import (
     BatchNotFound,
+    DatabaseDamaged,
     FileStorageError,
     OrchestratorClosed,
     StoreError,
@@ -747,6 +748,11 @@ class Api:
         else:
             self._outages.failed("store", _what(request), exc)
             code, what = "store_unavailable", "the batch store"
+        if isinstance(exc, DatabaseDamaged):
+            # Not a passing outage: the operator must repair the file (the log says how).
+            return error_response(
+                503, code, "the batch store is damaged and needs repair; nothing was changed"
+            )
         return error_response(
             503,
             code,
