@@ -493,9 +493,11 @@ def test_the_rate_counts_the_run_since_a_retry_not_the_batch_s_life(
     assert page.js(shown, unseen) == "1.0 images/s"
     # A batch first seen finished: its runs are unknown, so no rate rather than a wrong one.
     assert page.js(shown, [body_at(101, "completed", 1, 1)]) == "–"
-    # Slow runs read as time per image.
+    # Slow runs (under one image in 2 s) read as time per image.
     slow = [body_at(0, "processing", 0, 0, 1), body_at(8, "processing", 1, 0)]
     assert page.js(shown, slow) == "1 image every 8 s"
+    steady = [body_at(0, "processing", 0, 0, 1), body_at(2, "processing", 1, 0)]
+    assert page.js(shown, steady) == "0.5 images/s"
 
 
 def test_the_retry_message_is_replaced_by_its_outcome_when_the_retry_ends(
@@ -615,6 +617,7 @@ def test_a_batch_that_is_not_yours_says_so_without_a_loading_bar(
             "This batch does not exist or is not yours (finished batches are kept for an hour)."
         )
         assert page.text("batch-id") == batch
+        assert page.text("progress-title") == "Batch not found"
         assert not page.shown("headline")
         assert not page.shown("bar")
         assert not page.shown("table")
