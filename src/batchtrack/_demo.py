@@ -82,6 +82,7 @@ def build(
     *,
     concurrency: int = 4,
     lease: float = 60.0,
+    max_files: int = 10,
     max_upload_storage: int | None = 2**30,
     upload_quota: int | None = 200 * 2**20,
     store: Store | None = None,
@@ -92,7 +93,8 @@ def build(
 
     At start it reclaims lost items and resumes every unfinished batch in the database,
     then does so again every ``min(60, lease)`` seconds; running items are heartbeated
-    every ``lease / 3`` seconds. The uploads folder holds at most ``max_upload_storage``
+    every ``lease / 3`` seconds. A batch holds at most ``max_files`` images (the page
+    and the API say so). The uploads folder holds at most ``max_upload_storage``
     bytes (1 GiB), and one client (by IP address) may upload ``upload_quota`` bytes
     (200 MiB) per hour; None lifts either limit.
 
@@ -119,6 +121,7 @@ def build(
         tracker,
         orchestrator,
         uploads,
+        max_files=max_files,
         upload_bytes_per_client=upload_quota,
         page=True,
         session_secret=session_secret,

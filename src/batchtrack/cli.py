@@ -175,6 +175,13 @@ def _parser() -> argparse.ArgumentParser:
         help="an image whose worker shows no sign of life for this long is run again (default: 60)",
     )
     serve.add_argument(
+        "--max-files",
+        type=_positive,
+        default=10,
+        metavar="N",
+        help="images per batch, as the page and the API accept them (default: 10)",
+    )
+    serve.add_argument(
         "--max-upload-storage",
         type=_size,
         default=2**30,
@@ -727,6 +734,7 @@ def _serve(args: argparse.Namespace) -> int:
                 store=tracked,
                 concurrency=args.concurrency,
                 lease=args.lease,
+                max_files=args.max_files,
                 max_upload_storage=args.max_upload_storage,
                 upload_quota=args.upload_quota,
                 files=files,
