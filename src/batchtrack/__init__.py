@@ -10,6 +10,7 @@ from ._orchestrator import Orchestrator
 from ._tracker import BatchTracker
 from .exceptions import (
     BatchNotFound,
+    BatchPaused,
     BatchtrackError,
     FileStorageError,
     InputsGone,
@@ -26,6 +27,7 @@ from .typing import ProgressCallback
 
 __all__ = [
     "BatchNotFound",
+    "BatchPaused",
     "BatchSnapshot",
     "BatchTracker",
     "BatchtrackError",

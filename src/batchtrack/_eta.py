@@ -74,6 +74,7 @@ from typing import NamedTuple
 from ._models import Progress, Status
 
 __all__ = [
+    "PAUSED",
     "STARTING",
     "WAITING_FOR_LOST_ITEMS",
     "estimate",
@@ -84,6 +85,8 @@ __all__ = [
     "stats_for",
 ]
 
+PAUSED = "paused"
+"""Why there is no ETA: the batch is paused (the tracker says so; nothing here knows)."""
 STARTING = "starting"
 """Why there is no ETA: nothing has finished yet, so there is no pace to go by."""
 
@@ -414,13 +417,13 @@ def _seconds(
     ``lost`` processing items are known lost (their lease ran out): they are not about
     to finish but work to do again once reclaimed, held until then.
     """
+    pending = progress.pending
+    running = progress.processing
+    if pending + running == 0:  # cancelled items are final too
+        return _Found(0.0, 0.0, 0.0, 0.0, 0.0)
     finished = progress.completed + progress.failed
     if finished == 0:
         return None
-    pending = progress.pending
-    running = progress.processing
-    if pending + running == 0:
-        return _Found(0.0, 0.0, 0.0, 0.0, 0.0)
     known_lost = float(lost if lost < running else running)
     running -= int(known_lost)  # the ones still run by a worker
     elapsed = now - created_at

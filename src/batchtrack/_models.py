@@ -23,22 +23,26 @@ class Status(str, enum.Enum):
     PROCESSING = "processing"
     COMPLETED = "completed"
     FAILED = "failed"
+    CANCELLED = "cancelled"
+    PAUSED = "paused"
+    """Batches only: paused (:meth:`~batchtrack.BatchTracker.pause`); never an item's."""
 
     def __str__(self) -> str:
         return self.value
 
     @property
     def is_final(self) -> bool:
-        """True for ``completed`` and ``failed``, which never change again."""
-        return self is Status.COMPLETED or self is Status.FAILED
+        """True for ``completed``, ``failed`` and ``cancelled``, which change no more
+        (until a :meth:`~batchtrack.BatchTracker.retry`)."""
+        return self is Status.COMPLETED or self is Status.FAILED or self is Status.CANCELLED
 
 
 @attrs.frozen
 class Progress:
     """How many items of a batch are in each status.
 
-    Always ``total == completed + failed + processing + pending``; ``completed`` counts
-    successes only.
+    Always ``total == completed + failed + processing + pending + cancelled``;
+    ``completed`` counts successes only.
     """
 
     total: int
@@ -46,19 +50,21 @@ class Progress:
     failed: int = 0
     processing: int = 0
     pending: int = 0
+    cancelled: int = 0
 
     @property
     def finished(self) -> int:
-        """Items that are final: ``completed + failed``."""
-        return self.completed + self.failed
+        """Items that are final: ``completed + failed + cancelled``."""
+        return self.completed + self.failed + self.cancelled
 
     @property
     def status(self) -> Status:
         """The batch status these counts imply.
 
         ``pending`` while every item is pending; ``processing`` once any item has left
-        pending and some item is not final; ``completed`` when every item is final,
-        unless every item failed, then ``failed``.
+        pending and some item is not final; when every item is final: ``failed`` if
+        every item failed, else ``cancelled`` if any item was cancelled, else
+        ``completed``. (``paused`` is not a matter of counts: the tracker shows it.)
         """
         if self.pending == self.total:
             return Status.PENDING
@@ -66,6 +72,8 @@ class Progress:
             return Status.PROCESSING
         if self.failed == self.total:
             return Status.FAILED
+        if self.cancelled:
+            return Status.CANCELLED
         return Status.COMPLETED
 
     def to_dict(self) -> dict[str, int]:
@@ -76,6 +84,7 @@ class Progress:
             "failed": self.failed,
             "processing": self.processing,
             "pending": self.pending,
+            "cancelled": self.cancelled,
         }
 
 
@@ -162,7 +171,8 @@ class BatchSnapshot:
 
     Attributes:
         batch_id: The batch id (UUID4 string).
-        status: The batch status derived from its items.
+        status: The batch status derived from its items, or ``paused`` while the batch
+            is paused and not finished.
         progress: Counts per status.
         items: Every item, in the order they were given.
         estimated_time_remaining: Whole seconds, None until the first item is final,
@@ -182,9 +192,10 @@ class BatchSnapshot:
             times out of 10, with ``low <= estimated_time_remaining <= high``; None
             exactly when :attr:`estimated_time_remaining` is, ``(0, 0)`` once finished.
         eta_unavailable: Why :attr:`estimated_time_remaining` is None while the batch is
-            not finished, else None: ``"starting"`` (nothing has finished yet, so there
-            is no pace to go by) or ``"waiting_for_lost_items"`` (every item left is
-            lost: its lease ran out and it waits to be reclaimed). The JSON body
+            not finished, else None: ``"paused"`` (the batch is paused),
+            ``"starting"`` (nothing has finished yet, so there is no pace to go by)
+            or ``"waiting_for_lost_items"`` (every item left is lost: its lease ran
+            out and it waits to be reclaimed). The JSON body
             carries it as ``"etaUnavailable"`` only when it is set.
     """
 

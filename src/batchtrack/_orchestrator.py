@@ -405,11 +405,11 @@ class Orchestrator(Closing):
         return self.wait(snap.batch_id)
 
     def cancel(self, batch_id: str) -> bool:
-        """Fail every item of the batch not yet started, with the error ``"cancelled"``.
+        """Cancel every item of the batch not yet started (status ``cancelled``).
 
-        Items queued here fail one by one (each with its progress event); pending items
-        queued nowhere here (another process's, or left by a restart) fail through
-        :meth:`BatchTracker.cancel`. Running items finish normally.
+        Items queued here are cancelled one by one (each with its progress event);
+        pending items queued nowhere here (another process's, or left by a restart) are
+        cancelled through :meth:`BatchTracker.cancel`. Running items finish normally.
 
         Returns:
             True if any item was cancelled; False for a finished batch, and for one the
@@ -429,9 +429,11 @@ class Orchestrator(Closing):
         """Stop accepting batches and wait for the submitted ones; closing twice is fine.
 
         Args:
-            cancel_pending: Fail items not yet started, with ``reason`` as their error,
-                instead of running them. Running items always finish.
-            reason: The error for those items (``"interrupted"`` when a server stops).
+            cancel_pending: Stop items not yet started instead of running them: cancel
+                them (the default ``reason``), or fail them with ``reason`` as their
+                error. Running items always finish.
+            reason: ``"cancelled"``, or the error for those items (``"interrupted"``
+                when a server stops).
         """
         with self._lock:
             self._closed = True
@@ -630,7 +632,8 @@ class Orchestrator(Closing):
             self._pump()
 
     def _fail_pending_locked(self, run: _Run, reason: str = CANCELLED) -> int:
-        """Fail the run's queued items; return how many this call failed."""
+        """Cancel the run's queued items (fail them, unless ``reason`` is
+        ``"cancelled"``); return how many this call stopped."""
         failed = 0
         while run.pending:
             item = run.pending.popleft()
@@ -638,7 +641,11 @@ class Orchestrator(Closing):
             run.ids.discard(item.id)
             try:
                 with run.order:
-                    event = self.tracker.fail_item(run.batch_id, item.id, reason)
+                    event = (
+                        self.tracker._cancel_item(run.batch_id, item.id)
+                        if reason == CANCELLED
+                        else self.tracker.fail_item(run.batch_id, item.id, reason)
+                    )
                     if event.changed:
                         failed += 1
                         self._emit(run, event)

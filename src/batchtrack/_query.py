@@ -21,7 +21,7 @@ MAX_VERSION = 2**53 - 1
 """The largest ``since``: the largest integer every JSON client reads exactly."""
 
 _UUID = re.compile(r"[0-9a-fA-F]{8}-(?:[0-9a-fA-F]{4}-){3}[0-9a-fA-F]{12}")
-_STATUSES = ", ".join(s.value for s in Status)
+_STATUSES = ", ".join(s.value for s in Status if s is not Status.PAUSED)
 _STATUS_PARAMETERS = frozenset({"status", "limit", "after", "since"})
 
 

@@ -26,6 +26,7 @@ from ._models import (
 )
 from .exceptions import (
     BatchNotFound,
+    BatchPaused,
     InputsGone,
     InvalidTransition,
     ItemNotFound,
@@ -63,7 +64,8 @@ _MAX_NAME_LENGTH = 1024
 _MAX_ID_LENGTH = 255
 
 CANCELLED = "cancelled"
-"""The error of items that a cancel kept from starting."""
+"""The error that items a cancel kept from starting had before ``cancelled`` was a status
+of its own; such items stored by an older batchtrack stay failed with it."""
 
 INPUT_NOT_KEPT = ""
 """The stored source of an item whose input could not be kept (bytes, a file object):
@@ -80,7 +82,9 @@ or an :class:`~batchtrack.Item` (whose ``source`` is kept)."""
 _START = (Status.PROCESSING, frozenset({Status.PENDING}))
 _COMPLETE = (Status.COMPLETED, frozenset({Status.PROCESSING}))
 _FAIL = (Status.FAILED, frozenset({Status.PENDING, Status.PROCESSING}))
+_CANCEL = (Status.CANCELLED, frozenset({Status.PENDING}))
 _PROCESSING_ONLY = frozenset({Status.PROCESSING})
+_RETRIED = (Status.FAILED, Status.CANCELLED)
 
 
 def _check_text(value: object, what: str, limit: int) -> str:
@@ -159,8 +163,10 @@ def _query(status: object, limit: object, after: object, since: object) -> ItemQ
         try:
             status = Status(status)
         except ValueError:
-            choices = ", ".join(s.value for s in Status)
+            choices = ", ".join(s.value for s in Status if s is not Status.PAUSED)
             raise ValidationError(f"status must be one of {choices}, not {status!r}") from None
+    if status is Status.PAUSED:
+        raise ValidationError("status: items are never paused (only batches are)")
     if limit is not None and (
         isinstance(limit, bool) or not isinstance(limit, int) or not 1 <= limit <= _MAX_LIMIT
     ):
@@ -443,6 +449,7 @@ class BatchTracker(Closing):
             ValidationError: ``lease`` is not a positive number.
             BatchNotFound: Unknown or expired batch.
             ItemNotFound: The batch has no such item.
+            BatchPaused: The batch is paused (:meth:`pause`); the item stays pending.
             InvalidTransition: The item is already final (completed, failed, cancelled).
         """
         seconds = self.lease if lease is None else _check_positive(lease, "lease")
@@ -538,6 +545,8 @@ class BatchTracker(Closing):
         )
         if outcome is Outcome.REJECTED:
             raise InvalidTransition(batch_id, item_id, previous.value, target.value)
+        if outcome is Outcome.PAUSED:
+            raise BatchPaused(batch_id, item_id)
         if outcome is Outcome.UNCHANGED and expires <= now:
             # A repeat on a finished batch changes nothing, so the store had no reason
             # to look at its expiry; an expired batch must still look absent.
@@ -622,7 +631,8 @@ class BatchTracker(Closing):
         *,
         owner: str | None = None,
     ) -> int:
-        """Put failed items back to ``pending``, their error cleared, for another try.
+        """Put failed and cancelled items back to ``pending``, their error cleared, for
+        another try.
 
         The batch is open again (``finished_at`` None, status derived as usual, expiry by
         the idle rule) and its retried items start with 0 attempts; a runner's
@@ -630,17 +640,20 @@ class BatchTracker(Closing):
 
         Args:
             batch_id: The batch.
-            item_ids: The items to retry; None for every failed item of the batch.
+            item_ids: The items to retry (each failed or cancelled); None for every failed
+                and cancelled item of the batch.
             owner: The caller's identity, checked as by :meth:`get`.
 
         Returns:
-            How many items went back to pending (0 when none had failed).
+            How many items went back to pending (0 when none had failed or been
+            cancelled).
 
         Raises:
             ValidationError: ``item_ids`` is not a non-empty collection of ids.
             BatchNotFound: Unknown, expired or someone else's batch.
             ItemNotFound: A named item is not in the batch (nothing changed).
-            InvalidTransition: A named item has not failed (nothing changed).
+            InvalidTransition: A named item has neither failed nor been cancelled
+                (nothing changed).
             InputsGone: An item to retry had an input that was not kept (bytes or a
                 file object given to an :class:`~batchtrack.Orchestrator`): nothing could
                 run it again without guessing (nothing changed).
@@ -654,30 +667,32 @@ class BatchTracker(Closing):
                 raise ValidationError("item_ids is empty; pass None to retry every failed item")
         self._check_inputs_kept(batch_id, owner, names)
         return self._bulk(
-            batch_id, owner, Status.PENDING, frozenset({Status.FAILED}), None, names, reset=True
+            batch_id, owner, Status.PENDING, frozenset(_RETRIED), None, names, reset=True
         )
 
     def _check_inputs_kept(self, batch_id: str, owner: str | None, names: list[str] | None) -> None:
-        """Raise :class:`~batchtrack.exceptions.InputsGone` when a failed item to retry
-        (a named one, or any when ``names`` is None) has an input that was not kept.
+        """Raise :class:`~batchtrack.exceptions.InputsGone` when a failed or cancelled
+        item to retry (a named one, or any when ``names`` is None) has an input that was
+        not kept.
 
         Sources never change, so reading them before the retry is as good as during it.
         """
-        query = ItemQuery(status=Status.FAILED)
-        record = self._visible(batch_id, owner, items=query, now=self.clock())
+        now = self.clock()
         wanted = None if names is None else set(names)
         gone = tuple(
             item.id
-            for item in record.items
+            for status in _RETRIED
+            for item in self._visible(batch_id, owner, items=ItemQuery(status), now=now).items
             if item.source == INPUT_NOT_KEPT and (wanted is None or item.id in wanted)
         )
         if gone:
             raise InputsGone(batch_id, gone)
 
     def cancel(self, batch_id: str, *, owner: str | None = None) -> int:
-        """Fail every pending item of the batch with the error ``"cancelled"``.
+        """Move every pending item of the batch to ``cancelled``.
 
-        Processing items finish as they will; starting a cancelled item raises
+        Processing items finish as they will; once every item is final the batch's
+        status is ``cancelled`` (unless none was pending). Starting a cancelled item raises
         :class:`~batchtrack.InvalidTransition`, so a worker that meets one skips it.
 
         Args:
@@ -690,9 +705,59 @@ class BatchTracker(Closing):
         Raises:
             BatchNotFound: Unknown, expired or someone else's batch.
         """
-        return self._bulk(
-            batch_id, owner, Status.FAILED, frozenset({Status.PENDING}), CANCELLED, None
-        )
+        target, sources = _CANCEL
+        return self._bulk(batch_id, owner, target, sources, None, None)
+
+    def _cancel_item(self, batch_id: str, item_id: str) -> ProgressEvent:
+        """Cancel one pending item (for a runner that drops what it had queued, one event
+        per item). Cancelling a cancelled item is a no-op.
+
+        Raises:
+            BatchNotFound: Unknown or expired batch.
+            ItemNotFound: The batch has no such item.
+            InvalidTransition: The item is not pending.
+        """
+        return self._transition(batch_id, item_id, _CANCEL, None)
+
+    def pause(self, batch_id: str, *, owner: str | None = None) -> bool:
+        """Pause a batch: items not started stay ``pending``, running items finish.
+
+        While paused, :meth:`start_item` raises :class:`~batchtrack.BatchPaused`, so
+        every runner skips the batch's items; the batch's status is ``paused`` and its
+        ETA None (``eta_unavailable`` ``"paused"``) until :meth:`unpause`.
+
+        Args:
+            batch_id: The batch.
+            owner: The caller's identity, checked as by :meth:`get`.
+
+        Returns:
+            True if the batch was paused by this call; False when it is finished or
+            already paused.
+
+        Raises:
+            BatchNotFound: Unknown, expired or someone else's batch.
+        """
+        return self._set_paused(batch_id, owner, True)
+
+    def unpause(self, batch_id: str, *, owner: str | None = None) -> bool:
+        """Let a paused batch's items start again.
+
+        Its pending items wait for a runner: call the runner's ``resume`` (the HTTP
+        unpause does). A batch that finished while paused (cancelled meanwhile) is
+        unpaused too, so that a :meth:`retry` of it is not paused.
+
+        Returns:
+            True if the batch was paused until this call; False otherwise.
+
+        Raises:
+            BatchNotFound: Unknown, expired or someone else's batch.
+        """
+        return self._set_paused(batch_id, owner, False)
+
+    def _set_paused(self, batch_id: str, owner: str | None, paused: bool) -> bool:
+        now = self.clock()
+        self._visible(batch_id, owner, items=False, now=now)
+        return self.store.set_paused(batch_id, paused, now, now + IDLE_TIMEOUT)
 
     def _bulk(
         self,
@@ -855,6 +920,8 @@ class BatchTracker(Closing):
         """The batch's ETA, its range and why there is none (see
         :attr:`BatchSnapshot.eta_unavailable`), lost items taken into account."""
         progress = record.progress
+        if record.paused and (progress.pending or progress.processing):
+            return None, None, _eta.PAUSED
         lost = 0
         if progress.processing and (progress.completed or progress.failed):
             # Only then can lost items change what is shown (before anything finished
@@ -865,9 +932,12 @@ class BatchTracker(Closing):
     def _snapshot(self, record: BatchRecord, now: float) -> BatchSnapshot:
         progress = record.progress
         eta, eta_range, why = self._estimate(record, now)
+        status = progress.status
+        if record.paused and not status.is_final:
+            status = Status.PAUSED
         return BatchSnapshot(
             batch_id=record.batch_id,
-            status=progress.status,
+            status=status,
             progress=progress,
             items=record.items,
             estimated_time_remaining=eta,

@@ -36,6 +36,7 @@ from ._orchestrator import INPUT_NOT_KEPT_ERROR, ItemLike, _as_item, error_messa
 from ._tracker import INPUT_NOT_KEPT, BatchTracker
 from .exceptions import (
     BatchNotFound,
+    BatchPaused,
     InvalidTransition,
     ItemNotFound,
     ProcessingError,
@@ -148,6 +149,10 @@ class _Job:
                 # Already processing: a redelivery after its worker died, or a retry of
                 # ours. Starting again was a no-op; the lease is this worker's now.
                 event = self.tracker.heartbeat(batch_id, item_id, lease=self.lease)
+        except BatchPaused:
+            # The item stays pending; unpausing resumes the batch, which sends it again.
+            log.info("batchtrack: batch %s is paused; item %s skipped", batch_id, item_id)
+            return None
         except InvalidTransition as exc:
             # Final: completed by an earlier delivery, failed, or cancelled.
             log.info(
@@ -489,7 +494,7 @@ class CeleryRunner:
         return snap
 
     def cancel(self, batch_id: str) -> bool:
-        """Fail every pending item with the error ``"cancelled"``; True if any was.
+        """Cancel every pending item (status ``cancelled``); True if any was.
 
         Items being processed finish as they will. Messages already sent for cancelled
         items are acknowledged and skipped by the workers. False for an unknown or

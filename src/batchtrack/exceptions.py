@@ -12,6 +12,7 @@ from pathlib import PurePath
 
 __all__ = [
     "BatchNotFound",
+    "BatchPaused",
     "BatchtrackError",
     "DatabaseDamaged",
     "FileStorageError",
@@ -72,6 +73,19 @@ class InvalidTransition(BatchtrackError):
         self.item_id = item_id
         self.current = current
         self.requested = requested
+
+
+class BatchPaused(InvalidTransition):
+    """An item of a paused batch cannot start until the batch is unpaused.
+
+    An :class:`InvalidTransition`, so a worker that skips items it cannot start skips
+    these too; the item stays pending, and a runner's ``resume`` after
+    :meth:`~batchtrack.BatchTracker.unpause` runs it.
+    """
+
+    def __init__(self, batch_id: str, item_id: str) -> None:
+        super().__init__(batch_id, item_id, "pending", "processing")
+        self.args = (f"batch {batch_id!r} is paused; item {item_id!r} stays pending",)
 
 
 class InputsGone(BatchtrackError):

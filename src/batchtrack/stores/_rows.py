@@ -2,7 +2,10 @@
 
 Both keep a batch's header as one row whose columns are :data:`COLUMNS`, in that order,
 and an item's status as a small integer (:data:`CODE`); these turn such rows into the
-values that cross the store boundary.
+values that cross the store boundary. Cancelled items have no column of their own: they
+are what the total leaves over (``total - completed - failed - processing - pending``),
+so the header rows of stores written before ``cancelled`` existed stay right as they are.
+A batch's paused flag is a column read after the header's (each store places it).
 """
 
 from __future__ import annotations
@@ -35,7 +38,13 @@ __all__ = [
     "values",
 ]
 
-STATUSES = (Status.PENDING, Status.PROCESSING, Status.COMPLETED, Status.FAILED)
+STATUSES = (
+    Status.PENDING,
+    Status.PROCESSING,
+    Status.COMPLETED,
+    Status.FAILED,
+    Status.CANCELLED,
+)
 """Item statuses by their code in the database."""
 CODE = {status: code for code, status in enumerate(STATUSES)}
 FAILED = CODE[Status.FAILED]
@@ -59,9 +68,13 @@ COLUMNS = (
 
 
 def header(
-    row: Sequence[Any], stats: Mapping[str, float], items: tuple[ItemSnapshot, ...] = ()
+    row: Sequence[Any],
+    stats: Mapping[str, float],
+    items: tuple[ItemSnapshot, ...] = (),
+    paused: object = False,
 ) -> BatchRecord:
-    """The batch a header row (:data:`COLUMNS` first) describes, with its decoded stats."""
+    """The batch a header row (:data:`COLUMNS` first) describes, with its decoded stats
+    and its paused flag (a truthy value)."""
     return BatchRecord(
         batch_id=row[0],
         owner=row[1],
@@ -70,9 +83,12 @@ def header(
         finished_at=row[4],
         expires_at=row[5],
         version=row[6],
-        progress=Progress(row[7], row[8], row[9], row[10], row[11]),
+        progress=Progress(
+            row[7], row[8], row[9], row[10], row[11], row[7] - row[8] - row[9] - row[10] - row[11]
+        ),
         stats=stats,
         items=items,
+        paused=bool(paused),
     )
 
 
@@ -103,6 +119,7 @@ def counts(row: Sequence[Any]) -> dict[Status, int]:
         Status.FAILED: row[9],
         Status.PROCESSING: row[10],
         Status.PENDING: row[11],
+        Status.CANCELLED: row[7] - row[8] - row[9] - row[10] - row[11],
     }
 
 
@@ -114,6 +131,7 @@ def progress(total: int, counts: dict[Status, int]) -> Progress:
         counts[Status.FAILED],
         counts[Status.PROCESSING],
         counts[Status.PENDING],
+        counts[Status.CANCELLED],
     )
 
 

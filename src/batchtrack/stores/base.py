@@ -62,6 +62,8 @@ class BatchRecord:
             the tracker keeps its ETA state here. Missing names read as 0.
         items: Every item in the order given at creation, or ``()`` when the caller
             asked for the header only.
+        paused: Whether the batch is paused (:meth:`Store.set_paused`): a transition
+            with :attr:`Transition.unless_paused` is refused.
     """
 
     batch_id: str
@@ -74,6 +76,7 @@ class BatchRecord:
     progress: Progress
     stats: Mapping[str, float] = attrs.field(factory=dict)
     items: tuple[ItemSnapshot, ...] = ()
+    paused: bool = False
 
 
 # Transition and TransitionResult are created once per event on the hot path, so they
@@ -91,7 +94,8 @@ class Transition:
     2. If the item already has status ``target``: change nothing
        (:attr:`Outcome.UNCHANGED`).
     3. If the item's status is not in ``sources``: change nothing
-       (:attr:`Outcome.REJECTED`).
+       (:attr:`Outcome.REJECTED`). Else, if ``unless_paused`` and the batch is
+       paused: change nothing (:attr:`Outcome.PAUSED`).
     4. If ``lost_before`` is set and the item holds no lease that ran out by then
        (its ``lease_until`` is None or later), or if ``max_attempts`` is set and the
        item was started that many times or more: change nothing
@@ -128,6 +132,7 @@ class Transition:
         reset_attempts: Set the item's count of starts back to 0.
         lost_before: Apply only to an item whose lease ran out at or before this time.
         max_attempts: Apply only to an item started fewer times than this.
+        unless_paused: Refuse the transition while the batch is paused (a start).
     """
 
     item_id: str
@@ -143,6 +148,7 @@ class Transition:
     reset_attempts: bool = False
     lost_before: float | None = None
     max_attempts: int | None = None
+    unless_paused: bool = False
 
 
 @attrs.frozen
@@ -254,6 +260,8 @@ class Outcome(enum.Enum):
     """The item already had the target status; nothing changed."""
     REJECTED = "rejected"
     """The item's status is not an allowed source; nothing changed."""
+    PAUSED = "paused"
+    """The batch is paused and the transition was one to refuse then; nothing changed."""
 
 
 @attrs.define
@@ -358,10 +366,11 @@ class Store(Closing, ABC):
         stats: Mapping[Status, Mapping[str, tuple[float, int]]],
         lease_until: float | None,
     ) -> tuple[Outcome, Status, ItemSnapshot, Progress, int, float, float, Mapping[str, float]]:
-        """:meth:`apply` of a start, complete or fail (a lease means one more attempt),
-        answered as ``(outcome, previous, item, progress, version, created_at,
-        expires_at, stats)``: what the tracker's hot path calls. A store may answer it
-        without building the :class:`Transition` (the memory store does)."""
+        """:meth:`apply` of a start, complete or fail (a lease means a start: one more
+        attempt, refused while the batch is paused), answered as ``(outcome, previous,
+        item, progress, version, created_at, expires_at, stats)``: what the tracker's
+        hot path calls. A store may answer it without building the
+        :class:`Transition` (the memory store does)."""
         r = self.apply(
             batch_id,
             Transition(
@@ -375,6 +384,7 @@ class Store(Closing, ABC):
                 stats,
                 lease_until,
                 lease_until is not None,
+                unless_paused=lease_until is not None,
             ),
         )
         return (
@@ -387,6 +397,25 @@ class Store(Closing, ABC):
             r.expires_at,
             r.stats,
         )
+
+    def set_paused(self, batch_id: str, paused: bool, at: float, expires_at_open: float) -> bool:
+        """Pause or unpause a batch, atomically.
+
+        Pausing (``paused`` True) a batch that is not finished (``finished_at`` None)
+        and not paused, or unpausing (False) a paused one, finished or not: set the
+        flag to ``paused``, add one to ``version``, set ``updated_at`` to ``at`` and,
+        while the batch is not finished, ``expires_at`` to ``expires_at_open``; answer
+        True. Otherwise change nothing and answer False. Items are not touched; a
+        paused batch refuses transitions marked :attr:`Transition.unless_paused` until
+        it is unpaused.
+
+        Raises:
+            BatchNotFound: The batch is missing or expired at ``at``.
+            StoreError: The store failed; nothing was changed.
+            NotImplementedError: The store cannot pause batches (a store written before
+                batchtrack could).
+        """
+        raise NotImplementedError(f"{type(self).__name__} cannot pause batches")
 
     @abstractmethod
     def renew(

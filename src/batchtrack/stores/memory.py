@@ -57,6 +57,7 @@ class _Batch:
     log: array[int]
     # The positions of the items in each status, for status-filtered pages.
     members: dict[Status, set[int]]
+    paused: bool = False
 
     def record(self, items: tuple[ItemSnapshot, ...]) -> BatchRecord:
         return BatchRecord(
@@ -70,6 +71,7 @@ class _Batch:
             self.progress,
             self.stats,
             items,
+            self.paused,
         )
 
     def move(self, position: int, transition: Transition) -> None:
@@ -143,6 +145,7 @@ class _Batch:
             counts[Status.FAILED],
             counts[_PROCESSING],
             counts[_PENDING],
+            counts[Status.CANCELLED],
         )
 
 
@@ -247,6 +250,8 @@ class MemoryStore(Store):
                 )
             ):
                 outcome = Outcome.REJECTED
+            elif transition.unless_paused and state.paused:
+                outcome = Outcome.PAUSED
             else:
                 outcome = Outcome.APPLIED
                 state.move(position, transition)
@@ -277,6 +282,8 @@ class MemoryStore(Store):
                 outcome = Outcome.UNCHANGED
             elif previous not in sources:
                 outcome = Outcome.REJECTED
+            elif state.paused and lease_until is not None:  # a start
+                outcome = Outcome.PAUSED
             else:
                 outcome = Outcome.APPLIED
                 state.shift(
@@ -322,6 +329,22 @@ class MemoryStore(Store):
             state.expires_at,
             state.stats,
         )
+
+    def set_paused(self, batch_id: str, paused: bool, at: float, expires_at_open: float) -> bool:
+        with self._lock:
+            state = self._batches.get(batch_id)
+            if state is None or state.expires_at <= at:
+                raise BatchNotFound(batch_id)
+            if state.paused is paused or (paused and state.finished_at is not None):
+                return False
+            state.paused = paused
+            state.version += 1
+            state.log.append(-1)  # no item changed at this version
+            state.updated_at = at
+            if state.finished_at is None:
+                state.expires_at = expires_at_open
+        self._changed(batch_id)
+        return True
 
     def renew(
         self, batch_id: str, item_id: str, at: float, lease_until: float, expires_at_open: float

@@ -85,7 +85,7 @@ __all__ = ["SCHEMA_VERSION", "PostgresStore", "SchemaVersionError"]
 
 log = logging.getLogger("batchtrack")
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2
 """The schema this batchtrack writes; kept in the ``<prefix>schema`` table."""
 
 PURGE_CHUNK = 500
@@ -148,6 +148,12 @@ _MIGRATIONS: dict[int, tuple[str, ...]] = {
         f'CREATE INDEX "{{p}}items_failed" ON {{items}} (batch_key, position)'
         f" WHERE status = {_FAILED}",
     ),
+    2: (
+        # A batch can be paused. (Cancelled items need no column: their count is what
+        # the total leaves over; items an older batchtrack cancelled stay failed with the
+        # error "cancelled".)
+        "ALTER TABLE {batches} ADD COLUMN paused boolean NOT NULL DEFAULT false",
+    ),
 }
 assert sorted(_MIGRATIONS) == list(range(1, SCHEMA_VERSION + 1))
 
@@ -174,7 +180,8 @@ def _store_error(what: str, exc: psycopg.Error) -> StoreError:
 
 
 def _header(row: Sequence[Any], items: tuple[ItemSnapshot, ...] = ()) -> BatchRecord:
-    return header(row, PackedStats(bytes(row[12])), items)
+    # Header rows are the columns, the key, then the paused flag.
+    return header(row, PackedStats(bytes(row[12])), items, row[14])
 
 
 @attrs.define(eq=False, init=False)
@@ -401,7 +408,7 @@ class PostgresStore(Store):
         b, i = n["batches"], n["items"]
         key_of = f"SELECT key FROM {b} WHERE batch_id = %s"
         return {
-            "header": f"SELECT {', '.join(_COLUMNS)}, key FROM {b} WHERE batch_id = %s",
+            "header": f"SELECT {', '.join(_COLUMNS)}, key, paused FROM {b} WHERE batch_id = %s",
             # A transition reads the batch and the item in one statement (one snapshot,
             # no lock, no transaction), decides, and writes both in one statement that
             # applies only if the batch's version is still the one it read: a
@@ -412,7 +419,7 @@ class PostgresStore(Store):
             "peek": (
                 f"SELECT {', '.join('b.' + c for c in _COLUMNS)}, b.key, i.filename,"
                 " i.status, i.error, i.position, i.changed_at, i.attempts, i.source,"
-                f" i.lease_until FROM {b} b LEFT JOIN {i} i"
+                f" i.lease_until, b.paused FROM {b} b LEFT JOIN {i} i"
                 " ON i.batch_key = b.key AND i.item_id = %s WHERE b.batch_id = %s"
             ),
             "write_item": (
@@ -440,7 +447,12 @@ class PostgresStore(Store):
             # row but the item as it was (READ COMMITTED re-reads only the rows it
             # locks). Both go to the server together (pipeline mode): one round trip.
             "lock_header": (
-                f"SELECT {', '.join(_COLUMNS)}, key FROM {b} WHERE batch_id = %s FOR UPDATE"
+                f"SELECT {', '.join(_COLUMNS)}, key, paused FROM {b} WHERE batch_id = %s FOR UPDATE"
+            ),
+            "set_paused": (
+                f"UPDATE {b} SET paused = %s, version = version + 1, updated_at = %s,"
+                " expires_at = CASE WHEN finished_at IS NULL THEN %s ELSE expires_at END"
+                " WHERE key = %s"
             ),
             "item": (
                 "SELECT filename, status, error, position, changed_at, attempts, source,"
@@ -632,7 +644,7 @@ class PostgresStore(Store):
         row = rows[0]
         if row[14] is None:
             raise ItemNotFound(batch_id, item_id)
-        return row[:14], row[14:]
+        return (*row[:14], row[-1]), row[14:]
 
     def _locked(
         self, conn: psycopg.Connection[Any], batch_id: str, item_id: str, at: float
@@ -648,9 +660,9 @@ class PostgresStore(Store):
         return row, item
 
     @staticmethod
-    def _unchanged(transition: Transition, item: Any) -> Outcome | None:
-        """What a transition does to an item (an ``item`` row) if it changes nothing;
-        None when it applies."""
+    def _unchanged(transition: Transition, item: Any, paused: bool) -> Outcome | None:
+        """What a transition does to an item (an ``item`` row) of a batch (paused or
+        not) if it changes nothing; None when it applies."""
         previous = _STATUSES[item[1]]
         if previous is transition.target:
             return Outcome.UNCHANGED
@@ -663,6 +675,8 @@ class PostgresStore(Store):
             or (transition.max_attempts is not None and item[5] >= transition.max_attempts)
         ):
             return Outcome.REJECTED
+        if transition.unless_paused and paused:
+            return Outcome.PAUSED
         return None
 
     def apply(self, batch_id: str, transition: Transition) -> TransitionResult:
@@ -671,7 +685,7 @@ class PostgresStore(Store):
         if transition.lost_before is not None:
             with self._transaction(what) as conn:
                 row, it = self._locked(conn, batch_id, item_id, transition.at)
-                outcome = self._unchanged(transition, it)
+                outcome = self._unchanged(transition, it, row[14])
                 if outcome is not None:
                     return _result(outcome, _STATUSES[it[1]], _item(item_id, it), _header(row))
                 args, result = self._move(batch_id, transition, row, it)
@@ -679,7 +693,7 @@ class PostgresStore(Store):
             return result
         for _ in range(_TRIES):
             row, it = self._peek(what, batch_id, item_id, transition.at)
-            outcome = self._unchanged(transition, it)
+            outcome = self._unchanged(transition, it, row[14])
             if outcome is not None:
                 return _result(outcome, _STATUSES[it[1]], _item(item_id, it), _header(row))
             args, result = self._move(batch_id, transition, row, it)
@@ -742,6 +756,18 @@ class PostgresStore(Store):
             stats,
         )
         return args, result
+
+    def set_paused(self, batch_id: str, paused: bool, at: float, expires_at_open: float) -> bool:
+        q = self._sql
+        with self._transaction(f"pause batch {batch_id!r}") as conn:
+            row = conn.execute(q["lock_header"], (batch_id,)).fetchone()
+            if row is None or row[5] <= at:
+                raise BatchNotFound(batch_id)
+            if bool(row[14]) is paused or (paused and row[4] is not None):
+                return False
+            conn.execute(q["set_paused"], (paused, at, expires_at_open, row[13]))
+            conn.execute(q["notify"], (self._channel, batch_id))
+        return True
 
     def renew(
         self, batch_id: str, item_id: str, at: float, lease_until: float, expires_at_open: float

@@ -70,12 +70,20 @@ from .base import (
 
 __all__ = ["RedisStore"]
 
-_STATUSES = (Status.PENDING, Status.PROCESSING, Status.COMPLETED, Status.FAILED)
+# Cancelled items (code 4) have no count field: they are what the total leaves over.
+_STATUSES = (
+    Status.PENDING,
+    Status.PROCESSING,
+    Status.COMPLETED,
+    Status.FAILED,
+    Status.CANCELLED,
+)
 _CODE = {status: code for code, status in enumerate(_STATUSES)}
 _OUTCOMES = {
     b"applied": Outcome.APPLIED,
     b"unchanged": Outcome.UNCHANGED,
     b"rejected": Outcome.REJECTED,
+    b"paused": Outcome.PAUSED,
 }
 _HEADER = (
     "owner",
@@ -233,8 +241,9 @@ end
 
 # ARGV: batch id, item id, target code, source codes, at, error ('' = none),
 #       expires_open, expires_finished, slack, lease_until ('' = none), attempts ('+' add
-#       one, '0' reset, '' keep), lost_before ('' = none), max_attempts ('' = none), then
-#       the stats contributions: the number of groups, and per group: source code, names
+#       one, '0' reset, '' keep), lost_before ('' = none), max_attempts ('' = none),
+#       unless_paused ('1' = refuse while the batch's field paused is '1'), then the
+#       stats contributions: the number of groups, and per group: source code, names
 #       joined by ',', coefficients packed as little-endian doubles, powers as one digit
 #       each.
 # Returns: outcome, previous code, the item's JSON, the header fields (in _HEADER's
@@ -269,17 +278,21 @@ end
 if ARGV[13] ~= '' and (item.a or 0) >= tonumber(ARGV[13]) then
   return answer('rejected', previous, raw)
 end
+if ARGV[14] == '1' and redis.call('HGET', KEYS[1], 'paused') == '1' then
+  return answer('paused', previous, raw)
+end
 -- Times travel as strings: cjson keeps only 14 significant digits of a number.
 local elapsed = at - tonumber(item.t)
 raw = move(ARGV[2], item, target, ARGV[6], ARGV[5], ARGV[10], ARGV[11], tonumber(head[6]) + 1)
-local counts = {tonumber(head[2]), tonumber(head[3]), tonumber(head[4]), tonumber(head[5])}
+-- The fifth, cancelled, is never written: it is what the total leaves over.
+local counts = {tonumber(head[2]), tonumber(head[3]), tonumber(head[4]), tonumber(head[5]), 0}
 counts[previous + 1] = counts[previous + 1] - 1
 counts[target + 1] = counts[target + 1] + 1
 local update, finished, new_expiry = settle(head, counts, 1, ARGV[5], ARGV[7], ARGV[8])
 -- Stats live in one field in pack_stats' format and are added here in doubles, exactly
 -- as the other stores do in Python.
-for g = 0, tonumber(ARGV[14]) - 1 do
-  local base = 15 + 4 * g
+for g = 0, tonumber(ARGV[15]) - 1 do
+  local base = 16 + 4 * g
   if tonumber(ARGV[base]) == previous then
     local names, values, index = {}, {}, {}
     local blob = head[7]
@@ -384,7 +397,7 @@ else
 end
 -- Versions are counted in creation order.
 table.sort(chosen, function(a, b) return (a[2].p or 0) < (b[2].p or 0) end)
-local counts = {tonumber(head[2]), tonumber(head[3]), tonumber(head[4]), tonumber(head[5])}
+local counts = {tonumber(head[2]), tonumber(head[3]), tonumber(head[4]), tonumber(head[5]), 0}
 for n, pair in ipairs(chosen) do
   local previous = pair[2].s
   counts[previous + 1] = counts[previous + 1] - 1
@@ -401,6 +414,30 @@ end
 local values = redis.call('HMGET', KEYS[1], unpack(header_fields))
 table.remove(values)
 return {'applied', #chosen, values}
+"""
+)
+
+# ARGV: batch id, paused ('1' to pause, '' to unpause), at, expires_open, slack.
+# Returns 1 when the flag changed, 0 when not (finished, or already so), or 'nobatch'.
+_PAUSE = (
+    _PRELUDE
+    + """
+local at = tonumber(ARGV[3])
+local head = redis.call('HMGET', KEYS[1], 'expires_at', 'finished_at', 'paused', 'version')
+if not head[1] or tonumber(head[1]) <= at then return 'nobatch' end
+local open = not head[2] or head[2] == ''
+local want = ARGV[2] == '1'
+if (head[3] == '1') == want or (want and not open) then return 0 end
+local update = {'paused', want and '1' or '0', 'version', tonumber(head[4]) + 1,
+  'updated_at', ARGV[3]}
+if open then
+  update[#update + 1] = 'expires_at'
+  update[#update + 1] = ARGV[4]
+end
+redis.call('HSET', KEYS[1], unpack(update))
+if open then refresh_ttl(ARGV[1], ARGV[4], at, ARGV[5], false) end
+notify(ARGV[1])
+return 1
 """
 )
 
@@ -568,6 +605,7 @@ def _record(
     header: Sequence[bytes | None],
     stats: Mapping[str, float],
     items: tuple[ItemSnapshot, ...] = (),
+    paused: bool = False,
 ) -> BatchRecord:
     owner, created, updated, finished, expires, version, total, done, failed, running, pending = (
         header
@@ -581,10 +619,20 @@ def _record(
         expires_at=float(expires or 0),
         version=int(version or 0),
         progress=Progress(
-            int(total or 0), int(done or 0), int(failed or 0), int(running or 0), int(pending or 0)
+            int(total or 0),
+            int(done or 0),
+            int(failed or 0),
+            int(running or 0),
+            int(pending or 0),
+            int(total or 0)
+            - int(done or 0)
+            - int(failed or 0)
+            - int(running or 0)
+            - int(pending or 0),
         ),
         stats=stats,
         items=items,
+        paused=paused,
     )
 
 
@@ -592,7 +640,8 @@ def _from_fields(
     batch_id: str, fields: dict[bytes, bytes], items: tuple[ItemSnapshot, ...] = ()
 ) -> BatchRecord:
     header = [fields.get(name.encode()) for name in _HEADER]
-    return _record(batch_id, header, unpack_stats(fields[b"stats"]), items)
+    paused = fields.get(b"paused") == b"1"
+    return _record(batch_id, header, unpack_stats(fields[b"stats"]), items, paused)
 
 
 def _item(item_id: str, raw: bytes) -> ItemSnapshot:
@@ -695,6 +744,7 @@ class RedisStore(Store):
     # (the tracker's names always carry the same powers).
     _groups: dict[tuple[str, ...], tuple[str, str]]
     _channel: str  # where every change is published
+    _pause: Any
 
     def __init__(
         self, url: str | None = None, *, prefix: str = "batchtrack:", client: Any = None
@@ -730,6 +780,7 @@ class RedisStore(Store):
             client.register_script(_EXPIRED),
             {},
             f"{prefix}changes",
+            client.register_script(_PAUSE),
         )
 
     def _keys(self, batch_id: str) -> list[str]:
@@ -882,6 +933,7 @@ class RedisStore(Store):
                 attempts,
                 _optional(transition.lost_before),
                 "" if transition.max_attempts is None else transition.max_attempts,
+                "1" if transition.unless_paused else "",
                 *groups,
             ],
         )
@@ -912,6 +964,17 @@ class RedisStore(Store):
             [batch_id, item_id, repr(at), repr(lease_until), repr(expires_at_open), _SLACK],
         )
         return _transition_result(batch_id, item_id, reply)
+
+    def set_paused(self, batch_id: str, paused: bool, at: float, expires_at_open: float) -> bool:
+        reply = self._call(
+            self._pause,
+            f"pause batch {batch_id!r}",
+            self._keys(batch_id),
+            [batch_id, "1" if paused else "", repr(at), repr(expires_at_open), _SLACK],
+        )
+        if reply == b"nobatch":
+            raise BatchNotFound(batch_id)
+        return bool(reply)
 
     def apply_many(
         self, batch_id: str, transition: Transition, item_ids: Sequence[str] | None = None

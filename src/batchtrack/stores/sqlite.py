@@ -67,7 +67,7 @@ from .base import (
 
 __all__ = ["CHECK_SECONDS", "SCHEMA_VERSION", "SQLiteStore", "SchemaVersionError"]
 
-SCHEMA_VERSION = 3
+SCHEMA_VERSION = 4
 """The schema this batchtrack writes; stored in ``PRAGMA user_version``."""
 
 PURGE_CHUNK = 500
@@ -158,6 +158,12 @@ _MIGRATIONS: list[tuple[str, ...]] = [
         "CREATE INDEX items_by_version ON items (batch_key, version) WHERE version > 0",
         f"CREATE INDEX items_failed ON items (batch_key, position) WHERE status = {_FAILED}",
     ),
+    (
+        # Version 4: a batch can be paused. (Cancelled items need no column: their count
+        # is what the total leaves over, and older files hold none; items an older
+        # batchtrack cancelled stay failed with the error "cancelled".)
+        "ALTER TABLE batches ADD COLUMN paused INTEGER NOT NULL DEFAULT 0",
+    ),
 ]
 assert len(_MIGRATIONS) == SCHEMA_VERSION
 
@@ -187,12 +193,13 @@ _ITEMS_MEMO_SIZE = 250_000  # items kept in _items_memo, over all batches
 _STALE_CHUNK = 500  # changed items read per query
 _NO_ITEM = (-1, None)
 
-# The batch header, in the order _header() reads it.
-_HEADER = f"SELECT {', '.join(_COLUMNS)}, key FROM batches WHERE batch_id = ?"
+# The batch header, in the order _header() reads it; every row _header() reads ends with
+# the paused flag.
+_HEADER = f"SELECT {', '.join(_COLUMNS)}, key, paused FROM batches WHERE batch_id = ?"
 _HEADER_AND_ITEM = (
     f"SELECT {', '.join('b.' + c for c in _COLUMNS)},"
     " i.filename, i.status, i.error, b.key, i.position, i.changed_at, i.attempts,"
-    " i.source, i.lease_until FROM batches b"
+    " i.source, i.lease_until, b.paused FROM batches b"
     " LEFT JOIN items i ON i.batch_key = b.key AND i.item_id = ?"
     " WHERE b.batch_id = ?"
 )
@@ -203,7 +210,7 @@ class SchemaVersionError(StoreError):
 
 
 def _header(row: Sequence[Any], items: tuple[ItemSnapshot, ...] = ()) -> BatchRecord:
-    return header(row, unpack_stats(row[12]), items)
+    return header(row, unpack_stats(row[12]), items, row[-1])
 
 
 def url_path(url: str) -> str:
@@ -561,6 +568,11 @@ class SQLiteStore(Store):
                     transition.item_id, row[13], previous, row[15], attempts, row[20]
                 )
                 return _result(outcome, previous, item, _header(row))
+            if transition.unless_paused and row[-1]:
+                item = ItemSnapshot(
+                    transition.item_id, row[13], previous, row[15], attempts, row[20]
+                )
+                return _result(Outcome.PAUSED, previous, item, _header(row))
 
             counts, packed, stats, attempts = _step(
                 row,
@@ -633,6 +645,24 @@ class SQLiteStore(Store):
         )
         return finished_at, expires_at, version
 
+    def set_paused(self, batch_id: str, paused: bool, at: float, expires_at_open: float) -> bool:
+        with self._write() as db:
+            row = db.execute(
+                "SELECT expires_at, finished_at, paused FROM batches WHERE batch_id = ?",
+                (batch_id,),
+            ).fetchone()
+            if row is None or row[0] <= at:
+                raise BatchNotFound(batch_id)
+            if bool(row[2]) is paused or (paused and row[1] is not None):
+                return False
+            db.execute(
+                "UPDATE batches SET paused = ?, version = version + 1, updated_at = ?,"
+                " expires_at = CASE WHEN finished_at IS NULL THEN ? ELSE expires_at END"
+                " WHERE batch_id = ?",
+                (int(paused), at, expires_at_open, batch_id),
+            )
+        return True
+
     def renew(
         self, batch_id: str, item_id: str, at: float, lease_until: float, expires_at_open: float
     ) -> TransitionResult:
@@ -666,7 +696,7 @@ class SQLiteStore(Store):
         sources = [_CODE[s] for s in transition.sources if s is not target]
         with self._write() as db:
             row = db.execute(
-                f"SELECT {', '.join(_COLUMNS)}, NULL, NULL, NULL, key FROM batches"
+                f"SELECT {', '.join(_COLUMNS)}, NULL, NULL, NULL, key, paused FROM batches"
                 " WHERE batch_id = ?",
                 (batch_id,),
             ).fetchone()

@@ -54,7 +54,7 @@ import attrs
 
 from .._models import Item, ItemSnapshot, Progress, Status
 from .._tracker import IDLE_TIMEOUT, BatchTracker
-from ..exceptions import BatchNotFound, InvalidTransition, ItemNotFound, StoreError
+from ..exceptions import BatchNotFound, BatchPaused, InvalidTransition, ItemNotFound, StoreError
 from ..stores.base import BatchRecord, Outcome, Store, Transition
 from ._clock import FakeClock
 from .strategies import item_lists
@@ -64,6 +64,8 @@ __all__ = ["StoreConformance", "TrackerMachine"]
 TTL = 3600.0
 LEASE = 30.0
 MAX_ATTEMPTS = 2
+_RETRIED = (Status.FAILED, Status.CANCELLED)
+_ITEM_STATUSES = [s for s in Status if s is not Status.PAUSED]
 _RULES = {
     "start": (Status.PROCESSING, frozenset({Status.PENDING})),
     "complete": (Status.COMPLETED, frozenset({Status.PROCESSING})),
@@ -85,6 +87,7 @@ class _ModelBatch:
     leases: dict[int, tuple[float, float]] = attrs.Factory(dict)  # index: (until, beat)
     touched_at: float = 0.0  # the last transition or heartbeat
     changed: dict[int, int] = attrs.Factory(dict)  # index: the version its change made
+    paused: bool = False
 
     def expires_at(self) -> float:
         if self.finished_at is not None:
@@ -113,7 +116,13 @@ class _ModelBatch:
             count[Status.FAILED],
             count[Status.PROCESSING],
             count[Status.PENDING],
+            count[Status.CANCELLED],
         )
+
+    def status(self) -> Status:
+        """The batch status a read shows: ``paused`` while paused and not finished."""
+        status = self.progress().status
+        return Status.PAUSED if self.paused and not status.is_final else status
 
 
 class TrackerMachine(RuleBasedStateMachine):
@@ -215,6 +224,10 @@ class TrackerMachine(RuleBasedStateMachine):
             with pytest.raises(InvalidTransition):
                 self._call(action, batch_id, item.id, error)
             return
+        elif target is Status.PROCESSING and batch.paused:
+            with pytest.raises(BatchPaused):
+                self._call(action, batch_id, item.id, error)
+            return
         else:
             event = self._call(action, batch_id, item.id, error)
             assert event.changed
@@ -246,8 +259,10 @@ class TrackerMachine(RuleBasedStateMachine):
         batch: _ModelBatch, eta: int | None, now: float | None = None, why: object = None
     ) -> None:
         """The ETA as the contract says; for a read (``now`` given) also why it is None:
-        "starting" before anything finished, "waiting_for_lost_items" while every item
-        left is processing with its lease run out (events know only the counts)."""
+        "paused" while paused, "starting" before anything finished,
+        "waiting_for_lost_items" while every item left is processing with its lease run
+        out (events know only the counts). Cancelled items are final: a batch of
+        cancelled items has 0 left."""
         progress = batch.progress()
         all_lost = (
             now is not None
@@ -255,12 +270,15 @@ class TrackerMachine(RuleBasedStateMachine):
             and progress.pending == 0
             and all(until <= now for until, _ in batch.leases.values())
         )
-        if progress.completed + progress.failed == 0:
-            assert eta is None
-            assert now is None or why == "starting"
-        elif progress.pending + progress.processing == 0:
+        if progress.pending + progress.processing == 0:
             assert eta == 0
             assert why is None
+        elif now is not None and batch.paused:
+            assert eta is None
+            assert why == "paused"
+        elif progress.completed + progress.failed == 0:
+            assert eta is None
+            assert now is None or why == "starting"
         elif all_lost:
             assert eta is None
             assert why == "waiting_for_lost_items"
@@ -320,7 +338,7 @@ class TrackerMachine(RuleBasedStateMachine):
         owner=st.sampled_from([None, None, "alice", "bob"]),
     )
     def retry(self, batch_id: str, data: st.DataObject, owner: str | None) -> None:
-        """Failed items go back to pending with no error and no attempts."""
+        """Failed and cancelled items go back to pending with no error and no attempts."""
         batch = self._live(batch_id)
         if batch is None or (owner is not None and owner != batch.owner):
             with pytest.raises(BatchNotFound):
@@ -333,13 +351,13 @@ class TrackerMachine(RuleBasedStateMachine):
                 label="indexes",
             )
             names = [batch.items[i].id for i in indexes]
-            if any(batch.items[i].status is not Status.FAILED for i in indexes):
+            if any(batch.items[i].status not in _RETRIED for i in indexes):
                 with pytest.raises(InvalidTransition):
                     self.tracker.retry(batch_id, names, owner=owner)
                 return
             chosen = sorted(set(indexes))
         else:
-            chosen = [i for i, it in enumerate(batch.items) if it.status is Status.FAILED]
+            chosen = [i for i, it in enumerate(batch.items) if it.status in _RETRIED]
         assert self.tracker.retry(batch_id, names, owner=owner) == len(chosen)
         for index in chosen:
             item = batch.items[index]
@@ -351,7 +369,7 @@ class TrackerMachine(RuleBasedStateMachine):
 
     @rule(batch_id=batches, owner=st.sampled_from([None, None, "alice", "bob"]))
     def cancel(self, batch_id: str, owner: str | None) -> None:
-        """Every pending item fails with "cancelled"; the rest is untouched."""
+        """Every pending item is cancelled; the rest is untouched."""
         batch = self._live(batch_id)
         if batch is None or (owner is not None and owner != batch.owner):
             with pytest.raises(BatchNotFound):
@@ -361,9 +379,31 @@ class TrackerMachine(RuleBasedStateMachine):
         assert self.tracker.cancel(batch_id, owner=owner) == len(chosen)
         for index in chosen:
             item = batch.items[index]
-            batch.moved(
-                index, attrs.evolve(item, status=Status.FAILED, error="cancelled"), self.clock()
-            )
+            batch.moved(index, attrs.evolve(item, status=Status.CANCELLED), self.clock())
+
+    @rule(
+        batch_id=batches,
+        paused=st.booleans(),
+        owner=st.sampled_from([None, None, "alice", "bob"]),
+    )
+    def pause(self, batch_id: str, paused: bool, owner: str | None) -> None:
+        """Pausing an open batch that is not paused, or unpausing a paused one, changes
+        its flag and version (nothing else of the items); else nothing changes."""
+        act = self.tracker.pause if paused else self.tracker.unpause
+        batch = self._live(batch_id)
+        if batch is None or (owner is not None and owner != batch.owner):
+            with pytest.raises(BatchNotFound):
+                act(batch_id, owner=owner)
+            return
+        changes = batch.paused is not paused and not (paused and batch.finished_at is not None)
+        assert act(batch_id, owner=owner) is changes
+        if changes:
+            now = self.clock()
+            batch.paused = paused
+            batch.version += 1
+            batch.updated_at = now
+            if batch.finished_at is None:
+                batch.touched_at = now
 
     # Small steps mostly, so that batches live long enough to be worked on.
     @rule(
@@ -384,7 +424,7 @@ class TrackerMachine(RuleBasedStateMachine):
         snap = self.tracker.get(batch_id, owner=owner)
         assert snap.items == tuple(batch.items)
         assert snap.progress == batch.progress()
-        assert snap.status is batch.progress().status
+        assert snap.status is batch.status()
         assert snap.owner == batch.owner
         assert snap.version == batch.version
         assert snap.created_at.timestamp() == pytest.approx(batch.created_at)
@@ -403,7 +443,7 @@ class TrackerMachine(RuleBasedStateMachine):
         batch = self._live(batch_id)
         if batch is None:
             return
-        status = data.draw(st.none() | st.sampled_from(list(Status)), label="status")
+        status = data.draw(st.none() | st.sampled_from(_ITEM_STATUSES), label="status")
         since = data.draw(st.none() | st.integers(0, batch.version + 1), label="since")
         limit = data.draw(st.none() | st.integers(1, 4), label="limit")
         start = data.draw(st.none() | st.integers(0, len(batch.items) - 1), label="after")
@@ -457,7 +497,7 @@ class TrackerMachine(RuleBasedStateMachine):
                 continue
             head = self.tracker.get(batch_id, items=False)
             p = head.progress
-            assert p.total == p.completed + p.failed + p.processing + p.pending
+            assert p.total == p.completed + p.failed + p.processing + p.pending + p.cancelled
             assert p == self.model[batch_id].progress()
 
 
@@ -576,7 +616,7 @@ class StoreConformance:
         store.create(_record("b1", 1), _items(1))
         store.apply("b1", _transition("item-0", "start", 1001.0))
         before = store.load("b1")
-        bump = {s: {"a": (1.0, 0)} for s in Status}
+        bump = {s: {"a": (1.0, 0)} for s in _ITEM_STATUSES}
         again = store.apply("b1", _transition("item-0", "start", 1005.0, stats=bump))
         assert again.outcome is Outcome.UNCHANGED
         assert again.previous is Status.PROCESSING
@@ -628,7 +668,7 @@ class StoreConformance:
         n = 200
         store.create(_record("b1", n), _items(n))
         applied: list[int] = []
-        one = {s: {"n": (1.0, 0)} for s in Status}
+        one = {s: {"n": (1.0, 0)} for s in _ITEM_STATUSES}
         barrier = threading.Barrier(8)
         lock = threading.Lock()
 
@@ -804,8 +844,10 @@ class StoreConformance:
         assert lost[0].attempts == 1
         assert lost[0].beat_at == pytest.approx(now - 10)
 
-    def test_cancel_fails_pending_items_and_leaves_the_rest(self, store: Store) -> None:
-        """cancel() fails only pending items, with "cancelled", and returns how many."""
+    def test_cancel_moves_pending_items_to_cancelled_and_leaves_the_rest(
+        self, store: Store
+    ) -> None:
+        """cancel() moves only pending items to cancelled (no error) and returns how many."""
         tracker = BatchTracker(store, clock=FakeClock())
         batch_id = tracker.create_batch([("a", "a"), ("b", "b"), ("c", "c")]).batch_id
         tracker.start_item(batch_id, "a")
@@ -813,15 +855,76 @@ class StoreConformance:
         snap = tracker.get(batch_id)
         assert [(i.status, i.error) for i in snap.items] == [
             (Status.PROCESSING, None),
-            (Status.FAILED, "cancelled"),
-            (Status.FAILED, "cancelled"),
+            (Status.CANCELLED, None),
+            (Status.CANCELLED, None),
         ]
+        assert snap.progress == Progress(total=3, processing=1, cancelled=2)
         assert snap.version == 3
         with pytest.raises(InvalidTransition):
             tracker.start_item(batch_id, "b")
         tracker.complete_item(batch_id, "a")
         assert tracker.cancel(batch_id) == 0
-        assert tracker.get(batch_id).status is Status.COMPLETED
+        snap = tracker.get(batch_id)
+        assert snap.status is Status.CANCELLED
+        assert snap.progress == Progress(total=3, completed=1, cancelled=2)
+        assert snap.estimated_time_remaining == 0
+        assert tracker.get(batch_id, status=Status.CANCELLED).items == snap.items[1:]
+
+    def test_retry_takes_cancelled_items_back(self, store: Store) -> None:
+        """retry() without ids takes failed and cancelled items back to pending; named
+        ids may name cancelled items."""
+        tracker = BatchTracker(store, clock=FakeClock())
+        batch_id = tracker.create_batch([("a", "a"), ("b", "b"), ("c", "c")]).batch_id
+        tracker.fail_item(batch_id, "a", "boom")
+        tracker.cancel(batch_id)
+        assert tracker.get(batch_id).status is Status.CANCELLED
+        assert tracker.retry(batch_id, ["b"]) == 1
+        assert tracker.retry(batch_id) == 2
+        snap = tracker.get(batch_id)
+        assert snap.progress == Progress(total=3, pending=3)
+        assert snap.finished_at is None
+
+    def test_pause_keeps_pending_items_from_starting(self, store: Store) -> None:
+        """A paused batch refuses starts with BatchPaused, lets running items finish,
+        shows "paused", and starts items again once unpaused."""
+        tracker = BatchTracker(store, clock=FakeClock())
+        batch_id = tracker.create_batch([("a", "a"), ("b", "b"), ("c", "c")]).batch_id
+        tracker.start_item(batch_id, "a")
+        assert tracker.pause(batch_id) is True
+        assert tracker.pause(batch_id) is False
+        with pytest.raises(BatchPaused):
+            tracker.start_item(batch_id, "b")
+        assert tracker.start_item(batch_id, "a").changed is False  # a repeat stays a no-op
+        tracker.complete_item(batch_id, "a")
+        snap = tracker.get(batch_id)
+        assert snap.status is Status.PAUSED
+        assert snap.progress == Progress(total=3, completed=1, pending=2)
+        assert (snap.estimated_time_remaining, snap.eta_unavailable) == (None, "paused")
+        assert snap.to_dict()["etaUnavailable"] == "paused"
+        assert snap.version == 3  # start, pause, complete
+        assert tracker.unpause(batch_id) is True
+        assert tracker.unpause(batch_id) is False
+        assert tracker.start_item(batch_id, "b").changed
+        snap = tracker.get(batch_id)
+        assert snap.status is Status.PROCESSING
+        assert snap.eta_unavailable is None
+        assert snap.version == 5
+
+    def test_pause_of_a_finished_batch_changes_nothing(self, store: Store) -> None:
+        """pause() of a finished batch answers False; unpause() clears a pause the batch
+        finished under (cancelled meanwhile), so that a retry is not paused."""
+        tracker = BatchTracker(store, clock=FakeClock())
+        batch_id = tracker.create_batch([("a", "a"), ("b", "b")]).batch_id
+        assert tracker.pause(batch_id)
+        assert tracker.cancel(batch_id) == 2
+        snap = tracker.get(batch_id)
+        assert snap.status is Status.CANCELLED
+        assert tracker.pause(batch_id) is False
+        assert tracker.unpause(batch_id) is True
+        tracker.retry(batch_id)
+        assert tracker.start_item(batch_id, "a").changed
+        with pytest.raises(BatchNotFound):
+            tracker.pause("no-such-batch")
 
     def test_retry_reopens_a_finished_batch(self, store: Store) -> None:
         """retry() moves failed items to pending, clears errors and attempts, reopens."""
