@@ -65,7 +65,7 @@ TTL = 3600.0
 LEASE = 30.0
 MAX_ATTEMPTS = 2
 _RETRIED = (Status.FAILED, Status.CANCELLED)
-_ITEM_STATUSES = [s for s in Status if s is not Status.PAUSED]
+_ITEM_STATUSES: list[Status] = [s for s in Status if s is not Status.PAUSED]
 _RULES = {
     "start": (Status.PROCESSING, frozenset({Status.PENDING})),
     "complete": (Status.COMPLETED, frozenset({Status.PROCESSING})),
