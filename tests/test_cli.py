@@ -77,6 +77,7 @@ def test_process_folder_takes_image_files_by_extension_and_fails_unreadable_ones
         "failed": 2,
         "processing": 0,
         "pending": 0,
+        "cancelled": 0,
     }
     images = {i["filename"]: i for i in body["images"]}
     assert list(images) == ["one.jpg", "sub/broken.jpg", "sub/fake.PNG", "sub/two.png"]

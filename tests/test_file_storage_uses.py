@@ -203,6 +203,7 @@ def test_upload_on_one_web_start_on_the_other_download_from_both(two_webs: Any) 
         "failed": 0,
         "processing": 0,
         "pending": 0,
+        "cancelled": 0,
     }
     for n, image in enumerate(body["images"]):
         web = (one, two)[n % 2]

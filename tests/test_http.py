@@ -148,6 +148,7 @@ def test_full_flow_upload_process_poll_download(new_client: Callable[[], Client]
         "failed": 1,
         "processing": 0,
         "pending": 0,
+        "cancelled": 0,
     }
     assert final["estimatedTimeRemaining"] == 0
     assert final["finishedAt"].endswith("Z")

@@ -17,12 +17,23 @@ def test_status_is_a_str_enum() -> None:
     assert Status.COMPLETED == "completed"
     assert str(Status.FAILED) == "failed"
     assert json.dumps({"s": Status.PROCESSING}) == '{"s": "processing"}'
-    assert [s.value for s in Status] == ["pending", "processing", "completed", "failed"]
+    assert [s.value for s in Status] == [
+        "pending",
+        "processing",
+        "completed",
+        "failed",
+        "cancelled",
+        "paused",
+    ]
 
 
-def test_only_completed_and_failed_are_final() -> None:
-    """is_final is true for completed and failed only."""
-    assert [s for s in Status if s.is_final] == [Status.COMPLETED, Status.FAILED]
+def test_only_completed_failed_and_cancelled_are_final() -> None:
+    """is_final is true for completed, failed and cancelled only."""
+    assert [s for s in Status if s.is_final] == [
+        Status.COMPLETED,
+        Status.FAILED,
+        Status.CANCELLED,
+    ]
 
 
 @pytest.mark.parametrize(
@@ -35,6 +46,10 @@ def test_only_completed_and_failed_are_final() -> None:
         ({"completed": 3}, Status.COMPLETED),
         ({"completed": 1, "failed": 2}, Status.COMPLETED),
         ({"failed": 3}, Status.FAILED),
+        ({"completed": 2, "cancelled": 1}, Status.CANCELLED),
+        ({"failed": 2, "cancelled": 1}, Status.CANCELLED),
+        ({"cancelled": 3}, Status.CANCELLED),
+        ({"processing": 1, "cancelled": 2}, Status.PROCESSING),
     ],
 )
 def test_batch_status_is_derived_from_counts(counts: dict[str, int], expected: Status) -> None:
@@ -95,6 +110,7 @@ def test_to_dict_matches_the_contract_key_by_key() -> None:
         "failed": 1,
         "processing": 0,
         "pending": 1,
+        "cancelled": 0,
     }
     assert body["images"] == [
         {"id": "i1", "filename": "image1.jpg", "status": "completed"},

@@ -214,6 +214,7 @@ def test_two_webs_and_two_workers_share_only_the_object_store_and_redis(
                 "failed": 0,
                 "processing": 0,
                 "pending": 0,
+                "cancelled": 0,
             }
         keys = {info["path"] for info in s3.list("app/results/")}
         items = [image for final in finals for image in final["images"]]

@@ -123,7 +123,10 @@ def test_the_recovery_the_docs_give_brings_back_a_usable_file(tmp_path: Path) ->
         recovered.unlink()
         shell = f"sqlite3 {path} .dump | sqlite3 {recovered}"
         subprocess.run(shell, shell=True, capture_output=True, timeout=60)
-        subprocess.run(["sqlite3", str(recovered), "PRAGMA user_version = 3"], check=True)
+        subprocess.run(
+            ["sqlite3", str(recovered), f"PRAGMA user_version = {sqlite_module.SCHEMA_VERSION}"],
+            check=True,
+        )
     with SQLiteStore(recovered) as store:
         tracker = BatchTracker(store)
         assert tracker.get(ids[0]).progress.total == ITEMS
