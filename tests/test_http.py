@@ -78,7 +78,7 @@ def _upload(client: Client, *files: tuple[str, bytes]) -> Any:
 
 
 def _wait_finished(client: Client, url: str, timeout: float = 30) -> dict[str, Any]:
-    return _wait_for(client, url, lambda body: body["status"] in ("completed", "failed"), timeout)
+    return _wait_for(client, url, lambda body: body["finishedAt"] is not None, timeout)
 
 
 def _wait_for(
@@ -341,17 +341,19 @@ def recording(tmp_path: Path, transport: str) -> Iterator[tuple[Service, Client]
         svc.close()
 
 
-def test_cancel_fails_every_pending_item_and_answers_how_many(
+def test_cancel_cancels_every_pending_item_and_answers_how_many(
     client: Client, service: Service
 ) -> None:
-    """Cancelling a batch nobody has started fails its 3 items "cancelled": {"cancelled": 3}."""
+    """Cancelling a batch nobody has started cancels its 3 items: {"cancelled": 3}, and
+    the batch reads "cancelled" with no error on its items."""
     snap = service.tracker.create_batch(["a.jpg", "b.jpg", "c.jpg"], owner=_owner(client))
     response = client.post(f"/api/batch-cancel/{snap.batch_id}")
     assert response.status_code == 200, response.text
     assert response.json() == {"cancelled": 3}
     body = client.get(f"/api/batch-status/{snap.batch_id}").json()
-    assert body["status"] == "failed"
-    assert [i["error"] for i in body["images"]] == ["cancelled"] * 3
+    assert body["status"] == "cancelled"
+    assert body["progress"]["cancelled"] == 3
+    assert [(i["status"], "error" in i) for i in body["images"]] == [("cancelled", False)] * 3
 
 
 def test_cancelling_a_finished_batch_cancels_nothing(client: Client) -> None:
@@ -365,8 +367,8 @@ def test_cancelling_a_finished_batch_cancels_nothing(client: Client) -> None:
 
 
 def test_cancel_stops_queued_items_of_a_running_batch(client: Client, service: Service) -> None:
-    """With 2 of 4 items running, cancel fails the 2 queued ones; the processor never runs
-    them and the running ones complete."""
+    """With 2 of 4 items running, cancel cancels the 2 queued ones; the processor never
+    runs them and the running ones complete."""
     service.processor.gate.clear()
     batch = _start(client, *[(f"{n}.jpg", jpeg((200, 150))) for n in range(4)])
     _wait_for(client, batch["statusUrl"], lambda b: b["progress"]["processing"] == 2)
@@ -375,7 +377,8 @@ def test_cancel_stops_queued_items_of_a_running_batch(client: Client, service: S
     service.processor.gate.set()
     final = _wait_finished(client, batch["statusUrl"])
     assert final["progress"]["completed"] == 2
-    cancelled = [i["id"] for i in final["images"] if i.get("error") == "cancelled"]
+    assert final["status"] == "cancelled"
+    cancelled = [i["id"] for i in final["images"] if i["status"] == "cancelled"]
     assert len(cancelled) == 2
     assert len(service.processor.runs) == 2
     assert not set(cancelled) & set(service.processor.runs)

@@ -1,10 +1,12 @@
-"""The endpoints that act on a batch once it runs: cancel it, and retry its failures.
+"""The endpoints that act on a batch once it runs: cancel, retry, pause and unpause it.
 
-``POST {prefix}/batch-cancel/{batchId}`` fails every item not started yet with the error
-``"cancelled"`` and answers how many; ``POST {prefix}/batch-retry/{batchId}`` puts failed
-items (all, or those named) back to pending and has the runner resume the batch. They
-live apart from the router (:class:`batchtrack._http.Api`), which only maps the two
-routes to :meth:`BatchControl.cancel` and :meth:`BatchControl.retry`. The ``on_progress``
+``POST {prefix}/batch-cancel/{batchId}`` cancels every item not started yet and answers
+how many; ``POST {prefix}/batch-retry/{batchId}`` puts failed and cancelled items (all,
+or those named) back to pending and has the runner resume the batch;
+``POST {prefix}/batch-pause/{batchId}`` keeps items not started from starting, and
+``POST {prefix}/batch-unpause/{batchId}`` lets them start and has the runner resume the
+batch. They live apart from the router (:class:`batchtrack._http.Api`), which only maps
+the routes to the methods of :class:`BatchControl`. The ``on_progress``
 hook of ``create_app`` is handed to the runner from here too (:func:`progress_hook`).
 """
 
@@ -51,6 +53,7 @@ MAX_RETRY_IDS = 10_000
 """The most item ids one retry request may name."""
 
 _NAMED_IN_MESSAGES = 3
+_RETRIED = (Status.FAILED, Status.CANCELLED)
 
 
 def _describe(items: Sequence[ItemSnapshot]) -> str:
@@ -124,7 +127,7 @@ class BatchControl:
     progress: dict[str, Any] = attrs.field(factory=dict)
 
     def cancel(self, request: Request, owner: str, batch: str) -> Response:
-        """``POST /batch-cancel/{batchId}``: fail every pending item, ``{"cancelled": n}``."""
+        """``POST /batch-cancel/{batchId}``: cancel every pending item, ``{"cancelled": n}``."""
         batch_id = check_uuid(batch, "batchId")
         try:
             cancelled = self.tracker.cancel(batch_id, owner=owner)
@@ -132,7 +135,7 @@ class BatchControl:
             batch_not_found()
         try:
             # The count is the tracker's, atomic and exact; the runner only drops the
-            # work it had queued, whose items the tracker has just failed.
+            # work it had queued, whose items the tracker has just cancelled.
             self.runner.cancel(batch_id)
         except Exception:
             # The cancel stands: a worker skips an item that is no longer pending.
@@ -140,18 +143,19 @@ class BatchControl:
         return json_response(200, {"cancelled": cancelled})
 
     def retry(self, request: Request, owner: str, batch: str) -> Response:
-        """``POST /batch-retry/{batchId}``: failed items back to pending, then resume.
+        """``POST /batch-retry/{batchId}``: failed and cancelled items back to pending,
+        then resume.
 
         Everything is checked before anything changes: the body, the batch, that each
-        item to retry has failed, and that its input is still there.
+        item to retry has failed or was cancelled, and that its input is still there.
         """
         batch_id = check_uuid(batch, "batchId")
         names = self._named_items(request)
         snap = find_batch(self.tracker, batch_id, owner)
         if names is None:
-            targets = [i for i in snap.items if i.status is Status.FAILED]
+            targets = [i for i in snap.items if i.status in _RETRIED]
             if not targets:
-                reject(409, "nothing_to_retry", "no item of this batch has failed")
+                reject(409, "nothing_to_retry", "no item of this batch has failed or was cancelled")
         else:
             by_id = {i.id: i for i in snap.items}
             unknown = [n for n in names if n not in by_id]
@@ -159,12 +163,12 @@ class BatchControl:
                 more = f" (and {len(unknown) - 1} more)" if len(unknown) > 1 else ""
                 reject(404, "item_not_found", f"the batch has no item {unknown[0]}{more}")
             targets = [by_id[n] for n in names]
-            busy = [i for i in targets if i.status is not Status.FAILED]
+            busy = [i for i in targets if i.status not in _RETRIED]
             if busy:
                 reject(
                     409,
                     "nothing_to_retry",
-                    f"only failed items can be retried; not failed: {_describe(busy)}",
+                    f"only failed and cancelled items can be retried; neither: {_describe(busy)}",
                 )
         gone = [i for i in targets if not self._input_available(i)]
         if gone:
@@ -181,7 +185,8 @@ class BatchControl:
             reject(
                 409,
                 "nothing_to_retry",
-                f"item {exc.item_id} is {exc.current} now, not failed; nothing was retried",
+                f"item {exc.item_id} is {exc.current} now, not failed or cancelled; "
+                "nothing was retried",
             )
         except (BatchNotFound, ItemNotFound):
             batch_not_found()
@@ -193,6 +198,37 @@ class BatchControl:
         return json_response(
             202, {"retried": retried, "batchId": batch_id, "statusUrl": url}, [("Location", url)]
         )
+
+    def pause(self, request: Request, owner: str, batch: str) -> Response:
+        """``POST /batch-pause/{batchId}``: items not started stay pending until an
+        unpause; ``{"paused": true}``, or false for a finished or paused batch."""
+        batch_id = check_uuid(batch, "batchId")
+        try:
+            paused = self.tracker.pause(batch_id, owner=owner)
+        except BatchNotFound:
+            batch_not_found()
+        # The runner needs no word: every start of the batch's items is refused now,
+        # so queued work is skipped and stays pending for the resume of an unpause.
+        return json_response(200, {"paused": paused})
+
+    def unpause(self, request: Request, owner: str, batch: str) -> Response:
+        """``POST /batch-unpause/{batchId}``: let the batch's items start again and have
+        the runner resume what is pending; ``{"unpaused": true}``, or false for a batch
+        that was not paused."""
+        batch_id = check_uuid(batch, "batchId")
+        try:
+            unpaused = self.tracker.unpause(batch_id, owner=owner)
+        except BatchNotFound:
+            batch_not_found()
+        if unpaused:
+            try:
+                self.runner.resume(batch_id, **self.progress)
+            except OrchestratorClosed:
+                # The unpause stands: the pending items wait for the next resume.
+                reject(503, "shutting_down", "the service is shutting down; try again shortly")
+            except BatchNotFound:
+                batch_not_found()  # expired or deleted meanwhile
+        return json_response(200, {"unpaused": unpaused})
 
     def _named_items(self, request: Request) -> list[str] | None:
         """The item ids the body names (lower case, each once); None for every failed one."""

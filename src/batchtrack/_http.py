@@ -440,6 +440,8 @@ class Api:
             ("GET", re.compile(rf"/batch-results/{id_}/(?P<item>[^/]+)"), self._batch_results),
             ("POST", re.compile(rf"/batch-cancel/{id_}"), self._control.cancel),
             ("POST", re.compile(rf"/batch-retry/{id_}"), self._control.retry),
+            ("POST", re.compile(rf"/batch-pause/{id_}"), self._control.pause),
+            ("POST", re.compile(rf"/batch-unpause/{id_}"), self._control.unpause),
             ("GET", re.compile(r"/openapi\.json"), self._openapi),
         ]
 

@@ -52,7 +52,14 @@ _BATCH_LINKS = {
         "operationId": operation_id,
         "parameters": {"batchId": "$response.body#/batchId"},
     }
-    for operation_id in ("getBatchStatus", "getBatchEvents", "cancelBatch", "retryBatch")
+    for operation_id in (
+        "getBatchStatus",
+        "getBatchEvents",
+        "cancelBatch",
+        "retryBatch",
+        "pauseBatch",
+        "unpauseBatch",
+    )
 }
 """Where the ``batchId`` of a started (or retried) batch leads."""
 
@@ -78,7 +85,7 @@ _ITEM_CONDITIONS: list[dict[str, Any]] = [
         "name": "status",
         "in": "query",
         "description": "Only images with this status.",
-        "schema": {"enum": ["pending", "processing", "completed", "failed"]},
+        "schema": {"enum": ["pending", "processing", "completed", "failed", "cancelled"]},
     },
     {
         "name": "limit",
@@ -134,7 +141,7 @@ def document(base: str, max_files: int, max_json_bytes: int = 64 * 1024) -> dict
         "properties": {
             "id": {"type": "string"},
             "filename": {"type": "string"},
-            "status": {"enum": ["pending", "processing", "completed", "failed"]},
+            "status": {"enum": ["pending", "processing", "completed", "failed", "cancelled"]},
             "error": {"type": "string", "description": "Only on failed items."},
             "attempts": {
                 "type": "integer",
@@ -436,8 +443,8 @@ def document(base: str, max_files: int, max_json_bytes: int = 64 * 1024) -> dict
             "/batch-cancel/{batchId}": {
                 "post": {
                     "operationId": "cancelBatch",
-                    "summary": "Cancel the batch: every item not yet started fails "
-                    'with the error "cancelled"; running items finish as they will.',
+                    "summary": "Cancel the batch: every item not yet started becomes "
+                    "`cancelled`; running items finish as they will.",
                     "parameters": [_BATCH_ID],
                     "responses": _with_session(
                         {
@@ -453,12 +460,13 @@ def document(base: str, max_files: int, max_json_bytes: int = 64 * 1024) -> dict
             "/batch-retry/{batchId}": {
                 "post": {
                     "operationId": "retryBatch",
-                    "summary": "Retry failed items (those named, or every failed one) and "
-                    "resume the batch.",
+                    "summary": "Retry failed and cancelled items (those named, or every "
+                    "one) and resume the batch.",
                     "parameters": [_BATCH_ID],
                     "requestBody": {
                         "required": False,
-                        "description": "No body (or an empty one): every failed item.",
+                        "description": "No body (or an empty one): every failed and "
+                        "cancelled item.",
                         "content": {
                             "application/json": {
                                 "schema": {
@@ -491,7 +499,8 @@ def document(base: str, max_files: int, max_json_bytes: int = 64 * 1024) -> dict
                             ),
                             "408": timeout,
                             "409": _error(
-                                "`nothing_to_retry`: a named item has not failed, or none has."
+                                "`nothing_to_retry`: a named item has neither failed nor been "
+                                "cancelled, or no item has."
                             ),
                             "410": _error(
                                 "`inputs_gone`: the uploaded files behind an item have expired; "
@@ -499,6 +508,42 @@ def document(base: str, max_files: int, max_json_bytes: int = 64 * 1024) -> dict
                             ),
                             "413": _error("The body is too large."),
                             "415": _error("A body that is not JSON."),
+                            "503": _error("The service is shutting down."),
+                        }
+                    ),
+                }
+            },
+            "/batch-pause/{batchId}": {
+                "post": {
+                    "operationId": "pauseBatch",
+                    "summary": "Pause the batch: items not yet started stay pending (the "
+                    "status reads `paused`); running items finish as they will.",
+                    "parameters": [_BATCH_ID],
+                    "responses": _with_session(
+                        {
+                            "200": _json(
+                                "Whether this call paused it (false: finished or paused already).",
+                                "Paused",
+                            ),
+                            "400": _error("Not a UUID."),
+                            "404": _error("Unknown, expired or not yours."),
+                        }
+                    ),
+                }
+            },
+            "/batch-unpause/{batchId}": {
+                "post": {
+                    "operationId": "unpauseBatch",
+                    "summary": "Unpause the batch: its pending items run again.",
+                    "parameters": [_BATCH_ID],
+                    "responses": _with_session(
+                        {
+                            "200": _json(
+                                "Whether this call unpaused it (false: it was not paused).",
+                                "Unpaused",
+                            ),
+                            "400": _error("Not a UUID."),
+                            "404": _error("Unknown, expired or not yours."),
                             "503": _error("The service is shutting down."),
                         }
                     ),
@@ -566,6 +611,18 @@ def document(base: str, max_files: int, max_json_bytes: int = 64 * 1024) -> dict
                     "properties": {"cancelled": count},
                     "additionalProperties": False,
                 },
+                "Paused": {
+                    "type": "object",
+                    "required": ["paused"],
+                    "properties": {"paused": {"type": "boolean"}},
+                    "additionalProperties": False,
+                },
+                "Unpaused": {
+                    "type": "object",
+                    "required": ["unpaused"],
+                    "properties": {"unpaused": {"type": "boolean"}},
+                    "additionalProperties": False,
+                },
                 "Retried": {
                     "type": "object",
                     "required": ["retried", "batchId", "statusUrl"],
@@ -591,16 +648,33 @@ def document(base: str, max_files: int, max_json_bytes: int = 64 * 1024) -> dict
                     ],
                     "properties": {
                         "batchId": _UUID,
-                        "status": {"enum": ["pending", "processing", "completed", "failed"]},
+                        "status": {
+                            "enum": [
+                                "pending",
+                                "processing",
+                                "completed",
+                                "failed",
+                                "cancelled",
+                                "paused",
+                            ]
+                        },
                         "progress": {
                             "type": "object",
-                            "required": ["total", "completed", "failed", "processing", "pending"],
+                            "required": [
+                                "total",
+                                "completed",
+                                "failed",
+                                "processing",
+                                "pending",
+                                "cancelled",
+                            ],
                             "properties": {
                                 "total": count,
                                 "completed": count,
                                 "failed": count,
                                 "processing": count,
                                 "pending": count,
+                                "cancelled": count,
                             },
                             "additionalProperties": False,
                         },
@@ -614,10 +688,11 @@ def document(base: str, max_files: int, max_json_bytes: int = 64 * 1024) -> dict
                         },
                         "etaUnavailable": {
                             "description": "Why `estimatedTimeRemaining` is null while the "
-                            "batch is not finished: nothing has finished yet (`starting`), "
-                            "or every item left waits for its lost worker's lease to be "
-                            "reclaimed (`waiting_for_lost_items`). Absent otherwise.",
-                            "enum": ["starting", "waiting_for_lost_items"],
+                            "batch is not finished: the batch is paused (`paused`), nothing "
+                            "has finished yet (`starting`), or every item left waits for its "
+                            "lost worker's lease to be reclaimed (`waiting_for_lost_items`). "
+                            "Absent otherwise.",
+                            "enum": ["paused", "starting", "waiting_for_lost_items"],
                         },
                         "createdAt": timestamp,
                         "updatedAt": timestamp,
