@@ -17,13 +17,26 @@ except ImportError as exc:  # pragma: no cover - depends on the environment
 
 from .._models import Item
 
-__all__ = ["ACTIONS", "Event", "event_sequences", "filenames", "item_lists", "sources"]
+__all__ = [
+    "ACTIONS",
+    "BATCH_ACTIONS",
+    "Event",
+    "event_sequences",
+    "filenames",
+    "item_lists",
+    "sources",
+]
 
 ACTIONS = ("start", "complete", "fail")
 """The tracker calls an event can make: start_item, complete_item, fail_item."""
 
+BATCH_ACTIONS = ("cancel", "retry", "pause", "unpause")
+"""The calls on a whole batch an event can make too (``event_sequences(...,
+batch_actions=True)``): cancel, retry (every failed and cancelled item), pause, unpause."""
+
 Event = tuple[str, int, str | None]
-"""One event: (action, index of the item, error text for ``fail`` else None)."""
+"""One event: (action, index of the item (unused by batch actions), error text for
+``fail`` else None)."""
 
 
 def filenames() -> st.SearchStrategy[str]:
@@ -71,10 +84,16 @@ def item_lists(*, min_size: int = 1, max_size: int = 12) -> st.SearchStrategy[li
     )
 
 
-def event_sequences(n_items: int, *, max_size: int = 60) -> st.SearchStrategy[list[Event]]:
-    """Sequences of item events, valid and invalid mixed, for a batch of ``n_items``."""
+def event_sequences(
+    n_items: int, *, max_size: int = 60, batch_actions: bool = False
+) -> st.SearchStrategy[list[Event]]:
+    """Sequences of item events, valid and invalid mixed, for a batch of ``n_items``;
+    with ``batch_actions``, :data:`BATCH_ACTIONS` mixed in (about one event in five)."""
     error = st.sampled_from(["not an image", "truncated image", "cancelled", "boom"])
-    event = st.tuples(st.sampled_from(ACTIONS), st.integers(0, n_items - 1), error).map(
+    actions = st.sampled_from(ACTIONS)
+    if batch_actions:
+        actions = st.one_of(actions, actions, actions, actions, st.sampled_from(BATCH_ACTIONS))
+    event = st.tuples(actions, st.integers(0, n_items - 1), error).map(
         lambda e: (e[0], e[1], e[2] if e[0] == "fail" else None)
     )
     return st.lists(event, max_size=max_size)
