@@ -3,8 +3,12 @@ the tracker on every store, the Orchestrator, and the HTTP API on every transpor
 
 from __future__ import annotations
 
+import json
+import subprocess
+import sys
 import threading
 import time
+import types
 import uuid
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -20,7 +24,9 @@ from batchtrack import (
     Item,
     Orchestrator,
     Progress,
+    SQLiteStore,
     Status,
+    cli,
 )
 from batchtrack._http import COOKIE
 from batchtrack.testing import FakeClock
@@ -285,3 +291,49 @@ def test_openapi_documents_pause_unpause_and_the_cancelled_count(client: Client)
     assert {"cancelled", "paused"} <= set(status["status"]["enum"])
     assert "cancelled" in status["progress"]["required"]
     assert "paused" in status["etaUnavailable"]["enum"]
+
+
+# -- the command line ---------------------------------------------------------------------
+
+
+def test_cli_status_shows_a_paused_batch_and_cancelled_counts(tmp_path: Path) -> None:
+    """`batchtrack status` prints "paused" for a paused batch, and the cancelled count
+    and status of a cancelled one."""
+    data = tmp_path / "data"
+    data.mkdir()
+    with SQLiteStore(data / "batchtrack.db") as store:
+        tracker = BatchTracker(store)
+        held = tracker.create_batch(["a.jpg", "b.jpg"]).batch_id
+        tracker.pause(held)
+        stopped = tracker.create_batch(["c.jpg"]).batch_id
+        tracker.cancel(stopped)
+    for batch_id, status in ((held, "paused"), (stopped, "cancelled")):
+        result = subprocess.run(
+            [sys.executable, "-m", "batchtrack", "status", batch_id, "--data-dir", str(data)],
+            capture_output=True,
+            text=True,
+            timeout=60,
+            check=False,
+        )
+        assert result.returncode == 0, result.stderr
+        body = json.loads(result.stdout)
+        assert body["status"] == status
+    assert body["progress"]["cancelled"] == 1
+    assert body["images"][0]["status"] == "cancelled"
+
+
+def test_process_summary_counts_cancelled_images_apart(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """The `process` summary names images cancelled meanwhile: "…, 0 failed, 1 cancelled"."""
+    tracker = BatchTracker()
+    snap = tracker.create_batch(["a.jpg", "b.jpg"])
+    tracker.start_item(snap.batch_id, snap.items[0].id)
+    tracker.complete_item(snap.batch_id, snap.items[0].id)
+    tracker.cancel(snap.batch_id)
+    final = tracker.get(snap.batch_id)
+    sources = [cli._Source(tmp_path / n, Path(n)) for n in ("a.jpg", "b.jpg")]
+    args = types.SimpleNamespace(json=False, data_dir=None)
+    processor = types.SimpleNamespace(written={})
+    cli._report(final, sources, [], processor, args)  # type: ignore[arg-type]
+    assert "1 of 2 images processed, 0 failed, 1 cancelled" in capsys.readouterr().err

@@ -1,7 +1,8 @@
 """The ``batchtrack`` command: ``serve``, ``process`` and ``status``.
 
-Exit status: 0 success, 1 when some item failed (``process``) or a batch is unknown
-(``status``), 2 for a usage error. Usage errors are one line on stderr, never a traceback.
+Exit status: 0 success, 1 when some item failed or was cancelled (``process``) or a batch
+is unknown (``status``), 2 for a usage error. Usage errors are one line on stderr, never a
+traceback.
 """
 
 from __future__ import annotations
@@ -135,7 +136,8 @@ def _parser() -> argparse.ArgumentParser:
     parser = _Parser(
         prog="batchtrack",
         description="Run batches of images and show their progress.",
-        epilog="Exit status: 0 success, 1 some image failed or the batch is unknown, "
+        epilog="Exit status: 0 success, 1 some image failed or was cancelled, or the batch "
+        "is unknown, "
         "2 a usage error.",
     )
     parser.add_argument("--version", action="version", version=f"batchtrack {__version__}")
@@ -582,7 +584,7 @@ def _process(args: argparse.Namespace) -> int:
             signal.signal(signal.SIGINT, previous)
     if ctrl_c.pressed:
         return 130
-    return 0 if snap.progress.failed == 0 else 1
+    return 0 if snap.progress.failed == 0 and snap.progress.cancelled == 0 else 1
 
 
 def _stop(orch: Orchestrator, tracker: BatchTracker, batch_id: str) -> bool:
@@ -641,7 +643,13 @@ def _report(
     stopped = [item for item in snap.items if interrupted and item.error == _INTERRUPTED]
     p = snap.progress
     failed = p.failed - len(stopped)
-    print(f"{p.completed} of {p.total} images processed, {failed} failed", file=sys.stderr)
+    # Cancelled (by a cancel from elsewhere on the same database): named apart, as the
+    # images Ctrl-C stopped are.
+    cancelled = f", {p.cancelled} cancelled" if p.cancelled else ""
+    print(
+        f"{p.completed} of {p.total} images processed, {failed} failed{cancelled}",
+        file=sys.stderr,
+    )
     if stopped:
         images = "image" if len(stopped) == 1 else "images"
         names = _names([item.filename for item in stopped])
