@@ -194,10 +194,10 @@ def test_processing_error_message_is_shown_as_it_is() -> None:
     assert long.endswith("…")
 
 
-def test_cancel_fails_pending_items_and_lets_running_ones_finish(
+def test_cancel_cancels_pending_items_and_lets_running_ones_finish(
     orchestrator: Callable[..., Orchestrator],
 ) -> None:
-    """cancel() fails items not started with 'cancelled'; the running ones complete."""
+    """cancel() moves items not started to cancelled; the running ones complete."""
     gate = Gate()
     orch = orchestrator(gate, concurrency=2)
     snap = orch.submit([f"{i}.jpg" for i in range(10)])
@@ -206,8 +206,9 @@ def test_cancel_fails_pending_items_and_lets_running_ones_finish(
     gate.release.set()
     final = orch.wait(snap.batch_id)
     assert final.progress.completed == 2
-    assert final.progress.failed == 8
-    assert {i.error for i in final.items if i.status is Status.FAILED} == {"cancelled"}
+    assert final.progress.cancelled == 8
+    assert final.status is Status.CANCELLED
+    assert {i.error for i in final.items if i.status is Status.CANCELLED} == {None}
     assert orch.cancel(snap.batch_id) is False  # finished
     assert orch.cancel("no-such-batch") is False
 
@@ -224,19 +225,19 @@ def test_close_waits_for_submitted_work_and_refuses_more(tracker: BatchTracker) 
 
 
 def test_close_can_cancel_what_has_not_started(tracker: BatchTracker) -> None:
-    """close(cancel_pending=True) fails items not started and waits for running ones."""
+    """close(cancel_pending=True) cancels items not started and waits for running ones."""
     gate = Gate()
     orch = Orchestrator(tracker, gate, concurrency=1)
     snap = orch.submit([f"{i}.jpg" for i in range(5)])
     _wait_until(lambda: gate.running == 1)
     closer = threading.Thread(target=orch.close, kwargs={"cancel_pending": True})
     closer.start()
-    _wait_until(lambda: tracker.get(snap.batch_id).progress.failed == 4)
+    _wait_until(lambda: tracker.get(snap.batch_id).progress.cancelled == 4)
     gate.release.set()
     closer.join(10)
     assert not closer.is_alive()
     final = tracker.get(snap.batch_id)
-    assert (final.progress.completed, final.progress.failed) == (1, 4)
+    assert (final.progress.completed, final.progress.cancelled) == (1, 4)
 
 
 def test_paths_become_items_named_by_their_base_name(
@@ -459,7 +460,7 @@ def test_items_cancelled_through_the_tracker_are_skipped(
     assert tracker.cancel(snap.batch_id) == 4
     gate.release.set()
     final = orch.wait(snap.batch_id)
-    assert (final.progress.completed, final.progress.failed) == (1, 4)
+    assert (final.progress.completed, final.progress.cancelled) == (1, 4)
     assert gate.started == ["0.jpg"]
 
 
