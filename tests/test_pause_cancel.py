@@ -337,3 +337,15 @@ def test_process_summary_counts_cancelled_images_apart(
     processor = types.SimpleNamespace(written={})
     cli._report(final, sources, [], processor, args)  # type: ignore[arg-type]
     assert "1 of 2 images processed, 0 failed, 1 cancelled" in capsys.readouterr().err
+
+
+def test_status_filter_takes_cancelled_and_refuses_paused(client: Client, service: Service) -> None:
+    """`?status=cancelled` lists the cancelled images; `?status=paused` is a 400
+    invalid_query, as items are never paused."""
+    snap = service.tracker.create_batch(["a.jpg", "b.jpg"], owner=_owner(client))
+    service.tracker.start_item(snap.batch_id, snap.items[0].id)
+    service.tracker.cancel(snap.batch_id)
+    url = f"/api/batch-status/{snap.batch_id}"
+    body = client.get(url, params={"status": "cancelled"}).json()
+    assert [i["filename"] for i in body["images"]] == ["b.jpg"]
+    _error(client.get(url, params={"status": "paused"}), 400, "invalid_query")

@@ -64,6 +64,8 @@ def item_conditions(request: Request) -> dict[str, Any]:
     if "status" in given:
         try:
             conditions["status"] = Status(given["status"])
+            if conditions["status"] is Status.PAUSED:  # a batch's status, never an item's
+                raise ValueError(given["status"])
         except ValueError:
             reject(
                 400,
