@@ -89,6 +89,8 @@ def test_api_never_errors_and_matches_its_document(tmp_path: Path) -> None:
             "/batch-results/{batchId}.zip",
             "/batch-cancel/{batchId}",
             "/batch-retry/{batchId}",
+            "/batch-pause/{batchId}",
+            "/batch-unpause/{batchId}",
         }
         modes = [schemathesis.GenerationMode.POSITIVE, schemathesis.GenerationMode.NEGATIVE]
         for operation in operations:
