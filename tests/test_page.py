@@ -113,6 +113,7 @@ class Page:
         return self.js("return document.getElementById('progress').dataset.status") in (
             "completed",
             "failed",
+            "cancelled",
         )
 
     def cookies(self) -> str:
