@@ -349,3 +349,21 @@ def test_status_filter_takes_cancelled_and_refuses_paused(client: Client, servic
     body = client.get(url, params={"status": "cancelled"}).json()
     assert [i["filename"] for i in body["images"]] == ["b.jpg"]
     _error(client.get(url, params={"status": "paused"}), 400, "invalid_query")
+
+
+def test_the_terminal_bar_counts_cancelled_images_as_done() -> None:
+    """A bar following a cancelled batch ends full, naming the cancelled images apart."""
+    import io
+
+    from batchtrack.progress import ProgressBar
+
+    tracker = BatchTracker()
+    snap = tracker.create_batch([("a", "a.jpg"), ("b", "b.jpg"), ("c", "c.jpg")])
+    tracker.start_item(snap.batch_id, "a")
+    tracker.complete_item(snap.batch_id, "a")
+    tracker.cancel(snap.batch_id)
+    out = io.StringIO()
+    with ProgressBar(total=3, file=out) as bar:
+        bar.update(tracker.get(snap.batch_id))
+    assert "3/3" in out.getvalue()
+    assert "1 ok, 0 failed, 2 cancelled" in out.getvalue()

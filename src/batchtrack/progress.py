@@ -53,9 +53,11 @@ def duration(seconds: int) -> str:
 def describe(
     progress: Progress, eta: int | None = None, eta_range: tuple[int, int] | None = None
 ) -> str:
-    """The bar's counts and ETA: ``3 ok, 1 failed, ETA 2m (1m–3m)``; no ETA once nothing
-    is left to wait for."""
+    """The bar's counts and ETA: ``3 ok, 1 failed, ETA 2m (1m–3m)`` (and ``, 2
+    cancelled`` when some were); no ETA once nothing is left to wait for."""
     text = f"{progress.completed} ok, {progress.failed} failed"
+    if progress.cancelled:
+        text += f", {progress.cancelled} cancelled"
     if eta is None or progress.pending + progress.processing == 0:
         return text
     text += f", ETA {duration(eta)}"
@@ -116,7 +118,7 @@ class ProgressBar:
             if bar.total != progress.total:
                 bar.total = progress.total
             bar.set_postfix_str(describe(progress, eta, eta_range), refresh=False)
-            done = progress.completed + progress.failed
+            done = progress.finished  # cancelled items too: the bar ends full
             if done != bar.n:
                 bar.update(done - bar.n)
             else:
