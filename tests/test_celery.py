@@ -296,6 +296,54 @@ def test_reclaim_sends_lost_items_again(eager_app: Any) -> None:
     assert final.items[0].attempts == 2
 
 
+def test_reclaim_sends_the_pending_items_of_a_stalled_batch_again(eager_app: Any) -> None:
+    """A batch with items pending, none running and no change for ``stalled_after``
+    seconds gets new messages (its own were lost), once per ``stalled_after``."""
+    clock = FakeClock()
+    calls = Calls()
+    tracker = BatchTracker(MemoryStore(), clock=clock)
+    runner = CeleryRunner(tracker, tracked_task(eager_app, tracker, calls), stalled_after=30)
+    lost = tracker.create_batch([Item("a.png"), Item("b.png")])  # messages never arrived
+    busy = tracker.create_batch([Item("c.png"), Item("d.png")])
+    tracker.start_item(busy.batch_id, busy.items[0].id)  # one running: not stalled
+    clock.advance(29)
+    runner.reclaim()
+    assert calls.items == []
+    clock.advance(1)
+    runner.reclaim()
+    assert sorted(i.filename for i in calls.items) == ["a.png", "b.png"]
+    assert tracker.get(lost.batch_id).status is Status.COMPLETED
+    assert tracker.get(busy.batch_id).progress.pending == 1
+
+
+def test_a_stalled_batch_is_sent_again_once_per_stalled_after(eager_app: Any) -> None:
+    """A stalled batch whose new messages are lost too is sent again only after another
+    ``stalled_after`` seconds, not on every sweep."""
+    clock = FakeClock()
+    tracker = BatchTracker(MemoryStore(), clock=clock)
+    runner = CeleryRunner(tracker, tracked_task(eager_app, tracker, Calls()), stalled_after=30)
+    sent: list[str] = []
+    runner.task.apply_async = lambda args, **options: sent.append(args[1])
+    snap = tracker.create_batch([Item("a.png")])
+    clock.advance(30)
+    runner.reclaim()
+    runner.reclaim()
+    clock.advance(29)
+    runner.reclaim()
+    assert sent == [snap.items[0].id]
+    clock.advance(1)
+    runner.reclaim()
+    assert sent == [snap.items[0].id] * 2
+
+
+@pytest.mark.parametrize("bad", [0, -1, True, "30", float("nan")])
+def test_stalled_after_must_be_positive_seconds(eager_app: Any, bad: Any) -> None:
+    """A bad ``stalled_after`` is a clear ValidationError."""
+    tracker = BatchTracker()
+    with pytest.raises(ValidationError, match="stalled_after"):
+        CeleryRunner(tracker, tracked_task(eager_app, tracker, Calls()), stalled_after=bad)
+
+
 def test_broker_refusing_a_message_cancels_the_batch(
     eager_app: Any, monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -527,7 +575,7 @@ class Cluster:
             proc.wait(10)
         with contextlib.suppress(Exception):
             self.example.app.close()
-        self.tracker.stop_sweeper()  # web_app() starts one
+        self.images.stop_sweeper()  # web_app() starts one
         with contextlib.suppress(Exception):
             self.tracker.store.close()
         self.redis.terminate()
@@ -748,14 +796,44 @@ def test_killed_worker_loses_no_item_and_counts_none_twice(tmp_path: Path) -> No
 
 
 @pytest.mark.slow
+def test_messages_lost_from_the_broker_are_sent_again_by_the_sweeper(tmp_path: Path) -> None:
+    """Messages gone from Redis before any worker took them (a broker that lost them):
+    the runner's sweeper finds the batch stalled and sends them again; it completes once."""
+    import redis
+
+    with _cluster(tmp_path, workers=0) as cluster:
+        runner = CeleryRunner(cluster.tracker, cluster.worker_app.record_task, stalled_after=2)
+        snap = runner.submit(cluster.sources(*["ok 0"] * 5))
+        client = redis.Redis.from_url(cluster.url)
+        try:
+            assert client.delete("celery") == 1  # every message of the batch, gone
+        finally:
+            client.close()
+        cluster.start_worker("w1")
+        runner.start_sweeper(interval=0.5)
+        try:
+            final = cluster.finished(snap.batch_id, timeout=30)
+        finally:
+            runner.stop_sweeper()
+        assert (final.progress.completed, final.progress.failed) == (5, 0)
+        assert all(item.attempts == 1 for item in final.items)
+
+
 def test_redis_restart_mid_batch_is_waited_out(tmp_path: Path) -> None:
     """Redis (broker and store) restarts mid-batch: workers retry, the batch completes,
     and no item is counted twice."""
     with _cluster(tmp_path, workers=2, persistent=True) as cluster:
-        snap = cluster.records.submit(cluster.sources(*["ok 0.2"] * 30))
+        # A message a worker took off the queue just as Redis went down is lost (kombu
+        # cannot put it back); the runner's sweeper sends a stalled batch's items again.
+        runner = CeleryRunner(cluster.tracker, cluster.worker_app.record_task, stalled_after=4)
+        snap = runner.submit(cluster.sources(*["ok 0.2"] * 30))
         cluster.wait(snap.batch_id, lambda s: s.progress.completed >= 6)
-        cluster.restart_redis(down=3.0)
-        final = cluster.finished(snap.batch_id, timeout=45)
+        runner.start_sweeper(interval=1.0)
+        try:
+            cluster.restart_redis(down=3.0)
+            final = cluster.finished(snap.batch_id, timeout=45)
+        finally:
+            runner.stop_sweeper()
 
         progress = final.progress
         assert (progress.total, progress.completed, progress.failed) == (30, 30, 0)

@@ -537,7 +537,7 @@ def test_celery_example_needs_no_root_and_its_web_app_starts_the_sweeper(
         assert sweepers() == []
         app = celery_app.web_app()
         print(len(sweepers()), celery_app.files.url)
-        celery_app.tracker.stop_sweeper()
+        celery_app.runner.stop_sweeper()
         celery_app.tracker.store.close()
         """
     )

@@ -76,14 +76,15 @@ runner = CeleryRunner(tracker, process_image)
 def web_app() -> object:
     """The ASGI app of the web tier: the batchtrack API over the Celery runner.
 
-    Each web process also sweeps: batches that expired are removed with their results.
+    Each web process also sweeps: batches that expired are removed with their results,
+    lost items are taken back, and a batch whose messages were lost is sent again.
     Session cookies are signed with ``BATCHTRACK_SECRET``, the same on every web process,
     so that each honours the sessions the others issued.
     """
     from batchtrack.asgi import create_app
     from batchtrack.uploads import UploadStore
 
-    tracker.start_sweeper(interval=min(60.0, tracker.ttl))
+    runner.start_sweeper(interval=min(60.0, tracker.ttl))
     return create_app(
         tracker,
         runner,

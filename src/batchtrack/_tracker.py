@@ -5,7 +5,6 @@ from __future__ import annotations
 import logging
 import math
 import os
-import threading
 import time
 import uuid
 from collections.abc import Callable, Iterable
@@ -24,6 +23,7 @@ from ._models import (
     Status,
     utc_datetime,
 )
+from ._sweeper import Sweeper
 from .exceptions import (
     BatchNotFound,
     BatchPaused,
@@ -225,9 +225,9 @@ class BatchTracker(Closing):
     _removal_hooks: list[Callable[[str, tuple[str, ...]], object]] = attrs.field(
         factory=list, init=False, repr=False
     )
-    _sweeper: threading.Thread | None = attrs.field(default=None, init=False, repr=False)
-    _sweeper_stop: threading.Event = attrs.field(factory=threading.Event, init=False, repr=False)
-    _sweeper_lock: threading.Lock = attrs.field(factory=threading.Lock, init=False, repr=False)
+    _sweeper: Sweeper = attrs.field(
+        factory=lambda: Sweeper("batchtrack-sweeper"), init=False, repr=False
+    )
 
     def __attrs_post_init__(self) -> None:
         if not isinstance(self.store, Store):
@@ -808,36 +808,13 @@ class BatchTracker(Closing):
             RuntimeError: A sweeper is already running.
         """
         interval = _check_positive(interval, "interval")
-        with self._sweeper_lock:
-            if self._sweeper is not None:
-                raise RuntimeError("the sweeper is already running; stop_sweeper() first")
-            self._sweeper_stop.clear()
-            thread = threading.Thread(
-                target=self._sweep, args=(interval,), name="batchtrack-sweeper", daemon=True
-            )
-            self._sweeper = thread
-            thread.start()
+        self._sweeper.start(
+            interval, [("reclaimed lost items", self.reclaim), ("removed", self.cleanup)]
+        )
 
     def stop_sweeper(self) -> None:
         """Stop the sweeper thread and wait for it; does nothing when none runs."""
-        with self._sweeper_lock:
-            thread, self._sweeper = self._sweeper, None
-            self._sweeper_stop.set()
-        if thread is not None:
-            thread.join()
-
-    def _sweep(self, interval: float) -> None:
-        while not self._sweeper_stop.wait(interval):
-            for what, task in (("reclaimed lost items", self.reclaim), ("removed", self.cleanup)):
-                try:
-                    done = task()
-                except Exception:  # the sweeper must outlive a passing store failure
-                    log.exception(
-                        "batchtrack sweeper: %s failed; trying again later", task.__name__
-                    )
-                else:
-                    if done:
-                        log.debug("batchtrack sweeper %s: %d", what, done)
+        self._sweeper.stop()
 
     def close(self) -> None:
         """Stop the sweeper (the end of a ``with BatchTracker(...)`` block does this).

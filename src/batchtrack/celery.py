@@ -33,6 +33,7 @@ import attrs
 
 from ._models import BatchSnapshot, Item, ProgressEvent, Status
 from ._orchestrator import INPUT_NOT_KEPT_ERROR, ItemLike, _as_item, error_message
+from ._sweeper import Sweeper
 from ._tracker import INPUT_NOT_KEPT, BatchTracker
 from .exceptions import (
     BatchNotFound,
@@ -423,6 +424,12 @@ class CeleryRunner:
     Args:
         tracker: Where batches are created; the same store as the task's tracker.
         task: The task made by :func:`tracked_task`.
+        stalled_after: Seconds a batch may go without any change, with items pending and
+            none running, before :meth:`reclaim` sends its pending items new messages (a
+            message can be lost: a broker without persistence restarting, or a worker
+            that took it off the queue just as the broker went down). Keep it above the
+            longest a message may wait in the queue; a message sent twice does no harm,
+            the second finds its item started or final.
 
     Raises:
         ValidationError: A bad argument.
@@ -430,11 +437,22 @@ class CeleryRunner:
 
     tracker: BatchTracker
     task: Any = attrs.field(converter=_check_task)
+    stalled_after: float = attrs.field(default=300.0, kw_only=True)
+    # batch id -> when this process last sent its stalled items again
+    _resent: dict[str, float] = attrs.field(factory=dict, init=False, repr=False, eq=False)
+    _sweeper: Sweeper = attrs.field(
+        factory=lambda: Sweeper("batchtrack-sweeper"), init=False, repr=False, eq=False
+    )
 
     def __attrs_post_init__(self) -> None:
         if not isinstance(self.tracker, BatchTracker):
             raise ValidationError(
                 f"tracker must be a BatchTracker, not {type(self.tracker).__name__}"
+            )
+        stalled = self.stalled_after
+        if isinstance(stalled, bool) or not isinstance(stalled, (int, float)) or not stalled > 0:
+            raise ValidationError(
+                f"stalled_after must be a positive number of seconds, not {stalled!r}"
             )
 
     @property
@@ -506,14 +524,16 @@ class CeleryRunner:
             return False
 
     def reclaim(self) -> int:
-        """Take back lost items (see :meth:`BatchTracker.reclaim`) and send them again.
+        """Take back lost items (see :meth:`BatchTracker.reclaim`) and send them again,
+        and send new messages for the pending items of stalled batches.
 
         Lost items that went back to pending get a new message; those that ran out of
-        attempts fail. Run it now and then (a Celery beat task, a cron job) when messages
-        may be lost for good, for example with a broker that does not persist them.
+        attempts fail. A batch is stalled when it has pending items, none running, and
+        no change for ``stalled_after`` seconds: its messages were lost. Run it now and
+        then (:meth:`start_sweeper`, a Celery beat task, a cron job).
 
         Returns:
-            How many items were moved.
+            How many lost items were moved.
         """
         moved = self.tracker.reclaim_items()
         again: dict[str, list[str]] = {}
@@ -522,7 +542,54 @@ class CeleryRunner:
                 again.setdefault(batch_id, []).append(item_id)
         for batch_id, item_ids in again.items():
             self._send(batch_id, item_ids)
+        self._resend_stalled(set(again))
         return len(moved)
+
+    def _resend_stalled(self, sent: set[str]) -> None:
+        now = self.tracker.clock()
+        open_batches = self.tracker.open_batches()
+        for batch_id in set(self._resent) - set(open_batches):
+            del self._resent[batch_id]
+        for batch_id in open_batches:
+            if batch_id in sent or now - self._resent.get(batch_id, -math.inf) < self.stalled_after:
+                continue
+            try:
+                snap = self.tracker.get(batch_id, items=False)
+            except BatchNotFound:
+                continue
+            idle = now - snap.updated_at.timestamp()
+            if (
+                snap.progress.pending
+                and not snap.progress.processing
+                and idle >= self.stalled_after
+            ):
+                log.warning(
+                    "batchtrack: batch %s has had no change for %.0f s with %d items pending "
+                    "and none running; sending their messages again",
+                    batch_id,
+                    idle,
+                    snap.progress.pending,
+                )
+                self.resume(batch_id)
+                self._resent[batch_id] = now
+
+    def start_sweeper(self, interval: float = 60.0) -> None:
+        """Run :meth:`reclaim` and the tracker's :meth:`~BatchTracker.cleanup` every
+        ``interval`` seconds in a daemon thread (instead of the tracker's own sweeper).
+
+        Raises:
+            ValidationError: ``interval`` is not a positive number.
+            RuntimeError: A sweeper is already running.
+        """
+        if isinstance(interval, bool) or not isinstance(interval, (int, float)) or not interval > 0:
+            raise ValidationError(f"interval must be a positive number, not {interval!r}")
+        self._sweeper.start(
+            interval, [("reclaimed lost items", self.reclaim), ("removed", self.tracker.cleanup)]
+        )
+
+    def stop_sweeper(self) -> None:
+        """Stop the sweeper thread and wait for it; does nothing when none runs."""
+        self._sweeper.stop()
 
     def _send(self, batch_id: str, item_ids: Sequence[str]) -> None:
         if not item_ids:
