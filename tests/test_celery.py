@@ -336,6 +336,25 @@ def test_a_stalled_batch_is_sent_again_once_per_stalled_after(eager_app: Any) ->
     assert sent == [snap.items[0].id] * 2
 
 
+def test_a_paused_batch_is_not_stalled(eager_app: Any) -> None:
+    """A paused batch's pending items are held on purpose: reclaim sends them no new
+    messages, however long it stays paused."""
+    clock = FakeClock()
+    tracker = BatchTracker(MemoryStore(), clock=clock)
+    runner = CeleryRunner(tracker, tracked_task(eager_app, tracker, Calls()), stalled_after=30)
+    sent: list[str] = []
+    runner.task.apply_async = lambda args, **options: sent.append(args[1])
+    snap = tracker.create_batch([Item("a.png")])
+    tracker.pause(snap.batch_id)
+    clock.advance(300)
+    runner.reclaim()
+    assert sent == []
+    tracker.unpause(snap.batch_id)
+    clock.advance(30)
+    runner.reclaim()
+    assert sent == [snap.items[0].id]
+
+
 @pytest.mark.parametrize("bad", [0, -1, True, "30", float("nan")])
 def test_stalled_after_must_be_positive_seconds(eager_app: Any, bad: Any) -> None:
     """A bad ``stalled_after`` is a clear ValidationError."""

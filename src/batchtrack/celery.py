@@ -561,6 +561,7 @@ class CeleryRunner:
             if (
                 snap.progress.pending
                 and not snap.progress.processing
+                and snap.status is not Status.PAUSED  # held on purpose, not lost
                 and idle >= self.stalled_after
             ):
                 log.warning(
