@@ -307,7 +307,7 @@ class Store(Closing, ABC):
     def listen(self, on_change: Callable[[str | None], None], stop: threading.Event) -> None:
         """Block until ``stop`` is set, calling ``on_change(batch_id)`` for every change any
         process makes to a batch (create, every applied transition, retry/cancel,
-        delete/expiry).
+        pause/unpause, delete/expiry).
 
         Calls ``on_change(None)`` once as soon as the subscription is in place (meaning:
         anything may have changed before now, re-read). Checks ``stop`` at least once a

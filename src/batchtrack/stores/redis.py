@@ -20,10 +20,10 @@ Keys, under ``prefix`` (default ``batchtrack:``):
 - ``leases`` — a sorted set of ``<batch>\x1f<item>`` by ``lease_until``, one member per
   processing item, for :meth:`RedisStore.lost`.
 
-Every change to a batch (creation, each applied transition, retry and cancel, deletion,
-removal by ``cleanup()``) is published on the channel ``<prefix>changes``, with the batch
-id as the message, from inside the very script (or ``MULTI``) that makes it:
-:meth:`RedisStore.listen` subscribes to it.
+Every change to a batch (creation, each applied transition, retry and cancel, pause and
+unpause, deletion, removal by ``cleanup()``) is published on the channel
+``<prefix>changes``, with the batch id as the message, from inside the very script (or
+``MULTI``) that makes it: :meth:`RedisStore.listen` subscribes to it.
 
 The five batch keys carry a Redis TTL (the batch's own expiry plus a minute), so a batch
 nobody sweeps still disappears; ``cleanup()`` works all the same.
