@@ -133,8 +133,8 @@ def test_listen_reports_none_once_first_when_subscribed(listening: Store, heard:
 
 
 def test_listen_reports_every_kind_of_change(listening: Store, heard: Heard) -> None:
-    """Creation, start, complete, fail, retry, cancel, delete and expiry (cleanup) each
-    report the batch's id."""
+    """Creation, start, complete, fail, retry, pause, unpause, cancel, delete and expiry
+    (cleanup) each report the batch's id."""
     clock = FakeClock()
     tracker = BatchTracker(listening, ttl=60.0, clock=clock)
     expiring = tracker.create_batch(["d.jpg"])
@@ -147,6 +147,8 @@ def test_listen_reports_every_kind_of_change(listening: Store, heard: Heard) -> 
         ("complete", lambda: tracker.complete_item(batch_id, a)),
         ("fail", lambda: tracker.fail_item(batch_id, b, "boom")),
         ("retry", lambda: tracker.retry(batch_id)),
+        ("pause", lambda: tracker.pause(batch_id)),
+        ("unpause", lambda: tracker.unpause(batch_id)),
         ("cancel", lambda: tracker.cancel(batch_id)),
         ("delete", lambda: tracker.delete(batch_id)),
     ]
