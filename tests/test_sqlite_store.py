@@ -207,6 +207,10 @@ def test_a_schema_1_file_migrates_in_place_and_keeps_its_batches(tmp_path: Path)
         clock.advance(V1_CLOCK + sqlite_module.LEGACY_LEASE - clock())
         second = snap.items[1].id
         assert tracker.reclaim_items() == [(V1_BATCH, second, Status.PENDING)]
+        # Schema 4's paused flag: an old batch is not paused, and can be.
+        assert tracker.get(V1_BATCH).status is Status.PROCESSING
+        assert tracker.pause(V1_BATCH)
+        assert tracker.get(V1_BATCH).status is Status.PAUSED
     finally:
         store.close()
     # Opening it again finds the current schema and migrates nothing twice.
