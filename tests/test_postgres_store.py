@@ -617,3 +617,25 @@ def test_a_callback_that_raises_is_logged_and_listening_goes_on(
             thread.join(10)
     assert seen == [None, first, second]
     assert "listener bug" in caplog.text
+
+
+def test_schema_1_tables_gain_the_paused_flag_and_keep_their_batches(
+    postgres_url: str, prefix: str
+) -> None:
+    """Tables of schema 1 (no paused column) migrate to 2: their batch reads as before,
+    not paused, and can be paused; its old counts partition the total with 0 cancelled."""
+    with PostgresStore(postgres_url, table_prefix=prefix) as store:
+        batch_id = BatchTracker(store).create_batch([("a", "a.jpg"), ("b", "b.jpg")]).batch_id
+    _sql(postgres_url, f'ALTER TABLE "{prefix}batches" DROP COLUMN paused')
+    _sql(postgres_url, f"UPDATE {prefix}schema SET version = 1")
+    with PostgresStore(postgres_url, table_prefix=prefix) as store:
+        tracker = BatchTracker(store)
+        snap = tracker.get(batch_id)
+        assert (snap.status, snap.progress.cancelled, snap.progress.pending) == (
+            Status.PENDING,
+            0,
+            2,
+        )
+        assert tracker.pause(batch_id)
+        assert tracker.get(batch_id).status is Status.PAUSED
+    assert _sql(postgres_url, f"SELECT version FROM {prefix}schema") == [(SCHEMA_VERSION,)]
