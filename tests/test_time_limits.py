@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import sys
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -172,3 +173,69 @@ def test_a_stuck_process_is_killed_and_its_pool_replaced(tmp_path: Path) -> None
         assert items["wait.jpg"].attempts == 1
         pid = int((tmp_path / "stuck.pid").read_text())
         _wait_until(lambda: _gone(pid), 10)
+
+
+# -- Celery: tracked_task(time_limit=...) on a real worker -----------------------------------
+
+
+def test_a_bad_time_limit_is_rejected() -> None:
+    """tracked_task's time_limit must be a positive finite number of seconds, or None."""
+    celery = pytest.importorskip("celery")
+    from batchtrack.celery import tracked_task
+
+    app = celery.Celery("limits")
+    for value in (0, -1, float("inf"), "1"):
+        with pytest.raises(ValidationError, match="time_limit"):
+            tracked_task(app, BatchTracker(), str, name=f"t{value}", time_limit=value)
+    task = tracked_task(app, BatchTracker(), str, name="ok", time_limit=2)
+    assert (task.soft_time_limit, task.time_limit) == (2.0, 7.0)
+
+
+def test_celery_items_past_the_time_limit_fail_timed_out_soft_and_hard(tmp_path: Path) -> None:
+    """On a real prefork worker with time_limit=1: an item interrupted by the soft limit and
+    one that ignores it (its process killed by the hard limit) both end failed "timed out
+    after 1 s" after one attempt, never retried (a redelivery is skipped); the other item
+    completes."""
+    pytest.importorskip("celery")
+    import subprocess
+
+    from batchtrack.celery import CeleryRunner
+    from conftest import celery_worker_command
+    from test_celery import _cluster
+
+    with _cluster(tmp_path, workers=0) as cluster:
+        module = cluster._fresh("time_limit_worker_app")
+        try:
+            command = celery_worker_command("timed")
+            command[command.index("celery_worker_app")] = "time_limit_worker_app"
+            with open(cluster.root / "timed.log", "wb") as log:
+                cluster.workers["timed"] = subprocess.Popen(
+                    command,
+                    cwd=cluster.root,
+                    env=cluster.env,
+                    stdout=log,
+                    stderr=subprocess.STDOUT,
+                    start_new_session=True,
+                )
+            runner = CeleryRunner(cluster.tracker, module.timed_task)
+            sources = cluster.sources("ok 30", "stubborn 30", "ok 0")
+            snap = runner.submit(sources)
+            final = cluster.finished(snap.batch_id, timeout=60)
+            cluster.queue_drained(timeout=30)  # acknowledged, not waiting to come back
+            time.sleep(2)  # a redelivery, had there been one, would have started by now
+            items = {Path(str(i.source)).name: i for i in cluster.tracker.get(snap.batch_id).items}
+            slow, stubborn, quick = (items[p.name] for p in sources)
+            assert slow.error == stubborn.error == "timed out after 1 s", cluster.worker_logs()
+            assert quick.status is Status.COMPLETED
+            assert (final.progress.completed, final.progress.failed) == (1, 2)
+            assert slow.attempts == stubborn.attempts == 1
+            events = cluster.log()
+            started = [item for event, item, _ in events if event == "start"]
+            done = {item for event, item, _ in events if event == "done"}
+            assert sorted(started) == sorted([slow.id, stubborn.id, quick.id])
+            assert done == {quick.id}
+            logs = cluster.worker_logs(tail=100_000)
+            assert "Hard time limit" in logs
+            assert "Soft time limit" in logs
+        finally:
+            sys.modules.pop("time_limit_worker_app", None)
