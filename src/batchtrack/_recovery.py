@@ -97,11 +97,7 @@ class Recovery:
                 log.warning("batchtrack: could not recover unfinished batches", exc_info=True)
             else:
                 if first and resumed:
-                    log.warning(
-                        "batchtrack: resuming %d unfinished batch%s",
-                        resumed,
-                        "" if resumed == 1 else "es",
-                    )
+                    log.info("batchtrack: recovery resumed %d unfinished batches", resumed)
                 first = False
             self._stop.wait(interval)
 
@@ -114,7 +110,7 @@ class Recovery:
             if self._stop.is_set():
                 break
             try:
-                snap = self.tracker.get(batch_id)
+                snap = self.tracker.get(batch_id, limit=1)  # a batch of uploads is all uploads
                 if not any(
                     isinstance(item.source, str) and self.uploads.file_id_of(item.source)
                     for item in snap.items

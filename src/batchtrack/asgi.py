@@ -211,7 +211,8 @@ def create_app(
             :class:`~batchtrack.ProgressEvent` of the batches started or retried through
             the app, in the runner's thread; what it raises is logged, never raised);
             ``trusted_origins`` (other sites whose pages may change state).
-            Each is described in :ref:`create-app-options`.
+            Each is described in :ref:`create-app-options`. With an Orchestrator the app
+            resumes unfinished batches after a restart (:doc:`deployment`).
 
     Raises:
         ValidationError: A bad option, a ``runner`` without ``submit``, ``resume`` and

@@ -132,5 +132,8 @@ def create_app(
     does), the read that times out is answered 408 too. Servers that receive the whole
     body before calling the app (waitress; gunicorn behind nginx, as gunicorn advises for
     its sync workers, which set no socket timeout) are never held by a slow client.
+
+    WSGI has no lifespan: the app's recovery of unfinished batches (see
+    :doc:`deployment`) starts with its first request and stops at interpreter exit.
     """
     return App(build_api(tracker, runner, uploads, options))
