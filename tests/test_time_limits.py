@@ -27,19 +27,28 @@ def _wait_until(condition: Callable[[], bool], timeout: float = FINISH) -> None:
 
 
 class Stuck:
-    """Blocks items named ``stuck*`` until released (then returns); others return at once."""
+    """Blocks items named ``stuck*`` until released (then returns, or raises when
+    ``raise_late``); others return at once. Has ``remove_results`` like ImagePipeline."""
 
-    def __init__(self) -> None:
+    def __init__(self, *, raise_late: bool = False) -> None:
         self.release = threading.Event()
         self.returned: list[str] = []
+        self.removed: list[tuple[str, list[str]]] = []
         self.lock = threading.Lock()
+        self.raise_late = raise_late
 
     def __call__(self, item: Item) -> str:
         if item.filename.startswith("stuck"):
             self.release.wait(FINISH)
         with self.lock:
             self.returned.append(item.filename)
+        if self.raise_late and item.filename.startswith("stuck"):
+            raise RuntimeError("late trouble")
         return item.filename
+
+    def remove_results(self, batch_id: str, item_ids: list[str]) -> int:
+        self.removed.append((batch_id, list(item_ids)))
+        return len(item_ids)
 
 
 @pytest.fixture
@@ -80,8 +89,11 @@ def test_the_limit_is_said_as_given() -> None:
         processor.release.set()
 
 
-def test_a_late_return_of_a_timed_out_item_is_ignored(stuck: Stuck) -> None:
-    """The stuck call returning later changes nothing: the item stays failed, no event."""
+@pytest.mark.parametrize("raise_late", [False, True], ids=["returns", "raises"])
+def test_a_late_return_of_a_timed_out_item_is_ignored(raise_late: bool) -> None:
+    """The stuck call returning (or raising) later changes nothing: the item stays failed
+    with its timeout error, and no event is sent."""
+    stuck = Stuck(raise_late=raise_late)
     tracker = BatchTracker()
     events: list[ProgressEvent] = []
     with Orchestrator(tracker, stuck, concurrency=2, item_timeout=0.3) as orch:
@@ -95,6 +107,18 @@ def test_a_late_return_of_a_timed_out_item_is_ignored(stuck: Stuck) -> None:
     assert _by_name(again)["stuck.jpg"].error == "timed out after 0.3 s"
     assert again.version == final.version
     assert len(events) == seen == 4
+
+
+def test_a_result_written_after_the_timeout_is_removed() -> None:
+    """When the stuck call returns late, the result it wrote is removed through the
+    processor's remove_results, since its item stays failed."""
+    stuck = Stuck()
+    with Orchestrator(BatchTracker(), stuck, item_timeout=0.3) as orch:
+        final = orch.run(["stuck.jpg"])
+        assert stuck.removed == []
+        stuck.release.set()
+        _wait_until(lambda: bool(stuck.removed))
+    assert stuck.removed == [(final.batch_id, [final.items[0].id])]
 
 
 def test_a_timed_out_item_is_no_longer_heartbeated(stuck: Stuck) -> None:
