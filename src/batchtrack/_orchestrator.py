@@ -12,6 +12,7 @@ import re
 import threading
 import time
 import uuid
+import weakref
 from collections.abc import Callable, Iterable
 from concurrent.futures import CancelledError, Executor, Future, ThreadPoolExecutor
 from concurrent.futures.process import BrokenProcessPool, ProcessPoolExecutor
@@ -254,7 +255,7 @@ class Orchestrator(Closing):
     _stuck: int  # calls that timed out in the owned thread pool and still run
     _watchdog: threading.Thread | None
     _watch_wake: threading.Event
-    _retired: list[Executor]  # process pools replaced after a timeout
+    _retired: weakref.WeakSet[Executor]  # process pools replaced after a timeout
 
     def __init__(
         self,
@@ -325,7 +326,7 @@ class Orchestrator(Closing):
             0,
             None,
             threading.Event(),
-            [],
+            weakref.WeakSet(),
         )
 
     # -- public ---------------------------------------------------------------------------
@@ -840,7 +841,7 @@ class Orchestrator(Closing):
             options["max_tasks_per_child"] = per_child
         new = ProcessPoolExecutor(**options)
         with self._lock:
-            self._retired.append(old)
+            self._retired.add(old)
             self.executor = new
             self._owns_executor = True
         processes = dict(getattr(old, "_processes", None) or {})
