@@ -5,14 +5,17 @@ from __future__ import annotations
 import collections
 import contextlib
 import logging
+import math
 import os
 import queue
 import re
 import threading
 import time
 import uuid
+import weakref
 from collections.abc import Callable, Iterable
-from concurrent.futures import Executor, Future, ThreadPoolExecutor
+from concurrent.futures import CancelledError, Executor, Future, ThreadPoolExecutor
+from concurrent.futures.process import BrokenProcessPool, ProcessPoolExecutor
 from typing import Any, TypeVar, Union
 
 import attrs
@@ -105,6 +108,92 @@ class _Run:
         return not self.pending and not self.running
 
 
+@attrs.define(eq=False)
+class _Call:
+    """One call of the processor handed to an executor: its deadline and whether its
+    outcome still counts (it stops counting once recorded, or once the item timed out)."""
+
+    run: _Run
+    item: Item
+    executor: Executor
+    deadline: float  # time.monotonic(); inf without a time limit
+    over: bool = False  # its outcome was taken (or it timed out): a late one is ignored
+    timed_out: bool = False
+    stuck: bool = False  # timed out in a thread of the owned pool, which still runs it
+
+
+class _DaemonThreads(Executor):
+    """The pool of an orchestrator with a time limit: a thread per call running at once.
+
+    A thread stuck in a call that timed out cannot be killed; the orchestrator counts it
+    as stuck and the next call gets a new thread. Its threads are daemons, so a call that
+    never returns does not keep the interpreter from exiting (a
+    :class:`~concurrent.futures.ThreadPoolExecutor` joins its threads at exit).
+    """
+
+    def __init__(self, prefix: str) -> None:
+        self._prefix = prefix
+        self._queue: queue.SimpleQueue[tuple[Future[Any], Callable[[], Any]] | None]
+        self._queue = queue.SimpleQueue()
+        self._lock = threading.Lock()
+        self._idle = 0
+        self._threads: set[threading.Thread] = set()
+        self._shutdown = False
+        self._made = 0
+
+    def submit(self, fn: Callable[..., _T], /, *args: Any, **kwargs: Any) -> Future[_T]:
+        future: Future[_T] = Future()
+        with self._lock:
+            if self._shutdown:
+                raise RuntimeError("cannot schedule new calls after shutdown")
+            self._queue.put((future, lambda: fn(*args, **kwargs)))
+            if self._idle:
+                self._idle -= 1
+            else:
+                self._made += 1
+                thread = threading.Thread(
+                    target=self._work, name=f"{self._prefix}_{self._made}", daemon=True
+                )
+                self._threads.add(thread)
+                thread.start()
+        return future
+
+    def _work(self) -> None:
+        while True:
+            task = self._queue.get()
+            if task is None:
+                break
+            future, call = task
+            del task
+            if future.set_running_or_notify_cancel():
+                try:
+                    result = call()
+                except BaseException as exc:
+                    future.set_exception(exc)
+                else:
+                    future.set_result(result)
+            del future, call
+            with self._lock:
+                if self._shutdown:
+                    break
+                self._idle += 1
+        with self._lock:
+            self._threads.discard(threading.current_thread())
+
+    def shutdown(self, wait: bool = True, *, cancel_futures: bool = False) -> None:
+        """Idle threads end now, busy ones after their call; ``wait`` joins the threads
+        that are not stuck (a stuck call may never return)."""
+        with self._lock:
+            self._shutdown = True
+            for _ in range(self._idle):
+                self._queue.put(None)
+            self._idle = 0
+            threads = list(self._threads)
+        if wait:
+            for thread in threads:
+                thread.join()
+
+
 @attrs.define(eq=False, init=False)
 class Orchestrator(Closing):
     """Runs a processor over batches with bounded concurrency; the tracker follows along.
@@ -126,6 +215,17 @@ class Orchestrator(Closing):
             the store answers again the batch goes on. Past this time the item is given up
             here, as it stands in the store (its lease runs out and it is reclaimed); 0
             gives up at once.
+        item_timeout: Seconds an item may run (from when it is handed to the executor);
+            None: no limit. An item running longer fails with the error
+            ``"timed out after N s"``, its lease is no longer renewed, and what its call
+            returns or raises later is ignored; its slot goes to the next item at once.
+            A thread cannot be killed: in the orchestrator's own pool a new thread
+            takes the stuck one's place, and at most ``concurrency`` stuck threads are
+            replaced (past that, the next items wait until a stuck call returns). A
+            :class:`~concurrent.futures.ProcessPoolExecutor` is replaced by a new one
+            like it (the orchestrator then owns and closes it) and the old one's
+            processes are killed; the other items they were running start over in the
+            new pool. Another executor keeps its worker busy until the call returns.
 
     Raises:
         ValidationError: A bad argument.
@@ -136,6 +236,7 @@ class Orchestrator(Closing):
     concurrency: int
     executor: Executor
     store_retry: float
+    item_timeout: float | None
     _owns_executor: bool
     _lock: threading.Lock
     _runs: dict[str, _Run]
@@ -150,6 +251,11 @@ class Orchestrator(Closing):
     _beater: threading.Thread | None
     _stop_beating: threading.Event
     _finished: dict[str, None]  # batches whose run here ended lately, for wait()
+    _calls: dict[_Call, None]  # calls with a deadline, not over yet
+    _stuck: int  # calls that timed out in the owned thread pool and still run
+    _watchdog: threading.Thread | None
+    _watch_wake: threading.Event
+    _retired: weakref.WeakSet[Executor]  # process pools replaced after a timeout
 
     def __init__(
         self,
@@ -159,6 +265,7 @@ class Orchestrator(Closing):
         concurrency: int = 4,
         executor: Executor | None = None,
         store_retry: float = 60.0,
+        item_timeout: float | None = None,
     ) -> None:
         if not isinstance(tracker, BatchTracker):
             raise ValidationError(f"tracker must be a BatchTracker, not {type(tracker).__name__}")
@@ -178,8 +285,20 @@ class Orchestrator(Closing):
             raise ValidationError(
                 f"store_retry must be a finite number of seconds >= 0, not {store_retry!r}"
             )
+        if item_timeout is not None and (
+            isinstance(item_timeout, bool)
+            or not isinstance(item_timeout, (int, float))
+            or not math.isfinite(item_timeout)
+            or item_timeout <= 0
+        ):
+            raise ValidationError(
+                "item_timeout must be a positive finite number of seconds or None, "
+                f"not {item_timeout!r}"
+            )
         owns = executor is None
-        if executor is None:
+        if executor is None and item_timeout is not None:
+            executor = _DaemonThreads("batchtrack-worker")
+        elif executor is None:
             executor = ThreadPoolExecutor(concurrency, thread_name_prefix="batchtrack-worker")
         lock = threading.Lock()
         self.__attrs_init__(
@@ -188,6 +307,7 @@ class Orchestrator(Closing):
             concurrency,
             executor,
             float(store_retry),
+            item_timeout,
             owns,
             lock,
             {},
@@ -202,6 +322,11 @@ class Orchestrator(Closing):
             None,
             threading.Event(),
             {},
+            {},
+            0,
+            None,
+            threading.Event(),
+            weakref.WeakSet(),
         )
 
     # -- public ---------------------------------------------------------------------------
@@ -445,10 +570,14 @@ class Orchestrator(Closing):
         for run in runs:
             run.done.wait()
         self._stop_beating.set()
+        self._watch_wake.set()
         if self._beater is not None:
             self._beater.join()
+        if self._watchdog is not None:
+            self._watchdog.join()
         if self._owns_executor:
-            self.executor.shutdown(wait=True)
+            # Every call that counts has ended; stuck ones (owned threads) may never.
+            self.executor.shutdown(wait=not isinstance(self.executor, _DaemonThreads))
         with self._dispatcher_lock:
             dispatcher, self._dispatcher = self._dispatcher, None
         if dispatcher is not None:
@@ -461,7 +590,8 @@ class Orchestrator(Closing):
         """Start items while slots are free, oldest batch first, items in order."""
         while True:
             with self._lock:
-                if self._running >= self.concurrency:
+                # Stuck threads past the bound hold their slots (see item_timeout).
+                if self._running + max(0, self._stuck - self.concurrency) >= self.concurrency:
                     return
                 while self._order and not self._order[0].pending:
                     self._order.popleft()
@@ -541,13 +671,32 @@ class Orchestrator(Closing):
             return
         # (Unchanged after a failed try: that try's answer was lost but it did apply.)
         self._lease(run.batch_id, item.id)
+        self._call(run, item)
+
+    def _call(self, run: _Run, item: Item) -> None:
+        """Hand the started item to the executor, under its time limit if any."""
+        with self._lock:
+            executor = self.executor
+            deadline = (
+                math.inf if self.item_timeout is None else time.monotonic() + self.item_timeout
+            )
+            call = _Call(run, item, executor, deadline)
+            if self.item_timeout is not None:
+                self._calls[call] = None
+                self._watch_locked()
         try:
-            future = self.executor.submit(self.processor, item)
+            future = executor.submit(self.processor, item)
         except BaseException as exc:  # the executor refused
-            log.exception("batchtrack: could not run item %s of batch %s", item.id, run.batch_id)
-            self._finish(run, item, exc)
+            with self._lock:
+                self._calls.pop(call, None)
+                taken, call.over = call.over, True
+            if not taken:
+                log.exception(
+                    "batchtrack: could not run item %s of batch %s", item.id, run.batch_id
+                )
+                self._finish(run, item, exc)
             return
-        future.add_done_callback(lambda f: self._done(run, item, f))
+        future.add_done_callback(lambda f: self._done(call, f))
 
     def _release(self, run: _Run, item: Item) -> None:
         """Forget an item that will not run here."""
@@ -587,12 +736,148 @@ class Orchestrator(Closing):
                 except Exception:  # a passing store failure: try again next round
                     log.warning("batchtrack: heartbeat of %s failed", item_id, exc_info=True)
 
-    def _done(self, run: _Run, item: Item, future: Future[Any]) -> None:
+    def _done(self, call: _Call, future: Future[Any]) -> None:
         try:
             exc = future.exception()
         except BaseException as cancelled:  # the executor cancelled the future
             exc = cancelled
+        run, item = call.run, call.item
+        with self._lock:
+            late, call.over = call.over, True
+            self._calls.pop(call, None)
+            if late and call.stuck:
+                self._stuck -= 1
+            again = (
+                not late
+                and isinstance(exc, (BrokenProcessPool, CancelledError))
+                and call.executor in self._retired
+            )
+        if late:
+            if call.timed_out:
+                self._late(call, exc)
+                self._pump()  # a stuck thread past the bound freed its slot
+            return
+        if again:
+            # Its process pool was replaced after another item timed out: start over.
+            log.info(
+                "batchtrack: item %s of batch %s starts over in a new process pool",
+                item.id,
+                run.batch_id,
+            )
+            self._call(run, item)
+            return
         self._finish(run, item, exc)
+
+    # -- time limits ----------------------------------------------------------------------
+
+    def _watch_locked(self) -> None:
+        """Start the watchdog if needed, and wake it for a new deadline."""
+        if self._watchdog is None:
+            self._watchdog = threading.Thread(
+                target=self._watch, name="batchtrack-timeouts", daemon=True
+            )
+            self._watchdog.start()
+        self._watch_wake.set()
+
+    def _watch(self) -> None:
+        """Fail the items that run past their deadline, from one thread."""
+        while not self._stop_beating.is_set():
+            now = time.monotonic()
+            with self._lock:
+                expired = [call for call in self._calls if call.deadline <= now]
+                for call in expired:
+                    del self._calls[call]
+                    call.over = call.timed_out = True
+                next_deadline = min((call.deadline for call in self._calls), default=math.inf)
+                self._watch_wake.clear()
+            for call in expired:
+                self._time_out(call)
+            if not expired:
+                self._watch_wake.wait(min(next_deadline - now, 60.0))
+
+    def _time_out(self, call: _Call) -> None:
+        """The call ran too long: fail its item, let its slot go, replace its worker."""
+        run, item = call.run, call.item
+        assert item.id is not None
+        log.warning(
+            "batchtrack: item %s (%s) of batch %s timed out after %s s",
+            item.id,
+            item.filename,
+            run.batch_id,
+            self.item_timeout,
+        )
+        with self._lock:
+            self._leased.pop((run.batch_id, item.id), None)
+            if isinstance(call.executor, _DaemonThreads):
+                call.stuck = True
+                self._stuck += 1
+                if self._stuck > self.concurrency:
+                    log.warning(
+                        "batchtrack: %d threads are stuck in calls that timed out; no more "
+                        "are replaced until one returns",
+                        self._stuck,
+                    )
+            replace = (
+                isinstance(call.executor, ProcessPoolExecutor)
+                and call.executor is self.executor
+                and not self._closed_pool_locked()
+            )
+        if replace:
+            self._replace_pool(call.executor)  # type: ignore[arg-type]
+        self._finish(run, item, ProcessingError(f"timed out after {self.item_timeout} s"))
+
+    def _closed_pool_locked(self) -> bool:
+        return bool(getattr(self.executor, "_shutdown_thread", False))
+
+    def _replace_pool(self, old: ProcessPoolExecutor) -> None:
+        """Swap in a process pool like ``old`` and kill ``old``'s processes (one stuck
+        process breaks the whole pool anyway); its other calls start over in the new one."""
+        options: dict[str, Any] = {
+            "max_workers": getattr(old, "_max_workers", self.concurrency),
+            "mp_context": getattr(old, "_mp_context", None),
+            "initializer": getattr(old, "_initializer", None),
+            "initargs": getattr(old, "_initargs", ()),
+        }
+        per_child = getattr(old, "_max_tasks_per_child", None)
+        if per_child is not None:
+            options["max_tasks_per_child"] = per_child
+        new = ProcessPoolExecutor(**options)
+        with self._lock:
+            self._retired.add(old)
+            self.executor = new
+            self._owns_executor = True
+        processes = dict(getattr(old, "_processes", None) or {})
+        for process in processes.values():
+            with contextlib.suppress(Exception):
+                process.kill()
+        log.warning(
+            "batchtrack: a process stuck in an item that timed out was killed; "
+            "the process pool was replaced"
+        )
+        old.shutdown(wait=False, cancel_futures=True)
+
+    def _late(self, call: _Call, exc: BaseException | None) -> None:
+        """The call of an item that timed out returned after all: its outcome is
+        ignored, and a result it wrote is removed while the item stays failed."""
+        run, item = call.run, call.item
+        assert item.id is not None
+        log.info(
+            "batchtrack: item %s of batch %s returned after it timed out (%s); ignored",
+            item.id,
+            run.batch_id,
+            "an error" if exc is not None else "a result",
+        )
+        remove = getattr(self.processor, "remove_results", None)
+        if exc is not None or not callable(remove):
+            return
+        try:
+            snap = self.tracker.get(run.batch_id, status=Status.FAILED)
+            if any(i.id == item.id for i in snap.items):
+                remove(run.batch_id, [item.id])
+        except Exception:
+            log.warning(
+                "batchtrack: could not remove the late result of item %s", item.id, exc_info=True
+            )
 
     def _finish(self, run: _Run, item: Item, exc: BaseException | None) -> None:
         assert item.id is not None

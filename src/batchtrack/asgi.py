@@ -22,6 +22,7 @@ import attrs
 from typing_extensions import Unpack
 
 from ._http import Api, AppOptions, build_api
+from ._recovery import Recovery, for_app
 from ._tracker import BatchTracker
 from ._wire import (
     Body,
@@ -55,8 +56,10 @@ class App:
     api: Api
     _pool: ThreadPoolExecutor | None = attrs.field(default=None, init=False)
     _pool_lock: threading.Lock = attrs.field(factory=threading.Lock, init=False)
+    _recovery: Recovery = attrs.field(init=False, default=attrs.Factory(for_app, takes_self=True))
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        self._recovery.start(self)  # at lifespan startup, or on first use without one
         if scope["type"] == "http":
             await self._http(scope, receive, send)
         elif scope["type"] == "lifespan":
@@ -71,6 +74,7 @@ class App:
             if message["type"] == "lifespan.startup":
                 await send({"type": "lifespan.startup.complete"})
             elif message["type"] == "lifespan.shutdown":
+                await self._run(self._recovery.stop)
                 with self._pool_lock:
                     pool, self._pool = self._pool, None
                 if pool is not None:
@@ -207,7 +211,8 @@ def create_app(
             :class:`~batchtrack.ProgressEvent` of the batches started or retried through
             the app, in the runner's thread; what it raises is logged, never raised);
             ``trusted_origins`` (other sites whose pages may change state).
-            Each is described in :ref:`create-app-options`.
+            Each is described in :ref:`create-app-options`. With an Orchestrator the app
+            resumes unfinished batches after a restart (:doc:`deployment`).
 
     Raises:
         ValidationError: A bad option, a ``runner`` without ``submit``, ``resume`` and

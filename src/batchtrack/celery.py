@@ -17,13 +17,18 @@ import math
 import os
 import random
 import threading
+import time
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from contextlib import contextmanager, suppress
 from typing import Any
 
 try:
     from celery import Celery  # type: ignore[import-untyped]
-    from celery.exceptions import Reject  # type: ignore[import-untyped]
+    from celery.exceptions import (  # type: ignore[import-untyped]
+        Reject,
+        SoftTimeLimitExceeded,
+        TimeLimitExceeded,
+    )
 except ImportError as exc:  # pragma: no cover - depends on the environment
     from ._extras import missing
 
@@ -45,7 +50,14 @@ from .exceptions import (
     ValidationError,
 )
 
-__all__ = ["DEFAULT_TASK_NAME", "MAX_BACKOFF", "CeleryRunner", "retry_delay", "tracked_task"]
+__all__ = [
+    "DEFAULT_TASK_NAME",
+    "HARD_TIME_LIMIT_GRACE",
+    "MAX_BACKOFF",
+    "CeleryRunner",
+    "retry_delay",
+    "tracked_task",
+]
 
 log = logging.getLogger("batchtrack")
 
@@ -54,6 +66,10 @@ DEFAULT_TASK_NAME = "batchtrack.process_item"
 
 MAX_BACKOFF = 60.0
 """No retry waits longer than this many seconds."""
+
+HARD_TIME_LIMIT_GRACE = 5.0
+"""Seconds past a task's ``time_limit`` until Celery kills a process whose processor did
+not stop at the soft limit."""
 
 _STORE_BACKOFF_FLOOR = 0.5  # a store outage is never retried in a tight loop
 
@@ -95,10 +111,28 @@ class _Job:
     max_retries: int
     retry_backoff: float
     lease: float | None
+    time_limit: float | None = None  # as given: it is said in the error
 
     @property
     def heartbeat_interval(self) -> float:
         return (self.tracker.lease if self.lease is None else self.lease) / 3
+
+    @property
+    def timed_out(self) -> str:
+        return f"timed out after {self.time_limit} s"
+
+    def on_failure(self, exc: BaseException, args: Sequence[Any]) -> None:
+        """Celery's failure hook: after a hard time limit killed the process running the
+        task (called in the worker's main process), fail its item."""
+        if self.time_limit is None or not isinstance(exc, TimeLimitExceeded) or len(args) < 2:
+            return
+        batch_id, item_id = args[0], args[1]
+        try:
+            self.tracker.fail_item(batch_id, item_id, self.timed_out)
+        except (InvalidTransition, BatchNotFound, ItemNotFound):
+            pass  # finished meanwhile, or gone
+        except Exception:
+            log.exception("batchtrack: could not fail item %s, which timed out", item_id)
 
     def run(
         self, task: Any, batch_id: str, item_id: str, failures: int, done: bool, error: str | None
@@ -111,9 +145,15 @@ class _Job:
             raise self._retry_store(task, exc, batch_id, item_id, failures) from None
         if item is None:
             return None
+        deadline = None if self.time_limit is None else time.monotonic() + self.time_limit
         try:
-            with self._heartbeats(batch_id, item_id):
+            with self._heartbeats(batch_id, item_id, deadline):
                 self.processor(item)
+        except SoftTimeLimitExceeded:
+            # Celery's soft time limit interrupted the processor: no retry (it would
+            # take as long again).
+            log.warning("batchtrack: item %s of batch %s %s", item_id, batch_id, self.timed_out)
+            error = self.timed_out
         except Exception as exc:
             if failures < self.max_retries and not isinstance(exc, ProcessingError):
                 countdown = retry_delay(self.retry_backoff, failures)
@@ -173,12 +213,25 @@ class _Job:
         return Item(snap.filename, source=snap.source, id=item_id, batch_id=batch_id)
 
     @contextmanager
-    def _heartbeats(self, batch_id: str, item_id: str) -> Iterator[None]:
-        """Renew the item's lease from a background thread while the block runs."""
+    def _heartbeats(
+        self, batch_id: str, item_id: str, deadline: float | None = None
+    ) -> Iterator[None]:
+        """Renew the item's lease from a background thread while the block runs; at the
+        ``deadline`` (``time.monotonic()``), fail the item as timed out and stop."""
         stop = threading.Event()
 
         def beat() -> None:
-            while not stop.wait(self.heartbeat_interval):
+            while True:
+                wait = self.heartbeat_interval
+                if deadline is not None:
+                    wait = min(wait, deadline - time.monotonic())
+                if stop.wait(max(wait, 0.0)):
+                    return
+                if deadline is not None and time.monotonic() >= deadline:
+                    # Recorded here, whatever the processor does with Celery's soft
+                    # limit (and where Celery enforces no limit: a threads pool).
+                    self.on_failure(TimeLimitExceeded(self.time_limit), (batch_id, item_id))
+                    return
                 try:
                     self.tracker.heartbeat(batch_id, item_id, lease=self.lease)
                 except (InvalidTransition, BatchNotFound, ItemNotFound) as exc:
@@ -312,6 +365,7 @@ def tracked_task(
     max_retries: int = 3,
     retry_backoff: float = 1.0,
     lease: float | None = None,
+    time_limit: float | None = None,
 ) -> Any:
     """Register a Celery task that processes one item of a batch, keeping the tracker current.
 
@@ -346,6 +400,15 @@ def tracked_task(
         retry_backoff: Seconds before the first retry (before jitter); 0 retries at once.
         lease: Seconds an item stays leased to its worker between heartbeats; None for
             the tracker's ``lease``.
+        time_limit: Seconds the processor may run on one item; None: no limit. Past it
+            the item fails with the error ``"timed out after N s"``, with no retry.
+            It becomes the task's ``soft_time_limit`` (Celery raises
+            :class:`~celery.exceptions.SoftTimeLimitExceeded` in the processor) and,
+            :data:`HARD_TIME_LIMIT_GRACE` seconds later, its ``time_limit`` (Celery kills
+            the process of a processor that went on anyway; the message is
+            acknowledged, not delivered again). The task's heartbeat thread fails the
+            item at the limit itself too, so it ends failed even in a pool where
+            Celery enforces no time limits (threads, solo).
 
     Returns:
         The Celery task: ``task.delay(batch_id, item_id)`` sends a message; pass it to
@@ -372,12 +435,22 @@ def tracked_task(
     backoff = _check_seconds(retry_backoff, "retry_backoff", allow_zero=True)
     if lease is not None:
         lease = _check_seconds(lease, "lease", allow_zero=False)
+    limits: dict[str, Any] = {}
+    if time_limit is not None:
+        _check_seconds(time_limit, "time_limit", allow_zero=False)
+        limits = {
+            "soft_time_limit": float(time_limit),
+            "time_limit": float(time_limit) + HARD_TIME_LIMIT_GRACE,
+            # Acknowledged at a hard limit whatever the app's default: the item is
+            # failed, and a redelivery would only be skipped.
+            "acks_on_timeout": True,
+        }
     # Reading the registry directly: ``celery_app.tasks`` would finalize the app.
     if name in celery_app._tasks:
         raise ValidationError(
             f"celery_app has a task named {name!r} already; give this one another name="
         )
-    job = _Job(tracker, processor, max_retries, backoff, lease)
+    job = _Job(tracker, processor, max_retries, backoff, lease, time_limit)
 
     def process_item(
         self: Any,
@@ -391,6 +464,11 @@ def tracked_task(
         """Process one item of a batch (batchtrack): start, run the processor, record."""
         return job.run(self, batch_id, item_id, failures, done, error)
 
+    def on_failure(
+        self: Any, exc: BaseException, task_id: str, args: Any, kwargs: Any, einfo: Any
+    ) -> None:
+        job.on_failure(exc, args if isinstance(args, (list, tuple)) else ())
+
     task = celery_app.task(
         bind=True,
         name=name,
@@ -401,6 +479,8 @@ def tracked_task(
         # Retries are counted here, per cause (see _Job.run); Celery must not cap them.
         max_retries=None,
         ignore_result=True,
+        on_failure=on_failure,
+        **limits,
     )(process_item)
     task.batchtrack_job = job
     return task

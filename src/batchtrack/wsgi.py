@@ -17,6 +17,7 @@ import attrs
 from typing_extensions import Unpack
 
 from ._http import Api, AppOptions, build_api
+from ._recovery import Recovery, for_app
 from ._tracker import BatchTracker
 from ._wire import Body, Request, Stream, request_timeout
 from .typing import Runner
@@ -32,8 +33,11 @@ class App:
     """The WSGI application around an :class:`batchtrack._http.Api`."""
 
     api: Api
+    _recovery: Recovery = attrs.field(init=False, default=attrs.Factory(for_app, takes_self=True))
 
     def __call__(self, environ: dict[str, Any], start_response: StartResponse) -> Iterable[bytes]:
+        # WSGI has no lifespan: recovery starts with the first request (see create_app).
+        self._recovery.start(self)
         # PEP 3333: paths arrive as latin-1 decoded bytes.
         path = environ.get("PATH_INFO", "").encode("latin-1").decode("utf-8", "replace")
         headers = {
@@ -128,5 +132,8 @@ def create_app(
     does), the read that times out is answered 408 too. Servers that receive the whole
     body before calling the app (waitress; gunicorn behind nginx, as gunicorn advises for
     its sync workers, which set no socket timeout) are never held by a slow client.
+
+    WSGI has no lifespan: the app's recovery of unfinished batches (see
+    :doc:`deployment`) starts with its first request and stops at interpreter exit.
     """
     return App(build_api(tracker, runner, uploads, options))
