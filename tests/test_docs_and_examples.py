@@ -302,7 +302,9 @@ def test_dask_page_first_example_runs_on_a_local_cluster(tmp_path: Path) -> None
     )
     assert result.returncode == 0, result.stdout + result.stderr
     lines = result.stdout.splitlines()
-    assert lines[-1] == "Progress(total=2, completed=2, failed=0, processing=0, pending=0)"
+    assert lines[-1] == (
+        "Progress(total=2, completed=2, failed=0, processing=0, pending=0, cancelled=0)"
+    )
     assert len(list((tmp_path / "results").iterdir())) == 2
 
 

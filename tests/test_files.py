@@ -26,6 +26,7 @@ from typing import Any
 import pytest
 
 from batchtrack import ValidationError
+from batchtrack._extras import install_command
 from batchtrack.exceptions import FileStorageError
 from batchtrack.files import FileStorage, LocalFiles, from_url
 from conftest import (
@@ -582,7 +583,7 @@ def test_s3_without_obstore_says_how_to_install_it() -> None:
     out = subprocess.run(
         [sys.executable, "-c", code], capture_output=True, text=True, check=True
     ).stdout
-    assert "pip install 'batchtrack[s3]'" in out
+    assert install_command("s3") in out
 
 
 _FORK = """

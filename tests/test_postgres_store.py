@@ -31,6 +31,7 @@ from batchtrack import (
     StoreError,
     ValidationError,
 )
+from batchtrack._extras import install_command
 from batchtrack.stores import postgres as postgres_module
 from batchtrack.stores.postgres import SCHEMA_VERSION, PostgresStore, SchemaVersionError
 from batchtrack.testing import FakeClock
@@ -472,7 +473,7 @@ def test_import_is_lazy_and_says_how_to_install() -> None:
     out = subprocess.run(
         [sys.executable, "-c", code], capture_output=True, text=True, check=True
     ).stdout
-    assert "pip install 'batchtrack[postgres]'" in out
+    assert install_command("postgres") in out
 
 
 # -- change notifications ------------------------------------------------------------------
