@@ -553,6 +553,35 @@ def test_cancelled_images_look_cancelled_not_failed(
     page.shot("cancelled")
 
 
+def test_pause_holds_the_waiting_images_and_resume_processes_them(
+    browser: Any, slow_server: tuple[str, Path, subprocess.Popen[str]], tmp_path: Path
+) -> None:
+    """Pause stops new images from starting (the batch reads "Paused", no ETA, a Resume
+    button); Resume processes the waiting ones and the batch completes."""
+    base, _, _ = slow_server
+    page = Page(browser, base, tmp_path)
+    browser.get(base + "/")
+    upload_batch(page, *small_jpegs(tmp_path, 6))
+    wait(lambda: page.counts()["done"] >= 1, what="the first image processed")
+    page.el("pause").click()
+    wait(lambda: page.text("headline").startswith("Paused"), what="the batch to read paused")
+    assert page.text("message") == "Paused: no new image starts; the ones running finish."
+    assert page.shown("unpause")
+    assert not page.shown("pause")
+    wait(lambda: page.counts()["running"] == 0, what="the running image to finish")
+    held = page.counts()
+    time.sleep(2.5)  # more than one image's time: a paused batch starts nothing
+    assert page.counts() == held
+    assert held["waiting"] >= 1
+    assert page.text("eta") == "paused"
+    page.el("unpause").click()
+    wait(page.finished, 30, "the resumed batch to finish")
+    assert page.counts()["done"] == 6
+    assert page.text("headline") == "Finished: all 6 images processed."
+    assert not page.shown("unpause")
+    assert not page.shown("pause")
+
+
 def test_cancelled_items_with_their_own_status_read_the_same(
     browser: Any, slow_server: tuple[str, Path, subprocess.Popen[str]], tmp_path: Path
 ) -> None:
