@@ -969,3 +969,53 @@ def test_serve_announces_only_the_batches_left_before_it_started(
         close()
     resuming = [r.getMessage() for r in caplog.records if "resuming" in r.getMessage()]
     assert resuming == ["batchtrack: resuming 1 unfinished batch"]
+
+
+# -- pause, unpause, cancel ------------------------------------------------------------------
+
+
+def test_pause_unpause_and_cancel_act_on_a_batch_in_the_database(tmp_path: Path) -> None:
+    """`batchtrack pause|unpause|cancel BATCH_ID --data-dir DIR` change the batch in that
+    database and say in one line what they did (or that there was nothing to do)."""
+    from batchtrack import BatchTracker, SQLiteStore, Status
+
+    data = tmp_path / "data"
+    data.mkdir()
+    store = SQLiteStore(data / "batchtrack.db")
+    tracker = BatchTracker(store)
+    snap = tracker.create_batch(["a.jpg", "b.jpg", "c.jpg"])
+    batch = snap.batch_id
+    tracker.start_item(batch, snap.items[0].id)
+
+    def run(command: str) -> str:
+        result = batchtrack(command, batch, "--data-dir", str(data))
+        assert result.returncode == 0, result.stderr
+        assert result.stderr == ""
+        return result.stdout
+
+    assert run("pause") == f"batch {batch} paused\n"
+    assert tracker.get(batch).status is Status.PAUSED
+    assert run("pause") == f"batch {batch} not paused: it is already paused or has finished\n"
+    assert run("unpause") == f"batch {batch} resumed\n"
+    assert tracker.get(batch).status is Status.PROCESSING
+    assert run("unpause") == f"batch {batch} not resumed: it is not paused\n"
+    assert run("cancel") == f"batch {batch} cancelled: 2 image(s) that had not started\n"
+    assert tracker.get(batch).progress.cancelled == 2
+    assert run("cancel") == f"batch {batch} nothing to cancel: no image was waiting\n"
+    store.close()
+
+
+@pytest.mark.parametrize("command", ["pause", "unpause", "cancel"])
+def test_controls_on_an_unknown_batch_or_no_database_say_so(command: str, tmp_path: Path) -> None:
+    """An unknown batch is one line and exit 1; a folder without a database, exit 2."""
+    from batchtrack import BatchTracker, SQLiteStore
+
+    data = tmp_path / "data"
+    data.mkdir()
+    BatchTracker(SQLiteStore(data / "batchtrack.db")).store.close()
+    unknown = batchtrack(command, "0" * 32, "--data-dir", str(data))
+    assert unknown.returncode == 1
+    assert unknown.stderr == f"batchtrack {command}: batch {'0' * 32} not found\n"
+    empty = batchtrack(command, "0" * 32, "--data-dir", str(tmp_path / "nothing"))
+    assert empty.returncode == 2
+    assert empty.stderr.startswith(f"batchtrack {command}: error: no batchtrack database")

@@ -271,7 +271,49 @@ def _parser() -> argparse.ArgumentParser:
         help="list only the failed images (counts stay those of the whole batch)",
     )
     parser.commands = {"serve": serve, "process": process, "status": status}
+    for name, what in _CONTROLS.items():
+        control = commands.add_parser(
+            name,
+            help=f"{what.help} a batch",
+            description=f"{what.help.capitalize()} a batch in the database of `serve` or "
+            f"`process --data-dir` (or any store): {what.description}",
+        )
+        control.add_argument("batch_id", metavar="BATCH_ID")
+        _data_dir_option(control, "the folder of the database", created=False)
+        _store_option(control)
+        parser.commands[name] = control
     return parser
+
+
+@attrs.frozen
+class _Control:
+    help: str
+    description: str
+    done: str  # printed when the call changed the batch
+    nothing: str  # printed when it did not
+
+
+_CONTROLS = {
+    "pause": _Control(
+        "pause",
+        "no image that has not started starts until it is resumed; running ones finish.",
+        "paused",
+        "not paused: it is already paused or has finished",
+    ),
+    "unpause": _Control(
+        "resume",
+        "its waiting images run again (a running `batchtrack serve` picks them up within "
+        "a minute; its page's Resume button at once).",
+        "resumed",
+        "not resumed: it is not paused",
+    ),
+    "cancel": _Control(
+        "cancel",
+        "every image that has not started is cancelled; running ones finish.",
+        "cancelled: {n} image(s) that had not started",
+        "nothing to cancel: no image was waiting",
+    ),
+}
 
 
 def _data_dir_option(parser: argparse.ArgumentParser, what: str, *, created: bool) -> None:
@@ -323,6 +365,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             return _serve(args)
         if args.command == "process":
             return _process(args)
+        if args.command in _CONTROLS:
+            return _control(args)
         return _status(args)
     except _Usage as exc:
         print(f"batchtrack {args.command}: error: {exc}", file=sys.stderr)
@@ -334,13 +378,36 @@ def main(argv: Sequence[str] | None = None) -> int:
 # -- status ---------------------------------------------------------------------------------
 
 
+def _need_database(args: argparse.Namespace) -> None:
+    if args.store is None and not (args.data_dir / DB_NAME).is_file():
+        hint = " (the default; give --data-dir or --store)" if args.data_dir == DATA_DIR else ""
+        raise _Usage(f"no batchtrack database in {str(args.data_dir)!r}{hint}")
+
+
+def _control(args: argparse.Namespace) -> int:
+    """pause, unpause, cancel: one line on stdout; exit 1 for an unknown batch."""
+    from . import BatchTracker
+
+    what = _CONTROLS[args.command]
+    _need_database(args)
+    with _open_store(args) as store:
+        tracker = BatchTracker(store)
+        try:
+            changed = int(getattr(tracker, args.command)(args.batch_id))
+        except BatchNotFound:
+            print(f"batchtrack {args.command}: batch {args.batch_id} not found", file=sys.stderr)
+            return 1
+        except BatchtrackError as exc:
+            raise _Usage(str(exc)) from None
+    said = what.done.format(n=changed) if changed else what.nothing
+    print(f"batch {args.batch_id} {said}")
+    return 0
+
+
 def _status(args: argparse.Namespace) -> int:
     from . import BatchTracker, Status
 
-    db = args.data_dir / DB_NAME
-    if args.store is None and not db.is_file():
-        hint = " (the default; give --data-dir or --store)" if args.data_dir == DATA_DIR else ""
-        raise _Usage(f"no batchtrack database in {str(args.data_dir)!r}{hint}")
+    _need_database(args)
     with _open_store(args) as store:
         tracker = BatchTracker(store)
         try:
