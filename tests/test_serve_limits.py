@@ -188,3 +188,35 @@ def test_serve_raises_its_soft_open_files_limit_to_the_hard_limit(tmp_path: Path
         limits = Path(f"/proc/{_SERVED[base]}/limits").read_text().splitlines()
         line = next(x for x in limits if x.startswith("Max open files"))
         assert line.split()[3:5] == [str(hard), str(hard)]
+
+
+MALLOC_PROBE = """
+import ctypes, sys
+from batchtrack._serve_limits import settle_malloc
+
+assert settle_malloc()
+libc = ctypes.CDLL(None)
+libc.malloc.restype, libc.malloc.argtypes = ctypes.c_void_p, [ctypes.c_size_t]
+libc.free.argtypes = [ctypes.c_void_p]
+names = "arena ordblks smblks hblks hblkhd usmblks fsmblks uordblks fordblks keepcost"
+info = type("Info", (ctypes.Structure,), {"_fields_": [(n, ctypes.c_int) for n in names.split()]})
+libc.mallinfo.restype = info
+size = 4 * 2**20  # an image buffer of Pillow's
+libc.free(libc.malloc(size))
+before = libc.mallinfo().hblks
+libc.malloc(size)
+print(libc.mallinfo().hblks - before)
+"""
+
+
+def test_serve_has_glibc_map_every_image_sized_block_even_after_one_was_freed() -> None:
+    """After settle_malloc, a 4 MiB block freed does not make the next one come from an arena."""
+    import platform
+
+    if platform.libc_ver()[0] != "glibc":
+        pytest.skip("glibc's malloc only")
+    probe = subprocess.run(
+        [sys.executable, "-c", MALLOC_PROBE], capture_output=True, text=True, timeout=60
+    )
+    assert probe.returncode == 0, probe.stderr
+    assert probe.stdout.strip() == "1"  # mapped: freed, it goes back to the system

@@ -1,4 +1,4 @@
-"""What ``batchtrack serve`` bounds that uvicorn leaves open: slow headers and fds.
+"""What ``batchtrack serve`` bounds that uvicorn leaves open: slow headers, fds, memory.
 
 uvicorn times out a kept-alive connection between requests (``timeout_keep_alive``) and a
 slow body is the app's to time out (``body_timeout``), but a connection whose request
@@ -16,7 +16,8 @@ Here uvicorn's HTTP protocol is subclassed with two bounds:
   closed to make room; when every connection is busy with a request, the new one is
   answered 503 and closed.
 
-And the soft limit of open files is raised to the hard one, so that the cap can be high.
+And the soft limit of open files is raised to the hard one, so that the cap can be high;
+and glibc's malloc is kept from holding freed image buffers (:func:`settle_malloc`).
 Imported only by ``serve``: it needs uvicorn.
 """
 
@@ -29,7 +30,14 @@ from typing import Any, ClassVar
 
 from uvicorn.protocols.http.auto import AutoHTTPProtocol
 
-__all__ = ["HEADER_TIMEOUT", "bounded_protocol", "connection_cap", "raise_fd_limit"]
+__all__ = [
+    "HEADER_TIMEOUT",
+    "MMAP_THRESHOLD",
+    "bounded_protocol",
+    "connection_cap",
+    "raise_fd_limit",
+    "settle_malloc",
+]
 
 HEADER_TIMEOUT = 10.0
 """Seconds a client has to send a request's headers (``serve --header-timeout``)."""
@@ -55,6 +63,39 @@ def raise_fd_limit() -> int | None:
             resource.setrlimit(resource.RLIMIT_NOFILE, (wanted, hard))
         soft = resource.getrlimit(resource.RLIMIT_NOFILE)[0]
     return None if soft == resource.RLIM_INFINITY else soft
+
+
+MMAP_THRESHOLD = 128 * 1024
+"""Bytes from which glibc's malloc maps memory of its own (its initial default, kept)."""
+
+_M_MMAP_THRESHOLD = -3  # mallopt's parameter numbers, from glibc's malloc.h
+
+
+def settle_malloc() -> bool:
+    """Keep glibc's malloc from holding on to the memory of freed images.
+
+    By default glibc raises its mmap threshold to the size of each large block freed (up
+    to 32 MiB): after the first few images, Pillow's buffers of a few MiB come from the
+    arenas of the server's many threads instead of being mapped, and freed they stay
+    there, fragmented: the process's RSS creeps up for ever while Python's heap does not.
+    A fixed threshold (as ``MALLOC_MMAP_THRESHOLD_`` would set) maps every buffer over it
+    and returns it to the system when freed. Left alone when that variable is set.
+
+    Returns:
+        Whether the threshold was set (glibc only).
+    """
+    import ctypes
+    import os
+    import platform
+
+    if platform.libc_ver()[0] != "glibc" or "MALLOC_MMAP_THRESHOLD_" in os.environ:
+        return False
+    try:
+        mallopt = ctypes.CDLL(None).mallopt
+    except (OSError, AttributeError):  # pragma: no cover - not glibc after all
+        return False
+    mallopt.argtypes, mallopt.restype = [ctypes.c_int, ctypes.c_int], ctypes.c_int
+    return bool(mallopt(_M_MMAP_THRESHOLD, MMAP_THRESHOLD))
 
 
 def connection_cap(fd_limit: int | None) -> int:

@@ -627,7 +627,7 @@ def _serve(args: argparse.Namespace) -> int:
     from . import BatchTracker
     from ._access_log import AccessLog, BatchWatch
     from ._demo import build
-    from ._serve_limits import bounded_protocol, connection_cap, raise_fd_limit
+    from ._serve_limits import bounded_protocol, connection_cap, raise_fd_limit, settle_malloc
     from .stores import _shown
 
     logging.getLogger("batchtrack").setLevel(logging.WARNING if args.quiet else logging.INFO)
@@ -637,6 +637,7 @@ def _serve(args: argparse.Namespace) -> int:
     files = _files(args.files)
     # Connections are capped below the open-files limit: accept never runs out of fds.
     max_connections = args.max_connections or connection_cap(raise_fd_limit())
+    settle_malloc()  # before the threads start: RSS levels off instead of creeping up
     sock = _listen(args.host, args.port)
     try:
         # The store is opened first: a URL that cannot be used stops here, with nothing made.
