@@ -10,9 +10,11 @@ prints a line of the curve; at the end a summary: RSS at each tenth of the run a
 growth over its second half (MB/min). Traffic goes only to 127.0.0.1; the server is stopped
 by its process id.
 
-``--tracemalloc FILE`` runs the server under :mod:`tracemalloc` and writes its top
-allocation sites (growth since the first minute) to FILE every minute: Python's heap
-against the RSS tells whether memory goes to Python objects or to the C allocator.
+``--inspect FILE`` writes to FILE, every minute, where the server's memory is: glibc's
+heap (``mallinfo2``: in use, free in its arenas, mapped), SQLite's allocations and, with
+``--tracemalloc``, Python's heap and its top allocation sites (growth since the first
+minute). Against the RSS, that tells whether memory goes to Python objects, to SQLite's
+page caches or to the allocator's free lists.
 ``--env NAME=VALUE`` (repeatable) sets the server's environment, e.g.
 ``--env MALLOC_ARENA_MAX=8`` to compare allocator settings.
 """
@@ -40,24 +42,40 @@ from PIL import Image
 
 BOUNDARY = "soakXyZ"
 
-# Runs the server under tracemalloc, dumping the growth of its top sites every minute.
-TRACEMALLOC_SERVER = """
-import sys, threading, time, tracemalloc
-tracemalloc.start(10)
-out = sys.argv.pop(1)
+# Runs the server, writing where its memory is every minute: glibc's heap (mallinfo2),
+# SQLite's own allocations and, with tracemalloc (argv[2] == "trace"), Python's top sites.
+INSPECTED_SERVER = """
+import ctypes, ctypes.util, sys, threading, time, tracemalloc
+out, trace = sys.argv.pop(1), sys.argv.pop(1) == "trace"
+if trace:
+    tracemalloc.start(4)
+libc = ctypes.CDLL(None)
+names = "arena ordblks smblks hblks hblkhd usmblks fsmblks uordblks fordblks keepcost"
+fields = [(n, ctypes.c_size_t) for n in names.split()]
+libc.mallinfo2.restype = type("Info", (ctypes.Structure,), {"_fields_": fields})
+sqlite = ctypes.CDLL(ctypes.util.find_library("sqlite3"))
+sqlite.sqlite3_memory_used.restype = ctypes.c_int64
 def dump():
-    time.sleep(60)
-    base = tracemalloc.take_snapshot()
+    base = None
     while True:
         time.sleep(60)
-        snap = tracemalloc.take_snapshot()
-        size, peak = tracemalloc.get_traced_memory()
+        m, used = libc.mallinfo2(), sqlite.sqlite3_memory_used()
         with open(out, "a") as f:
-            f.write(f"--- {time.strftime('%H:%M:%S')} traced {size / 2**20:.1f} MB\\n")
-            for stat in snap.compare_to(base, "traceback")[:8]:
-                f.write(f"{stat}\\n")
-                for line in stat.traceback.format()[-6:]:
-                    f.write(f"    {line}\\n")
+            f.write(
+                f"--- {time.strftime('%H:%M:%S')} malloc: arenas {m.arena / 2**20:.1f} MB "
+                f"(in use {m.uordblks / 2**20:.1f}, free {m.fordblks / 2**20:.1f}), "
+                f"mapped {m.hblkhd / 2**20:.1f} MB; sqlite {used / 2**20:.1f} MB"
+            )
+            if trace:
+                f.write(f"; python {tracemalloc.get_traced_memory()[0] / 2**20:.1f} MB\\n")
+                snap = tracemalloc.take_snapshot()
+                for stat in snap.compare_to(base, "traceback")[:8] if base else []:
+                    f.write(f"{stat}\\n")
+                    for line in stat.traceback.format()[-6:]:
+                        f.write(f"    {line}\\n")
+                base = base or snap
+            else:
+                f.write("\\n")
 threading.Thread(target=dump, daemon=True).start()
 from batchtrack.cli import main
 sys.exit(main(sys.argv[1:]))
@@ -254,7 +272,8 @@ def main() -> int:
     parser.add_argument("--clients", type=int, default=4, help="uploading users (default: 4)")
     parser.add_argument("--pollers", type=int, default=4, help="polling clients (default: 4)")
     parser.add_argument("--every", type=float, default=10.0, help="RSS sampling, s (default: 10)")
-    parser.add_argument("--tracemalloc", metavar="FILE", help="trace the server's allocations")
+    parser.add_argument("--inspect", metavar="FILE", help="write where the memory is, every minute")
+    parser.add_argument("--tracemalloc", action="store_true", help="with --inspect: Python's too")
     parser.add_argument("--env", action="append", default=[], metavar="NAME=VALUE")
     parser.add_argument("serve_args", nargs="*", help="more options of batchtrack serve")
     args = parser.parse_args()
@@ -271,8 +290,9 @@ def main() -> int:
     env.update(item.split("=", 1) for item in args.env)
     serve = ["serve", "--port", str(port), "--data-dir", str(data_dir), "--quiet"]
     serve += ["--upload-quota", "1T", "--max-upload-storage", "1T", *args.serve_args]
-    if args.tracemalloc:
-        command = [sys.executable, "-c", TRACEMALLOC_SERVER, args.tracemalloc, *serve]
+    if args.inspect:
+        trace = "trace" if args.tracemalloc else "-"
+        command = [sys.executable, "-c", INSPECTED_SERVER, args.inspect, trace, *serve]
     else:
         command = [sys.executable, "-m", "batchtrack", *serve]
     # Started in the background, this script and its children would ignore Ctrl-C's signal:
