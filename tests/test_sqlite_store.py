@@ -494,3 +494,22 @@ def test_a_relative_path_names_one_file_whatever_the_folder_later(
     thread.join()
     assert seen == [1]
     assert not (tmp_path / "b" / "batches.db").exists()
+
+
+def test_item_snapshots_are_kept_for_the_batches_read_last_only(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The per-process memo of item snapshots holds a bounded number of batches, newest kept."""
+    monkeypatch.setattr(sqlite_module, "_ITEMS_MEMO_BATCHES", 5)
+    store = SQLiteStore(tmp_path / "b.db")
+    tracker = BatchTracker(store)
+    try:
+        batches = [tracker.create_batch([f"{n}.jpg"]).batch_id for n in range(8)]
+        for batch_id in batches:
+            assert len(tracker.get(batch_id).items) == 1
+        held = {identity[1] for identity in store._items_memo}
+        assert held == set(batches[-5:])
+        # A batch whose snapshots were dropped reads whole again.
+        assert tracker.get(batches[0]).items[0].filename == "0.jpg"
+    finally:
+        store.close()

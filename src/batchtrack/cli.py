@@ -204,6 +204,22 @@ def _parser() -> argparse.ArgumentParser:
         action="store_true",
         help="log only warnings and errors, not each request and batch",
     )
+    serve.add_argument(
+        "--header-timeout",
+        type=_seconds,
+        default=10.0,
+        metavar="SECONDS",
+        help="a client that has not sent a request's headers within this long is answered "
+        "408 and disconnected (default: 10)",
+    )
+    serve.add_argument(
+        "--max-connections",
+        type=_positive,
+        default=None,
+        metavar="N",
+        help="connections held at once; past it, the oldest one without a request under way "
+        "is closed (default: from the open-files limit, which serve raises to its hard limit)",
+    )
 
     cpus = os.cpu_count() or 2
     process = commands.add_parser(
@@ -792,6 +808,7 @@ def _serve(args: argparse.Namespace) -> int:
     from . import BatchTracker
     from ._access_log import AccessLog, BatchWatch
     from ._demo import build
+    from ._serve_limits import bounded_protocol, connection_cap, raise_fd_limit, settle_malloc
     from .stores import _shown
 
     logging.getLogger("batchtrack").setLevel(logging.WARNING if args.quiet else logging.INFO)
@@ -799,6 +816,9 @@ def _serve(args: argparse.Namespace) -> int:
     if secret is not None and len(secret) < 16:
         raise _Usage("BATCHTRACK_SECRET must be at least 16 characters (a long random string)")
     files = _files(args.files)
+    # Connections are capped below the open-files limit: accept never runs out of fds.
+    max_connections = args.max_connections or connection_cap(raise_fd_limit())
+    settle_malloc()  # before the threads start: RSS levels off instead of creeping up
     sock = _listen(args.host, args.port)
     try:
         # The store is opened first: a URL that cannot be used stops here, with nothing made.
@@ -843,6 +863,8 @@ def _serve(args: argparse.Namespace) -> int:
                 log_level="warning",
                 access_log=False,
                 lifespan="on",
+                http=bounded_protocol(args.header_timeout, max_connections),
+                ws="none",  # the app answers no WebSocket: upgrades are plain requests
             )
             server = uvicorn.Server(config)
             # uvicorn shuts down gracefully on Ctrl-C, then re-raises the signal: we are done.

@@ -190,6 +190,9 @@ _checking_lock = threading.Lock()
 # position that identify the snapshot in SQLiteStore._items_memo.
 _ITEM_COLUMNS = "item_id, filename, status, error, attempts, source, version, position"
 _ITEMS_MEMO_SIZE = 250_000  # items kept in _items_memo, over all batches
+# Batches kept there: in a long-running server most are finished (or gone) and never read
+# again, yet each would hold its items until the item count above is reached.
+_ITEMS_MEMO_BATCHES = 1_000
 _STALE_CHUNK = 500  # changed items read per query
 _NO_ITEM = (-1, None)
 
@@ -824,11 +827,18 @@ class SQLiteStore(Store):
         """This process's snapshots of the batch's items by position, with the version
         each was made at (a version names one state of one item of one batch)."""
         identity = (header[13], header[0], header[2])  # key, id, created_at
-        memo = self._items_memo.get(identity)
+        memos = self._items_memo
+        memo = memos.get(identity)
         if memo is None:
-            if sum(len(m) for m in self._items_memo.values()) > _ITEMS_MEMO_SIZE:
-                self._items_memo = {}
-            memo = self._items_memo[identity] = {}
+            # The batches first read longest ago go first (list() copies under the GIL,
+            # while other threads add memos).
+            held = list(memos)
+            items = sum(map(len, list(memos.values())))
+            for oldest in held:
+                if len(memos) < _ITEMS_MEMO_BATCHES and items <= _ITEMS_MEMO_SIZE:
+                    break
+                items -= len(memos.pop(oldest, {}))
+            memo = memos[identity] = {}
         return memo
 
     def load_items(self, batch_id: str, query: ItemQuery) -> BatchRecord | None:
