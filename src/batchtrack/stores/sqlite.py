@@ -897,7 +897,8 @@ class SQLiteStore(Store):
         return tuple(found)
 
     def delete(self, batch_id: str) -> bool:
-        for identity in [i for i in self._items_memo if i[1] == batch_id]:
+        # list() copies the keys at once: other threads add memos meanwhile.
+        for identity in [i for i in list(self._items_memo) if i[1] == batch_id]:
             self._items_memo.pop(identity, None)
         with self._write() as db:
             row = db.execute("SELECT key FROM batches WHERE batch_id = ?", (batch_id,)).fetchone()
