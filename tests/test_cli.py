@@ -10,6 +10,7 @@ import socket
 import subprocess
 import sys
 import time
+import uuid
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -1019,3 +1020,35 @@ def test_controls_on_an_unknown_batch_or_no_database_say_so(command: str, tmp_pa
     empty = batchtrack(command, "0" * 32, "--data-dir", str(tmp_path / "nothing"))
     assert empty.returncode == 2
     assert empty.stderr.startswith(f"batchtrack {command}: error: no batchtrack database")
+
+
+# -- serve --trusted-origin -----------------------------------------------------------------
+
+
+def test_serve_lets_a_trusted_origin_send_state_changing_requests(tmp_path: Path) -> None:
+    """`serve --trusted-origin https://app.example.com`: a POST from that origin's page
+    reaches the API; one from another site is refused 403 cross_origin."""
+    base, proc = start_serve(
+        tmp_path / "data", tmp_path / "log.txt", "--trusted-origin", "https://app.example.com"
+    )
+    try:
+        with httpx.Client(base_url=base) as client:
+            client.get("/")  # the session cookie
+            url = "/api/batch-cancel/" + str(uuid.uuid4())
+            trusted = client.post(url, headers={"Origin": "https://app.example.com"})
+            other = client.post(url, headers={"Origin": "https://evil.example"})
+    finally:
+        stop_serve(proc)
+    assert trusted.status_code == 404  # through the origin check, to an unknown batch
+    assert other.status_code == 403
+    assert other.json()["error"]["code"] == "cross_origin"
+
+
+def test_serve_refuses_a_trusted_origin_that_is_not_an_origin(tmp_path: Path) -> None:
+    """A --trusted-origin with a path (or no scheme) is one line and exit 2."""
+    result = batchtrack("serve", "--trusted-origin", "https://app.example.com/page", cwd=tmp_path)
+    assert result.returncode == 2
+    assert result.stderr == (
+        "batchtrack serve: error: argument --trusted-origin: 'https://app.example.com/page' "
+        "is not an origin such as https://app.example.com\n"
+    )

@@ -10,7 +10,7 @@ from __future__ import annotations
 import logging
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -88,6 +88,7 @@ def build(
     store: Store | None = None,
     files: FileStorage | None = None,
     session_secret: str | None = None,
+    trusted_origins: Sequence[str] = (),
 ) -> tuple[Any, Callable[[], None]]:
     """The demo ASGI app over ``data_dir``, and the function that shuts it down.
 
@@ -100,7 +101,8 @@ def build(
 
     Batches live in ``store`` (default: the SQLite file in ``data_dir``); uploads and
     results in ``files`` under ``uploads/`` and ``results/`` (default: those folders of
-    ``data_dir``). Processes sharing both serve the same users.
+    ``data_dir``). Processes sharing both serve the same users. Pages of
+    ``trusted_origins`` may send state-changing requests with a visitor's cookie.
     """
     data_dir.mkdir(parents=True, exist_ok=True)
     if store is None:
@@ -125,6 +127,7 @@ def build(
         upload_bytes_per_client=upload_quota,
         page=True,
         session_secret=session_secret,
+        trusted_origins=trusted_origins,
     )
     tracker.start_sweeper(interval=600)
     stop = threading.Event()

@@ -94,6 +94,18 @@ def _size(text: str) -> int:
     return value
 
 
+def _trusted_origin(text: str) -> str:
+    from ._origins import parse_trusted_origins
+
+    try:
+        parse_trusted_origins([text])
+    except ValidationError:
+        raise argparse.ArgumentTypeError(
+            f"{text!r} is not an origin such as https://app.example.com"
+        ) from None
+    return text
+
+
 def _port(text: str) -> int:
     value = _positive(text)
     if value > 65535:
@@ -182,6 +194,17 @@ def _parser() -> argparse.ArgumentParser:
         default=10,
         metavar="N",
         help="images per batch, as the page and the API accept them (default: 10)",
+    )
+    serve.add_argument(
+        "--trusted-origin",
+        dest="trusted_origins",
+        action="append",
+        type=_trusted_origin,
+        default=[],
+        metavar="ORIGIN",
+        help="an origin (https://app.example.com) whose pages may upload, start, pause or "
+        "cancel batches with a visitor's cookie; repeat for more. Other sites' requests are "
+        "refused with 403 (default: only the origin the request was sent to)",
     )
     serve.add_argument(
         "--max-upload-storage",
@@ -834,6 +857,7 @@ def _serve(args: argparse.Namespace) -> int:
                 upload_quota=args.upload_quota,
                 files=files,
                 session_secret=secret,
+                trusted_origins=args.trusted_origins,
             )
         except (OSError, BatchtrackError) as exc:
             if tracked is not None:
