@@ -252,10 +252,10 @@ def _replay(
 def test_the_range_brackets_the_estimate_on_every_store(
     store_factory: Callable[[], Store], history: tuple[int, list[tuple[str, int, float]]]
 ) -> None:
-    """On any sequence of events, every event and read has low <= ETA <= high, None
-    exactly when the ETA is None (before anything finished, or a read while only lost
-    items are left), (0, 0) once finished, and every store gives the same ETA and range
-    as the memory store."""
+    """On any sequence of events, every event and read has low <= ETA <= high and low <
+    high (never a point range), None exactly when the ETA is None (before anything
+    finished, or a read while only lost items are left), (0, 0) once finished, and
+    every store gives the same ETA and range as the memory store."""
     size, steps = history
     runs = []
     for store in (MemoryStore(), store_factory()):
@@ -275,6 +275,7 @@ def test_the_range_brackets_the_estimate_on_every_store(
             assert eta_range is not None
             low, high = eta_range
             assert 1 <= low <= eta <= high
+            assert low < high
 
 
 def test_the_range_is_in_the_json_body(tracker: BatchTracker, clock: FakeClock) -> None:
@@ -571,3 +572,14 @@ def test_lost_items_among_running_ones_are_not_counted_as_about_to_finish(
     # as a running item, the lost one would make that about 2 s).
     assert got.estimated_time_remaining >= 4
     assert got.eta_range[1] >= 4
+
+
+def test_a_range_under_a_second_is_never_a_point(tracker: BatchTracker, clock: FakeClock) -> None:
+    """Items of 10 ms with a few left: the span is far under a second, and the range
+    is still two different whole seconds, the estimate among them."""
+    snap = tracker.create_batch([f"{i}.jpg" for i in range(100)])
+    _one_by_one(tracker, clock, snap.batch_id, [item.id for item in snap.items[:95]], 0.01)
+    got = tracker.get(snap.batch_id, items=False)
+    assert got.estimated_time_remaining == 1
+    assert got.eta_range == (1, 2)
+    assert json.loads(status_body(got))["estimatedTimeRemainingRange"] == [1, 2]

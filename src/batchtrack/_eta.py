@@ -592,9 +592,9 @@ def estimate(
 
     Both None until the first item is final; ``0`` and ``(0, 0)`` once every item is;
     otherwise the estimate rounded to the nearest second but at least 1 (so that 0
-    always means finished), and ``(low, high)`` with ``1 <= low <= estimate <= high``:
-    the range's ends rounded down and up, so that it holds the whole span (a span
-    narrower than a second never becomes a point no true time can equal).
+    always means finished), and ``(low, high)`` with ``1 <= low <= estimate <= high``
+    and ``low < high``: the range's ends rounded down and up, so that it holds the whole
+    span (a span narrower than a second never becomes a point no true time can equal).
     """
     found = _seconds(progress, created_at, stats, now, lost)
     if found is None:
@@ -605,4 +605,8 @@ def estimate(
     start, end = _span(found)
     low = math.floor(start) or 1
     high = math.ceil(end)
-    return point, (low if low < point else point, high if high > point else point)
+    if low > point:
+        low = point
+    if high <= low:  # never a point: no true time left equals a whole second
+        high = low + 1
+    return point, (low, high if high > point else point)
