@@ -20,11 +20,16 @@ age of the items running now. 18 sums in all, 2 per start, 13 per finish. The we
 the whole batch, the largest k its most recent stretch. The windows precise enough to
 be trusted (relative standard error at most :data:`_TRUSTED`) are blended, each
 weighted by one over its mean squared error: its variance, plus its squared distance
-from the most recent trusted window beyond :data:`_AGREE` standard errors of that one
+from the most recent trusted window beyond a threshold in standard errors of that one
 (a bias; closer than that it is noise). While every window agrees, the recent ones,
-which are subsets of the whole, add only noise: they count a tenth. A steady or merely
-noisy batch thus keeps the whole-batch mean, one that really sped up or slowed down
-moves to the recent window within a few items.
+which are subsets of the whole, add only noise: they count a twentieth, and past the
+threshold they take over gradually. The threshold makes the ETA steady: :data:`_AGREE`
+standard errors for alike durations, more for skewed ones, more again when the recent
+window is the slower one (the ETA rises only for a clearly lasting slow-down), and more
+for a window of few items. A steady or merely noisy batch thus keeps the whole-batch
+mean, one that really sped up or slowed down moves to the recent window within a few
+items. No previously shown value is kept: the ETA is a function of the sums, the same
+in every process.
 
 From the blended mean ``m`` and variance ``v`` of durations:
 
