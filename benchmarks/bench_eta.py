@@ -50,6 +50,7 @@ from batchtrack.testing import FakeClock
 POLL = 2.0
 LEASE = 30.0  # how long a lost worker's item stays "processing" before it is reclaimed
 PAUSE = 60.0  # how long the workers stop in the "pause" kind
+SETTLE = 60.0  # seconds after a change is over within which the range should narrow
 
 
 class Event(NamedTuple):
@@ -397,6 +398,11 @@ class Score(NamedTuple):
     width: float  # median range width, % of the truth (nan without a range)
     before: float = math.nan  # coverage of the polls before the kind's event
     after: float = math.nan  # and after it
+    rises: float = math.nan  # % of polls whose shown estimate rose since the previous one
+    unsteady: float = math.nan  # mean |shown - (previous shown - 2 s)|, % of the truth
+    width_after: float = math.nan  # median range width in the minute after the change is
+    # over, % of the truth
+    width_settled: float = math.nan  # and from then on
 
 
 def shown(value: float | None) -> float | None:
@@ -421,23 +427,36 @@ def polls(events: list[Event]) -> Iterator[tuple[float, list[Event]]]:
 
 
 def score(
-    events: list[Event], n: int, make: Callable[[int], Estimator], change: float | None = None
+    events: list[Event],
+    n: int,
+    make: Callable[[int], Estimator],
+    change: float | None = None,
+    settle: float = 0.0,
 ) -> Score:
     """How one estimator does on one event stream; with ``change`` (the share of items
-    done when something changes unannounced), its coverage before and after."""
+    done when something changes unannounced), its coverage before and after, and the
+    median width of its range in the :data:`SETTLE` seconds from ``settle`` seconds after
+    the change on (when the change is over), and from then on."""
     estimator = make(n)
     end = max(e.at for e in events if e.kind in ("done", "fail"))
     errors: list[float] = []
     jumps: list[float] = []
+    rises: list[bool] = []
+    unsteady: list[float] = []
     held: list[bool] = []
     phases: list[bool] = []  # after the event
     widths: list[float] = []
+    later: list[float] = []  # widths in the minute after the change is over
+    settled: list[float] = []  # and after that minute
+    changed_at: float | None = None
     previous: float | None = None
     done = 0
     for t, batch in polls(events):
         for event in batch:
             estimator.see(event)
             done += event.kind in ("done", "fail")
+        if changed_at is None and change is not None and done >= change * n:
+            changed_at = t
         truth = end - t
         if not 0.1 * n <= done <= 0.9 * n or truth < 5.0:
             previous = None
@@ -449,12 +468,16 @@ def score(
         errors.append(abs(value - truth) / truth)
         if previous is not None:
             jumps.append(abs(value - previous + POLL))  # a perfect estimate falls by 2 s
+            rises.append(value > previous)
+            unsteady.append(abs(value - previous + POLL) / truth)
         previous = value
         span = estimator.range(t)
         if span is not None:
             held.append(span[0] <= truth <= span[1])
             phases.append(change is not None and done >= change * n)
             widths.append((span[1] - span[0]) / truth)
+            if changed_at is not None and t >= changed_at + settle:
+                (later if t < changed_at + settle + SETTLE else settled).append(widths[-1])
     if not errors:
         return Score(math.nan, math.nan, math.nan, math.nan)
 
@@ -469,6 +492,10 @@ def score(
         100 * statistics.median(widths) if widths else math.nan,
         share(False),
         share(True),
+        100 * statistics.fmean(rises) if rises else math.nan,
+        100 * statistics.fmean(unsteady) if unsteady else math.nan,
+        100 * statistics.median(later) if later else math.nan,
+        100 * statistics.median(settled) if settled else math.nan,
     )
 
 
@@ -487,9 +514,10 @@ def table(quick: bool = False, seeds: list[int] | None = None) -> dict[str, dict
             for workers in CONCURRENCY:
                 for seed in seeds:
                     events = simulate(n, workers, kind, seed)
+                    settle = PAUSE if kind.pause else 0.0  # when the change is over
                     for make in ESTIMATORS:
                         name = make(1).name
-                        per.setdefault(name, []).append(score(events, n, make, kind.event))
+                        per.setdefault(name, []).append(score(events, n, make, kind.event, settle))
         results[kind_name] = {
             name: Score(
                 statistics.fmean(s.error for s in scores),
@@ -498,6 +526,10 @@ def table(quick: bool = False, seeds: list[int] | None = None) -> dict[str, dict
                 statistics.median(s.width for s in scores),
                 _mean_known(s.before for s in scores),
                 _mean_known(s.after for s in scores),
+                _mean_known(s.rises for s in scores),
+                _mean_known(s.unsteady for s in scores),
+                _median_known(s.width_after for s in scores),
+                _median_known(s.width_settled for s in scores),
             )
             for name, scores in per.items()
         }
@@ -508,6 +540,12 @@ def _mean_known(values: Iterable[float]) -> float:
     """The mean of the values that are not nan (a run may have no poll before an event)."""
     known = [v for v in values if not math.isnan(v)]
     return statistics.fmean(known) if known else math.nan
+
+
+def _median_known(values: Iterable[float]) -> float:
+    """The median of the values that are not nan."""
+    known = [v for v in values if not math.isnan(v)]
+    return statistics.median(known) if known else math.nan
 
 
 def steadiness(quick: bool = False) -> float:
@@ -534,6 +572,17 @@ def report(quick: bool = False, seeds: list[int] | None = None) -> str:
     lines.append(f"{'mean':<{width}}" + "".join(f"{means[n]:>24.1f}" for n in names))
     lines += [
         "",
+        "steadiness: % of polls whose shown ETA rose since the previous poll, and the mean",
+        "jump away from a steady countdown, |shown - (previous shown - 2 s)|, % of the truth",
+        " " * width + "".join(f"{name:>24}" for name in names),
+    ]
+    for kind, row in results.items():
+        lines.append(
+            f"{kind:<{width}}"
+            + "".join(f"{f'{row[n].rises:.0f}% / {row[n].unsteady:.1f}%':>24}" for n in names)
+        )
+    lines += [
+        "",
         "batchtrack against the best baseline of each kind; its 80% range",
         f"{'':<{width}}{'ours':>7}{'best baseline':>36}{'ratio':>7}{'held':>7}{'width':>7}"
         f"{'held¹':>7}{'width¹':>7}",
@@ -554,14 +603,19 @@ def report(quick: bool = False, seeds: list[int] | None = None) -> str:
     )
     lines += [
         "",
-        "where something changes that nothing announced: % of polls held before and after it",
-        f"{'':<{width}}{'before':>8}{'after':>8}",
+        "where something changes that nothing announced: % of polls held before and after it;",
+        f"median width in the first {SETTLE:.0f} s after the change is over (a pause's end),",
+        "and from then on, % of the true time left",
+        f"{'':<{width}}{'before':>8}{'after':>8}{'width':>8}{'then':>8}",
     ]
     for kind, row in results.items():
         if KINDS[kind].event is not None:
             ours = row["batchtrack"]
             before = "—" if math.isnan(ours.before) else f"{ours.before:.0f}%"
-            lines.append(f"{kind:<{width}}{before:>8}{ours.after:>7.0f}%")
+            lines.append(
+                f"{kind:<{width}}{before:>8}{ours.after:>7.0f}%{ours.width_after:>7.0f}%"
+                f"{ours.width_settled:>7.0f}%"
+            )
     lines.append(f"mean jump between polls on steady workloads: {steadiness(quick):.2f} s")
     return "\n".join(lines)
 

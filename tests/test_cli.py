@@ -312,13 +312,45 @@ def test_postfix_says_counts_eta_and_its_range() -> None:
 
 @pytest.mark.parametrize(
     ("seconds", "text"),
-    [(0, "0s"), (89, "89s"), (90, "2m"), (3599, "60m"), (5400, "1h 30m"), (7260, "2h 01m")],
+    [
+        (0, "0s"),
+        (59, "59s"),
+        (60, "1m"),
+        (89, "1m"),
+        (90, "2m"),
+        (3599, "60m"),
+        (5400, "1h 30m"),
+        (7260, "2h 01m"),
+    ],
 )
 def test_durations_read_like_a_person_would_say_them(seconds: int, text: str) -> None:
-    """Seconds under a minute and a half, then minutes, then hours and minutes."""
+    """Seconds under a minute, then minutes, then hours and minutes."""
     from batchtrack.progress import duration
 
     assert duration(seconds) == text
+
+
+@pytest.mark.parametrize(
+    ("eta", "eta_range", "text"),
+    [
+        (5, (5, 5), "ETA 5s (5s–6s)"),
+        (45, (40, 50), "ETA 45s (40s–50s)"),
+        (50, (50, 70), "ETA 50s (50s–2m)"),
+        (89, (80, 95), "ETA 1m (1m–2m)"),
+        (150, (130, 170), "ETA 2m (2m–3m)"),
+        (120, (120, 120), "ETA 2m (2m–3m)"),
+        (100, (110, 130), "ETA 2m (1m–3m)"),
+    ],
+)
+def test_the_bar_shows_a_range_that_holds_its_eta_and_is_never_a_point(
+    eta: int, eta_range: tuple[int, int], text: str
+) -> None:
+    """The shown range holds the shown ETA, rounds its ends outwards and never reads n–n."""
+    from batchtrack import Progress
+    from batchtrack.progress import describe
+
+    progress = Progress(total=10, pending=5, processing=1, completed=4, failed=0)
+    assert describe(progress, eta, eta_range) == f"4 ok, 0 failed, {text}"
 
 
 def test_process_all_good_exits_zero(folder: Path, tmp_path: Path) -> None:

@@ -252,10 +252,10 @@ def _replay(
 def test_the_range_brackets_the_estimate_on_every_store(
     store_factory: Callable[[], Store], history: tuple[int, list[tuple[str, int, float]]]
 ) -> None:
-    """On any sequence of events, every event and read has low <= ETA <= high, None
-    exactly when the ETA is None (before anything finished, or a read while only lost
-    items are left), (0, 0) once finished, and every store gives the same ETA and range
-    as the memory store."""
+    """On any sequence of events, every event and read has low <= ETA <= high and low <
+    high (never a point range), None exactly when the ETA is None (before anything
+    finished, or a read while only lost items are left), (0, 0) once finished, and
+    every store gives the same ETA and range as the memory store."""
     size, steps = history
     runs = []
     for store in (MemoryStore(), store_factory()):
@@ -275,6 +275,7 @@ def test_the_range_brackets_the_estimate_on_every_store(
             assert eta_range is not None
             low, high = eta_range
             assert 1 <= low <= eta <= high
+            assert low < high
 
 
 def test_the_range_is_in_the_json_body(tracker: BatchTracker, clock: FakeClock) -> None:
@@ -571,3 +572,99 @@ def test_lost_items_among_running_ones_are_not_counted_as_about_to_finish(
     # as a running item, the lost one would make that about 2 s).
     assert got.estimated_time_remaining >= 4
     assert got.eta_range[1] >= 4
+
+
+def test_a_range_under_a_second_is_never_a_point(tracker: BatchTracker, clock: FakeClock) -> None:
+    """Items of 10 ms with a few left: the span is far under a second, and the range
+    is still two different whole seconds, the estimate among them."""
+    snap = tracker.create_batch([f"{i}.jpg" for i in range(100)])
+    _one_by_one(tracker, clock, snap.batch_id, [item.id for item in snap.items[:95]], 0.01)
+    got = tracker.get(snap.batch_id, items=False)
+    assert got.estimated_time_remaining == 1
+    assert got.eta_range == (1, 2)
+    assert json.loads(status_body(got))["estimatedTimeRemainingRange"] == [1, 2]
+
+
+# -- steadiness ----------------------------------------------------------------------------
+
+
+def _steady_steps(tracker: BatchTracker, clock: FakeClock, workers: int, seed: int) -> list[int]:
+    """Items of 0.8-1.2 s, polled every 2 s: how the shown ETA moves between polls from
+    a tenth of the batch's time on, while more than 10 s are left."""
+    rng = random.Random(seed)
+    durations = [rng.uniform(0.8, 1.2) for _ in range(200)]
+    polled: list[tuple[float, int]] = []
+
+    def poll(now: float, eta: int | None, end: float) -> None:
+        if eta is not None and end - now > 10:
+            polled.append((now, eta))
+
+    _run(tracker, clock, durations, workers, poll)
+    start = polled[0][0] + 0.1 * (polled[-1][0] - polled[0][0])
+    etas = [eta for now, eta in polled if now >= start]
+    return [b - a for a, b in itertools.pairwise(etas)]
+
+
+@pytest.mark.parametrize(("workers", "seed"), [(2, 1), (2, 3), (4, 1), (4, 2)])
+def test_a_steady_batch_counts_down_without_ever_rising(
+    tracker: BatchTracker, clock: FakeClock, workers: int, seed: int
+) -> None:
+    """With a few workers on alike items the shown ETA never rises, and it falls by
+    about the 2 s that passed between two polls."""
+    steps = _steady_steps(tracker, clock, workers, seed)
+    assert max(steps) <= 0
+    assert statistics.fmean(abs(step + 2) for step in steps) < 0.6
+
+
+@pytest.mark.parametrize("seed", [1, 3, 5])
+def test_one_worker_on_alike_items_counts_down_steadily(
+    tracker: BatchTracker, clock: FakeClock, seed: int
+) -> None:
+    """One worker on alike items: a few recent items that happen to be quick do not
+    pull the ETA down for the next ones to push it back up (at most one rise)."""
+    steps = _steady_steps(tracker, clock, 1, seed)
+    assert sum(step > 0 for step in steps) <= 1
+    assert statistics.fmean(abs(step + 2) for step in steps) < 0.6
+
+
+def test_a_lasting_slow_down_is_followed_within_a_few_polls(
+    tracker: BatchTracker, clock: FakeClock
+) -> None:
+    """One worker, items 3x slower from the middle on: the ETA rises to the new pace,
+    within 20% of the truth from 20 polls (40 s, 13 slow items) after the change."""
+    durations = [1.0] * 100 + [3.0] * 100
+    late: list[float] = []
+    start = clock()
+
+    def check(now: float, eta: int | None, end: float) -> None:
+        if eta is not None and now >= start + 100 + 40 and end - now >= 20:
+            late.append(abs(eta - (end - now)) / (end - now))
+
+    _run(tracker, clock, durations, 1, check)
+    assert late
+    assert max(late) < 0.2
+
+
+def test_the_range_narrows_as_soon_as_work_resumes_after_a_pause(clock: FakeClock) -> None:
+    """Four workers stop for 5 minutes a quarter in: once they are back, their young
+    items are not taken for lost ones, and the range is as narrow as before the pause."""
+    tracker = BatchTracker(clock=clock)
+    snap = tracker.create_batch([f"{i}.jpg" for i in range(400)])
+    ids = iter(item.id for item in snap.items)
+    start = clock()
+    widths: list[float] = []  # the range's width over the ETA, after the pause
+    for step in range(95):
+        at = start + step + (300.0 if step >= 25 else 0.0)
+        clock.now = at
+        for item in itertools.islice(ids, 4):
+            tracker.start_item(snap.batch_id, item)
+        if step >= 25 and step % 2 == 0:
+            got = tracker.get(snap.batch_id, items=False)
+            assert got.eta_range is not None
+            assert got.estimated_time_remaining
+            low, high = got.eta_range
+            widths.append((high - low) / got.estimated_time_remaining)
+        clock.now = at + 1.0
+        for item in snap.items[4 * step : 4 * step + 4]:
+            tracker.complete_item(snap.batch_id, item.id)
+    assert max(widths) < 0.3

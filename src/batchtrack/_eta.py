@@ -20,11 +20,16 @@ age of the items running now. 18 sums in all, 2 per start, 13 per finish. The we
 the whole batch, the largest k its most recent stretch. The windows precise enough to
 be trusted (relative standard error at most :data:`_TRUSTED`) are blended, each
 weighted by one over its mean squared error: its variance, plus its squared distance
-from the most recent trusted window beyond :data:`_AGREE` standard errors of that one
+from the most recent trusted window beyond a threshold in standard errors of that one
 (a bias; closer than that it is noise). While every window agrees, the recent ones,
-which are subsets of the whole, add only noise: they count a tenth. A steady or merely
-noisy batch thus keeps the whole-batch mean, one that really sped up or slowed down
-moves to the recent window within a few items.
+which are subsets of the whole, add only noise: they count a twentieth, and past the
+threshold they take over gradually. The threshold makes the ETA steady: :data:`_AGREE`
+standard errors for alike durations, more for skewed ones, more again when the recent
+window is the slower one (the ETA rises only for a clearly lasting slow-down), and more
+for a window of few items. A steady or merely noisy batch thus keeps the whole-batch
+mean, one that really sped up or slowed down moves to the recent window within a few
+items. No previously shown value is kept: the ETA is a function of the sums, the same
+in every process.
 
 From the blended mean ``m`` and variance ``v`` of durations:
 
@@ -98,10 +103,14 @@ pace of this batch tells."""
 _KS = (0, 1, 16)  # the windows' powers; t**32 stays finite for t up to 1e9 s
 _TRUSTED = 0.4  # largest relative standard error of a window we believe
 _AGREE = 2.0  # how many standard errors of the recent window a bias must exceed
+_SKEWED = 0.5  # how much more it must exceed them per unit of relative variance (up to 1)
+_SLOWER = 1.5  # how much more again when the recent window is the slower one
+_FEW_FASTER = 1.0  # effective items by which a faster recent window's threshold grows
+_FEW_SLOWER = 3.0  # and a slower one's: (1 + these / its effective count) times
 _Z = 1.2816  # the 90th percentile of the standard normal: 8 in 10 between -z and +z
 _HORIZON = 0.0004  # relative variance per unit of (time ahead / time seen)
 _KURT = 1.0  # standard errors of the variance added for heavy tails
-_SUBSET = 0.1  # weight of the recent windows while all windows agree
+_SUBSET = 0.05  # weight of the recent windows while all windows agree
 _TREND = 0.1  # how much of the windows' disagreement counts as uncertainty
 _Z_HIGH = -math.log(0.9)  # gap exceeded 9 times in 10 by an exponential gap x rate
 _Z_LOW = -math.log(0.1)  # gap exceeded 1 time in 10
@@ -207,6 +216,7 @@ def _fit(stats: Mapping[str, float]) -> _Model | None:
     means: list[float] = []
     variances: list[float] = []
     errors: list[float] = []  # squared standard errors
+    counts: list[float] = []  # effective numbers of items
     busy: list[tuple[float, int]] = []
     for w, d, q, w2, k1 in _WINDOWS:
         weight = get(w, 0.0)
@@ -225,20 +235,36 @@ def _fit(stats: Mapping[str, float]) -> _Model | None:
         means.append(mean)
         variances.append(variance)
         errors.append(error)
+        counts.append(weight * weight / get(w2, 0.0) if get(w2, 0.0) > 0.0 else 1.0)
     if not means or means[0] <= 0:
         return None
     # Blend the trusted windows, each weighted by 1 / its mean squared error: its
     # variance plus its bias, measured against the most recent trusted window and
-    # counted only beyond _AGREE standard errors of that one (otherwise it is noise).
+    # counted only beyond a threshold in standard errors of that one (otherwise it is
+    # noise). The threshold is where the ETA's steadiness comes from, and it is
+    # asymmetric: _AGREE standard errors for durations alike, more when they are
+    # skewed (a few items' mean is then most often below the true one, until a long
+    # item comes); more again when the recent window is the slower one (the ETA should
+    # rise only when a slow-down is clearly lasting); and more when the window holds
+    # few items (their spread itself is unsure: a Student-like widening).
     recent = means[-1]
-    noise = _AGREE * _AGREE * errors[-1]
+    skew = variances[0] / (means[0] * means[0])
+    z = _AGREE * (1.0 + _SKEWED * (skew if skew < 1.0 else 1.0))
+    few = _FEW_FASTER
+    if recent > means[0]:
+        z *= _SLOWER
+        few = _FEW_SLOWER
+    z *= 1.0 + few / counts[-1]
+    noise = z * z * errors[-1]
     floor = 1e-12 * recent * recent
     total_weight = mean = variance = spread = 0.0
     # Nested windows: while they all agree, the recent ones add no information, only
-    # noise; the whole batch leads.
-    subset = 1.0
-    if all((m - recent) ** 2 <= noise for m in means):
-        subset = _SUBSET
+    # noise; the whole batch leads. They take over gradually as the disagreement
+    # grows past the threshold, so the ETA does not switch between the two.
+    worst = max((m - recent) ** 2 for m in means) - noise
+    subset = _SUBSET
+    if worst > 0.0:
+        subset = 1.0 if worst >= noise else _SUBSET + (1.0 - _SUBSET) * worst / noise
     for i, (m, v, e) in enumerate(zip(means, variances, errors, strict=True)):
         bias = (m - recent) ** 2 - noise
         mse = e + (bias if bias > 0.0 else 0.0) + floor
@@ -436,6 +462,7 @@ def _seconds(
         return _Found(seconds, seconds, 1.0 / finished + _HORIZON * seconds / elapsed, 0, 0)
     mean, residual, cv2, uncertainty, attempts, busy, last, tail = model
     held = reclaimed = suspect = held_age = 0.0
+    suspect_share = 1.0
     running_work = 0.0
     if running == 0:
         # Nobody is working (a pause, or between items): assume the concurrency the
@@ -486,6 +513,11 @@ def _seconds(
                 running_work = working * residual
             else:
                 suspect = running - working  # only widens the range
+                # by as much as the running items are older than running items get:
+                # not at all when they are young (workers that just came back from a
+                # pause, or joined), fully when they are about to count as held.
+                older = excess_age / (_AGED * residual * math.sqrt(running * (1.0 + cv2)))
+                suspect_share = 0.0 if older <= 0.0 else older if older < 1.0 else 1.0
         if held == 0.0:
             # What the running items still need, from how long they have run: with
             # durations all alike, an item's mean less its age; with exponential ones
@@ -527,6 +559,8 @@ def _seconds(
             seconds,
             elapsed,
         )
+        if suspect > 0.0 and held == 0.0 and reclaimed < 1.0:
+            high_wait *= suspect_share
     # Relative variance of the work: the remaining items' own spread, the mean's
     # standard error and the windows' disagreement (both only on the pending items),
     # how far ahead we look.
@@ -595,9 +629,9 @@ def estimate(
 
     Both None until the first item is final; ``0`` and ``(0, 0)`` once every item is;
     otherwise the estimate rounded to the nearest second but at least 1 (so that 0
-    always means finished), and ``(low, high)`` with ``1 <= low <= estimate <= high``:
-    the range's ends rounded down and up, so that it holds the whole span (a span
-    narrower than a second never becomes a point no true time can equal).
+    always means finished), and ``(low, high)`` with ``1 <= low <= estimate <= high``
+    and ``low < high``: the range's ends rounded down and up, so that it holds the whole
+    span (a span narrower than a second never becomes a point no true time can equal).
     """
     found = _seconds(progress, created_at, stats, now, lost)
     if found is None:
@@ -608,4 +642,8 @@ def estimate(
     start, end = _span(found)
     low = math.floor(start) or 1
     high = math.ceil(end)
-    return point, (low if low < point else point, high if high > point else point)
+    if low > point:
+        low = point
+    if high <= low:  # never a point: no true time left equals a whole second
+        high = low + 1
+    return point, (low, high if high > point else point)

@@ -40,21 +40,46 @@ _GAP = 0.1  # seconds between two reads of the batch by show(), however often it
 _CHECK = 5.0  # seconds between reads by show() while the store reports every change
 
 
-def duration(seconds: int) -> str:
-    """``45s``, ``3m``, ``1h 05m``: as precise as a person needs."""
-    if seconds < 90:
+def duration(seconds: int, rounding: str = "nearest") -> str:
+    """``45s``, ``3m``, ``1h 05m``: as precise as a person needs.
+
+    Seconds under a minute, whole minutes from a minute on, hours and minutes from an
+    hour and a half. ``rounding`` is how seconds become minutes: ``"nearest"`` for an
+    estimate, ``"down"`` and ``"up"`` for the ends of a range (which then still holds
+    every time it held).
+    """
+    if seconds < 60:
         return f"{seconds}s"
-    if seconds < 5400:
-        return f"{round(seconds / 60)}m"
-    hours, minutes = divmod(round(seconds / 60), 60)
+    if rounding == "down":
+        minutes = seconds // 60
+    elif rounding == "up":
+        minutes = -(-seconds // 60)
+    else:
+        minutes = round(seconds / 60)
+    if minutes < 90:
+        return f"{minutes}m"
+    hours, minutes = divmod(minutes, 60)
     return f"{hours}h {minutes:02d}m"
+
+
+def _span(low: int, high: int) -> str:
+    """A range as shown: its low end rounded down, its high end up, and never a point
+    (``5s–5s``, ``2m–2m``): ends that read the same are shown one unit apart."""
+    shown_low, shown_high = duration(low, "down"), duration(high, "up")
+    if shown_low == shown_high:
+        shown_high = duration(high + 1 if high < 60 else (high // 60 + 1) * 60, "up")
+    return f"{shown_low}–{shown_high}"
 
 
 def describe(
     progress: Progress, eta: int | None = None, eta_range: tuple[int, int] | None = None
 ) -> str:
     """The bar's counts and ETA: ``3 ok, 1 failed, ETA 2m (1m–3m)`` (and ``, 2
-    cancelled`` when some were); no ETA once nothing is left to wait for."""
+    cancelled`` when some were); no ETA once nothing is left to wait for.
+
+    The range is widened to hold the estimate if it did not, and shown by
+    :func:`duration` with its ends rounded outwards, never as a point.
+    """
     text = f"{progress.completed} ok, {progress.failed} failed"
     if progress.cancelled:
         text += f", {progress.cancelled} cancelled"
@@ -63,7 +88,7 @@ def describe(
     text += f", ETA {duration(eta)}"
     if eta_range is not None:
         low, high = eta_range
-        text += f" ({duration(low)}–{duration(high)})"
+        text += f" ({_span(min(low, eta), max(high, eta))})"
     return text
 
 
