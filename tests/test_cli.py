@@ -448,8 +448,11 @@ def test_cli_page_documents_every_option_and_exit_status() -> None:
 
     page = (Path(__file__).resolve().parent.parent / "docs" / "cli.rst").read_text()
     commands = next(a for a in _parser()._actions if isinstance(a, argparse._SubParsersAction))
+    headings = re.findall(r"^batchtrack ([a-z, ]+)\n-{3,}$", page, re.MULTILINE)
     for name, command in commands.choices.items():
-        section = page.split(f"batchtrack {name}\n---")[1].split("\n---")[0]
+        # A section may cover several commands: "batchtrack pause, unpause, cancel".
+        heading = next(h for h in headings if name in h.split(", "))
+        section = page.split(f"batchtrack {heading}\n---")[1].split("\n---")[0]
         for action in command._actions:
             for option in action.option_strings:
                 if option not in ("-h", "--help"):
