@@ -658,6 +658,8 @@ def test_openapi_document_describes_the_real_responses(client: Client, service: 
         "/batch-results/{batchId}.zip",
         "/batch-cancel/{batchId}",
         "/batch-retry/{batchId}",
+        "/batch-pause/{batchId}",
+        "/batch-unpause/{batchId}",
         "/openapi.json",
     }
 
@@ -708,6 +710,15 @@ def test_openapi_document_describes_the_real_responses(client: Client, service: 
     assert check(client.post(f"/api/batch-cancel/{batch['batchId']}"), cancel)["cancelled"] >= 0
     check(client.post("/api/batch-cancel/nope"), cancel)
     check(client.post(f"/api/batch-cancel/{uuid.uuid4()}"), cancel)
+
+    for name, key in (("pause", "paused"), ("unpause", "unpaused")):
+        path = f"/batch-{name}/{{batchId}}"
+        assert check(client.post(f"/api/batch-{name}/{batch['batchId']}"), path)[key] in (
+            True,
+            False,
+        )
+        check(client.post(f"/api/batch-{name}/nope"), path)
+        check(client.post(f"/api/batch-{name}/{uuid.uuid4()}"), path)
 
     # An item started twice (its worker lost, then reclaimed) carries "attempts".
     owner = _owner(client)
