@@ -646,3 +646,25 @@ def celery_worker_command(name: str) -> list[str]:
         "--loglevel",
         "INFO",
     ]
+
+
+# -- the HTTP service and a client of each transport (tests/http_support.py) --------------
+
+
+@pytest.fixture
+def service(tmp_path: Path) -> Iterator[Any]:
+    """An http_support.Service in a temporary folder, closed after the test."""
+    from http_support import Service
+
+    svc = Service(tmp_path)
+    yield svc
+    svc.close()
+
+
+@pytest.fixture(params=["asgi", "wsgi", "uvicorn", "wsgiref"])
+def client(request: pytest.FixtureRequest, service: Any) -> Iterator[Any]:
+    """A client of each transport: in-process ASGI and WSGI, uvicorn and wsgiref."""
+    from http_support import clients
+
+    with clients(service, str(request.param)) as make:
+        yield make()

@@ -6,8 +6,6 @@ import json
 import threading
 import time
 import uuid
-from collections.abc import Iterator
-from pathlib import Path
 from typing import Any
 
 import pytest
@@ -16,7 +14,7 @@ pytest.importorskip("python_multipart")
 from batchtrack import BatchNotFound, BatchTracker, ItemNotFound, MemoryStore, ValidationError
 from batchtrack._http import COOKIE
 from batchtrack.stores.base import ItemQuery, Store
-from http_support import TRANSPORTS, Service, clients
+from http_support import Service, clients
 
 Client = Any
 
@@ -86,19 +84,6 @@ def test_a_store_without_indexes_still_answers_pages_and_over_answers_since() ->
 
 
 # -- HTTP ----------------------------------------------------------------------------------
-
-
-@pytest.fixture
-def service(tmp_path: Path) -> Iterator[Service]:
-    svc = Service(tmp_path)
-    yield svc
-    svc.close()
-
-
-@pytest.fixture(params=TRANSPORTS)
-def client(request: pytest.FixtureRequest, service: Service) -> Iterator[Client]:
-    with clients(service, str(request.param)) as make:
-        yield make()
 
 
 def _owned_batch(client: Client, tracker: BatchTracker, n: int) -> tuple[str, list[str]]:

@@ -28,13 +28,6 @@ from http_support import (
 Client = Any
 
 
-@pytest.fixture
-def service(tmp_path: Path) -> Iterator[Service]:
-    svc = Service(tmp_path)
-    yield svc
-    svc.close()
-
-
 @pytest.fixture(params=TRANSPORTS)
 def transport(request: pytest.FixtureRequest) -> str:
     """Each transport: in-process ASGI and WSGI, uvicorn and a threaded wsgiref server."""

@@ -45,13 +45,6 @@ def _error(response: httpx.Response, status: int, code: str) -> dict[str, Any]:
     return dict(body["error"])
 
 
-@pytest.fixture
-def service(tmp_path: Path) -> Iterator[Service]:
-    svc = Service(tmp_path)
-    yield svc
-    svc.close()
-
-
 # -- store outages --------------------------------------------------------------------
 
 

@@ -10,7 +10,7 @@ import threading
 import time
 import types
 import uuid
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -33,7 +33,7 @@ from batchtrack.testing import FakeClock
 
 pytest.importorskip("python_multipart")
 
-from http_support import TRANSPORTS, Service, clients, jpeg
+from http_support import Service, jpeg
 
 Client = Any
 
@@ -168,20 +168,6 @@ def _until(condition: Callable[[], bool], timeout: float = 30) -> None:
 
 
 # -- HTTP ---------------------------------------------------------------------------------
-
-
-@pytest.fixture
-def service(tmp_path: Path) -> Iterator[Service]:
-    svc = Service(tmp_path)
-    yield svc
-    svc.close()
-
-
-@pytest.fixture(params=TRANSPORTS)
-def client(request: pytest.FixtureRequest, service: Service) -> Iterator[Client]:
-    """A client of each transport: in-process ASGI and WSGI, uvicorn and wsgiref."""
-    with clients(service, str(request.param)) as make:
-        yield make()
 
 
 def _owner(client: Client) -> str:
