@@ -317,14 +317,21 @@ def test_reclaim_sends_the_pending_items_of_a_stalled_batch_again(eager_app: Any
     assert tracker.get(busy.batch_id).progress.pending == 1
 
 
-def test_a_stalled_batch_is_sent_again_once_per_stalled_after(eager_app: Any) -> None:
-    """A stalled batch whose new messages are lost too is sent again only after another
-    ``stalled_after`` seconds, not on every sweep."""
+def _sending_runner(eager_app: Any) -> tuple[FakeClock, BatchTracker, CeleryRunner, list[str]]:
+    """A runner with ``stalled_after=30`` on a fake clock whose messages are only noted
+    (the item ids, in ``sent``)."""
     clock = FakeClock()
     tracker = BatchTracker(MemoryStore(), clock=clock)
     runner = CeleryRunner(tracker, tracked_task(eager_app, tracker, Calls()), stalled_after=30)
     sent: list[str] = []
     runner.task.apply_async = lambda args, **options: sent.append(args[1])
+    return clock, tracker, runner, sent
+
+
+def test_a_stalled_batch_is_sent_again_once_per_stalled_after(eager_app: Any) -> None:
+    """A stalled batch whose new messages are lost too is sent again only after another
+    ``stalled_after`` seconds, not on every sweep."""
+    clock, tracker, runner, sent = _sending_runner(eager_app)
     snap = tracker.create_batch([Item("a.png")])
     clock.advance(30)
     runner.reclaim()
@@ -340,11 +347,7 @@ def test_a_stalled_batch_is_sent_again_once_per_stalled_after(eager_app: Any) ->
 def test_a_paused_batch_is_not_stalled(eager_app: Any) -> None:
     """A paused batch's pending items are held on purpose: reclaim sends them no new
     messages, however long it stays paused."""
-    clock = FakeClock()
-    tracker = BatchTracker(MemoryStore(), clock=clock)
-    runner = CeleryRunner(tracker, tracked_task(eager_app, tracker, Calls()), stalled_after=30)
-    sent: list[str] = []
-    runner.task.apply_async = lambda args, **options: sent.append(args[1])
+    clock, tracker, runner, sent = _sending_runner(eager_app)
     snap = tracker.create_batch([Item("a.png")])
     tracker.pause(snap.batch_id)
     clock.advance(300)

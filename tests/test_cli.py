@@ -845,16 +845,21 @@ def batch_progress(tmp_path: Path, batch_id: str) -> dict[str, int]:
     return {"completed": progress.completed, "processing": progress.processing}
 
 
+def wait_for_count(tmp_path: Path, batch_id: str, key: str, at_least: int) -> None:
+    """Wait (up to 60 s) until the batch's ``progress[key]`` reaches ``at_least``."""
+    deadline = time.monotonic() + 60
+    while batch_progress(tmp_path, batch_id)[key] < at_least:
+        assert time.monotonic() < deadline, f"{key} never reached {at_least}"
+        time.sleep(0.05)
+
+
 def test_process_ctrl_c_stops_starting_images_and_names_the_interrupted_ones(
     tmp_path: Path,
 ) -> None:
     """The first Ctrl-C starts no new image, lets the running ones finish, prints the
     summary naming the images not processed, and exits 130; the batch is finished."""
     proc, batch_id = start_process(tmp_path, 20, 0.5, "--json")
-    deadline = time.monotonic() + 60
-    while batch_progress(tmp_path, batch_id)["completed"] < 2:
-        assert time.monotonic() < deadline
-        time.sleep(0.05)
+    wait_for_count(tmp_path, batch_id, "completed", 2)
     proc.send_signal(signal.SIGINT)
     out, err = proc.communicate(timeout=60)
     assert proc.returncode == 130, err
@@ -875,10 +880,7 @@ def test_process_ctrl_c_abandons_images_still_running_after_the_grace(tmp_path: 
     """Images that do not finish within the grace after Ctrl-C are abandoned: failed as
     interrupted, no result written, the summary printed, exit 130."""
     proc, batch_id = start_process(tmp_path, 6, 10)
-    deadline = time.monotonic() + 60
-    while batch_progress(tmp_path, batch_id)["processing"] < 2:
-        assert time.monotonic() < deadline
-        time.sleep(0.05)
+    wait_for_count(tmp_path, batch_id, "processing", 2)
     proc.send_signal(signal.SIGINT)
     _, err = proc.communicate(timeout=60)
     assert proc.returncode == 130, err
