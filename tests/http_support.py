@@ -5,7 +5,9 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import io
+import signal
 import socket
+import subprocess
 import threading
 import time
 from collections.abc import Callable, Iterable, Iterator
@@ -370,3 +372,14 @@ def clients(service: Service, transport: str, root_path: str = "") -> Iterator[C
             yield make_real
         finally:
             finish()
+
+
+def stop_serve(proc: subprocess.Popen[Any]) -> None:
+    """Stop a serve process like Ctrl-C would, or kill it if it does not stop."""
+    if proc.poll() is None:
+        proc.send_signal(signal.SIGINT)
+        try:
+            proc.wait(20)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()

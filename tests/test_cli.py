@@ -18,7 +18,7 @@ import httpx
 import pytest
 from PIL import Image
 
-from http_support import free_port, jpeg, wait_until_serving
+from http_support import free_port, jpeg, stop_serve, wait_until_serving
 
 
 def batchtrack(
@@ -495,17 +495,6 @@ def start_serve(data: Path, log: Path, *options: str) -> tuple[str, subprocess.P
     first = log.read_text().splitlines()[0]
     assert f"batchtrack serving on {base}/" in first, first
     return base, proc
-
-
-def stop_serve(proc: subprocess.Popen[str]) -> None:
-    """Stop a serve process like Ctrl-C would, or kill it if it does not stop."""
-    if proc.poll() is None:
-        proc.send_signal(signal.SIGINT)
-        try:
-            proc.wait(20)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
 
 
 @pytest.fixture

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import contextlib
 import json
-import signal
 import socket
 import subprocess
 import sys
@@ -16,7 +15,7 @@ from pathlib import Path
 import httpx
 import pytest
 
-from http_support import free_port, jpeg, read_response, wait_until_serving
+from http_support import free_port, jpeg, read_response, stop_serve, wait_until_serving
 
 pytest.importorskip("uvicorn")
 resource = pytest.importorskip("resource")
@@ -57,13 +56,7 @@ def _serve(tmp_path: Path, *options: str, fds: tuple[int, int] | None = None) ->
         yield base
     finally:
         _SERVED.pop(f"http://127.0.0.1:{port}", None)
-        if proc.poll() is None:
-            proc.send_signal(signal.SIGINT)
-            try:
-                proc.wait(20)
-            except subprocess.TimeoutExpired:
-                proc.kill()
-                proc.wait()
+        stop_serve(proc)
 
 
 @contextlib.contextmanager
