@@ -27,6 +27,7 @@ OPTIONAL = (
     "dask",
     "distributed",
     "obstore",
+    "prometheus_client",
 )
 
 

@@ -89,6 +89,7 @@ def build(
     files: FileStorage | None = None,
     session_secret: str | None = None,
     trusted_origins: Sequence[str] = (),
+    metrics: bool = False,
 ) -> tuple[Any, Callable[[], None]]:
     """The demo ASGI app over ``data_dir``, and the function that shuts it down.
 
@@ -103,6 +104,7 @@ def build(
     results in ``files`` under ``uploads/`` and ``results/`` (default: those folders of
     ``data_dir``). Processes sharing both serve the same users. Pages of
     ``trusted_origins`` may send state-changing requests with a visitor's cookie.
+    With ``metrics`` the app answers ``GET /metrics`` (``create_app(metrics=True)``).
     """
     data_dir.mkdir(parents=True, exist_ok=True)
     if store is None:
@@ -128,6 +130,7 @@ def build(
         page=True,
         session_secret=session_secret,
         trusted_origins=trusted_origins,
+        metrics=metrics,
     )
     tracker.start_sweeper(interval=600)
     stop = threading.Event()

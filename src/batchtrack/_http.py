@@ -27,7 +27,7 @@ import secrets
 import time
 from collections.abc import Callable, Iterable, Mapping
 from pathlib import Path, PurePosixPath
-from typing import Any, cast
+from typing import TYPE_CHECKING, Any, cast
 from urllib.parse import quote
 
 import attrs
@@ -81,6 +81,9 @@ from .uploads import (
     UploadWriter,
 )
 
+if TYPE_CHECKING:
+    from .metrics import AppMetrics, Metrics
+
 __all__ = [
     "COOKIE",
     "Api",
@@ -123,6 +126,7 @@ class AppOptions(TypedDict, total=False):
     page: bool
     on_progress: Callable[[ProgressEvent], Any] | None
     trusted_origins: Iterable[str]
+    metrics: bool | Metrics
 
 
 def build_api(
@@ -149,6 +153,16 @@ def build_api(
             "pip install 'batchtrack[server]'",
             name="python_multipart",
         ) from exc
+    if options.get("metrics") not in (None, False):
+        try:
+            importlib.import_module("batchtrack.metrics")
+        except ImportError as exc:
+            from ._extras import missing
+
+            raise ImportError(
+                missing("create_app(metrics=...)", "prometheus-client", "metrics"),
+                name="prometheus_client",
+            ) from exc
     return Api(tracker, runner, uploads, **options)
 
 
@@ -392,6 +406,8 @@ class Api:
     page: bool = False
     on_progress: Callable[[ProgressEvent], Any] | None = None
     trusted_origins: frozenset[str] = attrs.field(default=None, converter=parse_trusted_origins)
+    metrics: bool | Metrics = False
+    _metrics: AppMetrics | None = attrs.field(init=False, default=None)
     _page: Page | None = attrs.field(init=False, default=None)
     _outages: Outages = attrs.field(init=False, factory=Outages)
     _progress: dict[str, Any] = attrs.field(init=False, factory=dict)
@@ -444,6 +460,10 @@ class Api:
             ("POST", re.compile(rf"/batch-unpause/{id_}"), self._control.unpause),
             ("GET", re.compile(r"/openapi\.json"), self._openapi),
         ]
+        if self.metrics is not False and self.metrics is not None:  # GET /metrics, counts
+            from .metrics import for_app
+
+            self._metrics = for_app(self.metrics, self.tracker)
 
     # -- entry points ---------------------------------------------------------------------
 
@@ -467,6 +487,23 @@ class Api:
 
     def handle(self, request: Request) -> Response:
         """Answer one request; never raises, never shows a traceback."""
+        if self._metrics is not None:
+            return self._metrics.handle(self, request, self._answer)
+        return self._answer(request)
+
+    def route_of(self, request: Request) -> str:
+        """The route pattern ``request`` matches, such as ``/api/batch-status/{batch}``
+        (ids never appear); ``"other"`` when it matches none."""
+        if self._page is not None and (shown := self._page.route(request.path)):
+            return "/favicon.ico" if shown == "icon" else "/"
+        handler, _, _ = self._route(request)
+        for _, pattern, known in self._routes:
+            if known == handler:
+                template = re.sub(r"\(\?P<(\w+)>[^)]*\)", r"{\1}", pattern.pattern)
+                return self.prefix + template.replace("\\", "")
+        return "other"
+
+    def _answer(self, request: Request) -> Response:
         cookie_headers: list[tuple[str, str]] = []
         if self._page is not None and (shown := self._page.route(request.path)):
             if request.method in ("GET", "HEAD"):

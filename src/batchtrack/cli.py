@@ -11,6 +11,7 @@ import argparse
 import contextlib
 import errno
 import functools
+import importlib.util
 import json
 import logging
 import os
@@ -221,6 +222,12 @@ def _parser() -> argparse.ArgumentParser:
         metavar="SIZE",
         help="what one client (IP address) may upload per hour; more is refused with 429 "
         "(default: 200M)",
+    )
+    serve.add_argument(
+        "--metrics",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="answer GET /metrics for Prometheus (default: when prometheus-client is installed)",
     )
     serve.add_argument(
         "--quiet",
@@ -839,6 +846,10 @@ def _serve(args: argparse.Namespace) -> int:
     if secret is not None and len(secret) < 16:
         raise _Usage("BATCHTRACK_SECRET must be at least 16 characters (a long random string)")
     files = _files(args.files)
+    if args.metrics:
+        _need("prometheus_client", "prometheus-client", "metrics")
+    elif args.metrics is None:
+        args.metrics = importlib.util.find_spec("prometheus_client") is not None
     # Connections are capped below the open-files limit: accept never runs out of fds.
     max_connections = args.max_connections or connection_cap(raise_fd_limit())
     settle_malloc()  # before the threads start: RSS levels off instead of creeping up
@@ -858,6 +869,7 @@ def _serve(args: argparse.Namespace) -> int:
                 files=files,
                 session_secret=secret,
                 trusted_origins=args.trusted_origins,
+                metrics=args.metrics,
             )
         except (OSError, BatchtrackError) as exc:
             if tracked is not None:
