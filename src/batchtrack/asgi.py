@@ -210,7 +210,9 @@ def create_app(
             page at ``/``); ``on_progress`` (called with every
             :class:`~batchtrack.ProgressEvent` of the batches started or retried through
             the app, in the runner's thread; what it raises is logged, never raised);
-            ``trusted_origins`` (other sites whose pages may change state).
+            ``trusted_origins`` (other sites whose pages may change state);
+            ``metrics`` (True or a :class:`batchtrack.metrics.Metrics`: ``GET /metrics``
+            for Prometheus, needs the ``metrics`` extra).
             Each is described in :ref:`create-app-options`. With an Orchestrator the app
             resumes unfinished batches after a restart (:doc:`deployment`).
 
@@ -218,6 +220,7 @@ def create_app(
         ValidationError: A bad option, a ``runner`` without ``submit``, ``resume`` and
             ``cancel`` methods, or an ``on_progress`` the runner cannot take.
         TypeError: An option it does not take (a misspelt one names the closest).
-        ImportError: python-multipart (the ``server`` extra) is not installed.
+        ImportError: python-multipart (the ``server`` extra) is not installed, or
+            prometheus-client (the ``metrics`` extra) when ``metrics`` is set.
     """
     return App(build_api(tracker, runner, uploads, options))

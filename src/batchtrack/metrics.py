@@ -451,6 +451,8 @@ class InstrumentedStore(Store):
         if result.outcome is Outcome.APPLIED:
             if transition.lost_before is not None:  # the tracker's reclaim of a lost item
                 self._metrics._reclaim(transition.target)
+                # No duration: how long it ran before its worker was lost is not known.
+                self._started.pop((batch_id, transition.item_id), None)
             self._metrics._applied(
                 self._started,
                 batch_id,
