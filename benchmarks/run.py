@@ -1,7 +1,7 @@
 """Run every benchmark and print ratios measured side by side in one run.
 
 Usage: ``python benchmarks/run.py [--quick] [SUITE ...]``; suites: core, sqlite, eta, images,
-http, redis, postgres, leases, big, fast, serve, files, watch.
+http, redis, postgres, leases, big, fast, serve, files, watch, metrics.
 Install what they use first: ``pip install -e '.[test]'`` (or run ``nox -s benchmarks``,
 which does). A suite whose Python modules or server programs are missing is skipped with
 a one-line note saying what to install.
@@ -35,6 +35,7 @@ SUITES = {
     "serve": "bench_serve",
     "files": "bench_files",
     "watch": "bench_watch",
+    "metrics": "bench_metrics",
 }
 
 # The servers some suites start are started by the test suite's helpers (tests/conftest.py,
@@ -51,9 +52,10 @@ MODULES: dict[str, tuple[str, ...]] = {
     "serve": ("uvicorn",),
     "files": ("obstore", "PIL", *_HELPERS),
     "watch": ("uvicorn", "httpx", "PIL", *_HELPERS),
+    "metrics": ("prometheus_client",),
 }
 # Which module comes with which package, for the note.
-PACKAGES = {"PIL": "Pillow", "psycopg": "psycopg[binary]"}
+PACKAGES = {"PIL": "Pillow", "psycopg": "psycopg[binary]", "prometheus_client": "prometheus-client"}
 
 
 def _postgres() -> bool:

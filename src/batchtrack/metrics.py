@@ -1,7 +1,7 @@
 """Prometheus metrics of items, batches, the store and the HTTP API.
 
-Needs the ``metrics`` extra (``pip install 'batchtrack[metrics]'``, which installs
-``prometheus-client``); ``import batchtrack`` never imports it. In the spirit of
+Needs the ``metrics`` extra (``prometheus-client``); ``import batchtrack`` never
+imports it. In the spirit of
 stamina's instrumentation, nothing here touches the tracker's rules: a :class:`Metrics`
 wraps a tracker's store in an :class:`InstrumentedStore`, which times every store call
 and reads each transition the store reports as applied (so an event is counted once, by
