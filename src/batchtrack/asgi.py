@@ -210,9 +210,8 @@ def create_app(
             page at ``/``); ``on_progress`` (called with every
             :class:`~batchtrack.ProgressEvent` of the batches started or retried through
             the app, in the runner's thread; what it raises is logged, never raised);
-            ``trusted_origins`` (other sites whose pages may change state);
-            ``metrics`` (True or a :class:`batchtrack.metrics.Metrics`: ``GET /metrics``
-            for Prometheus, needs the ``metrics`` extra).
+            ``trusted_origins`` (other sites whose pages may change state); ``metrics``
+            (``GET /metrics`` for Prometheus: True or a :class:`batchtrack.metrics.Metrics`).
             Each is described in :ref:`create-app-options`. With an Orchestrator the app
             resumes unfinished batches after a restart (:doc:`deployment`).
 
@@ -220,7 +219,6 @@ def create_app(
         ValidationError: A bad option, a ``runner`` without ``submit``, ``resume`` and
             ``cancel`` methods, or an ``on_progress`` the runner cannot take.
         TypeError: An option it does not take (a misspelt one names the closest).
-        ImportError: python-multipart (the ``server`` extra) is not installed, or
-            prometheus-client (the ``metrics`` extra) when ``metrics`` is set.
+        ImportError: python-multipart (the ``server`` extra) is not installed.
     """
     return App(build_api(tracker, runner, uploads, options))
