@@ -152,6 +152,24 @@ def test_asgi_app_under_uvicorn_counts_requests_by_route_pattern(
     assert value(found, status, method="POST", route="/metrics", status="405") == 1
 
 
+def test_wsgi_app_answers_metrics_and_counts_its_requests(tmp_path: Path, metrics: Metrics) -> None:
+    """The WSGI app with ``metrics=`` answers GET /metrics in the text format and counts
+    its requests by route, as the ASGI app does."""
+    service = Service(tmp_path, metrics=metrics)
+    transport = httpx.WSGITransport(app=service.wsgi)
+    try:
+        with httpx.Client(transport=transport, base_url="http://testserver") as client:
+            assert client.get("/api/openapi.json").status_code == 200
+            answer = client.get("/metrics")
+    finally:
+        service.close()
+    assert answer.status_code == 200
+    assert answer.headers["content-type"] == "text/plain; version=0.0.4; charset=utf-8"
+    found = samples(answer.text)
+    requests = "batchtrack_http_requests_total"
+    assert value(found, requests, method="GET", route="/api/openapi.json", status="200") == 1
+
+
 def test_an_app_without_metrics_answers_404_for_metrics(tmp_path: Path) -> None:
     """create_app without ``metrics`` serves no /metrics: 404 ``not_found``."""
     service = Service(tmp_path)
