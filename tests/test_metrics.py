@@ -24,8 +24,8 @@ from batchtrack.metrics import InstrumentedStore, Metrics
 from batchtrack.stores.base import Store
 from batchtrack.testing import FakeClock
 from batchtrack.testing.conformance import StoreConformance
-from http_support import Service, SyncASGIClient, jpeg, uvicorn_server
-from test_cli import start_serve, stop_serve
+from http_support import Service, SyncASGIClient, jpeg, stop_serve, uvicorn_server
+from test_cli import start_serve
 
 Samples = dict[tuple[str, frozenset[tuple[str, str]]], float]
 
