@@ -12,7 +12,7 @@ from typing import Union
 
 import attrs
 
-from . import _eta
+from . import _eta, _keys
 from ._closing import Closing
 from ._models import (
     BatchSnapshot,
@@ -30,6 +30,7 @@ from .exceptions import (
     InputsGone,
     InvalidTransition,
     ItemNotFound,
+    StoreError,
     ValidationError,
 )
 from .stores.base import (
@@ -242,7 +243,9 @@ class BatchTracker(Closing):
 
     # -- creating and reading -------------------------------------------------------
 
-    def create_batch(self, items: Iterable[ItemSpec], *, owner: str | None = None) -> BatchSnapshot:
+    def create_batch(
+        self, items: Iterable[ItemSpec], *, owner: str | None = None, key: str | None = None
+    ) -> BatchSnapshot:
         """Create a batch whose items are all pending.
 
         Args:
@@ -251,15 +254,28 @@ class BatchTracker(Closing):
                 comes back as :attr:`ItemSnapshot.source`); ids are generated (UUID4)
                 where not given.
             owner: Who may see the batch (see :meth:`get`); None for nobody in particular.
+            key: An idempotency key (up to 255 printable ASCII characters): the same key
+                and owner within 24 hours return the batch created first instead of a
+                new one, while it lives; None: always a new batch.
 
         Returns:
-            The new batch.
+            The new batch (or the one ``key`` named already).
 
         Raises:
             ValidationError: No items, an empty or malformed filename or id, a source that
-                is not a path or string, or the same item id twice.
+                is not a path or string, the same item id twice, a malformed key, or a
+                key that names a batch of other items (filenames and sources, in order).
         """
+        return self._create_batch(items, owner, key)[0]
+
+    def _create_batch(
+        self, items: Iterable[ItemSpec], owner: str | None, key: str | None
+    ) -> tuple[BatchSnapshot, bool]:
+        """:meth:`create_batch`, answered with whether the batch is new (runners send
+        nothing for a batch a key named already)."""
         owner = _check_owner(owner)
+        if key is not None:
+            key = _keys.check_key(key)
         if isinstance(items, (str, bytes)) or not isinstance(items, Iterable):
             raise ValidationError("items must be an iterable of filenames or (id, filename) pairs")
         snapshots: list[ItemSnapshot] = []
@@ -303,8 +319,21 @@ class BatchTracker(Closing):
             version=0,
             progress=Progress(total=len(snapshots), pending=len(snapshots)),
         )
-        self.store.create(record, snapshots)
-        return self._snapshot(attrs.evolve(record, items=tuple(snapshots)), now)
+        if key is None:
+            self.store.create(record, snapshots)
+            return self._snapshot(attrs.evolve(record, items=tuple(snapshots)), now), True
+        digest = _keys.fingerprint(snapshots)
+        for _ in range(3):
+            held = self.store.create_keyed(record, snapshots, key, digest, now + _keys.KEY_TTL)
+            if held is None:
+                return self._snapshot(attrs.evolve(record, items=tuple(snapshots)), now), True
+            if held[1] != digest:
+                raise _keys.conflict(key)
+            try:
+                return self.get(held[0]), False
+            except BatchNotFound:
+                continue  # it went between the two calls: the key is free again
+        raise StoreError(f"idempotency key {key!r}: its batch keeps disappearing")
 
     def get(
         self,

@@ -343,6 +343,34 @@ class Store(Closing, ABC):
             StoreError: The batch id exists already, or the store failed.
         """
 
+    def create_keyed(
+        self,
+        batch: BatchRecord,
+        items: Sequence[ItemSnapshot],
+        key: str,
+        fingerprint: str,
+        key_expires_at: float,
+    ) -> tuple[str, str] | None:
+        """Create a batch under an idempotency key, unless the key holds a live batch.
+
+        The key belongs to ``batch.owner`` (None is an owner of its own). When the key
+        was written before, its ``key_expires_at`` is later than ``batch.created_at`` and
+        its batch exists and has not expired at ``batch.created_at``: change nothing and
+        answer ``(that batch's id, the fingerprint written with it)``. Otherwise (no key,
+        an expired key, or a key whose batch is gone) write the key (``batch.batch_id``,
+        ``fingerprint``, ``key_expires_at``), replacing the old one, and create the batch
+        as :meth:`create` does, both in one atomic step across every process sharing the
+        store (two creators racing with one key: one batch); answer None.
+
+        Keys need not outlive ``key_expires_at``; :meth:`purge_expired` may remove them.
+
+        Raises:
+            StoreError: The batch id exists already, or the store failed.
+            NotImplementedError: The store cannot keep keys (a store written before
+                batchtrack could).
+        """
+        raise NotImplementedError(f"{type(self).__name__} cannot keep idempotency keys")
+
     @abstractmethod
     def apply(self, batch_id: str, transition: Transition) -> TransitionResult:
         """Apply one item transition atomically, as :class:`Transition` describes.

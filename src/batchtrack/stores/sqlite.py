@@ -67,7 +67,7 @@ from .base import (
 
 __all__ = ["CHECK_SECONDS", "SCHEMA_VERSION", "SQLiteStore", "SchemaVersionError"]
 
-SCHEMA_VERSION = 4
+SCHEMA_VERSION = 5
 """The schema this batchtrack writes; stored in ``PRAGMA user_version``."""
 
 PURGE_CHUNK = 500
@@ -164,6 +164,19 @@ _MIGRATIONS: list[tuple[str, ...]] = [
         # batchtrack cancelled stay failed with the error "cancelled".)
         "ALTER TABLE batches ADD COLUMN paused INTEGER NOT NULL DEFAULT 0",
     ),
+    (
+        # Version 5: idempotency keys, one row per owner ('' for none) and key, written
+        # in the transaction that creates its batch; the primary key makes two creators
+        # with one key meet.
+        """CREATE TABLE batch_keys (
+            owner       TEXT NOT NULL,
+            key         TEXT NOT NULL,
+            batch_id    TEXT NOT NULL,
+            fingerprint TEXT NOT NULL,
+            expires_at  REAL NOT NULL,
+            PRIMARY KEY (owner, key)
+        ) WITHOUT ROWID""",
+    ),
 ]
 assert len(_MIGRATIONS) == SCHEMA_VERSION
 
@@ -171,6 +184,7 @@ assert len(_MIGRATIONS) == SCHEMA_VERSION
 _SCHEMA_OBJECTS = (
     ("table", "batches"),
     ("table", "items"),
+    ("table", "batch_keys"),
     ("index", "items_by_id"),
     ("index", "items_by_lease"),
     ("index", "items_by_version"),
@@ -514,32 +528,66 @@ class SQLiteStore(Store):
 
     def create(self, batch: BatchRecord, items: Sequence[ItemSnapshot]) -> None:
         with self._write() as db:
-            try:
-                key = db.execute(
-                    f"INSERT INTO batches ({', '.join(_COLUMNS)})"
-                    f" VALUES ({', '.join('?' * len(_COLUMNS))})",
-                    _values(batch),
-                ).lastrowid
-            except sqlite3.IntegrityError as exc:
-                raise StoreError(f"batch {batch.batch_id!r} exists already") from exc
-            db.executemany(
-                "INSERT INTO items (batch_key, position, item_id, filename, status, error,"
-                " changed_at, source, attempts) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
-                (
-                    (
-                        key,
-                        n,
-                        item.id,
-                        item.filename,
-                        _CODE[item.status],
-                        item.error,
-                        batch.created_at,
-                        item.source,
-                        item.attempts,
-                    )
-                    for n, item in enumerate(items)
-                ),
+            self._insert(db, batch, items)
+
+    def create_keyed(
+        self,
+        batch: BatchRecord,
+        items: Sequence[ItemSnapshot],
+        key: str,
+        fingerprint: str,
+        key_expires_at: float,
+    ) -> tuple[str, str] | None:
+        now = batch.created_at
+        owner = batch.owner or ""
+        # BEGIN IMMEDIATE holds the write lock from the start: a second creator with the
+        # same key waits, then finds the row.
+        with self._write() as db:
+            row = db.execute(
+                "SELECT k.batch_id, k.fingerprint FROM batch_keys k"
+                " JOIN batches b ON b.batch_id = k.batch_id"
+                " WHERE k.owner = ? AND k.key = ? AND k.expires_at > ? AND b.expires_at > ?",
+                (owner, key, now, now),
+            ).fetchone()
+            if row is not None:
+                return row[0], row[1]
+            db.execute(
+                "INSERT OR REPLACE INTO batch_keys (owner, key, batch_id, fingerprint,"
+                " expires_at) VALUES (?, ?, ?, ?, ?)",
+                (owner, key, batch.batch_id, fingerprint, key_expires_at),
             )
+            self._insert(db, batch, items)
+        return None
+
+    @staticmethod
+    def _insert(db: sqlite3.Connection, batch: BatchRecord, items: Sequence[ItemSnapshot]) -> None:
+        """Write a new batch and its items, inside the caller's write transaction."""
+        try:
+            key = db.execute(
+                f"INSERT INTO batches ({', '.join(_COLUMNS)})"
+                f" VALUES ({', '.join('?' * len(_COLUMNS))})",
+                _values(batch),
+            ).lastrowid
+        except sqlite3.IntegrityError as exc:
+            raise StoreError(f"batch {batch.batch_id!r} exists already") from exc
+        db.executemany(
+            "INSERT INTO items (batch_key, position, item_id, filename, status, error,"
+            " changed_at, source, attempts) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
+            (
+                (
+                    key,
+                    n,
+                    item.id,
+                    item.filename,
+                    _CODE[item.status],
+                    item.error,
+                    batch.created_at,
+                    item.source,
+                    item.attempts,
+                )
+                for n, item in enumerate(items)
+            ),
+        )
 
     def apply(self, batch_id: str, transition: Transition) -> TransitionResult:
         # The hot path: one BEGIN IMMEDIATE, one read of the batch and the item, two
@@ -919,6 +967,8 @@ class SQLiteStore(Store):
                         (now, PURGE_CHUNK),
                     )
                 ]
+                if removed == 0:
+                    db.execute("DELETE FROM batch_keys WHERE expires_at <= ?", (now,))
                 if keys:
                     marks = ",".join("?" * len(keys))
                     db.execute(f"DELETE FROM items WHERE batch_key IN ({marks})", keys)
