@@ -370,16 +370,16 @@ class Orchestrator(Closing):
         # Held from creating the batch until its run is registered, so that a resume of
         # the new batch (a recovery loop sees every open batch) joins this run.
         with self._registering:
-            snap, created = self.tracker._create_batch(
-                [
-                    Item(item.filename, source=_stored_source(item.source), id=i)
-                    for i, item in zip(ids, prepared, strict=True)
-                ],
-                owner,
-                key,
-            )
-            if not created:
-                return snap
+            stored = [
+                Item(item.filename, source=_stored_source(item.source), id=i)
+                for i, item in zip(ids, prepared, strict=True)
+            ]
+            if key is None:
+                snap = self.tracker.create_batch(stored, owner=owner)
+            else:
+                snap, created = self.tracker._create_batch(stored, owner, key)
+                if not created:
+                    return snap
             self._enqueue(
                 snap.batch_id,
                 [attrs.evolve(item, id=i) for i, item in zip(ids, prepared, strict=True)],

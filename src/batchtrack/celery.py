@@ -568,9 +568,12 @@ class CeleryRunner:
         if isinstance(items, (str, bytes, os.PathLike)) or not isinstance(items, Iterable):
             raise ValidationError("items must be an iterable of Items or paths")
         prepared = [_as_item(value, n) for n, value in enumerate(items)]
-        snap, created = self.tracker._create_batch(prepared, owner, key)
-        if not created:
-            return snap
+        if key is None:
+            snap = self.tracker.create_batch(prepared, owner=owner)
+        else:
+            snap, created = self.tracker._create_batch(prepared, owner, key)
+            if not created:
+                return snap
         try:
             self._send(snap.batch_id, [item.id for item in snap.items])
         except Exception:
