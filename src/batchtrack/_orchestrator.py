@@ -20,6 +20,7 @@ from typing import Any, TypeVar, Union
 
 import attrs
 
+from . import _report
 from ._closing import Closing
 from ._models import BatchSnapshot, Item, ProgressEvent, Status
 from ._tracker import CANCELLED, INPUT_NOT_KEPT, BatchTracker
@@ -692,7 +693,13 @@ class Orchestrator(Closing):
                 self._calls[call] = None
                 self._watch_locked()
         try:
-            future = executor.submit(self.processor, item)
+            if isinstance(executor, ProcessPoolExecutor):
+                # A context variable does not cross processes: no reports from there.
+                future = executor.submit(self.processor, item)
+            else:
+                assert item.id is not None
+                reporter = _report.ItemReporter(self.tracker, run.batch_id, item.id)
+                future = executor.submit(_report.run_reporting, reporter, self.processor, item)
         except BaseException as exc:  # the executor refused
             with self._lock:
                 self._calls.pop(call, None)

@@ -12,7 +12,7 @@ from typing import Union
 
 import attrs
 
-from . import _eta, _keys
+from . import _eta, _keys, _report
 from ._closing import Closing
 from ._models import (
     BatchSnapshot,
@@ -334,6 +334,40 @@ class BatchTracker(Closing):
             except BatchNotFound:
                 continue  # it went between the two calls: the key is free again
         raise StoreError(f"idempotency key {key!r}: its batch keeps disappearing")
+
+    def report(
+        self, batch_id: str, item_id: str, fraction: float, *, stage: str | None = None
+    ) -> ItemSnapshot:
+        """Record how far a processing item is: one store write per call.
+
+        While the item is processing its JSON carries ``"progress"`` (and ``"stage"``,
+        when given); both vanish when it ends or is retried. Processors call
+        :func:`batchtrack.report_progress`, which coalesces calls, rather than this.
+
+        Args:
+            batch_id: The batch.
+            item_id: The item, which must be processing.
+            fraction: How much of the item is done, in [0, 1].
+            stage: What it is doing, in up to 100 characters; None for nothing said.
+
+        Returns:
+            The item as it is now.
+
+        Raises:
+            ValidationError: ``fraction`` is not in [0, 1], or a bad ``stage``.
+            InvalidTransition: The item is not processing.
+            BatchNotFound: Unknown or expired batch.
+            ItemNotFound: The batch has no such item.
+        """
+        batch_id = _check_id(batch_id, "batch_id")
+        item_id = _check_id(item_id, "item_id")
+        value, label = _report.check_report(fraction, stage)
+        now = self.clock()
+        item = self.store.report(batch_id, item_id, value, label, now, now + IDLE_TIMEOUT)
+        if item.status is not Status.PROCESSING:
+            # Only a processing item reports: as if asked to be processing again.
+            raise InvalidTransition(batch_id, item_id, item.status.value, "processing")
+        return item
 
     def get(
         self,

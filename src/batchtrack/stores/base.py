@@ -445,6 +445,33 @@ class Store(Closing, ABC):
         """
         raise NotImplementedError(f"{type(self).__name__} cannot pause batches")
 
+    def report(
+        self,
+        batch_id: str,
+        item_id: str,
+        fraction: float,
+        stage: str | None,
+        at: float,
+        expires_at_open: float,
+    ) -> ItemSnapshot:
+        """Record how far a processing item is, atomically.
+
+        When the item is ``processing``: set its ``progress`` to ``fraction`` and its
+        ``stage`` to ``stage``, add one to the batch's ``version`` (the item counts as
+        changed at it, so since-reads and listeners see it), set ``updated_at`` to ``at``
+        and ``expires_at`` to ``expires_at_open``; answer the item as it is now. Any other
+        status: change nothing and answer the item as it is. Every applied transition of
+        an item clears both fields (they are None on any item not processing).
+
+        Raises:
+            BatchNotFound: The batch is missing or expired at ``at``.
+            ItemNotFound: The batch has no such item.
+            StoreError: The store failed; nothing was changed.
+            NotImplementedError: The store cannot keep reports (a store written before
+                batchtrack could).
+        """
+        raise NotImplementedError(f"{type(self).__name__} cannot keep progress reports")
+
     @abstractmethod
     def renew(
         self, batch_id: str, item_id: str, at: float, lease_until: float, expires_at_open: float

@@ -378,6 +378,33 @@ class MemoryStore(Store):
         self._changed(batch_id)
         return True
 
+    def report(
+        self,
+        batch_id: str,
+        item_id: str,
+        fraction: float,
+        stage: str | None,
+        at: float,
+        expires_at_open: float,
+    ) -> ItemSnapshot:
+        with self._lock:
+            state = self._batches.get(batch_id)
+            if state is None or state.expires_at <= at:
+                raise BatchNotFound(batch_id)
+            position = state.index.get(item_id)
+            if position is None:
+                raise ItemNotFound(batch_id, item_id)
+            item = state.items[position]
+            if item.status is not _PROCESSING:
+                return item
+            item = state.items[position] = attrs.evolve(item, progress=fraction, stage=stage)
+            state.version += 1
+            state.log.append(position)
+            state.updated_at = at
+            state.expires_at = expires_at_open
+        self._changed(batch_id)
+        return item
+
     def renew(
         self, batch_id: str, item_id: str, at: float, lease_until: float, expires_at_open: float
     ) -> TransitionResult:

@@ -176,6 +176,9 @@ _MIGRATIONS: list[tuple[str, ...]] = [
             expires_at  REAL NOT NULL,
             PRIMARY KEY (owner, key)
         ) WITHOUT ROWID""",
+        # And how far a processing item is, as its processor reported (NULL otherwise).
+        "ALTER TABLE items ADD COLUMN progress REAL",
+        "ALTER TABLE items ADD COLUMN stage TEXT",
     ),
 ]
 assert len(_MIGRATIONS) == SCHEMA_VERSION
@@ -202,7 +205,9 @@ _checking_lock = threading.Lock()
 
 # An item as load() and load_items() read it: what a snapshot shows, then the version and
 # position that identify the snapshot in SQLiteStore._items_memo.
-_ITEM_COLUMNS = "item_id, filename, status, error, attempts, source, version, position"
+_ITEM_COLUMNS = (
+    "item_id, filename, status, error, attempts, source, version, position, progress, stage"
+)
 _ITEMS_MEMO_SIZE = 250_000  # items kept in _items_memo, over all batches
 _STALE_CHUNK = 500  # changed items read per query
 _NO_ITEM = (-1, None)
@@ -635,7 +640,8 @@ class SQLiteStore(Store):
             lease = transition.lease_until
             db.execute(
                 "UPDATE items SET status = ?, error = ?, changed_at = ?, attempts = ?,"
-                " lease_until = ?, beat_at = ?, version = ? WHERE batch_key = ? AND position = ?",
+                " lease_until = ?, beat_at = ?, version = ?, progress = NULL, stage = NULL"
+                " WHERE batch_key = ? AND position = ?",
                 (
                     _CODE[target],
                     transition.error,
@@ -737,6 +743,37 @@ class SQLiteStore(Store):
             Outcome.APPLIED, status, item, attrs.evolve(header, expires_at=expires_at_open)
         )
 
+    def report(
+        self,
+        batch_id: str,
+        item_id: str,
+        fraction: float,
+        stage: str | None,
+        at: float,
+        expires_at_open: float,
+    ) -> ItemSnapshot:
+        with self._write() as db:
+            row = db.execute(_HEADER_AND_ITEM, (item_id, batch_id)).fetchone()
+            if row is None or row[5] <= at:
+                raise BatchNotFound(batch_id)
+            if row[13] is None:
+                raise ItemNotFound(batch_id, item_id)
+            status = _STATUSES[row[14]]
+            item = ItemSnapshot(item_id, row[13], status, row[15], row[19], row[20])
+            if status is not Status.PROCESSING:
+                return item
+            version = row[6] + 1
+            db.execute(
+                "UPDATE items SET progress = ?, stage = ?, version = ?"
+                " WHERE batch_key = ? AND position = ?",
+                (fraction, stage, version, row[16], row[17]),
+            )
+            db.execute(
+                "UPDATE batches SET version = ?, updated_at = ?, expires_at = ? WHERE key = ?",
+                (version, at, expires_at_open, row[16]),
+            )
+        return attrs.evolve(item, progress=fraction, stage=stage)
+
     def apply_many(
         self, batch_id: str, transition: Transition, item_ids: Sequence[str] | None = None
     ) -> BulkResult:
@@ -783,8 +820,8 @@ class SQLiteStore(Store):
                 attempts = "0" if transition.reset_attempts else "attempts"
                 db.executemany(
                     f"UPDATE items SET status = ?, error = ?, changed_at = ?,"
-                    f" attempts = {attempts}, lease_until = NULL, version = ?"
-                    f" WHERE batch_key = ? AND position = ?",
+                    f" attempts = {attempts}, lease_until = NULL, version = ?,"
+                    f" progress = NULL, stage = NULL WHERE batch_key = ? AND position = ?",
                     (
                         # One version each, in order, as if applied one by one.
                         (_CODE[target], transition.error, transition.at, row[6] + n, key, position)
@@ -924,11 +961,11 @@ class SQLiteStore(Store):
         an item at the same version, and keeping the new ones there."""
         statuses = _STATUSES
         found = []
-        for item_id, filename, status, error, attempts, source, version, position in rows:
+        for item_id, filename, status, error, attempts, source, version, position, p, g in rows:
             seen = memo.get(position)
             if seen is None or seen[0] != version:
                 snapshot = ItemSnapshot(
-                    item_id, filename, statuses[status], error, attempts, source
+                    item_id, filename, statuses[status], error, attempts, source, p, g
                 )
                 seen = memo[position] = (version, snapshot)
             found.append(seen[1])
