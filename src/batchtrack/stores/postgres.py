@@ -165,12 +165,15 @@ _MIGRATIONS: dict[int, tuple[str, ...]] = {
             expires_at  double precision NOT NULL,
             PRIMARY KEY (owner, key)
         )""",
+        # And how far a processing item is, as its processor reported (NULL otherwise).
+        "ALTER TABLE {items} ADD COLUMN progress double precision",
+        "ALTER TABLE {items} ADD COLUMN stage text",
     ),
 }
 assert sorted(_MIGRATIONS) == list(range(1, SCHEMA_VERSION + 1))
 
 # The batch header, in the order _header() reads it.
-_ITEM_COLUMNS = "item_id, filename, status, error, attempts, source"
+_ITEM_COLUMNS = "item_id, filename, status, error, attempts, source, progress, stage"
 _COPY_COLUMNS = (
     "batch_key, position, item_id, filename, status, error, changed_at, source, attempts"
 )
@@ -441,7 +444,8 @@ class PostgresStore(Store):
                 " processing = %s, pending = %s, stats = %s"
                 " WHERE key = %s AND version = %s RETURNING key),"
                 f" item AS (UPDATE {i} SET status = %s, error = %s, changed_at = %s,"
-                " attempts = %s, lease_until = %s, beat_at = %s, version = %s"
+                " attempts = %s, lease_until = %s, beat_at = %s, version = %s,"
+                " progress = NULL, stage = NULL"
                 " WHERE batch_key = (SELECT key FROM batch) AND position = %s)"
                 " SELECT pg_notify(%s, %s) FROM batch"
             ),
@@ -462,6 +466,13 @@ class PostgresStore(Store):
             "lock_header": (
                 f"SELECT {', '.join(_COLUMNS)}, key, paused FROM {b} WHERE batch_id = %s FOR UPDATE"
             ),
+            "report": (
+                f"UPDATE {i} SET progress = %s, stage = %s, version = %s"
+                " WHERE batch_key = %s AND position = %s"
+            ),
+            "report_batch": (
+                f"UPDATE {b} SET version = %s, updated_at = %s, expires_at = %s WHERE key = %s"
+            ),
             "set_paused": (
                 f"UPDATE {b} SET paused = %s, version = version + 1, updated_at = %s,"
                 " expires_at = CASE WHEN finished_at IS NULL THEN %s ELSE expires_at END"
@@ -474,7 +485,8 @@ class PostgresStore(Store):
             "write_many": (
                 f"WITH moved AS (UPDATE {i} SET status = %s, error = %s, changed_at = %s,"
                 " attempts = CASE WHEN %s THEN 0 ELSE attempts END, lease_until = NULL,"
-                " version = v.version FROM (SELECT unnest(%s::integer[]) AS position,"
+                " progress = NULL, stage = NULL, version = v.version"
+                " FROM (SELECT unnest(%s::integer[]) AS position,"
                 " unnest(%s::bigint[]) AS version) v"
                 f" WHERE batch_key = %s AND {i}.position = v.position),"
                 f" batch AS (UPDATE {b} SET updated_at = %s, finished_at = %s,"
@@ -836,6 +848,27 @@ class PostgresStore(Store):
             conn.execute(q["notify"], (self._channel, batch_id))
         return True
 
+    def report(
+        self,
+        batch_id: str,
+        item_id: str,
+        fraction: float,
+        stage: str | None,
+        at: float,
+        expires_at_open: float,
+    ) -> ItemSnapshot:
+        q = self._sql
+        with self._transaction(f"report on item {item_id!r} of batch {batch_id!r}") as conn:
+            row, it = self._locked(conn, batch_id, item_id, at)
+            item = _item(item_id, it)
+            if item.status is not Status.PROCESSING:
+                return item
+            version = row[6] + 1
+            conn.execute(q["report"], (fraction, stage, version, row[13], it[3]))
+            conn.execute(q["report_batch"], (version, at, expires_at_open, row[13]))
+            conn.execute(q["notify"], (self._channel, batch_id))
+        return attrs.evolve(item, progress=fraction, stage=stage)
+
     def renew(
         self, batch_id: str, item_id: str, at: float, lease_until: float, expires_at_open: float
     ) -> TransitionResult:
@@ -1061,7 +1094,7 @@ def _snapshots(rows: list[Any]) -> tuple[ItemSnapshot, ...]:
     statuses = _STATUSES
     return tuple(
         [
-            ItemSnapshot(item_id, filename, statuses[status], error, attempts, source)
-            for item_id, filename, status, error, attempts, source in rows
+            ItemSnapshot(item_id, filename, statuses[status], error, attempts, source, p, g)
+            for item_id, filename, status, error, attempts, source, p, g in rows
         ]
     )

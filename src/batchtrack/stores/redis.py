@@ -227,6 +227,8 @@ local function move(item_id, item, target, error, at, lease, attempts, version)
   redis.call('ZADD', KEYS[6], version, item_id)
   if item.p then redis.call('ZADD', KEYS[7], target * 4294967296 + item.p, item_id) end
   if error ~= '' then item.e = error else item.e = cjson.null end
+  item.q = nil  -- a report lasts while the item runs
+  item.g = nil
   item.t = at
   if attempts == '+' then item.a = (item.a or 0) + 1 elseif attempts == '0' then item.a = 0 end
   local member = ARGV[1] .. SEP .. item_id
@@ -464,6 +466,32 @@ return 1
 """
 )
 
+# ARGV: batch id, item id, fraction (a string: cjson keeps 14 digits), '1' when a stage
+# is given, the stage, at, expires_open, slack. The item's JSON keeps them as q and g.
+# Returns: {'applied' or 'rejected', the item's JSON}, or 'nobatch' / 'noitem'.
+_REPORT = (
+    _PRELUDE
+    + """
+local at = tonumber(ARGV[6])
+local expires = redis.call('HGET', KEYS[1], 'expires_at')
+if not expires or tonumber(expires) <= at then return 'nobatch' end
+local raw = redis.call('HGET', KEYS[2], ARGV[2])
+if not raw then return 'noitem' end
+local item = cjson.decode(raw)
+if item.s ~= 1 then return {'rejected', raw} end
+item.q = ARGV[3]
+if ARGV[4] == '1' then item.g = ARGV[5] else item.g = nil end
+raw = cjson.encode(item)
+redis.call('HSET', KEYS[2], ARGV[2], raw)
+local version = redis.call('HINCRBY', KEYS[1], 'version', 1)
+redis.call('ZADD', KEYS[6], version, ARGV[2])
+redis.call('HSET', KEYS[1], 'updated_at', ARGV[6], 'expires_at', ARGV[7])
+refresh_ttl(ARGV[1], ARGV[7], at, ARGV[8], false)
+notify(ARGV[1])
+return {'applied', raw}
+"""
+)
+
 # KEYS: leases zset. ARGV: now, limit, key prefix. Members of batches that are gone or
 # expired, or whose item no longer holds that lease, are dropped on the way.
 _LOST = """
@@ -669,8 +697,16 @@ def _from_fields(
 
 def _item(item_id: str, raw: bytes) -> ItemSnapshot:
     data = json.loads(raw)
+    fraction = data.get("q")
     return ItemSnapshot(
-        item_id, data["f"], _STATUSES[data["s"]], data.get("e"), data.get("a", 0), data.get("r")
+        item_id,
+        data["f"],
+        _STATUSES[data["s"]],
+        data.get("e"),
+        data.get("a", 0),
+        data.get("r"),
+        None if fraction is None else float(fraction),
+        data.get("g"),
     )
 
 
@@ -769,6 +805,7 @@ class RedisStore(Store):
     _channel: str  # where every change is published
     _pause: Any
     _create_keyed: Any
+    _report: Any
 
     def __init__(
         self, url: str | None = None, *, prefix: str = "batchtrack:", client: Any = None
@@ -806,6 +843,7 @@ class RedisStore(Store):
             f"{prefix}changes",
             client.register_script(_PAUSE),
             client.register_script(_CREATE_KEYED),
+            client.register_script(_REPORT),
         )
 
     def _keys(self, batch_id: str) -> list[str]:
@@ -1035,6 +1073,36 @@ class RedisStore(Store):
         if reply == b"nobatch":
             raise BatchNotFound(batch_id)
         return bool(reply)
+
+    def report(
+        self,
+        batch_id: str,
+        item_id: str,
+        fraction: float,
+        stage: str | None,
+        at: float,
+        expires_at_open: float,
+    ) -> ItemSnapshot:
+        reply = self._call(
+            self._report,
+            f"report on item {item_id!r} of batch {batch_id!r}",
+            self._keys(batch_id),
+            [
+                batch_id,
+                item_id,
+                repr(fraction),
+                "" if stage is None else "1",
+                stage or "",
+                repr(at),
+                repr(expires_at_open),
+                _SLACK,
+            ],
+        )
+        if reply == b"nobatch":
+            raise BatchNotFound(batch_id)
+        if reply == b"noitem":
+            raise ItemNotFound(batch_id, item_id)
+        return _item(item_id, reply[1])
 
     def apply_many(
         self, batch_id: str, transition: Transition, item_ids: Sequence[str] | None = None

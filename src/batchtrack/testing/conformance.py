@@ -1126,3 +1126,70 @@ class StoreConformance:
                 tracker.create_batch(["a.jpg"], key=bad)  # type: ignore[arg-type]
         assert tracker.create_batch(["a.jpg"], key="~ !" + "x" * 252).progress.total == 1
         assert len(store.expired(float("inf"), 10)) == 1
+
+    # -- progress inside an item ---------------------------------------------------------
+
+    def test_report_shows_while_processing_and_vanishes_when_the_item_ends(
+        self, store: Store
+    ) -> None:
+        """A report sets progress and stage of a processing item, counts one version a
+        since-read sees, and is gone once the item completes."""
+        tracker = BatchTracker(store, clock=FakeClock())
+        batch_id = tracker.create_batch([("a", "a.jpg"), ("b", "b.jpg")]).batch_id
+        tracker.start_item(batch_id, "a")
+        item = tracker.report(batch_id, "a", 0.42, stage="resizing")
+        assert (item.progress, item.stage) == (0.42, "resizing")
+        snap = tracker.get(batch_id)
+        assert snap.version == 2
+        assert (snap.items[0].progress, snap.items[0].stage) == (0.42, "resizing")
+        assert snap.items[0].to_dict()["progress"] == 0.42
+        assert [i.id for i in tracker.get(batch_id, since=1).items] == ["a"]
+        tracker.report(batch_id, "a", 1 / 3)
+        again = tracker.get(batch_id).items[0]
+        assert (again.progress, again.stage) == (1 / 3, None)
+        tracker.complete_item(batch_id, "a")
+        done = tracker.get(batch_id).items[0]
+        assert (done.progress, done.stage) == (None, None)
+        assert "progress" not in done.to_dict()
+
+    def test_report_vanishes_when_the_item_is_retried(self, store: Store) -> None:
+        """An item that failed after reporting and was retried starts again without
+        progress."""
+        tracker = BatchTracker(store, clock=FakeClock())
+        batch_id = tracker.create_batch([("a", "a.jpg")]).batch_id
+        tracker.start_item(batch_id, "a")
+        tracker.report(batch_id, "a", 0.9, stage="saving")
+        tracker.fail_item(batch_id, "a", "boom")
+        tracker.retry(batch_id)
+        tracker.start_item(batch_id, "a")
+        item = tracker.get(batch_id).items[0]
+        assert (item.status, item.progress, item.stage) == (Status.PROCESSING, None, None)
+
+    def test_report_on_an_item_not_processing_is_an_invalid_transition(self, store: Store) -> None:
+        """Reporting on a pending or finished item raises InvalidTransition and changes
+        nothing."""
+        tracker = BatchTracker(store, clock=FakeClock())
+        batch_id = tracker.create_batch([("a", "a.jpg"), ("b", "b.jpg")]).batch_id
+        with pytest.raises(InvalidTransition):
+            tracker.report(batch_id, "a", 0.5)
+        tracker.start_item(batch_id, "b")
+        tracker.complete_item(batch_id, "b")
+        with pytest.raises(InvalidTransition):
+            tracker.report(batch_id, "b", 0.5)
+        with pytest.raises(ItemNotFound):
+            tracker.report(batch_id, "zz", 0.5)
+        assert tracker.get(batch_id).version == 2
+
+    def test_bad_reports_are_refused(self, store: Store) -> None:
+        """A fraction outside [0, 1] (or not a number) or a stage over 100 characters
+        raises ValidationError."""
+        tracker = BatchTracker(store, clock=FakeClock())
+        batch_id = tracker.create_batch([("a", "a.jpg")]).batch_id
+        tracker.start_item(batch_id, "a")
+        for fraction in (-0.01, 1.01, float("nan"), True, "0.5", None):
+            with pytest.raises(ValidationError, match="fraction"):
+                tracker.report(batch_id, "a", fraction)  # type: ignore[arg-type]
+        with pytest.raises(ValidationError, match="stage"):
+            tracker.report(batch_id, "a", 0.5, stage="x" * 101)
+        assert tracker.report(batch_id, "a", 1, stage="x" * 100).progress == 1.0
+        assert tracker.report(batch_id, "a", 0).progress == 0.0
