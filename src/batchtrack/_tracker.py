@@ -967,7 +967,13 @@ class BatchTracker(Closing):
             # Only then can lost items change what is shown (before anything finished
             # the reason is "starting" whatever else holds).
             lost = self._lost_in(record.batch_id, now)
-        return _eta.estimate_why(progress, record.created_at, record.stats, now, lost)
+        reported = (0, 0.0)
+        if progress.processing and len(record.items) == progress.total:
+            # Only a read of every item sees every report; a partial read (a page, a
+            # since-read, a header) would see some, so it leaves them all out.
+            fractions = [i.progress for i in record.items if i.progress is not None]
+            reported = (len(fractions), math.fsum(fractions))
+        return _eta.estimate_why(progress, record.created_at, record.stats, now, lost, reported)
 
     def _snapshot(self, record: BatchRecord, now: float) -> BatchSnapshot:
         progress = record.progress

@@ -36,6 +36,7 @@ except ImportError as exc:  # pragma: no cover - depends on the environment
 
 import attrs
 
+from . import _report
 from ._models import BatchSnapshot, Item, ProgressEvent, Status
 from ._orchestrator import INPUT_NOT_KEPT_ERROR, ItemLike, _as_item, error_message
 from ._sweeper import Sweeper
@@ -148,7 +149,9 @@ class _Job:
         deadline = None if self.time_limit is None else time.monotonic() + self.time_limit
         try:
             with self._heartbeats(batch_id, item_id, deadline):
-                self.processor(item)
+                # batchtrack.report_progress() in the processor reports on this item.
+                reporter = _report.ItemReporter(self.tracker, batch_id, item_id)
+                _report.run_reporting(reporter, self.processor, item)
         except SoftTimeLimitExceeded:
             # Celery's soft time limit interrupted the processor: no retry (it would
             # take as long again).
