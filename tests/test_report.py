@@ -218,3 +218,26 @@ def test_report_is_refused_on_a_pending_item_and_timed_out_items_drop_reports() 
         release.set()
         time.sleep(0.2)
     assert tracker.get(batch).items[0].progress is None
+
+
+def test_openapi_describes_the_item_progress_and_stage() -> None:
+    """The image schema of the OpenAPI document has progress in [0, 1] and stage."""
+    from batchtrack._openapi import document
+
+    spec = document("/api", 100)
+    found: list[dict[str, Any]] = []
+
+    def walk(node: Any) -> None:
+        if isinstance(node, dict):
+            if "attempts" in node.get("properties", {}):
+                found.append(node["properties"])
+            for value in node.values():
+                walk(value)
+        elif isinstance(node, list):
+            for value in node:
+                walk(value)
+
+    walk(spec)
+    assert found
+    assert all(p["progress"]["maximum"] == 1 for p in found)
+    assert all(p["stage"]["maxLength"] == 100 for p in found)

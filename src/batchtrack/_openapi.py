@@ -149,6 +149,18 @@ def document(base: str, max_files: int, max_json_bytes: int = 64 * 1024) -> dict
                 "description": "How many times the item was started since it was created or "
                 "last retried; only when more than once.",
             },
+            "progress": {
+                "type": "number",
+                "minimum": 0,
+                "maximum": 1,
+                "description": "How far a processing item is, as its processor reported; "
+                "only while it is processing and has reported.",
+            },
+            "stage": {
+                "type": "string",
+                "maxLength": 100,
+                "description": "What the processing item is doing, when its last report said.",
+            },
         },
         "additionalProperties": False,
     }
