@@ -241,3 +241,20 @@ def test_openapi_describes_the_item_progress_and_stage() -> None:
     assert found
     assert all(p["progress"]["maximum"] == 1 for p in found)
     assert all(p["stage"]["maxLength"] == 100 for p in found)
+
+
+def test_a_store_without_reports_never_fails_the_item() -> None:
+    """On a store written before reports existed, report_progress is logged and the
+    item completes."""
+    from batchtrack.stores.base import Store
+
+    class OldStore(MemoryStore):
+        report = Store.report  # the base's: NotImplementedError
+
+    def work(item: Item) -> None:
+        report_progress(0.5)
+
+    tracker = BatchTracker(OldStore())
+    with Orchestrator(tracker, work) as orchestrator:
+        final = orchestrator.wait(orchestrator.submit([Item("a.jpg")]).batch_id, timeout=30)
+    assert final.items[0].status is Status.COMPLETED

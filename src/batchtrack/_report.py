@@ -103,6 +103,10 @@ class ItemReporter:
         except (InvalidTransition, BatchNotFound) as exc:
             # Timed out, cancelled or gone meanwhile: the processor's report is moot.
             log.debug("batchtrack: report of %s not kept: %s", self.item_id, exc)
+        except Exception:
+            # A store that cannot keep reports, or a passing failure: progress is
+            # best effort, and never fails the item it describes.
+            log.warning("batchtrack: report of %s not kept", self.item_id, exc_info=True)
 
 
 def report_progress(fraction: float, *, stage: str | None = None) -> bool:
