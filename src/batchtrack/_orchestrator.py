@@ -693,13 +693,14 @@ class Orchestrator(Closing):
                 self._calls[call] = None
                 self._watch_locked()
         try:
-            if isinstance(executor, ProcessPoolExecutor):
-                # A context variable does not cross processes: no reports from there.
-                future = executor.submit(self.processor, item)
-            else:
+            if isinstance(executor, (ThreadPoolExecutor, _DaemonThreads)):
                 assert item.id is not None
                 reporter = _report.ItemReporter(self.tracker, run.batch_id, item.id)
                 future = executor.submit(_report.run_reporting, reporter, self.processor, item)
+            else:
+                # Process pools, Dask clients and other executors run the processor
+                # where this tracker is not (and a context variable does not go).
+                future = executor.submit(self.processor, item)
         except BaseException as exc:  # the executor refused
             with self._lock:
                 self._calls.pop(call, None)

@@ -112,15 +112,17 @@ class ItemReporter:
 def report_progress(fraction: float, *, stage: str | None = None) -> bool:
     """Report how far the item the calling processor runs is (``fraction`` in [0, 1]).
 
-    Call it from a processor run by an :class:`~batchtrack.Orchestrator` (in its thread
-    executor) or a :func:`batchtrack.celery.tracked_task`: the item's JSON then carries
+    Call it from a processor run by an :class:`~batchtrack.Orchestrator` (in its own
+    threads or a :class:`~concurrent.futures.ThreadPoolExecutor` given to it) or a
+    :func:`batchtrack.celery.tracked_task`: the item's JSON then carries
     ``"progress"`` (and ``"stage"``) while it runs. Reports are coalesced (at most one
     store write per item per half second or per 1 % change; a new stage is written at
     once; the last one before the item ends).
 
     Returns:
         True if the report was taken; False when the caller runs no item (outside a
-        runner, or in a process pool, where the item's tracker is not at hand).
+        runner, or under another executor, such as a process pool or a Dask client,
+        where the item's tracker is not at hand).
 
     Raises:
         ValidationError: ``fraction`` outside [0, 1], or a bad ``stage``.
