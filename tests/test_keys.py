@@ -9,6 +9,7 @@ import sys
 import textwrap
 import threading
 import time
+import uuid
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -244,18 +245,24 @@ def test_openapi_documents_the_idempotency_key_and_the_409(http: Any) -> None:
 
 
 def test_a_schema_4_sqlite_file_gains_the_keys_table(tmp_path: Path) -> None:
-    """A schema-4 file (no keys table) migrates to 5, keeps its batch, and takes keys."""
+    """A schema-4 file (no keys table, no report columns) migrates to 5, keeps its batch,
+    and takes keys and reports."""
     path = tmp_path / "old.db"
     store = SQLiteStore(path)
     batch_id = BatchTracker(store).create_batch(["a.jpg"]).batch_id
     store.close()
     with sqlite3.connect(path) as db:
         db.execute("DROP TABLE batch_keys")
+        db.execute("ALTER TABLE items DROP COLUMN progress")
+        db.execute("ALTER TABLE items DROP COLUMN stage")
         db.execute("PRAGMA user_version = 4")
     store = SQLiteStore(path)
     try:
         tracker = BatchTracker(store)
         assert tracker.get(batch_id).progress.total == 1
+        snap = tracker.get(batch_id)
+        tracker.start_item(batch_id, snap.items[0].id)
+        assert tracker.report(batch_id, snap.items[0].id, 0.5).progress == 0.5
         assert tracker.create_batch(["b.jpg"], key="k").batch_id == (
             tracker.create_batch(["b.jpg"], key="k").batch_id
         )
@@ -281,3 +288,33 @@ def test_cleanup_removes_keys_that_ran_out(tmp_path: Path) -> None:
             assert db.execute("SELECT count(*) FROM batch_keys").fetchone()[0] == 0
     finally:
         store.close()
+
+
+def test_schema_2_postgres_tables_gain_keys_and_reports(postgres_url: str) -> None:
+    """PostgreSQL tables of schema 2 migrate to 3: their batch stays, keys and reports
+    work on it."""
+    pytest.importorskip("psycopg")
+    import psycopg
+
+    from batchtrack.stores.postgres import SCHEMA_VERSION, PostgresStore
+    from conftest import drop_postgres_tables
+
+    prefix = f"k{uuid.uuid4().hex[:12]}_"
+    try:
+        with PostgresStore(postgres_url, table_prefix=prefix) as store:
+            batch_id = BatchTracker(store).create_batch([("a", "a.jpg")]).batch_id
+        with psycopg.connect(postgres_url, autocommit=True) as conn:
+            conn.execute(f'DROP TABLE "{prefix}keys"')
+            conn.execute(f'ALTER TABLE "{prefix}items" DROP COLUMN progress, DROP COLUMN stage')
+            conn.execute(f'UPDATE "{prefix}schema" SET version = 2')
+        with PostgresStore(postgres_url, table_prefix=prefix) as store:
+            tracker = BatchTracker(store)
+            tracker.start_item(batch_id, "a")
+            assert tracker.report(batch_id, "a", 0.5).progress == 0.5
+            first = tracker.create_batch(["b.jpg"], key="k").batch_id
+            assert tracker.create_batch(["b.jpg"], key="k").batch_id == first
+        with psycopg.connect(postgres_url, autocommit=True) as conn:
+            row = conn.execute(f'SELECT version FROM "{prefix}schema"').fetchone()
+        assert row == (SCHEMA_VERSION,) == (3,)
+    finally:
+        drop_postgres_tables(postgres_url, f"{prefix}%")

@@ -634,6 +634,7 @@ def test_schema_1_tables_gain_the_paused_flag_and_keep_their_batches(
         batch_id = BatchTracker(store).create_batch([("a", "a.jpg"), ("b", "b.jpg")]).batch_id
     _sql(postgres_url, f'ALTER TABLE "{prefix}batches" DROP COLUMN paused')
     _sql(postgres_url, f'DROP TABLE "{prefix}keys"')
+    _sql(postgres_url, f'ALTER TABLE "{prefix}items" DROP COLUMN progress, DROP COLUMN stage')
     _sql(postgres_url, f"UPDATE {prefix}schema SET version = 1")
     with PostgresStore(postgres_url, table_prefix=prefix) as store:
         tracker = BatchTracker(store)
