@@ -112,6 +112,49 @@ def counts_read(make_store: StoreMaker, name: str, *, reads: int = 2000) -> Comp
     )
 
 
+def report_cost(
+    make_store: StoreMaker, name: str, *, coalesced: bool, goal: float, n: int = 2000
+) -> Comparison:
+    """``n`` progress reports on running items vs ``n`` events (a start each).
+
+    Direct: :meth:`BatchTracker.report`, one store write each. Coalesced: what a processor
+    calling ``report_progress`` costs, a report per 0.05 % of one item in a tight loop
+    (the reporter writes one in 20, or one per half second).
+    """
+    from batchtrack._report import ItemReporter
+
+    ids = [str(i) for i in range(n)]
+    state: dict[str, Any] = {}
+
+    def setup() -> None:
+        tracker = BatchTracker(make_store())
+        reported = tracker.create_batch([(i, f"{i}.jpg") for i in ids]).batch_id
+        started = tracker.create_batch([(i, f"{i}.jpg") for i in ids]).batch_id
+        for i in ids:
+            tracker.start_item(reported, i)
+        state.update(tracker=tracker, reported=reported, started=started)
+
+    def ours() -> None:
+        tracker, batch = state["tracker"], state["reported"]
+        if coalesced:
+            reporter = ItemReporter(tracker, batch, ids[0])
+            for k in range(n):
+                reporter(k / n)
+        else:
+            for k, i in enumerate(ids):
+                tracker.report(batch, i, k / n)
+
+    def baseline() -> None:
+        tracker, batch = state["tracker"], state["started"]
+        for i in ids:
+            tracker.start_item(batch, i)
+
+    kind = "report_progress (coalesced)" if coalesced else "tracker.report"
+    return compare(
+        f"{name}: {kind} vs a start event", ours, baseline, goal=goal, setup=setup, rounds=9
+    )
+
+
 def half_done_batch(store: Store, n: int) -> tuple[BatchTracker, BatchSnapshot]:
     """A batch of ``n`` images, half of them done: nine in ten processed, one failed."""
     tracker = BatchTracker(store)
@@ -157,5 +200,7 @@ def run(quick: bool = False) -> list[Comparison]:
         event_cost(MemoryStore, "memory", goal=3.0, n=500 if quick else 2000),
         counts_read(MemoryStore, "memory"),
         snapshot_json(MemoryStore, "memory", goal=2.0)[0],
+        report_cost(MemoryStore, "memory", coalesced=False, goal=1.5, n=500 if quick else 2000),
+        report_cost(MemoryStore, "memory", coalesced=True, goal=0.5, n=500 if quick else 2000),
     ]
     return results

@@ -772,3 +772,35 @@ def test_a_missing_browser_fails_in_ci_and_is_skipped_elsewhere(
         assert result.returncode == 1
     else:
         assert result.returncode == 0
+
+
+def test_a_running_image_shows_a_thin_bar_with_its_percentage_and_stage(
+    browser: Any, slow_server: tuple[str, Path, subprocess.Popen[str]], tmp_path: Path
+) -> None:
+    """While an image runs, its row shows the progress its processor reports (a thin bar,
+    the percentage and the stage); the bar is gone once the image is processed."""
+    from selenium.webdriver.common.by import By
+
+    base, _, _ = slow_server
+    page = Page(browser, base, tmp_path)
+    browser.get(base + "/")
+    upload_batch(page, *small_jpegs(tmp_path, 2))
+
+    def reporting() -> Any:
+        for row in browser.find_elements(By.CSS_SELECTOR, "#rows tr"):
+            inside = row.find_element(By.CSS_SELECTOR, ".item-progress")
+            if inside.is_displayed() and inside.text.endswith("% \u00b7 test delay"):
+                return row, inside
+        return None
+
+    row, inside = wait(reporting, what="a running image's progress")
+    page.shot("item-progress")
+    assert row.find_element(By.CSS_SELECTOR, ".state").text == "running"
+    percent = int(inside.text.split("%")[0])
+    assert 0 <= percent <= 100
+    bar = inside.find_element(By.CSS_SELECTOR, ".item-bar")
+    assert bar.get_attribute("aria-valuenow") == str(percent)
+    wait(page.finished, 30, "the batch to finish")
+    assert not [
+        r for r in browser.find_elements(By.CSS_SELECTOR, ".item-progress") if r.is_displayed()
+    ]

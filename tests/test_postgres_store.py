@@ -230,14 +230,19 @@ def test_a_server_killed_mid_batch_and_restarted_loses_and_doubles_nothing(
 
 
 def test_first_use_creates_the_tables_with_their_version(postgres_url: str, prefix: str) -> None:
-    """A new prefix gets its three tables, the schema version, and the indexes."""
+    """A new prefix gets its four tables, the schema version, and the indexes."""
     PostgresStore(postgres_url, table_prefix=prefix).close()
     tables = _sql(
         postgres_url,
         "SELECT tablename FROM pg_tables WHERE tablename LIKE %s ORDER BY 1",
         f"{prefix}%",
     )
-    assert [t for (t,) in tables] == [f"{prefix}batches", f"{prefix}items", f"{prefix}schema"]
+    assert [t for (t,) in tables] == [
+        f"{prefix}batches",
+        f"{prefix}items",
+        f"{prefix}keys",
+        f"{prefix}schema",
+    ]
     assert _sql(postgres_url, f"SELECT version FROM {prefix}schema") == [(SCHEMA_VERSION,)]
     indexes = {
         name
@@ -628,6 +633,8 @@ def test_schema_1_tables_gain_the_paused_flag_and_keep_their_batches(
     with PostgresStore(postgres_url, table_prefix=prefix) as store:
         batch_id = BatchTracker(store).create_batch([("a", "a.jpg"), ("b", "b.jpg")]).batch_id
     _sql(postgres_url, f'ALTER TABLE "{prefix}batches" DROP COLUMN paused')
+    _sql(postgres_url, f'DROP TABLE "{prefix}keys"')
+    _sql(postgres_url, f'ALTER TABLE "{prefix}items" DROP COLUMN progress, DROP COLUMN stage')
     _sql(postgres_url, f"UPDATE {prefix}schema SET version = 1")
     with PostgresStore(postgres_url, table_prefix=prefix) as store:
         tracker = BatchTracker(store)

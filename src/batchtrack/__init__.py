@@ -7,6 +7,7 @@ from __future__ import annotations
 
 from ._models import BatchSnapshot, Item, ItemSnapshot, Progress, ProgressEvent, Status
 from ._orchestrator import Orchestrator
+from ._report import report_progress
 from ._tracker import BatchTracker
 from .exceptions import (
     BatchNotFound,
@@ -48,6 +49,7 @@ __all__ = [
     "Status",
     "StoreError",
     "ValidationError",
+    "report_progress",
 ]
 
 __version__ = "0.1.0"

@@ -19,6 +19,7 @@ import attrs
 from ._models import Item
 from ._orchestrator import Orchestrator
 from ._paths import DB_NAME
+from ._report import report_progress
 from ._test_delay import TEST_ITEM_DELAY, item_delay
 from ._tracker import BatchTracker
 from .asgi import create_app
@@ -50,7 +51,10 @@ class _Delayed:
         return self.pipeline.results
 
     def __call__(self, item: Item) -> Path | str:
-        time.sleep(self.delay)
+        # The wait reports its progress, as a processor that knows how far it is would.
+        for step in range(4):
+            report_progress(step / 4, stage="test delay")
+            time.sleep(self.delay / 4)
         return self.pipeline(item)
 
 

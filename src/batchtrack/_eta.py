@@ -436,12 +436,18 @@ class _Found(NamedTuple):
 
 
 def _seconds(
-    progress: Progress, created_at: float, stats: Mapping[str, float], now: float, lost: int = 0
+    progress: Progress,
+    created_at: float,
+    stats: Mapping[str, float],
+    now: float,
+    lost: int = 0,
+    reported: tuple[int, float] = (0, 0.0),
 ) -> _Found | None:
     """The estimate and what its range is made of; None without a basis.
 
     ``lost`` processing items are known lost (their lease ran out): they are not about
-    to finish but work to do again once reclaimed, held until then.
+    to finish but work to do again once reclaimed, held until then. ``reported``: how
+    many running items reported their progress, and the sum of their fractions.
     """
     pending = progress.pending
     running = progress.processing
@@ -526,6 +532,12 @@ def _seconds(
             work = running * residual - alike * (age - running * residual)
             floor = 0.1 * running * residual
             running_work = work if work > floor else floor
+            if reported[0]:
+                # Items that reported how far they are (BatchTracker.report): what is
+                # left of a mean item, instead of the guess from their age.
+                n = reported[0] if reported[0] < running else running
+                done = reported[1] if reported[1] < n else float(n)
+                running_work = running_work * (running - n) / running + (n - done) * mean
 
     if known_lost:
         # Work to do again once reclaimed; their stay is over, so they add no wait of
@@ -600,7 +612,12 @@ def span_remaining(
 
 
 def estimate_why(
-    progress: Progress, created_at: float, stats: Mapping[str, float], now: float, lost: int
+    progress: Progress,
+    created_at: float,
+    stats: Mapping[str, float],
+    now: float,
+    lost: int,
+    reported: tuple[int, float] = (0, 0.0),
 ) -> tuple[int | None, tuple[int, int] | None, str | None]:
     """:func:`estimate`, knowing that ``lost`` of the processing items are lost (their
     lease ran out, not yet reclaimed), and why there is no ETA when there is none.
@@ -614,7 +631,7 @@ def estimate_why(
         return None, None, STARTING
     if progress.processing and not progress.pending and lost >= progress.processing:
         return None, None, WAITING_FOR_LOST_ITEMS
-    eta, eta_range = estimate(progress, created_at, stats, now, lost)
+    eta, eta_range = estimate(progress, created_at, stats, now, lost, reported)
     return eta, eta_range, None
 
 
@@ -624,6 +641,7 @@ def estimate(
     stats: Mapping[str, float],
     now: float,
     lost: int = 0,
+    reported: tuple[int, float] = (0, 0.0),
 ) -> tuple[int | None, tuple[int, int] | None]:
     """Whole seconds until the batch is finished, and the 80% range around it.
 
@@ -633,7 +651,7 @@ def estimate(
     and ``low < high``: the range's ends rounded down and up, so that it holds the whole
     span (a span narrower than a second never becomes a point no true time can equal).
     """
-    found = _seconds(progress, created_at, stats, now, lost)
+    found = _seconds(progress, created_at, stats, now, lost, reported)
     if found is None:
         return None, None
     if found.seconds == 0.0 and not (progress.pending or progress.processing):

@@ -33,6 +33,7 @@ from urllib.parse import quote
 import attrs
 from typing_extensions import TypedDict
 
+from . import _keys
 from ._control import BatchControl, progress_hook
 from ._json import dumps, status_body
 from ._models import Item, ProgressEvent
@@ -662,6 +663,20 @@ class Api:
         return None if key is None else str(key)
 
     def _process_batch(self, request: Request, owner: str) -> Response:
+        key = request.headers.get("idempotency-key")
+        keyed: dict[str, str] = {}
+        if key is not None:
+            try:
+                keyed["key"] = _keys.check_key(key)
+            except ValidationError as exc:
+                reject(400, "bad_idempotency_key", f"the Idempotency-Key header is bad: {exc}")
+            if not _keys.takes_key(self.runner.submit):
+                reject(
+                    501,
+                    "idempotency_not_supported",
+                    f"this server's runner ({type(self.runner).__name__}) takes no "
+                    "idempotency keys; send the request without Idempotency-Key",
+                )
         payload = read_json(request)
         ids = payload.get("fileIds") if isinstance(payload, dict) else None
         if not isinstance(payload, dict) or "fileIds" not in payload:
@@ -684,7 +699,15 @@ class Api:
             snap = self.runner.submit(
                 [Item(f.filename, source=f.location) for f in files],
                 owner=owner,
+                **keyed,
                 **self._progress,
+            )
+        except _keys.KeyConflict:
+            reject(
+                409,
+                "idempotency_conflict",
+                f"the Idempotency-Key {key!r} was used for other fileIds; "
+                "send a new key for a new batch",
             )
         except OrchestratorClosed:
             reject(503, "shutting_down", "the service is shutting down; try again shortly")

@@ -13,7 +13,7 @@ from __future__ import annotations
 import json
 from json.encoder import encode_basestring  # the C version when available, as json uses
 
-from ._models import BatchSnapshot, ItemSnapshot
+from ._models import BatchSnapshot, ItemSnapshot, Status
 
 __all__ = ["dumps", "item_json", "status_body"]
 
@@ -38,6 +38,10 @@ def item_json(item: ItemSnapshot) -> bytes:
             text += f',"error":{encode_basestring(item.error)}'
         if item.attempts > 1:
             text += f',"attempts":{item.attempts}'
+        if item.progress is not None and item.status is Status.PROCESSING:
+            text += f',"progress":{json.dumps(item.progress)}'
+            if item.stage is not None:
+                text += f',"stage":{encode_basestring(item.stage)}'
         cached = (text + "}").encode()
         object.__setattr__(item, "_json", cached)
     return cached

@@ -102,6 +102,11 @@ class ItemSnapshot:
         source: Where the item's input is (a path, a URL, a key in your storage), as
             given to :meth:`~batchtrack.BatchTracker.create_batch`; None when none was
             given. Never shown in the JSON body.
+        progress: How far a processing item is, in [0, 1], as its processor last
+            reported (:meth:`~batchtrack.BatchTracker.report`); None when it reported
+            nothing since it started, and always None for an item not processing.
+        stage: What the processing item is doing, as last reported with ``progress``;
+            None when none was given.
     """
 
     id: str
@@ -110,6 +115,8 @@ class ItemSnapshot:
     error: str | None = None
     attempts: int = 0
     source: str | None = None
+    progress: float | None = None
+    stage: str | None = None
     # The item's entry as JSON, made on first use (see batchtrack._json): a snapshot never
     # changes, and stores keep handing out the same snapshot until the item changes.
     _json: bytes | None = attrs.field(default=None, init=False, eq=False, repr=False)
@@ -118,7 +125,8 @@ class ItemSnapshot:
         """The item's entry in the ``images`` list.
 
         ``error`` only on failed items, ``attempts`` only when the item was started more
-        than once.
+        than once, ``progress`` (and ``stage``, when given) only while a processing item
+        has reported.
         """
         entry: dict[str, Any] = {
             "id": self.id,
@@ -129,6 +137,10 @@ class ItemSnapshot:
             entry["error"] = self.error
         if self.attempts > 1:
             entry["attempts"] = self.attempts
+        if self.progress is not None and self.status is Status.PROCESSING:
+            entry["progress"] = self.progress
+            if self.stage is not None:
+                entry["stage"] = self.stage
         return entry
 
 

@@ -149,6 +149,18 @@ def document(base: str, max_files: int, max_json_bytes: int = 64 * 1024) -> dict
                 "description": "How many times the item was started since it was created or "
                 "last retried; only when more than once.",
             },
+            "progress": {
+                "type": "number",
+                "minimum": 0,
+                "maximum": 1,
+                "description": "How far a processing item is, as its processor reported; "
+                "only while it is processing and has reported.",
+            },
+            "stage": {
+                "type": "string",
+                "maxLength": 100,
+                "description": "What the processing item is doing, when its last report said.",
+            },
         },
         "additionalProperties": False,
     }
@@ -264,6 +276,23 @@ def document(base: str, max_files: int, max_json_bytes: int = 64 * 1024) -> dict
                 "post": {
                     "operationId": "processBatch",
                     "summary": "Start processing uploaded files as one batch.",
+                    "parameters": [
+                        {
+                            "name": "Idempotency-Key",
+                            "in": "header",
+                            "description": (
+                                "Makes the request safe to repeat: the same key (same owner) "
+                                "within 24 hours answers 202 with the batch it started first, "
+                                "while that batch lives, and starts nothing."
+                            ),
+                            "schema": {
+                                "type": "string",
+                                "minLength": 1,
+                                "maxLength": 255,
+                                "pattern": "^[ -~]+$",
+                            },
+                        }
+                    ],
                     "requestBody": {
                         "required": True,
                         "content": {
@@ -287,11 +316,22 @@ def document(base: str, max_files: int, max_json_bytes: int = 64 * 1024) -> dict
                     "responses": _with_session(
                         {
                             "202": _json("Started.", "Started", _STATUS_URL, _BATCH_LINKS),
-                            "400": _error("Bad JSON or bad, duplicate or too many file ids."),
+                            "400": _error(
+                                "Bad JSON or bad, duplicate or too many file ids, or a "
+                                "malformed Idempotency-Key (`bad_idempotency_key`)."
+                            ),
                             "404": _error("A file id is unknown, expired or not yours."),
+                            "409": _error(
+                                "`idempotency_conflict`: the Idempotency-Key was used for "
+                                "other fileIds."
+                            ),
                             "408": timeout,
                             "413": _error("The body is too large."),
                             "415": _error("Not JSON."),
+                            "501": _error(
+                                "`idempotency_not_supported`: an Idempotency-Key was sent "
+                                "and the server's runner takes none."
+                            ),
                             "503": _error("The service is shutting down."),
                         }
                     ),

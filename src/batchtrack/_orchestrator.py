@@ -20,6 +20,7 @@ from typing import Any, TypeVar, Union
 
 import attrs
 
+from . import _report
 from ._closing import Closing
 from ._models import BatchSnapshot, Item, ProgressEvent, Status
 from ._tracker import CANCELLED, INPUT_NOT_KEPT, BatchTracker
@@ -336,6 +337,7 @@ class Orchestrator(Closing):
         items: Iterable[ItemLike],
         *,
         owner: str | None = None,
+        key: str | None = None,
         on_progress: Callable[[ProgressEvent], Any] | None = None,
     ) -> BatchSnapshot:
         """Create a batch of ``items`` and start running it in the background.
@@ -344,15 +346,18 @@ class Orchestrator(Closing):
             items: :class:`~batchtrack.Item` objects, or paths (the filename is the base
                 name, the source the path). Items start in this order.
             owner: Who owns the batch (see :meth:`BatchTracker.get`).
+            key: An idempotency key (see :meth:`BatchTracker.create_batch`): a submit
+                with a key that names a batch already runs nothing and returns that
+                batch as it is now.
             on_progress: Called after every transition of this batch (see
                 :class:`batchtrack.typing.ProgressCallback`).
 
         Returns:
-            The new batch, all pending.
+            The new batch, all pending (or the batch ``key`` named, as it is now).
 
         Raises:
             ValidationError: No items, a bad item, duplicate ids, a non-callable
-                ``on_progress``.
+                ``on_progress``, a malformed key or one that names other items.
             OrchestratorClosed: :meth:`close` was called.
         """
         if on_progress is not None and not callable(on_progress):
@@ -366,13 +371,16 @@ class Orchestrator(Closing):
         # Held from creating the batch until its run is registered, so that a resume of
         # the new batch (a recovery loop sees every open batch) joins this run.
         with self._registering:
-            snap = self.tracker.create_batch(
-                [
-                    Item(item.filename, source=_stored_source(item.source), id=i)
-                    for i, item in zip(ids, prepared, strict=True)
-                ],
-                owner=owner,
-            )
+            stored = [
+                Item(item.filename, source=_stored_source(item.source), id=i)
+                for i, item in zip(ids, prepared, strict=True)
+            ]
+            if key is None:
+                snap = self.tracker.create_batch(stored, owner=owner)
+            else:
+                snap, created = self.tracker._create_batch(stored, owner, key)
+                if not created:
+                    return snap
             self._enqueue(
                 snap.batch_id,
                 [attrs.evolve(item, id=i) for i, item in zip(ids, prepared, strict=True)],
@@ -685,7 +693,14 @@ class Orchestrator(Closing):
                 self._calls[call] = None
                 self._watch_locked()
         try:
-            future = executor.submit(self.processor, item)
+            if isinstance(executor, (ThreadPoolExecutor, _DaemonThreads)):
+                assert item.id is not None
+                reporter = _report.ItemReporter(self.tracker, run.batch_id, item.id)
+                future = executor.submit(_report.run_reporting, reporter, self.processor, item)
+            else:
+                # Process pools, Dask clients and other executors run the processor
+                # where this tracker is not (and a context variable does not go).
+                future = executor.submit(self.processor, item)
         except BaseException as exc:  # the executor refused
             with self._lock:
                 self._calls.pop(call, None)

@@ -12,7 +12,7 @@ from typing import Union
 
 import attrs
 
-from . import _eta
+from . import _eta, _keys, _report
 from ._closing import Closing
 from ._models import (
     BatchSnapshot,
@@ -30,6 +30,7 @@ from .exceptions import (
     InputsGone,
     InvalidTransition,
     ItemNotFound,
+    StoreError,
     ValidationError,
 )
 from .stores.base import (
@@ -242,7 +243,9 @@ class BatchTracker(Closing):
 
     # -- creating and reading -------------------------------------------------------
 
-    def create_batch(self, items: Iterable[ItemSpec], *, owner: str | None = None) -> BatchSnapshot:
+    def create_batch(
+        self, items: Iterable[ItemSpec], *, owner: str | None = None, key: str | None = None
+    ) -> BatchSnapshot:
         """Create a batch whose items are all pending.
 
         Args:
@@ -251,15 +254,28 @@ class BatchTracker(Closing):
                 comes back as :attr:`ItemSnapshot.source`); ids are generated (UUID4)
                 where not given.
             owner: Who may see the batch (see :meth:`get`); None for nobody in particular.
+            key: An idempotency key (up to 255 printable ASCII characters): the same key
+                and owner within 24 hours return the batch created first instead of a
+                new one, while it lives; None: always a new batch.
 
         Returns:
-            The new batch.
+            The new batch (or the one ``key`` named already).
 
         Raises:
             ValidationError: No items, an empty or malformed filename or id, a source that
-                is not a path or string, or the same item id twice.
+                is not a path or string, the same item id twice, a malformed key, or a
+                key that names a batch of other items (filenames and sources, in order).
         """
+        return self._create_batch(items, owner, key)[0]
+
+    def _create_batch(
+        self, items: Iterable[ItemSpec], owner: str | None, key: str | None
+    ) -> tuple[BatchSnapshot, bool]:
+        """:meth:`create_batch`, answered with whether the batch is new (runners send
+        nothing for a batch a key named already)."""
         owner = _check_owner(owner)
+        if key is not None:
+            key = _keys.check_key(key)
         if isinstance(items, (str, bytes)) or not isinstance(items, Iterable):
             raise ValidationError("items must be an iterable of filenames or (id, filename) pairs")
         snapshots: list[ItemSnapshot] = []
@@ -303,8 +319,55 @@ class BatchTracker(Closing):
             version=0,
             progress=Progress(total=len(snapshots), pending=len(snapshots)),
         )
-        self.store.create(record, snapshots)
-        return self._snapshot(attrs.evolve(record, items=tuple(snapshots)), now)
+        if key is None:
+            self.store.create(record, snapshots)
+            return self._snapshot(attrs.evolve(record, items=tuple(snapshots)), now), True
+        digest = _keys.fingerprint(snapshots)
+        for _ in range(3):
+            held = self.store.create_keyed(record, snapshots, key, digest, now + _keys.KEY_TTL)
+            if held is None:
+                return self._snapshot(attrs.evolve(record, items=tuple(snapshots)), now), True
+            if held[1] != digest:
+                raise _keys.conflict(key)
+            try:
+                return self.get(held[0]), False
+            except BatchNotFound:
+                continue  # it went between the two calls: the key is free again
+        raise StoreError(f"idempotency key {key!r}: its batch keeps disappearing")
+
+    def report(
+        self, batch_id: str, item_id: str, fraction: float, *, stage: str | None = None
+    ) -> ItemSnapshot:
+        """Record how far a processing item is: one store write per call.
+
+        While the item is processing its JSON carries ``"progress"`` (and ``"stage"``,
+        when given); both vanish when it ends or is retried. Processors call
+        :func:`batchtrack.report_progress`, which coalesces calls, rather than this.
+
+        Args:
+            batch_id: The batch.
+            item_id: The item, which must be processing.
+            fraction: How much of the item is done, in [0, 1].
+            stage: What it is doing, in up to 100 characters; None for nothing said.
+
+        Returns:
+            The item as it is now.
+
+        Raises:
+            ValidationError: ``fraction`` is not in [0, 1], or a bad ``stage``.
+            InvalidTransition: The item is not processing.
+            BatchNotFound: Unknown or expired batch.
+            ItemNotFound: The batch has no such item.
+        """
+        batch_id = _check_id(batch_id, "batch_id")
+        item_id = _check_id(item_id, "item_id")
+        value, label = _report.check_report(fraction, stage)
+        now = self.clock()
+        item = self.store.report(batch_id, item_id, value, label, now, now + IDLE_TIMEOUT)
+        if item.status is not Status.PROCESSING:
+            # Only a processing item reports: as if asked to be processing again.
+            raise InvalidTransition(batch_id, item_id, item.status.value, "processing")
+        return item
 
     def get(
         self,
@@ -904,7 +967,13 @@ class BatchTracker(Closing):
             # Only then can lost items change what is shown (before anything finished
             # the reason is "starting" whatever else holds).
             lost = self._lost_in(record.batch_id, now)
-        return _eta.estimate_why(progress, record.created_at, record.stats, now, lost)
+        reported = (0, 0.0)
+        if progress.processing and len(record.items) == progress.total:
+            # Only a read of every item sees every report; a partial read (a page, a
+            # since-read, a header) would see some, so it leaves them all out.
+            fractions = [i.progress for i in record.items if i.progress is not None]
+            reported = (len(fractions), math.fsum(fractions))
+        return _eta.estimate_why(progress, record.created_at, record.stats, now, lost, reported)
 
     def _snapshot(self, record: BatchRecord, now: float) -> BatchSnapshot:
         progress = record.progress

@@ -36,6 +36,7 @@ except ImportError as exc:  # pragma: no cover - depends on the environment
 
 import attrs
 
+from . import _report
 from ._models import BatchSnapshot, Item, ProgressEvent, Status
 from ._orchestrator import INPUT_NOT_KEPT_ERROR, ItemLike, _as_item, error_message
 from ._sweeper import Sweeper
@@ -148,7 +149,9 @@ class _Job:
         deadline = None if self.time_limit is None else time.monotonic() + self.time_limit
         try:
             with self._heartbeats(batch_id, item_id, deadline):
-                self.processor(item)
+                # batchtrack.report_progress() in the processor reports on this item.
+                reporter = _report.ItemReporter(self.tracker, batch_id, item_id)
+                _report.run_reporting(reporter, self.processor, item)
         except SoftTimeLimitExceeded:
             # Celery's soft time limit interrupted the processor: no retry (it would
             # take as long again).
@@ -541,7 +544,9 @@ class CeleryRunner:
         job: _Job = self.task.batchtrack_job
         return job.processor
 
-    def submit(self, items: Iterable[ItemLike], *, owner: str | None = None) -> BatchSnapshot:
+    def submit(
+        self, items: Iterable[ItemLike], *, owner: str | None = None, key: str | None = None
+    ) -> BatchSnapshot:
         """Create a batch of ``items`` and send one message per item to the workers.
 
         Args:
@@ -550,19 +555,28 @@ class CeleryRunner:
                 workers can resolve (a shared path, a URL, a key in your storage): it is
                 stored with the item, and workers read it from there.
             owner: Who owns the batch (see :meth:`BatchTracker.get`).
+            key: An idempotency key (see :meth:`BatchTracker.create_batch`): a submit
+                with a key that names a batch already sends nothing and returns that
+                batch as it is now.
 
         Returns:
-            The new batch, all pending.
+            The new batch, all pending (or the batch ``key`` named).
 
         Raises:
-            ValidationError: No items, a bad item, duplicate ids.
+            ValidationError: No items, a bad item, duplicate ids, a malformed key or one
+                that names other items.
             Exception: The broker refused a message (as raised by Celery). The batch is
                 then cancelled, so that no item waits for a message that never comes.
         """
         if isinstance(items, (str, bytes, os.PathLike)) or not isinstance(items, Iterable):
             raise ValidationError("items must be an iterable of Items or paths")
         prepared = [_as_item(value, n) for n, value in enumerate(items)]
-        snap = self.tracker.create_batch(prepared, owner=owner)
+        if key is None:
+            snap = self.tracker.create_batch(prepared, owner=owner)
+        else:
+            snap, created = self.tracker._create_batch(prepared, owner, key)
+            if not created:
+                return snap
         try:
             self._send(snap.batch_id, [item.id for item in snap.items])
         except Exception:

@@ -51,7 +51,13 @@ class Runner(Protocol):
 
     def submit(self, items: Iterable[Any], *, owner: str | None = None) -> BatchSnapshot:
         """Create a batch of ``items`` (:class:`~batchtrack.Item` values or paths) in the
-        tracker and start running it; return at once with the new batch."""
+        tracker and start running it; return at once with the new batch.
+
+        A runner may also take ``key=`` (an idempotency key, passed on to
+        :meth:`~batchtrack.BatchTracker.create_batch`; a batch the key named already is
+        returned as it is and not run again): the HTTP API passes ``key`` only when a
+        request carries one, so runners written without it keep working for the rest.
+        """
         ...
 
     def resume(self, batch_id: str) -> BatchSnapshot:

@@ -343,6 +343,34 @@ class Store(Closing, ABC):
             StoreError: The batch id exists already, or the store failed.
         """
 
+    def create_keyed(
+        self,
+        batch: BatchRecord,
+        items: Sequence[ItemSnapshot],
+        key: str,
+        fingerprint: str,
+        key_expires_at: float,
+    ) -> tuple[str, str] | None:
+        """Create a batch under an idempotency key, unless the key holds a live batch.
+
+        The key belongs to ``batch.owner`` (None is an owner of its own). When the key
+        was written before, its ``key_expires_at`` is later than ``batch.created_at`` and
+        its batch exists and has not expired at ``batch.created_at``: change nothing and
+        answer ``(that batch's id, the fingerprint written with it)``. Otherwise (no key,
+        an expired key, or a key whose batch is gone) write the key (``batch.batch_id``,
+        ``fingerprint``, ``key_expires_at``), replacing the old one, and create the batch
+        as :meth:`create` does, both in one atomic step across every process sharing the
+        store (two creators racing with one key: one batch); answer None.
+
+        Keys need not outlive ``key_expires_at``; :meth:`purge_expired` may remove them.
+
+        Raises:
+            StoreError: The batch id exists already, or the store failed.
+            NotImplementedError: The store cannot keep keys (a store written before
+                batchtrack could).
+        """
+        raise NotImplementedError(f"{type(self).__name__} cannot keep idempotency keys")
+
     @abstractmethod
     def apply(self, batch_id: str, transition: Transition) -> TransitionResult:
         """Apply one item transition atomically, as :class:`Transition` describes.
@@ -416,6 +444,33 @@ class Store(Closing, ABC):
                 batchtrack could).
         """
         raise NotImplementedError(f"{type(self).__name__} cannot pause batches")
+
+    def report(
+        self,
+        batch_id: str,
+        item_id: str,
+        fraction: float,
+        stage: str | None,
+        at: float,
+        expires_at_open: float,
+    ) -> ItemSnapshot:
+        """Record how far a processing item is, atomically.
+
+        When the item is ``processing``: set its ``progress`` to ``fraction`` and its
+        ``stage`` to ``stage``, add one to the batch's ``version`` (the item counts as
+        changed at it, so since-reads and listeners see it), set ``updated_at`` to ``at``
+        and ``expires_at`` to ``expires_at_open``; answer the item as it is now. Any other
+        status: change nothing and answer the item as it is. Every applied transition of
+        an item clears both fields (they are None on any item not processing).
+
+        Raises:
+            BatchNotFound: The batch is missing or expired at ``at``.
+            ItemNotFound: The batch has no such item.
+            StoreError: The store failed; nothing was changed.
+            NotImplementedError: The store cannot keep reports (a store written before
+                batchtrack could).
+        """
+        raise NotImplementedError(f"{type(self).__name__} cannot keep progress reports")
 
     @abstractmethod
     def renew(

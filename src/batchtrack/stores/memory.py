@@ -171,8 +171,30 @@ class MemoryStore(Store):
     # moved on or renewed are dropped when they come due, so listing lost items costs
     # what is due, not what is stored.
     _leases: list[tuple[float, str, int]] = attrs.field(factory=list, init=False)
+    # Idempotency keys: (owner, key) -> (batch id, fingerprint, key_expires_at).
+    _keys: dict[tuple[str | None, str], tuple[str, str, float]] = attrs.field(
+        factory=dict, init=False
+    )
 
     def create(self, batch: BatchRecord, items: Sequence[ItemSnapshot]) -> None:
+        self._create(batch, items, None)
+
+    def create_keyed(
+        self,
+        batch: BatchRecord,
+        items: Sequence[ItemSnapshot],
+        key: str,
+        fingerprint: str,
+        key_expires_at: float,
+    ) -> tuple[str, str] | None:
+        return self._create(batch, items, (key, fingerprint, key_expires_at))
+
+    def _create(
+        self,
+        batch: BatchRecord,
+        items: Sequence[ItemSnapshot],
+        keyed: tuple[str, str, float] | None,
+    ) -> tuple[str, str] | None:
         counts = dict.fromkeys(Status, 0)
         counts[_PENDING] = len(items)
         state = _Batch(
@@ -196,11 +218,21 @@ class MemoryStore(Store):
         )
         for position, item in enumerate(items):
             state.members[item.status].add(position)
+        now = batch.created_at
         with self._lock:
+            if keyed is not None:
+                held = self._keys.get((batch.owner, keyed[0]))
+                if held is not None and held[2] > now:
+                    other = self._batches.get(held[0])
+                    if other is not None and other.expires_at > now:
+                        return held[0], held[1]
             if batch.batch_id in self._batches:
                 raise StoreError(f"batch {batch.batch_id!r} exists already")
             self._batches[batch.batch_id] = state
+            if keyed is not None:
+                self._keys[(batch.owner, keyed[0])] = (batch.batch_id, keyed[1], keyed[2])
         self._changed(batch.batch_id)
+        return None
 
     def _changed(self, batch_id: str) -> None:
         """Tell every listener that ``batch_id`` changed (after the change is visible)."""
@@ -346,6 +378,33 @@ class MemoryStore(Store):
         self._changed(batch_id)
         return True
 
+    def report(
+        self,
+        batch_id: str,
+        item_id: str,
+        fraction: float,
+        stage: str | None,
+        at: float,
+        expires_at_open: float,
+    ) -> ItemSnapshot:
+        with self._lock:
+            state = self._batches.get(batch_id)
+            if state is None or state.expires_at <= at:
+                raise BatchNotFound(batch_id)
+            position = state.index.get(item_id)
+            if position is None:
+                raise ItemNotFound(batch_id, item_id)
+            item = state.items[position]
+            if item.status is not _PROCESSING:
+                return item
+            item = state.items[position] = attrs.evolve(item, progress=fraction, stage=stage)
+            state.version += 1
+            state.log.append(position)
+            state.updated_at = at
+            state.expires_at = expires_at_open
+        self._changed(batch_id)
+        return item
+
     def renew(
         self, batch_id: str, item_id: str, at: float, lease_until: float, expires_at_open: float
     ) -> TransitionResult:
@@ -460,6 +519,8 @@ class MemoryStore(Store):
     def purge_expired(self, now: float) -> int:
         with self._lock:
             expired = [bid for bid, s in self._batches.items() if s.expires_at <= now]
+            for name in [k for k, held in self._keys.items() if held[2] <= now]:
+                del self._keys[name]
             for batch_id in expired:
                 del self._batches[batch_id]
             if expired:

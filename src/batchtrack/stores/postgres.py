@@ -85,7 +85,7 @@ __all__ = ["SCHEMA_VERSION", "PostgresStore", "SchemaVersionError"]
 
 log = logging.getLogger("batchtrack")
 
-SCHEMA_VERSION = 2
+SCHEMA_VERSION = 3
 """The schema this batchtrack writes; kept in the ``<prefix>schema`` table."""
 
 PURGE_CHUNK = 500
@@ -154,11 +154,26 @@ _MIGRATIONS: dict[int, tuple[str, ...]] = {
         # error "cancelled".)
         "ALTER TABLE {batches} ADD COLUMN paused boolean NOT NULL DEFAULT false",
     ),
+    3: (
+        # Idempotency keys, one row per owner ('' for none) and key, written in the
+        # transaction that creates its batch; the primary key makes two creators meet.
+        """CREATE TABLE {keys} (
+            owner       text NOT NULL,
+            key         text NOT NULL,
+            batch_id    text NOT NULL,
+            fingerprint text NOT NULL,
+            expires_at  double precision NOT NULL,
+            PRIMARY KEY (owner, key)
+        )""",
+        # And how far a processing item is, as its processor reported (NULL otherwise).
+        "ALTER TABLE {items} ADD COLUMN progress double precision",
+        "ALTER TABLE {items} ADD COLUMN stage text",
+    ),
 }
 assert sorted(_MIGRATIONS) == list(range(1, SCHEMA_VERSION + 1))
 
 # The batch header, in the order _header() reads it.
-_ITEM_COLUMNS = "item_id, filename, status, error, attempts, source"
+_ITEM_COLUMNS = "item_id, filename, status, error, attempts, source, progress, stage"
 _COPY_COLUMNS = (
     "batch_key, position, item_id, filename, status, error, changed_at, source, attempts"
 )
@@ -382,6 +397,7 @@ class PostgresStore(Store):
             "batches": f'{schema}."{p}batches"',
             "items": f'{schema}."{p}items"',
             "version": f'{schema}."{p}schema"',
+            "keys": f'{schema}."{p}keys"',
             "p": p,
         }
 
@@ -428,7 +444,8 @@ class PostgresStore(Store):
                 " processing = %s, pending = %s, stats = %s"
                 " WHERE key = %s AND version = %s RETURNING key),"
                 f" item AS (UPDATE {i} SET status = %s, error = %s, changed_at = %s,"
-                " attempts = %s, lease_until = %s, beat_at = %s, version = %s"
+                " attempts = %s, lease_until = %s, beat_at = %s, version = %s,"
+                " progress = NULL, stage = NULL"
                 " WHERE batch_key = (SELECT key FROM batch) AND position = %s)"
                 " SELECT pg_notify(%s, %s) FROM batch"
             ),
@@ -449,6 +466,13 @@ class PostgresStore(Store):
             "lock_header": (
                 f"SELECT {', '.join(_COLUMNS)}, key, paused FROM {b} WHERE batch_id = %s FOR UPDATE"
             ),
+            "report": (
+                f"UPDATE {i} SET progress = %s, stage = %s, version = %s"
+                " WHERE batch_key = %s AND position = %s"
+            ),
+            "report_batch": (
+                f"UPDATE {b} SET version = %s, updated_at = %s, expires_at = %s WHERE key = %s"
+            ),
             "set_paused": (
                 f"UPDATE {b} SET paused = %s, version = version + 1, updated_at = %s,"
                 " expires_at = CASE WHEN finished_at IS NULL THEN %s ELSE expires_at END"
@@ -461,7 +485,8 @@ class PostgresStore(Store):
             "write_many": (
                 f"WITH moved AS (UPDATE {i} SET status = %s, error = %s, changed_at = %s,"
                 " attempts = CASE WHEN %s THEN 0 ELSE attempts END, lease_until = NULL,"
-                " version = v.version FROM (SELECT unnest(%s::integer[]) AS position,"
+                " progress = NULL, stage = NULL, version = v.version"
+                " FROM (SELECT unnest(%s::integer[]) AS position,"
                 " unnest(%s::bigint[]) AS version) v"
                 f" WHERE batch_key = %s AND {i}.position = v.position),"
                 f" batch AS (UPDATE {b} SET updated_at = %s, finished_at = %s,"
@@ -474,6 +499,23 @@ class PostgresStore(Store):
                 f" VALUES ({', '.join(['%s'] * len(_COLUMNS))}) RETURNING key"
             ),
             "copy": f"COPY {i} ({_COPY_COLUMNS}) FROM STDIN",
+            # A creator with a key inserts its row or, when the key is taken, waits for
+            # the creator holding it to commit and then locks the row it wrote.
+            "claim_key": (
+                f"INSERT INTO {n['keys']} (owner, key, batch_id, fingerprint, expires_at)"
+                " VALUES (%s, %s, %s, %s, %s) ON CONFLICT (owner, key) DO NOTHING"
+                " RETURNING batch_id"
+            ),
+            "lock_key": (
+                f"SELECT batch_id, fingerprint, expires_at FROM {n['keys']}"
+                " WHERE owner = %s AND key = %s FOR UPDATE"
+            ),
+            "batch_alive": f"SELECT 1 FROM {b} WHERE batch_id = %s AND expires_at > %s",
+            "replace_key": (
+                f"UPDATE {n['keys']} SET batch_id = %s, fingerprint = %s, expires_at = %s"
+                " WHERE owner = %s AND key = %s"
+            ),
+            "purge_keys": f"DELETE FROM {n['keys']} WHERE expires_at <= %s",
             "notify": "SELECT pg_notify(%s, %s)",
             "notify_many": "SELECT pg_notify(%s, unnest(%s::text[]))",
             "items": (
@@ -606,35 +648,72 @@ class PostgresStore(Store):
     # -- the store boundary ------------------------------------------------------------
 
     def create(self, batch: BatchRecord, items: Sequence[ItemSnapshot]) -> None:
-        q = self._sql
         # COPY needs the connection outside pipeline mode.
         with self._transaction(f"create batch {batch.batch_id!r}", pipeline=False) as conn:
-            try:
-                row = conn.execute(
-                    q["create"],
-                    _values(batch),
-                ).fetchone()
-            except pg_errors.UniqueViolation:
-                raise StoreError(f"batch {batch.batch_id!r} exists already") from None
-            assert row is not None
-            key = row[0]
-            created = batch.created_at
-            with conn.cursor() as cursor, cursor.copy(q["copy"]) as copy:
-                for n, item in enumerate(items):
-                    copy.write_row(
-                        (
-                            key,
-                            n,
-                            item.id,
-                            item.filename,
-                            _CODE[item.status],
-                            item.error,
-                            created,
-                            item.source,
-                            item.attempts,
-                        )
+            self._insert(conn, batch, items)
+
+    def create_keyed(
+        self,
+        batch: BatchRecord,
+        items: Sequence[ItemSnapshot],
+        key: str,
+        fingerprint: str,
+        key_expires_at: float,
+    ) -> tuple[str, str] | None:
+        q = self._sql
+        now = batch.created_at
+        owner = batch.owner or ""
+        with self._transaction(f"create batch {batch.batch_id!r}", pipeline=False) as conn:
+            claimed = conn.execute(
+                q["claim_key"], (owner, key, batch.batch_id, fingerprint, key_expires_at)
+            ).fetchone()
+            if claimed is None:
+                # Each statement below reads what was committed when it began: after the
+                # lock, the batch of whoever wrote the row last.
+                row = conn.execute(q["lock_key"], (owner, key)).fetchone()
+                if (
+                    row is not None
+                    and row[2] > now
+                    and conn.execute(q["batch_alive"], (row[0], now)).fetchone() is not None
+                ):
+                    return str(row[0]), str(row[1])
+                conn.execute(
+                    q["replace_key"], (batch.batch_id, fingerprint, key_expires_at, owner, key)
+                )
+            self._insert(conn, batch, items)
+        return None
+
+    def _insert(
+        self, conn: psycopg.Connection[Any], batch: BatchRecord, items: Sequence[ItemSnapshot]
+    ) -> None:
+        """Write a new batch and its items, inside the caller's transaction."""
+        q = self._sql
+        try:
+            row = conn.execute(
+                q["create"],
+                _values(batch),
+            ).fetchone()
+        except pg_errors.UniqueViolation:
+            raise StoreError(f"batch {batch.batch_id!r} exists already") from None
+        assert row is not None
+        key = row[0]
+        created = batch.created_at
+        with conn.cursor() as cursor, cursor.copy(q["copy"]) as copy:
+            for n, item in enumerate(items):
+                copy.write_row(
+                    (
+                        key,
+                        n,
+                        item.id,
+                        item.filename,
+                        _CODE[item.status],
+                        item.error,
+                        created,
+                        item.source,
+                        item.attempts,
                     )
-            conn.execute(q["notify"], (self._channel, batch.batch_id))
+                )
+        conn.execute(q["notify"], (self._channel, batch.batch_id))
 
     def _peek(self, what: str, batch_id: str, item_id: str, at: float) -> tuple[Any, Any]:
         """The batch's header and the item, read together without a lock."""
@@ -768,6 +847,27 @@ class PostgresStore(Store):
             conn.execute(q["set_paused"], (paused, at, expires_at_open, row[13]))
             conn.execute(q["notify"], (self._channel, batch_id))
         return True
+
+    def report(
+        self,
+        batch_id: str,
+        item_id: str,
+        fraction: float,
+        stage: str | None,
+        at: float,
+        expires_at_open: float,
+    ) -> ItemSnapshot:
+        q = self._sql
+        with self._transaction(f"report on item {item_id!r} of batch {batch_id!r}") as conn:
+            row, it = self._locked(conn, batch_id, item_id, at)
+            item = _item(item_id, it)
+            if item.status is not Status.PROCESSING:
+                return item
+            version = row[6] + 1
+            conn.execute(q["report"], (fraction, stage, version, row[13], it[3]))
+            conn.execute(q["report_batch"], (version, at, expires_at_open, row[13]))
+            conn.execute(q["notify"], (self._channel, batch_id))
+        return attrs.evolve(item, progress=fraction, stage=stage)
 
     def renew(
         self, batch_id: str, item_id: str, at: float, lease_until: float, expires_at_open: float
@@ -926,6 +1026,8 @@ class PostgresStore(Store):
             # Bounded chunks keep each transaction short, so workers updating other
             # batches never wait on a whole sweep.
             with self._transaction("purge expired batches") as conn:
+                if removed == 0:
+                    conn.execute(q["purge_keys"], (now,))
                 rows = conn.execute(q["purge_lock"], (now, PURGE_CHUNK)).fetchall()
                 if rows:
                     keys = [r[0] for r in rows]
@@ -992,7 +1094,7 @@ def _snapshots(rows: list[Any]) -> tuple[ItemSnapshot, ...]:
     statuses = _STATUSES
     return tuple(
         [
-            ItemSnapshot(item_id, filename, statuses[status], error, attempts, source)
-            for item_id, filename, status, error, attempts, source in rows
+            ItemSnapshot(item_id, filename, statuses[status], error, attempts, source, p, g)
+            for item_id, filename, status, error, attempts, source, p, g in rows
         ]
     )

@@ -32,7 +32,9 @@ nobody sweeps still disappears; ``cleanup()`` works all the same.
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import json
+import math
 import struct
 import threading
 import time
@@ -143,15 +145,13 @@ return 1
 # KEYS: the batch keys (_keys' order), then the staged items hash, order list and status
 # zset. ARGV: batch id, slack, then the header's field/value pairs.
 # Returns 1, or 0 (and deletes the staged keys) when the batch exists already.
-_CREATE = (
-    _NOTIFY
-    + """
+_CREATE_BODY = """
 if redis.call('EXISTS', KEYS[1]) == 1 then
   redis.call('DEL', KEYS[8], KEYS[9], KEYS[10])
   return 0
 end
 local header = {}
-for i = 3, #ARGV do header[#header + 1] = ARGV[i] end
+for i = FIRST, #ARGV do header[#header + 1] = ARGV[i] end
 redis.call('HSET', KEYS[1], unpack(header))
 if redis.call('EXISTS', KEYS[8]) == 1 then
   redis.call('RENAME', KEYS[8], KEYS[2])
@@ -169,6 +169,29 @@ redis.call('ZADD', KEYS[4], expires, ARGV[1])
 notify(ARGV[1])
 return 1
 """
+_CREATE = _NOTIFY + _CREATE_BODY.replace("FIRST", "3")
+
+# _CREATE under an idempotency key. KEYS: as _CREATE's, then the key's own key
+# (<prefix>k:<sha256 of owner and key>). ARGV: batch id, slack, the key's value
+# ("<batch id> <fingerprint> <expires_at>"), its Redis TTL, now, then the header's pairs.
+# Returns 1, or {0, value} (deleting the staged keys) when the key holds a live batch.
+_CREATE_KEYED = (
+    _NOTIFY
+    + """
+local now = tonumber(ARGV[5])
+if not redis.call('SET', KEYS[11], ARGV[3], 'NX', 'EX', tonumber(ARGV[4])) then
+  local held = redis.call('GET', KEYS[11])
+  local other, _, until_ = string.match(held, '^(%S+) (%S+) (%S+)$')
+  local batch = string.sub(KEYS[1], 1, -#ARGV[1] - 1) .. other
+  local expires = redis.call('HGET', batch, 'expires_at')
+  if tonumber(until_) > now and expires and tonumber(expires) > now then
+    redis.call('DEL', KEYS[8], KEYS[9], KEYS[10])
+    return {0, held}
+  end
+  redis.call('SET', KEYS[11], ARGV[3], 'EX', tonumber(ARGV[4]))
+end
+"""
+    + _CREATE_BODY.replace("FIRST", "6")
 )
 
 # Shared by the scripts below: KEYS are always batch hash, items hash, order list, expiry
@@ -204,6 +227,8 @@ local function move(item_id, item, target, error, at, lease, attempts, version)
   redis.call('ZADD', KEYS[6], version, item_id)
   if item.p then redis.call('ZADD', KEYS[7], target * 4294967296 + item.p, item_id) end
   if error ~= '' then item.e = error else item.e = cjson.null end
+  item.q = nil  -- a report lasts while the item runs
+  item.g = nil
   item.t = at
   if attempts == '+' then item.a = (item.a or 0) + 1 elseif attempts == '0' then item.a = 0 end
   local member = ARGV[1] .. SEP .. item_id
@@ -441,6 +466,32 @@ return 1
 """
 )
 
+# ARGV: batch id, item id, fraction (a string: cjson keeps 14 digits), '1' when a stage
+# is given, the stage, at, expires_open, slack. The item's JSON keeps them as q and g.
+# Returns: {'applied' or 'rejected', the item's JSON}, or 'nobatch' / 'noitem'.
+_REPORT = (
+    _PRELUDE
+    + """
+local at = tonumber(ARGV[6])
+local expires = redis.call('HGET', KEYS[1], 'expires_at')
+if not expires or tonumber(expires) <= at then return 'nobatch' end
+local raw = redis.call('HGET', KEYS[2], ARGV[2])
+if not raw then return 'noitem' end
+local item = cjson.decode(raw)
+if item.s ~= 1 then return {'rejected', raw} end
+item.q = ARGV[3]
+if ARGV[4] == '1' then item.g = ARGV[5] else item.g = nil end
+raw = cjson.encode(item)
+redis.call('HSET', KEYS[2], ARGV[2], raw)
+local version = redis.call('HINCRBY', KEYS[1], 'version', 1)
+redis.call('ZADD', KEYS[6], version, ARGV[2])
+redis.call('HSET', KEYS[1], 'updated_at', ARGV[6], 'expires_at', ARGV[7])
+refresh_ttl(ARGV[1], ARGV[7], at, ARGV[8], false)
+notify(ARGV[1])
+return {'applied', raw}
+"""
+)
+
 # KEYS: leases zset. ARGV: now, limit, key prefix. Members of batches that are gone or
 # expired, or whose item no longer holds that lease, are dropped on the way.
 _LOST = """
@@ -646,8 +697,16 @@ def _from_fields(
 
 def _item(item_id: str, raw: bytes) -> ItemSnapshot:
     data = json.loads(raw)
+    fraction = data.get("q")
     return ItemSnapshot(
-        item_id, data["f"], _STATUSES[data["s"]], data.get("e"), data.get("a", 0), data.get("r")
+        item_id,
+        data["f"],
+        _STATUSES[data["s"]],
+        data.get("e"),
+        data.get("a", 0),
+        data.get("r"),
+        None if fraction is None else float(fraction),
+        data.get("g"),
     )
 
 
@@ -745,6 +804,8 @@ class RedisStore(Store):
     _groups: dict[tuple[str, ...], tuple[str, str]]
     _channel: str  # where every change is published
     _pause: Any
+    _create_keyed: Any
+    _report: Any
 
     def __init__(
         self, url: str | None = None, *, prefix: str = "batchtrack:", client: Any = None
@@ -781,6 +842,8 @@ class RedisStore(Store):
             {},
             f"{prefix}changes",
             client.register_script(_PAUSE),
+            client.register_script(_CREATE_KEYED),
+            client.register_script(_REPORT),
         )
 
     def _keys(self, batch_id: str) -> list[str]:
@@ -860,6 +923,28 @@ class RedisStore(Store):
         return own, True
 
     def create(self, batch: BatchRecord, items: Sequence[ItemSnapshot]) -> None:
+        self._create_batch(batch, items, None)
+
+    def create_keyed(
+        self,
+        batch: BatchRecord,
+        items: Sequence[ItemSnapshot],
+        key: str,
+        fingerprint: str,
+        key_expires_at: float,
+    ) -> tuple[str, str] | None:
+        name = hashlib.sha256(json.dumps([batch.owner, key]).encode()).hexdigest()
+        ttl = max(1, math.ceil(key_expires_at - batch.created_at) + _SLACK)
+        value = f"{batch.batch_id} {fingerprint} {key_expires_at!r}"
+        keyed = ([f"{self.prefix}k:{name}"], [value, ttl, repr(batch.created_at)])
+        return self._create_batch(batch, items, keyed)
+
+    def _create_batch(
+        self,
+        batch: BatchRecord,
+        items: Sequence[ItemSnapshot],
+        keyed: tuple[list[str], list[Any]] | None,
+    ) -> tuple[str, str] | None:
         p = batch.progress
         header: list[Any] = [
             "owner",
@@ -903,14 +988,27 @@ class RedisStore(Store):
                 pipe.execute()
         except RedisError as exc:
             raise StoreError(f"Redis failed to {what}: {exc}") from exc
-        created = self._call(
-            self._create,
-            what,
-            self._keys(batch.batch_id) + staged,
-            [batch.batch_id, _SLACK, *header],
-        )
+        if keyed is None:
+            created = self._call(
+                self._create,
+                what,
+                self._keys(batch.batch_id) + staged,
+                [batch.batch_id, _SLACK, *header],
+            )
+        else:
+            created = self._call(
+                self._create_keyed,
+                what,
+                self._keys(batch.batch_id) + staged + keyed[0],
+                [batch.batch_id, _SLACK, *keyed[1], *header],
+            )
+            if isinstance(created, list):
+                held = created[1].decode() if isinstance(created[1], bytes) else created[1]
+                other, digest, _ = held.split(" ")
+                return other, digest
         if not created:
             raise StoreError(f"batch {batch.batch_id!r} exists already")
+        return None
 
     def apply(self, batch_id: str, transition: Transition) -> TransitionResult:
         groups: list[Any] = [len(transition.stats)]
@@ -975,6 +1073,36 @@ class RedisStore(Store):
         if reply == b"nobatch":
             raise BatchNotFound(batch_id)
         return bool(reply)
+
+    def report(
+        self,
+        batch_id: str,
+        item_id: str,
+        fraction: float,
+        stage: str | None,
+        at: float,
+        expires_at_open: float,
+    ) -> ItemSnapshot:
+        reply = self._call(
+            self._report,
+            f"report on item {item_id!r} of batch {batch_id!r}",
+            self._keys(batch_id),
+            [
+                batch_id,
+                item_id,
+                repr(fraction),
+                "" if stage is None else "1",
+                stage or "",
+                repr(at),
+                repr(expires_at_open),
+                _SLACK,
+            ],
+        )
+        if reply == b"nobatch":
+            raise BatchNotFound(batch_id)
+        if reply == b"noitem":
+            raise ItemNotFound(batch_id, item_id)
+        return _item(item_id, reply[1])
 
     def apply_many(
         self, batch_id: str, transition: Transition, item_ids: Sequence[str] | None = None

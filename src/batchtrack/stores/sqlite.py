@@ -67,7 +67,7 @@ from .base import (
 
 __all__ = ["CHECK_SECONDS", "SCHEMA_VERSION", "SQLiteStore", "SchemaVersionError"]
 
-SCHEMA_VERSION = 4
+SCHEMA_VERSION = 5
 """The schema this batchtrack writes; stored in ``PRAGMA user_version``."""
 
 PURGE_CHUNK = 500
@@ -164,6 +164,22 @@ _MIGRATIONS: list[tuple[str, ...]] = [
         # batchtrack cancelled stay failed with the error "cancelled".)
         "ALTER TABLE batches ADD COLUMN paused INTEGER NOT NULL DEFAULT 0",
     ),
+    (
+        # Version 5: idempotency keys, one row per owner ('' for none) and key, written
+        # in the transaction that creates its batch; the primary key makes two creators
+        # with one key meet.
+        """CREATE TABLE batch_keys (
+            owner       TEXT NOT NULL,
+            key         TEXT NOT NULL,
+            batch_id    TEXT NOT NULL,
+            fingerprint TEXT NOT NULL,
+            expires_at  REAL NOT NULL,
+            PRIMARY KEY (owner, key)
+        ) WITHOUT ROWID""",
+        # And how far a processing item is, as its processor reported (NULL otherwise).
+        "ALTER TABLE items ADD COLUMN progress REAL",
+        "ALTER TABLE items ADD COLUMN stage TEXT",
+    ),
 ]
 assert len(_MIGRATIONS) == SCHEMA_VERSION
 
@@ -171,6 +187,7 @@ assert len(_MIGRATIONS) == SCHEMA_VERSION
 _SCHEMA_OBJECTS = (
     ("table", "batches"),
     ("table", "items"),
+    ("table", "batch_keys"),
     ("index", "items_by_id"),
     ("index", "items_by_lease"),
     ("index", "items_by_version"),
@@ -188,7 +205,9 @@ _checking_lock = threading.Lock()
 
 # An item as load() and load_items() read it: what a snapshot shows, then the version and
 # position that identify the snapshot in SQLiteStore._items_memo.
-_ITEM_COLUMNS = "item_id, filename, status, error, attempts, source, version, position"
+_ITEM_COLUMNS = (
+    "item_id, filename, status, error, attempts, source, version, position, progress, stage"
+)
 _ITEMS_MEMO_SIZE = 250_000  # items kept in _items_memo, over all batches
 # Batches kept there: in a long-running server most are finished (or gone) and never read
 # again, yet each would hold its items until the item count above is reached.
@@ -517,32 +536,66 @@ class SQLiteStore(Store):
 
     def create(self, batch: BatchRecord, items: Sequence[ItemSnapshot]) -> None:
         with self._write() as db:
-            try:
-                key = db.execute(
-                    f"INSERT INTO batches ({', '.join(_COLUMNS)})"
-                    f" VALUES ({', '.join('?' * len(_COLUMNS))})",
-                    _values(batch),
-                ).lastrowid
-            except sqlite3.IntegrityError as exc:
-                raise StoreError(f"batch {batch.batch_id!r} exists already") from exc
-            db.executemany(
-                "INSERT INTO items (batch_key, position, item_id, filename, status, error,"
-                " changed_at, source, attempts) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
-                (
-                    (
-                        key,
-                        n,
-                        item.id,
-                        item.filename,
-                        _CODE[item.status],
-                        item.error,
-                        batch.created_at,
-                        item.source,
-                        item.attempts,
-                    )
-                    for n, item in enumerate(items)
-                ),
+            self._insert(db, batch, items)
+
+    def create_keyed(
+        self,
+        batch: BatchRecord,
+        items: Sequence[ItemSnapshot],
+        key: str,
+        fingerprint: str,
+        key_expires_at: float,
+    ) -> tuple[str, str] | None:
+        now = batch.created_at
+        owner = batch.owner or ""
+        # BEGIN IMMEDIATE holds the write lock from the start: a second creator with the
+        # same key waits, then finds the row.
+        with self._write() as db:
+            row = db.execute(
+                "SELECT k.batch_id, k.fingerprint FROM batch_keys k"
+                " JOIN batches b ON b.batch_id = k.batch_id"
+                " WHERE k.owner = ? AND k.key = ? AND k.expires_at > ? AND b.expires_at > ?",
+                (owner, key, now, now),
+            ).fetchone()
+            if row is not None:
+                return row[0], row[1]
+            db.execute(
+                "INSERT OR REPLACE INTO batch_keys (owner, key, batch_id, fingerprint,"
+                " expires_at) VALUES (?, ?, ?, ?, ?)",
+                (owner, key, batch.batch_id, fingerprint, key_expires_at),
             )
+            self._insert(db, batch, items)
+        return None
+
+    @staticmethod
+    def _insert(db: sqlite3.Connection, batch: BatchRecord, items: Sequence[ItemSnapshot]) -> None:
+        """Write a new batch and its items, inside the caller's write transaction."""
+        try:
+            key = db.execute(
+                f"INSERT INTO batches ({', '.join(_COLUMNS)})"
+                f" VALUES ({', '.join('?' * len(_COLUMNS))})",
+                _values(batch),
+            ).lastrowid
+        except sqlite3.IntegrityError as exc:
+            raise StoreError(f"batch {batch.batch_id!r} exists already") from exc
+        db.executemany(
+            "INSERT INTO items (batch_key, position, item_id, filename, status, error,"
+            " changed_at, source, attempts) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
+            (
+                (
+                    key,
+                    n,
+                    item.id,
+                    item.filename,
+                    _CODE[item.status],
+                    item.error,
+                    batch.created_at,
+                    item.source,
+                    item.attempts,
+                )
+                for n, item in enumerate(items)
+            ),
+        )
 
     def apply(self, batch_id: str, transition: Transition) -> TransitionResult:
         # The hot path: one BEGIN IMMEDIATE, one read of the batch and the item, two
@@ -590,7 +643,8 @@ class SQLiteStore(Store):
             lease = transition.lease_until
             db.execute(
                 "UPDATE items SET status = ?, error = ?, changed_at = ?, attempts = ?,"
-                " lease_until = ?, beat_at = ?, version = ? WHERE batch_key = ? AND position = ?",
+                " lease_until = ?, beat_at = ?, version = ?, progress = NULL, stage = NULL"
+                " WHERE batch_key = ? AND position = ?",
                 (
                     _CODE[target],
                     transition.error,
@@ -692,6 +746,37 @@ class SQLiteStore(Store):
             Outcome.APPLIED, status, item, attrs.evolve(header, expires_at=expires_at_open)
         )
 
+    def report(
+        self,
+        batch_id: str,
+        item_id: str,
+        fraction: float,
+        stage: str | None,
+        at: float,
+        expires_at_open: float,
+    ) -> ItemSnapshot:
+        with self._write() as db:
+            row = db.execute(_HEADER_AND_ITEM, (item_id, batch_id)).fetchone()
+            if row is None or row[5] <= at:
+                raise BatchNotFound(batch_id)
+            if row[13] is None:
+                raise ItemNotFound(batch_id, item_id)
+            status = _STATUSES[row[14]]
+            item = ItemSnapshot(item_id, row[13], status, row[15], row[19], row[20])
+            if status is not Status.PROCESSING:
+                return item
+            version = row[6] + 1
+            db.execute(
+                "UPDATE items SET progress = ?, stage = ?, version = ?"
+                " WHERE batch_key = ? AND position = ?",
+                (fraction, stage, version, row[16], row[17]),
+            )
+            db.execute(
+                "UPDATE batches SET version = ?, updated_at = ?, expires_at = ? WHERE key = ?",
+                (version, at, expires_at_open, row[16]),
+            )
+        return attrs.evolve(item, progress=fraction, stage=stage)
+
     def apply_many(
         self, batch_id: str, transition: Transition, item_ids: Sequence[str] | None = None
     ) -> BulkResult:
@@ -738,8 +823,8 @@ class SQLiteStore(Store):
                 attempts = "0" if transition.reset_attempts else "attempts"
                 db.executemany(
                     f"UPDATE items SET status = ?, error = ?, changed_at = ?,"
-                    f" attempts = {attempts}, lease_until = NULL, version = ?"
-                    f" WHERE batch_key = ? AND position = ?",
+                    f" attempts = {attempts}, lease_until = NULL, version = ?,"
+                    f" progress = NULL, stage = NULL WHERE batch_key = ? AND position = ?",
                     (
                         # One version each, in order, as if applied one by one.
                         (_CODE[target], transition.error, transition.at, row[6] + n, key, position)
@@ -886,11 +971,11 @@ class SQLiteStore(Store):
         an item at the same version, and keeping the new ones there."""
         statuses = _STATUSES
         found = []
-        for item_id, filename, status, error, attempts, source, version, position in rows:
+        for item_id, filename, status, error, attempts, source, version, position, p, g in rows:
             seen = memo.get(position)
             if seen is None or seen[0] != version:
                 snapshot = ItemSnapshot(
-                    item_id, filename, statuses[status], error, attempts, source
+                    item_id, filename, statuses[status], error, attempts, source, p, g
                 )
                 seen = memo[position] = (version, snapshot)
             found.append(seen[1])
@@ -930,6 +1015,8 @@ class SQLiteStore(Store):
                         (now, PURGE_CHUNK),
                     )
                 ]
+                if removed == 0:
+                    db.execute("DELETE FROM batch_keys WHERE expires_at <= ?", (now,))
                 if keys:
                     marks = ",".join("?" * len(keys))
                     db.execute(f"DELETE FROM items WHERE batch_key IN ({marks})", keys)

@@ -54,7 +54,14 @@ import attrs
 
 from .._models import Item, ItemSnapshot, Progress, Status
 from .._tracker import IDLE_TIMEOUT, BatchTracker
-from ..exceptions import BatchNotFound, BatchPaused, InvalidTransition, ItemNotFound, StoreError
+from ..exceptions import (
+    BatchNotFound,
+    BatchPaused,
+    InvalidTransition,
+    ItemNotFound,
+    StoreError,
+    ValidationError,
+)
 from ..stores.base import BatchRecord, Outcome, Store, Transition
 from ._clock import FakeClock
 from .strategies import item_lists
@@ -1026,3 +1033,163 @@ class StoreConformance:
         pending = tracker.get(snap.batch_id, status="pending", limit=3, after="000016")
         assert [i.id for i in pending.items] == ["000018", "000019", "000020"]
         assert len(tracker.get(snap.batch_id).items) == n
+
+    # -- idempotency keys ----------------------------------------------------------------
+
+    def test_key_returns_the_batch_it_named(self, store: Store) -> None:
+        """The same key and items return the first batch, and nothing new is created."""
+        tracker = BatchTracker(store, clock=FakeClock())
+        first = tracker.create_batch([Item("a.jpg", source="/up/a"), "b.jpg"], key="k-1")
+        tracker.start_item(first.batch_id, first.items[0].id)
+        again = tracker.create_batch([Item("a.jpg", source="/up/a"), "b.jpg"], key="k-1")
+        assert again.batch_id == first.batch_id
+        assert [i.id for i in again.items] == [i.id for i in first.items]
+        assert again.progress.processing == 1
+        assert store.expired(float("inf"), 10) == [first.batch_id]
+
+    def test_key_with_other_items_is_refused(self, store: Store) -> None:
+        """The same key with other filenames, sources or order raises ValidationError
+        naming the key."""
+        tracker = BatchTracker(store, clock=FakeClock())
+        tracker.create_batch([Item("a.jpg", source="/up/a"), "b.jpg"], key="k-1")
+        others: list[list[str | Item]] = [
+            ["a.jpg", "b.jpg"],
+            [Item("a.jpg", source="/up/a")],
+            ["b.jpg", Item("a.jpg", source="/up/a")],
+        ]
+        for other in others:
+            with pytest.raises(ValidationError, match=r"'k-1'.*other items"):
+                tracker.create_batch(other, key="k-1")
+        assert len(store.expired(float("inf"), 10)) == 1
+
+    def test_key_belongs_to_its_owner(self, store: Store) -> None:
+        """One key under two owners (or none) names three batches."""
+        tracker = BatchTracker(store, clock=FakeClock())
+        ids = {tracker.create_batch(["a.jpg"], owner=o, key="k").batch_id for o in ("x", "y")}
+        ids.add(tracker.create_batch(["a.jpg"], key="k").batch_id)
+        assert len(ids) == 3
+        assert tracker.create_batch(["a.jpg"], owner="x", key="k").batch_id in ids
+
+    def test_key_of_a_deleted_or_expired_batch_makes_a_new_one(self, store: Store) -> None:
+        """After its batch was deleted or expired, the key creates a new batch (with any
+        items)."""
+        clock = FakeClock()
+        tracker = BatchTracker(store, ttl=TTL, clock=clock)
+        first = tracker.create_batch(["a.jpg"], key="k")
+        assert tracker.delete(first.batch_id)
+        second = tracker.create_batch(["b.jpg"], key="k")
+        assert second.batch_id != first.batch_id
+        tracker.start_item(second.batch_id, second.items[0].id)
+        tracker.complete_item(second.batch_id, second.items[0].id)
+        clock.advance(TTL)
+        third = tracker.create_batch(["b.jpg"], key="k")
+        assert third.batch_id not in (first.batch_id, second.batch_id)
+
+    def test_key_lasts_a_day(self, store: Store) -> None:
+        """A key names its batch for 24 hours only, even while the batch lives on."""
+        clock = FakeClock()
+        tracker = BatchTracker(store, ttl=TTL, clock=clock)
+        first = tracker.create_batch([("a", "a.jpg"), ("b", "b.jpg")], key="k")
+        clock.advance(IDLE_TIMEOUT - 10)
+        tracker.start_item(first.batch_id, "a")  # keeps the batch open
+        assert tracker.create_batch(["a.jpg", "b.jpg"], key="k").batch_id == first.batch_id
+        clock.advance(10)
+        second = tracker.create_batch(["c.jpg"], key="k")
+        assert second.batch_id != first.batch_id
+        assert tracker.get(first.batch_id).progress.processing == 1
+
+    def test_threads_racing_with_one_key_make_one_batch(self, store: Store) -> None:
+        """Eight threads creating with one key all get the same batch; one is stored."""
+        tracker = BatchTracker(store, clock=FakeClock())
+        barrier = threading.Barrier(8)
+        found: list[str] = []
+
+        def create() -> None:
+            barrier.wait()
+            found.append(tracker.create_batch(["a.jpg", "b.jpg"], key="race").batch_id)
+
+        threads = [threading.Thread(target=create) for _ in range(8)]
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join()
+        assert len(found) == 8
+        assert len(set(found)) == 1
+        assert store.expired(float("inf"), 100) == found[:1]
+
+    def test_malformed_keys_are_refused(self, store: Store) -> None:
+        """An empty, too long, non-ASCII or non-string key raises ValidationError and
+        creates nothing."""
+        tracker = BatchTracker(store, clock=FakeClock())
+        for bad in ("", "x" * 256, "caf\u00e9", "a\nb", "tab\there", 42):
+            with pytest.raises(ValidationError, match="idempotency key"):
+                tracker.create_batch(["a.jpg"], key=bad)  # type: ignore[arg-type]
+        assert tracker.create_batch(["a.jpg"], key="~ !" + "x" * 252).progress.total == 1
+        assert len(store.expired(float("inf"), 10)) == 1
+
+    # -- progress inside an item ---------------------------------------------------------
+
+    def test_report_shows_while_processing_and_vanishes_when_the_item_ends(
+        self, store: Store
+    ) -> None:
+        """A report sets progress and stage of a processing item, counts one version a
+        since-read sees, and is gone once the item completes."""
+        tracker = BatchTracker(store, clock=FakeClock())
+        batch_id = tracker.create_batch([("a", "a.jpg"), ("b", "b.jpg")]).batch_id
+        tracker.start_item(batch_id, "a")
+        item = tracker.report(batch_id, "a", 0.42, stage="resizing")
+        assert (item.progress, item.stage) == (0.42, "resizing")
+        snap = tracker.get(batch_id)
+        assert snap.version == 2
+        assert (snap.items[0].progress, snap.items[0].stage) == (0.42, "resizing")
+        assert snap.items[0].to_dict()["progress"] == 0.42
+        assert [i.id for i in tracker.get(batch_id, since=1).items] == ["a"]
+        tracker.report(batch_id, "a", 1 / 3)
+        again = tracker.get(batch_id).items[0]
+        assert (again.progress, again.stage) == (1 / 3, None)
+        tracker.complete_item(batch_id, "a")
+        done = tracker.get(batch_id).items[0]
+        assert (done.progress, done.stage) == (None, None)
+        assert "progress" not in done.to_dict()
+
+    def test_report_vanishes_when_the_item_is_retried(self, store: Store) -> None:
+        """An item that failed after reporting and was retried starts again without
+        progress."""
+        tracker = BatchTracker(store, clock=FakeClock())
+        batch_id = tracker.create_batch([("a", "a.jpg")]).batch_id
+        tracker.start_item(batch_id, "a")
+        tracker.report(batch_id, "a", 0.9, stage="saving")
+        tracker.fail_item(batch_id, "a", "boom")
+        tracker.retry(batch_id)
+        tracker.start_item(batch_id, "a")
+        item = tracker.get(batch_id).items[0]
+        assert (item.status, item.progress, item.stage) == (Status.PROCESSING, None, None)
+
+    def test_report_on_an_item_not_processing_is_an_invalid_transition(self, store: Store) -> None:
+        """Reporting on a pending or finished item raises InvalidTransition and changes
+        nothing."""
+        tracker = BatchTracker(store, clock=FakeClock())
+        batch_id = tracker.create_batch([("a", "a.jpg"), ("b", "b.jpg")]).batch_id
+        with pytest.raises(InvalidTransition):
+            tracker.report(batch_id, "a", 0.5)
+        tracker.start_item(batch_id, "b")
+        tracker.complete_item(batch_id, "b")
+        with pytest.raises(InvalidTransition):
+            tracker.report(batch_id, "b", 0.5)
+        with pytest.raises(ItemNotFound):
+            tracker.report(batch_id, "zz", 0.5)
+        assert tracker.get(batch_id).version == 2
+
+    def test_bad_reports_are_refused(self, store: Store) -> None:
+        """A fraction outside [0, 1] (or not a number) or a stage over 100 characters
+        raises ValidationError."""
+        tracker = BatchTracker(store, clock=FakeClock())
+        batch_id = tracker.create_batch([("a", "a.jpg")]).batch_id
+        tracker.start_item(batch_id, "a")
+        for fraction in (-0.01, 1.01, float("nan"), True, "0.5", None):
+            with pytest.raises(ValidationError, match="fraction"):
+                tracker.report(batch_id, "a", fraction)  # type: ignore[arg-type]
+        with pytest.raises(ValidationError, match="stage"):
+            tracker.report(batch_id, "a", 0.5, stage="x" * 101)
+        assert tracker.report(batch_id, "a", 1, stage="x" * 100).progress == 1.0
+        assert tracker.report(batch_id, "a", 0).progress == 0.0
