@@ -25,7 +25,7 @@ import tempfile
 import threading
 import time
 import uuid
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import BinaryIO
 
@@ -524,14 +524,16 @@ class UploadStore:
 
     # -- the running total -----------------------------------------------------------------
 
-    def _scan(self) -> list[StoredFile]:
-        """Every upload the storage's sidecars describe (expired ones too): O(files)."""
-        ids = [
-            name[:-5]
-            for info in self.storage.list(self.prefix)
-            if (name := info.key[len(self.prefix) :]).endswith(".json") and _UUID.match(name[:-5])
-        ]
-        return [s for file_id in ids if (s := self._read(file_id)) is not None]
+    def _scan(self) -> Iterator[StoredFile]:
+        """Every upload the storage's sidecars describe (expired ones too): O(files) time,
+        streamed: one sidecar read at a time, the listing consumed as it goes, so memory
+        does not grow with the number of files (only the caller's own use of them)."""
+        for info in self.storage.list(self.prefix):
+            name = info.key[len(self.prefix) :]
+            if name.endswith(".json") and _UUID.match(name[:-5]):
+                stored = self._read(name[:-5])
+                if stored is not None:
+                    yield stored
 
     def _recount(self, found: dict[str, tuple[float, int]]) -> None:
         """Make the running total that of the uploads a scan just ``found``.
