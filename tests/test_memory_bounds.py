@@ -248,3 +248,20 @@ def test_upload_cleanup_keeps_live_uploads_and_their_total(tmp_path: Path) -> No
     assert store.cleanup() == 30
     assert store.used_bytes == 20 * 10
     assert len(list(store._scan())) == 20
+
+
+def test_upload_cleanup_updates_the_index_in_place(tmp_path: Path) -> None:
+    """Cleanup recounts into the existing upload index instead of building copies of it."""
+    clock = Clock()
+    store = UploadStore(LocalFiles(tmp_path), clock=clock, ttl=100, min_free_bytes=0)
+    _fill(store, 20)
+    index = store._files
+    other = UploadStore(LocalFiles(tmp_path), clock=clock, ttl=100, min_free_bytes=0)
+    clock.now += 1
+    _fill(other, 5)  # another process's uploads, taken in by the scan
+    assert store.cleanup() == 0
+    assert store._files is index
+    assert len(index) == 25
+    assert store.used_bytes == 25 * 10
+    times = [created_at for created_at, _ in index.values()]
+    assert times == sorted(times)

@@ -258,6 +258,16 @@ class UploadWriter:
             self.store._release(self.size)
 
 
+def _in_order(files: collections.OrderedDict[str, tuple[float, int]]) -> bool:
+    """Whether the uploads are oldest first (by creation time)."""
+    last = -math.inf
+    for created_at, _ in files.values():
+        if created_at < last:
+            return False
+        last = created_at
+    return True
+
+
 def _storage(where: str | os.PathLike[str] | FileStorage) -> FileStorage:
     if isinstance(where, FileStorage):
         return where
@@ -544,15 +554,19 @@ class UploadStore:
         with self._lock:
             disputed = set(found).symmetric_difference(self._files)
         present = {i for i in disputed if self.storage.size(f"{self._key(i)}.json") is not None}
+        # In place: with thousands of uploads, copies of the whole index at every cleanup
+        # are megabytes that the allocator may keep afterwards.
         with self._lock:
-            merged = {
-                file_id: entry
-                for file_id, entry in (found | self._files).items()
-                if (file_id in found and file_id in self._files) or file_id in present
-            }
-            self._files = collections.OrderedDict(
-                sorted(merged.items(), key=lambda pair: pair[1][0])
-            )
+            files = self._files
+            for file_id in [i for i in files if i not in found and i not in present]:
+                del files[file_id]
+            for file_id in present:
+                if file_id in found and file_id not in files:
+                    files[file_id] = found[file_id]
+            if not _in_order(files):
+                self._files = collections.OrderedDict(
+                    sorted(files.items(), key=lambda pair: pair[1][0])
+                )
             self._stored = sum(size for _, size in self._files.values())
 
     def _expire(self) -> None:
