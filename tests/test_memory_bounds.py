@@ -11,7 +11,7 @@ from typing import Any
 
 import pytest
 
-from batchtrack._http import _CACHED_BYTES, BodyCache
+from batchtrack._http import _CACHED_BODIES, _CACHED_BYTES, _ENTRY_BYTES, BodyCache
 from batchtrack.files.base import FileStorage, FileWriter
 from batchtrack.files.local import LocalFiles
 from batchtrack.uploads import UploadStore
@@ -110,7 +110,7 @@ def test_status_body_cache_never_holds_more_than_its_cap() -> None:
 
 def test_status_body_cache_drops_the_least_recently_used_first() -> None:
     """A body read again outlives bodies stored after it but not read since."""
-    cache = BodyCache(3 * 110)
+    cache = BodyCache(3 * (102 + _ENTRY_BYTES))
     for key in ("a", "b", "c"):
         cache.put(key, "t", b"x" * 100)
     assert cache.get("a") is not None
@@ -126,16 +126,20 @@ def test_status_body_cache_replacing_a_body_counts_only_the_new_one() -> None:
     for version in range(100):
         cache.put("batch", f'"{version}"', b"x" * 1_000)
     assert len(cache) == 1
-    assert cache.held == len("batch") + len('"99"') + 1_000
+    assert cache.held == len("batch") + len('"99"') + 1_000 + _ENTRY_BYTES
 
 
 def test_status_body_cache_of_the_api_is_capped_at_eight_megabytes() -> None:
-    """The API's status-body cache is bounded by bytes (8 MB), not by a count of bodies."""
+    """The API's status-body cache holds at most 8 MB of big bodies, and 2,048 small ones."""
     assert _CACHED_BYTES == 8 * 2**20
     cache = BodyCache(_CACHED_BYTES)
     for n in range(2_048):
         cache.put(f"{n:036d}", '"1.2.3-4"', b"x" * 32 * 1024)
-    assert cache.held <= _CACHED_BYTES
+        assert cache.held <= _CACHED_BYTES
+    assert len(cache) < 2_048
+    for n in range(10_000):
+        cache.put(f"small-{n}", '"1.2.3-4"', b"x" * 100)
+    assert len(cache) == _CACHED_BODIES
 
 
 def test_local_listing_streams_a_big_folder(

@@ -770,23 +770,27 @@ class Api:
 
 
 _CACHED_BYTES = 8 * 2**20  # status bodies kept (one per batch), in all at most this
+_CACHED_BODIES = 2048  # and at most this many: small ones still cost their objects
+_ENTRY_BYTES = 256  # what an entry's objects cost beyond its text, as counted
 _CACHED_BODY_BYTES = 32 * 1024  # bigger ones are joined from cached item JSON anyway
 
 
 class BodyCache:
     """Per batch, the ETag and JSON body of its last full status answer, least recently
-    used first; the bodies (and their keys and tags) never add up to more than
-    ``max_bytes``: the oldest go first. Thread-safe."""
+    used first: at most ``max_entries`` of them, whose bodies, keys and tags (plus
+    ``_ENTRY_BYTES`` each for their objects) never add up to more than ``max_bytes``; the
+    least recently used go first. Thread-safe."""
 
-    def __init__(self, max_bytes: int) -> None:
+    def __init__(self, max_bytes: int, max_entries: int = _CACHED_BODIES) -> None:
         self.max_bytes = max_bytes
+        self.max_entries = max_entries
         self._lock = threading.Lock()
         self._entries: OrderedDict[str, tuple[str, bytes]] = OrderedDict()
         self._bytes = 0
 
     @property
     def held(self) -> int:
-        """What the kept entries add up to (key, tag and body lengths)."""
+        """What the kept entries are counted as (key, tag and body lengths, and objects)."""
         return self._bytes
 
     def __len__(self) -> int:
@@ -800,18 +804,25 @@ class BodyCache:
             return entry
 
     def put(self, key: str, tag: str, body: bytes) -> None:
-        cost = len(key) + len(tag) + len(body)
+        cost = _cost(key, tag, body)
         with self._lock:
             old = self._entries.pop(key, None)
             if old is not None:
-                self._bytes -= len(key) + len(old[0]) + len(old[1])
+                self._bytes -= _cost(key, *old)
             if cost > self.max_bytes:
                 return
-            while self._bytes + cost > self.max_bytes:
-                gone, (gone_tag, gone_body) = self._entries.popitem(last=False)
-                self._bytes -= len(gone) + len(gone_tag) + len(gone_body)
+            while self._entries and (
+                self._bytes + cost > self.max_bytes or len(self._entries) >= self.max_entries
+            ):
+                gone, entry = self._entries.popitem(last=False)
+                self._bytes -= _cost(gone, *entry)
             self._entries[key] = (tag, body)
             self._bytes += cost
+
+
+def _cost(key: str, tag: str, body: bytes) -> int:
+    """What a cached status body counts for against the cache's byte cap."""
+    return len(key) + len(tag) + len(body) + _ENTRY_BYTES
 
 
 def _what(request: Request) -> str:
