@@ -269,3 +269,29 @@ def test_upload_cleanup_updates_the_index_in_place(tmp_path: Path) -> None:
     assert store.used_bytes == 25 * 10
     times = [created_at for created_at, _ in index.values()]
     assert times == sorted(times)
+
+
+def test_serve_trims_malloc_after_its_maintenance_rounds(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """serve's maintenance loop gives freed heap back to the system after each round."""
+    import threading
+
+    from batchtrack import _demo
+
+    trimmed = threading.Event()
+    monkeypatch.setattr(_demo, "trim_malloc", trimmed.set)
+    _app, close = _demo.build(tmp_path, concurrency=1)
+    try:
+        assert trimmed.wait(30)  # the results sweep runs a second after start
+    finally:
+        close()
+
+
+def test_trim_malloc_runs_on_glibc() -> None:
+    """trim_malloc calls glibc's malloc_trim where there is one, and is a no-op elsewhere."""
+    import platform
+
+    from batchtrack._demo import trim_malloc
+
+    assert trim_malloc() is (platform.libc_ver()[0] == "glibc")
