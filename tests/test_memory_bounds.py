@@ -295,3 +295,35 @@ def test_trim_malloc_runs_on_glibc() -> None:
     from batchtrack._demo import trim_malloc
 
     assert trim_malloc() is (platform.libc_ver()[0] == "glibc")
+
+
+def test_upload_cleanup_holds_no_object_per_live_upload(tmp_path: Path) -> None:
+    """Cleanup of thousands of live uploads tallies them in bytes, not in Python objects."""
+    import tracemalloc
+
+    count = 8_000
+    store = UploadStore(LocalFiles(tmp_path), min_free_bytes=0)
+    _fill(store, count)
+    tracemalloc.start()
+    try:
+        assert store.cleanup() == 0
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert peak < 500_000 + 50 * count  # a dict entry per upload costs ~300 B
+    assert store.used_bytes == count * 10
+    assert len(store._files) == count
+
+
+def test_upload_cleanup_takes_in_and_drops_what_other_processes_did(tmp_path: Path) -> None:
+    """The streamed recount adds another process's uploads and drops those it deleted."""
+    clock = Clock()
+    store = UploadStore(LocalFiles(tmp_path), clock=clock, min_free_bytes=0)
+    _fill(store, 10)
+    other = UploadStore(LocalFiles(tmp_path), clock=clock, min_free_bytes=0)
+    for file_id in list(store._files)[:3]:
+        other.delete(file_id)
+    other.save("new.jpg", io.BytesIO(b"y" * 7))
+    assert store.cleanup() == 0
+    assert len(store._files) == 8
+    assert store.used_bytes == 7 * 10 + 7
