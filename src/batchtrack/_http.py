@@ -24,7 +24,9 @@ import mimetypes
 import os
 import re
 import secrets
+import threading
 import time
+from collections import OrderedDict
 from collections.abc import Callable, Iterable, Mapping
 from pathlib import Path, PurePosixPath
 from typing import TYPE_CHECKING, Any, cast
@@ -419,7 +421,7 @@ class Api:
     _quota: UploadQuota | None = attrs.field(init=False, default=None)
     _status_prefix: str = attrs.field(init=False, default="")
     # Per batch: the ETag and JSON body of its last full status answer.
-    _bodies: dict[str, tuple[str, bytes]] = attrs.field(init=False, factory=dict)
+    _bodies: BodyCache = attrs.field(init=False, factory=lambda: BodyCache(_CACHED_BYTES))
 
     def __attrs_post_init__(self) -> None:
         if not isinstance(self.prefix, str) or (self.prefix and not self.prefix.startswith("/")):
@@ -738,9 +740,7 @@ class Api:
         # It may have moved on since the state was read.
         tag = _etag(snap.version, snap.estimated_time_remaining, snap.eta_range)
         if len(body) <= _CACHED_BODY_BYTES:
-            if len(self._bodies) >= _CACHED_BODIES:
-                self._bodies.clear()
-            self._bodies[batch_id] = (tag, body)
+            self._bodies.put(batch_id, tag, body)
         return _status_answer(request, tag, lambda: body)
 
     def _batch_events(self, request: Request, owner: str, batch: str) -> Response:
@@ -829,8 +829,60 @@ class Api:
         return json_response(200, document(base, self.max_files, self.max_json_bytes))
 
 
-_CACHED_BODIES = 2048  # status bodies kept, one per batch
+_CACHED_BYTES = 8 * 2**20  # status bodies kept (one per batch), in all at most this
+_CACHED_BODIES = 2048  # and at most this many: small ones still cost their objects
+_ENTRY_BYTES = 256  # what an entry's objects cost beyond its text, as counted
 _CACHED_BODY_BYTES = 32 * 1024  # bigger ones are joined from cached item JSON anyway
+
+
+class BodyCache:
+    """Per batch, the ETag and JSON body of its last full status answer, least recently
+    used first: at most ``max_entries`` of them, whose bodies, keys and tags (plus
+    ``_ENTRY_BYTES`` each for their objects) never add up to more than ``max_bytes``; the
+    least recently used go first. Thread-safe."""
+
+    def __init__(self, max_bytes: int, max_entries: int = _CACHED_BODIES) -> None:
+        self.max_bytes = max_bytes
+        self.max_entries = max_entries
+        self._lock = threading.Lock()
+        self._entries: OrderedDict[str, tuple[str, bytes]] = OrderedDict()
+        self._bytes = 0
+
+    @property
+    def held(self) -> int:
+        """What the kept entries are counted as (key, tag and body lengths, and objects)."""
+        return self._bytes
+
+    def __len__(self) -> int:
+        return len(self._entries)
+
+    def get(self, key: str) -> tuple[str, bytes] | None:
+        with self._lock:
+            entry = self._entries.get(key)
+            if entry is not None:
+                self._entries.move_to_end(key)
+            return entry
+
+    def put(self, key: str, tag: str, body: bytes) -> None:
+        cost = _cost(key, tag, body)
+        with self._lock:
+            old = self._entries.pop(key, None)
+            if old is not None:
+                self._bytes -= _cost(key, *old)
+            if cost > self.max_bytes:
+                return
+            while self._entries and (
+                self._bytes + cost > self.max_bytes or len(self._entries) >= self.max_entries
+            ):
+                gone, entry = self._entries.popitem(last=False)
+                self._bytes -= _cost(gone, *entry)
+            self._entries[key] = (tag, body)
+            self._bytes += cost
+
+
+def _cost(key: str, tag: str, body: bytes) -> int:
+    """What a cached status body counts for against the cache's byte cap."""
+    return len(key) + len(tag) + len(body) + _ENTRY_BYTES
 
 
 def _what(request: Request) -> str:

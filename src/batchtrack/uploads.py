@@ -14,6 +14,7 @@ whole (``max_total_bytes``, ``min_free_bytes``: :class:`StorageFull`), and
 
 from __future__ import annotations
 
+import bisect
 import collections
 import contextlib
 import errno
@@ -25,7 +26,7 @@ import tempfile
 import threading
 import time
 import uuid
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import BinaryIO
 
@@ -258,6 +259,46 @@ class UploadWriter:
             self.store._release(self.size)
 
 
+class _Seen:
+    """Which uploads a scan found: a byte per upload of the index (no object per upload,
+    however many there are), and the few the index lacks with their times and sizes."""
+
+    def __init__(self, ids: list[str]) -> None:
+        self.ids = ids  # the index's ids when the scan began, sorted
+        self.seen = bytearray(len(ids))
+        self.extra: dict[str, tuple[float, int]] = {}
+
+    def _at(self, file_id: str) -> int | None:
+        at = bisect.bisect_left(self.ids, file_id)
+        return at if at < len(self.ids) and self.ids[at] == file_id else None
+
+    def add(self, stored: StoredFile) -> None:
+        at = self._at(stored.id)
+        if at is None:
+            self.extra[stored.id] = (stored.created_at, stored.size)
+        else:
+            self.seen[at] = 1
+
+    def saw(self, file_id: str) -> bool:
+        at = self._at(file_id)
+        return file_id in self.extra if at is None else bool(self.seen[at])
+
+    def found(self) -> Iterator[str]:
+        """Every id the scan found."""
+        yield from (file_id for file_id, seen in zip(self.ids, self.seen, strict=True) if seen)
+        yield from self.extra
+
+
+def _in_order(files: collections.OrderedDict[str, tuple[float, int]]) -> bool:
+    """Whether the uploads are oldest first (by creation time)."""
+    last = -math.inf
+    for created_at, _ in files.values():
+        if created_at < last:
+            return False
+        last = created_at
+    return True
+
+
 def _storage(where: str | os.PathLike[str] | FileStorage) -> FileStorage:
     if isinstance(where, FileStorage):
         return where
@@ -361,7 +402,10 @@ class UploadStore:
             0,
             0,
         )
-        self._recount({s.id: (s.created_at, s.size) for s in self._scan()})
+        seen = self._seen()
+        for stored in self._scan():
+            seen.add(stored)
+        self._recount(seen)
 
     @property
     def directory(self) -> Path | None:
@@ -511,46 +555,68 @@ class UploadStore:
         """
         started = self.clock()
         removed = 0
-        found: dict[str, tuple[float, int]] = {}
+        seen = self._seen()
         for stored in self._scan():
             if stored.created_at + self.ttl <= started:
                 self._unlink(stored.id)
                 removed += 1
             else:
-                found[stored.id] = (stored.created_at, stored.size)
-        self._recount(found)
+                seen.add(stored)
+        self._recount(seen)
         self.storage.sweep_partial(self.prefix, self.ttl)
         return removed
 
     # -- the running total -----------------------------------------------------------------
 
-    def _scan(self) -> list[StoredFile]:
-        """Every upload the storage's sidecars describe (expired ones too): O(files)."""
-        ids = [
-            name[:-5]
-            for info in self.storage.list(self.prefix)
-            if (name := info.key[len(self.prefix) :]).endswith(".json") and _UUID.match(name[:-5])
-        ]
-        return [s for file_id in ids if (s := self._read(file_id)) is not None]
+    def _scan(self) -> Iterator[StoredFile]:
+        """Every upload the storage's sidecars describe (expired ones too): O(files) time,
+        streamed: one sidecar read at a time, the listing consumed as it goes, so memory
+        does not grow with the number of files (only the caller's own use of them)."""
+        for info in self.storage.list(self.prefix):
+            name = info.key[len(self.prefix) :]
+            if name.endswith(".json") and _UUID.match(name[:-5]):
+                stored = self._read(name[:-5])
+                if stored is not None:
+                    yield stored
 
-    def _recount(self, found: dict[str, tuple[float, int]]) -> None:
-        """Make the running total that of the uploads a scan just ``found``.
+    def _seen(self) -> _Seen:
+        """An empty tally of a scan, against the index as it is now."""
+        with self._lock:
+            return _Seen(sorted(self._files))
+
+    def _recount(self, seen: _Seen) -> None:
+        """Make the running total that of the uploads a scan has ``seen``.
 
         Where the scan and this process disagree (an upload committed or deleted while the
-        scan ran, here or in another process), the sidecar in the storage decides.
+        scan ran, here or in another process), the sidecar in the storage decides. The
+        index is updated in place: copies of it at every cleanup would be megabytes of
+        small objects that the allocator keeps afterwards.
         """
         with self._lock:
-            disputed = set(found).symmetric_difference(self._files)
-        present = {i for i in disputed if self.storage.size(f"{self._key(i)}.json") is not None}
+            unseen = [i for i in self._files if not seen.saw(i)]
+            lost = [i for i in seen.found() if i not in self._files]
+        present = {
+            i for i in unseen + lost if self.storage.size(f"{self._key(i)}.json") is not None
+        }
+        back: dict[str, tuple[float, int]] = {}
+        for file_id in lost:
+            if file_id in present:
+                entry = seen.extra.get(file_id)
+                if entry is None and (stored := self._read(file_id)) is not None:
+                    entry = (stored.created_at, stored.size)
+                if entry is not None:
+                    back[file_id] = entry
         with self._lock:
-            merged = {
-                file_id: entry
-                for file_id, entry in (found | self._files).items()
-                if (file_id in found and file_id in self._files) or file_id in present
-            }
-            self._files = collections.OrderedDict(
-                sorted(merged.items(), key=lambda pair: pair[1][0])
-            )
+            files = self._files
+            for file_id in unseen:
+                if file_id not in present:
+                    files.pop(file_id, None)
+            for file_id, entry in back.items():
+                files.setdefault(file_id, entry)
+            if not _in_order(files):
+                self._files = collections.OrderedDict(
+                    sorted(files.items(), key=lambda pair: pair[1][0])
+                )
             self._stored = sum(size for _, size in self._files.values())
 
     def _expire(self) -> None:

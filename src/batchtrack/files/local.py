@@ -166,18 +166,17 @@ class LocalFiles(FileStorage):
         start = self.root / folder if folder else self.root
         if folder and (".." in folder.split("/") or folder.startswith("/")):
             raise ValidationError(f"{prefix!r} is not a usable prefix")
-        for dirpath, dirnames, filenames in os.walk(start):
-            dirnames[:] = [d for d in dirnames if not d.startswith(".")]
-            base = Path(dirpath)
-            for name in filenames:
-                if name.startswith("."):
-                    continue  # writes in progress, and files not ours
-                key = (base / name).relative_to(self.root).as_posix()
-                if not key.startswith(prefix):
-                    continue
-                with contextlib.suppress(FileNotFoundError):  # deleted meanwhile
-                    stat = (base / name).stat()
-                    yield FileInfo(key, stat.st_size, stat.st_mtime)
+        # One folder at a time through os.scandir: a folder of 100,000 uploads is never
+        # a list of 100,000 names in memory (os.walk builds one per folder).
+        for entry in _files_under(start, hidden=False):
+            if entry.name.startswith("."):
+                continue  # writes in progress, and files not ours
+            key = Path(entry.path).relative_to(self.root).as_posix()
+            if not key.startswith(prefix):
+                continue
+            with contextlib.suppress(FileNotFoundError):  # deleted meanwhile
+                stat = entry.stat()
+                yield FileInfo(key, stat.st_size, stat.st_mtime)
 
     def local_path(self, key: str) -> Path | None:
         return self._path(key)
@@ -209,12 +208,47 @@ class LocalFiles(FileStorage):
         folder = self.root / prefix.rstrip("/") if prefix else self.root
         cutoff = time.time() - older_than
         removed = 0
-        for path in folder.rglob(f"{_PART_PREFIX}*{_PART_SUFFIX}"):
+        for entry in _files_under(folder, hidden=True):
+            name = entry.name
+            if not (name.startswith(_PART_PREFIX) and name.endswith(_PART_SUFFIX)):
+                continue
             with contextlib.suppress(FileNotFoundError):
-                if path.stat().st_mtime < cutoff:
-                    path.unlink()
+                if entry.stat().st_mtime < cutoff:
+                    os.unlink(entry.path)
                     removed += 1
         return removed
+
+
+def _files_under(start: Path, *, hidden: bool) -> Iterator[os.DirEntry[str]]:
+    """The files below ``start`` (any depth), streamed folder by folder with os.scandir.
+
+    Only the paths of folders still to visit are held, never a folder's listing; folders
+    that are symbolic links are not entered (as os.walk and rglob), dotted ones only when
+    ``hidden``. A folder that vanishes or cannot be read is skipped (as os.walk does).
+    """
+    pending = [str(start)]
+    while pending:
+        folder = pending.pop()
+        try:
+            entries = os.scandir(folder)
+        except OSError:
+            continue
+        with entries:
+            while True:
+                try:
+                    entry = next(entries)
+                except StopIteration:
+                    break
+                except OSError:
+                    break
+                try:
+                    is_dir = entry.is_dir()
+                except OSError:
+                    is_dir = False
+                if not is_dir:
+                    yield entry
+                elif (hidden or not entry.name.startswith(".")) and not entry.is_symlink():
+                    pending.append(entry.path)
 
 
 def _failed(exc: OSError, what: str) -> FileStorageError:
