@@ -388,12 +388,7 @@ class MemoryStore(Store):
         expires_at_open: float,
     ) -> ItemSnapshot:
         with self._lock:
-            state = self._batches.get(batch_id)
-            if state is None or state.expires_at <= at:
-                raise BatchNotFound(batch_id)
-            position = state.index.get(item_id)
-            if position is None:
-                raise ItemNotFound(batch_id, item_id)
+            state, position = self._find(batch_id, item_id, at)
             item = state.items[position]
             if item.status is not _PROCESSING:
                 return item

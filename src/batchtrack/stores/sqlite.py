@@ -343,6 +343,24 @@ class _Connection:
     pid: int
 
 
+def _header_and_item(
+    db: sqlite3.Connection, batch_id: str, item_id: str, at: float
+) -> tuple[Any, ItemSnapshot]:
+    """The batch's header row joined with one item's row, and that item's snapshot (as
+    renew and report need it: no progress or stage).
+
+    Raises:
+        BatchNotFound: The batch is missing or expired at ``at``.
+        ItemNotFound: The batch has no such item.
+    """
+    row = db.execute(_HEADER_AND_ITEM, (item_id, batch_id)).fetchone()
+    if row is None or row[5] <= at:
+        raise BatchNotFound(batch_id)
+    if row[13] is None:
+        raise ItemNotFound(batch_id, item_id)
+    return row, ItemSnapshot(item_id, row[13], _STATUSES[row[14]], row[15], row[19], row[20])
+
+
 @attrs.define(init=False)
 class SQLiteStore(Store):
     """Batches in an SQLite database file that threads and processes share.
@@ -724,13 +742,8 @@ class SQLiteStore(Store):
         self, batch_id: str, item_id: str, at: float, lease_until: float, expires_at_open: float
     ) -> TransitionResult:
         with self._write() as db:
-            row = db.execute(_HEADER_AND_ITEM, (item_id, batch_id)).fetchone()
-            if row is None or row[5] <= at:
-                raise BatchNotFound(batch_id)
-            if row[13] is None:
-                raise ItemNotFound(batch_id, item_id)
-            status = _STATUSES[row[14]]
-            item = ItemSnapshot(item_id, row[13], status, row[15], row[19], row[20])
+            row, item = _header_and_item(db, batch_id, item_id, at)
+            status = item.status
             header = _header(row)
             if status is not Status.PROCESSING:
                 return _result(Outcome.REJECTED, status, item, header)
@@ -756,13 +769,8 @@ class SQLiteStore(Store):
         expires_at_open: float,
     ) -> ItemSnapshot:
         with self._write() as db:
-            row = db.execute(_HEADER_AND_ITEM, (item_id, batch_id)).fetchone()
-            if row is None or row[5] <= at:
-                raise BatchNotFound(batch_id)
-            if row[13] is None:
-                raise ItemNotFound(batch_id, item_id)
-            status = _STATUSES[row[14]]
-            item = ItemSnapshot(item_id, row[13], status, row[15], row[19], row[20])
+            row, item = _header_and_item(db, batch_id, item_id, at)
+            status = item.status
             if status is not Status.PROCESSING:
                 return item
             version = row[6] + 1
