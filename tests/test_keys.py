@@ -18,6 +18,7 @@ import pytest
 
 from batchtrack import BatchTracker, Item, Orchestrator, SQLiteStore, Status, ValidationError
 from batchtrack.stores.base import Store
+from batchtrack.stores.sqlite import SCHEMA_VERSION as SQLITE_SCHEMA
 
 # Each process opens the store, waits for the start time, creates with one key and prints
 # the batch id it got.
@@ -245,7 +246,7 @@ def test_openapi_documents_the_idempotency_key_and_the_409(http: Any) -> None:
 
 
 def test_a_schema_4_sqlite_file_gains_the_keys_table(tmp_path: Path) -> None:
-    """A schema-4 file (no keys table, no report columns) migrates to 5, keeps its batch,
+    """A schema-4 file (no keys table, no report columns) migrates on, keeps its batch,
     and takes keys and reports."""
     path = tmp_path / "old.db"
     store = SQLiteStore(path)
@@ -269,7 +270,7 @@ def test_a_schema_4_sqlite_file_gains_the_keys_table(tmp_path: Path) -> None:
     finally:
         store.close()
     with sqlite3.connect(path) as db:
-        assert db.execute("PRAGMA user_version").fetchone()[0] == 5
+        assert db.execute("PRAGMA user_version").fetchone()[0] == SQLITE_SCHEMA
 
 
 def test_cleanup_removes_keys_that_ran_out(tmp_path: Path) -> None:

@@ -19,11 +19,13 @@ from .base import (
     BulkResult,
     ItemQuery,
     LostItem,
+    OutboxEntry,
     Outcome,
     Store,
     Transition,
     TransitionResult,
     add_stats,
+    end_marker,
 )
 
 __all__ = ["MemoryStore"]
@@ -175,6 +177,9 @@ class MemoryStore(Store):
     _keys: dict[tuple[str | None, str], tuple[str, str, float]] = attrs.field(
         factory=dict, init=False
     )
+    # The outbox: entry id -> [entry, due at, lease until or None]; and unsubscribed URLs.
+    _outbox: dict[str, list[Any]] = attrs.field(factory=dict, init=False)
+    _gone: set[str] = attrs.field(factory=set, init=False)
 
     def create(self, batch: BatchRecord, items: Sequence[ItemSnapshot]) -> None:
         self._create(batch, items, None)
@@ -286,7 +291,10 @@ class MemoryStore(Store):
                 outcome = Outcome.PAUSED
             else:
                 outcome = Outcome.APPLIED
+                was_open = state.finished_at is None
                 state.move(position, transition)
+                if was_open and state.finished_at is not None:
+                    self._ended(state)
                 if transition.lease_until is not None:
                     heapq.heappush(self._leases, (transition.lease_until, batch_id, position))
             result = self._result(outcome, previous, state, position)
@@ -318,6 +326,7 @@ class MemoryStore(Store):
                 outcome = Outcome.PAUSED
             else:
                 outcome = Outcome.APPLIED
+                was_open = state.finished_at is None
                 state.shift(
                     position,
                     target,
@@ -330,6 +339,8 @@ class MemoryStore(Store):
                     expires_at_open,
                     expires_at_finished,
                 )
+                if was_open and state.finished_at is not None:
+                    self._ended(state)
                 if lease_until is not None:
                     heapq.heappush(self._leases, (lease_until, batch_id, position))
             answer = (
@@ -345,6 +356,11 @@ class MemoryStore(Store):
         if outcome is _APPLIED and self._listeners:
             self._changed(batch_id)
         return answer
+
+    def _ended(self, state: _Batch) -> None:
+        """Add the end marker of ``state``, which a transition just ended (under the lock)."""
+        marker = end_marker(state.batch_id, state.version, state.updated_at)
+        self._outbox[marker.entry_id] = [marker, marker.ended_at, None]
 
     @staticmethod
     def _result(
@@ -442,8 +458,11 @@ class MemoryStore(Store):
                     if state.items[n].status not in sources
                 )
             if not rejected:
+                was_open = state.finished_at is None
                 for position in sorted(set(positions)):  # in creation order
                     state.move(position, transition)
+                if was_open and state.finished_at is not None:
+                    self._ended(state)
             applied = 0 if rejected else len(set(positions))
             result = BulkResult(applied, rejected, state.progress, state.version)
         if applied:
@@ -502,6 +521,8 @@ class MemoryStore(Store):
     def delete(self, batch_id: str) -> bool:
         with self._lock:
             removed = self._batches.pop(batch_id, None) is not None
+            if removed:
+                self._drop_markers({batch_id})
         if removed:
             self._changed(batch_id)
         return removed
@@ -519,11 +540,63 @@ class MemoryStore(Store):
             for batch_id in expired:
                 del self._batches[batch_id]
             if expired:
+                self._drop_markers(set(expired))
                 self._leases = [e for e in self._leases if e[1] in self._batches]
                 heapq.heapify(self._leases)
         for batch_id in expired:
             self._changed(batch_id)
         return len(expired)
+
+    def _drop_markers(self, batch_ids: set[str]) -> None:
+        """Remove the end markers of these (removed) batches; under the lock."""
+        for entry_id in [
+            k for k, (e, _, _) in self._outbox.items() if e.url is None and e.batch_id in batch_ids
+        ]:
+            del self._outbox[entry_id]
+
+    # -- the outbox: a dict, scanned (it holds what is waiting, not what was delivered) --
+
+    def outbox_claim(self, now: float, limit: int, lease_until: float) -> list[OutboxEntry]:
+        with self._lock:
+            due = sorted(
+                (
+                    held
+                    for held in self._outbox.values()
+                    if held[1] <= now and (held[2] is None or held[2] <= now)
+                ),
+                key=lambda held: held[1],
+            )[:limit]
+            claimed = []
+            for held in due:
+                held[2] = lease_until
+                claimed.append(held[0])
+            return claimed
+
+    def outbox_expand(self, entry_id: str, deliveries: Sequence[OutboxEntry], at: float) -> None:
+        with self._lock:
+            self._outbox.pop(entry_id, None)
+            for entry in deliveries:
+                self._outbox.setdefault(entry.entry_id, [entry, at, None])
+
+    def outbox_done(self, entry_id: str) -> None:
+        with self._lock:
+            self._outbox.pop(entry_id, None)
+
+    def outbox_retry(self, entry_id: str, attempts: int, next_at: float) -> None:
+        with self._lock:
+            held = self._outbox.get(entry_id)
+            if held is not None:
+                held[:] = [attrs.evolve(held[0], attempts=attempts), next_at, None]
+
+    def outbox_unsubscribe(self, url: str) -> None:
+        with self._lock:
+            self._gone.add(url)
+            for entry_id in [k for k, (e, _, _) in self._outbox.items() if e.url == url]:
+                del self._outbox[entry_id]
+
+    def outbox_unsubscribed(self) -> frozenset[str]:
+        with self._lock:
+            return frozenset(self._gone)
 
 
 def _select(state: _Batch, batch_id: str, query: ItemQuery) -> list[int]:

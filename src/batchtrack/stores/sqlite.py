@@ -58,16 +58,18 @@ from .base import (
     BulkResult,
     ItemQuery,
     LostItem,
+    OutboxEntry,
     Outcome,
     Store,
     Transition,
     TransitionResult,
+    end_marker,
     unpack_stats,
 )
 
 __all__ = ["CHECK_SECONDS", "SCHEMA_VERSION", "SQLiteStore", "SchemaVersionError"]
 
-SCHEMA_VERSION = 5
+SCHEMA_VERSION = 6
 """The schema this batchtrack writes; stored in ``PRAGMA user_version``."""
 
 PURGE_CHUNK = 500
@@ -180,6 +182,27 @@ _MIGRATIONS: list[tuple[str, ...]] = [
         "ALTER TABLE items ADD COLUMN progress REAL",
         "ALTER TABLE items ADD COLUMN stage TEXT",
     ),
+    (
+        # Version 6: the webhook outbox. A transition that ends a batch adds its end
+        # marker (url NULL) in its own transaction; the webhook sender turns a marker into
+        # one delivery per URL and settles each. Batches that ended before stay unsent.
+        # (IF NOT EXISTS: a file set back to an older version by hand keeps its outbox.)
+        """CREATE TABLE IF NOT EXISTS outbox (
+            entry_id    TEXT PRIMARY KEY,
+            batch_id    TEXT NOT NULL,
+            version     INTEGER NOT NULL,
+            ended_at    REAL NOT NULL,
+            url         TEXT,
+            body        TEXT,
+            attempts    INTEGER NOT NULL DEFAULT 0,
+            next_at     REAL NOT NULL,
+            lease_until REAL
+        ) WITHOUT ROWID""",
+        "CREATE INDEX IF NOT EXISTS outbox_due ON outbox (next_at)",
+        # Markers go with their batch (delete, purge_expired); deliveries stay.
+        "CREATE INDEX IF NOT EXISTS outbox_markers ON outbox (batch_id) WHERE url IS NULL",
+        "CREATE TABLE IF NOT EXISTS webhooks_gone (url TEXT PRIMARY KEY) WITHOUT ROWID",
+    ),
 ]
 assert len(_MIGRATIONS) == SCHEMA_VERSION
 
@@ -188,6 +211,8 @@ _SCHEMA_OBJECTS = (
     ("table", "batches"),
     ("table", "items"),
     ("table", "batch_keys"),
+    ("table", "outbox"),
+    ("table", "webhooks_gone"),
     ("index", "items_by_id"),
     ("index", "items_by_lease"),
     ("index", "items_by_version"),
@@ -225,6 +250,10 @@ _HEADER_AND_ITEM = (
     " LEFT JOIN items i ON i.batch_key = b.key AND i.item_id = ?"
     " WHERE b.batch_id = ?"
 )
+
+
+# Removes the end markers of the batches a subquery (or one "?") names.
+_DROP_MARKERS = "DELETE FROM outbox WHERE url IS NULL AND batch_id IN ({})"
 
 
 class SchemaVersionError(StoreError):
@@ -718,6 +747,13 @@ class SQLiteStore(Store):
                 row[16],
             ),
         )
+        if finished_at is not None and row[4] is None:  # the batch ended: its end marker
+            marker = end_marker(row[0], version, transition.at)
+            db.execute(
+                "INSERT OR IGNORE INTO outbox (entry_id, batch_id, version, ended_at, next_at)"
+                " VALUES (?, ?, ?, ?, ?)",
+                (marker.entry_id, row[0], version, transition.at, transition.at),
+            )
         return finished_at, expires_at, version
 
     def set_paused(self, batch_id: str, paused: bool, at: float, expires_at_open: float) -> bool:
@@ -999,6 +1035,7 @@ class SQLiteStore(Store):
                 return False
             db.execute("DELETE FROM items WHERE batch_key = ?", row)
             db.execute("DELETE FROM batches WHERE key = ?", row)
+            db.execute(_DROP_MARKERS.format("?"), (batch_id,))
             return True
 
     def expired(self, now: float, limit: int) -> list[str]:
@@ -1027,8 +1064,63 @@ class SQLiteStore(Store):
                     db.execute("DELETE FROM batch_keys WHERE expires_at <= ?", (now,))
                 if keys:
                     marks = ",".join("?" * len(keys))
+                    db.execute(
+                        _DROP_MARKERS.format(
+                            f"SELECT batch_id FROM batches WHERE key IN ({marks})"
+                        ),
+                        keys,
+                    )
                     db.execute(f"DELETE FROM items WHERE batch_key IN ({marks})", keys)
                     db.execute(f"DELETE FROM batches WHERE key IN ({marks})", keys)
             removed += len(keys)
             if len(keys) < PURGE_CHUNK:
                 return removed
+
+    # -- the outbox ------------------------------------------------------------------------
+
+    def outbox_claim(self, now: float, limit: int, lease_until: float) -> list[OutboxEntry]:
+        with self._write() as db:
+            rows = db.execute(
+                "SELECT entry_id, batch_id, version, ended_at, url, body, attempts FROM outbox"
+                " INDEXED BY outbox_due WHERE next_at <= ?"
+                " AND (lease_until IS NULL OR lease_until <= ?) ORDER BY next_at LIMIT ?",
+                (now, now, limit),
+            ).fetchall()
+            db.executemany(
+                "UPDATE outbox SET lease_until = ? WHERE entry_id = ?",
+                ((lease_until, r[0]) for r in rows),
+            )
+        return [OutboxEntry(*r) for r in rows]
+
+    def outbox_expand(self, entry_id: str, deliveries: Sequence[OutboxEntry], at: float) -> None:
+        with self._write() as db:
+            db.execute("DELETE FROM outbox WHERE entry_id = ?", (entry_id,))
+            db.executemany(
+                "INSERT OR IGNORE INTO outbox (entry_id, batch_id, version, ended_at, url,"
+                " body, attempts, next_at) VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
+                (
+                    (e.entry_id, e.batch_id, e.version, e.ended_at, e.url, e.body, e.attempts, at)
+                    for e in deliveries
+                ),
+            )
+
+    def outbox_done(self, entry_id: str) -> None:
+        with self._write() as db:
+            db.execute("DELETE FROM outbox WHERE entry_id = ?", (entry_id,))
+
+    def outbox_retry(self, entry_id: str, attempts: int, next_at: float) -> None:
+        with self._write() as db:
+            db.execute(
+                "UPDATE outbox SET attempts = ?, next_at = ?, lease_until = NULL"
+                " WHERE entry_id = ?",
+                (attempts, next_at, entry_id),
+            )
+
+    def outbox_unsubscribe(self, url: str) -> None:
+        with self._write() as db:
+            db.execute("INSERT OR IGNORE INTO webhooks_gone (url) VALUES (?)", (url,))
+            db.execute("DELETE FROM outbox WHERE url = ?", (url,))
+
+    def outbox_unsubscribed(self) -> frozenset[str]:
+        with self._read() as db:
+            return frozenset(r[0] for r in db.execute("SELECT url FROM webhooks_gone"))

@@ -62,7 +62,7 @@ from ..exceptions import (
     StoreError,
     ValidationError,
 )
-from ..stores.base import BatchRecord, Outcome, Store, Transition
+from ..stores.base import BatchRecord, OutboxEntry, Outcome, Store, Transition
 from ._clock import FakeClock
 from .strategies import item_lists
 
@@ -1193,3 +1193,130 @@ class StoreConformance:
             tracker.report(batch_id, "a", 0.5, stage="x" * 101)
         assert tracker.report(batch_id, "a", 1, stage="x" * 100).progress == 1.0
         assert tracker.report(batch_id, "a", 0).progress == 0.0
+
+    # -- the webhook outbox --------------------------------------------------------------
+
+    @staticmethod
+    def _outbox(store: Store) -> None:
+        """Skip a store written before batchtrack had an outbox."""
+        try:
+            store.outbox_unsubscribed()
+        except NotImplementedError:
+            pytest.skip(f"{type(store).__name__} has no outbox")
+
+    def test_a_batch_end_leaves_one_marker_in_the_outbox(self, store: Store) -> None:
+        """Completing, cancelling or failing a batch's last open item adds one end marker
+        (its version and end time); a batch retried and ended again adds another."""
+        self._outbox(store)
+        clock = FakeClock()
+        tracker = BatchTracker(store, clock=clock)
+        batch_id = tracker.create_batch([("a", "a.jpg"), ("b", "b.jpg")]).batch_id
+        tracker.start_item(batch_id, "a")
+        tracker.complete_item(batch_id, "a")
+        assert store.outbox_claim(clock() + 1, 10, clock() + 60) == []
+        clock.advance(1)
+        tracker.fail_item(batch_id, "b", "boom")
+        [marker] = store.outbox_claim(clock(), 10, clock() + 60)
+        assert (marker.batch_id, marker.version, marker.ended_at) == (batch_id, 3, clock())
+        assert (marker.url, marker.body, marker.attempts) == (None, None, 0)
+        store.outbox_done(marker.entry_id)
+        tracker.retry(batch_id)
+        clock.advance(1)
+        cancelled = tracker.create_batch([("c", "c.jpg")]).batch_id
+        tracker.cancel(cancelled)
+        tracker.start_item(batch_id, "b")
+        tracker.complete_item(batch_id, "b")
+        ended = store.outbox_claim(clock(), 10, clock() + 60)
+        assert sorted((m.batch_id, m.version) for m in ended) == sorted(
+            [(batch_id, 6), (cancelled, 1)]
+        )
+        assert len({m.entry_id for m in ended}) == 2
+
+    def test_an_outbox_lease_holds_an_entry_until_it_runs_out(self, store: Store) -> None:
+        """A claimed entry is not claimed again while its lease lasts, and is once it runs
+        out (at least once); a retried one waits for its next time."""
+        self._outbox(store)
+        clock = FakeClock()
+        tracker = BatchTracker(store, clock=clock)
+        batch_id = tracker.create_batch([("a", "a.jpg")]).batch_id
+        tracker.cancel(batch_id)
+        now = clock()
+        [marker] = store.outbox_claim(now, 10, now + 30)
+        assert store.outbox_claim(now + 29, 10, now + 90) == []
+        [again] = store.outbox_claim(now + 30, 10, now + 90)
+        assert again.entry_id == marker.entry_id
+        store.outbox_retry(marker.entry_id, 1, now + 200)
+        assert store.outbox_claim(now + 199, 10, now + 300) == []
+        [third] = store.outbox_claim(now + 200, 10, now + 300)
+        assert third.attempts == 1
+
+    def test_threads_claiming_the_outbox_never_share_an_entry(self, store: Store) -> None:
+        """Eight threads claiming at once get each due entry exactly once between them."""
+        self._outbox(store)
+        clock = FakeClock()
+        tracker = BatchTracker(store, clock=clock)
+        ids = [tracker.create_batch([("a", "a.jpg")]).batch_id for _ in range(12)]
+        for batch_id in ids:
+            tracker.cancel(batch_id)
+        barrier = threading.Barrier(8)
+        claimed: list[str] = []
+
+        def claim() -> None:
+            barrier.wait()
+            for _ in range(4):
+                claimed.extend(e.batch_id for e in store.outbox_claim(clock(), 2, clock() + 60))
+
+        threads = [threading.Thread(target=claim) for _ in range(8)]
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join()
+        assert sorted(claimed) == sorted(ids)
+
+    def test_outbox_deliveries_settle_and_a_gone_url_is_remembered(self, store: Store) -> None:
+        """A marker expands into deliveries (one kept if it exists), which retry, settle,
+        and go when their URL unsubscribes; the URL stays listed."""
+        self._outbox(store)
+        clock = FakeClock()
+        tracker = BatchTracker(store, clock=clock)
+        batch_id = tracker.create_batch([("a", "a.jpg")]).batch_id
+        tracker.cancel(batch_id)
+        now = clock()
+        [marker] = store.outbox_claim(now, 10, now + 60)
+        deliveries = [
+            OutboxEntry(f"msg-{n}", batch_id, 1, now, f"http://h/{n}", f'{{"n": {n}}}')
+            for n in range(3)
+        ]
+        store.outbox_expand(marker.entry_id, deliveries, now)
+        store.outbox_expand(marker.entry_id, [attrs.evolve(deliveries[0], body="x")], now)
+        found = {e.entry_id: e for e in store.outbox_claim(now, 10, now + 60)}
+        assert found == {e.entry_id: e for e in deliveries}
+        store.outbox_done("msg-0")
+        store.outbox_retry("msg-1", 1, now + 5)
+        store.outbox_retry("msg-2", 1, now + 5)
+        store.outbox_unsubscribe("http://h/2")
+        store.outbox_unsubscribe("http://h/2")
+        [left] = store.outbox_claim(now + 5, 10, now + 60)
+        assert (left.entry_id, left.attempts, left.body) == ("msg-1", 1, '{"n": 1}')
+        assert store.outbox_unsubscribed() == frozenset({"http://h/2"})
+
+    def test_end_markers_go_with_their_batch_and_deliveries_stay(self, store: Store) -> None:
+        """Deleting or purging a batch removes its end marker, not its deliveries."""
+        self._outbox(store)
+        clock = FakeClock()
+        tracker = BatchTracker(store, ttl=TTL, clock=clock)
+        ids = [tracker.create_batch([("a", "a.jpg")]).batch_id for _ in range(3)]
+        for batch_id in ids:
+            tracker.cancel(batch_id)
+        now = clock()
+        [delivered] = [m for m in store.outbox_claim(now, 10, now) if m.batch_id == ids[2]]
+        store.outbox_expand(
+            delivered.entry_id,
+            [OutboxEntry("msg-kept", ids[2], 1, now, "http://h/", "{}")],
+            now,
+        )
+        assert tracker.delete(ids[0])
+        clock.advance(TTL + 1)
+        assert store.purge_expired(clock()) == 2
+        [kept] = store.outbox_claim(clock(), 10, clock() + 60)
+        assert kept.entry_id == "msg-kept"
