@@ -86,6 +86,7 @@ from .uploads import (
 
 if TYPE_CHECKING:
     from .metrics import AppMetrics, Metrics
+    from .webhooks import Webhook, WebhookSender
 
 __all__ = [
     "COOKIE",
@@ -130,6 +131,7 @@ class AppOptions(TypedDict, total=False):
     on_progress: Callable[[ProgressEvent], Any] | None
     trusted_origins: Iterable[str]
     metrics: bool | Metrics
+    webhooks: Iterable[Webhook]
 
 
 def build_api(
@@ -410,7 +412,10 @@ class Api:
     on_progress: Callable[[ProgressEvent], Any] | None = None
     trusted_origins: frozenset[str] = attrs.field(default=None, converter=parse_trusted_origins)
     metrics: bool | Metrics = False
+    webhooks: tuple[Webhook, ...] = attrs.field(default=(), converter=tuple)
     _metrics: AppMetrics | None = attrs.field(init=False, default=None)
+    # Started and stopped with the app's recovery (batchtrack._recovery).
+    webhook_sender: WebhookSender | None = attrs.field(init=False, default=None)
     _page: Page | None = attrs.field(init=False, default=None)
     _outages: Outages = attrs.field(init=False, factory=Outages)
     _progress: dict[str, Any] = attrs.field(init=False, factory=dict)
@@ -467,6 +472,10 @@ class Api:
             from .metrics import for_app
 
             self._metrics = for_app(self.metrics, self.tracker)
+        if self.webhooks:  # POSTs when batches end, from the store's outbox
+            from .webhooks import WebhookSender
+
+            self.webhook_sender = WebhookSender(self.tracker, self.webhooks)
 
     # -- entry points ---------------------------------------------------------------------
 

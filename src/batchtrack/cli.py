@@ -208,6 +208,21 @@ def _parser() -> argparse.ArgumentParser:
         "refused with 403 (default: only the origin the request was sent to)",
     )
     serve.add_argument(
+        "--webhook",
+        dest="webhooks",
+        action="append",
+        default=[],
+        metavar="URL",
+        help="POST a signed JSON (Standard Webhooks) to URL when a batch ends; repeat for "
+        "more. Retried with back-off for up to a day; an answer 410 unsubscribes the URL",
+    )
+    serve.add_argument(
+        "--webhook-secret",
+        metavar="whsec_...",
+        help="the secret that signs webhooks: whsec_ and the base64 of 24 to 64 random bytes "
+        "(default: the environment variable BATCHTRACK_WEBHOOK_SECRET)",
+    )
+    serve.add_argument(
         "--max-upload-storage",
         type=_size,
         default=2**30,
@@ -829,6 +844,32 @@ def _files(url: str | None) -> FileStorage | None:
         raise _Usage(f"cannot use --files {url}: {exc}") from None
 
 
+def _webhooks(urls: list[str], secret: str | None) -> list[Any]:
+    """The webhooks of ``serve --webhook URL --webhook-secret whsec_...``.
+
+    Raises:
+        _Usage: A URL or secret that cannot be used, or one without the other.
+    """
+    from .webhooks import Webhook
+
+    secret = secret or os.environ.get("BATCHTRACK_WEBHOOK_SECRET") or None
+    if not urls:
+        if secret is not None and "BATCHTRACK_WEBHOOK_SECRET" not in os.environ:
+            raise _Usage("--webhook-secret needs at least one --webhook URL")
+        return []
+    if secret is None:
+        raise _Usage(
+            "--webhook needs a secret: --webhook-secret whsec_... or BATCHTRACK_WEBHOOK_SECRET"
+        )
+    hooks = []
+    for url in urls:
+        try:
+            hooks.append(Webhook(url, secret))
+        except ValidationError as exc:
+            raise _Usage(f"--webhook {url}: {exc}") from None
+    return hooks
+
+
 def _serve(args: argparse.Namespace) -> int:
     _need("uvicorn", "uvicorn", "server")
     _need("python_multipart", "python-multipart", "server")
@@ -846,6 +887,7 @@ def _serve(args: argparse.Namespace) -> int:
     if secret is not None and len(secret) < 16:
         raise _Usage("BATCHTRACK_SECRET must be at least 16 characters (a long random string)")
     files = _files(args.files)
+    webhooks = _webhooks(args.webhooks, args.webhook_secret)
     if args.metrics:
         _need("prometheus_client", "prometheus-client", "metrics")
     elif args.metrics is None:
@@ -870,6 +912,7 @@ def _serve(args: argparse.Namespace) -> int:
                 session_secret=secret,
                 trusted_origins=args.trusted_origins,
                 metrics=args.metrics,
+                webhooks=webhooks,
             )
         except (OSError, BatchtrackError) as exc:
             if tracked is not None:
