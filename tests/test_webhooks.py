@@ -387,3 +387,79 @@ def test_a_store_without_an_outbox_is_refused() -> None:
 
     with pytest.raises(ValidationError, match="no outbox"):
         WebhookSender(BatchTracker(Plain()), [Webhook("http://h/", SECRET)])
+
+
+# -- batchtrack serve ---------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("args", "env", "message"),
+    [
+        (["--webhook", "http://h/x"], {}, "--webhook needs a secret"),
+        (["--webhook", "ftp://h/x", "--webhook-secret", SECRET], {}, "--webhook ftp://h/x:"),
+        (["--webhook", "http://h/x", "--webhook-secret", "whsec_???"], {}, "base64"),
+        (["--webhook", "http://h/x"], {"BATCHTRACK_WEBHOOK_SECRET": "nope"}, "whsec_"),
+        (["--webhook-secret", SECRET], {}, "needs at least one --webhook"),
+    ],
+)
+def test_serve_webhook_usage_errors_are_one_line(
+    args: list[str], env: dict[str, str], message: str, tmp_path: Path
+) -> None:
+    """Bad --webhook/--webhook-secret combinations exit 2 with one line naming them."""
+    from http_support import free_port
+
+    plain = {k: v for k, v in os.environ.items() if k != "BATCHTRACK_WEBHOOK_SECRET"}
+    result = subprocess.run(
+        [sys.executable, "-m", "batchtrack", "serve", "--port", str(free_port()), *args],
+        capture_output=True,
+        text=True,
+        check=False,
+        cwd=tmp_path,
+        env={**plain, **env},
+        timeout=60,
+    )
+    assert result.returncode == 2, result.stderr
+    assert len(result.stderr.strip().splitlines()) == 1, result.stderr
+    assert message in result.stderr
+    assert "???" not in result.stderr
+
+
+def test_serve_with_a_webhook_posts_when_a_batch_ends(tmp_path: Path) -> None:
+    """`serve --webhook URL` with the secret in BATCHTRACK_WEBHOOK_SECRET: a batch run
+    through the API ends with one signed batch.completed POST."""
+    from http_support import free_port, jpeg, stop_serve, wait_until_serving
+
+    port = free_port()
+    with receiver() as hook:
+        proc = subprocess.Popen(
+            [
+                sys.executable,
+                "-m",
+                "batchtrack",
+                "serve",
+                "--port",
+                str(port),
+                "--data-dir",
+                str(tmp_path / "data"),
+                "--webhook",
+                hook.url,
+                "--quiet",
+            ],
+            env={**os.environ, "BATCHTRACK_WEBHOOK_SECRET": SECRET},
+            stderr=subprocess.DEVNULL,
+        )
+        try:
+            base = f"http://127.0.0.1:{port}"
+            wait_until_serving(base + "/", proc)
+            with httpx.Client(base_url=base, timeout=30) as client:
+                files = [("files", ("a.jpg", jpeg((40, 30)), "image/jpeg"))]
+                ids = [f["id"] for f in client.post("/api/upload", files=files).json()["files"]]
+                batch_id = client.post("/api/process-batch", json={"fileIds": ids}).json()[
+                    "batchId"
+                ]
+            [(headers, body)] = hook.wait_for(1)
+        finally:
+            stop_serve(proc)
+    assert verify(SECRET, headers, body)
+    assert json.loads(body)["batchId"] == batch_id
+    assert json.loads(body)["type"] == "batch.completed"
