@@ -463,3 +463,24 @@ def test_serve_with_a_webhook_posts_when_a_batch_ends(tmp_path: Path) -> None:
     assert verify(SECRET, headers, body)
     assert json.loads(body)["batchId"] == batch_id
     assert json.loads(body)["type"] == "batch.completed"
+
+
+def test_the_docs_verifier_accepts_a_real_delivery_and_nothing_tampered() -> None:
+    """operating.rst's verification snippet accepts what a sender POSTs, and refuses it
+    with another body, id or secret."""
+    from test_docs_and_examples import _snippet
+
+    namespace: dict[str, Any] = {}
+    exec(_snippet("operating.rst", "tested-webhook-verify"), namespace)
+    check = namespace["verify"]
+    tracker = BatchTracker(MemoryStore())
+    with receiver() as hook:
+        sender = WebhookSender(tracker, [Webhook(hook.url, SECRET)], schedule=FAST)
+        finish(tracker, "c")
+        drain(sender, lambda: len(hook.got) >= 1)
+    [(headers, body)] = hook.got
+    assert check(SECRET, headers, body)
+    assert not check(SECRET, headers, body.replace(b"completed", b"cancelled"))
+    assert not check(SECRET, {**headers, "webhook-id": "msg_other"}, body)
+    other = "whsec_" + base64.b64encode(b"x" * 32).decode()
+    assert not check(other, headers, body)
