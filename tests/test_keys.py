@@ -292,7 +292,7 @@ def test_cleanup_removes_keys_that_ran_out(tmp_path: Path) -> None:
 
 
 def test_schema_2_postgres_tables_gain_keys_and_reports(postgres_url: str) -> None:
-    """PostgreSQL tables of schema 2 migrate to 3: their batch stays, keys and reports
+    """PostgreSQL tables of schema 2 migrate on: their batch stays, keys and reports
     work on it."""
     pytest.importorskip("psycopg")
     import psycopg
@@ -316,6 +316,6 @@ def test_schema_2_postgres_tables_gain_keys_and_reports(postgres_url: str) -> No
             assert tracker.create_batch(["b.jpg"], key="k").batch_id == first
         with psycopg.connect(postgres_url, autocommit=True) as conn:
             row = conn.execute(f'SELECT version FROM "{prefix}schema"').fetchone()
-        assert row == (SCHEMA_VERSION,) == (3,)
+        assert row == (SCHEMA_VERSION,) == (4,)
     finally:
         drop_postgres_tables(postgres_url, f"{prefix}%")

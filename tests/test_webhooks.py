@@ -484,3 +484,38 @@ def test_the_docs_verifier_accepts_a_real_delivery_and_nothing_tampered() -> Non
     assert not check(SECRET, {**headers, "webhook-id": "msg_other"}, body)
     other = "whsec_" + base64.b64encode(b"x" * 32).decode()
     assert not check(other, headers, body)
+
+
+# -- schema migrations ----------------------------------------------------------------------------
+
+
+def test_schema_3_postgres_tables_gain_the_outbox(postgres_url: str) -> None:
+    """PostgreSQL tables of schema 3 (no outbox) migrate to 4: their batch stays, and its
+    end writes an end marker that a sender delivers."""
+    pytest.importorskip("psycopg")
+    import uuid
+
+    import psycopg
+
+    from batchtrack.stores.postgres import SCHEMA_VERSION, PostgresStore
+    from conftest import drop_postgres_tables
+
+    prefix = f"w{uuid.uuid4().hex[:12]}_"
+    try:
+        with PostgresStore(postgres_url, table_prefix=prefix) as store:
+            batch_id = BatchTracker(store).create_batch([("a", "a.jpg")]).batch_id
+        with psycopg.connect(postgres_url, autocommit=True) as conn:
+            conn.execute(f'DROP TABLE "{prefix}outbox", "{prefix}webhooks_gone"')
+            conn.execute(f'UPDATE "{prefix}schema" SET version = 3')
+        with PostgresStore(postgres_url, table_prefix=prefix) as store, receiver() as hook:
+            tracker = BatchTracker(store)
+            sender = WebhookSender(tracker, [Webhook(hook.url, SECRET)], schedule=FAST)
+            tracker.start_item(batch_id, "a")
+            tracker.complete_item(batch_id, "a")
+            drain(sender, lambda: len(hook.got) >= 1)
+        with psycopg.connect(postgres_url, autocommit=True) as conn:
+            row = conn.execute(f'SELECT version FROM "{prefix}schema"').fetchone()
+        assert row == (SCHEMA_VERSION,) == (4,)
+        assert json.loads(hook.got[0][1])["batchId"] == batch_id
+    finally:
+        drop_postgres_tables(postgres_url, f"{prefix}%")

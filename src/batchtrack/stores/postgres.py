@@ -73,11 +73,13 @@ from .base import (
     BulkResult,
     ItemQuery,
     LostItem,
+    OutboxEntry,
     Outcome,
     PackedStats,
     Store,
     Transition,
     TransitionResult,
+    end_marker,
 )
 from .sqlite import SchemaVersionError  # one error for every store's newer schema
 
@@ -85,7 +87,7 @@ __all__ = ["SCHEMA_VERSION", "PostgresStore", "SchemaVersionError"]
 
 log = logging.getLogger("batchtrack")
 
-SCHEMA_VERSION = 3
+SCHEMA_VERSION = 4
 """The schema this batchtrack writes; kept in the ``<prefix>schema`` table."""
 
 PURGE_CHUNK = 500
@@ -168,6 +170,25 @@ _MIGRATIONS: dict[int, tuple[str, ...]] = {
         # And how far a processing item is, as its processor reported (NULL otherwise).
         "ALTER TABLE {items} ADD COLUMN progress double precision",
         "ALTER TABLE {items} ADD COLUMN stage text",
+    ),
+    4: (
+        # The webhook outbox: a transition that ends a batch adds its end marker (url
+        # NULL) in its own statement; the webhook sender turns a marker into one delivery
+        # per URL and settles each. Markers go with their batch; deliveries stay.
+        """CREATE TABLE IF NOT EXISTS {outbox} (
+            entry_id    text PRIMARY KEY,
+            batch_id    text NOT NULL,
+            version     bigint NOT NULL,
+            ended_at    double precision NOT NULL,
+            url         text,
+            body        text,
+            attempts    integer NOT NULL DEFAULT 0,
+            next_at     double precision NOT NULL,
+            lease_until double precision
+        )""",
+        'CREATE INDEX IF NOT EXISTS "{p}outbox_due" ON {outbox} (next_at)',
+        'CREATE INDEX IF NOT EXISTS "{p}outbox_markers" ON {outbox} (batch_id) WHERE url IS NULL',
+        "CREATE TABLE IF NOT EXISTS {gone} (url text PRIMARY KEY)",
     ),
 }
 assert sorted(_MIGRATIONS) == list(range(1, SCHEMA_VERSION + 1))
@@ -398,6 +419,8 @@ class PostgresStore(Store):
             "items": f'{schema}."{p}items"',
             "version": f'{schema}."{p}schema"',
             "keys": f'{schema}."{p}keys"',
+            "outbox": f'{schema}."{p}outbox"',
+            "gone": f'{schema}."{p}webhooks_gone"',
             "p": p,
         }
 
@@ -421,8 +444,24 @@ class PostgresStore(Store):
     def _statements(self) -> dict[str, str]:
         """Every statement of the store, with its table names in place."""
         n = self._names()
-        b, i = n["batches"], n["items"]
+        b, i, o = n["batches"], n["items"], n["outbox"]
         key_of = f"SELECT key FROM {b} WHERE batch_id = %s"
+        write_item = (
+            f"WITH batch AS (UPDATE {b} SET updated_at = %s, finished_at = %s,"
+            " expires_at = %s, version = %s, completed = %s, failed = %s,"
+            " processing = %s, pending = %s, stats = %s"
+            " WHERE key = %s AND version = %s RETURNING key),"
+            f" item AS (UPDATE {i} SET status = %s, error = %s, changed_at = %s,"
+            " attempts = %s, lease_until = %s, beat_at = %s, version = %s,"
+            " progress = NULL, stage = NULL"
+            " WHERE batch_key = (SELECT key FROM batch) AND position = %s)"
+        )
+        # The end marker: the (entry id, batch id, version, at, at) of end_marker().
+        end = (
+            f"INSERT INTO {o} (entry_id, batch_id, version, ended_at, next_at)"
+            " VALUES (%s, %s, %s, %s, %s) ON CONFLICT DO NOTHING"
+        )
+        outbox = "entry_id, batch_id, version, ended_at, url, body, attempts"
         return {
             "header": f"SELECT {', '.join(_COLUMNS)}, key, paused FROM {b} WHERE batch_id = %s",
             # A transition reads the batch and the item in one statement (one snapshot,
@@ -438,17 +477,34 @@ class PostgresStore(Store):
                 f" i.lease_until, b.paused FROM {b} b LEFT JOIN {i} i"
                 " ON i.batch_key = b.key AND i.item_id = %s WHERE b.batch_id = %s"
             ),
-            "write_item": (
-                f"WITH batch AS (UPDATE {b} SET updated_at = %s, finished_at = %s,"
-                " expires_at = %s, version = %s, completed = %s, failed = %s,"
-                " processing = %s, pending = %s, stats = %s"
-                " WHERE key = %s AND version = %s RETURNING key),"
-                f" item AS (UPDATE {i} SET status = %s, error = %s, changed_at = %s,"
-                " attempts = %s, lease_until = %s, beat_at = %s, version = %s,"
-                " progress = NULL, stage = NULL"
-                " WHERE batch_key = (SELECT key FROM batch) AND position = %s)"
+            "write_item": write_item + " SELECT pg_notify(%s, %s) FROM batch",
+            # The same for the transition that ends its batch, with the end marker.
+            "write_item_end": (
+                write_item + f", ended AS (INSERT INTO {o} (entry_id, batch_id, version, ended_at,"
+                " next_at) SELECT %s, %s, %s, %s, %s FROM batch ON CONFLICT DO NOTHING)"
                 " SELECT pg_notify(%s, %s) FROM batch"
             ),
+            "end": end,
+            # Claimers skip the rows another claimer holds: never two for one entry.
+            "outbox_claim": (
+                f"UPDATE {o} SET lease_until = %s WHERE entry_id IN (SELECT entry_id FROM {o}"
+                " WHERE next_at <= %s AND (lease_until IS NULL OR lease_until <= %s)"
+                " ORDER BY next_at LIMIT %s FOR UPDATE SKIP LOCKED)"
+                f" RETURNING {outbox}, next_at"
+            ),
+            "outbox_add": (
+                f"INSERT INTO {o} ({outbox}, next_at) VALUES (%s, %s, %s, %s, %s, %s, %s, %s)"
+                " ON CONFLICT DO NOTHING"
+            ),
+            "outbox_done": f"DELETE FROM {o} WHERE entry_id = %s",
+            "outbox_retry": (
+                f"UPDATE {o} SET attempts = %s, next_at = %s, lease_until = NULL"
+                " WHERE entry_id = %s"
+            ),
+            "unsubscribe": f"INSERT INTO {n['gone']} (url) VALUES (%s) ON CONFLICT DO NOTHING",
+            "unsubscribe_drop": f"DELETE FROM {o} WHERE url = %s",
+            "unsubscribed": f"SELECT url FROM {n['gone']}",
+            "drop_markers": f"DELETE FROM {o} WHERE url IS NULL AND batch_id = ANY(%s)",
             # A heartbeat changes no version: the batch's expiry and the item's lease.
             "renew": (
                 f"WITH batch AS (UPDATE {b} SET expires_at = %s"
@@ -768,7 +824,7 @@ class PostgresStore(Store):
                 if outcome is not None:
                     return _result(outcome, _STATUSES[it[1]], _item(item_id, it), _header(row))
                 args, result = self._move(batch_id, transition, row, it)
-                conn.execute(self._sql["write_item"], args)  # holds the lock: it applies
+                conn.execute(*self._write_item(row, args, result))  # holds the lock: applies
             return result
         for _ in range(_TRIES):
             row, it = self._peek(what, batch_id, item_id, transition.at)
@@ -776,9 +832,21 @@ class PostgresStore(Store):
             if outcome is not None:
                 return _result(outcome, _STATUSES[it[1]], _item(item_id, it), _header(row))
             args, result = self._move(batch_id, transition, row, it)
-            if self._query(what, self._sql["write_item"], args):
+            if self._query(what, *self._write_item(row, args, result)):
                 return result
         raise _contended(batch_id)
+
+    def _write_item(
+        self, row: Any, args: tuple[Any, ...], result: TransitionResult
+    ) -> tuple[str, tuple[Any, ...]]:
+        """The statement and arguments that write a transition: ``write_item``, or, when
+        it ends the batch (``row`` was open), ``write_item_end`` with the end marker."""
+        if result.finished_at is None or row[4] is not None:
+            return self._sql["write_item"], args
+        marker = end_marker(row[0], result.version, result.finished_at)
+        at = marker.ended_at
+        ended = (marker.entry_id, marker.batch_id, marker.version, at, at)
+        return self._sql["write_item_end"], (*args[:-2], *ended, *args[-2:])
 
     def _move(
         self, batch_id: str, transition: Transition, row: Any, it: Any
@@ -954,6 +1022,10 @@ class PostgresStore(Store):
                     ),
                 )
                 version += len(found)
+                if finished_at is not None and row[4] is None:  # it ended the batch
+                    marker = end_marker(batch_id, version, transition.at)
+                    at = marker.ended_at
+                    conn.execute(q["end"], (marker.entry_id, batch_id, version, at, at))
         return BulkResult(len(found), (), _progress(row[7], counts), version)
 
     def lost(self, now: float, limit: int) -> list[LostItem]:
@@ -1012,6 +1084,7 @@ class PostgresStore(Store):
             if row is None:
                 return False
             conn.execute(self._sql["delete_items"], (row[0],))
+            conn.execute(self._sql["drop_markers"], ([batch_id],))
             conn.execute(self._sql["notify"], (self._channel, batch_id))
             return True
 
@@ -1033,10 +1106,49 @@ class PostgresStore(Store):
                     keys = [r[0] for r in rows]
                     conn.execute(q["purge_items"], (keys,))
                     conn.execute(q["purge_batches"], (keys,))
+                    conn.execute(q["drop_markers"], ([r[1] for r in rows],))
                     conn.execute(q["notify_many"], (self._channel, [r[1] for r in rows]))
             removed += len(rows)
             if len(rows) < PURGE_CHUNK:
                 return removed
+
+    # -- the outbox ----------------------------------------------------------------------
+
+    def outbox_claim(self, now: float, limit: int, lease_until: float) -> list[OutboxEntry]:
+        with self._transaction("claim from the outbox") as conn:
+            rows = conn.execute(self._sql["outbox_claim"], (lease_until, now, now, limit))
+            found = rows.fetchall()
+        return [OutboxEntry(*r[:7]) for r in sorted(found, key=lambda r: r[7])]
+
+    def outbox_expand(self, entry_id: str, deliveries: Sequence[OutboxEntry], at: float) -> None:
+        q = self._sql
+        with self._transaction(f"expand outbox entry {entry_id!r}") as conn:
+            conn.execute(q["outbox_done"], (entry_id,))
+            for e in deliveries:
+                conn.execute(
+                    q["outbox_add"],
+                    (e.entry_id, e.batch_id, e.version, e.ended_at, e.url, e.body, e.attempts, at),
+                )
+
+    def outbox_done(self, entry_id: str) -> None:
+        self._query_write(f"settle outbox entry {entry_id!r}", "outbox_done", (entry_id,))
+
+    def outbox_retry(self, entry_id: str, attempts: int, next_at: float) -> None:
+        args = (attempts, next_at, entry_id)
+        self._query_write(f"retry outbox entry {entry_id!r}", "outbox_retry", args)
+
+    def outbox_unsubscribe(self, url: str) -> None:
+        with self._transaction(f"unsubscribe {url!r}") as conn:
+            conn.execute(self._sql["unsubscribe"], (url,))
+            conn.execute(self._sql["unsubscribe_drop"], (url,))
+
+    def outbox_unsubscribed(self) -> frozenset[str]:
+        rows = self._query("read unsubscribed URLs", self._sql["unsubscribed"], ())
+        return frozenset(r[0] for r in rows)
+
+    def _query_write(self, what: str, name: str, args: Sequence[Any]) -> None:
+        with self._transaction(what) as conn:
+            conn.execute(self._sql[name], args)
 
     # -- change notifications ----------------------------------------------------------
 
