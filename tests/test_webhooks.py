@@ -519,3 +519,19 @@ def test_schema_3_postgres_tables_gain_the_outbox(postgres_url: str) -> None:
         assert json.loads(hook.got[0][1])["batchId"] == batch_id
     finally:
         drop_postgres_tables(postgres_url, f"{prefix}%")
+
+
+def test_every_store_delivers_a_cancelled_batch_once(store_factory: Any) -> None:
+    """On each store a batch cancelled through apply_many and one finished item by item
+    are each delivered once, and the outbox is empty afterwards."""
+    store = store_factory()
+    tracker = BatchTracker(store)
+    with receiver() as hook:
+        sender = WebhookSender(tracker, [Webhook(hook.url, SECRET)], schedule=FAST)
+        cancelled = tracker.create_batch(["a.jpg"]).batch_id
+        tracker.cancel(cancelled)
+        completed = finish(tracker, "cc")
+        drain(sender, lambda: len(hook.got) >= 2)
+        sender.run_once()
+    assert sorted(json.loads(b)["batchId"] for _, b in hook.got) == sorted([cancelled, completed])
+    assert store.outbox_claim(tracker.clock() + 1e6, 10, tracker.clock() + 2e6) == []

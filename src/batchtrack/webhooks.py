@@ -218,7 +218,7 @@ class WebhookSender:
         except NotImplementedError:
             raise ValidationError(
                 f"{type(self.store).__name__} has no outbox: webhooks need a store that "
-                "keeps one (memory, SQLite)"
+                "keeps one (every built-in store does)"
             ) from None
 
     def start(self) -> None:
