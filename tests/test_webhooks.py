@@ -140,7 +140,8 @@ SCRIPT = textwrap.dedent(
         print(snap.batch_id, flush=True)
         os.kill(os.getpid(), signal.SIGKILL)  # after the last item, before any delivery
     hook = Webhook(url, os.environ["SECRET"])
-    WebhookSender(tracker, [hook], schedule=[0.3] * 20, poll=0.1).start()
+    # A killed sender's claim is free again after 2 * timeout + 5 = 7 s.
+    WebhookSender(tracker, [hook], schedule=[0.3] * 20, timeout=1, poll=0.1).start()
     time.sleep(600)
     """
 )
@@ -379,13 +380,14 @@ def test_bad_urls_and_secrets_are_refused(url: str, secret: str, message: str) -
 
 
 def test_a_store_without_an_outbox_is_refused() -> None:
-    """A sender over a store that keeps no outbox raises ValidationError at once."""
+    """A sender over a store that keeps no outbox (Store's defaults) raises
+    ValidationError at once, without a call to the store."""
+    from batchtrack.stores.base import Store
 
     class Plain(MemoryStore):
-        def outbox_unsubscribed(self) -> frozenset[str]:
-            raise NotImplementedError
+        outbox_claim = Store.outbox_claim
 
-    with pytest.raises(ValidationError, match="no outbox"):
+    with pytest.raises(ValidationError, match="Plain has no outbox"):
         WebhookSender(BatchTracker(Plain()), [Webhook("http://h/", SECRET)])
 
 

@@ -49,7 +49,7 @@ import attrs
 from ._models import Status
 from ._tracker import BatchTracker
 from .exceptions import ValidationError
-from .stores.base import OutboxEntry
+from .stores.base import OutboxEntry, Store
 
 __all__ = ["DEFAULT_SCHEDULE", "Webhook", "WebhookSender", "schedule_of", "sign"]
 
@@ -60,7 +60,6 @@ _TYPES = {
     Status.CANCELLED: "batch.cancelled",
     Status.FAILED: "batch.failed",
 }
-_LEASE_MARGIN = 30.0  # seconds a claim outlives the longest attempt it may make
 
 
 def schedule_of(
@@ -213,13 +212,12 @@ class WebhookSender:
         self._lock = threading.Lock()
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
-        try:
-            self.store.outbox_unsubscribed()
-        except NotImplementedError:
+        inner = getattr(self.store, "inner", self.store)  # an InstrumentedStore's own
+        if type(inner).outbox_claim is Store.outbox_claim:
             raise ValidationError(
-                f"{type(self.store).__name__} has no outbox: webhooks need a store that "
+                f"{type(inner).__name__} has no outbox: webhooks need a store that "
                 "keeps one (every built-in store does)"
-            ) from None
+            )
 
     def start(self) -> None:
         """Start delivering on a daemon thread (once; nothing after :meth:`stop`)."""
@@ -232,12 +230,14 @@ class WebhookSender:
             self._thread.start()
 
     def stop(self) -> None:
-        """Stop, waiting for an attempt in progress (at most ``timeout`` seconds)."""
+        """Stop, waiting a moment (2 s at most) for an attempt in progress: a receiver
+        that hangs does not hold up a shutdown, and an attempt cut short is made again
+        once its lease runs out."""
         with self._lock:
             self._stop.set()
             thread, self._thread = self._thread, None
         if thread is not None and thread is not threading.current_thread():
-            thread.join(self.timeout + 5)
+            thread.join(min(self.timeout, 2.0))
 
     def _loop(self) -> None:
         while not self._stop.is_set():
@@ -253,7 +253,8 @@ class WebhookSender:
         gone = self.store.outbox_unsubscribed()
         while not self._stop.is_set():
             now = self._clock()
-            claimed = self.store.outbox_claim(now, 1, now + self.timeout + _LEASE_MARGIN)
+            # The lease outlasts an attempt (its timeout bounds each socket operation).
+            claimed = self.store.outbox_claim(now, 1, now + 2 * self.timeout + 5)
             if not claimed:
                 return handled
             entry = claimed[0]
