@@ -180,6 +180,8 @@ class MemoryStore(Store):
     # The outbox: entry id -> [entry, due at, lease until or None]; and unsubscribed URLs.
     _outbox: dict[str, list[Any]] = attrs.field(factory=dict, init=False)
     _gone: set[str] = attrs.field(factory=set, init=False)
+    # The end markers written per batch, so that they go with it (some may be settled).
+    _ends: dict[str, list[str]] = attrs.field(factory=dict, init=False)
 
     def create(self, batch: BatchRecord, items: Sequence[ItemSnapshot]) -> None:
         self._create(batch, items, None)
@@ -361,6 +363,7 @@ class MemoryStore(Store):
         """Add the end marker of ``state``, which a transition just ended (under the lock)."""
         marker = end_marker(state.batch_id, state.version, state.updated_at)
         self._outbox[marker.entry_id] = [marker, marker.ended_at, None]
+        self._ends.setdefault(state.batch_id, []).append(marker.entry_id)
 
     @staticmethod
     def _result(
@@ -549,10 +552,9 @@ class MemoryStore(Store):
 
     def _drop_markers(self, batch_ids: set[str]) -> None:
         """Remove the end markers of these (removed) batches; under the lock."""
-        for entry_id in [
-            k for k, (e, _, _) in self._outbox.items() if e.url is None and e.batch_id in batch_ids
-        ]:
-            del self._outbox[entry_id]
+        for batch_id in batch_ids:
+            for entry_id in self._ends.pop(batch_id, ()):
+                self._outbox.pop(entry_id, None)
 
     # -- the outbox: a dict, scanned (it holds what is waiting, not what was delivered) --
 
