@@ -760,8 +760,15 @@ class Api:
             after = after.lower()
         try:
             page = self.tracker.list_batches(owner=owner, status=status, limit=limit, after=after)
-        except ValidationError as exc:
-            reject(400, "invalid_query", str(exc))
+        except ValidationError:
+            # The only check left to the tracker: a well-formed id that names none of the
+            # caller's batches (as batch-status answers an unknown image's after).
+            reject(
+                404,
+                "after_not_found",
+                "after names none of your batches (unknown, or removed since): "
+                "start again from the first page",
+            )
         batches = []
         for snap in page.batches:
             body = snap._body([])

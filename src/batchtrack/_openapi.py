@@ -387,10 +387,11 @@ def document(base: str, max_files: int, max_json_bytes: int = 64 * 1024) -> dict
                                 "BatchList",
                                 {"Cache-Control": status_headers["Cache-Control"]},
                             ),
-                            "400": _error(
-                                "A bad query parameter, or an `after` that names none of "
-                                "your batches (expired or removed since): start again "
-                                "(`invalid_query`)."
+                            "400": _error("A bad query parameter (`invalid_query`)."),
+                            "404": _error(
+                                "`after_not_found`: `after` names none of your batches "
+                                "(unknown, or expired and removed since): start again "
+                                "from the first page."
                             ),
                         }
                     ),
