@@ -291,3 +291,65 @@ def test_a_page_costs_the_page_not_the_store(tmp_path: Path) -> None:
     small = _steps_of_a_page(tmp_path / "small.db", 200)
     big = _steps_of_a_page(tmp_path / "big.db", 2000)
     assert big <= 2 * small + 5, (small, big)
+
+
+def test_listed_batches_show_the_eta_get_shows_with_lost_items_read_once() -> None:
+    """A listed batch whose items left are lost reads "waiting_for_lost_items" like get
+    does, and a page reads the store's lost items once, not once per batch."""
+    clock = FakeClock()
+    tracker = BatchTracker(clock=clock)
+    ids = []
+    for _ in range(3):
+        batch = tracker.create_batch([("a", "a.jpg"), ("b", "b.jpg")]).batch_id
+        tracker.start_item(batch, "a", lease=30.0)  # its worker dies
+        tracker.start_item(batch, "b")
+        clock.advance(2)
+        tracker.complete_item(batch, "b")
+        ids.append(batch)
+    clock.advance(40)  # every lease ran out
+    calls = []
+    lost = tracker.store.lost
+
+    def counted(now: float, limit: int) -> Any:
+        calls.append(now)
+        return lost(now, limit)
+
+    tracker.store.lost = counted  # type: ignore[method-assign]
+    page = tracker.list_batches()
+    assert len(calls) == 1
+    assert [s.eta_unavailable for s in page.batches] == ["waiting_for_lost_items"] * 3
+    assert [s.to_dict() for s in page.batches] == [
+        {**tracker.get(b, items=False).to_dict()} for b in ids[::-1]
+    ]
+
+
+def test_redis_purge_and_delete_remove_the_list_entries(redis_url: str) -> None:
+    """Redis: delete and cleanup() remove a batch from by:all, its owner's set and the
+    listed hash, also when Redis already expired the batch's own keys."""
+    import redis
+
+    from batchtrack.stores.redis import RedisStore
+
+    prefix = f"lists-{uuid.uuid4()}:"
+    clock = FakeClock()
+    store = RedisStore(redis_url, prefix=prefix)
+    client = redis.Redis.from_url(redis_url)
+    try:
+        tracker = BatchTracker(store, ttl=60.0, clock=clock)
+        deleted = tracker.create_batch(["a.jpg"], owner="u").batch_id
+        swept = tracker.create_batch(["b.jpg"], owner="u").batch_id
+        vanished = tracker.create_batch(["c.jpg"], owner="u").batch_id
+        assert client.zcard(f"{prefix}by:o:u") == 3
+        assert tracker.delete(deleted)
+        # Redis expires a batch's keys on its own (its TTL): only the indexes are left.
+        client.delete(*(f"{prefix}{kind}:{vanished}" for kind in "biocs"))
+        clock.advance(25 * 3600)
+        assert tracker.list_batches(owner="u").batches == ()
+        assert tracker.cleanup() == 2
+        assert client.exists(f"{prefix}by:o:u", f"{prefix}by:all", f"{prefix}listed") == 0
+        assert swept not in {m.decode() for m in client.zrange(f"{prefix}by:all", 0, -1)}
+    finally:
+        store.close()
+        for key in client.scan_iter(f"{prefix}*"):
+            client.delete(key)
+        client.close()

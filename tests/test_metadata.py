@@ -208,3 +208,26 @@ def test_schema_3_postgres_tables_gain_metadata_and_the_list_indexes(postgres_ur
         assert row == (SCHEMA_VERSION,) == (4,)
     finally:
         drop_postgres_tables(postgres_url, f"{prefix}%")
+
+
+def test_sqlite_transitions_never_touch_the_metadata(tmp_path: Path) -> None:
+    """SQLite: no statement of a start, heartbeat, report or completion names the
+    metadata table (once a process has read the batch's creation time, a header read
+    it makes once per batch); reading the batch does (the header joins it)."""
+    with SQLiteStore(tmp_path / "b.db") as store:
+        tracker = BatchTracker(store)
+        batch = tracker.create_batch([("z", "z.jpg"), ("a", "a.jpg")], metadata={"k": "v"})
+        batch_id = batch.batch_id
+        tracker.start_item(batch_id, "z")  # reads and keeps the creation time
+        statements: list[str] = []
+        store._db.set_trace_callback(statements.append)
+        tracker.start_item(batch_id, "a", lease=30.0)
+        tracker.heartbeat(batch_id, "a")
+        tracker.report(batch_id, "a", 0.5)
+        tracker.complete_item(batch_id, "a")
+        tracker.fail_item(batch_id, "z", "broken")
+        assert statements
+        assert not [s for s in statements if "metadata" in s]
+        assert tracker.get(batch_id).metadata == {"k": "v"}
+        assert any("batch_metadata" in s for s in statements)
+        store._db.set_trace_callback(None)

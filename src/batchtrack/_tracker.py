@@ -560,8 +560,9 @@ class BatchTracker(Closing):
                     f"after={after!r} names no batch of this list (unknown, or removed"
                     " since): start again from the first page"
                 ) from None
+            lost = self._lost_by_batch(records, now)
             for record in records:
-                snap = self._snapshot(record, now)
+                snap = self._snapshot(record, now, lost.get(record.batch_id, 0))
                 if wanted is None or snap.status is wanted:
                     found.append(snap)
                     if len(found) > limit:
@@ -1101,11 +1102,23 @@ class BatchTracker(Closing):
         is lost. Costs what the store's lease index holds that ran out, not the batch."""
         return sum(1 for lost in self.store.lost(now, _LOST_PAGE) if lost.batch_id == batch_id)
 
+    def _lost_by_batch(self, records: list[BatchRecord], now: float) -> dict[str, int]:
+        """How many lost items each of ``records`` has (as :meth:`_lost_in`), from one
+        read of the store's leases for a whole page of batches instead of one per batch;
+        empty when no batch of the page could show them."""
+        if not any(r.progress.processing and r.progress.finished for r in records):
+            return {}
+        counts: dict[str, int] = {}
+        for found in self.store.lost(now, _LOST_PAGE):
+            counts[found.batch_id] = counts.get(found.batch_id, 0) + 1
+        return counts
+
     def _estimate(
-        self, record: BatchRecord, now: float
+        self, record: BatchRecord, now: float, counted: int | None = None
     ) -> tuple[int | None, tuple[int, int] | None, str | None]:
         """The batch's ETA, its range and why there is none (see
-        :attr:`BatchSnapshot.eta_unavailable`), lost items taken into account."""
+        :attr:`BatchSnapshot.eta_unavailable`), lost items taken into account (``counted``:
+        how many, read already; None: read here)."""
         progress = record.progress
         if record.paused and (progress.pending or progress.processing):
             return None, None, _eta.PAUSED
@@ -1113,7 +1126,7 @@ class BatchTracker(Closing):
         if progress.processing and (progress.completed or progress.failed):
             # Only then can lost items change what is shown (before anything finished
             # the reason is "starting" whatever else holds).
-            lost = self._lost_in(record.batch_id, now)
+            lost = self._lost_in(record.batch_id, now) if counted is None else counted
         reported = (0, 0.0)
         if progress.processing and len(record.items) == progress.total:
             # Only a read of every item sees every report; a partial read (a page, a
@@ -1122,9 +1135,9 @@ class BatchTracker(Closing):
             reported = (len(fractions), math.fsum(fractions))
         return _eta.estimate_why(progress, record.created_at, record.stats, now, lost, reported)
 
-    def _snapshot(self, record: BatchRecord, now: float) -> BatchSnapshot:
+    def _snapshot(self, record: BatchRecord, now: float, lost: int | None = None) -> BatchSnapshot:
         progress = record.progress
-        eta, eta_range, why = self._estimate(record, now)
+        eta, eta_range, why = self._estimate(record, now, lost)
         status = progress.status
         if record.paused and not status.is_final:
             status = Status.PAUSED
