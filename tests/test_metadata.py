@@ -83,6 +83,28 @@ def test_orchestrator_submit_keeps_metadata(tmp_path: Path) -> None:
     assert len(tracker.list_batches().batches) == 1
 
 
+def test_celery_runner_submit_keeps_metadata() -> None:
+    """CeleryRunner.submit(metadata=) creates the batch with it (an eager Celery app);
+    without metadata it calls create_batch as before."""
+    celery = pytest.importorskip("celery")
+    from batchtrack.celery import CeleryRunner, tracked_task
+
+    app = celery.Celery("eager", broker="memory://", set_as_current=False)
+    app.conf.task_always_eager = True
+    try:
+        tracker = BatchTracker()
+        runner = CeleryRunner(tracker, tracked_task(app, tracker, lambda item: "ok"))
+        snap = runner.submit(["/in/a.png"], metadata={"order": "17"})
+        final = tracker.get(snap.batch_id)
+        assert final.metadata == {"order": "17"}
+        assert final.progress.completed == 1
+        assert tracker.get(runner.submit(["/in/b.png"]).batch_id).metadata == {}
+        with pytest.raises(ValidationError, match="512"):
+            runner.submit(["/in/c.png"], metadata={"k": "v" * 513})
+    finally:
+        app.close()
+
+
 def test_process_batch_metadata_is_in_the_status_body_and_the_events(client: Any) -> None:
     """ "metadata" sent to process-batch comes back in the status body, in every
     batch-events event and in the list; without it, no "metadata" key anywhere."""
