@@ -353,3 +353,25 @@ def test_redis_purge_and_delete_remove_the_list_entries(redis_url: str) -> None:
         for key in client.scan_iter(f"{prefix}*"):
             client.delete(key)
         client.close()
+
+
+def test_status_prints_the_metadata(database: tuple[Path, list[str]]) -> None:
+    """`batchtrack status` prints a batch's metadata in its JSON; none, no key."""
+    data, made = database
+    shown = subprocess.run(
+        [sys.executable, "-m", "batchtrack", "status", made[2], "--data-dir", str(data)],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=False,
+    )
+    assert shown.returncode == 0, shown.stderr
+    assert json.loads(shown.stdout)["metadata"] == {"order": "A-2", "note": "x" * 60}
+    plain = subprocess.run(
+        [sys.executable, "-m", "batchtrack", "status", made[0], "--data-dir", str(data)],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=False,
+    )
+    assert "metadata" not in json.loads(plain.stdout)
