@@ -334,13 +334,16 @@ def _parser() -> argparse.ArgumentParser:
         default=None,
         metavar="STATUS",
         help="only batches with this status: pending, processing, completed, failed, "
-        "cancelled or paused",
+        "cancelled or paused (default: any)",
     )
     listing.add_argument(
         "--limit", default="20", metavar="N", help="at most N batches, 1 to 1000 (default: 20)"
     )
     listing.add_argument(
-        "--after", default=None, metavar="BATCH_ID", help="the batches created before this one"
+        "--after",
+        default=None,
+        metavar="BATCH_ID",
+        help="the batches created before this one (default: from the newest)",
     )
     listing.add_argument(
         "--json",
