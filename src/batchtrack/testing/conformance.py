@@ -483,6 +483,44 @@ class TrackerMachine(RuleBasedStateMachine):
             after = snap.next_after
         assert pages == expected
 
+    @rule(
+        owner=st.sampled_from([None, "alice", "bob"]),
+        status=st.none() | st.sampled_from(list(Status)),
+        limit=st.integers(1, 4),
+    )
+    def list_pages(self, owner: str | None, status: Status | None, limit: int) -> None:
+        """Every page of ``list_batches``, walked with ``next_after``, shows exactly the
+        model's live batches of ``owner`` (all for None) in ``status``, newest first
+        (ties by id, descending), with their counts."""
+        now = self.clock()
+        expected = sorted(
+            (
+                b
+                for b in self.model.values()
+                if b.expires_at() > now
+                and (owner is None or b.owner == owner)
+                and (status is None or b.status() is status)
+            ),
+            key=lambda b: (b.created_at, b.batch_id),
+            reverse=True,
+        )
+        seen: list[Any] = []
+        after = None
+        while True:
+            page = self.tracker.list_batches(owner=owner, status=status, limit=limit, after=after)
+            assert len(page.batches) <= limit
+            seen += page.batches
+            if page.next_after is None:
+                break
+            assert len(page.batches) == limit
+            assert page.next_after == page.batches[-1].batch_id
+            after = page.next_after
+        assert [s.batch_id for s in seen] == [b.batch_id for b in expected]
+        for snap, batch in zip(seen, expected, strict=True):
+            assert snap.items == ()
+            assert snap.progress == batch.progress()
+            assert snap.status is batch.status()
+
     @rule(batch_id=batches)
     def delete(self, batch_id: str) -> None:
         visible = self._live(batch_id) is not None
