@@ -254,6 +254,9 @@ def test_a_schema_4_sqlite_file_gains_the_keys_table(tmp_path: Path) -> None:
     store.close()
     with sqlite3.connect(path) as db:
         db.execute("DROP TABLE batch_keys")
+        db.execute("DROP TABLE batch_metadata")
+        db.execute("DROP INDEX batches_by_owner")
+        db.execute("DROP INDEX batches_by_time")
         db.execute("ALTER TABLE items DROP COLUMN progress")
         db.execute("ALTER TABLE items DROP COLUMN stage")
         db.execute("PRAGMA user_version = 4")
@@ -305,7 +308,8 @@ def test_schema_2_postgres_tables_gain_keys_and_reports(postgres_url: str) -> No
         with PostgresStore(postgres_url, table_prefix=prefix) as store:
             batch_id = BatchTracker(store).create_batch([("a", "a.jpg")]).batch_id
         with psycopg.connect(postgres_url, autocommit=True) as conn:
-            conn.execute(f'DROP TABLE "{prefix}keys"')
+            conn.execute(f'DROP TABLE "{prefix}keys", "{prefix}metadata"')
+            conn.execute(f'DROP INDEX "{prefix}batches_by_owner", "{prefix}batches_by_time"')
             conn.execute(f'ALTER TABLE "{prefix}items" DROP COLUMN progress, DROP COLUMN stage')
             conn.execute(f'UPDATE "{prefix}schema" SET version = 2')
         with PostgresStore(postgres_url, table_prefix=prefix) as store:

@@ -181,7 +181,7 @@ def test_a_schema_1_file_migrates_in_place_and_keeps_its_batches(tmp_path: Path)
     store = SQLiteStore(path)
     try:
         with sqlite3.connect(path) as db:
-            assert db.execute("PRAGMA user_version").fetchone()[0] == SCHEMA_VERSION == 6
+            assert db.execute("PRAGMA user_version").fetchone()[0] == SCHEMA_VERSION == 7
         clock = FakeClock(V1_CLOCK + 10)
         tracker = BatchTracker(store, clock=clock, lease=5.0)
         snap = tracker.get(V1_BATCH, owner="session:abc")
@@ -537,5 +537,5 @@ def test_a_schema_5_file_gains_the_outbox_and_ends_batches_into_it(tmp_path: Pat
     finally:
         store.close()
     with sqlite3.connect(path) as db:
-        assert db.execute("PRAGMA user_version").fetchone()[0] == 6
+        assert db.execute("PRAGMA user_version").fetchone()[0] == SCHEMA_VERSION
         assert db.execute("SELECT url FROM webhooks_gone").fetchall() == [("http://gone.example/",)]

@@ -281,7 +281,7 @@ class WebhookSender:
                 "batchId": record.batch_id,
                 "status": record.progress.status.value,
                 "progress": record.progress.to_dict(),
-                "metadata": dict(getattr(record, "metadata", None) or {}),
+                "metadata": dict(record.metadata),
             },
             separators=(",", ":"),
         )

@@ -25,7 +25,7 @@ from collections.abc import Callable, Iterator, Mapping, Sequence
 import attrs
 
 from .._closing import Closing
-from .._models import ItemQuery, ItemSnapshot, Progress, Status
+from .._models import NO_METADATA, ItemQuery, ItemSnapshot, Progress, Status
 from ..exceptions import ItemNotFound
 
 __all__ = [
@@ -65,6 +65,10 @@ class BatchRecord:
             asked for the header only.
         paused: Whether the batch is paused (:meth:`Store.set_paused`): a transition
             with :attr:`Transition.unless_paused` is refused.
+        metadata: The string pairs given at creation (never changed after); stores
+            write them in :meth:`Store.create` and read them back in :meth:`Store.load`,
+            :meth:`Store.load_items` and :meth:`Store.list_batches`, never on a
+            transition.
     """
 
     batch_id: str
@@ -78,6 +82,7 @@ class BatchRecord:
     stats: Mapping[str, float] = attrs.field(factory=dict)
     items: tuple[ItemSnapshot, ...] = ()
     paused: bool = False
+    metadata: Mapping[str, str] = NO_METADATA
 
 
 # Transition and TransitionResult are created once per event on the hot path, so they
@@ -613,6 +618,34 @@ class Store(Closing, ABC):
         """
         record = self.load(batch_id)
         return frozenset() if record is None else frozenset(item.id for item in record.items)
+
+    @abstractmethod
+    def list_batches(
+        self, owner: str | None, now: float, limit: int, after: str | None
+    ) -> list[BatchRecord]:
+        """Headers (no items) of up to ``limit`` batches, newest first.
+
+        Newest first means by ``created_at`` descending, then by ``batch_id``
+        descending among batches created at the same moment: one total order, so that
+        pages meet without gaps or repeats while batches are created between them.
+        Batches with ``expires_at <= now`` are left out (they may still be stored).
+        Each record carries its metadata.
+
+        The cost is that of the page, not of the store: stores keep an index per owner
+        (and one over every batch) in creation order, written in the step that creates
+        or removes a batch.
+
+        Args:
+            owner: Only this owner's batches; None: every batch, whoever owns it.
+            now: The tracker's clock, for expiry.
+            limit: At most this many records (>= 1).
+            after: Only batches after this one in the order above (a batch id from an
+                earlier page); None: from the newest.
+
+        Raises:
+            BatchNotFound: ``after`` names no batch the index holds (never created,
+                another owner's, or removed since).
+        """
 
     @abstractmethod
     def delete(self, batch_id: str) -> bool:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import bisect
 import heapq
 import itertools
 import queue
@@ -12,7 +13,7 @@ from typing import Any
 
 import attrs
 
-from .._models import ItemSnapshot, Progress, Status
+from .._models import NO_METADATA, ItemSnapshot, Progress, Status
 from ..exceptions import BatchNotFound, ItemNotFound, StoreError
 from .base import (
     BatchRecord,
@@ -60,6 +61,7 @@ class _Batch:
     # The positions of the items in each status, for status-filtered pages.
     members: dict[Status, set[int]]
     paused: bool = False
+    metadata: Mapping[str, str] = NO_METADATA
 
     def record(self, items: tuple[ItemSnapshot, ...]) -> BatchRecord:
         return BatchRecord(
@@ -74,6 +76,7 @@ class _Batch:
             self.stats,
             items,
             self.paused,
+            self.metadata,
         )
 
     def move(self, position: int, transition: Transition) -> None:
@@ -182,6 +185,11 @@ class MemoryStore(Store):
     _gone: set[str] = attrs.field(factory=set, init=False)
     # The end markers written per batch, so that they go with it (some may be settled).
     _ends: dict[str, list[str]] = attrs.field(factory=dict, init=False)
+    # Batches in creation order, for list_batches: (created_at, batch id) sorted
+    # ascending, one list per owner and one of every batch. Kept under the lock by
+    # create, delete and purge; a page bisects to its start and walks back.
+    _by_owner: dict[str | None, list[tuple[float, str]]] = attrs.field(factory=dict, init=False)
+    _by_time: list[tuple[float, str]] = attrs.field(factory=list, init=False)
 
     def create(self, batch: BatchRecord, items: Sequence[ItemSnapshot]) -> None:
         self._create(batch, items, None)
@@ -222,6 +230,7 @@ class MemoryStore(Store):
             dict(batch.stats),
             array("q"),
             {status: set() for status in Status},
+            metadata=batch.metadata,
         )
         for position, item in enumerate(items):
             state.members[item.status].add(position)
@@ -236,6 +245,9 @@ class MemoryStore(Store):
             if batch.batch_id in self._batches:
                 raise StoreError(f"batch {batch.batch_id!r} exists already")
             self._batches[batch.batch_id] = state
+            entry = (batch.created_at, batch.batch_id)
+            bisect.insort(self._by_time, entry)
+            bisect.insort(self._by_owner.setdefault(batch.owner, []), entry)
             if keyed is not None:
                 self._keys[(batch.owner, keyed[0])] = (batch.batch_id, keyed[1], keyed[2])
         self._changed(batch.batch_id)
@@ -521,10 +533,45 @@ class MemoryStore(Store):
                 return None
             return state.record(tuple(state.items[n] for n in _select(state, batch_id, query)))
 
+    def list_batches(
+        self, owner: str | None, now: float, limit: int, after: str | None
+    ) -> list[BatchRecord]:
+        with self._lock:
+            index = self._by_time if owner is None else self._by_owner.get(owner, [])
+            end = len(index)
+            if after is not None:
+                state = self._batches.get(after)
+                if state is None or (owner is not None and state.owner != owner):
+                    raise BatchNotFound(after)
+                end = bisect.bisect_left(index, (state.created_at, after))
+            found: list[BatchRecord] = []
+            batches = self._batches
+            for position in range(end - 1, -1, -1):
+                state = batches[index[position][1]]
+                if state.expires_at > now:
+                    found.append(state.record(()))
+                    if len(found) >= limit:
+                        break
+            return found
+
+    def _unindex(self, state: _Batch) -> None:
+        """Remove a batch from the creation-order lists (under the lock)."""
+        entry = (state.created_at, state.batch_id)
+        for index in (self._by_time, self._by_owner.get(state.owner)):
+            if index is None:
+                continue
+            position = bisect.bisect_left(index, entry)
+            if position < len(index) and index[position] == entry:
+                del index[position]
+        if not self._by_owner.get(state.owner, True):
+            del self._by_owner[state.owner]
+
     def delete(self, batch_id: str) -> bool:
         with self._lock:
-            removed = self._batches.pop(batch_id, None) is not None
-            if removed:
+            state = self._batches.pop(batch_id, None)
+            removed = state is not None
+            if state is not None:
+                self._unindex(state)
                 self._drop_markers({batch_id})
         if removed:
             self._changed(batch_id)
@@ -541,7 +588,7 @@ class MemoryStore(Store):
             for name in [k for k, held in self._keys.items() if held[2] <= now]:
                 del self._keys[name]
             for batch_id in expired:
-                del self._batches[batch_id]
+                self._unindex(self._batches.pop(batch_id))
             if expired:
                 self._drop_markers(set(expired))
                 self._leases = [e for e in self._leases if e[1] in self._batches]

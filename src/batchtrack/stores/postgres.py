@@ -63,7 +63,7 @@ from ._rows import FAILED as _FAILED
 from ._rows import STATUSES as _STATUSES
 from ._rows import counts as _counts
 from ._rows import ends as _ends
-from ._rows import header
+from ._rows import header, pack_metadata, unpack_metadata
 from ._rows import progress as _progress
 from ._rows import result as _result
 from ._rows import step as _step
@@ -87,7 +87,7 @@ __all__ = ["SCHEMA_VERSION", "PostgresStore", "SchemaVersionError"]
 
 log = logging.getLogger("batchtrack")
 
-SCHEMA_VERSION = 4
+SCHEMA_VERSION = 5
 """The schema this batchtrack writes; kept in the ``<prefix>schema`` table."""
 
 PURGE_CHUNK = 500
@@ -190,6 +190,19 @@ _MIGRATIONS: dict[int, tuple[str, ...]] = {
         'CREATE INDEX IF NOT EXISTS "{p}outbox_markers" ON {outbox} (batch_id) WHERE url IS NULL',
         "CREATE TABLE IF NOT EXISTS {gone} (url text PRIMARY KEY)",
     ),
+    5: (
+        # A batch's metadata (JSON), in a table of its own so that the batch row every
+        # transition rewrites stays small; read with the header by load and
+        # list_batches, never by a transition; a batch without metadata has no row.
+        """CREATE TABLE {metadata} (
+            batch_key bigint PRIMARY KEY,
+            metadata  text NOT NULL
+        )""",
+        # The batches in creation order per owner and over all, for list_batches. No
+        # column of these ever changes, so transitions keep their HOT updates.
+        'CREATE INDEX "{p}batches_by_owner" ON {batches} (owner, created_at, batch_id)',
+        'CREATE INDEX "{p}batches_by_time" ON {batches} (created_at, batch_id)',
+    ),
 }
 assert sorted(_MIGRATIONS) == list(range(1, SCHEMA_VERSION + 1))
 
@@ -218,6 +231,11 @@ def _store_error(what: str, exc: psycopg.Error) -> StoreError:
 def _header(row: Sequence[Any], items: tuple[ItemSnapshot, ...] = ()) -> BatchRecord:
     # Header rows are the columns, the key, then the paused flag.
     return header(row, PackedStats(bytes(row[12])), items, row[14])
+
+
+def _loaded(row: Sequence[Any], items: tuple[ItemSnapshot, ...] = ()) -> BatchRecord:
+    # Rows of the "loaded" statement: a header row, then the metadata.
+    return header(row, PackedStats(bytes(row[12])), items, row[14], unpack_metadata(row[15]))
 
 
 @attrs.define(eq=False, init=False)
@@ -421,6 +439,7 @@ class PostgresStore(Store):
             "keys": f'{schema}."{p}keys"',
             "outbox": f'{schema}."{p}outbox"',
             "gone": f'{schema}."{p}webhooks_gone"',
+            "metadata": f'{schema}."{p}metadata"',
             "p": p,
         }
 
@@ -462,7 +481,17 @@ class PostgresStore(Store):
             " VALUES (%s, %s, %s, %s, %s) ON CONFLICT DO NOTHING"
         )
         outbox = "entry_id, batch_id, version, ended_at, url, body, attempts"
+        listed = (
+            f"SELECT {', '.join('b.' + c for c in _COLUMNS)}, b.key, b.paused, m.metadata"
+            f" FROM {b} b LEFT JOIN {n['metadata']} m ON m.batch_key = b.key"
+        )
         return {
+            "loaded": f"{listed} WHERE b.batch_id = %s",
+            "listed": listed,
+            "after": f"SELECT created_at, owner FROM {b} WHERE batch_id = %s",
+            "create_metadata": f"INSERT INTO {n['metadata']} (batch_key, metadata) VALUES (%s, %s)",
+            "delete_metadata": f"DELETE FROM {n['metadata']} WHERE batch_key = %s",
+            "purge_metadata": f"DELETE FROM {n['metadata']} WHERE batch_key = ANY(%s)",
             "header": f"SELECT {', '.join(_COLUMNS)}, key, paused FROM {b} WHERE batch_id = %s",
             # A transition reads the batch and the item in one statement (one snapshot,
             # no lock, no transaction), decides, and writes both in one statement that
@@ -753,6 +782,8 @@ class PostgresStore(Store):
             raise StoreError(f"batch {batch.batch_id!r} exists already") from None
         assert row is not None
         key = row[0]
+        if batch.metadata:
+            conn.execute(q["create_metadata"], (key, pack_metadata(batch.metadata)))
         created = batch.created_at
         with conn.cursor() as cursor, cursor.copy(q["copy"]) as copy:
             for n, item in enumerate(items):
@@ -1038,12 +1069,12 @@ class PostgresStore(Store):
     def load(self, batch_id: str, *, items: bool = True) -> BatchRecord | None:
         what = f"read batch {batch_id!r}"
         if not items:
-            header = self._query(what, self._sql["header"], (batch_id,))
-            return _header(header[0]) if header else None
+            header = self._query(what, self._sql["loaded"], (batch_id,))
+            return _loaded(header[0]) if header else None
         head, found = self._read(
-            what, [(self._sql["header"], (batch_id,)), (self._sql["items"], (batch_id,))]
+            what, [(self._sql["loaded"], (batch_id,)), (self._sql["items"], (batch_id,))]
         )
-        return _header(head[0], _snapshots(found)) if head else None
+        return _loaded(head[0], _snapshots(found)) if head else None
 
     def load_items(self, batch_id: str, query: ItemQuery) -> BatchRecord | None:
         # Each read walks one index from where it starts: items_by_version for what
@@ -1056,7 +1087,7 @@ class PostgresStore(Store):
         if query.status is not None:
             # A literal, so that the planner may use the partial index items_failed.
             where.append(f"status = {_CODE[query.status]}")
-        statements: list[tuple[str, Sequence[Any]]] = [(self._sql["header"], (batch_id,))]
+        statements: list[tuple[str, Sequence[Any]]] = [(self._sql["loaded"], (batch_id,))]
         if query.after is not None:
             # The item named is also looked for on its own, to tell a missing one apart.
             where.append(f"position > ({self._sql['position']})")
@@ -1075,7 +1106,32 @@ class PostgresStore(Store):
             return None
         if after and not after[0]:
             raise ItemNotFound(batch_id, query.after)
-        return _header(head[0], _snapshots(found))
+        return _loaded(head[0], _snapshots(found))
+
+    def list_batches(
+        self, owner: str | None, now: float, limit: int, after: str | None
+    ) -> list[BatchRecord]:
+        # One backward walk of batches_by_owner (or batches_by_time) from the cursor;
+        # expired batches not yet purged are skipped on the way.
+        q = self._sql
+        where = ["b.expires_at > %s"]
+        args: list[Any] = [now]
+        if owner is not None:
+            where.append("b.owner = %s")
+            args.append(owner)
+        if after is not None:
+            hit = self._query("list batches", q["after"], (after,))
+            if not hit or (owner is not None and hit[0][1] != owner):
+                raise BatchNotFound(after)
+            where.append("(b.created_at, b.batch_id) < (%s, %s)")
+            args += [hit[0][0], after]
+        rows = self._query(
+            "list batches",
+            f"{q['listed']} WHERE {' AND '.join(where)}"
+            " ORDER BY b.created_at DESC, b.batch_id DESC LIMIT %s",
+            (*args, limit),
+        )
+        return [_loaded(row) for row in rows]
 
     def delete(self, batch_id: str) -> bool:
         with self._transaction(f"delete batch {batch_id!r}") as conn:
@@ -1085,6 +1141,7 @@ class PostgresStore(Store):
                 return False
             conn.execute(self._sql["delete_items"], (row[0],))
             conn.execute(self._sql["drop_markers"], ([batch_id],))
+            conn.execute(self._sql["delete_metadata"], (row[0],))
             conn.execute(self._sql["notify"], (self._channel, batch_id))
             return True
 
@@ -1105,6 +1162,7 @@ class PostgresStore(Store):
                 if rows:
                     keys = [r[0] for r in rows]
                     conn.execute(q["purge_items"], (keys,))
+                    conn.execute(q["purge_metadata"], (keys,))
                     conn.execute(q["purge_batches"], (keys,))
                     conn.execute(q["drop_markers"], ([r[1] for r in rows],))
                     conn.execute(q["notify_many"], (self._channel, [r[1] for r in rows]))

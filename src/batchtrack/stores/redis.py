@@ -18,7 +18,12 @@ Keys, under ``prefix`` (default ``batchtrack:``):
   (``status * 2**32 + position``), for pages of one status;
 - ``expiry`` — a sorted set of batch ids by ``expires_at``, for :meth:`RedisStore.purge_expired`;
 - ``leases`` — a sorted set of ``<batch>\x1f<item>`` by ``lease_until``, one member per
-  processing item, for :meth:`RedisStore.lost`.
+  processing item, for :meth:`RedisStore.lost`;
+- ``by:all`` — a sorted set of batch ids by ``created_at`` (ties: by id), and
+  ``by:o:<owner>`` the same for each owner's batches, for :meth:`RedisStore.list_batches`;
+  ``listed`` — a hash: batch id → owner (``''`` for none), so that a purge finds the
+  owner's set of a batch whose keys Redis already expired. All three are written by the
+  script that creates a batch and cleaned by delete and purge.
 
 Every change to a batch (creation, each applied transition, retry and cancel, pause and
 unpause, deletion, removal by ``cleanup()``) is published on the channel
@@ -56,6 +61,7 @@ import attrs
 
 from .._models import ItemSnapshot, Progress, Status
 from ..exceptions import BatchNotFound, ItemNotFound, StoreError, ValidationError
+from ._rows import pack_metadata, unpack_metadata
 from .base import (
     BatchRecord,
     BulkResult,
@@ -167,6 +173,11 @@ local ttl = math.max(1, math.ceil(expires - created + tonumber(ARGV[2])))
 redis.call('ZADD', KEYS[6], -1, string.char(31))
 for _, i in ipairs({1, 2, 3, 6, 7}) do redis.call('EXPIRE', KEYS[i], ttl) end
 redis.call('ZADD', KEYS[4], expires, ARGV[1])
+local prefix = string.sub(KEYS[4], 1, -7)
+local owner = redis.call('HGET', KEYS[1], 'owner')
+redis.call('HSET', prefix .. 'listed', ARGV[1], owner)
+redis.call('ZADD', prefix .. 'by:all', created, ARGV[1])
+if owner ~= '' then redis.call('ZADD', prefix .. 'by:o:' .. owner, created, ARGV[1]) end
 notify(ARGV[1])
 return 1
 """
@@ -729,6 +740,12 @@ for _, id in ipairs(ids) do
       ARGV[3] .. 'c:' .. id, ARGV[3] .. 's:' .. id)
     redis.call('ZREM', KEYS[1], id)
     drop_markers(ARGV[3], id)
+    local owner = redis.call('HGET', ARGV[3] .. 'listed', id)
+    if owner then
+      redis.call('HDEL', ARGV[3] .. 'listed', id)
+      if owner ~= '' then redis.call('ZREM', ARGV[3] .. 'by:o:' .. owner, id) end
+    end
+    redis.call('ZREM', ARGV[3] .. 'by:all', id)
     redis.call('PUBLISH', ARGV[3] .. 'changes', id)
     removed = removed + 1
   end
@@ -736,6 +753,41 @@ end
 return {removed, #ids}
 """
 )
+
+
+# KEYS: the index to walk (by:all or by:o:<owner>). ARGV: now, limit, after ('' for
+# none), key prefix. Walks the index newest first from after, a chunk at a time,
+# skipping batches expired at now (or already gone); returns {'ok', id, header hash as
+# field/value pairs, ...} or {'noafter'} when after is not in the index.
+_LIST = """
+local now, limit = tonumber(ARGV[1]), tonumber(ARGV[2])
+local start = 0
+if ARGV[3] ~= '' then
+  local rank = redis.call('ZREVRANK', KEYS[1], ARGV[3])
+  if not rank then return {'noafter'} end
+  start = rank + 1
+end
+local out, found = {'ok'}, 0
+while found < limit do
+  local ids = redis.call('ZREVRANGE', KEYS[1], start, start + limit - 1)
+  if #ids == 0 then break end
+  for _, id in ipairs(ids) do
+    local fields = redis.call('HGETALL', ARGV[4] .. 'b:' .. id)
+    local expires = 0
+    for i = 1, #fields, 2 do
+      if fields[i] == 'expires_at' then expires = tonumber(fields[i + 1]) end
+    end
+    if expires > now then
+      out[#out + 1] = id
+      out[#out + 1] = fields
+      found = found + 1
+      if found >= limit then break end
+    end
+  end
+  start = start + #ids
+end
+return out
+"""
 
 
 def _float(value: bytes | None) -> float | None:
@@ -783,7 +835,11 @@ def _from_fields(
 ) -> BatchRecord:
     header = [fields.get(name.encode()) for name in _HEADER]
     paused = fields.get(b"paused") == b"1"
-    return _record(batch_id, header, unpack_stats(fields[b"stats"]), items, paused)
+    record = _record(batch_id, header, unpack_stats(fields[b"stats"]), items, paused)
+    meta = fields.get(b"meta")
+    if meta:
+        record = attrs.evolve(record, metadata=unpack_metadata(meta.decode()))
+    return record
 
 
 def _item(item_id: str, raw: bytes) -> ItemSnapshot:
@@ -902,6 +958,7 @@ class RedisStore(Store):
     _expand: Any
     _retry: Any
     _unsubscribe: Any
+    _list: Any
 
     def __init__(
         self, url: str | None = None, *, prefix: str = "batchtrack:", client: Any = None
@@ -945,6 +1002,7 @@ class RedisStore(Store):
             client.register_script(_OUTBOX_EXPAND),
             client.register_script(_OUTBOX_RETRY),
             client.register_script(_OUTBOX_UNSUBSCRIBE),
+            client.register_script(_LIST),
         )
 
     def _keys(self, batch_id: str) -> list[str]:
@@ -1073,6 +1131,9 @@ class RedisStore(Store):
         ]
         header += ["stats", pack_stats({k: float(v) for k, v in batch.stats.items()})]
         header += ["ix", "1"]  # keeps the c: and s: indexes (batches since 0.2)
+        meta = pack_metadata(batch.metadata)
+        if meta is not None:
+            header += ["meta", meta]
         staging = f"{self.prefix}new:{uuid.uuid4().hex}:"
         staged = [f"{staging}i", f"{staging}o", f"{staging}s"]
         what = f"create batch {batch.batch_id!r}"
@@ -1301,14 +1362,37 @@ class RedisStore(Store):
         items = tuple(_item(pairs[i].decode(), pairs[i + 1]) for i in range(0, len(pairs), 2))
         return _from_fields(batch_id, fields, items)
 
+    def list_batches(
+        self, owner: str | None, now: float, limit: int, after: str | None
+    ) -> list[BatchRecord]:
+        index = f"{self.prefix}by:all" if owner is None else f"{self.prefix}by:o:{owner}"
+        reply = self._call(
+            self._list, "list batches", [index], [repr(now), limit, after or "", self.prefix]
+        )
+        if reply[0] == b"noafter":
+            raise BatchNotFound(after or "")
+        found = []
+        for n in range(1, len(reply), 2):
+            flat = reply[n + 1]
+            fields = dict(zip(flat[::2], flat[1::2], strict=True))
+            found.append(_from_fields(reply[n].decode(), fields))
+        return found
+
     def delete(self, batch_id: str) -> bool:
         keys = self._keys(batch_id)
+        p = self.prefix
         try:
+            # The owner never changes: read first, it names the owner's index to clean.
+            owner = self._client.hget(f"{p}listed", batch_id)
             with self._client.pipeline(transaction=True) as pipe:
                 pipe.delete(keys[0])
                 pipe.delete(keys[1], keys[2], keys[5], keys[6])
                 pipe.zrem(keys[3], batch_id)
                 self._drop(keys=[], args=[self.prefix, batch_id], client=pipe)
+                pipe.hdel(f"{p}listed", batch_id)
+                pipe.zrem(f"{p}by:all", batch_id)
+                if owner:
+                    pipe.zrem(f"{p}by:o:{owner.decode()}", batch_id)
                 pipe.publish(self._channel, batch_id)  # also when there was none: harmless
                 removed = pipe.execute()[0]
         except RedisError as exc:

@@ -48,7 +48,7 @@ from ._rows import FAILED as _FAILED
 from ._rows import STATUSES as _STATUSES
 from ._rows import counts as _counts
 from ._rows import ends as _ends
-from ._rows import header
+from ._rows import header, pack_metadata, unpack_metadata
 from ._rows import progress as _progress
 from ._rows import result as _result
 from ._rows import step as _step
@@ -69,7 +69,7 @@ from .base import (
 
 __all__ = ["CHECK_SECONDS", "SCHEMA_VERSION", "SQLiteStore", "SchemaVersionError"]
 
-SCHEMA_VERSION = 6
+SCHEMA_VERSION = 7
 """The schema this batchtrack writes; stored in ``PRAGMA user_version``."""
 
 PURGE_CHUNK = 500
@@ -203,6 +203,20 @@ _MIGRATIONS: list[tuple[str, ...]] = [
         "CREATE INDEX IF NOT EXISTS outbox_markers ON outbox (batch_id) WHERE url IS NULL",
         "CREATE TABLE IF NOT EXISTS webhooks_gone (url TEXT PRIMARY KEY) WITHOUT ROWID",
     ),
+    (
+        # Version 7: a batch's metadata (JSON), in a table of its own so that the
+        # batch row every transition rewrites stays small: read with the header by load
+        # and list_batches, never by a transition; a batch without metadata has no row.
+        # And the batches in creation order per owner and over all, for list_batches:
+        # no column of these indexes changes after creation, so transitions write no
+        # index page.
+        """CREATE TABLE batch_metadata (
+            batch_key INTEGER PRIMARY KEY,
+            metadata  TEXT NOT NULL
+        )""",
+        "CREATE INDEX batches_by_owner ON batches (owner, created_at, batch_id)",
+        "CREATE INDEX batches_by_time ON batches (created_at, batch_id)",
+    ),
 ]
 assert len(_MIGRATIONS) == SCHEMA_VERSION
 
@@ -213,10 +227,13 @@ _SCHEMA_OBJECTS = (
     ("table", "batch_keys"),
     ("table", "outbox"),
     ("table", "webhooks_gone"),
+    ("table", "batch_metadata"),
     ("index", "items_by_id"),
     ("index", "items_by_lease"),
     ("index", "items_by_version"),
     ("index", "items_failed"),
+    ("index", "batches_by_owner"),
+    ("index", "batches_by_time"),
 )
 _URL = re.compile(r"([A-Za-z][A-Za-z0-9+.-]*)://")  # a scheme; a drive letter has no //
 _SQLITE_INTERRUPT = 9
@@ -242,7 +259,12 @@ _NO_ITEM = (-1, None)
 
 # The batch header, in the order _header() reads it; every row _header() reads ends with
 # the paused flag.
-_HEADER = f"SELECT {', '.join(_COLUMNS)}, key, paused FROM batches WHERE batch_id = ?"
+# _HEADER and _LISTED rows also carry the metadata (before the paused flag): _loaded().
+_LISTED = (
+    f"SELECT {', '.join('b.' + c for c in _COLUMNS)}, b.key, m.metadata, b.paused"
+    " FROM batches b{index} LEFT JOIN batch_metadata m ON m.batch_key = b.key"
+)
+_HEADER = _LISTED.format(index="") + " WHERE b.batch_id = ?"
 _HEADER_AND_ITEM = (
     f"SELECT {', '.join('b.' + c for c in _COLUMNS)},"
     " i.filename, i.status, i.error, b.key, i.position, i.changed_at, i.attempts,"
@@ -262,6 +284,11 @@ class SchemaVersionError(StoreError):
 
 def _header(row: Sequence[Any], items: tuple[ItemSnapshot, ...] = ()) -> BatchRecord:
     return header(row, unpack_stats(row[12]), items, row[-1])
+
+
+def _loaded(row: Sequence[Any], items: tuple[ItemSnapshot, ...] = ()) -> BatchRecord:
+    """A ``_HEADER`` row's batch, with its metadata."""
+    return header(row, unpack_stats(row[12]), items, row[-1], unpack_metadata(row[14]))
 
 
 def url_path(url: str) -> str:
@@ -625,6 +652,11 @@ class SQLiteStore(Store):
             ).lastrowid
         except sqlite3.IntegrityError as exc:
             raise StoreError(f"batch {batch.batch_id!r} exists already") from exc
+        if batch.metadata:
+            db.execute(
+                "INSERT INTO batch_metadata (batch_key, metadata) VALUES (?, ?)",
+                (key, pack_metadata(batch.metadata)),
+            )
         db.executemany(
             "INSERT INTO items (batch_key, position, item_id, filename, status, error,"
             " changed_at, source, attempts) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
@@ -914,9 +946,9 @@ class SQLiteStore(Store):
             if row is None:
                 return None
             if not items:
-                return _header(row)
+                return _loaded(row)
             snapshots = self._all_items(db, row)
-        return _header(row, snapshots)
+        return _loaded(row, snapshots)
 
     def _all_items(self, db: sqlite3.Connection, header: Sequence[Any]) -> tuple[ItemSnapshot, ...]:
         """Every item of the batch of ``header`` (a ``_HEADER`` row), in order.
@@ -1005,7 +1037,7 @@ class SQLiteStore(Store):
                 (key, *args, -1 if query.limit is None else query.limit),
             ).fetchall()
             memo = self._memo(row)
-        return _header(row, self._snapshots(memo, rows))
+        return _loaded(row, self._snapshots(memo, rows))
 
     @staticmethod
     def _snapshots(
@@ -1025,6 +1057,34 @@ class SQLiteStore(Store):
             found.append(seen[1])
         return tuple(found)
 
+    def list_batches(
+        self, owner: str | None, now: float, limit: int, after: str | None
+    ) -> list[BatchRecord]:
+        # One walk down batches_by_owner (or batches_by_time) from the cursor; expired
+        # batches not yet purged are skipped on the way.
+        where = ["b.expires_at > ?"]
+        args: list[Any] = [now]
+        index = " INDEXED BY batches_by_time"
+        if owner is not None:
+            where.append("b.owner = ?")
+            args.append(owner)
+            index = " INDEXED BY batches_by_owner"
+        with self._read() as db:
+            if after is not None:
+                hit = db.execute(
+                    "SELECT created_at, owner FROM batches WHERE batch_id = ?", (after,)
+                ).fetchone()
+                if hit is None or (owner is not None and hit[1] != owner):
+                    raise BatchNotFound(after)
+                where.append("(b.created_at, b.batch_id) < (?, ?)")
+                args += [hit[0], after]
+            rows = db.execute(
+                f"{_LISTED.format(index=index)} WHERE {' AND '.join(where)}"
+                " ORDER BY b.created_at DESC, b.batch_id DESC LIMIT ?",
+                (*args, limit),
+            ).fetchall()
+        return [_loaded(row) for row in rows]
+
     def delete(self, batch_id: str) -> bool:
         # list() copies the keys at once: other threads add memos meanwhile.
         for identity in [i for i in list(self._items_memo) if i[1] == batch_id]:
@@ -1034,6 +1094,7 @@ class SQLiteStore(Store):
             if row is None:
                 return False
             db.execute("DELETE FROM items WHERE batch_key = ?", row)
+            db.execute("DELETE FROM batch_metadata WHERE batch_key = ?", row)
             db.execute("DELETE FROM batches WHERE key = ?", row)
             db.execute(_DROP_MARKERS.format("?"), (batch_id,))
             return True
@@ -1071,6 +1132,7 @@ class SQLiteStore(Store):
                         keys,
                     )
                     db.execute(f"DELETE FROM items WHERE batch_key IN ({marks})", keys)
+                    db.execute(f"DELETE FROM batch_metadata WHERE batch_key IN ({marks})", keys)
                     db.execute(f"DELETE FROM batches WHERE key IN ({marks})", keys)
             removed += len(keys)
             if len(keys) < PURGE_CHUNK:
