@@ -7,16 +7,20 @@ the ZIP of a batch's results in :mod:`batchtrack._zip`, the optional page in
 :mod:`batchtrack._wire`, the check of other sites' requests in
 :mod:`batchtrack._origins` and the log of outages in :mod:`batchtrack._outages`. The WSGI
 and ASGI modules only translate their protocol to :class:`Request` and back from
-:class:`Response`. Everything here is synchronous: the ASGI shell runs it in a thread.
+:class:`Response`. Everything here is synchronous (the ASGI shell runs it in a thread)
+but :meth:`Api.identify_async`, which awaits an ``async def`` owner on the event loop.
 """
 
 from __future__ import annotations
 
+import asyncio
 import base64
+import contextvars
 import difflib
 import hashlib
 import hmac
 import importlib
+import inspect
 import ipaddress
 import logging
 import math
@@ -27,7 +31,7 @@ import secrets
 import threading
 import time
 from collections import OrderedDict
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Awaitable, Callable, Iterable, Mapping
 from pathlib import Path, PurePosixPath
 from typing import TYPE_CHECKING, Any, cast
 from urllib.parse import quote
@@ -105,7 +109,9 @@ COOKIE = "batchtrack_session"
 _COOKIE_VALUE = re.compile(r"\A([0-9a-f]{32})(?:\.([0-9A-Za-z_-]{43}))?\Z")
 _RUNNER_METHODS = ("submit", "resume", "cancel")
 
-Owner = Callable[[Mapping[str, str]], "str | None"]
+Owner = Callable[[Mapping[str, str]], "str | Awaitable[str | None] | None"]
+"""Who is asking, from the request headers: a function, or an ``async def`` (awaited on
+the ASGI app's event loop; see :func:`batchtrack.asgi.create_app`)."""
 ClientKey = Callable[[Mapping[str, str], "str | None"], "str | None"]
 """Who a request comes from, for the upload quota: ``(headers, client address) -> key``."""
 
@@ -167,6 +173,54 @@ def build_api(
                 name="prometheus_client",
             ) from exc
     return Api(tracker, runner, uploads, **options)
+
+
+def is_async(owner: object) -> bool:
+    """Whether ``owner`` is an ``async def`` (or an object whose ``__call__`` is one)."""
+    return inspect.iscoroutinefunction(owner) or inspect.iscoroutinefunction(
+        getattr(owner, "__call__", None)  # noqa: B004 - an async __call__, not callable()
+    )
+
+
+EVENT_LOOP: contextvars.ContextVar[asyncio.AbstractEventLoop | None] = contextvars.ContextVar(
+    "batchtrack_event_loop", default=None
+)
+"""The ASGI app's event loop, set around the requests it hands to its threads: where a
+sync ``owner`` that returns an awaitable has it awaited."""
+
+
+@attrs.frozen
+class Identity:
+    """What an ``async def`` owner answered for one request (or what it raised), found
+    on the event loop before the request's handler runs in a thread."""
+
+    owner: object = None
+    error: Exception | None = None
+
+
+async def _awaited(awaitable: Awaitable[object]) -> object:
+    return await awaitable
+
+
+def _resolve(answer: object) -> object:
+    """A sync owner's answer; an awaitable one is awaited on the ASGI app's event loop
+    (from the app's thread that calls the owner).
+
+    Raises:
+        TypeError: It is awaitable and there is no event loop to await it on (a WSGI app).
+    """
+    if not inspect.isawaitable(answer):
+        return answer
+    loop = EVENT_LOOP.get()
+    if loop is None:
+        close = getattr(answer, "close", None)
+        if callable(close):
+            close()  # no "never awaited" warning on top of the error
+        raise TypeError(
+            "owner= returned an awaitable, which only the ASGI app can await; "
+            "give the WSGI app a plain function"
+        )
+    return asyncio.run_coroutine_threadsafe(_awaited(answer), loop).result()
 
 
 def _seconds(instance: object, attribute: attrs.Attribute[float], value: object) -> None:
@@ -420,6 +474,7 @@ class Api:
     _control: BatchControl = attrs.field(init=False)
     _quota: UploadQuota | None = attrs.field(init=False, default=None)
     _status_prefix: str = attrs.field(init=False, default="")
+    _owner_async: bool = attrs.field(init=False, default=False)
     # Per batch: the ETag and JSON body of its last full status answer.
     _bodies: BodyCache = attrs.field(init=False, factory=lambda: BodyCache(_CACHED_BYTES))
 
@@ -435,6 +490,7 @@ class Api:
             raise ValidationError(f"max_files must be a whole number >= 1, not {self.max_files!r}")
         if self.owner is not None and not callable(self.owner):
             raise ValidationError("owner must be a callable taking the request headers")
+        self._owner_async = self.owner is not None and is_async(self.owner)
         self._quota = _upload_quota(
             self.upload_bytes_per_client, self.upload_window, self.client_key
         )
@@ -476,23 +532,55 @@ class Api:
             return self.max_files * self.uploads.max_bytes + 64 * 1024
         return self.max_json_bytes
 
+    @property
+    def owner_is_async(self) -> bool:
+        """Whether ``owner`` is an ``async def``: the ASGI app awaits it on its event loop
+        (:meth:`identify_async`) and hands what it answered to :meth:`handle`."""
+        return self._owner_async
+
     def answers_inline(self, request: Request) -> bool:
         """Whether ``request`` can be answered on the event loop without blocking it: a
         status read, when the tracker's store is a :class:`MemoryStore` (it never waits
-        for I/O) and the caller is known by the session cookie (an ``owner`` callable
-        might block). Everything else runs in the app's threads."""
+        for I/O) and the caller is known by the session cookie or by an ``async def``
+        owner, already awaited (a sync ``owner`` callable might block). Everything else
+        runs in the app's threads."""
         return (
             request.method == "GET"
             and type(self.tracker.store) is MemoryStore
-            and self.owner is None
+            and (self.owner is None or self._owner_async)
             and request.path.startswith(self._status_prefix)
         )
 
-    def handle(self, request: Request) -> Response:
-        """Answer one request; never raises, never shows a traceback."""
+    async def identify_async(self, request: Request) -> Identity | None:
+        """Await an ``async def`` owner for ``request``, on the event loop: what it
+        answered or raised, for :meth:`handle`. None when the owner is not async or the
+        request needs no owner (an unknown path, a wrong method, the page, the OpenAPI
+        document), as the sync owner is not called for those either."""
+        if not self._owner_async or not self._needs_owner(request):
+            return None
+        assert self.owner is not None
+        try:
+            return Identity(await cast(Awaitable[object], self.owner(request.headers)))
+        except Exception as exc:  # raised in handle, mapped as a sync owner's would be
+            return Identity(error=exc)
+
+    def _needs_owner(self, request: Request) -> bool:
+        if self._page is not None and self._page.route(request.path):
+            return False
+        handler, _, _ = self._route(request)
+        return handler is not None and handler != self._openapi
+
+    def handle(self, request: Request, identity: Identity | None = None) -> Response:
+        """Answer one request; never raises, never shows a traceback.
+
+        Args:
+            request: The request, its body received.
+            identity: What an ``async def`` owner answered for it
+                (:meth:`identify_async`); None: call the owner here when needed.
+        """
         if self._metrics is not None:
-            return self._metrics.handle(self, request, self._answer)
-        return self._answer(request)
+            return self._metrics.handle(self, request, lambda r: self._answer(r, identity))
+        return self._answer(request, identity)
 
     def route_of(self, request: Request) -> str:
         """The route pattern ``request`` matches, such as ``/api/batch-status/{batch}``
@@ -506,7 +594,7 @@ class Api:
                 return self.prefix + template.replace("\\", "")
         return "other"
 
-    def _answer(self, request: Request) -> Response:
+    def _answer(self, request: Request, identity: Identity | None = None) -> Response:
         cookie_headers: list[tuple[str, str]] = []
         if self._page is not None and (shown := self._page.route(request.path)):
             if request.method in ("GET", "HEAD"):
@@ -525,10 +613,10 @@ class Api:
                     )
                 reject(404, "not_found", f"no such endpoint: {request.path[:200]}")
             owner = None
-            if handler is not self._openapi:
+            if handler != self._openapi:  # (a bound method: never "is" another)
                 if self.owner is None:  # a session cookie: the browser sends it anyway
                     check_origin(request, self.trusted_origins)
-                owner, cookie_headers = self._identify(request)
+                owner, cookie_headers = self._identify(request, identity)
             response = handler(request, owner, **params)
             if response.status < 400:
                 self._outages.answered(_SERVED_BY.get(handler.__name__, ("store",)))
@@ -568,9 +656,16 @@ class Api:
             allowed.append(method)
         return None, {}, allowed
 
-    def _identify(self, request: Request) -> tuple[str, list[tuple[str, str]]]:
+    def _identify(
+        self, request: Request, identity: Identity | None = None
+    ) -> tuple[str, list[tuple[str, str]]]:
         if self.owner is not None:
-            owner = self.owner(request.headers)
+            if identity is None:
+                owner = _resolve(self.owner(request.headers))
+            elif identity.error is not None:
+                raise identity.error
+            else:
+                owner = identity.owner
             if not owner:
                 reject(401, "unauthorized", "sign in to use this service")
             return str(owner), []
