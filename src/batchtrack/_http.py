@@ -42,7 +42,7 @@ from typing_extensions import TypedDict
 from . import _keys
 from ._control import BatchControl, progress_hook
 from ._json import dumps, status_body
-from ._models import Item, ProgressEvent
+from ._models import BatchSnapshot, Item, ProgressEvent
 from ._origins import check_origin, parse_trusted_origins
 from ._outages import Outages, disk_full
 from ._page import Page
@@ -817,25 +817,54 @@ class Api:
 
     def _batch_status(self, request: Request, owner: str, batch: str) -> Response:
         batch_id = check_uuid(batch, "batchId")
+        # A body is kept per batch and query (a page, a status, a since), stamped with the
+        # batch version it shows and the whole second of the tracker's clock its ETA was
+        # computed in. While the version is the same in that same second, the answer is
+        # that body again: one light read (version, owner, expiry) and nothing else.
+        key = f"{batch_id}?{request.query}" if request.query else batch_id
+        now = self.tracker.clock()
+        second = math.floor(now)
+        made = self._bodies.stamped(key)
+        if made is not None:
+            head = self.tracker.store.version_of(batch_id)
+            if (
+                head is not None
+                and made[2] == (head.version, second)
+                and head.owner == owner
+                and head.expires_at > now
+            ):
+                return _status_answer(request, made[0], lambda: made[1])
         if request.query:
             snap = find_items(self.tracker, batch_id, owner, request)
             tag = _etag(snap.version, snap.estimated_time_remaining, snap.eta_range)
-            return _status_answer(request, tag, lambda: status_body(snap))
+            return self._made(request, key, tag, (snap.version, second), snap)
         # The counts, version and ETA cost the same for any batch: enough to answer 304,
         # or with the body made for this same state before.
         try:
-            tag = _etag(*self.tracker._state(batch_id, owner))
+            version, eta, eta_range = self.tracker._state(batch_id, owner)
         except BatchNotFound:
             batch_not_found()
-        made = self._bodies.get(batch_id)
+        tag = _etag(version, eta, eta_range)
         if made is not None and made[0] == tag:
+            self._bodies.put(key, tag, made[1], (version, second))
             return _status_answer(request, tag, lambda: made[1])
+        if _not_modified(request, tag):
+            return _status_answer(request, tag, lambda: b"")
         snap = find_batch(self.tracker, batch_id, owner)
-        body = status_body(snap)
         # It may have moved on since the state was read.
         tag = _etag(snap.version, snap.estimated_time_remaining, snap.eta_range)
+        return self._made(request, key, tag, (snap.version, second), snap)
+
+    def _made(
+        self, request: Request, key: str, tag: str, stamp: tuple[int, int], snap: BatchSnapshot
+    ) -> Response:
+        """The status answer for ``snap``; its body kept under ``key`` (when it is made:
+        not for a 304) with ``stamp``, for the next polls of the same state."""
+        if _not_modified(request, tag):
+            return _status_answer(request, tag, lambda: b"")
+        body = status_body(snap)
         if len(body) <= _CACHED_BODY_BYTES:
-            self._bodies.put(batch_id, tag, body)
+            self._bodies.put(key, tag, body, stamp)
         return _status_answer(request, tag, lambda: body)
 
     def _batch_events(self, request: Request, owner: str, batch: str) -> Response:
@@ -931,16 +960,17 @@ _CACHED_BODY_BYTES = 32 * 1024  # bigger ones are joined from cached item JSON a
 
 
 class BodyCache:
-    """Per batch, the ETag and JSON body of its last full status answer, least recently
-    used first: at most ``max_entries`` of them, whose bodies, keys and tags (plus
-    ``_ENTRY_BYTES`` each for their objects) never add up to more than ``max_bytes``; the
-    least recently used go first. Thread-safe."""
+    """Per batch (and query), the ETag and JSON body of its last full status answer, and
+    the stamp that says which state it shows, least recently used first: at most
+    ``max_entries`` of them, whose bodies, keys and tags (plus ``_ENTRY_BYTES`` each for
+    their objects) never add up to more than ``max_bytes``; the least recently used go
+    first. Thread-safe."""
 
     def __init__(self, max_bytes: int, max_entries: int = _CACHED_BODIES) -> None:
         self.max_bytes = max_bytes
         self.max_entries = max_entries
         self._lock = threading.Lock()
-        self._entries: OrderedDict[str, tuple[str, bytes]] = OrderedDict()
+        self._entries: OrderedDict[str, tuple[str, bytes, object]] = OrderedDict()
         self._bytes = 0
 
     @property
@@ -952,26 +982,33 @@ class BodyCache:
         return len(self._entries)
 
     def get(self, key: str) -> tuple[str, bytes] | None:
+        """The ETag and body kept under ``key``, or None."""
+        entry = self.stamped(key)
+        return None if entry is None else (entry[0], entry[1])
+
+    def stamped(self, key: str) -> tuple[str, bytes, object] | None:
+        """The ETag, body and stamp kept under ``key``, or None."""
         with self._lock:
             entry = self._entries.get(key)
             if entry is not None:
                 self._entries.move_to_end(key)
             return entry
 
-    def put(self, key: str, tag: str, body: bytes) -> None:
+    def put(self, key: str, tag: str, body: bytes, stamp: object = None) -> None:
+        """Keep ``tag`` and ``body`` under ``key``, with ``stamp`` (what state they show)."""
         cost = _cost(key, tag, body)
         with self._lock:
             old = self._entries.pop(key, None)
             if old is not None:
-                self._bytes -= _cost(key, *old)
+                self._bytes -= _cost(key, old[0], old[1])
             if cost > self.max_bytes:
                 return
             while self._entries and (
                 self._bytes + cost > self.max_bytes or len(self._entries) >= self.max_entries
             ):
                 gone, entry = self._entries.popitem(last=False)
-                self._bytes -= _cost(gone, *entry)
-            self._entries[key] = (tag, body)
+                self._bytes -= _cost(gone, entry[0], entry[1])
+            self._entries[key] = (tag, body, stamp)
             self._bytes += cost
 
 
@@ -991,11 +1028,20 @@ def _etag(version: int, eta: int | None, eta_range: tuple[int, int] | None) -> s
     return f'"{version}.{eta}.{low}-{high}"'
 
 
+def _not_modified(request: Request, etag: str) -> bool:
+    """Whether the client already has ``etag`` (its ``If-None-Match``)."""
+    wanted = request.headers.get("if-none-match")
+    if not wanted:
+        return False
+    return wanted.strip() == "*" or etag in [
+        t.strip().removeprefix("W/") for t in wanted.split(",")
+    ]
+
+
 def _status_answer(request: Request, etag: str, body: Callable[[], bytes]) -> Response:
     """304 when the client has ``etag``, else 200 with ``body()``."""
     headers = [("ETag", etag), ("Cache-Control", "no-store")]
-    wanted = request.headers.get("if-none-match", "")
-    if wanted.strip() == "*" or etag in [t.strip().removeprefix("W/") for t in wanted.split(",")]:
+    if _not_modified(request, etag):
         return Response(304, headers)
     data = body()
     headers += [("Content-Type", "application/json"), ("Content-Length", str(len(data)))]
