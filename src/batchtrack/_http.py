@@ -555,8 +555,16 @@ class Api:
         """Await an ``async def`` owner for ``request``, on the event loop: what it
         answered or raised, for :meth:`handle`. None when the owner is not async or the
         request needs no owner (an unknown path, a wrong method, the page, the OpenAPI
-        document), as the sync owner is not called for those either."""
-        if not self._owner_async or not self._needs_owner(request):
+        document), as the sync owner is not called for those either.
+
+        With a sync owner, it notes the running loop (:data:`EVENT_LOOP`, in the
+        request's context) for an owner that returns an awaitable.
+        """
+        if not self._owner_async:
+            if self.owner is not None:
+                EVENT_LOOP.set(asyncio.get_running_loop())
+            return None
+        if not self._needs_owner(request):
             return None
         assert self.owner is not None
         try:

@@ -4,9 +4,8 @@ Needs the ``server`` extra for uploads (``pip install 'batchtrack[server]'``); i
 no web framework. No thread waits for a client: a request's body is received whole on the
 event loop (past 256 KiB into a temporary file) within ``body_timeout`` and ``idle_timeout``
 before its handler runs in a pool of :data:`THREADS` threads that the app owns (and shuts
-down with the lifespan), where every store and file call runs. An ``async def`` owner is
-awaited on the event loop first; a status read of a memory store is then answered there
-too, without a thread.
+down with the lifespan), where every store and file call runs (an ``async def`` owner is
+awaited on the loop, and then a status read of a memory store is answered there too).
 """
 
 from __future__ import annotations
@@ -23,7 +22,7 @@ from typing import Any, TypeVar
 import attrs
 from typing_extensions import Unpack
 
-from ._http import EVENT_LOOP, Api, AppOptions, Identity, build_api
+from ._http import Api, AppOptions, Identity, build_api
 from ._recovery import Recovery, for_app
 from ._tracker import BatchTracker
 from ._wire import (
@@ -110,11 +109,7 @@ class App:
             length = body_length(method, headers)  # None: no body to wait for
             if length is not None and not await self._receive(receive, spool, length):
                 return  # the client left
-            identity = None
-            if self.api.owner_is_async:  # awaited here, on the loop: no thread for it
-                identity = await self.api.identify_async(request)
-            elif self.api.owner is not None:  # a sync owner may return an awaitable
-                EVENT_LOOP.set(asyncio.get_running_loop())  # in this request's context only
+            identity = await self.api.identify_async(request)  # an async owner, on the loop
             handed_over = True
             if self.api.answers_inline(request):  # a status read of a memory store
                 response = self._handle(request, spool, identity)
