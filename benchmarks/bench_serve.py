@@ -442,8 +442,12 @@ def _before_tree(ref: str, folder: Path) -> Path:
 def _redis(folder: Path, skipped: list[str]) -> Iterator[str | None]:
     """A redis-server for the Redis targets (the tests' helper starts it); None when
     redis-server or redis-py is missing."""
-    if shutil.which("redis-server") is None or not _installed("redis"):
-        skipped.append("Redis targets and the Django peer: needs redis-server and redis-py")
+    needs = ("redis", "pytest", "hypothesis")  # the tests' helper imports the last two
+    if shutil.which("redis-server") is None or not all(_installed(m) for m in needs):
+        skipped.append(
+            "Redis targets and the Django peer: needs redis-server, redis-py and the "
+            "tests' helpers (pip install -e '.[test]')"
+        )
         yield None
         return
     sys.path.insert(0, str(HERE.parent / "tests"))
