@@ -128,8 +128,8 @@ def test_an_unchanged_batch_costs_one_version_read(
 def test_a_changed_batch_is_never_answered_from_the_kept_body(
     poller: Poller, clock: FakeClock
 ) -> None:
-    """Counts that move, a failed item, a retry, a pause and a cancel each show in the
-    very next poll, in the same second of the clock."""
+    """A progress report, counts that move, a failed item, a retry, a pause and a cancel
+    each show in the very next poll, in the same second of the clock."""
     tracker = poller.tracker
     snap = _running_batch(tracker, clock)
     batch, items = snap.batch_id, snap.items
@@ -144,6 +144,8 @@ def test_a_changed_batch_is_never_answered_from_the_kept_body(
         assert answer[2] is not None
         return answer[2]
 
+    tracker.report(batch, items[2].id, 0.5, stage="resizing")
+    assert changed()["images"][2]["progress"] == 0.5
     tracker.complete_item(batch, items[2].id)
     assert changed()["progress"]["completed"] == 3
     tracker.start_item(batch, items[3].id)
