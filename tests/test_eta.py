@@ -722,3 +722,27 @@ def test_between_finishes_the_eta_never_rises_on_a_bimodal_batch(
     ]
     assert len(quiet) > 100
     assert all(b <= a for a, b in quiet)
+
+
+def test_a_stall_that_lasts_still_raises_the_eta(clock: FakeClock) -> None:
+    """Four workers that stop finishing anything (their items run on and on): the
+    shown ETA does not count down forever but rises with its range's low end."""
+    tracker = BatchTracker(clock=clock)
+    snap = tracker.create_batch([f"{i}.jpg" for i in range(80)])
+    ids = [item.id for item in snap.items]
+    for round_ in range(10):  # 4 workers, items of half a second
+        batch = ids[4 * round_ : 4 * round_ + 4]
+        for item in batch:
+            tracker.start_item(snap.batch_id, item)
+        clock.advance(0.5)
+        for item in batch:
+            tracker.complete_item(snap.batch_id, item)
+    for item in ids[40:44]:
+        tracker.start_item(snap.batch_id, item)
+    shown: list[int] = []
+    for _ in range(10):
+        clock.advance(2.0)
+        eta = tracker.get(snap.batch_id, items=False).estimated_time_remaining
+        assert eta is not None
+        shown.append(eta)
+    assert shown[-1] > shown[0] + 5
