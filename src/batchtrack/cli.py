@@ -214,7 +214,8 @@ def _parser() -> argparse.ArgumentParser:
         default=[],
         metavar="URL",
         help="POST a signed JSON (Standard Webhooks) to URL when a batch ends; repeat for "
-        "more. Retried with back-off for up to a day; an answer 410 unsubscribes the URL",
+        "more. Retried with back-off for up to a day; an answer 410 unsubscribes the URL "
+        "(default: none)",
     )
     serve.add_argument(
         "--webhook-secret",
