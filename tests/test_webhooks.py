@@ -540,3 +540,37 @@ def test_every_store_delivers_a_cancelled_batch_once(store_factory: Any) -> None
         sender.run_once()
     assert sorted(json.loads(b)["batchId"] for _, b in hook.got) == sorted([cancelled, completed])
     assert store.outbox_claim(tracker.clock() + 1e6, 10, tracker.clock() + 2e6) == []
+
+
+def test_the_openapi_document_describes_what_a_receiver_gets() -> None:
+    """The document's ``webhooks`` entry names the signature headers, and a real delivery
+    (with metadata) of each type validates against its body schema."""
+    jsonschema = pytest.importorskip("jsonschema")
+    from batchtrack._openapi import document
+
+    doc = document("/api", max_files=10)
+    post = doc["webhooks"]["batchEnded"]["post"]
+    assert {p["name"] for p in post["parameters"]} == {
+        "webhook-id",
+        "webhook-timestamp",
+        "webhook-signature",
+    }
+    schema = {"$ref": "#/components/schemas/BatchEnded", "components": doc["components"]}
+    tracker = BatchTracker(MemoryStore())
+    with receiver() as hook:
+        sender = WebhookSender(tracker, [Webhook(hook.url, SECRET)], schedule=FAST)
+        done = tracker.create_batch(["a.jpg"], metadata={"order": "A-17"}).batch_id
+        tracker.start_item(done, tracker.get(done).items[0].id)
+        tracker.complete_item(done, tracker.get(done).items[0].id)
+        finish(tracker, "f")
+        tracker.cancel(tracker.create_batch(["b.jpg"]).batch_id)
+        drain(sender, lambda: len(hook.got) >= 3)
+    bodies = [json.loads(body) for _, body in hook.got]
+    assert sorted(b["type"] for b in bodies) == [
+        "batch.cancelled",
+        "batch.completed",
+        "batch.failed",
+    ]
+    for body in bodies:
+        jsonschema.validate(body, schema)
+    assert next(b for b in bodies if b["batchId"] == done)["metadata"] == {"order": "A-17"}

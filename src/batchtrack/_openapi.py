@@ -839,6 +839,49 @@ def document(base: str, max_files: int, max_json_bytes: int = 64 * 1024) -> dict
         },
         "additionalProperties": False,
     }
+    # What a registered webhook receives when a batch ends (batchtrack.webhooks).
+    header = {"in": "header", "required": True, "schema": {"type": "string"}}
+    doc["webhooks"] = {
+        "batchEnded": {
+            "post": {
+                "summary": "A batch ended (sent to each registered webhook URL)",
+                "description": "Signed as the Standard Webhooks specification says; "
+                "delivered at least once, retried with back-off for about a day with the "
+                "same `webhook-id` (dedupe by it). 2xx settles it; 410 unsubscribes.",
+                "parameters": [
+                    {**header, "name": "webhook-id", "description": "The same on every attempt."},
+                    {
+                        **header,
+                        "name": "webhook-timestamp",
+                        "description": "Seconds since the epoch.",
+                    },
+                    {
+                        **header,
+                        "name": "webhook-signature",
+                        "description": "`v1,` and the base64 HMAC-SHA256 of "
+                        "`{webhook-id}.{webhook-timestamp}.{body}`.",
+                    },
+                ],
+                "requestBody": _json("The batch that ended", "BatchEnded"),
+                "responses": {
+                    "2XX": {"description": "Received: settled."},
+                    "410": {"description": "Gone: no delivery is sent to this URL again."},
+                },
+            }
+        }
+    }
+    schemas["BatchEnded"] = {
+        "type": "object",
+        "required": ["type", "batchId", "status", "progress", "metadata"],
+        "properties": {
+            "type": {"enum": ["batch.completed", "batch.cancelled", "batch.failed"]},
+            "batchId": _UUID,
+            "status": {"enum": ["completed", "cancelled", "failed"]},
+            "progress": schemas["BatchStatus"]["properties"]["progress"],
+            "metadata": _METADATA,
+        },
+        "additionalProperties": False,
+    }
     # Every operation that changes state refuses another site's page (cookie sessions).
     for operations in doc["paths"].values():
         if "post" in operations:
