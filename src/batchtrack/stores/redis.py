@@ -273,9 +273,7 @@ end
 #       each.
 # Returns: outcome, previous code, the item's JSON, the header fields (in _HEADER's
 # order), and the stats field (pack_stats format: exact doubles, one value).
-_APPLY = (
-    _PRELUDE
-    + """
+_APPLY_BODY = """
 local at = tonumber(ARGV[5])
 -- The whole header, read once: the reply is made from it and the update (no re-read).
 local values = redis.call('HMGET', KEYS[1], unpack(header_fields))
@@ -354,6 +352,36 @@ redis.call('HSET', KEYS[1], unpack(update))
 refresh_ttl(ARGV[1], new_expiry, at, ARGV[9], finished)
 notify(ARGV[1])
 return answer('applied', previous, raw, update)
+"""
+_APPLY = _PRELUDE + _APPLY_BODY
+
+# ARGV: batch id, then per transition: how many arguments it has, and _APPLY's ARGV.
+# Every batch and item is checked before anything changes; then each transition runs
+# _APPLY's body in turn (a parameter named ARGV hides the script's own).
+# Returns: {'nobatch'}, {'noitem', item id}, or one _APPLY reply per transition.
+_APPLY_ALL = (
+    _PRELUDE
+    + "local function apply_one(ARGV)\n"
+    + _APPLY_BODY
+    + """
+end
+local calls = {}
+local n = 2
+while n <= #ARGV do
+  local size = tonumber(ARGV[n])
+  local args = {}
+  for i = 1, size do args[i] = ARGV[n + i] end
+  calls[#calls + 1] = args
+  n = n + size + 1
+end
+local expires = redis.call('HGET', KEYS[1], 'expires_at')
+for _, args in ipairs(calls) do
+  if not expires or tonumber(expires) <= tonumber(args[5]) then return {'nobatch'} end
+  if redis.call('HEXISTS', KEYS[2], args[2]) == 0 then return {'noitem', args[2]} end
+end
+local replies = {}
+for i, args in ipairs(calls) do replies[i] = apply_one(args) end
+return replies
 """
 )
 
@@ -793,6 +821,7 @@ class RedisStore(Store):
     _stage: Any
     _read: Any
     _apply: Any
+    _apply_all: Any = attrs.field(init=False, default=None)  # registered after init
     _purge: Any
     _renew: Any
     _apply_many: Any
@@ -845,6 +874,7 @@ class RedisStore(Store):
             client.register_script(_CREATE_KEYED),
             client.register_script(_REPORT),
         )
+        self._apply_all = client.register_script(_APPLY_ALL)
 
     def _keys(self, batch_id: str) -> list[str]:
         p = self.prefix
@@ -1011,6 +1041,16 @@ class RedisStore(Store):
         return None
 
     def apply(self, batch_id: str, transition: Transition) -> TransitionResult:
+        reply = self._call(
+            self._apply,
+            f"update batch {batch_id!r}",
+            self._keys(batch_id),
+            self._args(batch_id, transition),
+        )
+        return _transition_result(batch_id, transition.item_id, reply)
+
+    def _args(self, batch_id: str, transition: Transition) -> list[Any]:
+        """The ARGV of ``_APPLY`` for a transition."""
         groups: list[Any] = [len(transition.stats)]
         for source, amounts in transition.stats.items():
             names, powers = self._group(tuple(amounts), amounts)
@@ -1021,21 +1061,37 @@ class RedisStore(Store):
                 powers,
             ]
         attempts = "+" if transition.add_attempt else "0" if transition.reset_attempts else ""
-        reply = self._call(
-            self._apply,
-            f"update batch {batch_id!r}",
-            self._keys(batch_id),
-            [
-                *_common_args(batch_id, transition.item_id, transition),
-                _optional(transition.lease_until),
-                attempts,
-                _optional(transition.lost_before),
-                "" if transition.max_attempts is None else transition.max_attempts,
-                "1" if transition.unless_paused else "",
-                *groups,
-            ],
+        return [
+            *_common_args(batch_id, transition.item_id, transition),
+            _optional(transition.lease_until),
+            attempts,
+            _optional(transition.lost_before),
+            "" if transition.max_attempts is None else transition.max_attempts,
+            "1" if transition.unless_paused else "",
+            *groups,
+        ]
+
+    def apply_all(self, batch_id: str, transitions: Sequence[Transition]) -> list[TransitionResult]:
+        # One script call for all of them.
+        if not transitions:
+            return []
+        args: list[Any] = [batch_id]
+        for transition in transitions:
+            one = self._args(batch_id, transition)
+            args.append(len(one))
+            args += one
+        replies = self._call(
+            self._apply_all, f"update batch {batch_id!r}", self._keys(batch_id), args
         )
-        return _transition_result(batch_id, transition.item_id, reply)
+        if replies and replies[0] == b"nobatch":
+            raise BatchNotFound(batch_id)
+        if replies and replies[0] == b"noitem":
+            item_id = replies[1].decode() if isinstance(replies[1], bytes) else replies[1]
+            raise ItemNotFound(batch_id, item_id)
+        return [
+            _transition_result(batch_id, transition.item_id, reply)
+            for transition, reply in zip(transitions, replies, strict=True)
+        ]
 
     def _group(
         self, names: tuple[str, ...], amounts: Mapping[str, tuple[float, int]]

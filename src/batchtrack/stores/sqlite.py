@@ -620,62 +620,70 @@ class SQLiteStore(Store):
         # updates, one commit. Holding the write lock from the start makes computing the
         # new header here as safe as computing it in SQL, and cheaper.
         with self._write() as db:
-            row = db.execute(_HEADER_AND_ITEM, (transition.item_id, batch_id)).fetchone()
-            if row is None or row[5] <= transition.at:
-                raise BatchNotFound(batch_id)
-            if row[13] is None:
-                raise ItemNotFound(batch_id, transition.item_id)
-            previous = _STATUSES[row[14]]
-            target = transition.target
-            attempts = row[19]
-            if (
-                previous is target
-                or previous not in transition.sources
-                or (
-                    transition.lost_before is not None
-                    and (row[21] is None or row[21] > transition.lost_before)
-                )
-                or (transition.max_attempts is not None and attempts >= transition.max_attempts)
-            ):
-                outcome = Outcome.UNCHANGED if previous is target else Outcome.REJECTED
-                item = ItemSnapshot(
-                    transition.item_id, row[13], previous, row[15], attempts, row[20]
-                )
-                return _result(outcome, previous, item, _header(row))
-            if transition.unless_paused and row[-1]:
-                item = ItemSnapshot(
-                    transition.item_id, row[13], previous, row[15], attempts, row[20]
-                )
-                return _result(Outcome.PAUSED, previous, item, _header(row))
+            return self._apply_in(db, batch_id, transition)
 
-            counts, packed, stats, attempts = _step(
-                row,
-                row[12],
-                self._stats_memo,
-                previous,
-                transition,
-                transition.at - row[18],
+    def apply_all(self, batch_id: str, transitions: Sequence[Transition]) -> list[TransitionResult]:
+        # One transaction and one commit (the costly part) for all of them; an unknown
+        # batch or item raises inside it, which rolls back what was applied before.
+        with self._write() as db:
+            return [self._apply_in(db, batch_id, transition) for transition in transitions]
+
+    def _apply_in(
+        self, db: sqlite3.Connection, batch_id: str, transition: Transition
+    ) -> TransitionResult:
+        """:meth:`apply` inside the caller's write transaction."""
+        row = db.execute(_HEADER_AND_ITEM, (transition.item_id, batch_id)).fetchone()
+        if row is None or row[5] <= transition.at:
+            raise BatchNotFound(batch_id)
+        if row[13] is None:
+            raise ItemNotFound(batch_id, transition.item_id)
+        previous = _STATUSES[row[14]]
+        target = transition.target
+        attempts = row[19]
+        if (
+            previous is target
+            or previous not in transition.sources
+            or (
+                transition.lost_before is not None
+                and (row[21] is None or row[21] > transition.lost_before)
+            )
+            or (transition.max_attempts is not None and attempts >= transition.max_attempts)
+        ):
+            outcome = Outcome.UNCHANGED if previous is target else Outcome.REJECTED
+            item = ItemSnapshot(transition.item_id, row[13], previous, row[15], attempts, row[20])
+            return _result(outcome, previous, item, _header(row))
+        if transition.unless_paused and row[-1]:
+            item = ItemSnapshot(transition.item_id, row[13], previous, row[15], attempts, row[20])
+            return _result(Outcome.PAUSED, previous, item, _header(row))
+
+        counts, packed, stats, attempts = _step(
+            row,
+            row[12],
+            self._stats_memo,
+            previous,
+            transition,
+            transition.at - row[18],
+            attempts,
+        )
+        self._stats_memo = (packed, stats)
+        lease = transition.lease_until
+        db.execute(
+            "UPDATE items SET status = ?, error = ?, changed_at = ?, attempts = ?,"
+            " lease_until = ?, beat_at = ?, version = ?, progress = NULL, stage = NULL"
+            " WHERE batch_key = ? AND position = ?",
+            (
+                _CODE[target],
+                transition.error,
+                transition.at,
                 attempts,
-            )
-            self._stats_memo = (packed, stats)
-            lease = transition.lease_until
-            db.execute(
-                "UPDATE items SET status = ?, error = ?, changed_at = ?, attempts = ?,"
-                " lease_until = ?, beat_at = ?, version = ?, progress = NULL, stage = NULL"
-                " WHERE batch_key = ? AND position = ?",
-                (
-                    _CODE[target],
-                    transition.error,
-                    transition.at,
-                    attempts,
-                    lease,
-                    None if lease is None else transition.at,
-                    row[6] + 1,
-                    row[16],
-                    row[17],
-                ),
-            )
-            finished_at, expires_at, version = self._settle(db, row, counts, packed, transition, 1)
+                lease,
+                None if lease is None else transition.at,
+                row[6] + 1,
+                row[16],
+                row[17],
+            ),
+        )
+        finished_at, expires_at, version = self._settle(db, row, counts, packed, transition, 1)
         return TransitionResult(
             Outcome.APPLIED,
             previous,
