@@ -744,13 +744,13 @@ class StoreConformance:
         ]
         assert [r.version for r in results["together"]] == [2, 3, 3, 3, 4, 5]
         assert results["together"][-1].finished_at == 1002.5
-        together, alone = store.load("together"), store.load("one-by-one")
-        assert together is not None
-        assert alone is not None
-        assert attrs.evolve(together, batch_id="", stats={}) == attrs.evolve(
-            alone, batch_id="", stats={}
+        kept, alone_kept = store.load("together"), store.load("one-by-one")
+        assert kept is not None
+        assert alone_kept is not None
+        assert attrs.evolve(kept, batch_id="", stats={}) == attrs.evolve(
+            alone_kept, batch_id="", stats={}
         )
-        assert dict(together.stats) == dict(alone.stats)
+        assert dict(kept.stats) == dict(alone_kept.stats)
         assert store.apply_all("together", []) == []
 
     def test_apply_all_with_an_unknown_batch_or_item_changes_nothing(self, store: Store) -> None:
