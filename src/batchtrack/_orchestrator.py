@@ -702,9 +702,17 @@ class Orchestrator(Closing):
             for answer in answers:
                 if isinstance(answer, ProgressEvent) and answer.changed:
                     self._emit(run, answer)
+        ended: list[str] = []
+        running: list[Item] = []
         for (item, _, start), answer in zip(group, answers, strict=True):
+            assert item.id is not None
             if start:
-                self._started(run, item, answer, bool(failed))
+                # (Unchanged after a failed try: that try's answer was lost but it did
+                # apply.)
+                if isinstance(answer, ProgressEvent) and (answer.changed or failed):
+                    running.append(item)
+                else:
+                    self._started(run, item, answer)
                 continue
             if not isinstance(answer, ProgressEvent):
                 log.error(
@@ -713,14 +721,19 @@ class Orchestrator(Closing):
                     run.batch_id,
                     exc_info=answer,
                 )
-            item_id = item.id
-            assert item_id is not None
+            ended.append(item.id)
+        if ended or running:
             with self._lock:
-                self._leased.pop((run.batch_id, item_id), None)
-                run.ids.discard(item_id)
-                run.running -= 1
-                self._running -= 1
+                for item_id in ended:
+                    self._leased.pop((run.batch_id, item_id), None)
+                    run.ids.discard(item_id)
+                run.running -= len(ended)
+                self._running -= len(ended)
                 self._settle_locked(run)
+                for item in running:
+                    self._lease_locked(run.batch_id, item.id)  # type: ignore[arg-type]
+        for item in running:
+            self._call(run, item)
 
     def _record(
         self,
@@ -754,19 +767,12 @@ class Orchestrator(Closing):
                 answers.append(exc)
         return answers
 
-    def _started(
-        self, run: _Run, item: Item, answer: ProgressEvent | BaseException, failed: bool
-    ) -> None:
-        """Run an item whose start was recorded; let go of one that will not run here."""
+    def _started(self, run: _Run, item: Item, answer: ProgressEvent | BaseException) -> None:
+        """Let go of an item whose start did not apply: it will not run here."""
         assert item.id is not None
         batch_id = run.batch_id
-        if isinstance(answer, ProgressEvent):
-            # (Unchanged after a failed try: that try's answer was lost but it did apply.)
-            if answer.changed or failed:
-                self._lease(batch_id, item.id)
-                self._call(run, item)
-            else:  # another worker started it first: theirs
-                self._release(run, item)
+        if isinstance(answer, ProgressEvent):  # another worker started it first: theirs
+            self._release(run, item)
         elif isinstance(answer, (InvalidTransition, BatchNotFound)):
             # Cancelled, finished or gone meanwhile (maybe by another process): skip it.
             log.info("batchtrack: skipping item %s of batch %s: %s", item.id, batch_id, answer)
@@ -860,15 +866,14 @@ class Orchestrator(Closing):
 
     # -- leases ----------------------------------------------------------------------------
 
-    def _lease(self, batch_id: str, item_id: str) -> None:
+    def _lease_locked(self, batch_id: str, item_id: str) -> None:
         """Keep renewing the lease of a running item until it finishes."""
-        with self._lock:
-            self._leased[batch_id, item_id] = None
-            if self._beater is None:
-                self._beater = threading.Thread(
-                    target=self._beat, name="batchtrack-heartbeat", daemon=True
-                )
-                self._beater.start()
+        self._leased[batch_id, item_id] = None
+        if self._beater is None:
+            self._beater = threading.Thread(
+                target=self._beat, name="batchtrack-heartbeat", daemon=True
+            )
+            self._beater.start()
 
     def _beat(self) -> None:
         """Heartbeat every running item three times per lease, from one thread."""
