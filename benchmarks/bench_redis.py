@@ -10,7 +10,7 @@ import time
 from pathlib import Path
 
 from batchtrack.stores.redis import RedisStore
-from bench_core import tracker_events
+from bench_core import orchestrator_vs_pool, tracker_events
 from harness import Comparison, compare
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
@@ -57,10 +57,13 @@ def run(quick: bool = False) -> list[Comparison]:
                 f"redis: one event costs {per_event * 1e3:.3f} ms, one SET {per_set * 1e3:.3f} ms "
                 "(Celery's store_result is ~3x a SET, RQ's save_meta ~1x, by their own code paths)"
             )
+            pool = orchestrator_vs_pool(
+                lambda: store, "redis", goal=1 / 0.06, n=500 if quick else 2000
+            )
             store.close()
             client.close()
             time.sleep(0)
-            return [result]
+            return [result, pool]
         finally:
             proc.terminate()
             proc.wait(10)
