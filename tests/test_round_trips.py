@@ -6,6 +6,8 @@ import threading
 import time
 from collections.abc import Sequence
 
+import pytest
+
 from batchtrack import BatchTracker, Item, Orchestrator, ProgressEvent, Status
 from batchtrack.stores.base import Store, Transition, TransitionResult
 from batchtrack.stores.memory import MemoryStore
@@ -120,3 +122,25 @@ def test_a_failed_item_and_the_next_start_share_one_call() -> None:
         Status.COMPLETED,
     ]
     assert store.calls == 3
+
+
+def test_metrics_count_each_transition_once_and_keep_the_single_round_trip() -> None:
+    """Through an InstrumentedStore the combined call reaches the wrapped store as one
+    call (not one per transition), and every start and end is counted exactly once."""
+    prometheus_client = pytest.importorskip("prometheus_client")
+    from batchtrack.metrics import InstrumentedStore, Metrics
+
+    registry = prometheus_client.CollectorRegistry()
+    inner = RoundTrips()
+    store = InstrumentedStore(inner, Metrics(registry))
+    tracker = BatchTracker(store)
+    with Orchestrator(tracker, str, concurrency=1) as orch:
+        snap = orch.run([Item(f"{i}.jpg") for i in range(20)])
+    assert snap.progress.completed == 20
+    assert inner.transitions == 40
+    assert inner.calls <= 21
+    assert registry.get_sample_value("batchtrack_items_started_total") == 20
+    finished = registry.get_sample_value(
+        "batchtrack_items_finished_total", {"outcome": "completed"}
+    )
+    assert finished == 20
