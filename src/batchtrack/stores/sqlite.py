@@ -227,6 +227,13 @@ _HEADER_AND_ITEM = (
 )
 
 
+_WRITE_HEADER = (
+    "UPDATE batches SET updated_at = ?, finished_at = ?, expires_at = ?,"
+    " version = ?, completed = ?, failed = ?, processing = ?, pending = ?,"
+    " stats = ? WHERE key = ?"
+)
+
+
 class SchemaVersionError(StoreError):
     """The database was written by a newer batchtrack; it is left untouched."""
 
@@ -623,16 +630,34 @@ class SQLiteStore(Store):
             return self._apply_in(db, batch_id, transition)
 
     def apply_all(self, batch_id: str, transitions: Sequence[Transition]) -> list[TransitionResult]:
-        # One transaction and one commit (the costly part) for all of them; an unknown
-        # batch or item raises inside it, which rolls back what was applied before.
+        # One transaction and one commit (the costly part) for all of them, the header
+        # kept here and written once; an unknown batch or item raises inside it, which
+        # rolls back what was applied before.
         with self._write() as db:
-            return [self._apply_in(db, batch_id, transition) for transition in transitions]
+            head: list[Any] = []
+            results = [self._apply_in(db, batch_id, t, head) for t in transitions]
+            if head and head[13]:  # something applied
+                db.execute(_WRITE_HEADER, (*head[3:7], *head[8:13], head[14]))
+        return results
 
     def _apply_in(
-        self, db: sqlite3.Connection, batch_id: str, transition: Transition
+        self,
+        db: sqlite3.Connection,
+        batch_id: str,
+        transition: Transition,
+        head: list[Any] | None = None,
     ) -> TransitionResult:
-        """:meth:`apply` inside the caller's write transaction."""
+        """:meth:`apply` inside the caller's write transaction.
+
+        With ``head``, the batch's header is kept in it (its columns, whether it
+        changed, the batch's key) instead of being written: the caller writes it once.
+        """
         row = db.execute(_HEADER_AND_ITEM, (transition.item_id, batch_id)).fetchone()
+        if head is not None and row is not None:
+            if head:
+                row = (*head[:13], *row[13:])
+            else:
+                head += [*row[:13], False, row[16]]
         if row is None or row[5] <= transition.at:
             raise BatchNotFound(batch_id)
         if row[13] is None:
@@ -683,7 +708,20 @@ class SQLiteStore(Store):
                 row[17],
             ),
         )
-        finished_at, expires_at, version = self._settle(db, row, counts, packed, transition, 1)
+        if head is None:
+            finished_at, expires_at, version = self._settle(db, row, counts, packed, transition, 1)
+        else:
+            finished_at, expires_at = _ends(counts, transition)
+            version = row[6] + 1
+            head[3:7] = (transition.at, finished_at, expires_at, version)
+            head[8:13] = (
+                counts[Status.COMPLETED],
+                counts[Status.FAILED],
+                counts[Status.PROCESSING],
+                counts[Status.PENDING],
+                packed,
+            )
+            head[13] = True
         return TransitionResult(
             Outcome.APPLIED,
             previous,
@@ -710,9 +748,7 @@ class SQLiteStore(Store):
         finished_at, expires_at = _ends(counts, transition)
         version = row[6] + changes
         db.execute(
-            "UPDATE batches SET updated_at = ?, finished_at = ?, expires_at = ?,"
-            " version = ?, completed = ?, failed = ?, processing = ?, pending = ?,"
-            " stats = ? WHERE key = ?",
+            _WRITE_HEADER,
             (
                 transition.at,
                 finished_at,
