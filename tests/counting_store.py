@@ -55,6 +55,12 @@ class CountingStore(Store):
         self._count()
         return self.inner.changed_since(batch_id, version)
 
+    def list_batches(
+        self, owner: str | None, now: float, limit: int, after: str | None
+    ) -> list[BatchRecord]:
+        self._count()
+        return self.inner.list_batches(owner, now, limit, after)
+
     # -- the rest, passed on -------------------------------------------------------------
 
     def listen(self, on_change: Callable[[str | None], None], stop: threading.Event) -> None:

@@ -645,6 +645,7 @@ def test_openapi_document_describes_the_real_responses(client: Client, service: 
     assert set(doc["paths"]) == {
         "/upload",
         "/process-batch",
+        "/batches",
         "/batch-status/{batchId}",
         "/batch-events/{batchId}",
         "/batch-results/{batchId}/{itemId}",

@@ -83,6 +83,7 @@ def test_api_never_errors_and_matches_its_document(tmp_path: Path) -> None:
         assert {op.path for op in operations} == {
             "/upload",
             "/process-batch",
+            "/batches",
             "/batch-status/{batchId}",
             "/batch-events/{batchId}",
             "/batch-results/{batchId}/{itemId}",

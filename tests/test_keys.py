@@ -18,6 +18,7 @@ import pytest
 
 from batchtrack import BatchTracker, Item, Orchestrator, SQLiteStore, Status, ValidationError
 from batchtrack.stores.base import Store
+from batchtrack.stores.sqlite import SCHEMA_VERSION as SQLITE_SCHEMA
 
 # Each process opens the store, waits for the start time, creates with one key and prints
 # the batch id it got.
@@ -245,7 +246,7 @@ def test_openapi_documents_the_idempotency_key_and_the_409(http: Any) -> None:
 
 
 def test_a_schema_4_sqlite_file_gains_the_keys_table(tmp_path: Path) -> None:
-    """A schema-4 file (no keys table, no report columns) migrates to 5, keeps its batch,
+    """A schema-4 file (no keys table, no report columns) migrates on, keeps its batch,
     and takes keys and reports."""
     path = tmp_path / "old.db"
     store = SQLiteStore(path)
@@ -253,6 +254,9 @@ def test_a_schema_4_sqlite_file_gains_the_keys_table(tmp_path: Path) -> None:
     store.close()
     with sqlite3.connect(path) as db:
         db.execute("DROP TABLE batch_keys")
+        db.execute("DROP TABLE batch_metadata")
+        db.execute("DROP INDEX batches_by_owner")
+        db.execute("DROP INDEX batches_by_time")
         db.execute("ALTER TABLE items DROP COLUMN progress")
         db.execute("ALTER TABLE items DROP COLUMN stage")
         db.execute("PRAGMA user_version = 4")
@@ -269,7 +273,7 @@ def test_a_schema_4_sqlite_file_gains_the_keys_table(tmp_path: Path) -> None:
     finally:
         store.close()
     with sqlite3.connect(path) as db:
-        assert db.execute("PRAGMA user_version").fetchone()[0] == 5
+        assert db.execute("PRAGMA user_version").fetchone()[0] == SQLITE_SCHEMA
 
 
 def test_cleanup_removes_keys_that_ran_out(tmp_path: Path) -> None:
@@ -291,7 +295,7 @@ def test_cleanup_removes_keys_that_ran_out(tmp_path: Path) -> None:
 
 
 def test_schema_2_postgres_tables_gain_keys_and_reports(postgres_url: str) -> None:
-    """PostgreSQL tables of schema 2 migrate to 3: their batch stays, keys and reports
+    """PostgreSQL tables of schema 2 migrate on: their batch stays, keys and reports
     work on it."""
     pytest.importorskip("psycopg")
     import psycopg
@@ -304,7 +308,8 @@ def test_schema_2_postgres_tables_gain_keys_and_reports(postgres_url: str) -> No
         with PostgresStore(postgres_url, table_prefix=prefix) as store:
             batch_id = BatchTracker(store).create_batch([("a", "a.jpg")]).batch_id
         with psycopg.connect(postgres_url, autocommit=True) as conn:
-            conn.execute(f'DROP TABLE "{prefix}keys"')
+            conn.execute(f'DROP TABLE "{prefix}keys", "{prefix}metadata"')
+            conn.execute(f'DROP INDEX "{prefix}batches_by_owner", "{prefix}batches_by_time"')
             conn.execute(f'ALTER TABLE "{prefix}items" DROP COLUMN progress, DROP COLUMN stage')
             conn.execute(f'UPDATE "{prefix}schema" SET version = 2')
         with PostgresStore(postgres_url, table_prefix=prefix) as store:
@@ -315,6 +320,6 @@ def test_schema_2_postgres_tables_gain_keys_and_reports(postgres_url: str) -> No
             assert tracker.create_batch(["b.jpg"], key="k").batch_id == first
         with psycopg.connect(postgres_url, autocommit=True) as conn:
             row = conn.execute(f'SELECT version FROM "{prefix}schema"').fetchone()
-        assert row == (SCHEMA_VERSION,) == (3,)
+        assert row == (SCHEMA_VERSION,) == (4,)
     finally:
         drop_postgres_tables(postgres_url, f"{prefix}%")

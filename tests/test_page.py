@@ -804,3 +804,42 @@ def test_a_running_image_shows_a_thin_bar_with_its_percentage_and_stage(
     assert not [
         r for r in browser.find_elements(By.CSS_SELECTOR, ".item-progress") if r.is_displayed()
     ]
+
+
+def test_recent_batches_lead_back_to_a_batch_whose_address_was_lost(
+    browser: Any, slow_server: tuple[str, Path, subprocess.Popen[str]], tmp_path: Path
+) -> None:
+    """The picker lists this session's recent batches newest first (when, how many
+    images, status); a click opens the batch; another session sees no list."""
+    from selenium.webdriver.common.by import By
+
+    base, _, _ = slow_server
+    page = Page(browser, base, tmp_path)
+    browser.get(base + "/")
+    assert not page.shown("recent")
+    first = upload_batch(page, *small_jpegs(tmp_path, 2, "first"))
+    page.el("new").click()
+    second = upload_batch(page, *small_jpegs(tmp_path, 3, "second"))
+    browser.get(base + "/")  # the address of the batch is lost
+
+    def entries() -> list[Any]:
+        return list(browser.find_elements(By.CSS_SELECTOR, "#recent-list li"))
+
+    wait(lambda: len(entries()) == 2, what="two recent batches")
+    assert page.shown("recent")
+    assert page.text("recent-title") == "Your recent batches"
+    texts = [e.text for e in entries()]
+    assert "3 images" in texts[0]
+    assert "2 images" in texts[1]
+    links = browser.find_elements(By.CSS_SELECTOR, "#recent-list a")
+    assert [a.get_attribute("href").rpartition("?batch=")[2] for a in links] == [second, first]
+    page.shot("recent-batches")
+    links[1].click()
+    wait(lambda: page.text("batch-id") == first, what="the first batch opened")
+    assert browser.current_url.endswith("?batch=" + first)
+    wait(page.finished, 30, "the first batch to finish")
+    assert page.text("headline") == "Finished: all 2 images processed."
+    browser.delete_all_cookies()
+    browser.get(base + "/")
+    time.sleep(0.5)
+    assert not page.shown("recent")

@@ -230,7 +230,7 @@ def test_a_server_killed_mid_batch_and_restarted_loses_and_doubles_nothing(
 
 
 def test_first_use_creates_the_tables_with_their_version(postgres_url: str, prefix: str) -> None:
-    """A new prefix gets its four tables, the schema version, and the indexes."""
+    """A new prefix gets its six tables, the schema version, and the indexes."""
     PostgresStore(postgres_url, table_prefix=prefix).close()
     tables = _sql(
         postgres_url,
@@ -241,7 +241,10 @@ def test_first_use_creates_the_tables_with_their_version(postgres_url: str, pref
         f"{prefix}batches",
         f"{prefix}items",
         f"{prefix}keys",
+        f"{prefix}outbox",
+        f"{prefix}metadata",
         f"{prefix}schema",
+        f"{prefix}webhooks_gone",
     ]
     assert _sql(postgres_url, f"SELECT version FROM {prefix}schema") == [(SCHEMA_VERSION,)]
     indexes = {
@@ -422,7 +425,7 @@ def test_a_read_only_user_reads_but_cannot_write(postgres_url: str, prefix: str)
     role = f"r{uuid.uuid4().hex[:10]}"
     _sql(postgres_url, f"CREATE ROLE {role} LOGIN")
     try:
-        for table in ("schema", "batches", "items"):
+        for table in ("schema", "batches", "items", "metadata"):
             _sql(postgres_url, f"GRANT SELECT ON {prefix}{table} TO {role}")
         dsn = postgres_url.replace("batchtrack@", f"{role}@")
         with PostgresStore(dsn, table_prefix=prefix) as store:
@@ -633,7 +636,8 @@ def test_schema_1_tables_gain_the_paused_flag_and_keep_their_batches(
     with PostgresStore(postgres_url, table_prefix=prefix) as store:
         batch_id = BatchTracker(store).create_batch([("a", "a.jpg"), ("b", "b.jpg")]).batch_id
     _sql(postgres_url, f'ALTER TABLE "{prefix}batches" DROP COLUMN paused')
-    _sql(postgres_url, f'DROP TABLE "{prefix}keys"')
+    _sql(postgres_url, f'DROP TABLE "{prefix}keys", "{prefix}metadata"')
+    _sql(postgres_url, f'DROP INDEX "{prefix}batches_by_owner", "{prefix}batches_by_time"')
     _sql(postgres_url, f'ALTER TABLE "{prefix}items" DROP COLUMN progress, DROP COLUMN stage')
     _sql(postgres_url, f"UPDATE {prefix}schema SET version = 1")
     with PostgresStore(postgres_url, table_prefix=prefix) as store:

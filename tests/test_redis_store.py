@@ -94,6 +94,8 @@ def test_keys_are_namespaced_and_expire_on_their_own(redis_url: str) -> None:
             f"{prefix}c:{snap.batch_id}",
             f"{prefix}s:{snap.batch_id}",
             f"{prefix}expiry",
+            f"{prefix}listed",
+            f"{prefix}by:all",
         ]
     )
     for kind in "biocs":

@@ -181,7 +181,7 @@ def test_a_schema_1_file_migrates_in_place_and_keeps_its_batches(tmp_path: Path)
     store = SQLiteStore(path)
     try:
         with sqlite3.connect(path) as db:
-            assert db.execute("PRAGMA user_version").fetchone()[0] == SCHEMA_VERSION == 5
+            assert db.execute("PRAGMA user_version").fetchone()[0] == SCHEMA_VERSION == 7
         clock = FakeClock(V1_CLOCK + 10)
         tracker = BatchTracker(store, clock=clock, lease=5.0)
         snap = tracker.get(V1_BATCH, owner="session:abc")
@@ -513,3 +513,29 @@ def test_item_snapshots_are_kept_for_the_batches_read_last_only(
         assert tracker.get(batches[0]).items[0].filename == "0.jpg"
     finally:
         store.close()
+
+
+def test_a_schema_5_file_gains_the_outbox_and_ends_batches_into_it(tmp_path: Path) -> None:
+    """A schema-5 file (no outbox) migrates to 6, keeps its batch, and the batch's end
+    writes an end marker there."""
+    path = tmp_path / "old.db"
+    store = SQLiteStore(path)
+    batch_id = BatchTracker(store).create_batch([("a", "a.jpg")]).batch_id
+    store.close()
+    with sqlite3.connect(path) as db:
+        db.execute("DROP TABLE outbox")
+        db.execute("DROP TABLE webhooks_gone")
+        db.execute("PRAGMA user_version = 5")
+    store = SQLiteStore(path)
+    try:
+        tracker = BatchTracker(store)
+        tracker.start_item(batch_id, "a")
+        tracker.complete_item(batch_id, "a")
+        [marker] = store.outbox_claim(tracker.clock(), 10, tracker.clock() + 60)
+        assert (marker.batch_id, marker.version) == (batch_id, 2)
+        store.outbox_unsubscribe("http://gone.example/")
+    finally:
+        store.close()
+    with sqlite3.connect(path) as db:
+        assert db.execute("PRAGMA user_version").fetchone()[0] == SCHEMA_VERSION
+        assert db.execute("SELECT url FROM webhooks_gone").fetchall() == [("http://gone.example/",)]

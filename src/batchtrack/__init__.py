@@ -5,7 +5,7 @@ The public names are re-exported here; see the documentation for the guide.
 
 from __future__ import annotations
 
-from ._models import BatchSnapshot, Item, ItemSnapshot, Progress, ProgressEvent, Status
+from ._models import BatchPage, BatchSnapshot, Item, ItemSnapshot, Progress, ProgressEvent, Status
 from ._orchestrator import Orchestrator
 from ._report import report_progress
 from ._tracker import BatchTracker
@@ -28,6 +28,7 @@ from .typing import ProgressCallback
 
 __all__ = [
     "BatchNotFound",
+    "BatchPage",
     "BatchPaused",
     "BatchSnapshot",
     "BatchTracker",

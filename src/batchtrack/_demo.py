@@ -30,6 +30,7 @@ from .imaging import ImagePipeline
 from .stores.base import Store
 from .stores.sqlite import SQLiteStore
 from .uploads import UploadStore
+from .webhooks import Webhook
 
 __all__ = ["INTERRUPTED", "TEST_ITEM_DELAY", "build", "recover", "resuming", "trim_malloc"]
 
@@ -115,6 +116,7 @@ def build(
     session_secret: str | None = None,
     trusted_origins: Sequence[str] = (),
     metrics: bool = False,
+    webhooks: Sequence[Webhook] = (),
 ) -> tuple[Any, Callable[[], None]]:
     """The demo ASGI app over ``data_dir``, and the function that shuts it down.
 
@@ -130,6 +132,7 @@ def build(
     ``data_dir``). Processes sharing both serve the same users. Pages of
     ``trusted_origins`` may send state-changing requests with a visitor's cookie.
     With ``metrics`` the app answers ``GET /metrics`` (``create_app(metrics=True)``).
+    ``webhooks`` get a signed POST when a batch ends (``create_app(webhooks=...)``).
     """
     data_dir.mkdir(parents=True, exist_ok=True)
     if store is None:
@@ -156,6 +159,7 @@ def build(
         session_secret=session_secret,
         trusted_origins=trusted_origins,
         metrics=metrics,
+        webhooks=webhooks,
     )
     tracker.start_sweeper(interval=600)
     stop = threading.Event()

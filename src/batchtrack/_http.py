@@ -17,6 +17,7 @@ import difflib
 import hashlib
 import hmac
 import importlib
+import inspect
 import ipaddress
 import logging
 import math
@@ -38,12 +39,14 @@ from typing_extensions import TypedDict
 from . import _keys
 from ._control import BatchControl, progress_hook
 from ._json import dumps, status_body
-from ._models import Item, ProgressEvent
+from ._models import Item, ProgressEvent, Status
 from ._origins import check_origin, parse_trusted_origins
 from ._outages import Outages, disk_full
 from ._page import Page
-from ._query import find_items, wants_delta
-from ._tracker import BatchTracker
+from ._query import MAX_LIMIT, find_items, wants_delta
+from ._query import _parameters as query_parameters
+from ._query import _whole as whole_number
+from ._tracker import BatchTracker, check_metadata
 from ._watch import Subscription, subscribe
 from ._wire import (
     Body,
@@ -86,6 +89,7 @@ from .uploads import (
 
 if TYPE_CHECKING:
     from .metrics import AppMetrics, Metrics
+    from .webhooks import Webhook, WebhookSender
 
 __all__ = [
     "COOKIE",
@@ -130,6 +134,7 @@ class AppOptions(TypedDict, total=False):
     on_progress: Callable[[ProgressEvent], Any] | None
     trusted_origins: Iterable[str]
     metrics: bool | Metrics
+    webhooks: Iterable[Webhook]
 
 
 def build_api(
@@ -369,6 +374,7 @@ def _sse_unavailable(code: str, message: str) -> bytes:
 
 
 # What each endpoint needs to answer well, by handler name (other endpoints: the store).
+_BATCH_ID = re.compile(r"[0-9a-fA-F]{8}-(?:[0-9a-fA-F]{4}-){3}[0-9a-fA-F]{12}")
 _SERVED_BY = {
     "_upload": ("files", "full"),
     "_process_batch": ("store", "files"),
@@ -410,7 +416,10 @@ class Api:
     on_progress: Callable[[ProgressEvent], Any] | None = None
     trusted_origins: frozenset[str] = attrs.field(default=None, converter=parse_trusted_origins)
     metrics: bool | Metrics = False
+    webhooks: tuple[Webhook, ...] = attrs.field(default=(), converter=tuple)
     _metrics: AppMetrics | None = attrs.field(init=False, default=None)
+    # Started and stopped with the app's recovery (batchtrack._recovery).
+    webhook_sender: WebhookSender | None = attrs.field(init=False, default=None)
     _page: Page | None = attrs.field(init=False, default=None)
     _outages: Outages = attrs.field(init=False, factory=Outages)
     _progress: dict[str, Any] = attrs.field(init=False, factory=dict)
@@ -454,6 +463,7 @@ class Api:
             ("GET", re.compile(rf"/batch-status/{id_}"), self._batch_status),
             ("POST", re.compile(r"/upload"), self._upload),
             ("POST", re.compile(r"/process-batch"), self._process_batch),
+            ("GET", re.compile(r"/batches"), self._list_batches),
             ("GET", re.compile(rf"/batch-events/{id_}"), self._batch_events),
             ("GET", re.compile(rf"/batch-results/{id_}\.zip"), results_zip.download),
             ("GET", re.compile(rf"/batch-results/{id_}/(?P<item>[^/]+)"), self._batch_results),
@@ -467,6 +477,10 @@ class Api:
             from .metrics import for_app
 
             self._metrics = for_app(self.metrics, self.tracker)
+        if self.webhooks:  # POSTs when batches end, from the store's outbox
+            from .webhooks import WebhookSender
+
+            self.webhook_sender = WebhookSender(self.tracker, self.webhooks)
 
     # -- entry points ---------------------------------------------------------------------
 
@@ -666,7 +680,7 @@ class Api:
 
     def _process_batch(self, request: Request, owner: str) -> Response:
         key = request.headers.get("idempotency-key")
-        keyed: dict[str, str] = {}
+        keyed: dict[str, Any] = {}
         if key is not None:
             try:
                 keyed["key"] = _keys.check_key(key)
@@ -692,6 +706,18 @@ class Api:
         normal = [check_uuid(i, "every file id") for i in ids]
         if len(set(normal)) != len(normal):
             reject(400, "duplicate_file_ids", "a file id appears more than once")
+        if payload.get("metadata") is not None:
+            try:
+                keyed["metadata"] = dict(check_metadata(payload["metadata"]))
+            except ValidationError as exc:
+                reject(400, "bad_metadata", f"metadata: {exc}")
+            if not _takes(self.runner.submit, "metadata"):
+                reject(
+                    501,
+                    "metadata_not_supported",
+                    f"this server's runner ({type(self.runner).__name__}) takes no "
+                    "metadata; send the request without it",
+                )
         try:
             files = [self.uploads.get(i, owner=owner) for i in normal]
         except FileNotFound as exc:
@@ -718,6 +744,49 @@ class Api:
             202,
             {"batchId": snap.batch_id, "status": snap.status.value, "statusUrl": url},
             [("Location", url)],
+        )
+
+    def _list_batches(self, request: Request, owner: str) -> Response:
+        given = query_parameters(request, frozenset({"status", "limit", "after"}))
+        status = None
+        if "status" in given:
+            try:
+                status = Status(given["status"])
+            except ValueError:
+                names = ", ".join(s.value for s in Status)
+                reject(
+                    400,
+                    "invalid_query",
+                    f"status must be one of {names}, got {given['status'][:40]!r}",
+                )
+        limit = whole_number(given["limit"], "limit", 1, MAX_LIMIT) if "limit" in given else 100
+        after = given.get("after")
+        if after is not None:
+            if not _BATCH_ID.fullmatch(after):
+                reject(
+                    400, "invalid_query", f"after must be a batch id (a UUID), got {after[:80]!r}"
+                )
+            after = after.lower()
+        try:
+            page = self.tracker.list_batches(owner=owner, status=status, limit=limit, after=after)
+        except ValidationError:
+            # The only check left to the tracker: a well-formed id that names none of the
+            # caller's batches (as batch-status answers an unknown image's after).
+            reject(
+                404,
+                "after_not_found",
+                "after names none of your batches (unknown, or removed since): "
+                "start again from the first page",
+            )
+        batches = []
+        for snap in page.batches:
+            body = snap._body([])
+            del body["images"]
+            batches.append(body)
+        return json_response(
+            200,
+            {"batches": batches, "nextAfter": page.next_after},
+            [("Cache-Control", "no-store")],
         )
 
     def _batch_status(self, request: Request, owner: str, batch: str) -> Response:
@@ -878,6 +947,19 @@ class BodyCache:
                 self._bytes -= _cost(gone, *entry)
             self._entries[key] = (tag, body)
             self._bytes += cost
+
+
+def _takes(method: object, name: str) -> bool:
+    """Whether a runner's ``submit`` accepts the keyword argument ``name`` (runners
+    written before it existed do not: the HTTP API then refuses requests that need it)."""
+    try:
+        parameters = inspect.signature(method).parameters.values()  # type: ignore[arg-type]
+    except (TypeError, ValueError):
+        return False
+    return any(
+        (p.name == name and p.kind is not p.POSITIONAL_ONLY) or p.kind is p.VAR_KEYWORD
+        for p in parameters
+    )
 
 
 def _cost(key: str, tag: str, body: bytes) -> int:

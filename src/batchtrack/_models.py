@@ -3,13 +3,62 @@
 from __future__ import annotations
 
 import enum
-from collections.abc import Callable
+from collections.abc import Callable, Iterator, Mapping
 from datetime import datetime, timezone
 from typing import Any
 
 import attrs
 
-__all__ = ["BatchSnapshot", "Item", "ItemSnapshot", "Progress", "ProgressEvent", "Status"]
+__all__ = [
+    "NO_METADATA",
+    "BatchPage",
+    "BatchSnapshot",
+    "Item",
+    "ItemSnapshot",
+    "Metadata",
+    "Progress",
+    "ProgressEvent",
+    "Status",
+]
+
+
+class Metadata(Mapping[str, str]):
+    """A batch's metadata: a read-only mapping of strings to strings.
+
+    Compares equal to a dict with the same pairs; hashable and picklable, so snapshots
+    that carry it stay so.
+    """
+
+    __slots__ = ("_pairs",)
+    _pairs: dict[str, str]
+
+    def __init__(self, pairs: Mapping[str, str] | None = None) -> None:
+        object.__setattr__(self, "_pairs", dict(pairs or {}))
+
+    def __getitem__(self, key: str) -> str:
+        return self._pairs[key]
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self._pairs)
+
+    def __len__(self) -> int:
+        return len(self._pairs)
+
+    def __hash__(self) -> int:
+        return hash(frozenset(self._pairs.items()))
+
+    def __repr__(self) -> str:
+        return f"Metadata({self._pairs!r})"
+
+    def __setattr__(self, name: str, value: object) -> None:
+        raise AttributeError("Metadata is read-only")
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        return (Metadata, (self._pairs,))
+
+
+NO_METADATA: Mapping[str, str] = Metadata()
+"""The metadata of a batch created without any."""
 
 
 class Status(str, enum.Enum):
@@ -209,6 +258,8 @@ class BatchSnapshot:
             or ``"waiting_for_lost_items"`` (every item left is lost: its lease ran
             out and it waits to be reclaimed). The JSON body
             carries it as ``"etaUnavailable"`` only when it is set.
+        metadata: The string pairs given at creation (a read-only mapping, empty when
+            none); the JSON body carries them as ``"metadata"`` only when there are some.
     """
 
     batch_id: str
@@ -225,6 +276,7 @@ class BatchSnapshot:
     next_after: str | None = None
     eta_range: tuple[int, int] | None = None
     eta_unavailable: str | None = None
+    metadata: Mapping[str, str] = NO_METADATA
 
     def to_dict(self) -> dict[str, Any]:
         """The JSON body of ``GET /api/batch-status/{batchId}``.
@@ -236,7 +288,7 @@ class BatchSnapshot:
 
     def _body(self, images: list[Any]) -> dict[str, Any]:
         """:meth:`to_dict` with ``images`` as the images (batchtrack._json passes [])."""
-        body = {
+        body: dict[str, Any] = {
             "batchId": self.batch_id,
             "status": self.status.value,
             "progress": self.progress.to_dict(),
@@ -249,11 +301,29 @@ class BatchSnapshot:
         body["createdAt"] = iso_utc(self.created_at)
         body["updatedAt"] = iso_utc(self.updated_at)
         body["finishedAt"] = iso_utc(self.finished_at)
+        if self.metadata:
+            body["metadata"] = dict(self.metadata)
         if self.query is not None:
             body["version"] = self.version
             if self.query.limit is not None:
                 body["nextAfter"] = self.next_after
         return body
+
+
+@attrs.frozen
+class BatchPage:
+    """One page of :meth:`~batchtrack.BatchTracker.list_batches`.
+
+    Attributes:
+        batches: The batches of the page, newest first (by creation), each without
+            items (:attr:`BatchSnapshot.items` is empty; counts, status and ETA are
+            those of the whole batch).
+        next_after: The batch id to pass as ``after`` for the next page, or None when
+            this is the last.
+    """
+
+    batches: tuple[BatchSnapshot, ...]
+    next_after: str | None = None
 
 
 class ProgressEvent:

@@ -106,6 +106,35 @@ _ITEM_CONDITIONS: list[dict[str, Any]] = [
         "schema": {"type": "integer", "minimum": 0, "maximum": MAX_VERSION},
     },
 ]
+_LIST_CONDITIONS: list[dict[str, Any]] = [
+    {
+        "name": "status",
+        "in": "query",
+        "description": "Only batches with this status.",
+        "schema": {"enum": ["pending", "processing", "completed", "failed", "cancelled", "paused"]},
+    },
+    {
+        "name": "limit",
+        "in": "query",
+        "description": "At most this many batches (default 100).",
+        "schema": {"type": "integer", "minimum": 1, "maximum": MAX_LIMIT},
+    },
+    {
+        "name": "after",
+        "in": "query",
+        "description": "The `nextAfter` of the previous page: the batches created before that one.",
+        "schema": _UUID,
+    },
+]
+_TEXT = "^[^\\u0000]*$"  # no NUL
+_METADATA: dict[str, Any] = {
+    "description": "String pairs kept with the batch: at most 16, keys of 1 to 64 "
+    "characters, values of up to 512.",
+    "type": "object",
+    "maxProperties": 16,
+    "propertyNames": {"minLength": 1, "maxLength": 64, "pattern": _TEXT},
+    "additionalProperties": {"type": "string", "maxLength": 512, "pattern": _TEXT},
+}
 _DELTA: dict[str, Any] = {
     "name": "delta",
     "in": "query",
@@ -307,7 +336,13 @@ def document(base: str, max_files: int, max_json_bytes: int = 64 * 1024) -> dict
                                             "minItems": 1,
                                             "maxItems": min(max_files, max_ids),
                                             "uniqueItems": True,
-                                        }
+                                        },
+                                        "metadata": {
+                                            "oneOf": [
+                                                {"$ref": "#/components/schemas/Metadata"},
+                                                {"type": "null"},
+                                            ]
+                                        },
                                     },
                                 }
                             }
@@ -317,8 +352,9 @@ def document(base: str, max_files: int, max_json_bytes: int = 64 * 1024) -> dict
                         {
                             "202": _json("Started.", "Started", _STATUS_URL, _BATCH_LINKS),
                             "400": _error(
-                                "Bad JSON or bad, duplicate or too many file ids, or a "
-                                "malformed Idempotency-Key (`bad_idempotency_key`)."
+                                "Bad JSON or bad, duplicate or too many file ids, a "
+                                "malformed Idempotency-Key (`bad_idempotency_key`), or "
+                                "metadata that breaks a rule (`bad_metadata`)."
                             ),
                             "404": _error("A file id is unknown, expired or not yours."),
                             "409": _error(
@@ -330,9 +366,33 @@ def document(base: str, max_files: int, max_json_bytes: int = 64 * 1024) -> dict
                             "415": _error("Not JSON."),
                             "501": _error(
                                 "`idempotency_not_supported`: an Idempotency-Key was sent "
-                                "and the server's runner takes none."
+                                "and the server's runner takes none; "
+                                "`metadata_not_supported`: metadata was sent and the "
+                                "server's runner takes none."
                             ),
                             "503": _error("The service is shutting down."),
+                        }
+                    ),
+                }
+            },
+            "/batches": {
+                "get": {
+                    "operationId": "listBatches",
+                    "summary": "Your batches, newest first, a page at a time.",
+                    "parameters": _LIST_CONDITIONS,
+                    "responses": _with_session(
+                        {
+                            "200": _json(
+                                "A page of your batches (status bodies without `images`).",
+                                "BatchList",
+                                {"Cache-Control": status_headers["Cache-Control"]},
+                            ),
+                            "400": _error("A bad query parameter (`invalid_query`)."),
+                            "404": _error(
+                                "`after_not_found`: `after` names none of your batches "
+                                "(unknown, or expired and removed since): start again "
+                                "from the first page."
+                            ),
                         }
                     ),
                 }
@@ -748,11 +808,36 @@ def document(base: str, max_files: int, max_json_bytes: int = 64 * 1024) -> dict
                             "null on the last.",
                             "oneOf": [_UUID, {"type": "null"}],
                         },
+                        "metadata": {
+                            "$ref": "#/components/schemas/Metadata",
+                            "description": "The metadata given at the start; absent when none.",
+                        },
                     },
                     "additionalProperties": False,
                 },
+                "Metadata": _METADATA,
             }
         },
+    }
+    schemas = doc["components"]["schemas"]
+    summary = {
+        **schemas["BatchStatus"],
+        "required": [r for r in schemas["BatchStatus"]["required"] if r != "images"],
+        "properties": {
+            k: v for k, v in schemas["BatchStatus"]["properties"].items() if k != "images"
+        },
+    }
+    schemas["BatchList"] = {
+        "type": "object",
+        "required": ["batches", "nextAfter"],
+        "properties": {
+            "batches": {"type": "array", "items": summary},
+            "nextAfter": {
+                "description": "The `after` of the next page; null on the last.",
+                "oneOf": [_UUID, {"type": "null"}],
+            },
+        },
+        "additionalProperties": False,
     }
     # Every operation that changes state refuses another site's page (cookie sessions).
     for operations in doc["paths"].values():

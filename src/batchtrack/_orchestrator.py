@@ -13,7 +13,7 @@ import threading
 import time
 import uuid
 import weakref
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Mapping
 from concurrent.futures import CancelledError, Executor, Future, ThreadPoolExecutor
 from concurrent.futures.process import BrokenProcessPool, ProcessPoolExecutor
 from typing import Any, TypeVar, Union
@@ -350,6 +350,7 @@ class Orchestrator(Closing):
         owner: str | None = None,
         key: str | None = None,
         on_progress: Callable[[ProgressEvent], Any] | None = None,
+        metadata: Mapping[str, str] | None = None,
     ) -> BatchSnapshot:
         """Create a batch of ``items`` and start running it in the background.
 
@@ -362,13 +363,16 @@ class Orchestrator(Closing):
                 batch as it is now.
             on_progress: Called after every transition of this batch (see
                 :class:`batchtrack.typing.ProgressCallback`).
+            metadata: String pairs kept and shown with the batch (see
+                :meth:`BatchTracker.create_batch`).
 
         Returns:
             The new batch, all pending (or the batch ``key`` named, as it is now).
 
         Raises:
             ValidationError: No items, a bad item, duplicate ids, a non-callable
-                ``on_progress``, a malformed key or one that names other items.
+                ``on_progress``, a malformed key or one that names other items, bad
+                metadata.
             OrchestratorClosed: :meth:`close` was called.
         """
         if on_progress is not None and not callable(on_progress):
@@ -386,10 +390,10 @@ class Orchestrator(Closing):
                 Item(item.filename, source=_stored_source(item.source), id=i)
                 for i, item in zip(ids, prepared, strict=True)
             ]
-            if key is None:
+            if key is None and metadata is None:
                 snap = self.tracker.create_batch(stored, owner=owner)
             else:
-                snap, created = self.tracker._create_batch(stored, owner, key)
+                snap, created = self.tracker._create_batch(stored, owner, key, metadata)
                 if not created:
                     return snap
             self._enqueue(

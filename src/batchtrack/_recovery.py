@@ -7,7 +7,8 @@ seconds, and removes expired batches every 600 s (what the tracker's sweeper doe
 taking the place of the one an integrator may start). It starts at lifespan
 startup, or on the first request when no lifespan came (an app mounted in a framework
 that does not forward it, any WSGI app), once; it stops at lifespan shutdown, or at
-interpreter exit.
+interpreter exit. The app's webhook sender (``create_app(webhooks=...)``), whatever its
+runner, starts and stops with it.
 """
 
 from __future__ import annotations
@@ -23,6 +24,7 @@ from ._tracker import BatchTracker
 from .exceptions import BatchtrackError
 from .typing import Runner
 from .uploads import UploadStore
+from .webhooks import WebhookSender
 
 __all__ = ["Recovery", "for_app"]
 
@@ -37,10 +39,17 @@ class Recovery:
     """The recovery loop of one app (see the module); :meth:`start` and :meth:`stop` are
     thread-safe, and starting twice (or after a stop) does nothing."""
 
-    def __init__(self, tracker: BatchTracker, runner: Runner, uploads: UploadStore) -> None:
+    def __init__(
+        self,
+        tracker: BatchTracker,
+        runner: Runner,
+        uploads: UploadStore,
+        webhooks: WebhookSender | None = None,
+    ) -> None:
         self.tracker = tracker
         self.runner = runner
         self.uploads = uploads
+        self.webhooks = webhooks  # the app's webhook sender: starts and stops with it
         self._lock = threading.Lock()
         self._started = False
         self._stop = threading.Event()
@@ -61,6 +70,9 @@ class Recovery:
             if self._started:
                 return
             self._started = True
+            if self.webhooks is not None:
+                self.webhooks.start()
+                weakref.finalize(owner, self.webhooks.stop)
             if not isinstance(self.runner, Orchestrator):
                 return  # other runners' workers and brokers take back their own work
             self._thread = threading.Thread(
@@ -75,6 +87,8 @@ class Recovery:
             self._started = True  # never started after a stop
             self._stop.set()
             thread, self._thread = self._thread, None
+        if self.webhooks is not None:
+            self.webhooks.stop()
         if thread is not None and thread is not threading.current_thread():
             thread.join(_JOIN)
         if thread is not None:
@@ -126,4 +140,4 @@ class Recovery:
 
 def for_app(app: Any) -> Recovery:
     """The recovery of an ASGI or WSGI app, from its API's tracker, runner and uploads."""
-    return Recovery(app.api.tracker, app.api.runner, app.api.uploads)
+    return Recovery(app.api.tracker, app.api.runner, app.api.uploads, app.api.webhook_sender)

@@ -7,7 +7,7 @@ import math
 import os
 import time
 import uuid
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from typing import Union
 
 import attrs
@@ -15,9 +15,12 @@ import attrs
 from . import _eta, _keys, _report
 from ._closing import Closing
 from ._models import (
+    NO_METADATA,
+    BatchPage,
     BatchSnapshot,
     Item,
     ItemSnapshot,
+    Metadata,
     Progress,
     ProgressEvent,
     Status,
@@ -50,6 +53,7 @@ __all__ = [
     "IDLE_TIMEOUT",
     "INPUT_NOT_KEPT",
     "MAX_ERROR_LENGTH",
+    "METADATA_LIMITS",
     "BatchTracker",
     "ItemSpec",
 ]
@@ -139,6 +143,62 @@ def _check_source(value: object, what: str) -> str | None:
         raise ValidationError(f"{what} must not contain NUL")
     _check_utf8(value, what)
     return value
+
+
+METADATA_LIMITS = (16, 64, 512)
+"""A batch's metadata: at most this many pairs, keys of 1 to this many characters,
+values of up to this many."""
+
+
+def check_metadata(metadata: object) -> Mapping[str, str]:
+    """``metadata`` as a batch keeps it (a read-only mapping; empty for None).
+
+    Raises:
+        ValidationError: Not a mapping of strings to strings, more than 16 pairs, a key
+            empty or longer than 64 characters, a value longer than 512, or text that
+            holds NUL or is not valid Unicode. The message names the rule.
+    """
+    if metadata is None:
+        return NO_METADATA
+    if not isinstance(metadata, Mapping):
+        raise ValidationError(
+            f"metadata must be a mapping of strings to strings, not {type(metadata).__name__}"
+        )
+    pairs, key_limit, value_limit = METADATA_LIMITS
+    if len(metadata) > pairs:
+        raise ValidationError(f"metadata holds at most {pairs} pairs, not {len(metadata)}")
+    checked: dict[str, str] = {}
+    for key, value in metadata.items():
+        if not isinstance(key, str):
+            raise ValidationError(f"metadata keys must be strings, not {type(key).__name__}")
+        if not 1 <= len(key) <= key_limit:
+            raise ValidationError(
+                f"metadata keys must be 1 to {key_limit} characters long: {key[:80]!r}"
+            )
+        if not isinstance(value, str):
+            raise ValidationError(
+                f"metadata value of {key!r} must be a string, not {type(value).__name__}"
+            )
+        if len(value) > value_limit:
+            raise ValidationError(
+                f"metadata value of {key!r} is longer than {value_limit} characters"
+            )
+        for text in (key, value):
+            if "\x00" in text:
+                raise ValidationError(f"metadata must not contain NUL: {key!r}")
+            _check_utf8(text, f"metadata {key!r}")
+        checked[key] = value
+    return Metadata(checked) if checked else NO_METADATA
+
+
+def _check_batch_status(status: object) -> Status | None:
+    if status is None or isinstance(status, Status):
+        return status
+    try:
+        return Status(status)
+    except ValueError:
+        names = ", ".join(s.value for s in Status)
+        raise ValidationError(f"status must be one of {names}, not {status!r}") from None
 
 
 def _check_owner(owner: object) -> str | None:
@@ -245,7 +305,12 @@ class BatchTracker(Closing):
     # -- creating and reading -------------------------------------------------------
 
     def create_batch(
-        self, items: Iterable[ItemSpec], *, owner: str | None = None, key: str | None = None
+        self,
+        items: Iterable[ItemSpec],
+        *,
+        owner: str | None = None,
+        key: str | None = None,
+        metadata: Mapping[str, str] | None = None,
     ) -> BatchSnapshot:
         """Create a batch whose items are all pending.
 
@@ -258,6 +323,11 @@ class BatchTracker(Closing):
             key: An idempotency key (up to 255 printable ASCII characters): the same key
                 and owner within 24 hours return the batch created first instead of a
                 new one, while it lives; None: always a new batch.
+            metadata: Up to 16 pairs of strings kept with the batch and shown with it
+                (:attr:`BatchSnapshot.metadata`, ``"metadata"`` in its JSON): keys of 1 to
+                64 characters, values of up to 512. A key that names a batch already
+                returns that batch with the metadata it was created with: metadata is
+                not part of what a key compares.
 
         Returns:
             The new batch (or the one ``key`` named already).
@@ -265,16 +335,22 @@ class BatchTracker(Closing):
         Raises:
             ValidationError: No items, an empty or malformed filename or id, a source that
                 is not a path or string, the same item id twice, a malformed key, or a
-                key that names a batch of other items (filenames and sources, in order).
+                key that names a batch of other items (filenames and sources, in order),
+                or metadata that breaks a rule above (the message names it).
         """
-        return self._create_batch(items, owner, key)[0]
+        return self._create_batch(items, owner, key, metadata)[0]
 
     def _create_batch(
-        self, items: Iterable[ItemSpec], owner: str | None, key: str | None
+        self,
+        items: Iterable[ItemSpec],
+        owner: str | None,
+        key: str | None,
+        metadata: Mapping[str, str] | None = None,
     ) -> tuple[BatchSnapshot, bool]:
         """:meth:`create_batch`, answered with whether the batch is new (runners send
         nothing for a batch a key named already)."""
         owner = _check_owner(owner)
+        kept = check_metadata(metadata)
         if key is not None:
             key = _keys.check_key(key)
         if isinstance(items, (str, bytes)) or not isinstance(items, Iterable):
@@ -319,6 +395,7 @@ class BatchTracker(Closing):
             expires_at=now + IDLE_TIMEOUT,
             version=0,
             progress=Progress(total=len(snapshots), pending=len(snapshots)),
+            metadata=kept,
         )
         if key is None:
             self.store.create(record, snapshots)
@@ -428,6 +505,77 @@ class BatchTracker(Closing):
             next_after = kept[-1].id
             query = attrs.evolve(query, limit=query.limit - 1)
         return attrs.evolve(self._snapshot(record, now), query=query, next_after=next_after)
+
+    def list_batches(
+        self,
+        *,
+        owner: str | None = None,
+        status: Status | str | None = None,
+        limit: int = 100,
+        after: str | None = None,
+    ) -> BatchPage:
+        """A page of batches, newest first (by creation), without their items.
+
+        Pages follow one another without gaps or repeats, also while batches are
+        created between them (those are newer than the first page: a new first page
+        shows them). Expired batches never appear. A page costs what it returns (and,
+        with ``status``, what it skips of the owner's batches to fill it), not the
+        size of the store.
+
+        Args:
+            owner: Only this owner's batches; None: every batch, whoever owns it (for
+                operators, never for an untrusted caller).
+            status: Only batches with this status (a :class:`Status` or its value, as
+                :attr:`BatchSnapshot.status` shows it: ``paused`` for a paused batch).
+            limit: At most this many batches, 1 to 1000.
+            after: The :attr:`BatchPage.next_after` of the previous page; None for the
+                first page.
+
+        Returns:
+            The page: :attr:`BatchPage.batches` and :attr:`BatchPage.next_after`.
+
+        Raises:
+            ValidationError: A bad owner, status, limit or ``after``; ``after`` naming
+                no listed batch (unknown, another owner's, or removed since it was
+                read; start again from the first page).
+        """
+        owner = _check_owner(owner)
+        wanted = _check_batch_status(status)
+        if isinstance(limit, bool) or not isinstance(limit, int) or not 1 <= limit <= 1000:
+            raise ValidationError(f"limit must be a whole number from 1 to 1000, not {limit!r}")
+        if after is not None and (not isinstance(after, str) or not after):
+            raise ValidationError(f"after must be a batch id from an earlier page, not {after!r}")
+        now = self.clock()
+        found: list[BatchSnapshot] = []
+        # One more than asked tells whether another page follows; a status filter reads
+        # the owner's batches a chunk at a time until the page is full.
+        chunk = limit + 1 if wanted is None else max(limit + 1, 100)
+        cursor = after
+        while True:
+            try:
+                records = self.store.list_batches(owner, now, chunk, cursor)
+            except BatchNotFound:
+                if cursor != after:
+                    break  # the last batch read went meanwhile: end this page here
+                raise ValidationError(
+                    f"after={after!r} names no batch of this list (unknown, or removed"
+                    " since): start again from the first page"
+                ) from None
+            lost = self._lost_by_batch(records, now)
+            for record in records:
+                snap = self._snapshot(record, now, lost.get(record.batch_id, 0))
+                if wanted is None or snap.status is wanted:
+                    found.append(snap)
+                    if len(found) > limit:
+                        break
+            if len(found) > limit or len(records) < chunk:
+                break
+            cursor = records[-1].batch_id
+        next_after = None
+        if len(found) > limit:
+            del found[limit:]
+            next_after = found[-1].batch_id
+        return BatchPage(tuple(found), next_after)
 
     def delete(self, batch_id: str) -> bool:
         """Remove a batch now; True if a visible batch was removed, else False.
@@ -1025,11 +1173,23 @@ class BatchTracker(Closing):
         is lost. Costs what the store's lease index holds that ran out, not the batch."""
         return sum(1 for lost in self.store.lost(now, _LOST_PAGE) if lost.batch_id == batch_id)
 
+    def _lost_by_batch(self, records: list[BatchRecord], now: float) -> dict[str, int]:
+        """How many lost items each of ``records`` has (as :meth:`_lost_in`), from one
+        read of the store's leases for a whole page of batches instead of one per batch;
+        empty when no batch of the page could show them."""
+        if not any(r.progress.processing and r.progress.finished for r in records):
+            return {}
+        counts: dict[str, int] = {}
+        for found in self.store.lost(now, _LOST_PAGE):
+            counts[found.batch_id] = counts.get(found.batch_id, 0) + 1
+        return counts
+
     def _estimate(
-        self, record: BatchRecord, now: float
+        self, record: BatchRecord, now: float, counted: int | None = None
     ) -> tuple[int | None, tuple[int, int] | None, str | None]:
         """The batch's ETA, its range and why there is none (see
-        :attr:`BatchSnapshot.eta_unavailable`), lost items taken into account."""
+        :attr:`BatchSnapshot.eta_unavailable`), lost items taken into account (``counted``:
+        how many, read already; None: read here)."""
         progress = record.progress
         if record.paused and (progress.pending or progress.processing):
             return None, None, _eta.PAUSED
@@ -1037,7 +1197,7 @@ class BatchTracker(Closing):
         if progress.processing and (progress.completed or progress.failed):
             # Only then can lost items change what is shown (before anything finished
             # the reason is "starting" whatever else holds).
-            lost = self._lost_in(record.batch_id, now)
+            lost = self._lost_in(record.batch_id, now) if counted is None else counted
         reported = (0, 0.0)
         if progress.processing and len(record.items) == progress.total:
             # Only a read of every item sees every report; a partial read (a page, a
@@ -1046,9 +1206,9 @@ class BatchTracker(Closing):
             reported = (len(fractions), math.fsum(fractions))
         return _eta.estimate_why(progress, record.created_at, record.stats, now, lost, reported)
 
-    def _snapshot(self, record: BatchRecord, now: float) -> BatchSnapshot:
+    def _snapshot(self, record: BatchRecord, now: float, lost: int | None = None) -> BatchSnapshot:
         progress = record.progress
-        eta, eta_range, why = self._estimate(record, now)
+        eta, eta_range, why = self._estimate(record, now, lost)
         status = progress.status
         if record.paused and not status.is_final:
             status = Status.PAUSED
@@ -1065,4 +1225,5 @@ class BatchTracker(Closing):
             finished_at=None if record.finished_at is None else utc_datetime(record.finished_at),
             owner=record.owner,
             version=record.version,
+            metadata=record.metadata,
         )

@@ -211,7 +211,9 @@ def create_app(
             :class:`~batchtrack.ProgressEvent` of the batches started or retried through
             the app, in the runner's thread; what it raises is logged, never raised);
             ``trusted_origins`` (other sites whose pages may change state); ``metrics``
-            (``GET /metrics`` for Prometheus: True or a :class:`batchtrack.metrics.Metrics`).
+            (``GET /metrics`` for Prometheus: True or a :class:`batchtrack.metrics.Metrics`);
+            ``webhooks`` (:class:`batchtrack.webhooks.Webhook` objects: a signed POST to
+            each when a batch ends, sent from the store's outbox while the app runs).
             Each is described in :ref:`create-app-options`. With an Orchestrator the app
             resumes unfinished batches after a restart (:doc:`deployment`).
 

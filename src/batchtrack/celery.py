@@ -18,7 +18,7 @@ import os
 import random
 import threading
 import time
-from collections.abc import Callable, Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from contextlib import contextmanager, suppress
 from typing import Any
 
@@ -545,7 +545,12 @@ class CeleryRunner:
         return job.processor
 
     def submit(
-        self, items: Iterable[ItemLike], *, owner: str | None = None, key: str | None = None
+        self,
+        items: Iterable[ItemLike],
+        *,
+        owner: str | None = None,
+        key: str | None = None,
+        metadata: Mapping[str, str] | None = None,
     ) -> BatchSnapshot:
         """Create a batch of ``items`` and send one message per item to the workers.
 
@@ -559,22 +564,25 @@ class CeleryRunner:
                 with a key that names a batch already sends nothing and returns that
                 batch as it is now.
 
+            metadata: String pairs kept and shown with the batch (see
+                :meth:`BatchTracker.create_batch`).
+
         Returns:
             The new batch, all pending (or the batch ``key`` named).
 
         Raises:
             ValidationError: No items, a bad item, duplicate ids, a malformed key or one
-                that names other items.
+                that names other items, bad metadata.
             Exception: The broker refused a message (as raised by Celery). The batch is
                 then cancelled, so that no item waits for a message that never comes.
         """
         if isinstance(items, (str, bytes, os.PathLike)) or not isinstance(items, Iterable):
             raise ValidationError("items must be an iterable of Items or paths")
         prepared = [_as_item(value, n) for n, value in enumerate(items)]
-        if key is None:
+        if key is None and metadata is None:
             snap = self.tracker.create_batch(prepared, owner=owner)
         else:
-            snap, created = self.tracker._create_batch(prepared, owner, key)
+            snap, created = self.tracker._create_batch(prepared, owner, key, metadata)
             if not created:
                 return snap
         try:

@@ -208,6 +208,21 @@ def _parser() -> argparse.ArgumentParser:
         "refused with 403 (default: only the origin the request was sent to)",
     )
     serve.add_argument(
+        "--webhook",
+        dest="webhooks",
+        action="append",
+        default=[],
+        metavar="URL",
+        help="POST a signed JSON (Standard Webhooks) to URL when a batch ends; repeat for "
+        "more. Retried with back-off for up to a day; an answer 410 unsubscribes the URL",
+    )
+    serve.add_argument(
+        "--webhook-secret",
+        metavar="whsec_...",
+        help="the secret that signs webhooks: whsec_ and the base64 of 24 to 64 random bytes "
+        "(default: the environment variable BATCHTRACK_WEBHOOK_SECRET)",
+    )
+    serve.add_argument(
         "--max-upload-storage",
         type=_size,
         default=2**30,
@@ -316,7 +331,41 @@ def _parser() -> argparse.ArgumentParser:
         action="store_true",
         help="list only the failed images (counts stay those of the whole batch)",
     )
-    parser.commands = {"serve": serve, "process": process, "status": status}
+    listing = commands.add_parser(
+        "list",
+        help="list batches, newest first",
+        description="List batches, newest first, from the database of `serve` or "
+        "`process --data-dir` (or any store): id, status, images done of the total, when "
+        "created, metadata. With more than --limit, the last line (on stderr) gives the "
+        "--after of the next page.",
+    )
+    _data_dir_option(listing, "the folder of the database", created=False)
+    _store_option(listing)
+    listing.add_argument(
+        "--owner", default=None, help="only this owner's batches (default: every batch)"
+    )
+    listing.add_argument(
+        "--status",
+        default=None,
+        metavar="STATUS",
+        help="only batches with this status: pending, processing, completed, failed, "
+        "cancelled or paused (default: any)",
+    )
+    listing.add_argument(
+        "--limit", default="20", metavar="N", help="at most N batches, 1 to 1000 (default: 20)"
+    )
+    listing.add_argument(
+        "--after",
+        default=None,
+        metavar="BATCH_ID",
+        help="the batches created before this one (default: from the newest)",
+    )
+    listing.add_argument(
+        "--json",
+        action="store_true",
+        help='print {"batches": [...], "nextAfter": ...} as GET /api/batches answers',
+    )
+    parser.commands = {"serve": serve, "process": process, "status": status, "list": listing}
     for name, what in _CONTROLS.items():
         control = commands.add_parser(
             name,
@@ -413,6 +462,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             return _process(args)
         if args.command in _CONTROLS:
             return _control(args)
+        if args.command == "list":
+            return _list(args)
         return _status(args)
     except _Usage as exc:
         print(f"batchtrack {args.command}: error: {exc}", file=sys.stderr)
@@ -465,6 +516,60 @@ def _status(args: argparse.Namespace) -> int:
         except BatchtrackError as exc:  # the server went away meanwhile, ...
             raise _Usage(str(exc)) from None
     print(json.dumps(snap.to_dict(), indent=2, ensure_ascii=False))
+    return 0
+
+
+_METADATA_SHOWN = 40  # characters of metadata a row of `list` shows
+
+
+def _list(args: argparse.Namespace) -> int:
+    """list: a table (or the JSON of GET /api/batches) of a page of batches."""
+    from . import BatchTracker
+
+    if not (args.limit.isascii() and args.limit.isdigit()):
+        raise _Usage(f"--limit must be a whole number from 1 to 1000, not {args.limit!r}")
+    _need_database(args)
+    with _open_store(args) as store:
+        tracker = BatchTracker(store)
+        try:
+            page = tracker.list_batches(
+                owner=args.owner, status=args.status, limit=int(args.limit), after=args.after
+            )
+        except BatchtrackError as exc:
+            raise _Usage(str(exc)) from None
+    if args.json:
+        bodies = []
+        for snap in page.batches:
+            body = snap.to_dict()
+            del body["images"]
+            bodies.append(body)
+        out = {"batches": bodies, "nextAfter": page.next_after}
+        print(json.dumps(out, indent=2, ensure_ascii=False))
+        return 0
+    if not page.batches:
+        print("no batches")
+        return 0
+    rows = [("BATCH", "STATUS", "DONE", "CREATED (UTC)", "METADATA")]
+    for snap in page.batches:
+        shown = _text(", ".join(f"{k}={v}" for k, v in snap.metadata.items()))
+        if len(shown) > _METADATA_SHOWN:
+            shown = shown[: _METADATA_SHOWN - 1] + "…"
+        rows.append(
+            (
+                snap.batch_id,
+                snap.status.value,
+                f"{snap.progress.finished}/{snap.progress.total}",
+                snap.created_at.strftime("%Y-%m-%d %H:%M:%S"),
+                shown,
+            )
+        )
+    widths = [max(len(row[n]) for row in rows) for n in range(4)]
+    for row in rows:
+        print(
+            "  ".join([*(c.ljust(w) for c, w in zip(row, widths, strict=False)), row[4]]).rstrip()
+        )
+    if page.next_after is not None:
+        print(f"more: --after {page.next_after}", file=sys.stderr)
     return 0
 
 
@@ -829,6 +934,32 @@ def _files(url: str | None) -> FileStorage | None:
         raise _Usage(f"cannot use --files {url}: {exc}") from None
 
 
+def _webhooks(urls: list[str], secret: str | None) -> list[Any]:
+    """The webhooks of ``serve --webhook URL --webhook-secret whsec_...``.
+
+    Raises:
+        _Usage: A URL or secret that cannot be used, or one without the other.
+    """
+    from .webhooks import Webhook
+
+    secret = secret or os.environ.get("BATCHTRACK_WEBHOOK_SECRET") or None
+    if not urls:
+        if secret is not None and "BATCHTRACK_WEBHOOK_SECRET" not in os.environ:
+            raise _Usage("--webhook-secret needs at least one --webhook URL")
+        return []
+    if secret is None:
+        raise _Usage(
+            "--webhook needs a secret: --webhook-secret whsec_... or BATCHTRACK_WEBHOOK_SECRET"
+        )
+    hooks = []
+    for url in urls:
+        try:
+            hooks.append(Webhook(url, secret))
+        except ValidationError as exc:
+            raise _Usage(f"--webhook {url}: {exc}") from None
+    return hooks
+
+
 def _serve(args: argparse.Namespace) -> int:
     _need("uvicorn", "uvicorn", "server")
     _need("python_multipart", "python-multipart", "server")
@@ -846,6 +977,7 @@ def _serve(args: argparse.Namespace) -> int:
     if secret is not None and len(secret) < 16:
         raise _Usage("BATCHTRACK_SECRET must be at least 16 characters (a long random string)")
     files = _files(args.files)
+    webhooks = _webhooks(args.webhooks, args.webhook_secret)
     if args.metrics:
         _need("prometheus_client", "prometheus-client", "metrics")
     elif args.metrics is None:
@@ -870,6 +1002,7 @@ def _serve(args: argparse.Namespace) -> int:
                 session_secret=secret,
                 trusted_origins=args.trusted_origins,
                 metrics=args.metrics,
+                webhooks=webhooks,
             )
         except (OSError, BatchtrackError) as exc:
             if tracked is not None:

@@ -510,6 +510,11 @@ class InstrumentedStore(Store):
     def load(self, batch_id: str, *, items: bool = True) -> BatchRecord | None:
         return self._call("load", self._inner.load, batch_id, items=items)
 
+    def list_batches(
+        self, owner: str | None, now: float, limit: int, after: str | None
+    ) -> list[BatchRecord]:
+        return self._call("list_batches", self._inner.list_batches, owner, now, limit, after)
+
     def delete(self, batch_id: str) -> bool:
         return self._call("delete", self._inner.delete, batch_id)
 

@@ -57,6 +57,9 @@ class Runner(Protocol):
         :meth:`~batchtrack.BatchTracker.create_batch`; a batch the key named already is
         returned as it is and not run again): the HTTP API passes ``key`` only when a
         request carries one, so runners written without it keep working for the rest.
+        Likewise ``metadata=`` (string pairs kept with the batch, passed on to
+        :meth:`~batchtrack.BatchTracker.create_batch`) is passed only when a request
+        carries ``"metadata"``; a runner without it answers such requests with 501.
         """
         ...
 

@@ -10,10 +10,11 @@ A batch's paused flag is a column read after the header's (each store places it)
 
 from __future__ import annotations
 
+import json
 from collections.abc import Mapping, Sequence
 from typing import Any
 
-from .._models import ItemSnapshot, Progress, Status
+from .._models import NO_METADATA, ItemSnapshot, Metadata, Progress, Status
 from .base import (
     BatchRecord,
     Outcome,
@@ -32,9 +33,11 @@ __all__ = [
     "counts",
     "ends",
     "header",
+    "pack_metadata",
     "progress",
     "result",
     "step",
+    "unpack_metadata",
     "values",
 ]
 
@@ -72,9 +75,10 @@ def header(
     stats: Mapping[str, float],
     items: tuple[ItemSnapshot, ...] = (),
     paused: object = False,
+    metadata: Mapping[str, str] = NO_METADATA,
 ) -> BatchRecord:
-    """The batch a header row (:data:`COLUMNS` first) describes, with its decoded stats
-    and its paused flag (a truthy value)."""
+    """The batch a header row (:data:`COLUMNS` first) describes, with its decoded stats,
+    its paused flag (a truthy value) and its metadata."""
     return BatchRecord(
         batch_id=row[0],
         owner=row[1],
@@ -89,7 +93,22 @@ def header(
         stats=stats,
         items=items,
         paused=bool(paused),
+        metadata=metadata,
     )
+
+
+def pack_metadata(metadata: Mapping[str, str]) -> str | None:
+    """A batch's metadata as the text of its column: JSON, NULL when there is none."""
+    if not metadata:
+        return None
+    return json.dumps(dict(metadata), ensure_ascii=False, separators=(",", ":"))
+
+
+def unpack_metadata(text: str | None) -> Mapping[str, str]:
+    """The metadata a column's text (:func:`pack_metadata`) holds."""
+    if not text:
+        return NO_METADATA
+    return Metadata(json.loads(text))
 
 
 def values(batch: BatchRecord) -> tuple[Any, ...]:

@@ -25,7 +25,7 @@ from collections.abc import Callable, Iterator, Mapping, Sequence
 import attrs
 
 from .._closing import Closing
-from .._models import ItemQuery, ItemSnapshot, Progress, Status
+from .._models import NO_METADATA, ItemQuery, ItemSnapshot, Progress, Status
 from ..exceptions import ItemNotFound
 
 __all__ = [
@@ -33,6 +33,7 @@ __all__ = [
     "BulkResult",
     "ItemQuery",
     "LostItem",
+    "OutboxEntry",
     "Outcome",
     "PackedStats",
     "Store",
@@ -64,6 +65,10 @@ class BatchRecord:
             asked for the header only.
         paused: Whether the batch is paused (:meth:`Store.set_paused`): a transition
             with :attr:`Transition.unless_paused` is refused.
+        metadata: The string pairs given at creation (never changed after); stores
+            write them in :meth:`Store.create` and read them back in :meth:`Store.load`,
+            :meth:`Store.load_items` and :meth:`Store.list_batches`, never on a
+            transition.
     """
 
     batch_id: str
@@ -77,6 +82,7 @@ class BatchRecord:
     stats: Mapping[str, float] = attrs.field(factory=dict)
     items: tuple[ItemSnapshot, ...] = ()
     paused: bool = False
+    metadata: Mapping[str, str] = NO_METADATA
 
 
 # Transition and TransitionResult are created once per event on the hot path, so they
@@ -110,6 +116,10 @@ class Transition:
        processing any more, set ``finished_at`` to ``at`` and ``expires_at`` to
        ``expires_at_finished``, else set ``finished_at`` to None (a retried batch is
        open again) and ``expires_at`` to ``expires_at_open``.
+    6. If that set ``finished_at`` where it was None (the batch ended), add the batch's
+       end marker (:func:`end_marker` with the new version and ``at``) to the outbox,
+       due at once, in the same atomic step (:meth:`Store.outbox_claim`). So does
+       :meth:`Store.apply_many` when it ends a batch.
 
     Attributes:
         item_id: The item to change.
@@ -249,6 +259,35 @@ class PackedStats(Mapping[str, float]):
 
     def __repr__(self) -> str:
         return f"PackedStats({self._decoded()!r})"
+
+
+@attrs.frozen
+class OutboxEntry:
+    """One entry of a store's outbox (:meth:`Store.outbox_claim`): an *end marker* that
+    the store wrote when a transition ended a batch, or a webhook *delivery* made of one.
+
+    Attributes:
+        entry_id: Unique in the outbox; ``end:<batch id>:<version>`` for a marker.
+        batch_id: The batch that ended.
+        version: The batch's version right after the transition that ended it.
+        ended_at: When it ended (the transition's ``at``).
+        url: Where a delivery goes; None for a marker.
+        body: A delivery's JSON body; None for a marker.
+        attempts: How many times a delivery was tried and failed.
+    """
+
+    entry_id: str
+    batch_id: str
+    version: int
+    ended_at: float
+    url: str | None = None
+    body: str | None = None
+    attempts: int = 0
+
+
+def end_marker(batch_id: str, version: int, ended_at: float) -> OutboxEntry:
+    """The marker a store writes when a transition ends a batch (see :meth:`Store.apply`)."""
+    return OutboxEntry(f"end:{batch_id}:{version}", batch_id, version, ended_at)
 
 
 class Outcome(enum.Enum):
@@ -611,12 +650,41 @@ class Store(Closing, ABC):
         return frozenset() if record is None else frozenset(item.id for item in record.items)
 
     @abstractmethod
+    def list_batches(
+        self, owner: str | None, now: float, limit: int, after: str | None
+    ) -> list[BatchRecord]:
+        """Headers (no items) of up to ``limit`` batches, newest first.
+
+        Newest first means by ``created_at`` descending, then by ``batch_id``
+        descending among batches created at the same moment: one total order, so that
+        pages meet without gaps or repeats while batches are created between them.
+        Batches with ``expires_at <= now`` are left out (they may still be stored).
+        Each record carries its metadata.
+
+        The cost is that of the page, not of the store: stores keep an index per owner
+        (and one over every batch) in creation order, written in the step that creates
+        or removes a batch.
+
+        Args:
+            owner: Only this owner's batches; None: every batch, whoever owns it.
+            now: The tracker's clock, for expiry.
+            limit: At most this many records (>= 1).
+            after: Only batches after this one in the order above (a batch id from an
+                earlier page); None: from the newest.
+
+        Raises:
+            BatchNotFound: ``after`` names no batch the index holds (never created,
+                another owner's, or removed since).
+        """
+
+    @abstractmethod
     def delete(self, batch_id: str) -> bool:
-        """Remove a batch and its items; True if there was one."""
+        """Remove a batch and its items (and its end markers); True if there was one."""
 
     @abstractmethod
     def purge_expired(self, now: float) -> int:
-        """Remove every batch with ``expires_at <= now``; return how many."""
+        """Remove every batch with ``expires_at <= now`` (and its end markers; deliveries
+        made of them stay until settled); return how many."""
 
     @abstractmethod
     def expired(self, now: float, limit: int) -> list[str]:
@@ -624,6 +692,74 @@ class Store(Closing, ABC):
 
         For the tracker's cleanup hooks, which need a batch's items before it goes.
         """
+
+    # -- the outbox (webhooks) ----------------------------------------------------------
+
+    def outbox_claim(self, now: float, limit: int, lease_until: float) -> list[OutboxEntry]:
+        """Claim up to ``limit`` outbox entries that are due, atomically.
+
+        An entry is due when its next attempt time is at or before ``now`` and it holds no
+        lease, or one that ran out at or before ``now``. Set the lease of each entry
+        claimed to ``lease_until`` and answer them, earliest due first. Two claimers never
+        both hold one entry; an entry whose lease runs out before it is settled
+        (:meth:`outbox_done`, :meth:`outbox_retry`, :meth:`outbox_expand`) is claimed
+        again: delivery is at least once.
+
+        Raises:
+            StoreError: The store failed; nothing was claimed.
+            NotImplementedError: The store has no outbox (a store written before
+                batchtrack had one).
+        """
+        raise NotImplementedError(f"{type(self).__name__} has no outbox for webhooks")
+
+    def outbox_expand(self, entry_id: str, deliveries: Sequence[OutboxEntry], at: float) -> None:
+        """Replace a marker with its ``deliveries`` in one atomic step: remove the entry
+        ``entry_id`` and add each delivery (due at ``at``, no lease, its attempts), keeping
+        one already there under the same ``entry_id`` as it is.
+
+        Raises:
+            StoreError: The store failed; nothing was changed.
+            NotImplementedError: The store has no outbox.
+        """
+        raise NotImplementedError(f"{type(self).__name__} has no outbox for webhooks")
+
+    def outbox_done(self, entry_id: str) -> None:
+        """Remove an outbox entry (delivered, or given up); nothing if it is gone.
+
+        Raises:
+            StoreError: The store failed.
+            NotImplementedError: The store has no outbox.
+        """
+        raise NotImplementedError(f"{type(self).__name__} has no outbox for webhooks")
+
+    def outbox_retry(self, entry_id: str, attempts: int, next_at: float) -> None:
+        """Record a failed attempt: set the entry's attempts to ``attempts``, make it due
+        at ``next_at`` and drop its lease; nothing if it is gone.
+
+        Raises:
+            StoreError: The store failed.
+            NotImplementedError: The store has no outbox.
+        """
+        raise NotImplementedError(f"{type(self).__name__} has no outbox for webhooks")
+
+    def outbox_unsubscribe(self, url: str) -> None:
+        """Remember that ``url`` unsubscribed (it answered 410), for every process and
+        restart, and remove the deliveries waiting for it.
+
+        Raises:
+            StoreError: The store failed.
+            NotImplementedError: The store has no outbox.
+        """
+        raise NotImplementedError(f"{type(self).__name__} has no outbox for webhooks")
+
+    def outbox_unsubscribed(self) -> frozenset[str]:
+        """Every URL :meth:`outbox_unsubscribe` was given.
+
+        Raises:
+            StoreError: The store failed.
+            NotImplementedError: The store has no outbox.
+        """
+        raise NotImplementedError(f"{type(self).__name__} has no outbox for webhooks")
 
     def close(self) -> None:
         """Release connections and files. The store is not used after this."""

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import bisect
 import heapq
 import itertools
 import queue
@@ -12,18 +13,20 @@ from typing import Any
 
 import attrs
 
-from .._models import ItemSnapshot, Progress, Status
+from .._models import NO_METADATA, ItemSnapshot, Progress, Status
 from ..exceptions import BatchNotFound, ItemNotFound, StoreError
 from .base import (
     BatchRecord,
     BulkResult,
     ItemQuery,
     LostItem,
+    OutboxEntry,
     Outcome,
     Store,
     Transition,
     TransitionResult,
     add_stats,
+    end_marker,
 )
 
 __all__ = ["MemoryStore"]
@@ -58,6 +61,7 @@ class _Batch:
     # The positions of the items in each status, for status-filtered pages.
     members: dict[Status, set[int]]
     paused: bool = False
+    metadata: Mapping[str, str] = NO_METADATA
 
     def record(self, items: tuple[ItemSnapshot, ...]) -> BatchRecord:
         return BatchRecord(
@@ -72,6 +76,7 @@ class _Batch:
             self.stats,
             items,
             self.paused,
+            self.metadata,
         )
 
     def move(self, position: int, transition: Transition) -> None:
@@ -175,6 +180,16 @@ class MemoryStore(Store):
     _keys: dict[tuple[str | None, str], tuple[str, str, float]] = attrs.field(
         factory=dict, init=False
     )
+    # The outbox: entry id -> [entry, due at, lease until or None]; and unsubscribed URLs.
+    _outbox: dict[str, list[Any]] = attrs.field(factory=dict, init=False)
+    _gone: set[str] = attrs.field(factory=set, init=False)
+    # The end markers written per batch, so that they go with it (some may be settled).
+    _ends: dict[str, list[str]] = attrs.field(factory=dict, init=False)
+    # Batches in creation order, for list_batches: (created_at, batch id) sorted
+    # ascending, one list per owner and one of every batch. Kept under the lock by
+    # create, delete and purge; a page bisects to its start and walks back.
+    _by_owner: dict[str | None, list[tuple[float, str]]] = attrs.field(factory=dict, init=False)
+    _by_time: list[tuple[float, str]] = attrs.field(factory=list, init=False)
 
     def create(self, batch: BatchRecord, items: Sequence[ItemSnapshot]) -> None:
         self._create(batch, items, None)
@@ -215,6 +230,7 @@ class MemoryStore(Store):
             dict(batch.stats),
             array("q"),
             {status: set() for status in Status},
+            metadata=batch.metadata,
         )
         for position, item in enumerate(items):
             state.members[item.status].add(position)
@@ -229,6 +245,9 @@ class MemoryStore(Store):
             if batch.batch_id in self._batches:
                 raise StoreError(f"batch {batch.batch_id!r} exists already")
             self._batches[batch.batch_id] = state
+            entry = (batch.created_at, batch.batch_id)
+            bisect.insort(self._by_time, entry)
+            bisect.insort(self._by_owner.setdefault(batch.owner, []), entry)
             if keyed is not None:
                 self._keys[(batch.owner, keyed[0])] = (batch.batch_id, keyed[1], keyed[2])
         self._changed(batch.batch_id)
@@ -314,7 +333,10 @@ class MemoryStore(Store):
             outcome = Outcome.PAUSED
         else:
             outcome = Outcome.APPLIED
+            was_open = state.finished_at is None
             state.move(position, transition)
+            if was_open and state.finished_at is not None:
+                self._ended(state)
             if transition.lease_until is not None:
                 heapq.heappush(self._leases, (transition.lease_until, state.batch_id, position))
         return self._result(outcome, previous, state, position)
@@ -345,6 +367,7 @@ class MemoryStore(Store):
                 outcome = Outcome.PAUSED
             else:
                 outcome = Outcome.APPLIED
+                was_open = state.finished_at is None
                 state.shift(
                     position,
                     target,
@@ -357,6 +380,8 @@ class MemoryStore(Store):
                     expires_at_open,
                     expires_at_finished,
                 )
+                if was_open and state.finished_at is not None:
+                    self._ended(state)
                 if lease_until is not None:
                     heapq.heappush(self._leases, (lease_until, batch_id, position))
             answer = (
@@ -372,6 +397,12 @@ class MemoryStore(Store):
         if outcome is _APPLIED and self._listeners:
             self._changed(batch_id)
         return answer
+
+    def _ended(self, state: _Batch) -> None:
+        """Add the end marker of ``state``, which a transition just ended (under the lock)."""
+        marker = end_marker(state.batch_id, state.version, state.updated_at)
+        self._outbox[marker.entry_id] = [marker, marker.ended_at, None]
+        self._ends.setdefault(state.batch_id, []).append(marker.entry_id)
 
     @staticmethod
     def _result(
@@ -469,8 +500,11 @@ class MemoryStore(Store):
                     if state.items[n].status not in sources
                 )
             if not rejected:
+                was_open = state.finished_at is None
                 for position in sorted(set(positions)):  # in creation order
                     state.move(position, transition)
+                if was_open and state.finished_at is not None:
+                    self._ended(state)
             applied = 0 if rejected else len(set(positions))
             result = BulkResult(applied, rejected, state.progress, state.version)
         if applied:
@@ -526,9 +560,46 @@ class MemoryStore(Store):
                 return None
             return state.record(tuple(state.items[n] for n in _select(state, batch_id, query)))
 
+    def list_batches(
+        self, owner: str | None, now: float, limit: int, after: str | None
+    ) -> list[BatchRecord]:
+        with self._lock:
+            index = self._by_time if owner is None else self._by_owner.get(owner, [])
+            end = len(index)
+            if after is not None:
+                state = self._batches.get(after)
+                if state is None or (owner is not None and state.owner != owner):
+                    raise BatchNotFound(after)
+                end = bisect.bisect_left(index, (state.created_at, after))
+            found: list[BatchRecord] = []
+            batches = self._batches
+            for position in range(end - 1, -1, -1):
+                state = batches[index[position][1]]
+                if state.expires_at > now:
+                    found.append(state.record(()))
+                    if len(found) >= limit:
+                        break
+            return found
+
+    def _unindex(self, state: _Batch) -> None:
+        """Remove a batch from the creation-order lists (under the lock)."""
+        entry = (state.created_at, state.batch_id)
+        for index in (self._by_time, self._by_owner.get(state.owner)):
+            if index is None:
+                continue
+            position = bisect.bisect_left(index, entry)
+            if position < len(index) and index[position] == entry:
+                del index[position]
+        if not self._by_owner.get(state.owner, True):
+            del self._by_owner[state.owner]
+
     def delete(self, batch_id: str) -> bool:
         with self._lock:
-            removed = self._batches.pop(batch_id, None) is not None
+            state = self._batches.pop(batch_id, None)
+            removed = state is not None
+            if state is not None:
+                self._unindex(state)
+                self._drop_markers({batch_id})
         if removed:
             self._changed(batch_id)
         return removed
@@ -544,13 +615,64 @@ class MemoryStore(Store):
             for name in [k for k, held in self._keys.items() if held[2] <= now]:
                 del self._keys[name]
             for batch_id in expired:
-                del self._batches[batch_id]
+                self._unindex(self._batches.pop(batch_id))
             if expired:
+                self._drop_markers(set(expired))
                 self._leases = [e for e in self._leases if e[1] in self._batches]
                 heapq.heapify(self._leases)
         for batch_id in expired:
             self._changed(batch_id)
         return len(expired)
+
+    def _drop_markers(self, batch_ids: set[str]) -> None:
+        """Remove the end markers of these (removed) batches; under the lock."""
+        for batch_id in batch_ids:
+            for entry_id in self._ends.pop(batch_id, ()):
+                self._outbox.pop(entry_id, None)
+
+    # -- the outbox: a dict, scanned (it holds what is waiting, not what was delivered) --
+
+    def outbox_claim(self, now: float, limit: int, lease_until: float) -> list[OutboxEntry]:
+        with self._lock:
+            due = sorted(
+                (
+                    held
+                    for held in self._outbox.values()
+                    if held[1] <= now and (held[2] is None or held[2] <= now)
+                ),
+                key=lambda held: held[1],
+            )[:limit]
+            claimed = []
+            for held in due:
+                held[2] = lease_until
+                claimed.append(held[0])
+            return claimed
+
+    def outbox_expand(self, entry_id: str, deliveries: Sequence[OutboxEntry], at: float) -> None:
+        with self._lock:
+            self._outbox.pop(entry_id, None)
+            for entry in deliveries:
+                self._outbox.setdefault(entry.entry_id, [entry, at, None])
+
+    def outbox_done(self, entry_id: str) -> None:
+        with self._lock:
+            self._outbox.pop(entry_id, None)
+
+    def outbox_retry(self, entry_id: str, attempts: int, next_at: float) -> None:
+        with self._lock:
+            held = self._outbox.get(entry_id)
+            if held is not None:
+                held[:] = [attrs.evolve(held[0], attempts=attempts), next_at, None]
+
+    def outbox_unsubscribe(self, url: str) -> None:
+        with self._lock:
+            self._gone.add(url)
+            for entry_id in [k for k, (e, _, _) in self._outbox.items() if e.url == url]:
+                del self._outbox[entry_id]
+
+    def outbox_unsubscribed(self) -> frozenset[str]:
+        with self._lock:
+            return frozenset(self._gone)
 
 
 def _select(state: _Batch, batch_id: str, query: ItemQuery) -> list[int]:

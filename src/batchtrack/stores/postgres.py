@@ -63,7 +63,7 @@ from ._rows import FAILED as _FAILED
 from ._rows import STATUSES as _STATUSES
 from ._rows import counts as _counts
 from ._rows import ends as _ends
-from ._rows import header
+from ._rows import header, pack_metadata, unpack_metadata
 from ._rows import progress as _progress
 from ._rows import result as _result
 from ._rows import step as _step
@@ -73,11 +73,13 @@ from .base import (
     BulkResult,
     ItemQuery,
     LostItem,
+    OutboxEntry,
     Outcome,
     PackedStats,
     Store,
     Transition,
     TransitionResult,
+    end_marker,
 )
 from .sqlite import SchemaVersionError  # one error for every store's newer schema
 
@@ -85,7 +87,7 @@ __all__ = ["SCHEMA_VERSION", "PostgresStore", "SchemaVersionError"]
 
 log = logging.getLogger("batchtrack")
 
-SCHEMA_VERSION = 3
+SCHEMA_VERSION = 5
 """The schema this batchtrack writes; kept in the ``<prefix>schema`` table."""
 
 PURGE_CHUNK = 500
@@ -169,6 +171,38 @@ _MIGRATIONS: dict[int, tuple[str, ...]] = {
         "ALTER TABLE {items} ADD COLUMN progress double precision",
         "ALTER TABLE {items} ADD COLUMN stage text",
     ),
+    4: (
+        # The webhook outbox: a transition that ends a batch adds its end marker (url
+        # NULL) in its own statement; the webhook sender turns a marker into one delivery
+        # per URL and settles each. Markers go with their batch; deliveries stay.
+        """CREATE TABLE IF NOT EXISTS {outbox} (
+            entry_id    text PRIMARY KEY,
+            batch_id    text NOT NULL,
+            version     bigint NOT NULL,
+            ended_at    double precision NOT NULL,
+            url         text,
+            body        text,
+            attempts    integer NOT NULL DEFAULT 0,
+            next_at     double precision NOT NULL,
+            lease_until double precision
+        )""",
+        'CREATE INDEX IF NOT EXISTS "{p}outbox_due" ON {outbox} (next_at)',
+        'CREATE INDEX IF NOT EXISTS "{p}outbox_markers" ON {outbox} (batch_id) WHERE url IS NULL',
+        "CREATE TABLE IF NOT EXISTS {gone} (url text PRIMARY KEY)",
+    ),
+    5: (
+        # A batch's metadata (JSON), in a table of its own so that the batch row every
+        # transition rewrites stays small; read with the header by load and
+        # list_batches, never by a transition; a batch without metadata has no row.
+        """CREATE TABLE {metadata} (
+            batch_key bigint PRIMARY KEY,
+            metadata  text NOT NULL
+        )""",
+        # The batches in creation order per owner and over all, for list_batches. No
+        # column of these ever changes, so transitions keep their HOT updates.
+        'CREATE INDEX "{p}batches_by_owner" ON {batches} (owner, created_at, batch_id)',
+        'CREATE INDEX "{p}batches_by_time" ON {batches} (created_at, batch_id)',
+    ),
 }
 assert sorted(_MIGRATIONS) == list(range(1, SCHEMA_VERSION + 1))
 
@@ -197,6 +231,11 @@ def _store_error(what: str, exc: psycopg.Error) -> StoreError:
 def _header(row: Sequence[Any], items: tuple[ItemSnapshot, ...] = ()) -> BatchRecord:
     # Header rows are the columns, the key, then the paused flag.
     return header(row, PackedStats(bytes(row[12])), items, row[14])
+
+
+def _loaded(row: Sequence[Any], items: tuple[ItemSnapshot, ...] = ()) -> BatchRecord:
+    # Rows of the "loaded" statement: a header row, then the metadata.
+    return header(row, PackedStats(bytes(row[12])), items, row[14], unpack_metadata(row[15]))
 
 
 @attrs.define(eq=False, init=False)
@@ -398,6 +437,9 @@ class PostgresStore(Store):
             "items": f'{schema}."{p}items"',
             "version": f'{schema}."{p}schema"',
             "keys": f'{schema}."{p}keys"',
+            "outbox": f'{schema}."{p}outbox"',
+            "gone": f'{schema}."{p}webhooks_gone"',
+            "metadata": f'{schema}."{p}metadata"',
             "p": p,
         }
 
@@ -421,9 +463,35 @@ class PostgresStore(Store):
     def _statements(self) -> dict[str, str]:
         """Every statement of the store, with its table names in place."""
         n = self._names()
-        b, i = n["batches"], n["items"]
+        b, i, o = n["batches"], n["items"], n["outbox"]
         key_of = f"SELECT key FROM {b} WHERE batch_id = %s"
+        write_item = (
+            f"WITH batch AS (UPDATE {b} SET updated_at = %s, finished_at = %s,"
+            " expires_at = %s, version = %s, completed = %s, failed = %s,"
+            " processing = %s, pending = %s, stats = %s"
+            " WHERE key = %s AND version = %s RETURNING key),"
+            f" item AS (UPDATE {i} SET status = %s, error = %s, changed_at = %s,"
+            " attempts = %s, lease_until = %s, beat_at = %s, version = %s,"
+            " progress = NULL, stage = NULL"
+            " WHERE batch_key = (SELECT key FROM batch) AND position = %s)"
+        )
+        # The end marker: the (entry id, batch id, version, at, at) of end_marker().
+        end = (
+            f"INSERT INTO {o} (entry_id, batch_id, version, ended_at, next_at)"
+            " VALUES (%s, %s, %s, %s, %s) ON CONFLICT DO NOTHING"
+        )
+        outbox = "entry_id, batch_id, version, ended_at, url, body, attempts"
+        listed = (
+            f"SELECT {', '.join('b.' + c for c in _COLUMNS)}, b.key, b.paused, m.metadata"
+            f" FROM {b} b LEFT JOIN {n['metadata']} m ON m.batch_key = b.key"
+        )
         return {
+            "loaded": f"{listed} WHERE b.batch_id = %s",
+            "listed": listed,
+            "after": f"SELECT created_at, owner FROM {b} WHERE batch_id = %s",
+            "create_metadata": f"INSERT INTO {n['metadata']} (batch_key, metadata) VALUES (%s, %s)",
+            "delete_metadata": f"DELETE FROM {n['metadata']} WHERE batch_key = %s",
+            "purge_metadata": f"DELETE FROM {n['metadata']} WHERE batch_key = ANY(%s)",
             "header": f"SELECT {', '.join(_COLUMNS)}, key, paused FROM {b} WHERE batch_id = %s",
             # A transition reads the batch and the item in one statement (one snapshot,
             # no lock, no transaction), decides, and writes both in one statement that
@@ -438,17 +506,34 @@ class PostgresStore(Store):
                 f" i.lease_until, b.paused FROM {b} b LEFT JOIN {i} i"
                 " ON i.batch_key = b.key AND i.item_id = %s WHERE b.batch_id = %s"
             ),
-            "write_item": (
-                f"WITH batch AS (UPDATE {b} SET updated_at = %s, finished_at = %s,"
-                " expires_at = %s, version = %s, completed = %s, failed = %s,"
-                " processing = %s, pending = %s, stats = %s"
-                " WHERE key = %s AND version = %s RETURNING key),"
-                f" item AS (UPDATE {i} SET status = %s, error = %s, changed_at = %s,"
-                " attempts = %s, lease_until = %s, beat_at = %s, version = %s,"
-                " progress = NULL, stage = NULL"
-                " WHERE batch_key = (SELECT key FROM batch) AND position = %s)"
+            "write_item": write_item + " SELECT pg_notify(%s, %s) FROM batch",
+            # The same for the transition that ends its batch, with the end marker.
+            "write_item_end": (
+                write_item + f", ended AS (INSERT INTO {o} (entry_id, batch_id, version, ended_at,"
+                " next_at) SELECT %s, %s, %s, %s, %s FROM batch ON CONFLICT DO NOTHING)"
                 " SELECT pg_notify(%s, %s) FROM batch"
             ),
+            "end": end,
+            # Claimers skip the rows another claimer holds: never two for one entry.
+            "outbox_claim": (
+                f"UPDATE {o} SET lease_until = %s WHERE entry_id IN (SELECT entry_id FROM {o}"
+                " WHERE next_at <= %s AND (lease_until IS NULL OR lease_until <= %s)"
+                " ORDER BY next_at LIMIT %s FOR UPDATE SKIP LOCKED)"
+                f" RETURNING {outbox}, next_at"
+            ),
+            "outbox_add": (
+                f"INSERT INTO {o} ({outbox}, next_at) VALUES (%s, %s, %s, %s, %s, %s, %s, %s)"
+                " ON CONFLICT DO NOTHING"
+            ),
+            "outbox_done": f"DELETE FROM {o} WHERE entry_id = %s",
+            "outbox_retry": (
+                f"UPDATE {o} SET attempts = %s, next_at = %s, lease_until = NULL"
+                " WHERE entry_id = %s"
+            ),
+            "unsubscribe": f"INSERT INTO {n['gone']} (url) VALUES (%s) ON CONFLICT DO NOTHING",
+            "unsubscribe_drop": f"DELETE FROM {o} WHERE url = %s",
+            "unsubscribed": f"SELECT url FROM {n['gone']}",
+            "drop_markers": f"DELETE FROM {o} WHERE url IS NULL AND batch_id = ANY(%s)",
             # A heartbeat changes no version: the batch's expiry and the item's lease.
             "renew": (
                 f"WITH batch AS (UPDATE {b} SET expires_at = %s"
@@ -697,6 +782,8 @@ class PostgresStore(Store):
             raise StoreError(f"batch {batch.batch_id!r} exists already") from None
         assert row is not None
         key = row[0]
+        if batch.metadata:
+            conn.execute(q["create_metadata"], (key, pack_metadata(batch.metadata)))
         created = batch.created_at
         with conn.cursor() as cursor, cursor.copy(q["copy"]) as copy:
             for n, item in enumerate(items):
@@ -768,7 +855,7 @@ class PostgresStore(Store):
                 if outcome is not None:
                     return _result(outcome, _STATUSES[it[1]], _item(item_id, it), _header(row))
                 args, result = self._move(batch_id, transition, row, it)
-                conn.execute(self._sql["write_item"], args)  # holds the lock: it applies
+                conn.execute(*self._write_item(row, args, result))  # holds the lock: applies
             return result
         for _ in range(_TRIES):
             row, it = self._peek(what, batch_id, item_id, transition.at)
@@ -776,7 +863,7 @@ class PostgresStore(Store):
             if outcome is not None:
                 return _result(outcome, _STATUSES[it[1]], _item(item_id, it), _header(row))
             args, result = self._move(batch_id, transition, row, it)
-            if self._query(what, self._sql["write_item"], args):
+            if self._query(what, *self._write_item(row, args, result)):
                 return result
         raise _contended(batch_id)
 
@@ -809,7 +896,7 @@ class PostgresStore(Store):
                     results.append(_result(outcome, _STATUSES[it[1]], item, _header(row)))
                     continue
                 args, result = self._move(batch_id, transition, row, it)
-                conn.execute(q["write_item"], args)  # holds the lock: it applies
+                conn.execute(*self._write_item(row, args, result))  # holds the lock: it applies
                 results.append(result)
                 # The header and the item as written, for the transitions after it.
                 row = (
@@ -835,6 +922,18 @@ class PostgresStore(Store):
                     args[15],
                 )
         return results
+
+    def _write_item(
+        self, row: Any, args: tuple[Any, ...], result: TransitionResult
+    ) -> tuple[str, tuple[Any, ...]]:
+        """The statement and arguments that write a transition: ``write_item``, or, when
+        it ends the batch (``row`` was open), ``write_item_end`` with the end marker."""
+        if result.finished_at is None or row[4] is not None:
+            return self._sql["write_item"], args
+        marker = end_marker(row[0], result.version, result.finished_at)
+        at = marker.ended_at
+        ended = (marker.entry_id, marker.batch_id, marker.version, at, at)
+        return self._sql["write_item_end"], (*args[:-2], *ended, *args[-2:])
 
     def _move(
         self, batch_id: str, transition: Transition, row: Any, it: Any
@@ -1010,6 +1109,10 @@ class PostgresStore(Store):
                     ),
                 )
                 version += len(found)
+                if finished_at is not None and row[4] is None:  # it ended the batch
+                    marker = end_marker(batch_id, version, transition.at)
+                    at = marker.ended_at
+                    conn.execute(q["end"], (marker.entry_id, batch_id, version, at, at))
         return BulkResult(len(found), (), _progress(row[7], counts), version)
 
     def lost(self, now: float, limit: int) -> list[LostItem]:
@@ -1022,12 +1125,12 @@ class PostgresStore(Store):
     def load(self, batch_id: str, *, items: bool = True) -> BatchRecord | None:
         what = f"read batch {batch_id!r}"
         if not items:
-            header = self._query(what, self._sql["header"], (batch_id,))
-            return _header(header[0]) if header else None
+            header = self._query(what, self._sql["loaded"], (batch_id,))
+            return _loaded(header[0]) if header else None
         head, found = self._read(
-            what, [(self._sql["header"], (batch_id,)), (self._sql["items"], (batch_id,))]
+            what, [(self._sql["loaded"], (batch_id,)), (self._sql["items"], (batch_id,))]
         )
-        return _header(head[0], _snapshots(found)) if head else None
+        return _loaded(head[0], _snapshots(found)) if head else None
 
     def load_items(self, batch_id: str, query: ItemQuery) -> BatchRecord | None:
         # Each read walks one index from where it starts: items_by_version for what
@@ -1040,7 +1143,7 @@ class PostgresStore(Store):
         if query.status is not None:
             # A literal, so that the planner may use the partial index items_failed.
             where.append(f"status = {_CODE[query.status]}")
-        statements: list[tuple[str, Sequence[Any]]] = [(self._sql["header"], (batch_id,))]
+        statements: list[tuple[str, Sequence[Any]]] = [(self._sql["loaded"], (batch_id,))]
         if query.after is not None:
             # The item named is also looked for on its own, to tell a missing one apart.
             where.append(f"position > ({self._sql['position']})")
@@ -1059,7 +1162,32 @@ class PostgresStore(Store):
             return None
         if after and not after[0]:
             raise ItemNotFound(batch_id, query.after)
-        return _header(head[0], _snapshots(found))
+        return _loaded(head[0], _snapshots(found))
+
+    def list_batches(
+        self, owner: str | None, now: float, limit: int, after: str | None
+    ) -> list[BatchRecord]:
+        # One backward walk of batches_by_owner (or batches_by_time) from the cursor;
+        # expired batches not yet purged are skipped on the way.
+        q = self._sql
+        where = ["b.expires_at > %s"]
+        args: list[Any] = [now]
+        if owner is not None:
+            where.append("b.owner = %s")
+            args.append(owner)
+        if after is not None:
+            hit = self._query("list batches", q["after"], (after,))
+            if not hit or (owner is not None and hit[0][1] != owner):
+                raise BatchNotFound(after)
+            where.append("(b.created_at, b.batch_id) < (%s, %s)")
+            args += [hit[0][0], after]
+        rows = self._query(
+            "list batches",
+            f"{q['listed']} WHERE {' AND '.join(where)}"
+            " ORDER BY b.created_at DESC, b.batch_id DESC LIMIT %s",
+            (*args, limit),
+        )
+        return [_loaded(row) for row in rows]
 
     def delete(self, batch_id: str) -> bool:
         with self._transaction(f"delete batch {batch_id!r}") as conn:
@@ -1068,6 +1196,8 @@ class PostgresStore(Store):
             if row is None:
                 return False
             conn.execute(self._sql["delete_items"], (row[0],))
+            conn.execute(self._sql["drop_markers"], ([batch_id],))
+            conn.execute(self._sql["delete_metadata"], (row[0],))
             conn.execute(self._sql["notify"], (self._channel, batch_id))
             return True
 
@@ -1088,11 +1218,51 @@ class PostgresStore(Store):
                 if rows:
                     keys = [r[0] for r in rows]
                     conn.execute(q["purge_items"], (keys,))
+                    conn.execute(q["purge_metadata"], (keys,))
                     conn.execute(q["purge_batches"], (keys,))
+                    conn.execute(q["drop_markers"], ([r[1] for r in rows],))
                     conn.execute(q["notify_many"], (self._channel, [r[1] for r in rows]))
             removed += len(rows)
             if len(rows) < PURGE_CHUNK:
                 return removed
+
+    # -- the outbox ----------------------------------------------------------------------
+
+    def outbox_claim(self, now: float, limit: int, lease_until: float) -> list[OutboxEntry]:
+        with self._transaction("claim from the outbox") as conn:
+            rows = conn.execute(self._sql["outbox_claim"], (lease_until, now, now, limit))
+            found = rows.fetchall()
+        return [OutboxEntry(*r[:7]) for r in sorted(found, key=lambda r: r[7])]
+
+    def outbox_expand(self, entry_id: str, deliveries: Sequence[OutboxEntry], at: float) -> None:
+        q = self._sql
+        with self._transaction(f"expand outbox entry {entry_id!r}") as conn:
+            conn.execute(q["outbox_done"], (entry_id,))
+            for e in deliveries:
+                conn.execute(
+                    q["outbox_add"],
+                    (e.entry_id, e.batch_id, e.version, e.ended_at, e.url, e.body, e.attempts, at),
+                )
+
+    def outbox_done(self, entry_id: str) -> None:
+        self._query_write(f"settle outbox entry {entry_id!r}", "outbox_done", (entry_id,))
+
+    def outbox_retry(self, entry_id: str, attempts: int, next_at: float) -> None:
+        args = (attempts, next_at, entry_id)
+        self._query_write(f"retry outbox entry {entry_id!r}", "outbox_retry", args)
+
+    def outbox_unsubscribe(self, url: str) -> None:
+        with self._transaction(f"unsubscribe {url!r}") as conn:
+            conn.execute(self._sql["unsubscribe"], (url,))
+            conn.execute(self._sql["unsubscribe_drop"], (url,))
+
+    def outbox_unsubscribed(self) -> frozenset[str]:
+        rows = self._query("read unsubscribed URLs", self._sql["unsubscribed"], ())
+        return frozenset(r[0] for r in rows)
+
+    def _query_write(self, what: str, name: str, args: Sequence[Any]) -> None:
+        with self._transaction(what) as conn:
+            conn.execute(self._sql[name], args)
 
     # -- change notifications ----------------------------------------------------------
 

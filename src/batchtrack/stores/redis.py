@@ -18,7 +18,12 @@ Keys, under ``prefix`` (default ``batchtrack:``):
   (``status * 2**32 + position``), for pages of one status;
 - ``expiry`` — a sorted set of batch ids by ``expires_at``, for :meth:`RedisStore.purge_expired`;
 - ``leases`` — a sorted set of ``<batch>\x1f<item>`` by ``lease_until``, one member per
-  processing item, for :meth:`RedisStore.lost`.
+  processing item, for :meth:`RedisStore.lost`;
+- ``by:all`` — a sorted set of batch ids by ``created_at`` (ties: by id), and
+  ``by:o:<owner>`` the same for each owner's batches, for :meth:`RedisStore.list_batches`;
+  ``listed`` — a hash: batch id → owner (``''`` for none), so that a purge finds the
+  owner's set of a batch whose keys Redis already expired. All three are written by the
+  script that creates a batch and cleaned by delete and purge.
 
 Every change to a batch (creation, each applied transition, retry and cancel, pause and
 unpause, deletion, removal by ``cleanup()``) is published on the channel
@@ -56,11 +61,13 @@ import attrs
 
 from .._models import ItemSnapshot, Progress, Status
 from ..exceptions import BatchNotFound, ItemNotFound, StoreError, ValidationError
+from ._rows import pack_metadata, unpack_metadata
 from .base import (
     BatchRecord,
     BulkResult,
     ItemQuery,
     LostItem,
+    OutboxEntry,
     Outcome,
     PackedStats,
     Store,
@@ -166,6 +173,11 @@ local ttl = math.max(1, math.ceil(expires - created + tonumber(ARGV[2])))
 redis.call('ZADD', KEYS[6], -1, string.char(31))
 for _, i in ipairs({1, 2, 3, 6, 7}) do redis.call('EXPIRE', KEYS[i], ttl) end
 redis.call('ZADD', KEYS[4], expires, ARGV[1])
+local prefix = string.sub(KEYS[4], 1, -7)
+local owner = redis.call('HGET', KEYS[1], 'owner')
+redis.call('HSET', prefix .. 'listed', ARGV[1], owner)
+redis.call('ZADD', prefix .. 'by:all', created, ARGV[1])
+if owner ~= '' then redis.call('ZADD', prefix .. 'by:o:' .. owner, created, ARGV[1]) end
 notify(ARGV[1])
 return 1
 """
@@ -243,6 +255,18 @@ local function move(item_id, item, target, error, at, lease, attempts, version)
   local raw = cjson.encode(item)
   redis.call('HSET', KEYS[2], item_id, raw)
   return raw
+end
+-- The end marker of a batch a transition just ended, in the webhook outbox (the keys
+-- <prefix>outbox, <prefix>outbox:ready and <prefix>outbox:ends, named after KEYS[4]).
+local function ended(batch_id, version, at)
+  local p = string.sub(KEYS[4], 1, -7)
+  local id = 'end:' .. batch_id .. ':' .. version
+  local entry = cjson.encode({b = batch_id, v = version, t = at})
+  if redis.call('HSETNX', p .. 'outbox', id, entry) == 1 then
+    redis.call('ZADD', p .. 'outbox:ready', at, id)
+    redis.call('HSET', p .. 'outbox:ends', batch_id,
+      (redis.call('HGET', p .. 'outbox:ends', batch_id) or '') .. id .. ' ')
+  end
 end
 -- The header after items moved: counts, version, times and expiry.
 local function settle(head, counts, changes, at, expires_open, expires_finished)
@@ -350,6 +374,9 @@ for g = 0, tonumber(ARGV[15]) - 1 do
 end
 redis.call('HSET', KEYS[1], unpack(update))
 refresh_ttl(ARGV[1], new_expiry, at, ARGV[9], finished)
+if finished and (not values[4] or values[4] == '') then
+  ended(ARGV[1], tonumber(head[6]) + 1, ARGV[5])
+end
 notify(ARGV[1])
 return answer('applied', previous, raw, update)
 """
@@ -458,6 +485,9 @@ for i, A in ipairs(calls) do
       end
     end
     finished = counts[1] + counts[2] == 0
+    if finished and (not values[4] or values[4] == '') then
+      ended(ARGV[1], version, A[5])
+    end
     values[3] = A[5]
     if finished then
       values[4] = A[5]
@@ -514,7 +544,7 @@ _APPLY_MANY = (
     + """
 local at = tonumber(ARGV[5])
 local head = redis.call('HMGET', KEYS[1], 'expires_at', 'pending', 'processing',
-  'completed', 'failed', 'version')
+  'completed', 'failed', 'version', 'finished_at')
 if not head[1] or tonumber(head[1]) <= at then return {'nobatch'} end
 local target = tonumber(ARGV[3])
 local function allowed(code)
@@ -561,6 +591,9 @@ if #chosen > 0 then
   local update, finished, new_expiry = settle(head, counts, #chosen, ARGV[5], ARGV[7], ARGV[8])
   redis.call('HSET', KEYS[1], unpack(update))
   refresh_ttl(ARGV[1], new_expiry, at, ARGV[9], finished)
+  if finished and (not head[7] or head[7] == '') then
+    ended(ARGV[1], tonumber(head[6]) + #chosen, ARGV[5])
+  end
   notify(ARGV[1])
 end
 local values = redis.call('HMGET', KEYS[1], unpack(header_fields))
@@ -750,10 +783,80 @@ end
 return out
 """
 
+# Removes the end markers of a batch that goes (its deliveries stay).
+_DROP_MARKERS = """
+local function drop_markers(p, batch_id)
+  local ids = redis.call('HGET', p .. 'outbox:ends', batch_id)
+  if ids then
+    for id in string.gmatch(ids, '[^ ]+') do
+      redis.call('HDEL', p .. 'outbox', id)
+      redis.call('ZREM', p .. 'outbox:ready', id)
+    end
+    redis.call('HDEL', p .. 'outbox:ends', batch_id)
+  end
+end
+"""
+
+# The outbox: <prefix>outbox maps an entry id to its JSON (b: batch, v: version, t: end
+# time, u: url, y: body, a: attempts), <prefix>outbox:ready scores each entry with when it
+# may next be claimed: its due time, or the end of the lease it is held under.
+# KEYS: outbox, ready. ARGV: now, limit, lease_until. Returns id, JSON, id, JSON, ...
+_OUTBOX_CLAIM = """
+local ids = redis.call('ZRANGEBYSCORE', KEYS[2], '-inf', ARGV[1], 'LIMIT', 0, tonumber(ARGV[2]))
+local out = {}
+for _, id in ipairs(ids) do
+  local raw = redis.call('HGET', KEYS[1], id)
+  if raw then
+    redis.call('ZADD', KEYS[2], ARGV[3], id)
+    out[#out + 1] = id
+    out[#out + 1] = raw
+  else
+    redis.call('ZREM', KEYS[2], id)
+  end
+end
+return out
+"""
+
+# KEYS: outbox, ready. ARGV: the marker's id, at, then each delivery's id and JSON.
+_OUTBOX_EXPAND = """
+redis.call('HDEL', KEYS[1], ARGV[1])
+redis.call('ZREM', KEYS[2], ARGV[1])
+for i = 3, #ARGV, 2 do
+  if redis.call('HSETNX', KEYS[1], ARGV[i], ARGV[i + 1]) == 1 then
+    redis.call('ZADD', KEYS[2], ARGV[2], ARGV[i])
+  end
+end
+"""
+
+# KEYS: outbox, ready. ARGV: id, attempts, next_at.
+_OUTBOX_RETRY = """
+local raw = redis.call('HGET', KEYS[1], ARGV[1])
+if not raw then return 0 end
+local entry = cjson.decode(raw)
+entry.a = tonumber(ARGV[2])
+redis.call('HSET', KEYS[1], ARGV[1], cjson.encode(entry))
+redis.call('ZADD', KEYS[2], ARGV[3], ARGV[1])
+return 1
+"""
+
+# KEYS: outbox, ready, gone set. ARGV: url. (The outbox holds what is waiting: scanned.)
+_OUTBOX_UNSUBSCRIBE = """
+redis.call('SADD', KEYS[3], ARGV[1])
+local all = redis.call('HGETALL', KEYS[1])
+for i = 1, #all, 2 do
+  if cjson.decode(all[i + 1]).u == ARGV[1] then
+    redis.call('HDEL', KEYS[1], all[i])
+    redis.call('ZREM', KEYS[2], all[i])
+  end
+end
+"""
+
 # KEYS: expiry zset. ARGV: now, chunk size, key prefix. The zset's scores may be older
 # than a batch's real expiry (they are refreshed hourly), so each is checked against the
 # batch itself; being one script, a batch updated meanwhile is never removed.
-_PURGE = """
+_PURGE = (
+    _DROP_MARKERS
+    + """
 local now = tonumber(ARGV[1])
 local ids = redis.call('ZRANGEBYSCORE', KEYS[1], '-inf', ARGV[1], 'LIMIT', 0, tonumber(ARGV[2]))
 local removed = 0
@@ -766,11 +869,54 @@ for _, id in ipairs(ids) do
     redis.call('DEL', batch, ARGV[3] .. 'i:' .. id, ARGV[3] .. 'o:' .. id,
       ARGV[3] .. 'c:' .. id, ARGV[3] .. 's:' .. id)
     redis.call('ZREM', KEYS[1], id)
+    drop_markers(ARGV[3], id)
+    local owner = redis.call('HGET', ARGV[3] .. 'listed', id)
+    if owner then
+      redis.call('HDEL', ARGV[3] .. 'listed', id)
+      if owner ~= '' then redis.call('ZREM', ARGV[3] .. 'by:o:' .. owner, id) end
+    end
+    redis.call('ZREM', ARGV[3] .. 'by:all', id)
     redis.call('PUBLISH', ARGV[3] .. 'changes', id)
     removed = removed + 1
   end
 end
 return {removed, #ids}
+"""
+)
+
+
+# KEYS: the index to walk (by:all or by:o:<owner>). ARGV: now, limit, after ('' for
+# none), key prefix. Walks the index newest first from after, a chunk at a time,
+# skipping batches expired at now (or already gone); returns {'ok', id, header hash as
+# field/value pairs, ...} or {'noafter'} when after is not in the index.
+_LIST = """
+local now, limit = tonumber(ARGV[1]), tonumber(ARGV[2])
+local start = 0
+if ARGV[3] ~= '' then
+  local rank = redis.call('ZREVRANK', KEYS[1], ARGV[3])
+  if not rank then return {'noafter'} end
+  start = rank + 1
+end
+local out, found = {'ok'}, 0
+while found < limit do
+  local ids = redis.call('ZREVRANGE', KEYS[1], start, start + limit - 1)
+  if #ids == 0 then break end
+  for _, id in ipairs(ids) do
+    local fields = redis.call('HGETALL', ARGV[4] .. 'b:' .. id)
+    local expires = 0
+    for i = 1, #fields, 2 do
+      if fields[i] == 'expires_at' then expires = tonumber(fields[i + 1]) end
+    end
+    if expires > now then
+      out[#out + 1] = id
+      out[#out + 1] = fields
+      found = found + 1
+      if found >= limit then break end
+    end
+  end
+  start = start + #ids
+end
+return out
 """
 
 
@@ -819,7 +965,11 @@ def _from_fields(
 ) -> BatchRecord:
     header = [fields.get(name.encode()) for name in _HEADER]
     paused = fields.get(b"paused") == b"1"
-    return _record(batch_id, header, unpack_stats(fields[b"stats"]), items, paused)
+    record = _record(batch_id, header, unpack_stats(fields[b"stats"]), items, paused)
+    meta = fields.get(b"meta")
+    if meta:
+        record = attrs.evolve(record, metadata=unpack_metadata(meta.decode()))
+    return record
 
 
 def _item(item_id: str, raw: bytes) -> ItemSnapshot:
@@ -934,6 +1084,12 @@ class RedisStore(Store):
     _pause: Any
     _create_keyed: Any
     _report: Any
+    _drop: Any  # the outbox's scripts
+    _claim: Any
+    _expand: Any
+    _retry: Any
+    _unsubscribe: Any
+    _list: Any
 
     def __init__(
         self, url: str | None = None, *, prefix: str = "batchtrack:", client: Any = None
@@ -972,6 +1128,12 @@ class RedisStore(Store):
             client.register_script(_PAUSE),
             client.register_script(_CREATE_KEYED),
             client.register_script(_REPORT),
+            client.register_script(_DROP_MARKERS + "drop_markers(ARGV[1], ARGV[2])"),
+            client.register_script(_OUTBOX_CLAIM),
+            client.register_script(_OUTBOX_EXPAND),
+            client.register_script(_OUTBOX_RETRY),
+            client.register_script(_OUTBOX_UNSUBSCRIBE),
+            client.register_script(_LIST),
         )
         self._apply_all = client.register_script(_APPLY_ALL)
 
@@ -1101,6 +1263,9 @@ class RedisStore(Store):
         ]
         header += ["stats", pack_stats({k: float(v) for k, v in batch.stats.items()})]
         header += ["ix", "1"]  # keeps the c: and s: indexes (batches since 0.2)
+        meta = pack_metadata(batch.metadata)
+        if meta is not None:
+            header += ["meta", meta]
         staging = f"{self.prefix}new:{uuid.uuid4().hex}:"
         staged = [f"{staging}i", f"{staging}o", f"{staging}s"]
         what = f"create batch {batch.batch_id!r}"
@@ -1355,13 +1520,37 @@ class RedisStore(Store):
         items = tuple(_item(pairs[i].decode(), pairs[i + 1]) for i in range(0, len(pairs), 2))
         return _from_fields(batch_id, fields, items)
 
+    def list_batches(
+        self, owner: str | None, now: float, limit: int, after: str | None
+    ) -> list[BatchRecord]:
+        index = f"{self.prefix}by:all" if owner is None else f"{self.prefix}by:o:{owner}"
+        reply = self._call(
+            self._list, "list batches", [index], [repr(now), limit, after or "", self.prefix]
+        )
+        if reply[0] == b"noafter":
+            raise BatchNotFound(after or "")
+        found = []
+        for n in range(1, len(reply), 2):
+            flat = reply[n + 1]
+            fields = dict(zip(flat[::2], flat[1::2], strict=True))
+            found.append(_from_fields(reply[n].decode(), fields))
+        return found
+
     def delete(self, batch_id: str) -> bool:
         keys = self._keys(batch_id)
+        p = self.prefix
         try:
+            # The owner never changes: read first, it names the owner's index to clean.
+            owner = self._client.hget(f"{p}listed", batch_id)
             with self._client.pipeline(transaction=True) as pipe:
                 pipe.delete(keys[0])
                 pipe.delete(keys[1], keys[2], keys[5], keys[6])
                 pipe.zrem(keys[3], batch_id)
+                self._drop(keys=[], args=[self.prefix, batch_id], client=pipe)
+                pipe.hdel(f"{p}listed", batch_id)
+                pipe.zrem(f"{p}by:all", batch_id)
+                if owner:
+                    pipe.zrem(f"{p}by:o:{owner.decode()}", batch_id)
                 pipe.publish(self._channel, batch_id)  # also when there was none: harmless
                 removed = pipe.execute()[0]
         except RedisError as exc:
@@ -1390,3 +1579,57 @@ class RedisStore(Store):
                     return removed
         except RedisError as exc:
             raise StoreError(f"Redis failed to purge expired batches: {exc}") from exc
+
+    # -- the outbox ----------------------------------------------------------------------
+
+    def _outbox_keys(self) -> list[str]:
+        return [f"{self.prefix}outbox", f"{self.prefix}outbox:ready"]
+
+    def outbox_claim(self, now: float, limit: int, lease_until: float) -> list[OutboxEntry]:
+        reply = self._call(
+            self._claim,
+            "claim from the outbox",
+            self._outbox_keys(),
+            [repr(now), limit, repr(lease_until)],
+        )
+        return [_entry(reply[i].decode(), reply[i + 1]) for i in range(0, len(reply), 2)]
+
+    def outbox_expand(self, entry_id: str, deliveries: Sequence[OutboxEntry], at: float) -> None:
+        args: list[Any] = [entry_id, repr(at)]
+        for e in deliveries:
+            entry = {"b": e.batch_id, "v": e.version, "t": repr(e.ended_at), "a": e.attempts}
+            args += [e.entry_id, json.dumps({**entry, "u": e.url, "y": e.body})]
+        self._call(self._expand, f"expand outbox entry {entry_id!r}", self._outbox_keys(), args)
+
+    def outbox_done(self, entry_id: str) -> None:
+        outbox, ready = self._outbox_keys()
+        try:
+            with self._client.pipeline(transaction=True) as pipe:
+                pipe.hdel(outbox, entry_id)
+                pipe.zrem(ready, entry_id)
+                pipe.execute()
+        except RedisError as exc:
+            raise StoreError(f"Redis failed to settle outbox entry {entry_id!r}: {exc}") from exc
+
+    def outbox_retry(self, entry_id: str, attempts: int, next_at: float) -> None:
+        args = [entry_id, attempts, repr(next_at)]
+        self._call(self._retry, f"retry outbox entry {entry_id!r}", self._outbox_keys(), args)
+
+    def outbox_unsubscribe(self, url: str) -> None:
+        keys = [*self._outbox_keys(), f"{self.prefix}webhooks_gone"]
+        self._call(self._unsubscribe, f"unsubscribe {url!r}", keys, [url])
+
+    def outbox_unsubscribed(self) -> frozenset[str]:
+        try:
+            members = self._client.smembers(f"{self.prefix}webhooks_gone")
+        except RedisError as exc:
+            raise StoreError(f"Redis failed to read unsubscribed URLs: {exc}") from exc
+        return frozenset(m.decode() for m in members)
+
+
+def _entry(entry_id: str, raw: bytes) -> OutboxEntry:
+    """An outbox entry from its id and JSON (``b``, ``v``, ``t``, ``u``, ``y``, ``a``)."""
+    e = json.loads(raw)
+    return OutboxEntry(
+        entry_id, e["b"], int(e["v"]), float(e["t"]), e.get("u"), e.get("y"), int(e.get("a", 0))
+    )

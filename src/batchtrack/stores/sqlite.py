@@ -48,7 +48,7 @@ from ._rows import FAILED as _FAILED
 from ._rows import STATUSES as _STATUSES
 from ._rows import counts as _counts
 from ._rows import ends as _ends
-from ._rows import header
+from ._rows import header, pack_metadata, unpack_metadata
 from ._rows import progress as _progress
 from ._rows import result as _result
 from ._rows import step as _step
@@ -58,16 +58,18 @@ from .base import (
     BulkResult,
     ItemQuery,
     LostItem,
+    OutboxEntry,
     Outcome,
     Store,
     Transition,
     TransitionResult,
+    end_marker,
     unpack_stats,
 )
 
 __all__ = ["CHECK_SECONDS", "SCHEMA_VERSION", "SQLiteStore", "SchemaVersionError"]
 
-SCHEMA_VERSION = 5
+SCHEMA_VERSION = 7
 """The schema this batchtrack writes; stored in ``PRAGMA user_version``."""
 
 PURGE_CHUNK = 500
@@ -180,6 +182,41 @@ _MIGRATIONS: list[tuple[str, ...]] = [
         "ALTER TABLE items ADD COLUMN progress REAL",
         "ALTER TABLE items ADD COLUMN stage TEXT",
     ),
+    (
+        # Version 6: the webhook outbox. A transition that ends a batch adds its end
+        # marker (url NULL) in its own transaction; the webhook sender turns a marker into
+        # one delivery per URL and settles each. Batches that ended before stay unsent.
+        # (IF NOT EXISTS: a file set back to an older version by hand keeps its outbox.)
+        """CREATE TABLE IF NOT EXISTS outbox (
+            entry_id    TEXT PRIMARY KEY,
+            batch_id    TEXT NOT NULL,
+            version     INTEGER NOT NULL,
+            ended_at    REAL NOT NULL,
+            url         TEXT,
+            body        TEXT,
+            attempts    INTEGER NOT NULL DEFAULT 0,
+            next_at     REAL NOT NULL,
+            lease_until REAL
+        ) WITHOUT ROWID""",
+        "CREATE INDEX IF NOT EXISTS outbox_due ON outbox (next_at)",
+        # Markers go with their batch (delete, purge_expired); deliveries stay.
+        "CREATE INDEX IF NOT EXISTS outbox_markers ON outbox (batch_id) WHERE url IS NULL",
+        "CREATE TABLE IF NOT EXISTS webhooks_gone (url TEXT PRIMARY KEY) WITHOUT ROWID",
+    ),
+    (
+        # Version 7: a batch's metadata (JSON), in a table of its own so that the
+        # batch row every transition rewrites stays small: read with the header by load
+        # and list_batches, never by a transition; a batch without metadata has no row.
+        # And the batches in creation order per owner and over all, for list_batches:
+        # no column of these indexes changes after creation, so transitions write no
+        # index page.
+        """CREATE TABLE batch_metadata (
+            batch_key INTEGER PRIMARY KEY,
+            metadata  TEXT NOT NULL
+        )""",
+        "CREATE INDEX batches_by_owner ON batches (owner, created_at, batch_id)",
+        "CREATE INDEX batches_by_time ON batches (created_at, batch_id)",
+    ),
 ]
 assert len(_MIGRATIONS) == SCHEMA_VERSION
 
@@ -188,10 +225,15 @@ _SCHEMA_OBJECTS = (
     ("table", "batches"),
     ("table", "items"),
     ("table", "batch_keys"),
+    ("table", "outbox"),
+    ("table", "webhooks_gone"),
+    ("table", "batch_metadata"),
     ("index", "items_by_id"),
     ("index", "items_by_lease"),
     ("index", "items_by_version"),
     ("index", "items_failed"),
+    ("index", "batches_by_owner"),
+    ("index", "batches_by_time"),
 )
 _URL = re.compile(r"([A-Za-z][A-Za-z0-9+.-]*)://")  # a scheme; a drive letter has no //
 _SQLITE_INTERRUPT = 9
@@ -217,7 +259,12 @@ _NO_ITEM = (-1, None)
 
 # The batch header, in the order _header() reads it; every row _header() reads ends with
 # the paused flag.
-_HEADER = f"SELECT {', '.join(_COLUMNS)}, key, paused FROM batches WHERE batch_id = ?"
+# _HEADER and _LISTED rows also carry the metadata (before the paused flag): _loaded().
+_LISTED = (
+    f"SELECT {', '.join('b.' + c for c in _COLUMNS)}, b.key, m.metadata, b.paused"
+    " FROM batches b{index} LEFT JOIN batch_metadata m ON m.batch_key = b.key"
+)
+_HEADER = _LISTED.format(index="") + " WHERE b.batch_id = ?"
 _HEADER_AND_ITEM = (
     f"SELECT {', '.join('b.' + c for c in _COLUMNS)},"
     " i.filename, i.status, i.error, b.key, i.position, i.changed_at, i.attempts,"
@@ -233,6 +280,22 @@ _WRITE_HEADER = (
     " stats = ? WHERE key = ?"
 )
 
+# Removes the end markers of the batches a subquery (or one "?") names.
+_DROP_MARKERS = "DELETE FROM outbox WHERE url IS NULL AND batch_id IN ({})"
+
+
+def _mark_end(
+    db: sqlite3.Connection, row: Sequence[Any], finished_at: float | None, version: int, at: float
+) -> None:
+    """Add the end marker of a batch (header ``row`` as it was) that a transition ended."""
+    if finished_at is not None and row[4] is None:
+        marker = end_marker(row[0], version, at)
+        db.execute(
+            "INSERT OR IGNORE INTO outbox (entry_id, batch_id, version, ended_at, next_at)"
+            " VALUES (?, ?, ?, ?, ?)",
+            (marker.entry_id, row[0], version, at, at),
+        )
+
 
 class SchemaVersionError(StoreError):
     """The database was written by a newer batchtrack; it is left untouched."""
@@ -240,6 +303,11 @@ class SchemaVersionError(StoreError):
 
 def _header(row: Sequence[Any], items: tuple[ItemSnapshot, ...] = ()) -> BatchRecord:
     return header(row, unpack_stats(row[12]), items, row[-1])
+
+
+def _loaded(row: Sequence[Any], items: tuple[ItemSnapshot, ...] = ()) -> BatchRecord:
+    """A ``_HEADER`` row's batch, with its metadata."""
+    return header(row, unpack_stats(row[12]), items, row[-1], unpack_metadata(row[14]))
 
 
 def url_path(url: str) -> str:
@@ -603,6 +671,11 @@ class SQLiteStore(Store):
             ).lastrowid
         except sqlite3.IntegrityError as exc:
             raise StoreError(f"batch {batch.batch_id!r} exists already") from exc
+        if batch.metadata:
+            db.execute(
+                "INSERT INTO batch_metadata (batch_key, metadata) VALUES (?, ?)",
+                (key, pack_metadata(batch.metadata)),
+            )
         db.executemany(
             "INSERT INTO items (batch_key, position, item_id, filename, status, error,"
             " changed_at, source, attempts) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
@@ -722,6 +795,7 @@ class SQLiteStore(Store):
                 packed,
             )
             head[13] = True
+            _mark_end(db, row, finished_at, version, transition.at)
         return TransitionResult(
             Outcome.APPLIED,
             previous,
@@ -762,6 +836,7 @@ class SQLiteStore(Store):
                 row[16],
             ),
         )
+        _mark_end(db, row, finished_at, version, transition.at)
         return finished_at, expires_at, version
 
     def set_paused(self, batch_id: str, paused: bool, at: float, expires_at_open: float) -> bool:
@@ -922,9 +997,9 @@ class SQLiteStore(Store):
             if row is None:
                 return None
             if not items:
-                return _header(row)
+                return _loaded(row)
             snapshots = self._all_items(db, row)
-        return _header(row, snapshots)
+        return _loaded(row, snapshots)
 
     def _all_items(self, db: sqlite3.Connection, header: Sequence[Any]) -> tuple[ItemSnapshot, ...]:
         """Every item of the batch of ``header`` (a ``_HEADER`` row), in order.
@@ -1013,7 +1088,7 @@ class SQLiteStore(Store):
                 (key, *args, -1 if query.limit is None else query.limit),
             ).fetchall()
             memo = self._memo(row)
-        return _header(row, self._snapshots(memo, rows))
+        return _loaded(row, self._snapshots(memo, rows))
 
     @staticmethod
     def _snapshots(
@@ -1033,6 +1108,34 @@ class SQLiteStore(Store):
             found.append(seen[1])
         return tuple(found)
 
+    def list_batches(
+        self, owner: str | None, now: float, limit: int, after: str | None
+    ) -> list[BatchRecord]:
+        # One walk down batches_by_owner (or batches_by_time) from the cursor; expired
+        # batches not yet purged are skipped on the way.
+        where = ["b.expires_at > ?"]
+        args: list[Any] = [now]
+        index = " INDEXED BY batches_by_time"
+        if owner is not None:
+            where.append("b.owner = ?")
+            args.append(owner)
+            index = " INDEXED BY batches_by_owner"
+        with self._read() as db:
+            if after is not None:
+                hit = db.execute(
+                    "SELECT created_at, owner FROM batches WHERE batch_id = ?", (after,)
+                ).fetchone()
+                if hit is None or (owner is not None and hit[1] != owner):
+                    raise BatchNotFound(after)
+                where.append("(b.created_at, b.batch_id) < (?, ?)")
+                args += [hit[0], after]
+            rows = db.execute(
+                f"{_LISTED.format(index=index)} WHERE {' AND '.join(where)}"
+                " ORDER BY b.created_at DESC, b.batch_id DESC LIMIT ?",
+                (*args, limit),
+            ).fetchall()
+        return [_loaded(row) for row in rows]
+
     def delete(self, batch_id: str) -> bool:
         # list() copies the keys at once: other threads add memos meanwhile.
         for identity in [i for i in list(self._items_memo) if i[1] == batch_id]:
@@ -1042,7 +1145,9 @@ class SQLiteStore(Store):
             if row is None:
                 return False
             db.execute("DELETE FROM items WHERE batch_key = ?", row)
+            db.execute("DELETE FROM batch_metadata WHERE batch_key = ?", row)
             db.execute("DELETE FROM batches WHERE key = ?", row)
+            db.execute(_DROP_MARKERS.format("?"), (batch_id,))
             return True
 
     def expired(self, now: float, limit: int) -> list[str]:
@@ -1071,8 +1176,72 @@ class SQLiteStore(Store):
                     db.execute("DELETE FROM batch_keys WHERE expires_at <= ?", (now,))
                 if keys:
                     marks = ",".join("?" * len(keys))
+                    db.execute(
+                        _DROP_MARKERS.format(
+                            f"SELECT batch_id FROM batches WHERE key IN ({marks})"
+                        ),
+                        keys,
+                    )
                     db.execute(f"DELETE FROM items WHERE batch_key IN ({marks})", keys)
+                    db.execute(f"DELETE FROM batch_metadata WHERE batch_key IN ({marks})", keys)
                     db.execute(f"DELETE FROM batches WHERE key IN ({marks})", keys)
             removed += len(keys)
             if len(keys) < PURGE_CHUNK:
                 return removed
+
+    # -- the outbox ------------------------------------------------------------------------
+
+    def outbox_claim(self, now: float, limit: int, lease_until: float) -> list[OutboxEntry]:
+        # Senders look every second: when nothing is due, a read answers, and no
+        # writer waits for the write lock a claim takes.
+        with self._read() as db:
+            due = db.execute(
+                "SELECT 1 FROM outbox INDEXED BY outbox_due WHERE next_at <= ? LIMIT 1", (now,)
+            ).fetchone()
+        if due is None:
+            return []
+        with self._write() as db:
+            rows = db.execute(
+                "SELECT entry_id, batch_id, version, ended_at, url, body, attempts FROM outbox"
+                " INDEXED BY outbox_due WHERE next_at <= ?"
+                " AND (lease_until IS NULL OR lease_until <= ?) ORDER BY next_at LIMIT ?",
+                (now, now, limit),
+            ).fetchall()
+            db.executemany(
+                "UPDATE outbox SET lease_until = ? WHERE entry_id = ?",
+                ((lease_until, r[0]) for r in rows),
+            )
+        return [OutboxEntry(*r) for r in rows]
+
+    def outbox_expand(self, entry_id: str, deliveries: Sequence[OutboxEntry], at: float) -> None:
+        with self._write() as db:
+            db.execute("DELETE FROM outbox WHERE entry_id = ?", (entry_id,))
+            db.executemany(
+                "INSERT OR IGNORE INTO outbox (entry_id, batch_id, version, ended_at, url,"
+                " body, attempts, next_at) VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
+                (
+                    (e.entry_id, e.batch_id, e.version, e.ended_at, e.url, e.body, e.attempts, at)
+                    for e in deliveries
+                ),
+            )
+
+    def outbox_done(self, entry_id: str) -> None:
+        with self._write() as db:
+            db.execute("DELETE FROM outbox WHERE entry_id = ?", (entry_id,))
+
+    def outbox_retry(self, entry_id: str, attempts: int, next_at: float) -> None:
+        with self._write() as db:
+            db.execute(
+                "UPDATE outbox SET attempts = ?, next_at = ?, lease_until = NULL"
+                " WHERE entry_id = ?",
+                (attempts, next_at, entry_id),
+            )
+
+    def outbox_unsubscribe(self, url: str) -> None:
+        with self._write() as db:
+            db.execute("INSERT OR IGNORE INTO webhooks_gone (url) VALUES (?)", (url,))
+            db.execute("DELETE FROM outbox WHERE url = ?", (url,))
+
+    def outbox_unsubscribed(self) -> frozenset[str]:
+        with self._read() as db:
+            return frozenset(r[0] for r in db.execute("SELECT url FROM webhooks_gone"))

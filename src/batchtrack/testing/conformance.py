@@ -62,7 +62,7 @@ from ..exceptions import (
     StoreError,
     ValidationError,
 )
-from ..stores.base import BatchRecord, Outcome, Store, Transition
+from ..stores.base import BatchRecord, OutboxEntry, Outcome, Store, Transition
 from ._clock import FakeClock
 from .strategies import item_lists
 
@@ -482,6 +482,44 @@ class TrackerMachine(RuleBasedStateMachine):
             assert snap.next_after == snap.items[-1].id
             after = snap.next_after
         assert pages == expected
+
+    @rule(
+        owner=st.sampled_from([None, "alice", "bob"]),
+        status=st.none() | st.sampled_from(list(Status)),
+        limit=st.integers(1, 4),
+    )
+    def list_pages(self, owner: str | None, status: Status | None, limit: int) -> None:
+        """Every page of ``list_batches``, walked with ``next_after``, shows exactly the
+        model's live batches of ``owner`` (all for None) in ``status``, newest first
+        (ties by id, descending), with their counts."""
+        now = self.clock()
+        expected = sorted(
+            (
+                b
+                for b in self.model.values()
+                if b.expires_at() > now
+                and (owner is None or b.owner == owner)
+                and (status is None or b.status() is status)
+            ),
+            key=lambda b: (b.created_at, b.batch_id),
+            reverse=True,
+        )
+        seen: list[Any] = []
+        after = None
+        while True:
+            page = self.tracker.list_batches(owner=owner, status=status, limit=limit, after=after)
+            assert len(page.batches) <= limit
+            seen += page.batches
+            if page.next_after is None:
+                break
+            assert len(page.batches) == limit
+            assert page.next_after == page.batches[-1].batch_id
+            after = page.next_after
+        assert [s.batch_id for s in seen] == [b.batch_id for b in expected]
+        for snap, batch in zip(seen, expected, strict=True):
+            assert snap.items == ()
+            assert snap.progress == batch.progress()
+            assert snap.status is batch.status()
 
     @rule(batch_id=batches)
     def delete(self, batch_id: str) -> None:
@@ -1325,3 +1363,273 @@ class StoreConformance:
             tracker.report(batch_id, "a", 0.5, stage="x" * 101)
         assert tracker.report(batch_id, "a", 1, stage="x" * 100).progress == 1.0
         assert tracker.report(batch_id, "a", 0).progress == 0.0
+
+    # -- the webhook outbox --------------------------------------------------------------
+
+    @staticmethod
+    def _outbox(store: Store) -> None:
+        """Skip a store written before batchtrack had an outbox."""
+        try:
+            store.outbox_unsubscribed()
+        except NotImplementedError:
+            pytest.skip(f"{type(store).__name__} has no outbox")
+
+    def test_apply_all_that_ends_a_batch_leaves_one_marker(self, store: Store) -> None:
+        """A batch ended inside apply_all() gets its end marker, with the version of the
+        transition that ended it, as apply() would leave it."""
+        self._outbox(store)
+        store.create(_record("b1", 2), _items(2))
+        store.apply("b1", _transition("item-0", "start", 1001.0))
+        results = store.apply_all(
+            "b1",
+            [
+                _transition("item-0", "complete", 1002.0),
+                _transition("item-1", "fail", 1002.0, error="x"),
+                _transition("item-1", "fail", 1002.0, error="x"),  # a repeat: no marker
+            ],
+        )
+        assert [r.version for r in results] == [2, 3, 3]
+        [marker] = store.outbox_claim(1002.0, 10, 1060.0)
+        assert (marker.batch_id, marker.version, marker.ended_at) == ("b1", 3, 1002.0)
+
+    def test_a_batch_end_leaves_one_marker_in_the_outbox(self, store: Store) -> None:
+        """Completing, cancelling or failing a batch's last open item adds one end marker
+        (its version and end time); a batch retried and ended again adds another."""
+        self._outbox(store)
+        clock = FakeClock()
+        tracker = BatchTracker(store, clock=clock)
+        batch_id = tracker.create_batch([("a", "a.jpg"), ("b", "b.jpg")]).batch_id
+        tracker.start_item(batch_id, "a")
+        tracker.complete_item(batch_id, "a")
+        assert store.outbox_claim(clock() + 1, 10, clock() + 60) == []
+        clock.advance(1)
+        tracker.fail_item(batch_id, "b", "boom")
+        [marker] = store.outbox_claim(clock(), 10, clock() + 60)
+        assert (marker.batch_id, marker.version, marker.ended_at) == (batch_id, 3, clock())
+        assert (marker.url, marker.body, marker.attempts) == (None, None, 0)
+        store.outbox_done(marker.entry_id)
+        tracker.retry(batch_id)
+        clock.advance(1)
+        cancelled = tracker.create_batch([("c", "c.jpg")]).batch_id
+        tracker.cancel(cancelled)
+        tracker.start_item(batch_id, "b")
+        tracker.complete_item(batch_id, "b")
+        ended = store.outbox_claim(clock(), 10, clock() + 60)
+        assert sorted((m.batch_id, m.version) for m in ended) == sorted(
+            [(batch_id, 6), (cancelled, 1)]
+        )
+        assert len({m.entry_id for m in ended}) == 2
+
+    def test_an_outbox_lease_holds_an_entry_until_it_runs_out(self, store: Store) -> None:
+        """A claimed entry is not claimed again while its lease lasts, and is once it runs
+        out (at least once); a retried one waits for its next time."""
+        self._outbox(store)
+        clock = FakeClock()
+        tracker = BatchTracker(store, clock=clock)
+        batch_id = tracker.create_batch([("a", "a.jpg")]).batch_id
+        tracker.cancel(batch_id)
+        now = clock()
+        [marker] = store.outbox_claim(now, 10, now + 30)
+        assert store.outbox_claim(now + 29, 10, now + 90) == []
+        [again] = store.outbox_claim(now + 30, 10, now + 90)
+        assert again.entry_id == marker.entry_id
+        store.outbox_retry(marker.entry_id, 1, now + 200)
+        assert store.outbox_claim(now + 199, 10, now + 300) == []
+        [third] = store.outbox_claim(now + 200, 10, now + 300)
+        assert third.attempts == 1
+
+    def test_threads_claiming_the_outbox_never_share_an_entry(self, store: Store) -> None:
+        """Eight threads claiming at once get each due entry exactly once between them."""
+        self._outbox(store)
+        clock = FakeClock()
+        tracker = BatchTracker(store, clock=clock)
+        ids = [tracker.create_batch([("a", "a.jpg")]).batch_id for _ in range(12)]
+        for batch_id in ids:
+            tracker.cancel(batch_id)
+        barrier = threading.Barrier(8)
+        claimed: list[str] = []
+
+        def claim() -> None:
+            barrier.wait()
+            for _ in range(4):
+                claimed.extend(e.batch_id for e in store.outbox_claim(clock(), 2, clock() + 60))
+
+        threads = [threading.Thread(target=claim) for _ in range(8)]
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join()
+        assert sorted(claimed) == sorted(ids)
+
+    def test_outbox_deliveries_settle_and_a_gone_url_is_remembered(self, store: Store) -> None:
+        """A marker expands into deliveries (one kept if it exists), which retry, settle,
+        and go when their URL unsubscribes; the URL stays listed."""
+        self._outbox(store)
+        clock = FakeClock()
+        tracker = BatchTracker(store, clock=clock)
+        batch_id = tracker.create_batch([("a", "a.jpg")]).batch_id
+        tracker.cancel(batch_id)
+        now = clock()
+        [marker] = store.outbox_claim(now, 10, now + 60)
+        deliveries = [
+            OutboxEntry(f"msg-{n}", batch_id, 1, now, f"http://h/{n}", f'{{"n": {n}}}')
+            for n in range(3)
+        ]
+        store.outbox_expand(marker.entry_id, deliveries, now)
+        store.outbox_expand(marker.entry_id, [attrs.evolve(deliveries[0], body="x")], now)
+        found = {e.entry_id: e for e in store.outbox_claim(now, 10, now + 60)}
+        assert found == {e.entry_id: e for e in deliveries}
+        store.outbox_done("msg-0")
+        store.outbox_retry("msg-1", 1, now + 5)
+        store.outbox_retry("msg-2", 1, now + 5)
+        store.outbox_unsubscribe("http://h/2")
+        store.outbox_unsubscribe("http://h/2")
+        [left] = store.outbox_claim(now + 5, 10, now + 60)
+        assert (left.entry_id, left.attempts, left.body) == ("msg-1", 1, '{"n": 1}')
+        assert store.outbox_unsubscribed() == frozenset({"http://h/2"})
+
+    def test_end_markers_go_with_their_batch_and_deliveries_stay(self, store: Store) -> None:
+        """Deleting or purging a batch removes its end marker, not its deliveries."""
+        self._outbox(store)
+        clock = FakeClock()
+        tracker = BatchTracker(store, ttl=TTL, clock=clock)
+        ids = [tracker.create_batch([("a", "a.jpg")]).batch_id for _ in range(3)]
+        for batch_id in ids:
+            tracker.cancel(batch_id)
+        now = clock()
+        [delivered] = [m for m in store.outbox_claim(now, 10, now) if m.batch_id == ids[2]]
+        store.outbox_expand(
+            delivered.entry_id,
+            [OutboxEntry("msg-kept", ids[2], 1, now, "http://h/", "{}")],
+            now,
+        )
+        assert tracker.delete(ids[0])
+        clock.advance(TTL + 1)
+        assert store.purge_expired(clock()) == 2
+        [kept] = store.outbox_claim(clock(), 10, clock() + 60)
+        assert kept.entry_id == "msg-kept"
+
+    # -- metadata and lists ------------------------------------------------------------
+
+    def test_metadata_comes_back_with_every_read_and_outlives_transitions(
+        self, store: Store
+    ) -> None:
+        """Metadata given at creation comes back from get (whole, header, page) and from
+        list_batches after transitions; a batch without any has an empty mapping."""
+        tracker = BatchTracker(store, clock=FakeClock())
+        meta = {"order": "A-17", "ünï": "ç" * 512, "k" * 64: ""}
+        batch_id = tracker.create_batch([("a", "a.jpg"), ("b", "b.jpg")], metadata=meta).batch_id
+        tracker.start_item(batch_id, "a")
+        tracker.complete_item(batch_id, "a")
+        assert tracker.get(batch_id).metadata == meta
+        assert tracker.get(batch_id, items=False).metadata == meta
+        assert tracker.get(batch_id, limit=1).metadata == meta
+        assert tracker.get(batch_id).to_dict()["metadata"] == meta
+        assert tracker.list_batches().batches[0].metadata == meta
+        plain = tracker.create_batch(["c.jpg"])
+        assert tracker.get(plain.batch_id).metadata == {}
+        assert "metadata" not in tracker.get(plain.batch_id).to_dict()
+
+    def test_list_is_newest_first_and_pages_meet_while_batches_are_created(
+        self, store: Store
+    ) -> None:
+        """Pages of list_batches are newest first (ties by id, descending) and, walked
+        with next_after while new batches are created between pages, show every batch
+        that existed at the first page exactly once."""
+        clock = FakeClock()
+        tracker = BatchTracker(store, clock=clock)
+        made = []
+        for n in range(7):
+            made.append(tracker.create_batch([f"{n}.jpg"], owner="u").batch_id)
+            if n % 3 != 1:  # some batches share their creation moment
+                clock.advance(1)
+        first = tracker.list_batches(owner="u", limit=3)
+        seen = [s.batch_id for s in first.batches]
+        after = first.next_after
+        while after is not None:
+            clock.advance(1)
+            tracker.create_batch(["new.jpg"], owner="u")  # newer: never on a later page
+            page = tracker.list_batches(owner="u", limit=3, after=after)
+            assert len(page.batches) <= 3
+            seen += [s.batch_id for s in page.batches]
+            after = page.next_after
+        assert len(seen) == len(set(seen)) == 7
+        snaps = {s.batch_id: s for s in tracker.list_batches(owner="u", limit=1000).batches}
+        assert set(seen) == set(made)
+        order = sorted(made, key=lambda b: (snaps[b].created_at, b), reverse=True)
+        assert seen == order
+        assert all(snaps[b].items == () for b in seen)
+        exact = tracker.list_batches(owner="u", limit=len(snaps))
+        assert exact.next_after is None
+        assert len(exact.batches) == len(snaps)
+
+    def test_list_shows_each_owner_only_their_batches(self, store: Store) -> None:
+        """An owner's list holds their batches only; owner=None lists every batch; an
+        after of another owner's batch is refused."""
+        clock = FakeClock()
+        tracker = BatchTracker(store, clock=clock)
+        mine = [tracker.create_batch(["a.jpg"], owner="me").batch_id for _ in range(2)]
+        clock.advance(1)
+        theirs = tracker.create_batch(["a.jpg"], owner="them").batch_id
+        nobody = tracker.create_batch(["a.jpg"]).batch_id
+        assert {s.batch_id for s in tracker.list_batches(owner="me").batches} == set(mine)
+        assert [s.batch_id for s in tracker.list_batches(owner="them").batches] == [theirs]
+        assert tracker.list_batches(owner="nobody-at-all").batches == ()
+        everyone = {s.batch_id for s in tracker.list_batches().batches}
+        assert everyone == {*mine, theirs, nobody}
+        with pytest.raises(ValidationError, match="after"):
+            tracker.list_batches(owner="me", after=theirs)
+
+    def test_list_filters_by_batch_status(self, store: Store) -> None:
+        """status= keeps only batches in that status (paused included), paging through
+        the rest; a status that is none raises ValidationError."""
+        clock = FakeClock()
+        tracker = BatchTracker(store, clock=clock)
+        done = []
+        for n in range(5):
+            b = tracker.create_batch([("a", "a.jpg")], owner="u").batch_id
+            clock.advance(1)
+            if n % 2 == 0:
+                tracker.start_item(b, "a")
+                tracker.complete_item(b, "a")
+                done.append(b)
+        paused = tracker.create_batch(["p.jpg"], owner="u").batch_id
+        tracker.pause(paused)
+        page = tracker.list_batches(owner="u", status="completed", limit=2)
+        rest = tracker.list_batches(owner="u", status=Status.COMPLETED, after=page.next_after)
+        found = [s.batch_id for s in (*page.batches, *rest.batches)]
+        assert found == done[::-1]
+        assert rest.next_after is None
+        assert [s.batch_id for s in tracker.list_batches(status="paused").batches] == [paused]
+        assert len(tracker.list_batches(owner="u", status="pending").batches) == 2
+        assert tracker.list_batches(owner="u", status="failed").batches == ()
+        with pytest.raises(ValidationError, match="status must be one of"):
+            tracker.list_batches(status="done")
+        for limit in (0, 1001, True, 2.5, "10"):
+            with pytest.raises(ValidationError, match="limit"):
+                tracker.list_batches(limit=limit)  # type: ignore[arg-type]
+
+    def test_list_leaves_out_expired_batches_and_refuses_a_cursor_that_is_gone(
+        self, store: Store
+    ) -> None:
+        """Expired batches never appear (swept or not); an after naming a batch that
+        was deleted, purged or never existed raises ValidationError."""
+        clock = FakeClock()
+        tracker = BatchTracker(store, ttl=60.0, clock=clock)
+        old = tracker.create_batch([("a", "a.jpg")], owner="u").batch_id
+        tracker.start_item(old, "a")
+        tracker.complete_item(old, "a")
+        clock.advance(1)
+        live = tracker.create_batch(["b.jpg"], owner="u").batch_id
+        gone = tracker.create_batch(["c.jpg"], owner="u").batch_id
+        assert tracker.delete(gone)
+        clock.advance(61)
+        assert [s.batch_id for s in tracker.list_batches(owner="u").batches] == [live]
+        assert [s.batch_id for s in tracker.list_batches().batches] == [live]
+        assert tracker.cleanup() == 1
+        assert [s.batch_id for s in tracker.list_batches(owner="u").batches] == [live]
+        for cursor in (old, gone, str(uuid.uuid4())):
+            with pytest.raises(ValidationError, match="first page"):
+                tracker.list_batches(owner="u", after=cursor)
+            with pytest.raises(ValidationError, match="first page"):
+                tracker.list_batches(after=cursor)
