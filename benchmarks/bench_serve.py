@@ -3,22 +3,34 @@ answering the very same bytes and headers (the floor), loaded by ``wrk -t1 -c32`
 
 - ASGI under uvicorn (one worker), with ``--http httptools --loop uvloop`` (when
   ``uvicorn[standard]`` is installed) and with ``--http h11 --loop asyncio``: ours with
-  the default session cookie (the inline fast path of a memory store) and ours with an
-  ``owner=`` callable (every request through the app's thread pool). Goals: ours >= 0.5x
+  the default session cookie (the inline fast path of a memory store), ours with an
+  ``owner=`` function (every request through the app's thread pool) and ours with an
+  ``async def`` owner (awaited on the loop: the inline path again). Goals: ours >= 0.5x
   raw's requests/s and p99 <= 2x raw's; 304 answers (``If-None-Match`` = the current
   ETag) at least as many per second as the 200s.
-- The same on a SQLite store (status reads hit the database, in the app's threads):
-  reported.
+- The same on a SQLite store and on a Redis store (reads in the app's threads):
+  reported; Redis against the peer below (goal: >= 2x its requests/s under uvicorn)
+  and, with ``--before REV``, against the code of git revision REV (goal: >= 2x).
 - WSGI under gunicorn (one ``gthread`` worker, 4 threads: the sync worker closes every
   connection, which would measure connection setup): reported.
+- The peer: Django + celery-progress's ``get_progress`` view for one Celery task in
+  state PROGRESS in the same Redis (``peers/celery_progress_site.py``), under gunicorn
+  with ours's gunicorn workers and threads, measured in every server's rounds. It needs
+  packages that are peers, not dependencies of batchtrack:
+  ``pip install celery-progress django gunicorn`` (with celery and redis, from the
+  ``test`` extra); skipped, saying so, without them.
 
 Every app runs in its own server process on 127.0.0.1 (a free port), started here and
-stopped by process id; all of one server's processes are up at once (idle ones cost
-nothing) and each round runs every target once, the order reversed every other round
-(A B ... B A), so ours and raw see the same conditions; medians are reported. The batch
-is 10 items (4 completed, 1 running) with a stopped clock, so its ETag does not move.
+stopped by process id; Redis is a ``redis-server`` started by the tests' helper. All of
+one server's processes are up at once (idle ones cost nothing) and each round runs every
+target once, the order reversed every other round (A B ... B A), so ours, raw, the peer
+and BEFORE see the same conditions; medians are reported. The batch is 10 items
+(4 completed, 1 running) with a stopped clock, so its ETag does not move (with a running
+clock a poll also rebuilds the body once per whole second: the ETA moves).
 Needs ``wrk``; skips (and says so) what is not installed.
 
+``python benchmarks/bench_serve.py [--quick] [--before REV] [--only STORE_OR_APP]`` runs
+it alone (``--only redis``: the raw floor and the Redis targets; ``--only memory``...).
 ``python benchmarks/bench_serve.py --profile [SECONDS]`` instead samples our uvicorn
 server under load with py-spy and prints where the time goes.
 """
@@ -60,18 +72,34 @@ class Server(NamedTuple):
 
 
 class Target(NamedTuple):
-    app: str  # raw, ours, owner
-    store: str  # memory, sqlite
+    app: str  # raw, ours, owner, async, peer
+    store: str  # memory, sqlite, redis
     status: int  # 200 or 304
+    tree: str = "after"  # "before": batchtrack from the --before tree
 
     @property
-    def process(self) -> tuple[str, str]:
-        return self.app, self.store
+    def process(self) -> tuple[str, str, str]:
+        return self.app, self.store, self.tree
 
     @property
     def label(self) -> str:
-        name = {"raw": "raw", "ours": "ours (cookie)", "owner": "ours (owner=)"}[self.app]
+        name = _NAMES[self.app] + (" BEFORE" if self.tree == "before" else "")
         return f"{name}, {self.store}, {self.status}"
+
+
+_NAMES = {
+    "raw": "raw",
+    "ours": "ours (cookie)",
+    "owner": "ours (owner=)",
+    "async": "ours (async owner=)",
+    "peer": "Django+celery-progress",
+}
+PEER_COMMAND = [
+    sys.executable, "-m", "gunicorn", "serve_apps:wsgi()", "--chdir", str(HERE),
+    "-b", "127.0.0.1:PORT", "-w", "1", "-k", "gthread", "--threads", "4",
+    "--log-level", "warning",
+]  # fmt: skip
+"""The peer's server: gunicorn with the workers and threads of ours under gunicorn."""
 
 
 class Load(NamedTuple):
@@ -136,21 +164,34 @@ class Running(NamedTuple):
 
     @property
     def url(self) -> str:
-        return f"http://127.0.0.1:{self.port}/api/batch-status/{self.info['batch_id']}"
+        return f"http://127.0.0.1:{self.port}{self.info['path']}"
 
 
-def _launch(server: Server, app: str, store: str, folder: Path) -> Running:
+class Setting(NamedTuple):
+    """What every server of a run shares: the Redis server, the tree to compare with."""
+
+    redis_url: str | None = None
+    before: Path | None = None  # a folder holding the batchtrack package of before
+
+
+def _launch(
+    server: Server, process: tuple[str, str, str], folder: Path, setting: Setting
+) -> Running:
+    app, store, tree = process
     folder.mkdir(parents=True, exist_ok=True)
     (folder / "info.json").unlink(missing_ok=True)
     port = _port()
+    source = str(setting.before) if tree == "before" else os.environ.get("PYTHONPATH")
     env = {
         **os.environ,
         "BENCH_APP": app,
         "BENCH_STORE": store,
         "BENCH_DIR": str(folder),
-        "PYTHONPATH": os.pathsep.join(filter(None, [str(HERE), os.environ.get("PYTHONPATH")])),
+        "BENCH_REDIS_URL": setting.redis_url or "",
+        "PYTHONPATH": os.pathsep.join(filter(None, [str(HERE), source])),
     }
-    command = [part.replace("PORT", str(port)) for part in server.command]
+    template = PEER_COMMAND if app == "peer" else server.command
+    command = [part.replace("PORT", str(port)) for part in template]
     log = folder / "server.log"
     with log.open("wb") as sink:
         proc = subprocess.Popen(command, cwd=HERE, env=env, stdout=subprocess.DEVNULL, stderr=sink)
@@ -187,15 +228,20 @@ def _stop(running: Running) -> None:
 
 @contextlib.contextmanager
 def _servers(
-    server: Server, processes: list[tuple[str, str]], folder: Path
-) -> Iterator[dict[tuple[str, str], Running]]:
-    started: dict[tuple[str, str], Running] = {}
+    server: Server,
+    processes: list[tuple[str, str, str]],
+    folder: Path,
+    setting: Setting = Setting(),  # noqa: B008 - an immutable tuple
+) -> Iterator[dict[tuple[str, str, str], Running]]:
+    started: dict[tuple[str, str, str], Running] = {}
     try:
         slug = server.short
-        for app, store in processes:
-            started[(app, store)] = _launch(server, app, store, folder / f"{slug}-{app}-{store}")
-        for (app, store), running in started.items():
-            started[(app, store)] = _ready(running, folder / f"{slug}-{app}-{store}")
+        for process in processes:
+            started[process] = _launch(
+                server, process, folder / f"{slug}-{'-'.join(process)}", setting
+            )
+        for process, running in started.items():
+            started[process] = _ready(running, folder / f"{slug}-{'-'.join(process)}")
         yield started
     finally:
         for running in started.values():
@@ -204,6 +250,8 @@ def _servers(
 
 def _headers(target: Target, running: Running) -> list[str]:
     headers = [f"Cookie: {COOKIE}"]
+    if target.app == "peer":
+        return []
     if target.status == 304:
         headers.append(f"If-None-Match: {running.info['etag']}")
     return headers
@@ -218,7 +266,7 @@ def _check(target: Target, running: Running) -> None:
             status, etag = answer.status, answer.headers["ETag"]
     except urllib.error.HTTPError as exc:  # 304 arrives as an "error"
         status, etag = exc.code, exc.headers["ETag"]
-    if status != target.status or etag != running.info["etag"]:
+    if status != target.status or (target.app != "peer" and etag != running.info["etag"]):
         raise RuntimeError(
             f"{target.label}: got {status} with ETag {etag}, "
             f"expected {target.status} with {running.info['etag']}"
@@ -226,12 +274,19 @@ def _check(target: Target, running: Running) -> None:
 
 
 def _measure(
-    server: Server, targets: list[Target], *, rounds: int, seconds: int, warmup: int, folder: Path
+    server: Server,
+    targets: list[Target],
+    *,
+    rounds: int,
+    seconds: int,
+    warmup: int,
+    folder: Path,
+    setting: Setting = Setting(),  # noqa: B008 - an immutable tuple
 ) -> dict[Target, Load]:
     """The median load figures of every target, rounds alternating in order."""
     processes = list(dict.fromkeys(t.process for t in targets))
     found: dict[Target, list[Load]] = {t: [] for t in targets}
-    with _servers(server, processes, folder) as running:
+    with _servers(server, processes, folder, setting) as running:
         for target in targets:
             _check(target, running[target.process])
             if warmup:
@@ -259,14 +314,14 @@ def _measure(
 def _table(server: Server, got: dict[Target, Load]) -> None:
     raw = {t.status: load for t, load in got.items() if t.app == "raw"}
     print(
-        f"serve: {server.label} (1 worker)\n"
-        f"serve {server.short}: {'target':<26} {'req/s':>8} {'p99 ms':>8} {'B/req':>6} "
+        f"serve: {server.label} (1 worker; the peer: gunicorn -w 1 -k gthread --threads 4)\n"
+        f"serve {server.short}: {'target':<40} {'req/s':>8} {'p99 ms':>8} {'B/req':>6} "
         f"{'req/s vs raw':>12} {'p99 vs raw':>10}"
     )
     for target, load in got.items():
         floor = raw[target.status]
         print(
-            f"serve {server.short}: {target.label:<26} {load.rate:8,.0f} "
+            f"serve {server.short}: {target.label:<40} {load.rate:8,.0f} "
             f"{load.p99 * 1e3:8.2f} {load.bytes_per_request:6.0f} "
             f"{load.rate / floor.rate:11.2f}x {load.p99 / floor.p99:9.2f}x"
             + (f"  [{load.errors}]" if load.errors else ""),
@@ -277,24 +332,41 @@ def _table(server: Server, got: dict[Target, Load]) -> None:
 def _comparisons(server: Server, got: dict[Target, Load]) -> list[Comparison]:
     """Comparisons hold seconds per request (1 / req/s), so ratios read like the others:
     ours/raw 200s <= 2 means ours serves >= 0.5x raw's requests/s."""
-    by = {(t.app, t.store, t.status): load for t, load in got.items()}
+    by = {(t.app, t.store, t.status, t.tree): load for t, load in got.items()}
     out: list[Comparison] = []
 
     def add(name: str, ours: float, base: float, goal: float | None) -> None:
         ok = goal is None or ours / base <= goal
         out.append(Comparison(f"serve {server.short}: {name}", ours, base, _goal(goal), ok))
 
-    for app, store in dict.fromkeys((t.app, t.store) for t in got if t.app != "raw"):
-        tag = {"ours": "cookie", "owner": "owner="}[app] + ("" if store == "memory" else " sqlite")
+    raw200, raw304 = by[("raw", "memory", 200, "after")], by.get(("raw", "memory", 304, "after"))
+    mine = [t for t in got if t.app not in ("raw", "peer") and t.tree == "after"]
+    for app, store in dict.fromkeys((t.app, t.store) for t in mine):
+        tag = {"ours": "cookie", "owner": "owner=", "async": "async owner="}[app]
+        tag += "" if store == "memory" else f" {store}"
         goals = server.goals and store == "memory"
-        ok200, ok304 = by[(app, store, 200)], by.get((app, store, 304))
-        raw200, raw304 = by[("raw", "memory", 200)], by.get(("raw", "memory", 304))
+        ok200, ok304 = by[(app, store, 200, "after")], by.get((app, store, 304, "after"))
         add(f"{tag} 200 s/req vs raw", 1 / ok200.rate, 1 / raw200.rate, 2 if goals else None)
         add(f"{tag} 200 p99 vs raw", ok200.p99, raw200.p99, 2 if goals else None)
         if ok304 is not None:
             add(f"{tag} 304 s/req vs its 200", 1 / ok304.rate, 1 / ok200.rate, 1 if goals else None)
             if raw304 is not None:
                 add(f"{tag} 304 s/req vs raw 304", 1 / ok304.rate, 1 / raw304.rate, None)
+        old = by.get((app, store, 200, "before"))
+        if old is not None:
+            goal = 0.5 if store == "redis" and server.kind == "asgi" else None
+            add(f"{tag} 200 s/req vs BEFORE", 1 / ok200.rate, 1 / old.rate, goal)
+            add(f"{tag} 200 p99 vs BEFORE", ok200.p99, old.p99, None)
+    peer = by.get(("peer", "redis", 200, "after"))
+    ours = by.get(("ours", "redis", 200, "after"))
+    if peer is not None and ours is not None:
+        goal = 0.5 if server.kind == "asgi" else None
+        add("cookie redis 200 s/req vs Django+celery-progress", 1 / ours.rate, 1 / peer.rate, goal)
+        add("cookie redis 200 p99 vs Django+celery-progress", ours.p99, peer.p99, None)
+        old = by.get(("ours", "redis", 200, "before"))
+        if old is not None:
+            add("BEFORE cookie redis 200 s/req vs Django+celery-progress", 1 / old.rate,
+                1 / peer.rate, None)  # fmt: skip
     return out
 
 
@@ -339,37 +411,101 @@ def _servers_here(skipped: list[str]) -> list[Server]:
     return servers
 
 
-def _targets(server: Server) -> list[Target]:
-    apps = ["raw", "ours", "owner"] if server.kind == "asgi" else ["raw", "ours"]
+def _targets(server: Server, setting: Setting, peer: bool) -> list[Target]:
+    """Every target of ``server``: the floor, ours on each store, the async owner (ASGI),
+    the peer (with Redis), and the BEFORE tree's owner= and Redis targets (with one)."""
+    apps = ["raw", "ours", "owner", "async"] if server.kind == "asgi" else ["raw", "ours"]
+    stores = ["sqlite", "redis"] if setting.redis_url else ["sqlite"]
     targets = [Target(app, "memory", status) for app in apps for status in (200, 304)]
-    targets += [Target("ours", "sqlite", status) for status in (200, 304)]
+    targets += [Target("ours", store, status) for store in stores for status in (200, 304)]
+    if setting.redis_url and peer:
+        targets.append(Target("peer", "redis", 200))
+    if setting.before is not None:
+        if server.kind == "asgi":
+            targets.append(Target("owner", "memory", 200, "before"))
+        if setting.redis_url:
+            targets.append(Target("ours", "redis", 200, "before"))
     return targets
 
 
-def run(quick: bool = False) -> list[Comparison]:
-    """Our status endpoint under uvicorn and gunicorn, against the raw floor."""
+def _before_tree(ref: str, folder: Path) -> Path:
+    """The batchtrack package of git revision ``ref``, exported into ``folder``."""
+    root = HERE.parent
+    archive = subprocess.run(
+        ["git", "-C", str(root), "archive", ref, "src"], capture_output=True, check=True
+    ).stdout
+    subprocess.run(["tar", "-x", "-C", str(folder)], input=archive, check=True)
+    return folder / "src"
+
+
+@contextlib.contextmanager
+def _redis(folder: Path, skipped: list[str]) -> Iterator[str | None]:
+    """A redis-server for the Redis targets (the tests' helper starts it); None when
+    redis-server or redis-py is missing."""
+    needs = ("redis", "pytest", "hypothesis")  # the tests' helper imports the last two
+    if shutil.which("redis-server") is None or not all(_installed(m) for m in needs):
+        skipped.append(
+            "Redis targets and the Django peer: needs redis-server, redis-py and the "
+            "tests' helpers (pip install -e '.[test]')"
+        )
+        yield None
+        return
+    sys.path.insert(0, str(HERE.parent / "tests"))
+    from conftest import start_redis
+
+    proc, port = start_redis(folder)
+    try:
+        yield f"redis://127.0.0.1:{port}/0"
+    finally:
+        proc.terminate()
+        proc.wait(10)
+
+
+def run(
+    quick: bool = False, before: str | None = None, only: str | None = None
+) -> list[Comparison]:
+    """Our status endpoint under uvicorn and gunicorn, against the raw floor, the peer
+    and (``before``: a git revision) the code of another revision; ``only``: just the
+    targets on that store or of that app (and the raw floor)."""
     if shutil.which("wrk") is None:
         print("serve: SKIPPED: wrk is not installed (apt-get install wrk)")
         return []
     rounds, seconds, warmup = (2, 1, 0) if quick else (5, 2, 1)
     skipped: list[str] = []
     servers = _servers_here(skipped)
-    for what in skipped:
-        print(f"serve: SKIPPED: {what}")
-    print(
-        f"serve: wrk -t1 -c{CONNECTIONS} -d{seconds}s --latency, {rounds} rounds per target "
-        f"(order reversed every other round), medians; {os.cpu_count()} CPUs"
-    )
+    peer = all(_installed(m) for m in ("django", "celery_progress", "gunicorn", "celery"))
+    if not peer:
+        skipped.append(
+            "the Django + celery-progress peer: pip install celery-progress django gunicorn"
+        )
     results: list[Comparison] = []
-    with tempfile.TemporaryDirectory(prefix="bench-serve-") as tmp:
+    with (
+        tempfile.TemporaryDirectory(prefix="bench-serve-") as tmp,
+        _redis(Path(tmp), skipped) as redis_url,
+    ):
+        for what in skipped:
+            print(f"serve: SKIPPED: {what}")
+        tree = None if before is None else _before_tree(before, Path(tmp))
+        setting = Setting(redis_url, tree)
+        print(
+            f"serve: wrk -t1 -c{CONNECTIONS} -d{seconds}s --latency, {rounds} rounds per "
+            f"target (order reversed every other round), medians; {os.cpu_count()} CPUs"
+            + (f"; BEFORE = {before}" if before else "")
+        )
         for server in servers:
+            targets = [
+                t
+                for t in _targets(server, setting, peer)
+                if only is None or t.app == "raw" or only in (t.app, t.store)
+            ]
             got = _measure(
                 server,
-                _targets(server),
+                targets,
                 rounds=rounds,
                 seconds=seconds,
                 warmup=warmup,
                 folder=Path(tmp),
+                setting=setting,
             )
             _table(server, got)
             results += _comparisons(server, got)
@@ -391,8 +527,8 @@ def profile(seconds: int = 8) -> None:
     with tempfile.TemporaryDirectory(prefix="bench-serve-profile-") as tmp:
         for server in servers:
             for app in ("ours", "owner"):
-                with _servers(server, [(app, "memory")], Path(tmp)) as running:
-                    proc = running[(app, "memory")]
+                with _servers(server, [(app, "memory", "after")], Path(tmp)) as running:
+                    proc = running[(app, "memory", "after")]
                     out = Path(tmp) / f"{server.short}-{app}.txt"
                     # The pool path runs --nonblocking: stopping 30-odd pool threads 250
                     # times a second would itself cost more than the request (its samples
@@ -646,5 +782,7 @@ if __name__ == "__main__":
     if sys.argv[1:2] == ["--profile"]:
         profile(int(sys.argv[2]) if len(sys.argv) > 2 else 8)
     else:
-        for result in run(quick="--quick" in sys.argv):
+        ref = sys.argv[sys.argv.index("--before") + 1] if "--before" in sys.argv else None
+        only = sys.argv[sys.argv.index("--only") + 1] if "--only" in sys.argv else None
+        for result in run(quick="--quick" in sys.argv, before=ref, only=only):
             print(result.line())

@@ -2,10 +2,13 @@
 ``uvicorn serve_apps:asgi --factory`` or ``gunicorn 'serve_apps:wsgi()'``.
 
 - ``BENCH_APP``: ``ours`` (the default session-cookie owner), ``owner`` (ours with
-  ``owner=`` a callable, which takes the app off its inline fast path) or ``raw`` (the
-  floor: the very bytes and headers ours answers, precomputed, 304 when the request
-  carries ``If-None-Match``).
-- ``BENCH_STORE``: ``memory`` or ``sqlite`` (a file in ``BENCH_DIR``).
+  ``owner=`` a function, which runs in the app's threads), ``async`` (ours with an
+  ``async def`` owner, awaited on the event loop) or ``raw`` (the floor: the very bytes
+  and headers ours answers, precomputed, 304 when the request carries
+  ``If-None-Match``); under gunicorn also ``peer`` (Django + celery-progress, see
+  ``peers/celery_progress_site.py``).
+- ``BENCH_STORE``: ``memory``, ``sqlite`` (a file in ``BENCH_DIR``) or ``redis`` (on
+  ``BENCH_REDIS_URL``, under a prefix of its own).
 - ``BENCH_DIR``: a scratch folder; ``info.json`` is written there once the app is
   built (gunicorn builds it after it listens): batch id, ETag, body length.
 
@@ -19,6 +22,7 @@ from __future__ import annotations
 import json
 import os
 import time
+import uuid
 from collections.abc import Callable, Iterable
 from pathlib import Path
 from typing import Any
@@ -47,11 +51,14 @@ def _build(kind: str) -> Any:
     which = os.environ.get("BENCH_APP", "ours")
     folder = Path(os.environ.get("BENCH_DIR", "/tmp/bench-serve"))
     folder.mkdir(parents=True, exist_ok=True)
-    store = (
-        SQLiteStore(folder / "bench.db")
-        if os.environ.get("BENCH_STORE") == "sqlite"
-        else MemoryStore()
-    )
+    kind_of_store = os.environ.get("BENCH_STORE", "memory")
+    store: Any = MemoryStore()
+    if kind_of_store == "sqlite":
+        store = SQLiteStore(folder / "bench.db")
+    elif kind_of_store == "redis":
+        from batchtrack.stores.redis import RedisStore
+
+        store = RedisStore(os.environ["BENCH_REDIS_URL"], prefix=f"bench-{uuid.uuid4()}:")
     clock = _Clock()
     tracker = BatchTracker(store, clock=clock)
     snap = tracker.create_batch([f"image{i}.jpg" for i in range(10)], owner=f"session:{SESSION}")
@@ -69,6 +76,12 @@ def _build(kind: str) -> Any:
     options: dict[str, Any] = {}
     if which == "owner":
         options["owner"] = lambda headers: f"session:{SESSION}"
+    elif which == "async":
+
+        async def owner(headers: Any) -> str:
+            return f"session:{SESSION}"
+
+        options["owner"] = owner
     ours = module.create_app(tracker, runner, uploads, **options)
 
     # What ours answers, asked in-process: the floor returns the same bytes and headers.
@@ -79,12 +92,23 @@ def _build(kind: str) -> Any:
         answer = ours.api.handle(request)
         return answer.status, list(answer.headers), answer.body
 
+    if which == "async":  # awaited as the ASGI app awaits it, on a loop (of another thread:
+        import asyncio  # the factory runs in uvicorn's)
+        from concurrent.futures import ThreadPoolExecutor
+
+        def ask(headers: dict[str, str]) -> tuple[int, list[tuple[str, str]], bytes]:
+            request = Request("GET", path, headers, Body(lambda size: b"", 0), "", "127.0.0.1")
+            with ThreadPoolExecutor(1) as thread:
+                identity = thread.submit(asyncio.run, ours.api.identify_async(request)).result()
+            answer = ours.api.handle(request, identity)
+            return answer.status, list(answer.headers), answer.body
+
     status, headers, body = ask({"cookie": COOKIE})
     assert status == 200, status
     etag = dict(headers)["ETag"]
     status_304, headers_304, _ = ask({"cookie": COOKIE, "if-none-match": etag})
     assert status_304 == 304, status_304
-    info = {"batch_id": batch_id, "etag": etag, "body_bytes": len(body), "app": which}
+    info = {"path": path, "batch_id": batch_id, "etag": etag, "body_bytes": len(body), "app": which}
     (folder / "info.json.part").write_text(json.dumps(info))
     os.replace(folder / "info.json.part", folder / "info.json")
 
@@ -139,4 +163,8 @@ def asgi() -> Any:
 
 def wsgi() -> Any:
     """The WSGI app (gunicorn ``'serve_apps:wsgi()'``)."""
+    if os.environ.get("BENCH_APP") == "peer":
+        from peers.celery_progress_site import application
+
+        return application()
     return _build("wsgi")

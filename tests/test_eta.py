@@ -668,3 +668,81 @@ def test_the_range_narrows_as_soon_as_work_resumes_after_a_pause(clock: FakeCloc
         for item in snap.items[4 * step : 4 * step + 4]:
             tracker.complete_item(snap.batch_id, item.id)
     assert max(widths) < 0.3
+
+
+# -- between finishes -------------------------------------------------------------------
+
+
+def test_a_long_item_after_short_ones_does_not_make_the_eta_climb(clock: FakeClock) -> None:
+    """One worker, 20 items of half a second, then one that runs on: while nothing
+    finishes the shown ETA does not rise (the item is as likely long as lost), and
+    the range's top end rises to allow for a lost one."""
+    tracker = BatchTracker(clock=clock, lease=30.0)
+    snap = tracker.create_batch([f"{i}.jpg" for i in range(300)])
+    ids = [item.id for item in snap.items]
+    _one_by_one(tracker, clock, snap.batch_id, ids[:20], 0.5)
+    tracker.start_item(snap.batch_id, ids[20])
+    shown: list[int] = []
+    tops: list[int] = []
+    for _ in range(12):  # 24 s, still within the 30 s lease
+        clock.advance(2.0)
+        got = tracker.get(snap.batch_id, items=False)
+        assert got.estimated_time_remaining is not None
+        assert got.eta_range is not None
+        assert got.eta_range[0] <= got.estimated_time_remaining <= got.eta_range[1]
+        shown.append(got.estimated_time_remaining)
+        tops.append(got.eta_range[1])
+    assert all(b <= a for a, b in itertools.pairwise(shown))
+    assert tops[-1] > tops[0] + 10
+
+
+@pytest.mark.parametrize("seed", [1, 2])
+def test_between_finishes_the_eta_never_rises_on_a_bimodal_batch(
+    clock: FakeClock, seed: int
+) -> None:
+    """One worker on short items with a long one now and then (1 in 20 takes 20-30 s):
+    between two polls with no finish in between, the shown ETA never rises."""
+    rng = random.Random(seed)
+    durations = [
+        rng.uniform(20.0, 30.0) if rng.random() < 0.05 else rng.uniform(0.3, 0.7)
+        for _ in range(300)
+    ]
+    finishes = list(itertools.accumulate(durations, initial=clock()))[1:]
+    polled: list[tuple[float, int]] = []
+
+    def poll(now: float, eta: int | None, end: float) -> None:
+        if eta is not None:
+            polled.append((now, eta))
+
+    _run(BatchTracker(clock=clock, lease=30.0), clock, durations, 1, poll)
+    quiet = [
+        (a, b)
+        for (t0, a), (t1, b) in itertools.pairwise(polled)
+        if not any(t0 < at <= t1 for at in finishes)
+    ]
+    assert len(quiet) > 100
+    assert all(b <= a for a, b in quiet)
+
+
+def test_a_stall_that_lasts_still_raises_the_eta(clock: FakeClock) -> None:
+    """Four workers that stop finishing anything (their items run on and on): the
+    shown ETA does not count down forever but rises with its range's low end."""
+    tracker = BatchTracker(clock=clock)
+    snap = tracker.create_batch([f"{i}.jpg" for i in range(80)])
+    ids = [item.id for item in snap.items]
+    for round_ in range(10):  # 4 workers, items of half a second
+        batch = ids[4 * round_ : 4 * round_ + 4]
+        for item in batch:
+            tracker.start_item(snap.batch_id, item)
+        clock.advance(0.5)
+        for item in batch:
+            tracker.complete_item(snap.batch_id, item)
+    for item in ids[40:44]:
+        tracker.start_item(snap.batch_id, item)
+    shown: list[int] = []
+    for _ in range(10):
+        clock.advance(2.0)
+        eta = tracker.get(snap.batch_id, items=False).estimated_time_remaining
+        assert eta is not None
+        shown.append(eta)
+    assert shown[-1] > shown[0] + 5

@@ -868,12 +868,13 @@ def test_asgi_lifespan_and_other_scopes(service: Service) -> None:
 
 def test_shells_stay_thin() -> None:
     """The ASGI and WSGI modules stay small: the API lives in batchtrack._http. (ASGI's
-    budget is a little larger: it also receives bodies on the loop, answers status reads
-    of a memory store there, owns its thread pool, and stops recovery at shutdown.)"""
+    budget is a little larger: it also receives bodies on the loop, awaits an async owner
+    and answers status reads of a memory store there, owns its thread pool, and stops
+    recovery at shutdown.)"""
     import batchtrack.asgi
     import batchtrack.wsgi
 
-    for module, most in ((batchtrack.asgi, 225), (batchtrack.wsgi, 200)):
+    for module, most in ((batchtrack.asgi, 230), (batchtrack.wsgi, 200)):
         assert module.__file__ is not None
         assert len(Path(module.__file__).read_text().splitlines()) < most
 

@@ -308,7 +308,10 @@ def test_schema_2_postgres_tables_gain_keys_and_reports(postgres_url: str) -> No
         with PostgresStore(postgres_url, table_prefix=prefix) as store:
             batch_id = BatchTracker(store).create_batch([("a", "a.jpg")]).batch_id
         with psycopg.connect(postgres_url, autocommit=True) as conn:
-            conn.execute(f'DROP TABLE "{prefix}keys", "{prefix}metadata"')
+            conn.execute(
+                f'DROP TABLE "{prefix}keys", "{prefix}metadata", "{prefix}outbox",'
+                f' "{prefix}webhooks_gone"'
+            )
             conn.execute(f'DROP INDEX "{prefix}batches_by_owner", "{prefix}batches_by_time"')
             conn.execute(f'ALTER TABLE "{prefix}items" DROP COLUMN progress, DROP COLUMN stage')
             conn.execute(f'UPDATE "{prefix}schema" SET version = 2')
@@ -320,6 +323,6 @@ def test_schema_2_postgres_tables_gain_keys_and_reports(postgres_url: str) -> No
             assert tracker.create_batch(["b.jpg"], key="k").batch_id == first
         with psycopg.connect(postgres_url, autocommit=True) as conn:
             row = conn.execute(f'SELECT version FROM "{prefix}schema"').fetchone()
-        assert row == (SCHEMA_VERSION,) == (4,)
+        assert row == (SCHEMA_VERSION,) == (5,)
     finally:
         drop_postgres_tables(postgres_url, f"{prefix}%")

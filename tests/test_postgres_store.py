@@ -230,7 +230,7 @@ def test_a_server_killed_mid_batch_and_restarted_loses_and_doubles_nothing(
 
 
 def test_first_use_creates_the_tables_with_their_version(postgres_url: str, prefix: str) -> None:
-    """A new prefix gets its six tables, the schema version, and the indexes."""
+    """A new prefix gets its seven tables, the schema version, and the indexes."""
     PostgresStore(postgres_url, table_prefix=prefix).close()
     tables = _sql(
         postgres_url,
@@ -241,8 +241,8 @@ def test_first_use_creates_the_tables_with_their_version(postgres_url: str, pref
         f"{prefix}batches",
         f"{prefix}items",
         f"{prefix}keys",
-        f"{prefix}outbox",
         f"{prefix}metadata",
+        f"{prefix}outbox",
         f"{prefix}schema",
         f"{prefix}webhooks_gone",
     ]

@@ -525,6 +525,9 @@ def test_a_schema_5_file_gains_the_outbox_and_ends_batches_into_it(tmp_path: Pat
     with sqlite3.connect(path) as db:
         db.execute("DROP TABLE outbox")
         db.execute("DROP TABLE webhooks_gone")
+        db.execute("DROP TABLE batch_metadata")
+        db.execute("DROP INDEX batches_by_owner")
+        db.execute("DROP INDEX batches_by_time")
         db.execute("PRAGMA user_version = 5")
     store = SQLiteStore(path)
     try:

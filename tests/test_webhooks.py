@@ -492,8 +492,8 @@ def test_the_docs_verifier_accepts_a_real_delivery_and_nothing_tampered() -> Non
 
 
 def test_schema_3_postgres_tables_gain_the_outbox(postgres_url: str) -> None:
-    """PostgreSQL tables of schema 3 (no outbox) migrate to 4: their batch stays, and its
-    end writes an end marker that a sender delivers."""
+    """PostgreSQL tables of schema 3 (no outbox) migrate to the current schema: their batch
+    stays, and its end writes an end marker that a sender delivers."""
     pytest.importorskip("psycopg")
     import uuid
 
@@ -507,7 +507,10 @@ def test_schema_3_postgres_tables_gain_the_outbox(postgres_url: str) -> None:
         with PostgresStore(postgres_url, table_prefix=prefix) as store:
             batch_id = BatchTracker(store).create_batch([("a", "a.jpg")]).batch_id
         with psycopg.connect(postgres_url, autocommit=True) as conn:
-            conn.execute(f'DROP TABLE "{prefix}outbox", "{prefix}webhooks_gone"')
+            conn.execute(
+                f'DROP TABLE "{prefix}outbox", "{prefix}webhooks_gone", "{prefix}metadata"'
+            )
+            conn.execute(f'DROP INDEX "{prefix}batches_by_owner", "{prefix}batches_by_time"')
             conn.execute(f'UPDATE "{prefix}schema" SET version = 3')
         with PostgresStore(postgres_url, table_prefix=prefix) as store, receiver() as hook:
             tracker = BatchTracker(store)
@@ -517,7 +520,7 @@ def test_schema_3_postgres_tables_gain_the_outbox(postgres_url: str) -> None:
             drain(sender, lambda: len(hook.got) >= 1)
         with psycopg.connect(postgres_url, autocommit=True) as conn:
             row = conn.execute(f'SELECT version FROM "{prefix}schema"').fetchone()
-        assert row == (SCHEMA_VERSION,) == (4,)
+        assert row == (SCHEMA_VERSION,) == (5,)
         assert json.loads(hook.got[0][1])["batchId"] == batch_id
     finally:
         drop_postgres_tables(postgres_url, f"{prefix}%")

@@ -22,14 +22,21 @@ be trusted (relative standard error at most :data:`_TRUSTED`) are blended, each
 weighted by one over its mean squared error: its variance, plus its squared distance
 from the most recent trusted window beyond a threshold in standard errors of that one
 (a bias; closer than that it is noise). While every window agrees, the recent ones,
-which are subsets of the whole, add only noise: they count a twentieth, and past the
-threshold they take over gradually. The threshold makes the ETA steady: :data:`_AGREE`
+which are subsets of the whole, add only noise: they count for nothing (even a
+twentieth made the ETA rise and fall with them on heavy tails), and past the threshold
+they take over gradually. The threshold makes the ETA steady: :data:`_AGREE`
 standard errors for alike durations, more for skewed ones, more again when the recent
 window is the slower one (the ETA rises only for a clearly lasting slow-down), and more
 for a window of few items. A steady or merely noisy batch thus keeps the whole-batch
 mean, one that really sped up or slowed down moves to the recent window within a few
-items. No previously shown value is kept: the ETA is a function of the sums, the same
-in every process.
+items. No previously shown value is kept: the ETA is a function of the sums and the
+clock, the same in every process.
+
+Between two finishes the sums stay put and only the running items age; the estimate
+shown then never rises above what the same sums gave at the latest finish (itself read
+from the sums), unless the range's low end does (:func:`_governed`): it counts down
+between finishes instead of climbing on an item that merely runs long, and still rises
+under a stall that lasts.
 
 From the blended mean ``m`` and variance ``v`` of durations:
 
@@ -110,7 +117,7 @@ _FEW_SLOWER = 3.0  # and a slower one's: (1 + these / its effective count) times
 _Z = 1.2816  # the 90th percentile of the standard normal: 8 in 10 between -z and +z
 _HORIZON = 0.0004  # relative variance per unit of (time ahead / time seen)
 _KURT = 1.0  # standard errors of the variance added for heavy tails
-_SUBSET = 0.05  # weight of the recent windows while all windows agree
+_SUBSET = 0.0  # weight of the recent windows while all windows agree
 _TREND = 0.1  # how much of the windows' disagreement counts as uncertainty
 _Z_HIGH = -math.log(0.9)  # gap exceeded 9 times in 10 by an exponential gap x rate
 _Z_LOW = -math.log(0.1)  # gap exceeded 1 time in 10
@@ -118,6 +125,7 @@ _LEADCAP = 1.0  # how far beyond exponential the last worker's lead is extrapola
 _SURE = 8.0  # residuals (times 1 + cv2) of age that show held items are lost
 _SEEN = 10  # finished attempts before items are judged held by their age
 _AGED = 2.0  # standard deviations of age beyond which running items are held
+_LATEST = (33.0 / 17.0) ** (1.0 / 16.0)  # the latest finish over the sums' "last"
 
 _NO_STATS: Mapping[Status, Mapping[str, tuple[float, int]]] = {}
 # Per window: the names of its weight, duration and squared-duration sums, and of the
@@ -589,12 +597,68 @@ def _seconds(
     return _Found(seconds + wait, seconds, variance, low_wait, high_wait)
 
 
+def _governed(
+    progress: Progress,
+    created_at: float,
+    stats: Mapping[str, float],
+    now: float,
+    lost: int,
+    reported: tuple[int, float],
+    found: _Found,
+    low: float,
+) -> float:
+    """The estimate as shown: no higher than the same sums gave at the latest finish,
+    unless the range's low end now is.
+
+    Between two finishes the sums do not change, only the clock: what the estimate does
+    then is the running items growing older. Under a lasting stall that is news (held
+    items, a pause), but far more often it is noise of the model (items older than the
+    finished ones took, with a few long ones not finished yet), and the estimate should
+    then count down, not up. So it may rise between finishes only as far as the range's
+    low end rises: a stall that lasts pushes it up, one that ends does not show. The
+    latest finish is a function of the sums (:attr:`_Model.last`), so every process
+    shows the same number. A pause (nothing running) keeps its wait: nothing finishes
+    during one.
+    """
+    if progress.processing <= lost:
+        return found.seconds
+    model = _model(stats) if stats else None
+    if model is None:
+        return found.seconds
+    # The latest finish: ``last`` is the t**16-weighted mean of t**16 over the finish
+    # times, which for a steady pace up to T is T**16 * 17/33.
+    ref = created_at + model.last * _LATEST
+    if not created_at < ref < now:
+        return found.seconds
+    before = _seconds(progress, created_at, stats, ref, lost, reported)
+    if before is None or found.seconds <= before.seconds:
+        return found.seconds
+    return before.seconds if before.seconds > low else low
+
+
+def _shown(
+    progress: Progress,
+    created_at: float,
+    stats: Mapping[str, float],
+    now: float,
+    lost: int = 0,
+    reported: tuple[int, float] = (0, 0.0),
+) -> tuple[float, float, float] | None:
+    """The estimate as shown and its 80% range, before rounding; None without a basis."""
+    found = _seconds(progress, created_at, stats, now, lost, reported)
+    if found is None:
+        return None
+    start, end = _span(found)
+    point = _governed(progress, created_at, stats, now, lost, reported, found, start)
+    return point, start, end
+
+
 def seconds_remaining(
     progress: Progress, created_at: float, stats: Mapping[str, float], now: float
 ) -> float | None:
     """The estimate before rounding: None until an item is final, 0.0 once all are."""
-    found = _seconds(progress, created_at, stats, now)
-    return None if found is None else found.seconds
+    shown = _shown(progress, created_at, stats, now)
+    return None if shown is None else shown[0]
 
 
 def _span(found: _Found) -> tuple[float, float]:
@@ -651,13 +715,13 @@ def estimate(
     and ``low < high``: the range's ends rounded down and up, so that it holds the whole
     span (a span narrower than a second never becomes a point no true time can equal).
     """
-    found = _seconds(progress, created_at, stats, now, lost, reported)
-    if found is None:
+    shown = _shown(progress, created_at, stats, now, lost, reported)
+    if shown is None:
         return None, None
-    if found.seconds == 0.0 and not (progress.pending or progress.processing):
+    if not (progress.pending or progress.processing):
         return 0, (0, 0)
-    point = round(found.seconds) or 1
-    start, end = _span(found)
+    seconds, start, end = shown
+    point = round(seconds) or 1
     low = math.floor(start) or 1
     high = math.ceil(end)
     if low > point:

@@ -7,12 +7,15 @@ the ZIP of a batch's results in :mod:`batchtrack._zip`, the optional page in
 :mod:`batchtrack._wire`, the check of other sites' requests in
 :mod:`batchtrack._origins` and the log of outages in :mod:`batchtrack._outages`. The WSGI
 and ASGI modules only translate their protocol to :class:`Request` and back from
-:class:`Response`. Everything here is synchronous: the ASGI shell runs it in a thread.
+:class:`Response`. Everything here is synchronous (the ASGI shell runs it in a thread)
+but :meth:`Api.identify_async`, which awaits an ``async def`` owner on the event loop.
 """
 
 from __future__ import annotations
 
+import asyncio
 import base64
+import contextvars
 import difflib
 import hashlib
 import hmac
@@ -28,7 +31,7 @@ import secrets
 import threading
 import time
 from collections import OrderedDict
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Awaitable, Callable, Iterable, Mapping
 from pathlib import Path, PurePosixPath
 from typing import TYPE_CHECKING, Any, cast
 from urllib.parse import quote
@@ -39,7 +42,7 @@ from typing_extensions import TypedDict
 from . import _keys
 from ._control import BatchControl, progress_hook
 from ._json import dumps, status_body
-from ._models import Item, ProgressEvent, Status
+from ._models import BatchSnapshot, Item, ProgressEvent, Status
 from ._origins import check_origin, parse_trusted_origins
 from ._outages import Outages, disk_full
 from ._page import Page
@@ -109,7 +112,9 @@ COOKIE = "batchtrack_session"
 _COOKIE_VALUE = re.compile(r"\A([0-9a-f]{32})(?:\.([0-9A-Za-z_-]{43}))?\Z")
 _RUNNER_METHODS = ("submit", "resume", "cancel")
 
-Owner = Callable[[Mapping[str, str]], "str | None"]
+Owner = Callable[[Mapping[str, str]], "str | Awaitable[str | None] | None"]
+"""Who is asking, from the request headers: a function, or an ``async def`` (awaited on
+the ASGI app's event loop; see :func:`batchtrack.asgi.create_app`)."""
 ClientKey = Callable[[Mapping[str, str], "str | None"], "str | None"]
 """Who a request comes from, for the upload quota: ``(headers, client address) -> key``."""
 
@@ -172,6 +177,54 @@ def build_api(
                 name="prometheus_client",
             ) from exc
     return Api(tracker, runner, uploads, **options)
+
+
+def is_async(owner: object) -> bool:
+    """Whether ``owner`` is an ``async def`` (or an object whose ``__call__`` is one)."""
+    return inspect.iscoroutinefunction(owner) or inspect.iscoroutinefunction(
+        getattr(owner, "__call__", None)  # noqa: B004 - an async __call__, not callable()
+    )
+
+
+EVENT_LOOP: contextvars.ContextVar[asyncio.AbstractEventLoop | None] = contextvars.ContextVar(
+    "batchtrack_event_loop", default=None
+)
+"""The ASGI app's event loop, set around the requests it hands to its threads: where a
+sync ``owner`` that returns an awaitable has it awaited."""
+
+
+@attrs.frozen
+class Identity:
+    """What an ``async def`` owner answered for one request (or what it raised), found
+    on the event loop before the request's handler runs in a thread."""
+
+    owner: object = None
+    error: Exception | None = None
+
+
+async def _awaited(awaitable: Awaitable[object]) -> object:
+    return await awaitable
+
+
+def _resolve(answer: object) -> object:
+    """A sync owner's answer; an awaitable one is awaited on the ASGI app's event loop
+    (from the app's thread that calls the owner).
+
+    Raises:
+        TypeError: It is awaitable and there is no event loop to await it on (a WSGI app).
+    """
+    if not inspect.isawaitable(answer):
+        return answer
+    loop = EVENT_LOOP.get()
+    if loop is None:
+        close = getattr(answer, "close", None)
+        if callable(close):
+            close()  # no "never awaited" warning on top of the error
+        raise TypeError(
+            "owner= returned an awaitable, which only the ASGI app can await; "
+            "give the WSGI app a plain function"
+        )
+    return asyncio.run_coroutine_threadsafe(_awaited(answer), loop).result()
 
 
 def _seconds(instance: object, attribute: attrs.Attribute[float], value: object) -> None:
@@ -429,6 +482,7 @@ class Api:
     _control: BatchControl = attrs.field(init=False)
     _quota: UploadQuota | None = attrs.field(init=False, default=None)
     _status_prefix: str = attrs.field(init=False, default="")
+    _owner_async: bool = attrs.field(init=False, default=False)
     # Per batch: the ETag and JSON body of its last full status answer.
     _bodies: BodyCache = attrs.field(init=False, factory=lambda: BodyCache(_CACHED_BYTES))
 
@@ -444,6 +498,7 @@ class Api:
             raise ValidationError(f"max_files must be a whole number >= 1, not {self.max_files!r}")
         if self.owner is not None and not callable(self.owner):
             raise ValidationError("owner must be a callable taking the request headers")
+        self._owner_async = self.owner is not None and is_async(self.owner)
         self._quota = _upload_quota(
             self.upload_bytes_per_client, self.upload_window, self.client_key
         )
@@ -490,23 +545,63 @@ class Api:
             return self.max_files * self.uploads.max_bytes + 64 * 1024
         return self.max_json_bytes
 
+    @property
+    def owner_is_async(self) -> bool:
+        """Whether ``owner`` is an ``async def``: the ASGI app awaits it on its event loop
+        (:meth:`identify_async`) and hands what it answered to :meth:`handle`."""
+        return self._owner_async
+
     def answers_inline(self, request: Request) -> bool:
         """Whether ``request`` can be answered on the event loop without blocking it: a
         status read, when the tracker's store is a :class:`MemoryStore` (it never waits
-        for I/O) and the caller is known by the session cookie (an ``owner`` callable
-        might block). Everything else runs in the app's threads."""
+        for I/O) and the caller is known by the session cookie or by an ``async def``
+        owner, already awaited (a sync ``owner`` callable might block). Everything else
+        runs in the app's threads."""
         return (
             request.method == "GET"
             and type(self.tracker.store) is MemoryStore
-            and self.owner is None
+            and (self.owner is None or self._owner_async)
             and request.path.startswith(self._status_prefix)
         )
 
-    def handle(self, request: Request) -> Response:
-        """Answer one request; never raises, never shows a traceback."""
+    async def identify_async(self, request: Request) -> Identity | None:
+        """Await an ``async def`` owner for ``request``, on the event loop: what it
+        answered or raised, for :meth:`handle`. None when the owner is not async or the
+        request needs no owner (an unknown path, a wrong method, the page, the OpenAPI
+        document), as the sync owner is not called for those either.
+
+        With a sync owner, it notes the running loop (:data:`EVENT_LOOP`, in the
+        request's context) for an owner that returns an awaitable.
+        """
+        if not self._owner_async:
+            if self.owner is not None:
+                EVENT_LOOP.set(asyncio.get_running_loop())
+            return None
+        if not self._needs_owner(request):
+            return None
+        assert self.owner is not None
+        try:
+            return Identity(await cast(Awaitable[object], self.owner(request.headers)))
+        except Exception as exc:  # raised in handle, mapped as a sync owner's would be
+            return Identity(error=exc)
+
+    def _needs_owner(self, request: Request) -> bool:
+        if self._page is not None and self._page.route(request.path):
+            return False
+        handler, _, _ = self._route(request)
+        return handler is not None and handler != self._openapi
+
+    def handle(self, request: Request, identity: Identity | None = None) -> Response:
+        """Answer one request; never raises, never shows a traceback.
+
+        Args:
+            request: The request, its body received.
+            identity: What an ``async def`` owner answered for it
+                (:meth:`identify_async`); None: call the owner here when needed.
+        """
         if self._metrics is not None:
-            return self._metrics.handle(self, request, self._answer)
-        return self._answer(request)
+            return self._metrics.handle(self, request, lambda r: self._answer(r, identity))
+        return self._answer(request, identity)
 
     def route_of(self, request: Request) -> str:
         """The route pattern ``request`` matches, such as ``/api/batch-status/{batch}``
@@ -520,7 +615,7 @@ class Api:
                 return self.prefix + template.replace("\\", "")
         return "other"
 
-    def _answer(self, request: Request) -> Response:
+    def _answer(self, request: Request, identity: Identity | None = None) -> Response:
         cookie_headers: list[tuple[str, str]] = []
         if self._page is not None and (shown := self._page.route(request.path)):
             if request.method in ("GET", "HEAD"):
@@ -539,10 +634,10 @@ class Api:
                     )
                 reject(404, "not_found", f"no such endpoint: {request.path[:200]}")
             owner = None
-            if handler is not self._openapi:
+            if handler != self._openapi:  # (a bound method: never "is" another)
                 if self.owner is None:  # a session cookie: the browser sends it anyway
                     check_origin(request, self.trusted_origins)
-                owner, cookie_headers = self._identify(request)
+                owner, cookie_headers = self._identify(request, identity)
             response = handler(request, owner, **params)
             if response.status < 400:
                 self._outages.answered(_SERVED_BY.get(handler.__name__, ("store",)))
@@ -582,9 +677,16 @@ class Api:
             allowed.append(method)
         return None, {}, allowed
 
-    def _identify(self, request: Request) -> tuple[str, list[tuple[str, str]]]:
+    def _identify(
+        self, request: Request, identity: Identity | None = None
+    ) -> tuple[str, list[tuple[str, str]]]:
         if self.owner is not None:
-            owner = self.owner(request.headers)
+            if identity is None:
+                owner = _resolve(self.owner(request.headers))
+            elif identity.error is not None:
+                raise identity.error
+            else:
+                owner = identity.owner
             if not owner:
                 reject(401, "unauthorized", "sign in to use this service")
             return str(owner), []
@@ -791,25 +893,54 @@ class Api:
 
     def _batch_status(self, request: Request, owner: str, batch: str) -> Response:
         batch_id = check_uuid(batch, "batchId")
+        # A body is kept per batch and query (a page, a status, a since), stamped with the
+        # batch version it shows and the whole second of the tracker's clock its ETA was
+        # computed in. While the version is the same in that same second, the answer is
+        # that body again: one light read (version, owner, expiry) and nothing else.
+        key = f"{batch_id}?{request.query}" if request.query else batch_id
+        now = self.tracker.clock()
+        second = math.floor(now)
+        made = self._bodies.stamped(key)
+        if made is not None:
+            head = self.tracker.store.version_of(batch_id)
+            if (
+                head is not None
+                and made[2] == (head.version, second)
+                and head.owner == owner
+                and head.expires_at > now
+            ):
+                return _status_answer(request, made[0], lambda: made[1])
         if request.query:
             snap = find_items(self.tracker, batch_id, owner, request)
             tag = _etag(snap.version, snap.estimated_time_remaining, snap.eta_range)
-            return _status_answer(request, tag, lambda: status_body(snap))
+            return self._made(request, key, tag, (snap.version, second), snap)
         # The counts, version and ETA cost the same for any batch: enough to answer 304,
         # or with the body made for this same state before.
         try:
-            tag = _etag(*self.tracker._state(batch_id, owner))
+            version, eta, eta_range = self.tracker._state(batch_id, owner)
         except BatchNotFound:
             batch_not_found()
-        made = self._bodies.get(batch_id)
+        tag = _etag(version, eta, eta_range)
         if made is not None and made[0] == tag:
+            self._bodies.put(key, tag, made[1], (version, second))
             return _status_answer(request, tag, lambda: made[1])
+        if _not_modified(request, tag):
+            return _status_answer(request, tag, lambda: b"")
         snap = find_batch(self.tracker, batch_id, owner)
-        body = status_body(snap)
         # It may have moved on since the state was read.
         tag = _etag(snap.version, snap.estimated_time_remaining, snap.eta_range)
+        return self._made(request, key, tag, (snap.version, second), snap)
+
+    def _made(
+        self, request: Request, key: str, tag: str, stamp: tuple[int, int], snap: BatchSnapshot
+    ) -> Response:
+        """The status answer for ``snap``; its body kept under ``key`` (when it is made:
+        not for a 304) with ``stamp``, for the next polls of the same state."""
+        if _not_modified(request, tag):
+            return _status_answer(request, tag, lambda: b"")
+        body = status_body(snap)
         if len(body) <= _CACHED_BODY_BYTES:
-            self._bodies.put(batch_id, tag, body)
+            self._bodies.put(key, tag, body, stamp)
         return _status_answer(request, tag, lambda: body)
 
     def _batch_events(self, request: Request, owner: str, batch: str) -> Response:
@@ -905,16 +1036,17 @@ _CACHED_BODY_BYTES = 32 * 1024  # bigger ones are joined from cached item JSON a
 
 
 class BodyCache:
-    """Per batch, the ETag and JSON body of its last full status answer, least recently
-    used first: at most ``max_entries`` of them, whose bodies, keys and tags (plus
-    ``_ENTRY_BYTES`` each for their objects) never add up to more than ``max_bytes``; the
-    least recently used go first. Thread-safe."""
+    """Per batch (and query), the ETag and JSON body of its last full status answer, and
+    the stamp that says which state it shows, least recently used first: at most
+    ``max_entries`` of them, whose bodies, keys and tags (plus ``_ENTRY_BYTES`` each for
+    their objects) never add up to more than ``max_bytes``; the least recently used go
+    first. Thread-safe."""
 
     def __init__(self, max_bytes: int, max_entries: int = _CACHED_BODIES) -> None:
         self.max_bytes = max_bytes
         self.max_entries = max_entries
         self._lock = threading.Lock()
-        self._entries: OrderedDict[str, tuple[str, bytes]] = OrderedDict()
+        self._entries: OrderedDict[str, tuple[str, bytes, object]] = OrderedDict()
         self._bytes = 0
 
     @property
@@ -926,26 +1058,33 @@ class BodyCache:
         return len(self._entries)
 
     def get(self, key: str) -> tuple[str, bytes] | None:
+        """The ETag and body kept under ``key``, or None."""
+        entry = self.stamped(key)
+        return None if entry is None else (entry[0], entry[1])
+
+    def stamped(self, key: str) -> tuple[str, bytes, object] | None:
+        """The ETag, body and stamp kept under ``key``, or None."""
         with self._lock:
             entry = self._entries.get(key)
             if entry is not None:
                 self._entries.move_to_end(key)
             return entry
 
-    def put(self, key: str, tag: str, body: bytes) -> None:
+    def put(self, key: str, tag: str, body: bytes, stamp: object = None) -> None:
+        """Keep ``tag`` and ``body`` under ``key``, with ``stamp`` (what state they show)."""
         cost = _cost(key, tag, body)
         with self._lock:
             old = self._entries.pop(key, None)
             if old is not None:
-                self._bytes -= _cost(key, *old)
+                self._bytes -= _cost(key, old[0], old[1])
             if cost > self.max_bytes:
                 return
             while self._entries and (
                 self._bytes + cost > self.max_bytes or len(self._entries) >= self.max_entries
             ):
                 gone, entry = self._entries.popitem(last=False)
-                self._bytes -= _cost(gone, *entry)
-            self._entries[key] = (tag, body)
+                self._bytes -= _cost(gone, entry[0], entry[1])
+            self._entries[key] = (tag, body, stamp)
             self._bytes += cost
 
 
@@ -978,11 +1117,20 @@ def _etag(version: int, eta: int | None, eta_range: tuple[int, int] | None) -> s
     return f'"{version}.{eta}.{low}-{high}"'
 
 
+def _not_modified(request: Request, etag: str) -> bool:
+    """Whether the client already has ``etag`` (its ``If-None-Match``)."""
+    wanted = request.headers.get("if-none-match")
+    if not wanted:
+        return False
+    return wanted.strip() == "*" or etag in [
+        t.strip().removeprefix("W/") for t in wanted.split(",")
+    ]
+
+
 def _status_answer(request: Request, etag: str, body: Callable[[], bytes]) -> Response:
     """304 when the client has ``etag``, else 200 with ``body()``."""
     headers = [("ETag", etag), ("Cache-Control", "no-store")]
-    wanted = request.headers.get("if-none-match", "")
-    if wanted.strip() == "*" or etag in [t.strip().removeprefix("W/") for t in wanted.split(",")]:
+    if _not_modified(request, etag):
         return Response(304, headers)
     data = body()
     headers += [("Content-Type", "application/json"), ("Content-Length", str(len(data)))]

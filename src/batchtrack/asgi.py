@@ -4,7 +4,8 @@ Needs the ``server`` extra for uploads (``pip install 'batchtrack[server]'``); i
 no web framework. No thread waits for a client: a request's body is received whole on the
 event loop (past 256 KiB into a temporary file) within ``body_timeout`` and ``idle_timeout``
 before its handler runs in a pool of :data:`THREADS` threads that the app owns (and shuts
-down with the lifespan), where every store and file call runs.
+down with the lifespan), where every store and file call runs (an ``async def`` owner is
+awaited on the loop, and then a status read of a memory store is answered there too).
 """
 
 from __future__ import annotations
@@ -21,7 +22,7 @@ from typing import Any, TypeVar
 import attrs
 from typing_extensions import Unpack
 
-from ._http import Api, AppOptions, build_api
+from ._http import Api, AppOptions, Identity, build_api
 from ._recovery import Recovery, for_app
 from ._tracker import BatchTracker
 from ._wire import (
@@ -108,11 +109,13 @@ class App:
             length = body_length(method, headers)  # None: no body to wait for
             if length is not None and not await self._receive(receive, spool, length):
                 return  # the client left
+            identity = await self.api.identify_async(request)  # an async owner, on the loop
             handed_over = True
             if self.api.answers_inline(request):  # a status read of a memory store
-                response = self._handle(request, spool)
+                response = self._handle(request, spool, identity)
             else:
-                response = await self._run(functools.partial(self._handle, request, spool))
+                call = functools.partial(self._handle, request, spool, identity)
+                response = await self._run(call)
         except asyncio.TimeoutError:  # too slow: answered now, and nothing waits for it
             response = request_timeout([("Connection", "close")]).response()
         finally:
@@ -148,10 +151,10 @@ class App:
             if spool.stopped or not message.get("more_body", False):
                 return True
 
-    def _handle(self, request: Request, spool: Spool) -> Response:
+    def _handle(self, request: Request, spool: Spool, identity: Identity | None) -> Response:
         """Answer a request whose body has arrived (in a thread of the pool)."""
         with spool:  # freed here, once answered
-            return self.api.handle(request)
+            return self.api.handle(request, identity)
 
     async def _stream(self, stream: Stream, receive: Receive, send: Send) -> None:
         loop = asyncio.get_running_loop()
@@ -202,7 +205,8 @@ def create_app(
             :class:`batchtrack.celery.CeleryRunner`.
         uploads: Where uploaded files go.
         **options: ``prefix`` (``"/api"``), ``max_files`` (10), ``owner`` (identity
-            from the headers instead of a session cookie), ``secure_cookies``,
+            from the headers instead of a session cookie: a function, run in the app's
+            threads, or an ``async def``, awaited on the event loop), ``secure_cookies``,
             ``session_secret`` (signs session cookies: give every process the same),
             ``max_json_bytes``, ``results_dir``, ``events_poll``, ``body_timeout``,
             ``idle_timeout``, the upload quota's ``upload_bytes_per_client``,

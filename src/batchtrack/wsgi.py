@@ -16,7 +16,7 @@ from typing import Any
 import attrs
 from typing_extensions import Unpack
 
-from ._http import Api, AppOptions, build_api
+from ._http import Api, AppOptions, build_api, is_async
 from ._recovery import Recovery, for_app
 from ._tracker import BatchTracker
 from ._wire import Body, Request, Stream, request_timeout
@@ -135,5 +135,16 @@ def create_app(
 
     WSGI has no lifespan: the app's recovery of unfinished batches (see
     :doc:`deployment`) starts with its first request and stops at interpreter exit.
+
+    Raises:
+        TypeError: As for the ASGI app, and an ``async def`` ``owner``: a WSGI app has no
+            event loop to await it on (a function that returns an awaitable is answered
+            500, logged, at its first request).
     """
+    owner = options.get("owner")
+    if owner is not None and is_async(owner):
+        raise TypeError(
+            "create_app() got an async owner; the WSGI app has no event loop to await it "
+            "on: give it a plain function, or use batchtrack.asgi.create_app"
+        )
     return App(build_api(tracker, runner, uploads, options))

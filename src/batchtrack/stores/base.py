@@ -21,6 +21,7 @@ import struct
 import threading
 from abc import ABC, abstractmethod
 from collections.abc import Callable, Iterator, Mapping, Sequence
+from typing import NamedTuple
 
 import attrs
 
@@ -30,6 +31,7 @@ from ..exceptions import ItemNotFound
 
 __all__ = [
     "BatchRecord",
+    "BatchVersion",
     "BulkResult",
     "ItemQuery",
     "LostItem",
@@ -43,6 +45,14 @@ __all__ = [
     "pack_stats",
     "unpack_stats",
 ]
+
+
+class BatchVersion(NamedTuple):
+    """What :meth:`Store.version_of` reads: enough to tell that a batch is unchanged."""
+
+    version: int
+    owner: str | None
+    expires_at: float
 
 
 @attrs.frozen
@@ -602,6 +612,19 @@ class Store(Closing, ABC):
             batch_id: The batch to read.
             items: Whether to read the items too (False: header only, O(1)).
         """
+
+    def version_of(self, batch_id: str) -> BatchVersion | None:
+        """A batch's version, owner and expiry, or None when there is none with this id.
+
+        What a status poll reads first: when the version is the one of a body it keeps,
+        that body is still right. Expired batches not yet purged are returned too. This
+        default reads the header with :meth:`load`; a store whose header read costs more
+        than these three fields (several of them, a round trip) overrides it.
+        """
+        record = self.load(batch_id, items=False)
+        if record is None:
+            return None
+        return BatchVersion(record.version, record.owner, record.expires_at)
 
     def load_items(self, batch_id: str, query: ItemQuery) -> BatchRecord | None:
         """Read a batch's header and only the items ``query`` selects, or None.

@@ -194,14 +194,15 @@ _MIGRATIONS: dict[int, tuple[str, ...]] = {
         # A batch's metadata (JSON), in a table of its own so that the batch row every
         # transition rewrites stays small; read with the header by load and
         # list_batches, never by a transition; a batch without metadata has no row.
-        """CREATE TABLE {metadata} (
+        """CREATE TABLE IF NOT EXISTS {metadata} (
             batch_key bigint PRIMARY KEY,
             metadata  text NOT NULL
         )""",
         # The batches in creation order per owner and over all, for list_batches. No
         # column of these ever changes, so transitions keep their HOT updates.
-        'CREATE INDEX "{p}batches_by_owner" ON {batches} (owner, created_at, batch_id)',
-        'CREATE INDEX "{p}batches_by_time" ON {batches} (created_at, batch_id)',
+        'CREATE INDEX IF NOT EXISTS "{p}batches_by_owner"'
+        " ON {batches} (owner, created_at, batch_id)",
+        'CREATE INDEX IF NOT EXISTS "{p}batches_by_time" ON {batches} (created_at, batch_id)',
     ),
 }
 assert sorted(_MIGRATIONS) == list(range(1, SCHEMA_VERSION + 1))

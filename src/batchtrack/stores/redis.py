@@ -64,6 +64,7 @@ from ..exceptions import BatchNotFound, ItemNotFound, StoreError, ValidationErro
 from ._rows import pack_metadata, unpack_metadata
 from .base import (
     BatchRecord,
+    BatchVersion,
     BulkResult,
     ItemQuery,
     LostItem,
@@ -1495,6 +1496,22 @@ class RedisStore(Store):
             raw_items: dict[bytes, bytes] = replies[2]
             snapshots = tuple(_item(i.decode(), raw_items[i]) for i in replies[1])
         return _from_fields(batch_id, fields, snapshots)
+
+    def version_of(self, batch_id: str) -> BatchVersion | None:
+        # One HMGET of three short fields: no transaction, no stats, no items.
+        try:
+            version, owner, expires = self._client.hmget(
+                f"{self.prefix}b:{batch_id}", "version", "owner", "expires_at"
+            )
+        except RedisError as exc:
+            raise StoreError(f"Redis failed to read batch {batch_id!r}: {exc}") from exc
+        if version is None and expires is None:
+            return None
+        return BatchVersion(
+            int(version or 0),
+            None if owner in (None, b"") else owner.decode(),
+            float(expires or 0),
+        )
 
     def load_items(self, batch_id: str, query: ItemQuery) -> BatchRecord | None:
         reply = self._call(

@@ -210,12 +210,12 @@ _MIGRATIONS: list[tuple[str, ...]] = [
         # And the batches in creation order per owner and over all, for list_batches:
         # no column of these indexes changes after creation, so transitions write no
         # index page.
-        """CREATE TABLE batch_metadata (
+        """CREATE TABLE IF NOT EXISTS batch_metadata (
             batch_key INTEGER PRIMARY KEY,
             metadata  TEXT NOT NULL
         )""",
-        "CREATE INDEX batches_by_owner ON batches (owner, created_at, batch_id)",
-        "CREATE INDEX batches_by_time ON batches (created_at, batch_id)",
+        "CREATE INDEX IF NOT EXISTS batches_by_owner ON batches (owner, created_at, batch_id)",
+        "CREATE INDEX IF NOT EXISTS batches_by_time ON batches (created_at, batch_id)",
     ),
 ]
 assert len(_MIGRATIONS) == SCHEMA_VERSION
