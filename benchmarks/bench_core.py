@@ -91,6 +91,48 @@ def event_cost(make_store: StoreMaker, name: str, *, goal: float, n: int = 2000)
     )
 
 
+def _noop(item: object) -> None:
+    return None
+
+
+def orchestrator_vs_pool(
+    make_store: StoreMaker, name: str, *, goal: float, n: int = 2000, concurrency: int = 8
+) -> Comparison:
+    """A batch of ``n`` no-op items through an Orchestrator (``concurrency`` threads,
+    every start and end recorded) vs a bare ``ThreadPoolExecutor(concurrency).map`` of
+    the same no-op; both pools are made once and reused each round. ``goal`` is the
+    largest acceptable ours/pool ratio (0.3x the pool's speed is a ratio of 3.33)."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    from batchtrack import Item, Orchestrator
+
+    tracker = BatchTracker(make_store())
+    orch = Orchestrator(tracker, _noop, concurrency=concurrency)
+    pool = ThreadPoolExecutor(concurrency)
+    items = [Item(f"{i}.jpg") for i in range(n)]
+    numbers = range(n)
+
+    def ours() -> None:
+        snap = orch.run(items)
+        assert snap.progress.completed == n
+
+    def baseline() -> None:
+        for _ in pool.map(_noop, numbers):
+            pass
+
+    try:
+        return compare(
+            f"{name}: Orchestrator({concurrency}) of no-op items vs ThreadPoolExecutor.map",
+            ours,
+            baseline,
+            goal=goal,
+            rounds=7,
+        )
+    finally:
+        orch.close()
+        pool.shutdown()
+
+
 def counts_read(make_store: StoreMaker, name: str, *, reads: int = 2000) -> Comparison:
     """Reading counts (get with items=False) of a 100,000-item batch vs a 10-item one."""
     tracker = BatchTracker(make_store())
@@ -198,6 +240,7 @@ def run(quick: bool = False) -> list[Comparison]:
 
     results = [
         event_cost(MemoryStore, "memory", goal=3.0, n=500 if quick else 2000),
+        orchestrator_vs_pool(MemoryStore, "memory", goal=1 / 0.3, n=500 if quick else 2000),
         counts_read(MemoryStore, "memory"),
         snapshot_json(MemoryStore, "memory", goal=2.0)[0],
         report_cost(MemoryStore, "memory", coalesced=False, goal=1.5, n=500 if quick else 2000),

@@ -7,7 +7,7 @@ import tempfile
 from pathlib import Path
 
 from batchtrack import MemoryStore, SQLiteStore
-from bench_core import counts_read, snapshot_json, tracker_events
+from bench_core import counts_read, orchestrator_vs_pool, snapshot_json, tracker_events
 from harness import Comparison, compare
 
 
@@ -57,7 +57,11 @@ def run(quick: bool = False) -> list[Comparison]:
             return SQLiteStore(folder / f"s{next(made)}.db")
 
         event, per_event = event_vs_update_commit(folder, n=200 if quick else 1000)
-        results = [event, counts_read(sqlite_store, "sqlite", reads=500)]
+        results = [
+            event,
+            counts_read(sqlite_store, "sqlite", reads=500),
+            orchestrator_vs_pool(sqlite_store, "sqlite", goal=1 / 0.15, n=500 if quick else 2000),
+        ]
         sq, sqlite_snapshot = snapshot_json(sqlite_store, "sqlite", goal=99)
         del sq
         _, memory_snapshot = snapshot_json(MemoryStore, "memory", goal=99)

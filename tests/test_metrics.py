@@ -102,7 +102,8 @@ def test_serve_answers_get_metrics_with_the_counts_of_a_real_batch(tmp_path: Pat
     assert value(found, requests, method="POST", route="/api/process-batch", status="202") == 1
     assert not any(started["batchId"] in str(labels) for _, labels in found)
     calls = "batchtrack_store_call_duration_seconds_count"
-    assert (value(found, calls, store="SQLiteStore", operation="apply") or 0) >= 8
+    # 4 starts and 4 ends: fewer calls when the orchestrator sends several at once.
+    assert (value(found, calls, store="SQLiteStore", operation="apply") or 0) >= 2
 
 
 def test_serve_no_metrics_answers_404_for_metrics(tmp_path: Path) -> None:

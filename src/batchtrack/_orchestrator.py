@@ -23,7 +23,7 @@ import attrs
 from . import _report
 from ._closing import Closing
 from ._models import BatchSnapshot, Item, ProgressEvent, Status
-from ._tracker import CANCELLED, INPUT_NOT_KEPT, BatchTracker
+from ._tracker import _COMPLETE, _FAIL, _START, CANCELLED, INPUT_NOT_KEPT, BatchTracker
 from ._watch import subscribe
 from .exceptions import (
     BatchNotFound,
@@ -257,6 +257,12 @@ class Orchestrator(Closing):
     _watchdog: threading.Thread | None
     _watch_wake: threading.Event
     _retired: weakref.WeakSet[Executor]  # process pools replaced after a timeout
+    # Items whose call ended, waiting for the writer to record them (with the error).
+    _writes: list[tuple[_Run, Item, BaseException | None]]
+    _want_starts: bool  # slots may be free: the writer should start what fits
+    _writer: threading.Thread | None
+    _wake_writer: threading.Condition  # on _lock
+    _stop_writing: bool
 
     def __init__(
         self,
@@ -328,6 +334,11 @@ class Orchestrator(Closing):
             None,
             threading.Event(),
             weakref.WeakSet(),
+            [],
+            False,
+            None,
+            threading.Condition(lock),
+            False,
         )
 
     # -- public ---------------------------------------------------------------------------
@@ -581,6 +592,12 @@ class Orchestrator(Closing):
             runs = list(self._runs.values())
         for run in runs:
             run.done.wait()
+        with self._lock:
+            self._stop_writing = True
+            self._wake_writer.notify()
+            writer = self._writer
+        if writer is not None and writer is not threading.current_thread():
+            writer.join()
         self._stop_beating.set()
         self._watch_wake.set()
         if self._beater is not None:
@@ -599,21 +616,189 @@ class Orchestrator(Closing):
     # -- machinery -------------------------------------------------------------------------
 
     def _pump(self) -> None:
-        """Start items while slots are free, oldest batch first, items in order."""
+        """Have the writer start items while slots are free, oldest batch first, items in
+        order."""
+        with self._lock:
+            self._want_starts = True
+            self._wake_writer_locked()
+
+    def _wake_writer_locked(self) -> None:
+        """Wake the writer thread, starting it first if none runs."""
+        if self._writer is None:
+            if self._stop_writing:
+                return
+            self._writer = threading.Thread(
+                target=self._write, name="batchtrack-writer", daemon=True
+            )
+            self._writer.start()
+        self._wake_writer.notify()
+
+    def _take_starts_locked(self, finishing: int) -> list[tuple[_Run, Item]]:
+        """The items to start now: as many as slots are free, counting those of the
+        ``finishing`` items (their calls ended; their end is being recorded)."""
+        taken: list[tuple[_Run, Item]] = []
+        while True:
+            # Stuck threads past the bound hold their slots (see item_timeout).
+            busy = self._running - finishing + max(0, self._stuck - self.concurrency)
+            if busy >= self.concurrency:
+                return taken
+            while self._order and not self._order[0].pending:
+                self._order.popleft()
+            if not self._order:
+                return taken
+            run = self._order[0]
+            item = run.pending.popleft()
+            run.running += 1
+            self._running += 1
+            taken.append((run, item))
+
+    def _write(self) -> None:
+        """Record every item that ended and start what fits, from one thread.
+
+        What piled up while the last store call was under way goes in the next one: per
+        batch, the ends of the items that finished and the starts of the items taking
+        their slots, in one store round trip (:meth:`BatchTracker._apply_events`). Under
+        load that is several items per call; when idle, one call per end, at once.
+        """
         while True:
             with self._lock:
-                # Stuck threads past the bound hold their slots (see item_timeout).
-                if self._running + max(0, self._stuck - self.concurrency) >= self.concurrency:
-                    return
-                while self._order and not self._order[0].pending:
-                    self._order.popleft()
-                if not self._order:
-                    return
-                run = self._order[0]
-                item = run.pending.popleft()
-                run.running += 1
-                self._running += 1
-            self._start(run, item)
+                while not self._writes and not self._want_starts:
+                    if self._stop_writing:
+                        self._writer = None
+                        return
+                    self._wake_writer.wait()
+                ended, self._writes = self._writes, []
+                self._want_starts = False
+                starts = self._take_starts_locked(len(ended))
+            groups: dict[_Run, list[tuple[Item, BaseException | None, bool]]] = {}
+            for run, item, exc in ended:
+                groups.setdefault(run, []).append((item, exc, False))
+            for run, item in starts:
+                if item.source is _UNKEPT:
+                    # Its input lived only in the process that submitted it: fail it
+                    # rather than hand the processor a guess (its filename could name
+                    # another file).
+                    error = ProcessingError(INPUT_NOT_KEPT_ERROR)
+                    groups.setdefault(run, []).append((item, error, False))
+                else:
+                    groups.setdefault(run, []).append((item, None, True))
+            for run, group in groups.items():
+                try:
+                    self._write_run(run, group)
+                except Exception:  # a bug; the writer must go on for the other batches
+                    log.exception("batchtrack: recording items of batch %s", run.batch_id)
+
+    def _write_run(self, run: _Run, group: list[tuple[Item, BaseException | None, bool]]) -> None:
+        """Record the ends and starts of one batch's items in one store call, deliver
+        their events in the order applied, then hand the started items to the executor."""
+        steps: list[tuple[str, tuple[Status, frozenset[Status]], str | None, float | None]] = []
+        for item, exc, start in group:
+            assert item.id is not None
+            if start:
+                steps.append((item.id, _START, None, self.tracker.lease))
+            elif exc is None:
+                steps.append((item.id, _COMPLETE, None, None))
+            else:
+                steps.append((item.id, _FAIL, error_message(exc, item), None))
+        failed: list[bool] = []
+        with run.order:
+            answers = self._record(run.batch_id, steps, failed)
+            for answer in answers:
+                if isinstance(answer, ProgressEvent) and answer.changed:
+                    self._emit(run, answer)
+        ended: list[str] = []
+        running: list[Item] = []
+        for (item, _, start), answer in zip(group, answers, strict=True):
+            assert item.id is not None
+            if start:
+                # (Unchanged after a failed try: that try's answer was lost but it did
+                # apply.)
+                if isinstance(answer, ProgressEvent) and (answer.changed or failed):
+                    running.append(item)
+                else:
+                    self._started(run, item, answer)
+                continue
+            if not isinstance(answer, ProgressEvent):
+                log.error(
+                    "batchtrack: could not record item %s of batch %s",
+                    item.id,
+                    run.batch_id,
+                    exc_info=answer,
+                )
+            ended.append(item.id)
+        if ended or running:
+            with self._lock:
+                for item_id in ended:
+                    self._leased.pop((run.batch_id, item_id), None)
+                    run.ids.discard(item_id)
+                run.running -= len(ended)
+                self._running -= len(ended)
+                self._settle_locked(run)
+                for item in running:
+                    self._lease_locked(run.batch_id, item.id)  # type: ignore[arg-type]
+        for item in running:
+            self._call(run, item)
+
+    def _record(
+        self,
+        batch_id: str,
+        steps: list[tuple[str, tuple[Status, frozenset[Status]], str | None, float | None]],
+        failed: list[bool],
+    ) -> list[ProgressEvent | BaseException]:
+        """The answer to each step: its event, or why it could not be recorded."""
+        what = f"recording {len(steps)} item(s) of batch {batch_id}"
+        tracker = self.tracker
+        try:
+            answers: list[ProgressEvent | BaseException] = []
+            answers += self._retrying(what, lambda: tracker._apply_events(batch_id, steps), failed)
+            return answers
+        except StoreError as exc:
+            return [exc] * len(steps)
+        except Exception as exc:
+            if len(steps) == 1:
+                return [exc]
+        # The batch went, or an item is not in it, or the store refused the call as a
+        # whole: each step on its own, for an answer of its own.
+        answers = []
+        for step in steps:
+
+            def one(step: Any = step) -> list[ProgressEvent | BatchtrackError]:
+                return tracker._apply_events(batch_id, [step])
+
+            try:
+                answers += self._retrying(what, one, failed)
+            except Exception as exc:
+                answers.append(exc)
+        return answers
+
+    def _started(self, run: _Run, item: Item, answer: ProgressEvent | BaseException) -> None:
+        """Let go of an item whose start did not apply: it will not run here."""
+        assert item.id is not None
+        batch_id = run.batch_id
+        if isinstance(answer, ProgressEvent):  # another worker started it first: theirs
+            self._release(run, item)
+        elif isinstance(answer, (InvalidTransition, BatchNotFound)):
+            # Cancelled, finished or gone meanwhile (maybe by another process): skip it.
+            log.info("batchtrack: skipping item %s of batch %s: %s", item.id, batch_id, answer)
+            self._release(run, item)
+        elif isinstance(answer, StoreError):
+            # Never process an item whose start is not recorded; it stays as the store has
+            # it (pending, or processing until its lease runs out) for a later resume.
+            log.error(
+                "batchtrack: giving up item %s of batch %s: the store stayed unavailable",
+                item.id,
+                batch_id,
+                exc_info=answer,
+            )
+            self._release(run, item)
+        else:  # the tracker refused
+            log.error(
+                "batchtrack: could not start item %s of batch %s",
+                item.id,
+                batch_id,
+                exc_info=answer,
+            )
+            self._finish(run, item, answer)
 
     def _retrying(self, what: str, call: Callable[[], _T], failed: list[bool] | None = None) -> _T:
         """``call()``, retried with back-off while the store fails, for ``store_retry`` s.
@@ -640,50 +825,6 @@ class Orchestrator(Closing):
                 )
                 time.sleep(delay)
                 delay = min(delay * 2, 2.0)
-
-    def _start(self, run: _Run, item: Item) -> None:
-        assert item.id is not None
-        if item.source is _UNKEPT:
-            # Its input lived only in the process that submitted it: fail it rather
-            # than hand the processor a guess (its filename could name another file).
-            self._finish(run, item, ProcessingError(INPUT_NOT_KEPT_ERROR))
-            return
-        batch_id, item_id = run.batch_id, item.id
-        failed: list[bool] = []
-        try:
-            with run.order:
-                event = self._retrying(
-                    f"starting item {item_id}",
-                    lambda: self.tracker.start_item(batch_id, item_id),
-                    failed,
-                )
-                if event.changed:
-                    self._emit(run, event)
-        except (InvalidTransition, BatchNotFound) as exc:
-            # Cancelled, finished or gone meanwhile (maybe by another process): skip it.
-            log.info("batchtrack: skipping item %s of batch %s: %s", item_id, batch_id, exc)
-            self._release(run, item)
-            return
-        except StoreError:
-            # Never process an item whose start is not recorded; it stays as the store has
-            # it (pending, or processing until its lease runs out) for a later resume.
-            log.exception(
-                "batchtrack: giving up item %s of batch %s: the store stayed unavailable",
-                item_id,
-                batch_id,
-            )
-            self._release(run, item)
-            return
-        except BaseException as exc:  # the tracker refused
-            log.exception("batchtrack: could not start item %s of batch %s", item_id, batch_id)
-            self._finish(run, item, exc)
-            return
-        if not event.changed and not failed:  # another worker started it first: theirs
-            self._release(run, item)
-            return
-        # (Unchanged after a failed try: that try's answer was lost but it did apply.)
-        self._lease(run.batch_id, item.id)
-        self._call(run, item)
 
     def _call(self, run: _Run, item: Item) -> None:
         """Hand the started item to the executor, under its time limit if any."""
@@ -729,15 +870,14 @@ class Orchestrator(Closing):
 
     # -- leases ----------------------------------------------------------------------------
 
-    def _lease(self, batch_id: str, item_id: str) -> None:
+    def _lease_locked(self, batch_id: str, item_id: str) -> None:
         """Keep renewing the lease of a running item until it finishes."""
-        with self._lock:
-            self._leased[batch_id, item_id] = None
-            if self._beater is None:
-                self._beater = threading.Thread(
-                    target=self._beat, name="batchtrack-heartbeat", daemon=True
-                )
-                self._beater.start()
+        self._leased[batch_id, item_id] = None
+        if self._beater is None:
+            self._beater = threading.Thread(
+                target=self._beat, name="batchtrack-heartbeat", daemon=True
+            )
+            self._beater.start()
 
     def _beat(self) -> None:
         """Heartbeat every running item three times per lease, from one thread."""
@@ -803,13 +943,23 @@ class Orchestrator(Closing):
         while not self._stop_beating.is_set():
             now = time.monotonic()
             with self._lock:
-                expired = [call for call in self._calls if call.deadline <= now]
-                for call in expired:
-                    del self._calls[call]
-                    call.over = call.timed_out = True
-                next_deadline = min((call.deadline for call in self._calls), default=math.inf)
+                # A call in a process pool replaced meanwhile is not judged: killing the
+                # pool ended it, and it starts over in the new one (see _done).
+                live = [call for call in self._calls if call.executor not in self._retired]
+                expired = sorted(
+                    (call for call in live if call.deadline <= now), key=lambda c: c.deadline
+                )
+                next_deadline = min(
+                    (call.deadline for call in live if call.deadline > now), default=math.inf
+                )
                 self._watch_wake.clear()
             for call in expired:
+                with self._lock:
+                    # One time-out may replace a pool that others of these ran in.
+                    if call not in self._calls or call.executor in self._retired:
+                        continue
+                    del self._calls[call]
+                    call.over = call.timed_out = True
                 self._time_out(call)
             if not expired:
                 self._watch_wake.wait(min(next_deadline - now, 60.0))
@@ -899,6 +1049,7 @@ class Orchestrator(Closing):
             )
 
     def _finish(self, run: _Run, item: Item, exc: BaseException | None) -> None:
+        """An item's call ended (``exc``: how it failed): the writer records it."""
         assert item.id is not None
         if exc is not None and not isinstance(exc, ProcessingError):
             log.error(
@@ -908,32 +1059,9 @@ class Orchestrator(Closing):
                 run.batch_id,
                 exc_info=exc,
             )
-        batch_id, item_id = run.batch_id, item.id
-        try:
-            with run.order:
-                if exc is None:
-                    event = self._retrying(
-                        f"completing item {item_id}",
-                        lambda: self.tracker.complete_item(batch_id, item_id),
-                    )
-                else:
-                    error = error_message(exc, item)
-                    event = self._retrying(
-                        f"failing item {item_id}",
-                        lambda: self.tracker.fail_item(batch_id, item_id, error),
-                    )
-                if event.changed:
-                    self._emit(run, event)
-        except BatchtrackError:
-            log.exception("batchtrack: could not record item %s of batch %s", item_id, batch_id)
-        finally:
-            with self._lock:
-                self._leased.pop((run.batch_id, item.id), None)
-                run.ids.discard(item.id)
-                run.running -= 1
-                self._running -= 1
-                self._settle_locked(run)
-            self._pump()
+        with self._lock:
+            self._writes.append((run, item, exc))
+            self._wake_writer_locked()
 
     def _fail_pending_locked(self, run: _Run, reason: str = CANCELLED) -> int:
         """Cancel the run's queued items (fail them, unless ``reason`` is

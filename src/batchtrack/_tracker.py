@@ -7,7 +7,7 @@ import math
 import os
 import time
 import uuid
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from typing import Union
 
 import attrs
@@ -30,6 +30,7 @@ from ._sweeper import Sweeper
 from .exceptions import (
     BatchNotFound,
     BatchPaused,
+    BatchtrackError,
     InputsGone,
     InvalidTransition,
     ItemNotFound,
@@ -771,6 +772,76 @@ class BatchTracker(Closing):
             _eta.estimate,
             (progress, created, stats, now),
         )
+
+    def _apply_events(
+        self,
+        batch_id: str,
+        steps: Sequence[tuple[str, tuple[Status, frozenset[Status]], str | None, float | None]],
+    ) -> list[ProgressEvent | BatchtrackError]:
+        """Several starts, completions and failures of one batch's items in one store
+        call (:meth:`Store.apply_all <batchtrack.stores.base.Store.apply_all>`): what the
+        orchestrator sends when an item finishes and the next one starts.
+
+        Each step is ``(item_id, rule, error, lease)``: ``rule`` one of the start,
+        complete and fail rules, ``error`` the failure's message, ``lease`` the seconds
+        of a start's lease (None for the others). Each is judged as
+        :meth:`start_item`, :meth:`complete_item` or :meth:`fail_item` would judge it
+        right after the ones before; its answer is its event, or the error that method
+        would have raised for it (:class:`~batchtrack.InvalidTransition`,
+        :class:`~batchtrack.BatchPaused`, :class:`~batchtrack.BatchNotFound`).
+
+        Raises:
+            BatchNotFound: Unknown or expired batch (nothing applied).
+            ItemNotFound: A step names an item not in the batch (nothing applied).
+            StoreError: The store failed.
+        """
+        now = self.clock()
+        origin = self._origins.get(batch_id)
+        if origin is None:
+            origin = self._origin(batch_id)
+        open_at, finished_at = now + IDLE_TIMEOUT, now + self.ttl
+        transitions = []
+        for item_id, (target, sources), error, lease in steps:
+            if error is not None and len(error) > MAX_ERROR_LENGTH:
+                error = error[: MAX_ERROR_LENGTH - 1] + "…"
+            started = lease is not None
+            transitions.append(
+                Transition(
+                    item_id,
+                    target,
+                    sources,
+                    now,
+                    error,
+                    open_at,
+                    finished_at,
+                    _eta.stats_for(target, now, origin, lease),
+                    now + lease if lease is not None else None,
+                    started,
+                    unless_paused=started,
+                )
+            )
+        answers: list[ProgressEvent | BatchtrackError] = []
+        results = self.store.apply_all(batch_id, transitions)
+        for transition, result in zip(transitions, results, strict=True):
+            outcome = result.outcome
+            if outcome is Outcome.APPLIED:
+                answers.append(_event(batch_id, result, now, changed=True))
+            elif outcome is Outcome.REJECTED:
+                answers.append(
+                    InvalidTransition(
+                        batch_id,
+                        transition.item_id,
+                        result.previous.value,
+                        transition.target.value,
+                    )
+                )
+            elif outcome is Outcome.PAUSED:
+                answers.append(BatchPaused(batch_id, transition.item_id))
+            elif result.expires_at <= now:  # unchanged, on a batch that expired
+                answers.append(BatchNotFound(batch_id))
+            else:
+                answers.append(_event(batch_id, result, now, changed=False))
+        return answers
 
     # -- lost work, retry and cancel ---------------------------------------------------
 

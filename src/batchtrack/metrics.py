@@ -463,6 +463,25 @@ class InstrumentedStore(Store):
             )
         return result
 
+    def apply_all(self, batch_id: str, transitions: Sequence[Transition]) -> list[TransitionResult]:
+        # One store call, timed as an "apply" (the tracker's transitions, however many go
+        # in one call); each applied transition counted once, as by apply().
+        results = self._call("apply", self._inner.apply_all, batch_id, transitions)
+        for transition, result in zip(transitions, results, strict=True):
+            if result.outcome is Outcome.APPLIED:
+                if transition.lost_before is not None:
+                    self._metrics._reclaim(transition.target)
+                    self._started.pop((batch_id, transition.item_id), None)
+                self._metrics._applied(
+                    self._started,
+                    batch_id,
+                    transition.item_id,
+                    transition.target,
+                    result.previous,
+                    transition.at,
+                )
+        return results
+
     def apply_many(
         self, batch_id: str, transition: Transition, item_ids: Sequence[str] | None = None
     ) -> BulkResult:

@@ -430,6 +430,36 @@ class Store(Closing, ABC):
             StoreError: The store failed; nothing was applied.
         """
 
+    def apply_all(self, batch_id: str, transitions: Sequence[Transition]) -> list[TransitionResult]:
+        """Apply several transitions of one batch's items in one atomic step, in order;
+        answer one :class:`TransitionResult` per transition.
+
+        Each transition is judged on its own, exactly as :meth:`apply` would judge it
+        right after the ones before it (an item may appear more than once: a start, then
+        its completion): one that is :attr:`Outcome.UNCHANGED`, :attr:`Outcome.REJECTED`
+        or :attr:`Outcome.PAUSED` changes nothing and does not stop the others. Each
+        applied transition counts one version, as if applied one by one. A result's
+        header (counts, version, stats, times) is the batch's right after its own
+        transition. What users see is the same as the same :meth:`apply` calls in a
+        row; the point is the cost: the orchestrator sends an item's completion and the
+        next item's start together, in one store round trip (one lock, one SQL
+        transaction, one Lua call).
+
+        A batch that is missing (or expired at a transition's ``at``) or an item that is
+        not in it fails the whole call, before anything changes.
+
+        This default calls :meth:`apply` once per transition, so it is atomic per
+        transition only (an unknown item stops it after the ones before it applied),
+        and costs as many round trips; the built-in stores override it.
+
+        Raises:
+            BatchNotFound: The batch is missing or expired (nothing applied).
+            ItemNotFound: A transition names an item not in the batch (nothing applied,
+                except by this default).
+            StoreError: The store failed; nothing was applied.
+        """
+        return [self.apply(batch_id, transition) for transition in transitions]
+
     def _apply_parts(
         self,
         batch_id: str,

@@ -286,40 +286,67 @@ class MemoryStore(Store):
     def apply(self, batch_id: str, transition: Transition) -> TransitionResult:
         with self._lock:
             state, position = self._find(batch_id, transition.item_id, transition.at)
-            item = state.items[position]
-            previous = item.status
-            if previous is transition.target:
-                outcome = Outcome.UNCHANGED
-            elif (
-                previous not in transition.sources
-                or (
-                    transition.lost_before is not None
-                    and not _ran_out(state.leases[position], transition.lost_before)
-                )
-                or (
-                    transition.max_attempts is not None and item.attempts >= transition.max_attempts
-                )
-            ):
-                outcome = Outcome.REJECTED
-            elif transition.unless_paused and state.paused:
-                outcome = Outcome.PAUSED
-            else:
-                outcome = Outcome.APPLIED
-                was_open = state.finished_at is None
-                state.move(position, transition)
-                if was_open and state.finished_at is not None:
-                    self._ended(state)
-                if transition.lease_until is not None:
-                    heapq.heappush(self._leases, (transition.lease_until, batch_id, position))
-            result = self._result(outcome, previous, state, position)
-        if outcome is _APPLIED and self._listeners:
+            result = self._apply_at(state, position, transition)
+        if result.outcome is _APPLIED and self._listeners:
             self._changed(batch_id)
         return result
+
+    def apply_all(self, batch_id: str, transitions: Sequence[Transition]) -> list[TransitionResult]:
+        # One lock for all of them; every item is found before anything changes.
+        with self._lock:
+            state = self._batches.get(batch_id)
+            index = None if state is None else state.index
+            found = []
+            for transition in transitions:
+                if state is None or state.expires_at <= transition.at:
+                    raise BatchNotFound(batch_id)
+                assert index is not None
+                position = index.get(transition.item_id)
+                if position is None:
+                    raise ItemNotFound(batch_id, transition.item_id)
+                found.append(position)
+            assert state is not None or not transitions
+            results = [
+                self._apply_at(state, position, transition)  # type: ignore[arg-type]
+                for position, transition in zip(found, transitions, strict=True)
+            ]
+        if self._listeners and any(r.outcome is _APPLIED for r in results):
+            self._changed(batch_id)
+        return results
+
+    def _apply_at(self, state: _Batch, position: int, transition: Transition) -> TransitionResult:
+        """:meth:`apply` of a found item, under the lock."""
+        item = state.items[position]
+        previous = item.status
+        if previous is transition.target:
+            outcome = Outcome.UNCHANGED
+        elif (
+            previous not in transition.sources
+            or (
+                transition.lost_before is not None
+                and not _ran_out(state.leases[position], transition.lost_before)
+            )
+            or (transition.max_attempts is not None and item.attempts >= transition.max_attempts)
+        ):
+            outcome = Outcome.REJECTED
+        elif transition.unless_paused and state.paused:
+            outcome = Outcome.PAUSED
+        else:
+            outcome = Outcome.APPLIED
+            was_open = state.finished_at is None
+            state.move(position, transition)
+            if was_open and state.finished_at is not None:
+                self._ended(state)
+            if transition.lease_until is not None:
+                heapq.heappush(self._leases, (transition.lease_until, state.batch_id, position))
+        return self._result(outcome, previous, state, position)
 
     def __init_subclass__(cls, **kwargs: Any) -> None:
         super().__init_subclass__(**kwargs)
         if cls.apply is not MemoryStore.apply:  # what it applies must be what applies
             cls._apply_parts = Store._apply_parts  # type: ignore[method-assign]
+            if cls.apply_all is MemoryStore.apply_all:
+                cls.apply_all = Store.apply_all  # type: ignore[method-assign]
 
     def _apply_parts(
         self, batch_id: str, *parts: Any

@@ -868,6 +868,62 @@ class PostgresStore(Store):
                 return result
         raise _contended(batch_id)
 
+    def apply_all(self, batch_id: str, transitions: Sequence[Transition]) -> list[TransitionResult]:
+        # One transaction holding the batch row's lock: the header and every item are
+        # read in one round trip (pipeline mode), the writes and the commit go in a
+        # second one, whatever the number of transitions.
+        if not transitions:
+            return []
+        q = self._sql
+        with self._transaction(f"update batch {batch_id!r}") as conn:
+            head = conn.execute(q["lock_header"], (batch_id,))
+            reads = {
+                item_id: conn.execute(q["item"], (batch_id, item_id))
+                for item_id in dict.fromkeys(t.item_id for t in transitions)
+            }
+            row: Any = head.fetchone()
+            items: dict[str, Any] = {item_id: read.fetchone() for item_id, read in reads.items()}
+            for transition in transitions:
+                if row is None or row[5] <= transition.at:
+                    raise BatchNotFound(batch_id)
+                if items[transition.item_id] is None:
+                    raise ItemNotFound(batch_id, transition.item_id)
+            results = []
+            for transition in transitions:
+                it = items[transition.item_id]
+                outcome = self._unchanged(transition, it, row[14])
+                if outcome is not None:
+                    item = _item(transition.item_id, it)
+                    results.append(_result(outcome, _STATUSES[it[1]], item, _header(row)))
+                    continue
+                args, result = self._move(batch_id, transition, row, it)
+                conn.execute(*self._write_item(row, args, result))  # holds the lock: it applies
+                results.append(result)
+                # The header and the item as written, for the transitions after it.
+                row = (
+                    *row[:3],
+                    transition.at,
+                    result.finished_at,
+                    result.expires_at,
+                    result.version,
+                    row[7],
+                    *args[4:8],
+                    args[8],
+                    row[13],
+                    row[14],
+                )
+                items[transition.item_id] = (
+                    it[0],
+                    _CODE[transition.target],
+                    transition.error,
+                    it[3],
+                    transition.at,
+                    args[14],
+                    it[6],
+                    args[15],
+                )
+        return results
+
     def _write_item(
         self, row: Any, args: tuple[Any, ...], result: TransitionResult
     ) -> tuple[str, tuple[Any, ...]]:

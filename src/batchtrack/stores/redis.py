@@ -298,9 +298,7 @@ end
 #       each.
 # Returns: outcome, previous code, the item's JSON, the header fields (in _HEADER's
 # order), and the stats field (pack_stats format: exact doubles, one value).
-_APPLY = (
-    _PRELUDE
-    + """
+_APPLY_BODY = """
 local at = tonumber(ARGV[5])
 -- The whole header, read once: the reply is made from it and the update (no re-read).
 local values = redis.call('HMGET', KEYS[1], unpack(header_fields))
@@ -382,6 +380,138 @@ if finished and (not values[4] or values[4] == '') then
 end
 notify(ARGV[1])
 return answer('applied', previous, raw, update)
+"""
+_APPLY = _PRELUDE + _APPLY_BODY
+
+# ARGV: batch id, then per transition: how many arguments it has, and _APPLY's ARGV.
+# Every item is checked before anything changes; then each transition is judged and
+# applied as _APPLY would, on the header kept here (read once, written once, one
+# notification), its reply made from the header as it is right after it.
+# Returns: {'nobatch'}, {'noitem', item id}, or one _APPLY reply per transition.
+_APPLY_ALL = (
+    _PRELUDE
+    + """
+local calls, ids = {}, {}
+local n = 2
+while n <= #ARGV do
+  local size = tonumber(ARGV[n])
+  local args = {}
+  for i = 1, size do args[i] = ARGV[n + i] end
+  calls[#calls + 1] = args
+  ids[#ids + 1] = args[2]
+  n = n + size + 1
+end
+if #calls == 0 then return {} end
+local values = redis.call('HMGET', KEYS[1], unpack(header_fields))
+local found = redis.call('HMGET', KEYS[2], unpack(ids))
+local raws = {}
+for i, args in ipairs(calls) do
+  if not values[5] or tonumber(values[5]) <= tonumber(args[5]) then return {'nobatch'} end
+  if not found[i] then return {'noitem', args[2]} end
+  raws[args[2]] = found[i]
+end
+local paused = redis.call('HGET', KEYS[1], 'paused') == '1'
+-- The fifth, cancelled, is never written: it is what the total leaves over.
+local counts = {tonumber(values[11]), tonumber(values[10]), tonumber(values[8]),
+  tonumber(values[9]), 0}
+local version = tonumber(values[6])
+local names, sums, index = nil, nil, nil
+local function decode()
+  if names then return end
+  names, sums, index = {}, {}, {}
+  local blob = values[12]
+  local count, pos = struct.unpack('<H', blob)
+  for i = 1, count do sums[i], pos = struct.unpack('<d', blob, pos) end
+  for name in string.gmatch(string.sub(blob, pos), '[^' .. SEP .. ']+') do
+    names[#names + 1] = name
+    index[name] = #names
+  end
+end
+local function encode()
+  local packed = {struct.pack('<H', #names)}
+  for j = 1, #names do packed[#packed + 1] = struct.pack('<d', sums[j]) end
+  packed[#packed + 1] = table.concat(names, SEP)
+  return table.concat(packed)
+end
+local replies = {}
+local last_at, slack, finished = nil, nil, false
+for i, A in ipairs(calls) do
+  local raw = raws[A[2]]
+  local item = cjson.decode(raw)
+  local previous = item.s
+  local target = tonumber(A[3])
+  local outcome = nil
+  if previous == target then
+    outcome = 'unchanged'
+  elseif not string.find(A[4], tostring(previous), 1, true) then
+    outcome = 'rejected'
+  elseif A[12] ~= '' and (not item.l or tonumber(item.l) > tonumber(A[12])) then
+    outcome = 'rejected'
+  elseif A[13] ~= '' and (item.a or 0) >= tonumber(A[13]) then
+    outcome = 'rejected'
+  elseif A[14] == '1' and paused then
+    outcome = 'paused'
+  end
+  if not outcome then
+    outcome = 'applied'
+    local at = tonumber(A[5])
+    -- Times travel as strings: cjson keeps only 14 significant digits of a number.
+    local elapsed = at - tonumber(item.t)
+    version = version + 1
+    raw = move(A[2], item, target, A[6], A[5], A[10], A[11], version)
+    raws[A[2]] = raw
+    counts[previous + 1] = counts[previous + 1] - 1
+    counts[target + 1] = counts[target + 1] + 1
+    for g = 0, tonumber(A[15]) - 1 do
+      local base = 16 + 4 * g
+      if tonumber(A[base]) == previous then
+        decode()
+        local coefs, cpos = A[base + 2], 1
+        local k = 0
+        for name in string.gmatch(A[base + 1], '[^,]+') do
+          k = k + 1
+          local coef
+          coef, cpos = struct.unpack('<d', coefs, cpos)
+          local power = tonumber(string.sub(A[base + 3], k, k))
+          local at_name = index[name]
+          if not at_name then
+            names[#names + 1] = name
+            sums[#names] = 0
+            at_name = #names
+            index[name] = at_name
+          end
+          sums[at_name] = sums[at_name] + coef * elapsed ^ power
+        end
+        values[12] = encode()
+      end
+    end
+    finished = counts[1] + counts[2] == 0
+    if finished and (not values[4] or values[4] == '') then
+      ended(ARGV[1], version, A[5])
+    end
+    values[3] = A[5]
+    if finished then
+      values[4] = A[5]
+      values[5] = A[8]
+    else
+      values[4] = ''
+      values[5] = A[7]
+    end
+    values[6] = version
+    values[8], values[9], values[10], values[11] = counts[3], counts[4], counts[2], counts[1]
+    last_at, slack = at, A[9]
+  end
+  replies[i] = {outcome, previous, raw, {unpack(values, 1, 11)}, values[12]}
+end
+if last_at then
+  redis.call('HSET', KEYS[1], 'pending', counts[1], 'processing', counts[2],
+    'completed', counts[3], 'failed', counts[4], 'version', version,
+    'updated_at', values[3], 'finished_at', values[4], 'expires_at', values[5])
+  if values[12] then redis.call('HSET', KEYS[1], 'stats', values[12]) end
+  refresh_ttl(ARGV[1], values[5], last_at, slack, finished)
+  notify(ARGV[1])
+end
+return replies
 """
 )
 
@@ -941,6 +1071,7 @@ class RedisStore(Store):
     _stage: Any
     _read: Any
     _apply: Any
+    _apply_all: Any = attrs.field(init=False, default=None)  # registered after init
     _purge: Any
     _renew: Any
     _apply_many: Any
@@ -1005,6 +1136,7 @@ class RedisStore(Store):
             client.register_script(_OUTBOX_UNSUBSCRIBE),
             client.register_script(_LIST),
         )
+        self._apply_all = client.register_script(_APPLY_ALL)
 
     def _keys(self, batch_id: str) -> list[str]:
         p = self.prefix
@@ -1174,6 +1306,16 @@ class RedisStore(Store):
         return None
 
     def apply(self, batch_id: str, transition: Transition) -> TransitionResult:
+        reply = self._call(
+            self._apply,
+            f"update batch {batch_id!r}",
+            self._keys(batch_id),
+            self._args(batch_id, transition),
+        )
+        return _transition_result(batch_id, transition.item_id, reply)
+
+    def _args(self, batch_id: str, transition: Transition) -> list[Any]:
+        """The ARGV of ``_APPLY`` for a transition."""
         groups: list[Any] = [len(transition.stats)]
         for source, amounts in transition.stats.items():
             names, powers = self._group(tuple(amounts), amounts)
@@ -1184,21 +1326,37 @@ class RedisStore(Store):
                 powers,
             ]
         attempts = "+" if transition.add_attempt else "0" if transition.reset_attempts else ""
-        reply = self._call(
-            self._apply,
-            f"update batch {batch_id!r}",
-            self._keys(batch_id),
-            [
-                *_common_args(batch_id, transition.item_id, transition),
-                _optional(transition.lease_until),
-                attempts,
-                _optional(transition.lost_before),
-                "" if transition.max_attempts is None else transition.max_attempts,
-                "1" if transition.unless_paused else "",
-                *groups,
-            ],
+        return [
+            *_common_args(batch_id, transition.item_id, transition),
+            _optional(transition.lease_until),
+            attempts,
+            _optional(transition.lost_before),
+            "" if transition.max_attempts is None else transition.max_attempts,
+            "1" if transition.unless_paused else "",
+            *groups,
+        ]
+
+    def apply_all(self, batch_id: str, transitions: Sequence[Transition]) -> list[TransitionResult]:
+        # One script call for all of them.
+        if not transitions:
+            return []
+        args: list[Any] = [batch_id]
+        for transition in transitions:
+            one = self._args(batch_id, transition)
+            args.append(len(one))
+            args += one
+        replies = self._call(
+            self._apply_all, f"update batch {batch_id!r}", self._keys(batch_id), args
         )
-        return _transition_result(batch_id, transition.item_id, reply)
+        if replies and replies[0] == b"nobatch":
+            raise BatchNotFound(batch_id)
+        if replies and replies[0] == b"noitem":
+            item_id = replies[1].decode() if isinstance(replies[1], bytes) else replies[1]
+            raise ItemNotFound(batch_id, item_id)
+        return [
+            _transition_result(batch_id, transition.item_id, reply)
+            for transition, reply in zip(transitions, replies, strict=True)
+        ]
 
     def _group(
         self, names: tuple[str, ...], amounts: Mapping[str, tuple[float, int]]

@@ -274,8 +274,27 @@ _HEADER_AND_ITEM = (
 )
 
 
+_WRITE_HEADER = (
+    "UPDATE batches SET updated_at = ?, finished_at = ?, expires_at = ?,"
+    " version = ?, completed = ?, failed = ?, processing = ?, pending = ?,"
+    " stats = ? WHERE key = ?"
+)
+
 # Removes the end markers of the batches a subquery (or one "?") names.
 _DROP_MARKERS = "DELETE FROM outbox WHERE url IS NULL AND batch_id IN ({})"
+
+
+def _mark_end(
+    db: sqlite3.Connection, row: Sequence[Any], finished_at: float | None, version: int, at: float
+) -> None:
+    """Add the end marker of a batch (header ``row`` as it was) that a transition ended."""
+    if finished_at is not None and row[4] is None:
+        marker = end_marker(row[0], version, at)
+        db.execute(
+            "INSERT OR IGNORE INTO outbox (entry_id, batch_id, version, ended_at, next_at)"
+            " VALUES (?, ?, ?, ?, ?)",
+            (marker.entry_id, row[0], version, at, at),
+        )
 
 
 class SchemaVersionError(StoreError):
@@ -681,62 +700,102 @@ class SQLiteStore(Store):
         # updates, one commit. Holding the write lock from the start makes computing the
         # new header here as safe as computing it in SQL, and cheaper.
         with self._write() as db:
-            row = db.execute(_HEADER_AND_ITEM, (transition.item_id, batch_id)).fetchone()
-            if row is None or row[5] <= transition.at:
-                raise BatchNotFound(batch_id)
-            if row[13] is None:
-                raise ItemNotFound(batch_id, transition.item_id)
-            previous = _STATUSES[row[14]]
-            target = transition.target
-            attempts = row[19]
-            if (
-                previous is target
-                or previous not in transition.sources
-                or (
-                    transition.lost_before is not None
-                    and (row[21] is None or row[21] > transition.lost_before)
-                )
-                or (transition.max_attempts is not None and attempts >= transition.max_attempts)
-            ):
-                outcome = Outcome.UNCHANGED if previous is target else Outcome.REJECTED
-                item = ItemSnapshot(
-                    transition.item_id, row[13], previous, row[15], attempts, row[20]
-                )
-                return _result(outcome, previous, item, _header(row))
-            if transition.unless_paused and row[-1]:
-                item = ItemSnapshot(
-                    transition.item_id, row[13], previous, row[15], attempts, row[20]
-                )
-                return _result(Outcome.PAUSED, previous, item, _header(row))
+            return self._apply_in(db, batch_id, transition)
 
-            counts, packed, stats, attempts = _step(
-                row,
-                row[12],
-                self._stats_memo,
-                previous,
-                transition,
-                transition.at - row[18],
+    def apply_all(self, batch_id: str, transitions: Sequence[Transition]) -> list[TransitionResult]:
+        # One transaction and one commit (the costly part) for all of them, the header
+        # kept here and written once; an unknown batch or item raises inside it, which
+        # rolls back what was applied before.
+        with self._write() as db:
+            head: list[Any] = []
+            results = [self._apply_in(db, batch_id, t, head) for t in transitions]
+            if head and head[13]:  # something applied
+                db.execute(_WRITE_HEADER, (*head[3:7], *head[8:13], head[14]))
+        return results
+
+    def _apply_in(
+        self,
+        db: sqlite3.Connection,
+        batch_id: str,
+        transition: Transition,
+        head: list[Any] | None = None,
+    ) -> TransitionResult:
+        """:meth:`apply` inside the caller's write transaction.
+
+        With ``head``, the batch's header is kept in it (its columns, whether it
+        changed, the batch's key) instead of being written: the caller writes it once.
+        """
+        row = db.execute(_HEADER_AND_ITEM, (transition.item_id, batch_id)).fetchone()
+        if head is not None and row is not None:
+            if head:
+                row = (*head[:13], *row[13:])
+            else:
+                head += [*row[:13], False, row[16]]
+        if row is None or row[5] <= transition.at:
+            raise BatchNotFound(batch_id)
+        if row[13] is None:
+            raise ItemNotFound(batch_id, transition.item_id)
+        previous = _STATUSES[row[14]]
+        target = transition.target
+        attempts = row[19]
+        if (
+            previous is target
+            or previous not in transition.sources
+            or (
+                transition.lost_before is not None
+                and (row[21] is None or row[21] > transition.lost_before)
+            )
+            or (transition.max_attempts is not None and attempts >= transition.max_attempts)
+        ):
+            outcome = Outcome.UNCHANGED if previous is target else Outcome.REJECTED
+            item = ItemSnapshot(transition.item_id, row[13], previous, row[15], attempts, row[20])
+            return _result(outcome, previous, item, _header(row))
+        if transition.unless_paused and row[-1]:
+            item = ItemSnapshot(transition.item_id, row[13], previous, row[15], attempts, row[20])
+            return _result(Outcome.PAUSED, previous, item, _header(row))
+
+        counts, packed, stats, attempts = _step(
+            row,
+            row[12],
+            self._stats_memo,
+            previous,
+            transition,
+            transition.at - row[18],
+            attempts,
+        )
+        self._stats_memo = (packed, stats)
+        lease = transition.lease_until
+        db.execute(
+            "UPDATE items SET status = ?, error = ?, changed_at = ?, attempts = ?,"
+            " lease_until = ?, beat_at = ?, version = ?, progress = NULL, stage = NULL"
+            " WHERE batch_key = ? AND position = ?",
+            (
+                _CODE[target],
+                transition.error,
+                transition.at,
                 attempts,
-            )
-            self._stats_memo = (packed, stats)
-            lease = transition.lease_until
-            db.execute(
-                "UPDATE items SET status = ?, error = ?, changed_at = ?, attempts = ?,"
-                " lease_until = ?, beat_at = ?, version = ?, progress = NULL, stage = NULL"
-                " WHERE batch_key = ? AND position = ?",
-                (
-                    _CODE[target],
-                    transition.error,
-                    transition.at,
-                    attempts,
-                    lease,
-                    None if lease is None else transition.at,
-                    row[6] + 1,
-                    row[16],
-                    row[17],
-                ),
-            )
+                lease,
+                None if lease is None else transition.at,
+                row[6] + 1,
+                row[16],
+                row[17],
+            ),
+        )
+        if head is None:
             finished_at, expires_at, version = self._settle(db, row, counts, packed, transition, 1)
+        else:
+            finished_at, expires_at = _ends(counts, transition)
+            version = row[6] + 1
+            head[3:7] = (transition.at, finished_at, expires_at, version)
+            head[8:13] = (
+                counts[Status.COMPLETED],
+                counts[Status.FAILED],
+                counts[Status.PROCESSING],
+                counts[Status.PENDING],
+                packed,
+            )
+            head[13] = True
+            _mark_end(db, row, finished_at, version, transition.at)
         return TransitionResult(
             Outcome.APPLIED,
             previous,
@@ -763,9 +822,7 @@ class SQLiteStore(Store):
         finished_at, expires_at = _ends(counts, transition)
         version = row[6] + changes
         db.execute(
-            "UPDATE batches SET updated_at = ?, finished_at = ?, expires_at = ?,"
-            " version = ?, completed = ?, failed = ?, processing = ?, pending = ?,"
-            " stats = ? WHERE key = ?",
+            _WRITE_HEADER,
             (
                 transition.at,
                 finished_at,
@@ -779,13 +836,7 @@ class SQLiteStore(Store):
                 row[16],
             ),
         )
-        if finished_at is not None and row[4] is None:  # the batch ended: its end marker
-            marker = end_marker(row[0], version, transition.at)
-            db.execute(
-                "INSERT OR IGNORE INTO outbox (entry_id, batch_id, version, ended_at, next_at)"
-                " VALUES (?, ?, ?, ?, ?)",
-                (marker.entry_id, row[0], version, transition.at, transition.at),
-            )
+        _mark_end(db, row, finished_at, version, transition.at)
         return finished_at, expires_at, version
 
     def set_paused(self, batch_id: str, paused: bool, at: float, expires_at_open: float) -> bool:

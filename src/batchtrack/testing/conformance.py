@@ -740,6 +740,138 @@ class StoreConformance:
         assert dict(loaded.stats) == {"n": 2.0 * n}
         assert all(item.status is Status.COMPLETED for item in loaded.items)
 
+    def test_apply_all_judges_each_transition_as_apply_would(self, store: Store) -> None:
+        """apply_all() answers and changes exactly what the same apply() calls in a row
+        would: a rejected or repeated transition in the middle stops none of the others."""
+        one = {s: {"n": (1.0, 0), "e": (2.0, 1)} for s in _ITEM_STATUSES}
+        steps = [
+            ("item-0", "complete", 1002.0),
+            ("item-1", "start", 1002.0),
+            ("item-2", "complete", 1002.0),  # pending: rejected
+            ("item-1", "start", 1002.0),  # a repeat: unchanged
+            ("item-2", "fail", 1002.0),
+            ("item-1", "complete", 1002.5),
+        ]
+        results = {}
+        for batch_id in ("together", "one-by-one"):
+            store.create(_record(batch_id, 3), _items(3))
+            store.apply(batch_id, _transition("item-0", "start", 1001.0, stats=one))
+        transitions = [
+            _transition(item, action, at, error="x" if action == "fail" else None, stats=one)
+            for item, action, at in steps
+        ]
+        results["together"] = store.apply_all("together", transitions)
+        results["one-by-one"] = [store.apply("one-by-one", t) for t in transitions]
+        for together, alone in zip(results["together"], results["one-by-one"], strict=True):
+            assert together.outcome is alone.outcome
+            assert together.previous is alone.previous
+            assert together.item == alone.item
+            assert together.progress == alone.progress
+            assert together.version == alone.version
+            assert together.finished_at == alone.finished_at
+            assert together.expires_at == alone.expires_at
+            assert dict(together.stats) == dict(alone.stats)
+        outcomes = [r.outcome for r in results["together"]]
+        assert outcomes == [
+            Outcome.APPLIED,
+            Outcome.APPLIED,
+            Outcome.REJECTED,
+            Outcome.UNCHANGED,
+            Outcome.APPLIED,
+            Outcome.APPLIED,
+        ]
+        assert [r.version for r in results["together"]] == [2, 3, 3, 3, 4, 5]
+        assert results["together"][-1].finished_at == 1002.5
+        kept, alone_kept = store.load("together"), store.load("one-by-one")
+        assert kept is not None
+        assert alone_kept is not None
+        assert attrs.evolve(kept, batch_id="", stats={}) == attrs.evolve(
+            alone_kept, batch_id="", stats={}
+        )
+        assert dict(kept.stats) == dict(alone_kept.stats)
+        assert store.apply_all("together", []) == []
+
+    def test_apply_all_with_an_unknown_batch_or_item_changes_nothing(self, store: Store) -> None:
+        """apply_all() raises BatchNotFound or ItemNotFound for the whole call, before any
+        transition applies (a store that keeps the default, apply() per transition,
+        applies the ones before an unknown item)."""
+        with pytest.raises(BatchNotFound):
+            store.apply_all("nope", [_transition("item-0", "start", 1001.0)])
+        store.create(_record("b1", 2), _items(2))
+        before = store.load("b1")
+        with pytest.raises(ItemNotFound):
+            store.apply_all(
+                "b1",
+                [_transition("item-0", "start", 1001.0), _transition("nope", "start", 1001.0)],
+            )
+        with pytest.raises(BatchNotFound):
+            store.apply_all("b1", [_transition("item-1", "start", 1000.0 + IDLE_TIMEOUT)])
+        if type(store).apply_all is not Store.apply_all:
+            assert store.load("b1") == before
+
+    def test_apply_all_refuses_starts_while_paused(self, store: Store) -> None:
+        """In a paused batch apply_all() refuses a start (PAUSED) and still applies the
+        completion sent with it."""
+        store.create(_record("b1", 2), _items(2))
+        start = attrs.evolve(
+            _transition("item-0", "start", 1001.0),
+            lease_until=1001.0 + LEASE,
+            add_attempt=True,
+            unless_paused=True,
+        )
+        store.apply("b1", start)
+        try:
+            store.set_paused("b1", True, 1001.5, 1001.5 + IDLE_TIMEOUT)
+        except NotImplementedError:
+            pytest.skip("the store cannot pause batches")
+        results = store.apply_all(
+            "b1",
+            [
+                _transition("item-0", "complete", 1002.0),
+                attrs.evolve(start, item_id="item-1", at=1002.0),
+            ],
+        )
+        assert [r.outcome for r in results] == [Outcome.APPLIED, Outcome.PAUSED]
+        loaded = store.load("b1")
+        assert loaded is not None
+        assert loaded.progress == Progress(total=2, completed=1, pending=1)
+
+    def test_threads_racing_with_apply_all_apply_each_transition_once(self, store: Store) -> None:
+        """4 threads sending every item's start and completion in apply_all() calls of a
+        few items each: each transition applies exactly once."""
+        n = 60
+        store.create(_record("b1", n), _items(n))
+        one = {s: {"n": (1.0, 0)} for s in _ITEM_STATUSES}
+        applied: list[int] = []
+        barrier = threading.Barrier(4)
+        lock = threading.Lock()
+
+        def worker() -> None:
+            barrier.wait()
+            mine = 0
+            for first in range(0, n, 3):
+                transitions = [
+                    _transition(f"item-{i}", action, 1001.0, stats=one)
+                    for i in range(first, min(first + 3, n))
+                    for action in ("start", "complete")
+                ]
+                results = store.apply_all("b1", transitions)
+                mine += sum(r.outcome is Outcome.APPLIED for r in results)
+            with lock:
+                applied.append(mine)
+
+        threads = [threading.Thread(target=worker) for _ in range(4)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+        loaded = store.load("b1")
+        assert loaded is not None
+        assert sum(applied) == 2 * n
+        assert loaded.version == 2 * n
+        assert loaded.progress == Progress(total=n, completed=n)
+        assert dict(loaded.stats) == {"n": 2.0 * n}
+
     def test_tracker_hides_other_owners_batches(self, store: Store) -> None:
         """Through a tracker, another owner's batch is not found, like an unknown one."""
         tracker = BatchTracker(store, clock=FakeClock())
@@ -1241,6 +1373,24 @@ class StoreConformance:
             store.outbox_unsubscribed()
         except NotImplementedError:
             pytest.skip(f"{type(store).__name__} has no outbox")
+
+    def test_apply_all_that_ends_a_batch_leaves_one_marker(self, store: Store) -> None:
+        """A batch ended inside apply_all() gets its end marker, with the version of the
+        transition that ended it, as apply() would leave it."""
+        self._outbox(store)
+        store.create(_record("b1", 2), _items(2))
+        store.apply("b1", _transition("item-0", "start", 1001.0))
+        results = store.apply_all(
+            "b1",
+            [
+                _transition("item-0", "complete", 1002.0),
+                _transition("item-1", "fail", 1002.0, error="x"),
+                _transition("item-1", "fail", 1002.0, error="x"),  # a repeat: no marker
+            ],
+        )
+        assert [r.version for r in results] == [2, 3, 3]
+        [marker] = store.outbox_claim(1002.0, 10, 1060.0)
+        assert (marker.batch_id, marker.version, marker.ended_at) == ("b1", 3, 1002.0)
 
     def test_a_batch_end_leaves_one_marker_in_the_outbox(self, store: Store) -> None:
         """Completing, cancelling or failing a batch's last open item adds one end marker
