@@ -448,38 +448,32 @@ class InstrumentedStore(Store):
 
     def apply(self, batch_id: str, transition: Transition) -> TransitionResult:
         result = self._call("apply", self._inner.apply, batch_id, transition)
-        if result.outcome is Outcome.APPLIED:
-            if transition.lost_before is not None:  # the tracker's reclaim of a lost item
-                self._metrics._reclaim(transition.target)
-                # No duration: how long it ran before its worker was lost is not known.
-                self._started.pop((batch_id, transition.item_id), None)
-            self._metrics._applied(
-                self._started,
-                batch_id,
-                transition.item_id,
-                transition.target,
-                result.previous,
-                transition.at,
-            )
+        self._count(batch_id, transition, result)
         return result
+
+    def _count(self, batch_id: str, transition: Transition, result: TransitionResult) -> None:
+        """Count a transition the store applied (once: by the process that applied it)."""
+        if result.outcome is not Outcome.APPLIED:
+            return
+        if transition.lost_before is not None:  # the tracker's reclaim of a lost item
+            self._metrics._reclaim(transition.target)
+            # No duration: how long it ran before its worker was lost is not known.
+            self._started.pop((batch_id, transition.item_id), None)
+        self._metrics._applied(
+            self._started,
+            batch_id,
+            transition.item_id,
+            transition.target,
+            result.previous,
+            transition.at,
+        )
 
     def apply_all(self, batch_id: str, transitions: Sequence[Transition]) -> list[TransitionResult]:
         # One store call, timed as an "apply" (the tracker's transitions, however many go
         # in one call); each applied transition counted once, as by apply().
         results = self._call("apply", self._inner.apply_all, batch_id, transitions)
         for transition, result in zip(transitions, results, strict=True):
-            if result.outcome is Outcome.APPLIED:
-                if transition.lost_before is not None:
-                    self._metrics._reclaim(transition.target)
-                    self._started.pop((batch_id, transition.item_id), None)
-                self._metrics._applied(
-                    self._started,
-                    batch_id,
-                    transition.item_id,
-                    transition.target,
-                    result.previous,
-                    transition.at,
-                )
+            self._count(batch_id, transition, result)
         return results
 
     def apply_many(
