@@ -727,18 +727,7 @@ class StoreConformance:
             with lock:
                 applied.append(mine)
 
-        threads = [threading.Thread(target=worker) for _ in range(8)]
-        for t in threads:
-            t.start()
-        for t in threads:
-            t.join()
-        loaded = store.load("b1")
-        assert loaded is not None
-        assert sum(applied) == 2 * n
-        assert loaded.version == 2 * n
-        assert loaded.progress == Progress(total=n, completed=n)
-        assert dict(loaded.stats) == {"n": 2.0 * n}
-        assert all(item.status is Status.COMPLETED for item in loaded.items)
+        _race(store, worker, 8, applied, n)
 
     def test_apply_all_judges_each_transition_as_apply_would(self, store: Store) -> None:
         """apply_all() answers and changes exactly what the same apply() calls in a row
@@ -860,17 +849,7 @@ class StoreConformance:
             with lock:
                 applied.append(mine)
 
-        threads = [threading.Thread(target=worker) for _ in range(4)]
-        for t in threads:
-            t.start()
-        for t in threads:
-            t.join()
-        loaded = store.load("b1")
-        assert loaded is not None
-        assert sum(applied) == 2 * n
-        assert loaded.version == 2 * n
-        assert loaded.progress == Progress(total=n, completed=n)
-        assert dict(loaded.stats) == {"n": 2.0 * n}
+        _race(store, worker, 4, applied, n)
 
     def test_tracker_hides_other_owners_batches(self, store: Store) -> None:
         """Through a tracker, another owner's batch is not found, like an unknown one."""
@@ -1633,3 +1612,22 @@ class StoreConformance:
                 tracker.list_batches(owner="u", after=cursor)
             with pytest.raises(ValidationError, match="first page"):
                 tracker.list_batches(after=cursor)
+
+
+def _race(
+    store: Store, worker: Callable[[], None], threads: int, applied: list[int], n: int
+) -> None:
+    """Run ``worker`` on ``threads`` threads at once; then each of the ``n`` items of batch
+    ``b1`` was started and completed exactly once between them."""
+    running = [threading.Thread(target=worker) for _ in range(threads)]
+    for thread in running:
+        thread.start()
+    for thread in running:
+        thread.join()
+    loaded = store.load("b1")
+    assert loaded is not None
+    assert sum(applied) == 2 * n
+    assert loaded.version == 2 * n
+    assert loaded.progress == Progress(total=n, completed=n)
+    assert dict(loaded.stats) == {"n": 2.0 * n}
+    assert all(item.status is Status.COMPLETED for item in loaded.items)
