@@ -265,6 +265,31 @@ def test_owner_scoped_hooks_get_only_their_owners_batches() -> None:
     assert [json.loads(b)["batchId"] for _, b in alice.got] == [mine]
 
 
+def test_hooks_of_one_url_for_several_owners_each_hear_of_their_owners_batches() -> None:
+    """Two owner-scoped hooks on the same URL both count: each owner's batch is sent."""
+    tracker = BatchTracker(MemoryStore())
+    with receiver() as shared:
+        hooks = [
+            Webhook(shared.url, SECRET, owner="alice"),
+            Webhook(shared.url, SECRET, owner="bob"),
+        ]
+        sender = WebhookSender(tracker, hooks, schedule=FAST)
+        ann = finish(tracker, "c", owner="alice")
+        bob = finish(tracker, "c", owner="bob")
+        finish(tracker, "c", owner="carol")
+        drain(sender, lambda: len(shared.got) >= 2)
+        sender.run_once()
+    assert sorted(json.loads(b)["batchId"] for _, b in shared.got) == sorted([ann, bob])
+
+
+def test_one_url_with_two_secrets_is_refused() -> None:
+    """The same URL registered with two secrets is a ValidationError, not a silent pick."""
+    other = "whsec_" + base64.b64encode(b"abcdef0123456789abcdef0123456789").decode()
+    hooks = [Webhook("http://h/x", SECRET), Webhook("http://h/x", other, owner="bob")]
+    with pytest.raises(ValidationError, match="two secrets"):
+        WebhookSender(BatchTracker(MemoryStore()), hooks)
+
+
 # -- answers: 410, garbage, giving up -----------------------------------------------------------
 
 
@@ -366,6 +391,8 @@ def test_a_hanging_receiver_holds_up_neither_items_nor_status_requests(tmp_path:
     [
         ("ftp://h/x", SECRET, "http"),
         ("http:///x", SECRET, "http"),
+        ("http://h:99999/x", SECRET, "port"),
+        ("http://h:x/x", SECRET, "port"),
         ("http://h/x", "secret", "whsec_"),
         ("http://h/x", "whsec_not base64!", "base64"),
         ("http://h/x", "whsec_" + base64.b64encode(b"short").decode(), "24 to 64 bytes"),

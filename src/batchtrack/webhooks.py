@@ -113,6 +113,10 @@ def _check_url(instance: object, attribute: attrs.Attribute[str], url: str) -> N
     parts = urllib.parse.urlsplit(url)
     if parts.scheme not in ("http", "https") or not parts.hostname:
         raise ValidationError(f"a webhook URL must be http(s)://host/..., not {url!r}")
+    try:
+        parts.port  # noqa: B018 (urllib checks the port only when asked)
+    except ValueError:
+        raise ValidationError(f"a webhook URL's port must be 0 to 65535, in {url!r}") from None
 
 
 def _check_secret(instance: object, attribute: attrs.Attribute[str], secret: str) -> None:
@@ -208,7 +212,16 @@ class WebhookSender:
         self.timeout = float(timeout)
         self.poll = float(poll)
         self._clock: Callable[[], float] = tracker.clock
-        self._by_url = {hook.url: hook for hook in self.webhooks}
+        # One delivery per URL and batch end: the hooks of a URL share its secret, and
+        # the URL hears of a batch when any of them matches the batch's owner.
+        self._by_url: dict[str, list[Webhook]] = {}
+        for hook in self.webhooks:
+            same = self._by_url.setdefault(hook.url, [])
+            if same and same[0].secret != hook.secret:
+                raise ValidationError(
+                    f"webhook {hook.url!r} is registered with two secrets: give it one"
+                )
+            same.append(hook)
         self._lock = threading.Lock()
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
@@ -294,8 +307,9 @@ class WebhookSender:
                 url,
                 body,
             )
-            for url, hook in self._by_url.items()
-            if url not in gone and (hook.owner is None or hook.owner == record.owner)
+            for url, hooks in self._by_url.items()
+            if url not in gone
+            and any(hook.owner is None or hook.owner == record.owner for hook in hooks)
         ]
         self.store.outbox_expand(marker.entry_id, deliveries, now)
 
@@ -303,8 +317,8 @@ class WebhookSender:
         """One attempt at a delivery, settled in the store; answer the status (0: none)."""
         assert entry.url is not None
         assert entry.body is not None
-        hook = self._by_url.get(entry.url)
-        if hook is None:
+        hooks = self._by_url.get(entry.url)
+        if not hooks:
             log.warning(
                 "batchtrack: webhook %s is no longer registered: dropped %s",
                 entry.url,
@@ -322,7 +336,7 @@ class WebhookSender:
                 "user-agent": "batchtrack-webhooks",
                 "webhook-id": entry.entry_id,
                 "webhook-timestamp": str(timestamp),
-                "webhook-signature": sign(hook.secret, entry.entry_id, timestamp, body),
+                "webhook-signature": sign(hooks[0].secret, entry.entry_id, timestamp, body),
             },
             self.timeout,
         )
