@@ -315,6 +315,30 @@ def test_410_unsubscribes_the_url_for_every_later_sender(tmp_path: Path) -> None
     assert len(gone.got) == 1
 
 
+def test_a_sender_started_with_an_unsubscribed_url_says_so(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A sender that starts with a URL that answered 410 before logs a warning naming
+    it, so an operator restarting serve with that URL learns why nothing arrives."""
+    path = tmp_path / "gone.db"
+    tracker = BatchTracker(SQLiteStore(path))
+    with receiver(410) as gone:
+        sender = WebhookSender(tracker, [Webhook(gone.url, SECRET)], schedule=FAST)
+        finish(tracker, "c")
+        drain(sender, lambda: tracker.store.outbox_unsubscribed() == {gone.url})
+    tracker.store.close()
+    again = BatchTracker(SQLiteStore(path))
+    later = WebhookSender(again, [Webhook(gone.url, SECRET)], schedule=FAST, poll=0.05)
+    with caplog.at_level("WARNING", logger="batchtrack"):
+        later.start()
+        deadline = time.monotonic() + 10
+        while gone.url not in caplog.text and time.monotonic() < deadline:
+            time.sleep(0.02)
+        later.stop()
+    again.store.close()
+    assert f"webhook {gone.url} answered 410 before" in caplog.text
+
+
 def test_errors_garbage_and_silence_are_retried_with_the_same_id() -> None:
     """A 500, a 302, an answer that is not HTTP and a receiver that hangs past the timeout
     are each retried; the 2xx after them settles the delivery."""

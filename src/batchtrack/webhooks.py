@@ -253,6 +253,16 @@ class WebhookSender:
             thread.join(min(self.timeout, 2.0))
 
     def _loop(self) -> None:
+        try:
+            gone = self.store.outbox_unsubscribed()
+        except Exception:  # said again by the first round that fails
+            gone = frozenset()
+        for url in sorted(gone & self._by_url.keys()):
+            log.warning(
+                "batchtrack: webhook %s answered 410 before: it is unsubscribed and gets "
+                "nothing (register another URL to receive again)",
+                url,
+            )
         while not self._stop.is_set():
             try:
                 self.run_once()
