@@ -339,6 +339,45 @@ def test_a_sender_started_with_an_unsubscribed_url_says_so(
     assert f"webhook {gone.url} answered 410 before" in caplog.text
 
 
+def test_a_receiver_that_trickles_its_answer_does_not_hold_up_other_urls() -> None:
+    """A receiver sending its answer a byte at a time (each socket read within the timeout)
+    is cut off after ``timeout`` in all, so the next URL's delivery goes out meanwhile."""
+    stop = threading.Event()
+
+    class Trickle(BaseHTTPRequestHandler):
+        def do_POST(self) -> None:
+            self.rfile.read(int(self.headers["content-length"]))
+            with contextlib.suppress(OSError):
+                self.wfile.write(b"HTTP/1.1 200 OK\r\n")
+                while not stop.wait(0.3):
+                    self.wfile.write(b"x")
+                    self.wfile.flush()
+
+        def log_message(self, format: str, *args: Any) -> None:
+            pass
+
+    server = ThreadingHTTPServer(("127.0.0.1", 0), Trickle)
+    server.daemon_threads = True
+    threading.Thread(target=server.serve_forever, args=(0.05,), daemon=True).start()
+    slow = f"http://127.0.0.1:{server.server_port}/hook"
+    tracker = BatchTracker(MemoryStore())
+    try:
+        with receiver() as good:
+            hooks = [Webhook(slow, SECRET, owner="a"), Webhook(good.url, SECRET, owner="b")]
+            sender = WebhookSender(tracker, hooks, schedule=(60.0,), timeout=1, poll=0.05)
+            sender.start()
+            finish(tracker, "c", owner="a")
+            time.sleep(0.5)  # the sender is in the trickler's answer by now
+            mine = finish(tracker, "c", owner="b")
+            got = good.wait_for(1, timeout=20)
+            sender.stop()
+        assert json.loads(got[0][1])["batchId"] == mine
+    finally:
+        stop.set()
+        server.shutdown()
+        server.server_close()
+
+
 def test_errors_garbage_and_silence_are_retried_with_the_same_id() -> None:
     """A 500, a 302, an answer that is not HTTP and a receiver that hangs past the timeout
     are each retried; the 2xx after them settles the delivery."""

@@ -32,17 +32,18 @@ from __future__ import annotations
 
 import base64
 import binascii
+import contextlib
 import hashlib
 import hmac
+import http.client
 import json
 import logging
+import socket
+import ssl
 import threading
 import time
-import urllib.error
 import urllib.parse
-import urllib.request
 from collections.abc import Callable, Iterable, Sequence
-from typing import Any
 
 import attrs
 
@@ -141,30 +142,47 @@ class Webhook:
     owner: str | None = None
 
 
-class _NoRedirects(urllib.request.HTTPRedirectHandler):
-    def redirect_request(self, *args: Any, **kwargs: Any) -> None:
-        return None  # a 3xx is an answer like any other that is not 2xx: retried
-
-
-_opener = urllib.request.build_opener(_NoRedirects)
-
-
 def _post(url: str, body: bytes, headers: dict[str, str], timeout: float) -> int:
-    """POST and answer the status code (0: no answer at all)."""
-    request = urllib.request.Request(url, data=body, headers=headers, method="POST")
+    """POST and answer the status code (0: no answer at all). ``timeout`` bounds the
+    whole attempt, not only each socket operation: a receiver that trickles its answer a
+    byte at a time is cut off (its socket shut down) when the time is up. A redirect is
+    an answer like any other that is not 2xx (not followed: retried)."""
+    parts = urllib.parse.urlsplit(url)
+    host, port = parts.hostname or "", parts.port
+    target = (parts.path or "/") + (f"?{parts.query}" if parts.query else "")
+    connection: http.client.HTTPConnection
+    if parts.scheme == "https":
+        connection = http.client.HTTPSConnection(
+            host, port, timeout=timeout, context=ssl.create_default_context()
+        )
+    else:
+        connection = http.client.HTTPConnection(host, port, timeout=timeout)
+    expired = threading.Event()
+
+    def cut_off() -> None:
+        expired.set()
+        sock = connection.sock
+        if sock is not None:
+            with contextlib.suppress(OSError):
+                sock.shutdown(socket.SHUT_RDWR)
+
+    watchdog = threading.Timer(timeout, cut_off)
+    watchdog.daemon = True
+    watchdog.start()
     try:
-        with _opener.open(request, timeout=timeout) as response:
-            response.read(65536)
-            return int(response.status)
-    except urllib.error.HTTPError as exc:
-        exc.close()
-        return int(exc.code)
-    except (OSError, ValueError, urllib.error.URLError) as exc:
-        log.info("batchtrack: webhook %s: %s", url, exc)
+        connection.request("POST", target, body=body, headers=headers)
+        response = connection.getresponse()
+        response.read(65536)
+        return 0 if expired.is_set() else int(response.status)
+    except (OSError, ValueError, http.client.HTTPException) as exc:
+        log.info("batchtrack: webhook %s: %s", url, "timed out" if expired.is_set() else exc)
         return 0
-    except Exception:  # garbage the HTTP client chokes on (http.client errors)
+    except Exception:  # garbage the HTTP client chokes on
         log.info("batchtrack: webhook %s: no answer", url, exc_info=True)
         return 0
+    finally:
+        watchdog.cancel()
+        connection.close()
 
 
 class WebhookSender:
