@@ -378,6 +378,27 @@ def test_a_receiver_that_trickles_its_answer_does_not_hold_up_other_urls() -> No
         server.server_close()
 
 
+def test_deliveries_go_through_the_proxy_the_environment_names(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """With HTTP_PROXY set (and the host not in NO_PROXY), a delivery is sent to the
+    proxy with the absolute URL, as urllib-based clients do."""
+    with receiver() as proxy:
+        address = proxy.url.removesuffix("/hook")
+        monkeypatch.setenv("HTTP_PROXY", address)
+        monkeypatch.setenv("http_proxy", address)
+        monkeypatch.delenv("NO_PROXY", raising=False)
+        monkeypatch.delenv("no_proxy", raising=False)
+        tracker = BatchTracker(MemoryStore())
+        sender = WebhookSender(tracker, [Webhook("http://hooks.invalid/x", SECRET)])
+        mine = finish(tracker, "c")
+        drain(sender, lambda: len(proxy.got) >= 1)
+        headers, body = proxy.got[0]
+    assert headers["host"] == "hooks.invalid"
+    assert json.loads(body)["batchId"] == mine
+    assert verify(SECRET, headers, body)
+
+
 def test_errors_garbage_and_silence_are_retried_with_the_same_id() -> None:
     """A 500, a 302, an answer that is not HTTP and a receiver that hangs past the timeout
     are each retried; the 2xx after them settles the delivery."""

@@ -43,6 +43,7 @@ import ssl
 import threading
 import time
 import urllib.parse
+import urllib.request
 from collections.abc import Callable, Iterable, Sequence
 
 import attrs
@@ -142,21 +143,58 @@ class Webhook:
     owner: str | None = None
 
 
+def _connection(
+    url: str, headers: dict[str, str], timeout: float
+) -> tuple[http.client.HTTPConnection, str, dict[str, str]]:
+    """The connection, request target and headers of a POST to ``url`` (through the
+    proxy the environment names, as urllib does).
+
+    Raises:
+        ValueError: A proxy setting that is not a URL.
+    """
+    parts = urllib.parse.urlsplit(url)
+    host, port = parts.hostname or "", parts.port
+    target = (parts.path or "/") + (f"?{parts.query}" if parts.query else "")
+    connection: http.client.HTTPConnection
+    proxy = urllib.request.getproxies().get(parts.scheme)
+    if proxy and urllib.request.proxy_bypass(host):
+        proxy = None
+    proxy = proxy or ""
+    through = urllib.parse.urlsplit(proxy if "://" in proxy else f"http://{proxy}")
+    proxy_host = through.hostname or ""
+    tunnel: dict[str, str] = {}
+    if proxy and through.username is not None:
+        login = f"{urllib.parse.unquote(through.username)}:"
+        login += urllib.parse.unquote(through.password or "")
+        tunnel["Proxy-Authorization"] = "Basic " + base64.b64encode(login.encode()).decode()
+    if parts.scheme == "https":
+        connection = http.client.HTTPSConnection(
+            proxy_host if proxy else host,
+            (through.port or 80) if proxy else port,
+            timeout=timeout,
+            context=ssl.create_default_context(),
+        )
+        if proxy:
+            connection.set_tunnel(host, port, headers=tunnel)
+    elif proxy:
+        connection = http.client.HTTPConnection(proxy_host, through.port or 80, timeout=timeout)
+        target = urllib.parse.urlunsplit(parts._replace(fragment=""))
+        headers = {**headers, **tunnel}
+    else:
+        connection = http.client.HTTPConnection(host, port, timeout=timeout)
+    return connection, target, headers
+
+
 def _post(url: str, body: bytes, headers: dict[str, str], timeout: float) -> int:
     """POST and answer the status code (0: no answer at all). ``timeout`` bounds the
     whole attempt, not only each socket operation: a receiver that trickles its answer a
     byte at a time is cut off (its socket shut down) when the time is up. A redirect is
     an answer like any other that is not 2xx (not followed: retried)."""
-    parts = urllib.parse.urlsplit(url)
-    host, port = parts.hostname or "", parts.port
-    target = (parts.path or "/") + (f"?{parts.query}" if parts.query else "")
-    connection: http.client.HTTPConnection
-    if parts.scheme == "https":
-        connection = http.client.HTTPSConnection(
-            host, port, timeout=timeout, context=ssl.create_default_context()
-        )
-    else:
-        connection = http.client.HTTPConnection(host, port, timeout=timeout)
+    try:
+        connection, target, headers = _connection(url, headers, timeout)
+    except ValueError as exc:
+        log.info("batchtrack: webhook %s: %s", url, exc)
+        return 0
     expired = threading.Event()
 
     def cut_off() -> None:
