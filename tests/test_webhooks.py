@@ -477,14 +477,19 @@ def test_a_hanging_receiver_holds_up_neither_items_nor_status_requests(tmp_path:
         ("http:///x", SECRET, "http"),
         ("http://h:99999/x", SECRET, "port"),
         ("http://h:x/x", SECRET, "port"),
+        ("http://h:0/x", SECRET, "port"),
+        ("http://h/x y", SECRET, "percent-encoded"),
+        ("http://h/caf\u00e9", SECRET, "percent-encoded"),
+        ("http://h/x\x7f", SECRET, "percent-encoded"),
         ("http://h/x", "secret", "whsec_"),
         ("http://h/x", "whsec_not base64!", "base64"),
         ("http://h/x", "whsec_" + base64.b64encode(b"short").decode(), "24 to 64 bytes"),
     ],
 )
 def test_bad_urls_and_secrets_are_refused(url: str, secret: str, message: str) -> None:
-    """A URL that is not http(s) with a host, or a secret not whsec_<base64 of 24 to 64
-    bytes>, raises ValidationError saying so (never echoing the secret)."""
+    """A URL that is not http(s) with a host and a port of 1 to 65535 in printable ASCII,
+    or a secret not whsec_<base64 of 24 to 64 bytes>, raises ValidationError saying so
+    (never echoing the secret)."""
     with pytest.raises(ValidationError, match=message) as caught:
         Webhook(url, secret)
     assert "not base64!" not in str(caught.value)

@@ -116,9 +116,15 @@ def _check_url(instance: object, attribute: attrs.Attribute[str], url: str) -> N
     if parts.scheme not in ("http", "https") or not parts.hostname:
         raise ValidationError(f"a webhook URL must be http(s)://host/..., not {url!r}")
     try:
-        parts.port  # noqa: B018 (urllib checks the port only when asked)
+        port = parts.port  # urllib checks the port only when asked
     except ValueError:
-        raise ValidationError(f"a webhook URL's port must be 0 to 65535, in {url!r}") from None
+        port = 0
+    if port == 0:
+        raise ValidationError(f"a webhook URL's port must be 1 to 65535, in {url!r}")
+    if not (url.isascii() and url.isprintable()) or " " in url:
+        raise ValidationError(
+            f"a webhook URL must be printable ASCII without spaces (percent-encoded), not {url!r}"
+        )
 
 
 def _check_secret(instance: object, attribute: attrs.Attribute[str], secret: str) -> None:
