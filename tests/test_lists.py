@@ -240,9 +240,10 @@ def test_list_pages_and_prints_json(database: tuple[Path, list[str]]) -> None:
 @pytest.mark.parametrize(
     ("args", "says"),
     [
-        (["--limit", "0"], "limit must be a whole number from 1 to 1000"),
+        (["--limit", "0"], "--limit must be a whole number from 1 to 1000, not '0'"),
+        (["--limit", "1001"], "--limit must be a whole number from 1 to 1000, not '1001'"),
         (["--limit", "x"], "--limit must be a whole number"),
-        (["--status", "done"], "status must be one of"),
+        (["--status", "done"], "--status must be one of pending, processing"),
         (["--after", "nope"], "start again from the first page"),
         (["--store", "http://x"], "unknown scheme"),
     ],
@@ -250,7 +251,7 @@ def test_list_pages_and_prints_json(database: tuple[Path, list[str]]) -> None:
 def test_list_errors_are_one_line_and_exit_2(
     database: tuple[Path, list[str]], args: list[str], says: str
 ) -> None:
-    """A bad option is one line on stderr and exit status 2."""
+    """A bad option is one line on stderr and exit status 2, naming the option as typed."""
     data, _ = database
     result = _cli("--data-dir", str(data), *args)
     assert result.returncode == 2

@@ -136,7 +136,7 @@ def test_bad_metadata_is_a_400_before_any_file_is_looked_up(client: Any) -> None
     cases = [
         ({"k": "v" * 513}, "512"),
         ({"k": 5}, "string"),
-        ([1, 2], "mapping"),
+        ([1, 2], "object"),
         ({f"k{n}": "" for n in range(17)}, "16 pairs"),
     ]
     for meta, rule in cases:
@@ -253,3 +253,28 @@ def test_sqlite_transitions_never_touch_the_metadata(tmp_path: Path) -> None:
         assert tracker.get(batch_id).metadata == {"k": "v"}
         assert any("batch_metadata" in s for s in statements)
         store._db.set_trace_callback(None)
+
+
+@pytest.mark.parametrize(
+    ("meta", "message"),
+    [
+        ({f"k{n}": "" for n in range(17)}, "metadata holds at most 16 pairs, not 17"),
+        ({"k": None}, "metadata value of 'k' must be a string, not null"),
+        ({"k": {"a": "b"}}, "metadata value of 'k' must be a string, not an object"),
+        ({"k": ["a"]}, "metadata value of 'k' must be a string, not an array"),
+        ({"k": 1.5}, "metadata value of 'k' must be a string, not a number"),
+        ({"k": True}, "metadata value of 'k' must be a string, not a boolean"),
+        ([1], "metadata must be an object of strings, not an array"),
+        ("k=v", "metadata must be an object of strings, not a string"),
+        ({"k": "a\x00b"}, "metadata value of 'k' must not contain NUL"),
+        ({"a\x00b": "v"}, "metadata key 'a\\x00b' must not contain NUL"),
+    ],
+)
+def test_bad_metadata_over_http_speaks_json_once(client: Any, meta: Any, message: str) -> None:
+    """A 400 bad_metadata names JSON types (null, object, array), says "metadata" once,
+    and tells a NUL in a key from one in a value."""
+    response = client.post(
+        "/api/process-batch", json={"fileIds": [str(uuid.uuid4())], "metadata": meta}
+    )
+    assert response.status_code == 400, response.text
+    assert response.json()["error"] == {"code": "bad_metadata", "message": message}

@@ -265,6 +265,31 @@ def test_owner_scoped_hooks_get_only_their_owners_batches() -> None:
     assert [json.loads(b)["batchId"] for _, b in alice.got] == [mine]
 
 
+def test_hooks_of_one_url_for_several_owners_each_hear_of_their_owners_batches() -> None:
+    """Two owner-scoped hooks on the same URL both count: each owner's batch is sent."""
+    tracker = BatchTracker(MemoryStore())
+    with receiver() as shared:
+        hooks = [
+            Webhook(shared.url, SECRET, owner="alice"),
+            Webhook(shared.url, SECRET, owner="bob"),
+        ]
+        sender = WebhookSender(tracker, hooks, schedule=FAST)
+        ann = finish(tracker, "c", owner="alice")
+        bob = finish(tracker, "c", owner="bob")
+        finish(tracker, "c", owner="carol")
+        drain(sender, lambda: len(shared.got) >= 2)
+        sender.run_once()
+    assert sorted(json.loads(b)["batchId"] for _, b in shared.got) == sorted([ann, bob])
+
+
+def test_one_url_with_two_secrets_is_refused() -> None:
+    """The same URL registered with two secrets is a ValidationError, not a silent pick."""
+    other = "whsec_" + base64.b64encode(b"abcdef0123456789abcdef0123456789").decode()
+    hooks = [Webhook("http://h/x", SECRET), Webhook("http://h/x", other, owner="bob")]
+    with pytest.raises(ValidationError, match="two secrets"):
+        WebhookSender(BatchTracker(MemoryStore()), hooks)
+
+
 # -- answers: 410, garbage, giving up -----------------------------------------------------------
 
 
@@ -288,6 +313,90 @@ def test_410_unsubscribes_the_url_for_every_later_sender(tmp_path: Path) -> None
         later.run_once()
         again.store.close()
     assert len(gone.got) == 1
+
+
+def test_a_sender_started_with_an_unsubscribed_url_says_so(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A sender that starts with a URL that answered 410 before logs a warning naming
+    it, so an operator restarting serve with that URL learns why nothing arrives."""
+    path = tmp_path / "gone.db"
+    tracker = BatchTracker(SQLiteStore(path))
+    with receiver(410) as gone:
+        sender = WebhookSender(tracker, [Webhook(gone.url, SECRET)], schedule=FAST)
+        finish(tracker, "c")
+        drain(sender, lambda: tracker.store.outbox_unsubscribed() == {gone.url})
+    tracker.store.close()
+    again = BatchTracker(SQLiteStore(path))
+    later = WebhookSender(again, [Webhook(gone.url, SECRET)], schedule=FAST, poll=0.05)
+    with caplog.at_level("WARNING", logger="batchtrack"):
+        later.start()
+        deadline = time.monotonic() + 10
+        while gone.url not in caplog.text and time.monotonic() < deadline:
+            time.sleep(0.02)
+        later.stop()
+    again.store.close()
+    assert f"webhook {gone.url} answered 410 before" in caplog.text
+
+
+def test_a_receiver_that_trickles_its_answer_does_not_hold_up_other_urls() -> None:
+    """A receiver sending its answer a byte at a time (each socket read within the timeout)
+    is cut off after ``timeout`` in all, so the next URL's delivery goes out meanwhile."""
+    stop = threading.Event()
+
+    class Trickle(BaseHTTPRequestHandler):
+        def do_POST(self) -> None:
+            self.rfile.read(int(self.headers["content-length"]))
+            with contextlib.suppress(OSError):
+                self.wfile.write(b"HTTP/1.1 200 OK\r\n")
+                while not stop.wait(0.3):
+                    self.wfile.write(b"x")
+                    self.wfile.flush()
+
+        def log_message(self, format: str, *args: Any) -> None:
+            pass
+
+    server = ThreadingHTTPServer(("127.0.0.1", 0), Trickle)
+    server.daemon_threads = True
+    threading.Thread(target=server.serve_forever, args=(0.05,), daemon=True).start()
+    slow = f"http://127.0.0.1:{server.server_port}/hook"
+    tracker = BatchTracker(MemoryStore())
+    try:
+        with receiver() as good:
+            hooks = [Webhook(slow, SECRET, owner="a"), Webhook(good.url, SECRET, owner="b")]
+            sender = WebhookSender(tracker, hooks, schedule=(60.0,), timeout=1, poll=0.05)
+            sender.start()
+            finish(tracker, "c", owner="a")
+            time.sleep(0.5)  # the sender is in the trickler's answer by now
+            mine = finish(tracker, "c", owner="b")
+            got = good.wait_for(1, timeout=20)
+            sender.stop()
+        assert json.loads(got[0][1])["batchId"] == mine
+    finally:
+        stop.set()
+        server.shutdown()
+        server.server_close()
+
+
+def test_deliveries_go_through_the_proxy_the_environment_names(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """With HTTP_PROXY set (and the host not in NO_PROXY), a delivery is sent to the
+    proxy with the absolute URL, as urllib-based clients do."""
+    with receiver() as proxy:
+        address = proxy.url.removesuffix("/hook")
+        monkeypatch.setenv("HTTP_PROXY", address)
+        monkeypatch.setenv("http_proxy", address)
+        monkeypatch.delenv("NO_PROXY", raising=False)
+        monkeypatch.delenv("no_proxy", raising=False)
+        tracker = BatchTracker(MemoryStore())
+        sender = WebhookSender(tracker, [Webhook("http://hooks.invalid/x", SECRET)])
+        mine = finish(tracker, "c")
+        drain(sender, lambda: len(proxy.got) >= 1)
+        headers, body = proxy.got[0]
+    assert headers["host"] == "hooks.invalid"
+    assert json.loads(body)["batchId"] == mine
+    assert verify(SECRET, headers, body)
 
 
 def test_errors_garbage_and_silence_are_retried_with_the_same_id() -> None:
@@ -366,14 +475,21 @@ def test_a_hanging_receiver_holds_up_neither_items_nor_status_requests(tmp_path:
     [
         ("ftp://h/x", SECRET, "http"),
         ("http:///x", SECRET, "http"),
+        ("http://h:99999/x", SECRET, "port"),
+        ("http://h:x/x", SECRET, "port"),
+        ("http://h:0/x", SECRET, "port"),
+        ("http://h/x y", SECRET, "percent-encoded"),
+        ("http://h/caf\u00e9", SECRET, "percent-encoded"),
+        ("http://h/x\x7f", SECRET, "percent-encoded"),
         ("http://h/x", "secret", "whsec_"),
         ("http://h/x", "whsec_not base64!", "base64"),
         ("http://h/x", "whsec_" + base64.b64encode(b"short").decode(), "24 to 64 bytes"),
     ],
 )
 def test_bad_urls_and_secrets_are_refused(url: str, secret: str, message: str) -> None:
-    """A URL that is not http(s) with a host, or a secret not whsec_<base64 of 24 to 64
-    bytes>, raises ValidationError saying so (never echoing the secret)."""
+    """A URL that is not http(s) with a host and a port of 1 to 65535 in printable ASCII,
+    or a secret not whsec_<base64 of 24 to 64 bytes>, raises ValidationError saying so
+    (never echoing the secret)."""
     with pytest.raises(ValidationError, match=message) as caught:
         Webhook(url, secret)
     assert "not base64!" not in str(caught.value)

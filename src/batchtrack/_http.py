@@ -809,10 +809,24 @@ class Api:
         if len(set(normal)) != len(normal):
             reject(400, "duplicate_file_ids", "a file id appears more than once")
         if payload.get("metadata") is not None:
+            meta = payload["metadata"]
+            if not isinstance(meta, dict):
+                reject(
+                    400,
+                    "bad_metadata",
+                    f"metadata must be an object of strings, not {_json_kind(meta)}",
+                )
+            for key, value in meta.items():
+                if not isinstance(value, str):
+                    reject(
+                        400,
+                        "bad_metadata",
+                        f"metadata value of {key!r} must be a string, not {_json_kind(value)}",
+                    )
             try:
-                keyed["metadata"] = dict(check_metadata(payload["metadata"]))
+                keyed["metadata"] = dict(check_metadata(meta))
             except ValidationError as exc:
-                reject(400, "bad_metadata", f"metadata: {exc}")
+                reject(400, "bad_metadata", str(exc))
             if not _takes(self.runner.submit, "metadata"):
                 reject(
                     501,
@@ -1086,6 +1100,19 @@ class BodyCache:
                 self._bytes -= _cost(gone, entry[0], entry[1])
             self._entries[key] = (tag, body, stamp)
             self._bytes += cost
+
+
+def _json_kind(value: object) -> str:
+    """What a parsed JSON value is, in JSON's words (for messages to JSON clients)."""
+    if value is None:
+        return "null"
+    if isinstance(value, bool):
+        return "a boolean"
+    if isinstance(value, int | float):
+        return "a number"
+    if isinstance(value, str):
+        return "a string"
+    return "an array" if isinstance(value, list) else "an object"
 
 
 def _takes(method: object, name: str) -> bool:

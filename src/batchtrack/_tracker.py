@@ -183,9 +183,9 @@ def check_metadata(metadata: object) -> Mapping[str, str]:
             raise ValidationError(
                 f"metadata value of {key!r} is longer than {value_limit} characters"
             )
-        for text in (key, value):
+        for text, what in ((key, f"metadata key {key!r}"), (value, f"metadata value of {key!r}")):
             if "\x00" in text:
-                raise ValidationError(f"metadata must not contain NUL: {key!r}")
+                raise ValidationError(f"{what} must not contain NUL")
             _check_utf8(text, f"metadata {key!r}")
         checked[key] = value
     return Metadata(checked) if checked else NO_METADATA

@@ -525,10 +525,14 @@ _METADATA_SHOWN = 40  # characters of metadata a row of `list` shows
 
 def _list(args: argparse.Namespace) -> int:
     """list: a table (or the JSON of GET /api/batches) of a page of batches."""
-    from . import BatchTracker
+    from . import BatchTracker, Status
 
-    if not (args.limit.isascii() and args.limit.isdigit()):
-        raise _Usage(f"--limit must be a whole number from 1 to 1000, not {args.limit!r}")
+    limit = args.limit
+    if not (limit.isascii() and limit.isdigit() and 1 <= int(limit) <= 1000):
+        raise _Usage(f"--limit must be a whole number from 1 to 1000, not {limit!r}")
+    statuses = [s.value for s in Status]
+    if args.status is not None and args.status not in statuses:
+        raise _Usage(f"--status must be one of {', '.join(statuses)}, not {args.status!r}")
     _need_database(args)
     with _open_store(args) as store:
         tracker = BatchTracker(store)

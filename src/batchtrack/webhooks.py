@@ -32,17 +32,19 @@ from __future__ import annotations
 
 import base64
 import binascii
+import contextlib
 import hashlib
 import hmac
+import http.client
 import json
 import logging
+import socket
+import ssl
 import threading
 import time
-import urllib.error
 import urllib.parse
 import urllib.request
 from collections.abc import Callable, Iterable, Sequence
-from typing import Any
 
 import attrs
 
@@ -113,6 +115,16 @@ def _check_url(instance: object, attribute: attrs.Attribute[str], url: str) -> N
     parts = urllib.parse.urlsplit(url)
     if parts.scheme not in ("http", "https") or not parts.hostname:
         raise ValidationError(f"a webhook URL must be http(s)://host/..., not {url!r}")
+    try:
+        port = parts.port  # urllib checks the port only when asked
+    except ValueError:
+        port = 0
+    if port == 0:
+        raise ValidationError(f"a webhook URL's port must be 1 to 65535, in {url!r}")
+    if not (url.isascii() and url.isprintable()) or " " in url:
+        raise ValidationError(
+            f"a webhook URL must be printable ASCII without spaces (percent-encoded), not {url!r}"
+        )
 
 
 def _check_secret(instance: object, attribute: attrs.Attribute[str], secret: str) -> None:
@@ -137,30 +149,84 @@ class Webhook:
     owner: str | None = None
 
 
-class _NoRedirects(urllib.request.HTTPRedirectHandler):
-    def redirect_request(self, *args: Any, **kwargs: Any) -> None:
-        return None  # a 3xx is an answer like any other that is not 2xx: retried
+def _connection(
+    url: str, headers: dict[str, str], timeout: float
+) -> tuple[http.client.HTTPConnection, str, dict[str, str]]:
+    """The connection, request target and headers of a POST to ``url`` (through the
+    proxy the environment names, as urllib does).
 
-
-_opener = urllib.request.build_opener(_NoRedirects)
+    Raises:
+        ValueError: A proxy setting that is not a URL.
+    """
+    parts = urllib.parse.urlsplit(url)
+    host, port = parts.hostname or "", parts.port
+    target = (parts.path or "/") + (f"?{parts.query}" if parts.query else "")
+    connection: http.client.HTTPConnection
+    proxy = urllib.request.getproxies().get(parts.scheme)
+    if proxy and urllib.request.proxy_bypass(host):
+        proxy = None
+    proxy = proxy or ""
+    through = urllib.parse.urlsplit(proxy if "://" in proxy else f"http://{proxy}")
+    proxy_host = through.hostname or ""
+    tunnel: dict[str, str] = {}
+    if proxy and through.username is not None:
+        login = f"{urllib.parse.unquote(through.username)}:"
+        login += urllib.parse.unquote(through.password or "")
+        tunnel["Proxy-Authorization"] = "Basic " + base64.b64encode(login.encode()).decode()
+    if parts.scheme == "https":
+        connection = http.client.HTTPSConnection(
+            proxy_host if proxy else host,
+            (through.port or 80) if proxy else port,
+            timeout=timeout,
+            context=ssl.create_default_context(),
+        )
+        if proxy:
+            connection.set_tunnel(host, port, headers=tunnel)
+    elif proxy:
+        connection = http.client.HTTPConnection(proxy_host, through.port or 80, timeout=timeout)
+        target = urllib.parse.urlunsplit(parts._replace(fragment=""))
+        headers = {**headers, **tunnel}
+    else:
+        connection = http.client.HTTPConnection(host, port, timeout=timeout)
+    return connection, target, headers
 
 
 def _post(url: str, body: bytes, headers: dict[str, str], timeout: float) -> int:
-    """POST and answer the status code (0: no answer at all)."""
-    request = urllib.request.Request(url, data=body, headers=headers, method="POST")
+    """POST and answer the status code (0: no answer at all). ``timeout`` bounds the
+    whole attempt, not only each socket operation: a receiver that trickles its answer a
+    byte at a time is cut off (its socket shut down) when the time is up. A redirect is
+    an answer like any other that is not 2xx (not followed: retried)."""
     try:
-        with _opener.open(request, timeout=timeout) as response:
-            response.read(65536)
-            return int(response.status)
-    except urllib.error.HTTPError as exc:
-        exc.close()
-        return int(exc.code)
-    except (OSError, ValueError, urllib.error.URLError) as exc:
+        connection, target, headers = _connection(url, headers, timeout)
+    except ValueError as exc:
         log.info("batchtrack: webhook %s: %s", url, exc)
         return 0
-    except Exception:  # garbage the HTTP client chokes on (http.client errors)
+    expired = threading.Event()
+
+    def cut_off() -> None:
+        expired.set()
+        sock = connection.sock
+        if sock is not None:
+            with contextlib.suppress(OSError):
+                sock.shutdown(socket.SHUT_RDWR)
+
+    watchdog = threading.Timer(timeout, cut_off)
+    watchdog.daemon = True
+    watchdog.start()
+    try:
+        connection.request("POST", target, body=body, headers=headers)
+        response = connection.getresponse()
+        response.read(65536)
+        return 0 if expired.is_set() else int(response.status)
+    except (OSError, ValueError, http.client.HTTPException) as exc:
+        log.info("batchtrack: webhook %s: %s", url, "timed out" if expired.is_set() else exc)
+        return 0
+    except Exception:  # garbage the HTTP client chokes on
         log.info("batchtrack: webhook %s: no answer", url, exc_info=True)
         return 0
+    finally:
+        watchdog.cancel()
+        connection.close()
 
 
 class WebhookSender:
@@ -208,7 +274,16 @@ class WebhookSender:
         self.timeout = float(timeout)
         self.poll = float(poll)
         self._clock: Callable[[], float] = tracker.clock
-        self._by_url = {hook.url: hook for hook in self.webhooks}
+        # One delivery per URL and batch end: the hooks of a URL share its secret, and
+        # the URL hears of a batch when any of them matches the batch's owner.
+        self._by_url: dict[str, list[Webhook]] = {}
+        for hook in self.webhooks:
+            same = self._by_url.setdefault(hook.url, [])
+            if same and same[0].secret != hook.secret:
+                raise ValidationError(
+                    f"webhook {hook.url!r} is registered with two secrets: give it one"
+                )
+            same.append(hook)
         self._lock = threading.Lock()
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
@@ -240,6 +315,16 @@ class WebhookSender:
             thread.join(min(self.timeout, 2.0))
 
     def _loop(self) -> None:
+        try:
+            gone = self.store.outbox_unsubscribed()
+        except Exception:  # said again by the first round that fails
+            gone = frozenset()
+        for url in sorted(gone & self._by_url.keys()):
+            log.warning(
+                "batchtrack: webhook %s answered 410 before: it is unsubscribed and gets "
+                "nothing (register another URL to receive again)",
+                url,
+            )
         while not self._stop.is_set():
             try:
                 self.run_once()
@@ -294,8 +379,9 @@ class WebhookSender:
                 url,
                 body,
             )
-            for url, hook in self._by_url.items()
-            if url not in gone and (hook.owner is None or hook.owner == record.owner)
+            for url, hooks in self._by_url.items()
+            if url not in gone
+            and any(hook.owner is None or hook.owner == record.owner for hook in hooks)
         ]
         self.store.outbox_expand(marker.entry_id, deliveries, now)
 
@@ -303,8 +389,8 @@ class WebhookSender:
         """One attempt at a delivery, settled in the store; answer the status (0: none)."""
         assert entry.url is not None
         assert entry.body is not None
-        hook = self._by_url.get(entry.url)
-        if hook is None:
+        hooks = self._by_url.get(entry.url)
+        if not hooks:
             log.warning(
                 "batchtrack: webhook %s is no longer registered: dropped %s",
                 entry.url,
@@ -322,7 +408,7 @@ class WebhookSender:
                 "user-agent": "batchtrack-webhooks",
                 "webhook-id": entry.entry_id,
                 "webhook-timestamp": str(timestamp),
-                "webhook-signature": sign(hook.secret, entry.entry_id, timestamp, body),
+                "webhook-signature": sign(hooks[0].secret, entry.entry_id, timestamp, body),
             },
             self.timeout,
         )
