@@ -3,14 +3,15 @@ event (ETA and range included), every snapshot, every stored statistic."""
 
 from __future__ import annotations
 
+import struct
 from typing import Any
 
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from batchtrack import BatchTracker, MemoryStore
+from batchtrack import BatchTracker, MemoryStore, Status, _eta
 from batchtrack.exceptions import BatchtrackError
-from batchtrack.stores.base import Transition, TransitionResult
+from batchtrack.stores.base import Transition, TransitionResult, add_stats
 from batchtrack.testing import FakeClock
 
 
@@ -100,3 +101,49 @@ def test_fast_and_generic_paths_agree(steps: list[tuple[str, int, float]], read_
         assert fast.store._batches[a].stats == slow.store._batches[b].stats
     for x, y in seen:
         assert _comparable(x, a) == _comparable(y, b)
+
+
+_times = st.floats(0.0, 1e7, allow_nan=False)
+
+
+@given(
+    previous=st.sampled_from(list(Status)),
+    target=st.sampled_from(list(Status)),
+    at=_times,
+    origin=_times,
+    lease=st.none() | st.floats(0.001, 1e6),
+    elapsed=st.floats(0.0, 1e5),
+    before=st.sampled_from(["empty", "started", "finished"]),
+)
+@settings(max_examples=300, deadline=None)
+def test_memory_stats_sum_like_the_contributions_bit_for_bit(
+    previous: Status,
+    target: Status,
+    at: float,
+    origin: float,
+    lease: float | None,
+    elapsed: float,
+    before: str,
+) -> None:
+    """The memory store's one-piece sums equal stats_for's contributions added by add_stats."""
+    stats: dict[str, float] = {}
+    if before != "empty":
+        add_stats(stats, _eta.stats_for(Status.PROCESSING, 7.5, 1.25, 30.0)[Status.PENDING], 0.0)
+    if before == "finished":
+        add_stats(stats, _eta.stats_for(Status.COMPLETED, 9.0, 1.25)[Status.PROCESSING], 1.5)
+    frozen = dict(stats)
+    expected: dict[str, float] | None = None
+    contributions = _eta.stats_for(target, at, origin, lease).get(previous)
+    if contributions:
+        expected = dict(stats)
+        add_stats(expected, contributions, elapsed)
+    got = _eta.added(stats, previous, target, at, origin, lease, elapsed)
+    assert stats == frozen  # a copy: the stats a result already shares never change
+    if expected is None:
+        assert got is None
+    else:
+        assert got is not None
+        assert list(got) == list(expected)
+        assert [struct.pack("<d", v) for v in got.values()] == [
+            struct.pack("<d", v) for v in expected.values()
+        ]

@@ -89,6 +89,7 @@ __all__ = [
     "PAUSED",
     "STARTING",
     "WAITING_FOR_LOST_ITEMS",
+    "added",
     "estimate",
     "estimate_why",
     "reclaimed",
@@ -181,6 +182,67 @@ def stats_for(
             "f0": (1.0, 4),
         }
     }
+
+
+# The sums a finish adds to, in stats_for's order.
+_FINISH_SUMS = ("w0", "w1", "w2", "w16", "w32", "d0", "d1", "d16", "q0", "q1", "q16", "c0", "f0")
+
+
+def added(
+    stats: Mapping[str, float],
+    previous: Status,
+    target: Status,
+    at: float,
+    origin: float,
+    lease: float | None,
+    elapsed: float,
+) -> dict[str, float] | None:
+    """A copy of ``stats`` with what :func:`stats_for` ``(target, at, origin, lease)``
+    adds for an item leaving ``previous`` after ``elapsed`` seconds, summed exactly as
+    :func:`~batchtrack.stores.base.add_stats` sums it (bit for bit); None when it adds
+    nothing.
+
+    The memory store's hot path: the same numbers without building the contributions.
+    (``x * 1.0`` is ``x`` in floating point, so the unit factors are left out.)
+    """
+    if target is Status.PROCESSING:
+        if previous is not Status.PENDING:
+            return None
+        new = dict(stats)
+        if "a0" not in new or "g0" not in new:  # the first start: the sums start at 0.0
+            new.setdefault("a0", 0.0)
+            new.setdefault("g0", 0.0)
+        new["a0"] += max(at - origin, 0.0)
+        new["g0"] += lease or 0.0
+        return new
+    if previous is not Status.PROCESSING or (
+        target is not Status.COMPLETED and target is not Status.FAILED
+    ):
+        return None
+    t = max(at - origin, 0.0)
+    p2 = t * t
+    p16 = p2 * p2
+    p16 *= p16
+    p16 *= p16
+    square = elapsed * elapsed
+    new = dict(stats)
+    if "f0" not in new:  # the first finish (f0 comes last): the sums start at 0.0
+        for name in _FINISH_SUMS:
+            new.setdefault(name, 0.0)
+    new["w0"] += 1.0
+    new["w1"] += t
+    new["w2"] += p2
+    new["w16"] += p16
+    new["w32"] += p16 * p16
+    new["d0"] += elapsed
+    new["d1"] += t * elapsed
+    new["d16"] += p16 * elapsed
+    new["q0"] += square
+    new["q1"] += t * square
+    new["q16"] += p16 * square
+    new["c0"] += square * elapsed
+    new["f0"] += square * square
+    return new
 
 
 def reclaimed(at: float, origin: float) -> Mapping[Status, Mapping[str, tuple[float, int]]]:
