@@ -1,17 +1,20 @@
-"""The memory store's fast path gives exactly what the generic store path gives: every
-event (ETA and range included), every snapshot, every stored statistic."""
+"""The stores' fast paths (memory, SQLite, Redis) give exactly what the generic store path
+gives: every event (ETA and range included), every snapshot, every stored statistic."""
 
 from __future__ import annotations
 
 import struct
+import uuid
+from pathlib import Path
 from typing import Any
 
+import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from batchtrack import BatchTracker, MemoryStore, Status, _eta
+from batchtrack import BatchTracker, MemoryStore, SQLiteStore, Status, _eta
 from batchtrack.exceptions import BatchtrackError
-from batchtrack.stores.base import Transition, TransitionResult, add_stats
+from batchtrack.stores.base import Store, Transition, TransitionResult, add_stats
 from batchtrack.testing import FakeClock
 
 
@@ -147,3 +150,101 @@ def test_memory_stats_sum_like_the_contributions_bit_for_bit(
         assert [struct.pack("<d", v) for v in got.values()] == [
             struct.pack("<d", v) for v in expected.values()
         ]
+
+
+def _stores(kind: str, request: pytest.FixtureRequest, tmp_path: Path) -> tuple[Store, Store]:
+    """A store of ``kind`` and the same store class with apply() overridden (the tracker
+    then takes the generic path)."""
+    if kind == "sqlite":
+
+        class GenericSQLiteStore(SQLiteStore):
+            def apply(self, batch_id: str, transition: Transition) -> TransitionResult:
+                return super().apply(batch_id, transition)
+
+        return SQLiteStore(tmp_path / "fast.db"), GenericSQLiteStore(tmp_path / "slow.db")
+    pytest.importorskip("redis")
+    from batchtrack.stores.redis import RedisStore
+
+    class GenericRedisStore(RedisStore):
+        def apply(self, batch_id: str, transition: Transition) -> TransitionResult:
+            return super().apply(batch_id, transition)
+
+    url = request.getfixturevalue("redis_url")
+    tag = uuid.uuid4().hex[:6]
+    return RedisStore(url, prefix=f"fast{tag}:"), GenericRedisStore(url, prefix=f"slow{tag}:")
+
+
+def _step(tracker: BatchTracker, batch_id: str, action: str, item: str) -> Any:
+    if action == "pause":
+        return tracker.pause(batch_id)
+    if action == "unpause":
+        return tracker.unpause(batch_id)
+    try:
+        if action == "start":
+            event = tracker.start_item(batch_id, item)
+        elif action == "complete":
+            event = tracker.complete_item(batch_id, item)
+        else:
+            event = tracker.fail_item(batch_id, item, "boom")
+    except BatchtrackError as exc:
+        return type(exc), str(exc).replace(batch_id, "B")
+    return (
+        event.item,
+        event.progress,
+        event.changed,
+        event.version,
+        event.estimated_time_remaining,
+        event.eta_range,
+    )
+
+
+@pytest.mark.parametrize("kind", ["sqlite", "redis"])
+def test_store_fast_event_path_answers_like_apply(
+    kind: str, request: pytest.FixtureRequest, tmp_path: Path
+) -> None:
+    """A start, completion or failure through the store's fast path gives what apply() gives."""
+    trackers = []
+    for store in _stores(kind, request, tmp_path):
+        tracker = BatchTracker(store, clock=FakeClock(1000.0), lease=20.0)
+        trackers.append((tracker, tracker.create_batch([(str(n), f"{n}.jpg") for n in range(4)])))
+    steps: list[tuple[str, str]] = [
+        ("start", "0"),
+        ("start", "0"),  # a repeat: unchanged
+        ("complete", "1"),  # pending: rejected
+        ("complete", "0"),
+        ("fail", "1"),  # failed before it started: no stats
+        ("pause", ""),
+        ("start", "2"),  # paused
+        ("unpause", ""),
+        ("start", "2"),
+        ("fail", "2"),
+        ("start", "9"),  # no such item
+        ("start", "3"),
+        ("complete", "3"),  # ends the batch
+        ("complete", "3"),
+    ]
+    for action, item in steps:
+        answers = []
+        for tracker, snap in trackers:
+            tracker.clock.advance(1.25)  # type: ignore[attr-defined]
+            answers.append(_step(tracker, snap.batch_id, action, item))
+        assert answers[0] == answers[1], (action, item)
+    (fast, a), (slow, b) = trackers
+    one, other = fast.get(a.batch_id), slow.get(b.batch_id)
+    assert (one.items, one.progress, one.version, one.status) == (
+        other.items,
+        other.progress,
+        other.version,
+        other.status,
+    )
+    loaded = [tracker.store.load(snap.batch_id, items=False) for tracker, snap in trackers]
+    assert loaded[0] is not None
+    assert loaded[1] is not None
+    assert dict(loaded[0].stats) == dict(loaded[1].stats)
+    assert loaded[0].stats  # the starts and finishes were summed
+    ends = [
+        [e.version for e in tracker.store.outbox_claim(2000.0, 10, 2030.0)]
+        for tracker, _ in trackers
+    ]
+    assert ends[0] == ends[1]
+    assert len(ends[0]) == 1

@@ -10,7 +10,6 @@ import textwrap
 import time
 import uuid
 from pathlib import Path
-from typing import Any
 
 import httpx
 import pytest
@@ -19,10 +18,8 @@ from conftest import start_redis
 from http_support import free_port, jpeg, wait_until_serving
 
 pytest.importorskip("redis")
-from batchtrack import BatchTracker, BatchtrackError, Status, StoreError, ValidationError
-from batchtrack.stores.base import Transition, TransitionResult
+from batchtrack import BatchTracker, Status, StoreError, ValidationError
 from batchtrack.stores.redis import RedisStore
-from batchtrack.testing import FakeClock
 
 WORKER = textwrap.dedent(
     """
@@ -327,86 +324,3 @@ def test_a_batch_from_before_the_indexes_is_read_the_plain_way(redis_url: str) -
     assert "3" in {i.id for i in tracker.get(snap.batch_id, since=0).items}
     client.close()
     store.close()
-
-
-class _GenericRedisStore(RedisStore):
-    """The same store with apply() overridden: the tracker takes the generic path."""
-
-    def apply(self, batch_id: str, transition: Transition) -> TransitionResult:
-        return super().apply(batch_id, transition)
-
-
-def _step(tracker: BatchTracker, batch_id: str, action: str, item: str) -> Any:
-    if action == "pause":
-        return tracker.pause(batch_id)
-    if action == "unpause":
-        return tracker.unpause(batch_id)
-    try:
-        if action == "start":
-            event = tracker.start_item(batch_id, item)
-        elif action == "complete":
-            event = tracker.complete_item(batch_id, item)
-        else:
-            event = tracker.fail_item(batch_id, item, "boom")
-    except BatchtrackError as exc:
-        return type(exc), str(exc).replace(batch_id, "B")
-    return (
-        event.item,
-        event.progress,
-        event.changed,
-        event.version,
-        event.estimated_time_remaining,
-        event.eta_range,
-    )
-
-
-def test_redis_fast_event_path_answers_like_the_generic_path(redis_url: str) -> None:
-    """A start, completion or failure through the store's fast path gives what apply() gives."""
-    trackers = []
-    for store in (
-        RedisStore(redis_url, prefix=f"fast{uuid.uuid4().hex[:6]}:"),
-        _GenericRedisStore(redis_url, prefix=f"slow{uuid.uuid4().hex[:6]}:"),
-    ):
-        tracker = BatchTracker(store, clock=FakeClock(1000.0), lease=20.0)
-        trackers.append((tracker, tracker.create_batch([(str(n), f"{n}.jpg") for n in range(4)])))
-    steps: list[tuple[str, str]] = [
-        ("start", "0"),
-        ("start", "0"),  # a repeat: unchanged
-        ("complete", "1"),  # pending: rejected
-        ("complete", "0"),
-        ("fail", "1"),  # failed before it started: no stats
-        ("pause", ""),
-        ("start", "2"),  # paused
-        ("unpause", ""),
-        ("start", "2"),
-        ("fail", "2"),
-        ("start", "9"),  # no such item
-        ("start", "3"),
-        ("complete", "3"),  # ends the batch
-        ("complete", "3"),
-    ]
-    for action, item in steps:
-        answers = []
-        for tracker, snap in trackers:
-            tracker.clock.advance(1.25)  # type: ignore[attr-defined]
-            answers.append(_step(tracker, snap.batch_id, action, item))
-        assert answers[0] == answers[1], (action, item)
-    (fast, a), (slow, b) = trackers
-    one, other = fast.get(a.batch_id), slow.get(b.batch_id)
-    assert (one.items, one.progress, one.version, one.status) == (
-        other.items,
-        other.progress,
-        other.version,
-        other.status,
-    )
-    loaded = [tracker.store.load(snap.batch_id, items=False) for tracker, snap in trackers]
-    assert loaded[0] is not None
-    assert loaded[1] is not None
-    assert dict(loaded[0].stats) == dict(loaded[1].stats)
-    assert loaded[0].stats  # the starts and finishes were summed
-    ends = [
-        [e.version for e in tracker.store.outbox_claim(2000.0, 10, 2030.0)]
-        for tracker, _ in trackers
-    ]
-    assert ends[0] == ends[1]
-    assert len(ends[0]) == 1
