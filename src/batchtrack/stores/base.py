@@ -99,8 +99,9 @@ class BatchRecord:
 EventStats = Mapping[Status, Mapping[str, tuple[float, int]]] | tuple[float, float | None]
 """What :meth:`Store._apply_parts` takes as a transition's stats: the contributions
 themselves (:attr:`Transition.stats`), or the tracker's shorthand ``(origin, lease)``
-for ``batchtrack._eta.stats_for(target, at, origin, lease)``, which a store that runs
-Python may sum without building them (the memory store does)."""
+for ``batchtrack._eta.stats_for(target, at, origin, lease)``, which a store may expand
+itself (Redis does) or sum without building them (``_eta.added``: the memory and SQLite
+stores do)."""
 
 
 # Transition and TransitionResult are created once per event on the hot path, so they
@@ -485,7 +486,7 @@ class Store(Closing, ABC):
         attempt, refused while the batch is paused), answered as ``(outcome, previous,
         item, progress, version, created_at, expires_at, stats)``: what the tracker's
         hot path calls. A store may answer it without building the
-        :class:`Transition` (the memory store does). ``stats`` may be the tracker's
+        :class:`Transition` (the built-in stores do). ``stats`` may be the tracker's
         ``(origin, lease)`` shorthand (:data:`EventStats`)."""
         if isinstance(stats, tuple):
             stats = _eta.stats_for(target, at, stats[0], stats[1])
