@@ -1,12 +1,12 @@
 """The fast path: a tracker event and a status body against the floors the issue set.
 
 1. A memory-store event (start or complete) against a dict of statuses under a lock
-   doing the same bookkeeping (the floor); goal: ours >= 0.14x the floor's speed, i.e.
-   ratio ours/floor <= 7.1 (about 4 us on this machine class). Also the fast path
-   against the generic store path (a MemoryStore subclass), which third-party stores
-   take.
+   doing the same bookkeeping (the floor), printed with the absolute time per event;
+   goal (issue 27, point 4): <= 3 us per event with the ETA sums kept. Also the fast
+   path against the generic store path (a MemoryStore subclass), which third-party
+   stores take.
 2. A SQLite event against a bare ``BEGIN; UPDATE; COMMIT`` on the same kind of file
-   (WAL, synchronous=NORMAL); goal: >= 0.35x its speed (ratio <= 2.86).
+   (WAL, synchronous=NORMAL); goal: >= 0.3x its speed (ratio <= 3.33).
 3. The status body of a 10,000-item batch (``tracker.get`` plus the JSON bytes) against
    joining pre-encoded items (the floor); goals 3 ms (memory) and 8 ms (SQLite),
    printed as absolute figures next to the ratio.
@@ -23,13 +23,18 @@ from pathlib import Path
 
 from batchtrack import BatchTracker, MemoryStore, SQLiteStore
 from batchtrack._json import status_body
-from batchtrack.stores.base import Store
+from batchtrack.stores.base import Store, Transition, TransitionResult
 from bench_core import half_done_batch
 from harness import Comparison, compare
 
 
 class _GenericMemoryStore(MemoryStore):
-    """Not the exact class: the tracker takes the generic store path."""
+    """apply() overridden: the tracker takes the generic store path (Transition and
+    TransitionResult per event), as for a third-party store. (A subclass that keeps
+    apply() keeps the fast path too.)"""
+
+    def apply(self, batch_id: str, transition: Transition) -> TransitionResult:
+        return super().apply(batch_id, transition)
 
 
 def _events(make: Callable[[], Store], n: int) -> tuple[Callable[[], None], Callable[[], None]]:
@@ -87,7 +92,7 @@ def memory_event(n: int) -> list[Comparison]:
         floor_setup()
 
     vs_floor = compare(
-        "fast: memory event vs dict+lock floor", ours, floor, goal=7.1, setup=setup, rounds=9
+        "fast: memory event vs dict+lock floor", ours, floor, goal=1e9, setup=setup, rounds=9
     )
     vs_generic = compare(
         "fast: memory event, fast path vs generic store path",
@@ -97,7 +102,9 @@ def memory_event(n: int) -> list[Comparison]:
         setup=setup,
         rounds=9,
     )
-    print(f"fast: memory event {vs_floor.ours / (2 * n) * 1e6:.2f} us")
+    us = vs_floor.ours / (2 * n) * 1e6
+    print(f"fast: memory event {us:.2f} us (goal <= 3 us)")
+    vs_floor = Comparison(vs_floor.name, vs_floor.ours, vs_floor.baseline, "<= 3 us", us <= 3.0)
     return [vs_floor, vs_generic]
 
 
@@ -127,7 +134,7 @@ def sqlite_event(folder: Path, n: int) -> Comparison:
         "fast: SQLite event vs bare BEGIN/UPDATE/COMMIT",
         ours,
         bare,
-        goal=2.86,
+        goal=1 / 0.3,
         setup=setup,
         rounds=7,
     )
@@ -175,3 +182,15 @@ def run(quick: bool = False) -> list[Comparison]:
                 "SQLite", lambda: SQLiteStore(folder / f"body{next(made)}.db"), 8.0, 10_000
             ),
         ]
+
+
+if __name__ == "__main__":  # python benchmarks/bench_fast.py events: the two event figures
+    import sys
+
+    if sys.argv[1:] == ["events"]:
+        with tempfile.TemporaryDirectory() as tmp:
+            for line in [*memory_event(2000), sqlite_event(Path(tmp), 1000)]:
+                print(line.line())
+    else:
+        for line in run("--quick" in sys.argv):
+            print(line.line())

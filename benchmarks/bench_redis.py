@@ -8,6 +8,7 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+from typing import Any
 
 from batchtrack.stores.redis import RedisStore
 from bench_core import orchestrator_vs_pool, tracker_events
@@ -96,6 +97,34 @@ def celery_group_vs_orchestrator(url: str, store: RedisStore, n: int) -> Compari
         worker.wait(30)
 
 
+def event_vs_sets(store: RedisStore, client: Any, n: int) -> Comparison:
+    """A start and a completion through the tracker vs two plain SETs (issue 27, point 4:
+    goal ours <= 1.3x)."""
+    setup, ours = tracker_events(lambda: store, n)
+    ids = [str(i) for i in range(n)]
+
+    def baseline() -> None:
+        for i in ids:
+            client.set(f"bench:{i}", "processing")
+            client.set(f"bench:{i}", "completed")
+
+    result = compare(
+        "redis: start+complete event vs two redis-py SETs",
+        ours,
+        baseline,
+        goal=1.3,
+        setup=setup,
+        rounds=7,
+    )
+    per_event = result.ours / (2 * n)
+    per_set = result.baseline / (2 * n)
+    print(
+        f"redis: one event costs {per_event * 1e3:.3f} ms, one SET {per_set * 1e3:.3f} ms "
+        "(Celery's store_result is ~3x a SET, RQ's save_meta ~1x, by their own code paths)"
+    )
+    return result
+
+
 def run(quick: bool = False) -> list[Comparison]:
     if shutil.which("redis-server") is None:
         print("redis: redis-server is not installed; skipped")
@@ -108,28 +137,7 @@ def run(quick: bool = False) -> list[Comparison]:
         try:
             store = RedisStore(url)
             client = redis.Redis.from_url(url)
-            setup, ours = tracker_events(lambda: store, n)
-            ids = [str(i) for i in range(n)]
-
-            def baseline() -> None:
-                for i in ids:
-                    client.set(f"bench:{i}", "processing")
-                    client.set(f"bench:{i}", "completed")
-
-            result = compare(
-                "redis: start+complete event vs redis-py SET round trip",
-                ours,
-                baseline,
-                goal=1.5,
-                setup=setup,
-                rounds=7,
-            )
-            per_event = result.ours / (2 * n)
-            per_set = result.baseline / (2 * n)
-            print(
-                f"redis: one event costs {per_event * 1e3:.3f} ms, one SET {per_set * 1e3:.3f} ms "
-                "(Celery's store_result is ~3x a SET, RQ's save_meta ~1x, by their own code paths)"
-            )
+            result = event_vs_sets(store, client, n)
             pool = orchestrator_vs_pool(
                 lambda: store, "redis", goal=1 / 0.06, n=500 if quick else 2000
             )
@@ -144,3 +152,28 @@ def run(quick: bool = False) -> list[Comparison]:
         finally:
             proc.terminate()
             proc.wait(10)
+
+
+def events(n: int = 1500) -> None:
+    """Only the event comparison: ``python benchmarks/bench_redis.py events``."""
+    import redis
+
+    with tempfile.TemporaryDirectory() as tmp:
+        proc, url = _server(Path(tmp))
+        try:
+            store = RedisStore(url)
+            client = redis.Redis.from_url(url)
+            print(event_vs_sets(store, client, n).line())
+            store.close()
+            client.close()
+        finally:
+            proc.terminate()
+            proc.wait(10)
+
+
+if __name__ == "__main__":
+    if sys.argv[1:] == ["events"]:
+        events()
+    else:
+        for line in run("--quick" in sys.argv):
+            print(line.line())

@@ -1,16 +1,20 @@
-"""The memory store's fast path gives exactly what the generic store path gives: every
-event (ETA and range included), every snapshot, every stored statistic."""
+"""The stores' fast paths (memory, SQLite, Redis) give exactly what the generic store path
+gives: every event (ETA and range included), every snapshot, every stored statistic."""
 
 from __future__ import annotations
 
+import struct
+import uuid
+from pathlib import Path
 from typing import Any
 
+import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from batchtrack import BatchTracker, MemoryStore
+from batchtrack import BatchTracker, MemoryStore, SQLiteStore, Status, _eta
 from batchtrack.exceptions import BatchtrackError
-from batchtrack.stores.base import Transition, TransitionResult
+from batchtrack.stores.base import Store, Transition, TransitionResult, add_stats
 from batchtrack.testing import FakeClock
 
 
@@ -100,3 +104,147 @@ def test_fast_and_generic_paths_agree(steps: list[tuple[str, int, float]], read_
         assert fast.store._batches[a].stats == slow.store._batches[b].stats
     for x, y in seen:
         assert _comparable(x, a) == _comparable(y, b)
+
+
+_times = st.floats(0.0, 1e7, allow_nan=False)
+
+
+@given(
+    previous=st.sampled_from(list(Status)),
+    target=st.sampled_from(list(Status)),
+    at=_times,
+    origin=_times,
+    lease=st.none() | st.floats(0.001, 1e6),
+    elapsed=st.floats(0.0, 1e5),
+    before=st.sampled_from(["empty", "started", "finished"]),
+)
+@settings(max_examples=300, deadline=None)
+def test_memory_stats_sum_like_the_contributions_bit_for_bit(
+    previous: Status,
+    target: Status,
+    at: float,
+    origin: float,
+    lease: float | None,
+    elapsed: float,
+    before: str,
+) -> None:
+    """The memory store's one-piece sums equal stats_for's contributions added by add_stats."""
+    stats: dict[str, float] = {}
+    if before != "empty":
+        add_stats(stats, _eta.stats_for(Status.PROCESSING, 7.5, 1.25, 30.0)[Status.PENDING], 0.0)
+    if before == "finished":
+        add_stats(stats, _eta.stats_for(Status.COMPLETED, 9.0, 1.25)[Status.PROCESSING], 1.5)
+    frozen = dict(stats)
+    expected: dict[str, float] | None = None
+    contributions = _eta.stats_for(target, at, origin, lease).get(previous)
+    if contributions:
+        expected = dict(stats)
+        add_stats(expected, contributions, elapsed)
+    got = _eta.added(stats, previous, target, at, origin, lease, elapsed)
+    assert stats == frozen  # a copy: the stats a result already shares never change
+    if expected is None:
+        assert got is None
+    else:
+        assert got is not None
+        assert list(got) == list(expected)
+        assert [struct.pack("<d", v) for v in got.values()] == [
+            struct.pack("<d", v) for v in expected.values()
+        ]
+
+
+def _stores(kind: str, request: pytest.FixtureRequest, tmp_path: Path) -> tuple[Store, Store]:
+    """A store of ``kind`` and the same store class with apply() overridden (the tracker
+    then takes the generic path)."""
+    if kind == "sqlite":
+
+        class GenericSQLiteStore(SQLiteStore):
+            def apply(self, batch_id: str, transition: Transition) -> TransitionResult:
+                return super().apply(batch_id, transition)
+
+        return SQLiteStore(tmp_path / "fast.db"), GenericSQLiteStore(tmp_path / "slow.db")
+    pytest.importorskip("redis")
+    from batchtrack.stores.redis import RedisStore
+
+    class GenericRedisStore(RedisStore):
+        def apply(self, batch_id: str, transition: Transition) -> TransitionResult:
+            return super().apply(batch_id, transition)
+
+    url = request.getfixturevalue("redis_url")
+    tag = uuid.uuid4().hex[:6]
+    return RedisStore(url, prefix=f"fast{tag}:"), GenericRedisStore(url, prefix=f"slow{tag}:")
+
+
+def _step(tracker: BatchTracker, batch_id: str, action: str, item: str) -> Any:
+    if action == "pause":
+        return tracker.pause(batch_id)
+    if action == "unpause":
+        return tracker.unpause(batch_id)
+    try:
+        if action == "start":
+            event = tracker.start_item(batch_id, item)
+        elif action == "complete":
+            event = tracker.complete_item(batch_id, item)
+        else:
+            event = tracker.fail_item(batch_id, item, "boom")
+    except BatchtrackError as exc:
+        return type(exc), str(exc).replace(batch_id, "B")
+    return (
+        event.item,
+        event.progress,
+        event.changed,
+        event.version,
+        event.estimated_time_remaining,
+        event.eta_range,
+    )
+
+
+@pytest.mark.parametrize("kind", ["sqlite", "redis"])
+def test_store_fast_event_path_answers_like_apply(
+    kind: str, request: pytest.FixtureRequest, tmp_path: Path
+) -> None:
+    """A start, completion or failure through the store's fast path gives what apply() gives."""
+    trackers = []
+    for store in _stores(kind, request, tmp_path):
+        tracker = BatchTracker(store, clock=FakeClock(1000.0), lease=20.0)
+        trackers.append((tracker, tracker.create_batch([(str(n), f"{n}.jpg") for n in range(4)])))
+    steps: list[tuple[str, str]] = [
+        ("start", "0"),
+        ("start", "0"),  # a repeat: unchanged
+        ("complete", "1"),  # pending: rejected
+        ("complete", "0"),
+        ("fail", "1"),  # failed before it started: no stats
+        ("pause", ""),
+        ("start", "2"),  # paused
+        ("unpause", ""),
+        ("start", "2"),
+        ("fail", "2"),
+        ("start", "9"),  # no such item
+        ("start", "3"),
+        ("complete", "3"),  # ends the batch
+        ("complete", "3"),
+    ]
+    for action, item in steps:
+        answers = []
+        for tracker, snap in trackers:
+            tracker.clock.advance(1.25)  # type: ignore[attr-defined]
+            answers.append(_step(tracker, snap.batch_id, action, item))
+        assert answers[0] == answers[1], (action, item)
+    (fast, a), (slow, b) = trackers
+    one, other = fast.get(a.batch_id), slow.get(b.batch_id)
+    assert (one.items, one.progress, one.version, one.status) == (
+        other.items,
+        other.progress,
+        other.version,
+        other.status,
+    )
+    loaded = [tracker.store.load(snap.batch_id, items=False) for tracker, snap in trackers]
+    assert loaded[0] is not None
+    assert loaded[1] is not None
+    assert dict(loaded[0].stats) == dict(loaded[1].stats)
+    assert loaded[0].stats  # the starts and finishes were summed
+    ends = [
+        [e.version for e in tracker.store.outbox_claim(2000.0, 10, 2030.0)]
+        for tracker, _ in trackers
+    ]
+    assert ends[0] == ends[1]
+    assert len(ends[0]) == 1

@@ -231,6 +231,28 @@ def test_a_new_file_gets_the_current_schema_in_wal_mode(tmp_path: Path) -> None:
         db.close()
 
 
+def test_a_new_file_gets_small_pages_and_an_old_file_keeps_its_own(tmp_path: Path) -> None:
+    """New files use 2048-byte pages (cheaper events); a file made with 4096 keeps them."""
+    old = tmp_path / "old.db"
+    made = sqlite3.connect(old)
+    made.execute("CREATE TABLE before_batchtrack (a)")
+    made.commit()
+    made.close()
+    for path in (tmp_path / "new.db", old):
+        tracker = BatchTracker(SQLiteStore(path))
+        snap = tracker.create_batch(["a.jpg"])
+        tracker.complete_item(
+            snap.batch_id, tracker.start_item(snap.batch_id, snap.items[0].id).item.id
+        )
+        tracker.store.close()
+    sizes = [
+        sqlite3.connect(path).execute("PRAGMA page_size").fetchone()[0]
+        for path in (tmp_path / "new.db", old)
+    ]
+    assert sizes == [sqlite_module.PAGE_SIZE, 4096]
+    assert sqlite_module.PAGE_SIZE == 2048
+
+
 @pytest.mark.parametrize(("setting", "expected"), [("NORMAL", 1), ("full", 2)])
 def test_synchronous_setting_is_applied(tmp_path: Path, setting: str, expected: int) -> None:
     """synchronous= is applied to every connection (NORMAL by default, FULL on request)."""

@@ -751,7 +751,7 @@ class BatchTracker(Closing):
                 error,
                 now + IDLE_TIMEOUT,
                 now + self.ttl,
-                _eta.stats_for(target, now, origin, lease),
+                (origin, lease),  # the store adds _eta.stats_for(target, now, origin, lease)
                 None if lease is None else now + lease,
             )
         )

@@ -51,6 +51,7 @@ from .exceptions import ValidationError
 from .stores.base import (
     BatchRecord,
     BulkResult,
+    EventStats,
     LostItem,
     Outcome,
     Store,
@@ -425,7 +426,7 @@ class InstrumentedStore(Store):
         error: str | None,
         expires_at_open: float,
         expires_at_finished: float,
-        stats: Mapping[Status, Mapping[str, tuple[float, int]]],
+        stats: EventStats,
         lease_until: float | None,
     ) -> tuple[Outcome, Status, ItemSnapshot, Progress, int, float, float, Mapping[str, float]]:
         answer = self._call(

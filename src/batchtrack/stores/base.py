@@ -25,6 +25,7 @@ from typing import NamedTuple
 
 import attrs
 
+from .. import _eta
 from .._closing import Closing
 from .._models import NO_METADATA, ItemQuery, ItemSnapshot, Progress, Status
 from ..exceptions import ItemNotFound
@@ -93,6 +94,14 @@ class BatchRecord:
     items: tuple[ItemSnapshot, ...] = ()
     paused: bool = False
     metadata: Mapping[str, str] = NO_METADATA
+
+
+EventStats = Mapping[Status, Mapping[str, tuple[float, int]]] | tuple[float, float | None]
+"""What :meth:`Store._apply_parts` takes as a transition's stats: the contributions
+themselves (:attr:`Transition.stats`), or the tracker's shorthand ``(origin, lease)``
+for ``batchtrack._eta.stats_for(target, at, origin, lease)``, which a store may expand
+itself (Redis does) or sum without building them (``_eta.added``: the memory and SQLite
+stores do)."""
 
 
 # Transition and TransitionResult are created once per event on the hot path, so they
@@ -470,14 +479,17 @@ class Store(Closing, ABC):
         error: str | None,
         expires_at_open: float,
         expires_at_finished: float,
-        stats: Mapping[Status, Mapping[str, tuple[float, int]]],
+        stats: EventStats,
         lease_until: float | None,
     ) -> tuple[Outcome, Status, ItemSnapshot, Progress, int, float, float, Mapping[str, float]]:
         """:meth:`apply` of a start, complete or fail (a lease means a start: one more
         attempt, refused while the batch is paused), answered as ``(outcome, previous,
         item, progress, version, created_at, expires_at, stats)``: what the tracker's
         hot path calls. A store may answer it without building the
-        :class:`Transition` (the memory store does)."""
+        :class:`Transition` (the built-in stores do). ``stats`` may be the tracker's
+        ``(origin, lease)`` shorthand (:data:`EventStats`)."""
+        if isinstance(stats, tuple):
+            stats = _eta.stats_for(target, at, stats[0], stats[1])
         r = self.apply(
             batch_id,
             Transition(

@@ -13,11 +13,13 @@ from typing import Any
 
 import attrs
 
+from .. import _eta
 from .._models import NO_METADATA, ItemSnapshot, Progress, Status
 from ..exceptions import BatchNotFound, ItemNotFound, StoreError
 from .base import (
     BatchRecord,
     BulkResult,
+    EventStats,
     ItemQuery,
     LostItem,
     OutboxEntry,
@@ -103,7 +105,7 @@ class _Batch:
         lease_until: float | None,
         add_attempt: bool,
         reset_attempts: bool,
-        stats: Mapping[Status, Mapping[str, tuple[float, int]]],
+        stats: EventStats,
         expires_at_open: float,
         expires_at_finished: float,
     ) -> None:
@@ -129,12 +131,19 @@ class _Batch:
         members[previous].discard(position)
         members[target].add(position)
         self.log.append(position)
-        contributions = stats.get(previous)
-        if contributions:
-            # A new dict each time, never changed after: results share it without a copy.
-            added = dict(self.stats)
-            add_stats(added, contributions, at - self.changed[position])
-            self.stats = added
+        # A new dict each time, never changed after: results share it without a copy.
+        if type(stats) is tuple:  # the tracker's (origin, lease): summed in one piece
+            added = _eta.added(
+                self.stats, previous, target, at, stats[0], stats[1], at - self.changed[position]
+            )
+            if added is not None:
+                self.stats = added
+        else:
+            contributions = stats.get(previous)  # type: ignore[union-attr]
+            if contributions:
+                added = dict(self.stats)
+                add_stats(added, contributions, at - self.changed[position])
+                self.stats = added
         self.changed[position] = at
         self.updated_at = at
         self.version += 1
@@ -349,13 +358,21 @@ class MemoryStore(Store):
                 cls.apply_all = Store.apply_all  # type: ignore[method-assign]
 
     def _apply_parts(
-        self, batch_id: str, *parts: Any
+        self,
+        batch_id: str,
+        item_id: str,
+        target: Status,
+        sources: frozenset[Status],
+        at: float,
+        error: str | None,
+        expires_at_open: float,
+        expires_at_finished: float,
+        stats: EventStats,
+        lease_until: float | None,
     ) -> tuple[Outcome, Status, ItemSnapshot, Progress, int, float, float, Mapping[str, float]]:
         # The tracker's hot path, without the Transition and TransitionResult objects
         # (a subclass that changes apply() gets the generic way: __init_subclass__). The
         # tests run random sequences through both ways and compare everything.
-        item_id, target, sources, at, error, expires_at_open, expires_at_finished = parts[:7]
-        stats, lease_until = parts[7], parts[8]
         with self._lock:
             state, position = self._find(batch_id, item_id, at)
             previous = state.items[position].status

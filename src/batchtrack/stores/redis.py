@@ -59,6 +59,7 @@ except ImportError as exc:  # pragma: no cover - depends on the environment
 
 import attrs
 
+from .. import _eta
 from .._models import ItemSnapshot, Progress, Status
 from ..exceptions import BatchNotFound, ItemNotFound, StoreError, ValidationError
 from ._rows import pack_metadata, unpack_metadata
@@ -66,6 +67,7 @@ from .base import (
     BatchRecord,
     BatchVersion,
     BulkResult,
+    EventStats,
     ItemQuery,
     LostItem,
     OutboxEntry,
@@ -89,6 +91,8 @@ _STATUSES = (
     Status.CANCELLED,
 )
 _CODE = {status: code for code, status in enumerate(_STATUSES)}
+# A transition's allowed sources as the scripts take them (digits), per set of sources.
+_SOURCE_CODES: dict[frozenset[Status], str] = {}
 _OUTCOMES = {
     b"applied": Outcome.APPLIED,
     b"unchanged": Outcome.UNCHANGED,
@@ -257,6 +261,41 @@ local function move(item_id, item, target, error, at, lease, attempts, version)
   redis.call('HSET', KEYS[2], item_id, raw)
   return raw
 end
+-- Stats in pack_stats' format: decoded into names, sums and each name's index, and
+-- encoded back, one struct call each way (not one per value).
+local function decode_stats(blob)
+  local count = struct.unpack('<H', blob)
+  local sums = {struct.unpack('<H' .. string.rep('d', count), blob)}
+  local pos = table.remove(sums)
+  table.remove(sums, 1)
+  local names, index = {}, {}
+  for name in string.gmatch(string.sub(blob, pos), '[^' .. SEP .. ']+') do
+    names[#names + 1] = name
+    index[name] = #names
+  end
+  return names, sums, index
+end
+local function encode_stats(names, sums)
+  return struct.pack('<H' .. string.rep('d', #names), #names, unpack(sums, 1, #names))
+    .. table.concat(names, SEP)
+end
+-- Add one stats group (names joined by ',', coefficients as packed doubles, powers as
+-- digits) for an item that spent `elapsed` seconds in the group's source status.
+local function add_group(names, sums, index, group_names, coefs, powers, elapsed)
+  local coef = {struct.unpack('<' .. string.rep('d', #coefs / 8), coefs)}
+  local k = 0
+  for name in string.gmatch(group_names, '[^,]+') do
+    k = k + 1
+    local at_name = index[name]
+    if not at_name then
+      names[#names + 1] = name
+      sums[#names] = 0
+      at_name = #names
+      index[name] = at_name
+    end
+    sums[at_name] = sums[at_name] + coef[k] * elapsed ^ (string.byte(powers, k) - 48)
+  end
+end
 -- The end marker of a batch a transition just ended, in the webhook outbox (the keys
 -- <prefix>outbox, <prefix>outbox:ready and <prefix>outbox:ends, named after KEYS[4]).
 local function ended(batch_id, version, at)
@@ -342,35 +381,10 @@ local update, finished, new_expiry = settle(head, counts, 1, ARGV[5], ARGV[7], A
 for g = 0, tonumber(ARGV[15]) - 1 do
   local base = 16 + 4 * g
   if tonumber(ARGV[base]) == previous then
-    local names, values, index = {}, {}, {}
-    local blob = head[7]
-    local count, pos = struct.unpack('<H', blob)
-    for i = 1, count do values[i], pos = struct.unpack('<d', blob, pos) end
-    for name in string.gmatch(string.sub(blob, pos), '[^' .. SEP .. ']+') do
-      names[#names + 1] = name
-      index[name] = #names
-    end
-    local coefs, cpos = ARGV[base + 2], 1
-    local i = 0
-    for name in string.gmatch(ARGV[base + 1], '[^,]+') do
-      i = i + 1
-      local coef
-      coef, cpos = struct.unpack('<d', coefs, cpos)
-      local power = tonumber(string.sub(ARGV[base + 3], i, i))
-      local at_name = index[name]
-      if not at_name then
-        names[#names + 1] = name
-        values[#names] = 0
-        at_name = #names
-        index[name] = at_name
-      end
-      values[at_name] = values[at_name] + coef * elapsed ^ power
-    end
-    local packed = {struct.pack('<H', #names)}
-    for j = 1, #names do packed[#packed + 1] = struct.pack('<d', values[j]) end
-    packed[#packed + 1] = table.concat(names, SEP)
+    local names, sums, index = decode_stats(head[7])
+    add_group(names, sums, index, ARGV[base + 1], ARGV[base + 2], ARGV[base + 3], elapsed)
     update[#update + 1] = 'stats'
-    update[#update + 1] = table.concat(packed)
+    update[#update + 1] = encode_stats(names, sums)
   end
 end
 redis.call('HSET', KEYS[1], unpack(update))
@@ -417,21 +431,7 @@ local counts = {tonumber(values[11]), tonumber(values[10]), tonumber(values[8]),
 local version = tonumber(values[6])
 local names, sums, index = nil, nil, nil
 local function decode()
-  if names then return end
-  names, sums, index = {}, {}, {}
-  local blob = values[12]
-  local count, pos = struct.unpack('<H', blob)
-  for i = 1, count do sums[i], pos = struct.unpack('<d', blob, pos) end
-  for name in string.gmatch(string.sub(blob, pos), '[^' .. SEP .. ']+') do
-    names[#names + 1] = name
-    index[name] = #names
-  end
-end
-local function encode()
-  local packed = {struct.pack('<H', #names)}
-  for j = 1, #names do packed[#packed + 1] = struct.pack('<d', sums[j]) end
-  packed[#packed + 1] = table.concat(names, SEP)
-  return table.concat(packed)
+  if not names then names, sums, index = decode_stats(values[12]) end
 end
 local replies = {}
 local last_at, slack, finished = nil, nil, false
@@ -466,23 +466,8 @@ for i, A in ipairs(calls) do
       local base = 16 + 4 * g
       if tonumber(A[base]) == previous then
         decode()
-        local coefs, cpos = A[base + 2], 1
-        local k = 0
-        for name in string.gmatch(A[base + 1], '[^,]+') do
-          k = k + 1
-          local coef
-          coef, cpos = struct.unpack('<d', coefs, cpos)
-          local power = tonumber(string.sub(A[base + 3], k, k))
-          local at_name = index[name]
-          if not at_name then
-            names[#names + 1] = name
-            sums[#names] = 0
-            at_name = #names
-            index[name] = at_name
-          end
-          sums[at_name] = sums[at_name] + coef * elapsed ^ power
-        end
-        values[12] = encode()
+        add_group(names, sums, index, A[base + 1], A[base + 2], A[base + 3], elapsed)
+        values[12] = encode_stats(names, sums)
       end
     end
     finished = counts[1] + counts[2] == 0
@@ -1314,10 +1299,73 @@ class RedisStore(Store):
         )
         return _transition_result(batch_id, transition.item_id, reply)
 
-    def _args(self, batch_id: str, transition: Transition) -> list[Any]:
-        """The ARGV of ``_APPLY`` for a transition."""
-        groups: list[Any] = [len(transition.stats)]
-        for source, amounts in transition.stats.items():
+    def __init_subclass__(cls, **kwargs: Any) -> None:
+        super().__init_subclass__(**kwargs)
+        if cls.apply is not RedisStore.apply:  # what it applies must be what applies
+            cls._apply_parts = Store._apply_parts  # type: ignore[method-assign]
+
+    def _apply_parts(
+        self,
+        batch_id: str,
+        item_id: str,
+        target: Status,
+        sources: frozenset[Status],
+        at: float,
+        error: str | None,
+        expires_at_open: float,
+        expires_at_finished: float,
+        stats: EventStats,
+        lease_until: float | None,
+    ) -> tuple[Outcome, Status, ItemSnapshot, Progress, int, float, float, Mapping[str, float]]:
+        # The tracker's hot path: apply()'s script call and answer, without the
+        # Transition and TransitionResult objects (a start is the one with a lease).
+        if isinstance(stats, tuple):
+            stats = _eta.stats_for(target, at, stats[0], stats[1])
+        start = lease_until is not None
+        codes = _SOURCE_CODES.get(sources)
+        if codes is None:
+            codes = _SOURCE_CODES[sources] = "".join(str(_CODE[s]) for s in sources)
+        args = [
+            batch_id,
+            item_id,
+            _CODE[target],
+            codes,
+            repr(at),
+            error or "",
+            repr(expires_at_open),
+            repr(expires_at_finished),
+            _SLACK,
+            "" if lease_until is None else repr(lease_until),
+            "+" if start else "",
+            "",
+            "",
+            "1" if start else "",
+            *self._stats_args(stats),
+        ]
+        reply = self._call(self._apply, f"update batch {batch_id!r}", self._keys(batch_id), args)
+        if reply[0] == b"nobatch":
+            raise BatchNotFound(batch_id)
+        if reply[0] == b"noitem":
+            raise ItemNotFound(batch_id, item_id)
+        header = reply[3]
+        total, done, failed, running, pending = (int(v or 0) for v in header[6:11])
+        return (
+            _OUTCOMES[reply[0]],
+            _STATUSES[int(reply[1])],
+            _item(item_id, reply[2]),
+            Progress(
+                total, done, failed, running, pending, total - done - failed - running - pending
+            ),
+            int(header[5] or 0),
+            float(header[1] or 0),
+            float(header[4] or 0),
+            PackedStats(reply[4]),
+        )
+
+    def _stats_args(self, stats: Mapping[Status, Mapping[str, tuple[float, int]]]) -> list[Any]:
+        """A transition's stats contributions as the transition scripts take them."""
+        groups: list[Any] = [len(stats)]
+        for source, amounts in stats.items():
             names, powers = self._group(tuple(amounts), amounts)
             groups += [
                 _CODE[source],
@@ -1325,6 +1373,10 @@ class RedisStore(Store):
                 struct.pack(f"<{len(amounts)}d", *(coef for coef, _ in amounts.values())),
                 powers,
             ]
+        return groups
+
+    def _args(self, batch_id: str, transition: Transition) -> list[Any]:
+        """The ARGV of ``_APPLY`` for a transition."""
         attempts = "+" if transition.add_attempt else "0" if transition.reset_attempts else ""
         return [
             *_common_args(batch_id, transition.item_id, transition),
@@ -1333,7 +1385,7 @@ class RedisStore(Store):
             _optional(transition.lost_before),
             "" if transition.max_attempts is None else transition.max_attempts,
             "1" if transition.unless_paused else "",
-            *groups,
+            *self._stats_args(transition.stats),
         ]
 
     def apply_all(self, batch_id: str, transitions: Sequence[Transition]) -> list[TransitionResult]:

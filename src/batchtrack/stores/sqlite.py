@@ -26,7 +26,7 @@ import re
 import sqlite3
 import threading
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager, suppress
 from pathlib import Path
 from typing import Any
@@ -34,7 +34,8 @@ from urllib.parse import unquote, urlsplit
 
 import attrs
 
-from .._models import ItemSnapshot, Status
+from .. import _eta
+from .._models import ItemSnapshot, Progress, Status
 from ..exceptions import (
     BatchNotFound,
     DatabaseDamaged,
@@ -56,6 +57,7 @@ from ._rows import values as _values
 from .base import (
     BatchRecord,
     BulkResult,
+    EventStats,
     ItemQuery,
     LostItem,
     OutboxEntry,
@@ -63,14 +65,20 @@ from .base import (
     Store,
     Transition,
     TransitionResult,
+    add_stats,
     end_marker,
+    pack_stats,
     unpack_stats,
 )
 
-__all__ = ["CHECK_SECONDS", "SCHEMA_VERSION", "SQLiteStore", "SchemaVersionError"]
+__all__ = ["CHECK_SECONDS", "PAGE_SIZE", "SCHEMA_VERSION", "SQLiteStore", "SchemaVersionError"]
 
 SCHEMA_VERSION = 7
 """The schema this batchtrack writes; stored in ``PRAGMA user_version``."""
+
+PAGE_SIZE = 2048
+"""The page size of the files this store creates (``PRAGMA page_size``; SQLite's default
+is 4096). Files made before keep theirs."""
 
 PURGE_CHUNK = 500
 """:meth:`SQLiteStore.purge_expired` deletes at most this many batches per transaction."""
@@ -278,6 +286,13 @@ _WRITE_HEADER = (
     "UPDATE batches SET updated_at = ?, finished_at = ?, expires_at = ?,"
     " version = ?, completed = ?, failed = ?, processing = ?, pending = ?,"
     " stats = ? WHERE key = ?"
+)
+
+# An applied transition's item row.
+_MOVE_ITEM = (
+    "UPDATE items SET status = ?, error = ?, changed_at = ?, attempts = ?,"
+    " lease_until = ?, beat_at = ?, version = ?, progress = NULL, stage = NULL"
+    " WHERE batch_key = ? AND position = ?"
 )
 
 # Removes the end markers of the batches a subquery (or one "?") names.
@@ -536,6 +551,11 @@ class SQLiteStore(Store):
         except sqlite3.Error as exc:
             raise StoreError(f"cannot open the database {self.path}: {exc}") from exc
         try:
+            # Only a new, empty file takes it (an existing one keeps its page size): each
+            # transition dirties about five pages (the item, two of its indexes, the
+            # header) and the WAL writes each whole, so smaller pages make events cheaper
+            # (docs/benchmarks.rst, "Single events"); reads of big batches cost the same.
+            db.execute(f"PRAGMA page_size = {PAGE_SIZE}")
             mode = db.execute("PRAGMA journal_mode = WAL").fetchone()[0]
             if mode != "wal":
                 raise StoreError(f"cannot use WAL mode on {self.path} (got {mode!r})")
@@ -702,6 +722,124 @@ class SQLiteStore(Store):
         with self._write() as db:
             return self._apply_in(db, batch_id, transition)
 
+    def __init_subclass__(cls, **kwargs: Any) -> None:
+        super().__init_subclass__(**kwargs)
+        if cls.apply is not SQLiteStore.apply:  # what it applies must be what applies
+            cls._apply_parts = Store._apply_parts  # type: ignore[method-assign]
+
+    def _apply_parts(
+        self,
+        batch_id: str,
+        item_id: str,
+        target: Status,
+        sources: frozenset[Status],
+        at: float,
+        error: str | None,
+        expires_at_open: float,
+        expires_at_finished: float,
+        stats: EventStats,
+        lease_until: float | None,
+    ) -> tuple[Outcome, Status, ItemSnapshot, Progress, int, float, float, Mapping[str, float]]:
+        # The tracker's hot path: _apply_in's statements for a start (the one with a
+        # lease), completion or failure, without the Transition and TransitionResult
+        # objects, the ETA sums added in one piece (_eta.added) from (origin, lease).
+        with self._write() as db:
+            row = db.execute(_HEADER_AND_ITEM, (item_id, batch_id)).fetchone()
+            if row is None or row[5] <= at:
+                raise BatchNotFound(batch_id)
+            if row[13] is None:
+                raise ItemNotFound(batch_id, item_id)
+            previous = _STATUSES[row[14]]
+            attempts = row[19]
+            start = lease_until is not None
+            if previous is target or previous not in sources or (start and row[-1]):
+                outcome = (
+                    Outcome.UNCHANGED
+                    if previous is target
+                    else Outcome.REJECTED
+                    if previous not in sources
+                    else Outcome.PAUSED
+                )
+                item = ItemSnapshot(item_id, row[13], previous, row[15], attempts, row[20])
+                head = _header(row)
+                return (
+                    outcome,
+                    previous,
+                    item,
+                    head.progress,
+                    head.version,
+                    head.created_at,
+                    head.expires_at,
+                    head.stats,
+                )
+            counts = _counts(row)
+            counts[previous] -= 1
+            counts[target] += 1
+            packed = row[12]
+            memo_blob, decoded = self._stats_memo
+            if packed != memo_blob:
+                decoded = unpack_stats(packed)
+            elapsed = at - row[18]
+            if isinstance(stats, tuple):
+                added = _eta.added(decoded, previous, target, at, stats[0], stats[1], elapsed)
+            else:
+                added = None
+                contributions = stats.get(previous)
+                if contributions:
+                    added = dict(decoded)
+                    add_stats(added, contributions, elapsed)
+            if added is not None:
+                decoded, packed = added, pack_stats(added)
+            self._stats_memo = (packed, decoded)
+            if start:
+                attempts += 1
+            version = row[6] + 1
+            db.execute(
+                _MOVE_ITEM,
+                (
+                    _CODE[target],
+                    error,
+                    at,
+                    attempts,
+                    lease_until,
+                    None if lease_until is None else at,
+                    version,
+                    row[16],
+                    row[17],
+                ),
+            )
+            finished_at: float | None
+            if counts[Status.PENDING] or counts[Status.PROCESSING]:
+                finished_at, expires_at = None, expires_at_open
+            else:
+                finished_at, expires_at = at, expires_at_finished
+            db.execute(
+                _WRITE_HEADER,
+                (
+                    at,
+                    finished_at,
+                    expires_at,
+                    version,
+                    counts[Status.COMPLETED],
+                    counts[Status.FAILED],
+                    counts[Status.PROCESSING],
+                    counts[Status.PENDING],
+                    packed,
+                    row[16],
+                ),
+            )
+            _mark_end(db, row, finished_at, version, at)
+        return (
+            Outcome.APPLIED,
+            previous,
+            ItemSnapshot(item_id, row[13], target, error, attempts, row[20]),
+            _progress(row[7], counts),
+            version,
+            row[2],
+            expires_at,
+            decoded,
+        )
+
     def apply_all(self, batch_id: str, transitions: Sequence[Transition]) -> list[TransitionResult]:
         # One transaction and one commit (the costly part) for all of them, the header
         # kept here and written once; an unknown batch or item raises inside it, which
@@ -766,9 +904,7 @@ class SQLiteStore(Store):
         self._stats_memo = (packed, stats)
         lease = transition.lease_until
         db.execute(
-            "UPDATE items SET status = ?, error = ?, changed_at = ?, attempts = ?,"
-            " lease_until = ?, beat_at = ?, version = ?, progress = NULL, stage = NULL"
-            " WHERE batch_key = ? AND position = ?",
+            _MOVE_ITEM,
             (
                 _CODE[target],
                 transition.error,
