@@ -288,6 +288,35 @@ _WRITE_HEADER = (
     " stats = ? WHERE key = ?"
 )
 
+
+def _write_header(
+    db: sqlite3.Connection,
+    at: float,
+    finished_at: float | None,
+    expires_at: float,
+    version: int,
+    counts: Mapping[Status, int],
+    packed: bytes,
+    key: int,
+) -> None:
+    """Write a batch's header after transitions: its times, version, counts and stats."""
+    db.execute(
+        _WRITE_HEADER,
+        (
+            at,
+            finished_at,
+            expires_at,
+            version,
+            counts[Status.COMPLETED],
+            counts[Status.FAILED],
+            counts[Status.PROCESSING],
+            counts[Status.PENDING],
+            packed,
+            key,
+        ),
+    )
+
+
 # An applied transition's item row.
 _MOVE_ITEM = (
     "UPDATE items SET status = ?, error = ?, changed_at = ?, attempts = ?,"
@@ -813,21 +842,7 @@ class SQLiteStore(Store):
                 finished_at, expires_at = None, expires_at_open
             else:
                 finished_at, expires_at = at, expires_at_finished
-            db.execute(
-                _WRITE_HEADER,
-                (
-                    at,
-                    finished_at,
-                    expires_at,
-                    version,
-                    counts[Status.COMPLETED],
-                    counts[Status.FAILED],
-                    counts[Status.PROCESSING],
-                    counts[Status.PENDING],
-                    packed,
-                    row[16],
-                ),
-            )
+            _write_header(db, at, finished_at, expires_at, version, counts, packed, row[16])
             _mark_end(db, row, finished_at, version, at)
         return (
             Outcome.APPLIED,
@@ -957,21 +972,7 @@ class SQLiteStore(Store):
         ``finished_at``, ``expires_at`` and version."""
         finished_at, expires_at = _ends(counts, transition)
         version = row[6] + changes
-        db.execute(
-            _WRITE_HEADER,
-            (
-                transition.at,
-                finished_at,
-                expires_at,
-                version,
-                counts[Status.COMPLETED],
-                counts[Status.FAILED],
-                counts[Status.PROCESSING],
-                counts[Status.PENDING],
-                packed,
-                row[16],
-            ),
-        )
+        _write_header(db, transition.at, finished_at, expires_at, version, counts, packed, row[16])
         _mark_end(db, row, finished_at, version, transition.at)
         return finished_at, expires_at, version
 
