@@ -1078,3 +1078,19 @@ def test_serve_refuses_a_trusted_origin_that_is_not_an_origin(tmp_path: Path) ->
         "batchtrack serve: error: argument --trusted-origin: 'https://app.example.com/page' "
         "is not an origin such as https://app.example.com\n"
     )
+
+
+def test_the_serve_log_counts_one_image_in_the_singular(caplog: pytest.LogCaptureFixture) -> None:
+    """``batch … started: 1 image`` (not "1 images") for a batch of one."""
+    from batchtrack import BatchTracker
+    from batchtrack._access_log import BatchWatch, _Watched
+
+    tracker = BatchTracker()
+    one = tracker.create_batch(["a.jpg"]).batch_id
+    two = tracker.create_batch(["a.jpg", "b.jpg"]).batch_id
+    watch = BatchWatch(lambda batch_id: tracker.get(batch_id, items=False))
+    watch._started.update({one: _Watched(time.monotonic()), two: _Watched(time.monotonic())})
+    with caplog.at_level("INFO", logger="batchtrack.serve"):
+        watch.check()
+    assert f"batch {one} started: 1 image" in caplog.messages
+    assert f"batch {two} started: 2 images" in caplog.messages

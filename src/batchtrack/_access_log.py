@@ -88,7 +88,8 @@ class BatchWatch:
                 p = snap.progress
                 if not state.announced:
                     state.announced = True
-                    log.info("batch %s started: %d images", batch_id, p.total)
+                    noun = "image" if p.total == 1 else "images"
+                    log.info("batch %s started: %d %s", batch_id, p.total, noun)
                 if not snap.status.is_final:
                     continue
                 log.info(
