@@ -244,7 +244,7 @@ def test_list_pages_and_prints_json(database: tuple[Path, list[str]]) -> None:
         (["--limit", "1001"], "--limit must be a whole number from 1 to 1000, not '1001'"),
         (["--limit", "x"], "--limit must be a whole number"),
         (["--status", "done"], "--status must be one of pending, processing"),
-        (["--after", "nope"], "start again from the first page"),
+        (["--after", "nope"], "--after 'nope' names no batch of this list"),
         (["--store", "http://x"], "unknown scheme"),
     ],
 )

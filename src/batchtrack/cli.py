@@ -541,7 +541,10 @@ def _list(args: argparse.Namespace) -> int:
                 owner=args.owner, status=args.status, limit=int(args.limit), after=args.after
             )
         except BatchtrackError as exc:
-            raise _Usage(str(exc)) from None
+            message = str(exc)
+            if message.startswith("after="):  # name the option as typed
+                message = "--after " + message.removeprefix("after=")
+            raise _Usage(message) from None
     if args.json:
         bodies = []
         for snap in page.batches:
