@@ -77,7 +77,11 @@ def error_message(exc: BaseException, item: Item) -> str:
     """
     if isinstance(exc, FileStorageError):
         return "the file storage could not be reached; retry later"
-    text = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
+    try:
+        text = str(exc).strip()
+    except Exception:  # a broken __str__: the type name says enough
+        text = ""
+    text = text.splitlines()[0] if text else ""
     if isinstance(item.source, (str, os.PathLike)):
         source = os.fspath(item.source)
         if isinstance(source, str) and source:
