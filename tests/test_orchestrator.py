@@ -646,3 +646,29 @@ def test_wait_after_a_resume_that_found_nothing_to_do(
         time.sleep(0.01)  # the run has ended and is gone
     got = orch.wait(snap.batch_id, timeout=5)
     assert got.progress.processing == 1
+
+
+class _Unprintable(Exception):
+    """An exception whose message cannot be made: str() raises."""
+
+    def __str__(self) -> str:
+        raise RuntimeError("no message")
+
+
+def _unprintable_on_3(item: Item) -> None:
+    if item.filename.startswith("3"):
+        raise _Unprintable()
+
+
+def test_an_exception_that_cannot_be_printed_fails_its_item_and_the_batch_ends(
+    tracker: BatchTracker,
+) -> None:
+    """A processor raising an exception whose str() raises fails that item with its type
+    name, and the other items (recorded alongside it) still run and finish."""
+    orch = Orchestrator(tracker, _unprintable_on_3, concurrency=4)
+    snap = orch.submit([f"{i}.jpg" for i in range(10)])
+    final = orch.wait(snap.batch_id, timeout=10)  # (it hung: the writer lost the item)
+    orch.close()
+    assert (final.progress.completed, final.progress.failed) == (9, 1)
+    (failed,) = [i for i in final.items if i.status is Status.FAILED]
+    assert failed.error == "_Unprintable"

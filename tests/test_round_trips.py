@@ -8,7 +8,7 @@ from collections.abc import Sequence
 
 import pytest
 
-from batchtrack import BatchTracker, Item, Orchestrator, ProgressEvent, Status
+from batchtrack import BatchTracker, Item, Orchestrator, ProgressEvent, Status, StoreError
 from batchtrack.stores.base import Store, Transition, TransitionResult
 from batchtrack.stores.memory import MemoryStore
 
@@ -144,3 +144,35 @@ def test_metrics_count_each_transition_once_and_keep_the_single_round_trip() -> 
         "batchtrack_items_finished_total", {"outcome": "completed"}
     )
     assert finished == 20
+
+
+class LosingAnswers(MemoryStore):
+    """A memory store whose combined calls apply but then fail (the answer is lost, as
+    when a connection drops after the server ran the call) while ``down`` is set."""
+
+    down = False
+
+    def apply_all(self, batch_id: str, transitions: Sequence[Transition]) -> list[TransitionResult]:
+        results = super().apply_all(batch_id, transitions)
+        if self.down:
+            raise StoreError("the answer was lost")
+        return results
+
+
+@pytest.mark.parametrize("concurrency", [1, 4])
+def test_events_whose_answer_was_lost_are_still_delivered_once(concurrency: int) -> None:
+    """When a combined call applied but its answer was lost, the retry finds the items
+    already moved: each item's start and end still reach on_progress, once each."""
+    store = LosingAnswers()
+    store.down = True
+    threading.Timer(0.3, lambda: setattr(store, "down", False)).start()
+    events: list[ProgressEvent] = []
+    tracker = BatchTracker(store)
+    with Orchestrator(tracker, str, concurrency=concurrency, store_retry=10) as orch:
+        snap = orch.run([Item(f"{i}.jpg") for i in range(6)], on_progress=events.append)
+    assert snap.progress.completed == 6
+    assert snap.version == 12
+    seen: dict[str, list[Status]] = {}
+    for e in events:
+        seen.setdefault(e.item.id, []).append(e.item.status)
+    assert seen == {i.id: [Status.PROCESSING, Status.COMPLETED] for i in snap.items}

@@ -77,7 +77,11 @@ def error_message(exc: BaseException, item: Item) -> str:
     """
     if isinstance(exc, FileStorageError):
         return "the file storage could not be reached; retry later"
-    text = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
+    try:
+        text = str(exc).strip()
+    except Exception:  # a broken __str__: the type name says enough
+        text = ""
+    text = text.splitlines()[0] if text else ""
     if isinstance(item.source, (str, os.PathLike)):
         source = os.fspath(item.source)
         if isinstance(source, str) and source:
@@ -703,8 +707,14 @@ class Orchestrator(Closing):
         failed: list[bool] = []
         with run.order:
             answers = self._record(run.batch_id, steps, failed)
-            for answer in answers:
-                if isinstance(answer, ProgressEvent) and answer.changed:
+            for (_, exc, start), answer in zip(group, answers, strict=True):
+                if not isinstance(answer, ProgressEvent):
+                    continue
+                if answer.changed:
+                    self._emit(run, answer)
+                elif failed and answer.item.status is _target(start, exc):
+                    # A try whose answer was lost did apply this step (the retry found
+                    # it done): its event is still ours to deliver, once.
                     self._emit(run, answer)
         ended: list[str] = []
         running: list[Item] = []
@@ -1128,6 +1138,13 @@ class Orchestrator(Closing):
                 run.on_progress(event)
             except Exception:
                 log.exception("batchtrack: on_progress callback raised; the batch goes on")
+
+
+def _target(start: bool, exc: BaseException | None) -> Status:
+    """The status a writer step moves its item to."""
+    if start:
+        return Status.PROCESSING
+    return Status.COMPLETED if exc is None else Status.FAILED
 
 
 def _stored_source(source: object) -> str | None:
