@@ -103,13 +103,24 @@ class FlakyStore(MemoryStore):
 
     down = False
     lose_answers = False
+    refused = 0  # calls failed while down
 
     def apply(self, batch_id, transition):  # type: ignore[no-untyped-def]
         if self.down:
+            self.refused += 1
             if self.lose_answers:
                 super().apply(batch_id, transition)  # applied, but the answer is lost
             raise StoreError("the store is down")
         return super().apply(batch_id, transition)
+
+    def apply_all(self, batch_id, transitions):  # type: ignore[no-untyped-def]
+        # The Orchestrator's calls: several transitions at once.
+        if self.down:
+            self.refused += 1
+            if self.lose_answers:
+                super().apply_all(batch_id, transitions)
+            raise StoreError("the store is down")
+        return super().apply_all(batch_id, transitions)
 
 
 def test_an_item_whose_start_was_not_recorded_is_not_processed() -> None:
@@ -126,6 +137,7 @@ def test_an_item_whose_start_was_not_recorded_is_not_processed() -> None:
     finally:
         orch.close()
     assert not work.calls
+    assert store.refused
     assert final.progress.pending == 4
     store.down = False
     with Orchestrator(tracker, work, concurrency=2) as again:
@@ -148,6 +160,7 @@ def test_lost_answers_are_retried_without_counting_twice() -> None:
         final = orch.wait(snap.batch_id, timeout=30)
     finally:
         orch.close()
+    assert store.refused
     assert final.progress.completed == 3
     assert final.version == 6
     assert sorted(work.calls.values()) == [1, 1, 1]
