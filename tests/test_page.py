@@ -784,7 +784,9 @@ def test_a_running_image_shows_a_thin_bar_with_its_percentage_and_stage(
     base, _, _ = slow_server
     page = Page(browser, base, tmp_path)
     browser.get(base + "/")
-    upload_batch(page, *small_jpegs(tmp_path, 2))
+    # Four images: about four seconds in which one runs, for a page polled every two
+    # seconds on a loaded machine to see one reporting.
+    upload_batch(page, *small_jpegs(tmp_path, 4))
 
     def reporting() -> Any:
         for row in browser.find_elements(By.CSS_SELECTOR, "#rows tr"):
