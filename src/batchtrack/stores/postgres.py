@@ -533,7 +533,9 @@ class PostgresStore(Store):
                 " WHERE batch_id = %s),"
                 f" named AS (SELECT i.* FROM {i} i, h WHERE i.batch_key = h.key"
                 " AND i.item_id = ANY(%s)),"
-                f" ahead AS (SELECT i.* FROM {i} i, h WHERE i.batch_key = h.key"
+                # (Keys as subqueries, not a join: the planner then walks the primary
+                # key in order and stops after the limit.)
+                f" ahead AS (SELECT i.* FROM {i} i WHERE i.batch_key = (SELECT key FROM h)"
                 " AND i.position > (SELECT max(position) FROM named)"
                 f" AND i.status = {_CODE[Status.PENDING]} ORDER BY i.position LIMIT %s)"
                 " SELECT h.*, n.item_id, n.filename, n.status, n.error, n.position,"
