@@ -771,3 +771,44 @@ def test_apply_all_judges_on_what_another_writer_left(postgres_url: str, prefix:
     assert markers == [(kept.version,)]
     ours.close()
     theirs.close()
+
+
+def test_apply_all_from_two_stores_at_once_loses_and_doubles_nothing(
+    postgres_url: str, prefix: str
+) -> None:
+    """Two stores (two processes' worth) calling apply_all on one batch at once, each on
+    items of its own, apply every transition once: the loser of each race reads again."""
+    stores = [PostgresStore(postgres_url, table_prefix=prefix) for _ in range(2)]
+    n = 40
+    stores[0].create(_record("b", n), _items(n))
+    applied: list[int] = []
+
+    def worker(store: PostgresStore, mine: range) -> None:
+        count = 0
+        for i in mine:
+            results = store.apply_all(
+                "b",
+                [
+                    _transition(f"item-{i}", "start", 1001.0),
+                    _transition(f"item-{i}", "complete", 1001.0),
+                ],
+            )
+            count += sum(r.outcome is Outcome.APPLIED for r in results)
+        applied.append(count)
+
+    threads = [
+        threading.Thread(target=worker, args=(store, range(k, n, 2)))
+        for k, store in enumerate(stores)
+    ]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    assert sum(applied) == 2 * n
+    kept = stores[1].load("b")
+    assert kept is not None
+    assert kept.progress.completed == n
+    assert kept.version == 2 * n  # one per transition
+    assert all(item.status is Status.COMPLETED for item in kept.items)
+    for store in stores:
+        store.close()

@@ -9,6 +9,9 @@ bit) only if the batch's version is still the one read — a compare-and-set on 
 batch's row. The row serialises every writer of a batch across connections, processes
 and hosts (a concurrent writer waits for it, finds the version moved, and reads again),
 so no update is ever lost or counted twice, and batches never wait for each other.
+Several transitions together (:meth:`PostgresStore.apply_all`, an orchestrator's call)
+are the same with one read and one write for them all, and usually no read: the store
+keeps what its last write left and lets the write's version guard check it.
 Changes that decide on more than the version (reclaims, bulk retries and cancels,
 deletes, expiry sweeps) lock the batch's row first (``SELECT ... FOR UPDATE``) and read
 after the lock. Every change also sends ``pg_notify(channel, batch_id)`` in its own
