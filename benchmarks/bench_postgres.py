@@ -8,6 +8,10 @@
    bare ``SELECT`` of the same rows + ``json.dumps`` of them as dicts. Goal: <= 2.
 4. Creating a 100,000-item batch against a bare ``COPY`` of the same rows into a table
    with the same primary key, in one transaction; the goal is the time itself: <= 2 s.
+5. A batch of 2,000 no-op items through an ``Orchestrator(concurrency=8)`` against a bare
+   ``ThreadPoolExecutor(8).map`` (``orchestrator_vs_pool``, as for SQLite and Redis).
+   Goal: >= 0.06x the pool's speed, Redis's (the other store on a server).
+   ``python benchmarks/bench_postgres.py orchestrator`` runs this one alone.
 """
 
 from __future__ import annotations
@@ -19,7 +23,7 @@ import uuid
 from pathlib import Path
 from typing import Any
 
-from bench_core import counts_read, half_done_batch, tracker_events
+from bench_core import counts_read, half_done_batch, orchestrator_vs_pool, tracker_events
 from harness import Comparison, compare
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
@@ -158,8 +162,8 @@ def creation(url: str, n: int) -> Comparison:
     return result
 
 
-def run(quick: bool = False) -> list[Comparison]:
-    """The PostgreSQL issue's figures."""
+def run(quick: bool = False, only: str | None = None) -> list[Comparison]:
+    """The PostgreSQL issue's figures (``only="orchestrator"``: just the orchestrator's)."""
     from conftest import _postgres_bin, start_postgres  # the same real server the tests use
 
     try:
@@ -176,6 +180,14 @@ def run(quick: bool = False) -> list[Comparison]:
         server = start_postgres(Path(tmp), options=())
         url = server.dsn()
         try:
+            orchestrator = orchestrator_vs_pool(
+                lambda: PostgresStore(url, table_prefix=_prefix()),
+                "postgres",
+                goal=1 / 0.06,
+                n=500 if quick else 2000,
+            )
+            if only == "orchestrator":
+                return [orchestrator]
             event, per_event, per_update = event_vs_update_commit(url, 200 if quick else 1000)
             print(
                 f"postgres: one event costs {per_event * 1e3:.3f} ms, one UPDATE+COMMIT "
@@ -188,7 +200,13 @@ def run(quick: bool = False) -> list[Comparison]:
                 ),
                 status_read(url, 10_000),
                 creation(url, 20_000 if quick else 100_000),
+                orchestrator,
             ]
         finally:
             server.stop()
     return results
+
+
+if __name__ == "__main__":  # python benchmarks/bench_postgres.py [--quick] [orchestrator]
+    for line in run("--quick" in sys.argv, "orchestrator" if "orchestrator" in sys.argv else None):
+        print(line.line())

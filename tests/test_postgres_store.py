@@ -4,6 +4,7 @@ bad settings and refusals, and change notifications."""
 from __future__ import annotations
 
 import collections
+import contextlib
 import os
 import subprocess
 import sys
@@ -11,9 +12,10 @@ import textwrap
 import threading
 import time
 import uuid
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 
+import attrs
 import pytest
 
 from conftest import Postgres, drop_postgres_tables, start_postgres
@@ -33,8 +35,10 @@ from batchtrack import (
 )
 from batchtrack._extras import install_command
 from batchtrack.stores import postgres as postgres_module
+from batchtrack.stores.base import Outcome, Transition, TransitionResult
 from batchtrack.stores.postgres import SCHEMA_VERSION, PostgresStore, SchemaVersionError
 from batchtrack.testing import FakeClock
+from batchtrack.testing.conformance import _items, _record, _transition
 
 
 @pytest.fixture
@@ -651,3 +655,160 @@ def test_schema_1_tables_gain_the_paused_flag_and_keep_their_batches(
         assert tracker.pause(batch_id)
         assert tracker.get(batch_id).status is Status.PAUSED
     assert _sql(postgres_url, f"SELECT version FROM {prefix}schema") == [(SCHEMA_VERSION,)]
+
+
+# -- apply_all: one round trip per orchestrator call ---------------------------------------
+
+
+class _CountingPool:
+    """A store's pool that counts the statements its connections send."""
+
+    def __init__(self, pool: ConnectionPool) -> None:
+        self.pool = pool
+        self.sent = 0
+
+    @contextlib.contextmanager
+    def connection(self) -> Iterator[object]:
+        with self.pool.connection() as conn:
+            yield _CountingConnection(conn, self)
+
+    def __getattr__(self, name: str) -> object:
+        return getattr(self.pool, name)
+
+
+class _CountingConnection:
+    def __init__(self, conn: psycopg.Connection[object], counter: _CountingPool) -> None:
+        self._conn = conn
+        self._counter = counter
+
+    def execute(self, *args: object, **kwargs: object) -> object:
+        self._counter.sent += 1
+        return self._conn.execute(*args, **kwargs)  # type: ignore[arg-type]
+
+    def __getattr__(self, name: str) -> object:
+        return getattr(self._conn, name)
+
+
+def test_an_orchestrator_call_sends_one_statement_to_postgres(
+    postgres_url: str, prefix: str
+) -> None:
+    """An orchestrator's apply_all call (an end and the next start) sends one statement
+    in the common case: one round trip, the items it starts read ahead by an earlier
+    call."""
+    store = PostgresStore(postgres_url, table_prefix=prefix)
+    counter = _CountingPool(store._pool)
+    store._pool = counter
+    calls: list[int] = []
+    apply_all = store.apply_all
+
+    def counted(batch_id: str, transitions: Sequence[Transition]) -> list[TransitionResult]:
+        before = counter.sent
+        try:
+            return apply_all(batch_id, transitions)
+        finally:
+            calls.append(counter.sent - before)
+
+    store.apply_all = counted  # type: ignore[method-assign]
+    tracker = BatchTracker(store)
+    n = 300
+    snap = Orchestrator(tracker, lambda item: None, concurrency=4).run(
+        [Item(f"{i}.jpg") for i in range(n)]
+    )
+    assert snap.progress.completed == n
+    assert len(calls) >= 10
+    # A write per call, and a read per 64 items started (_AHEAD; 32 here for slack).
+    assert sum(calls) <= len(calls) + n // 32 + 3, calls
+    store.close()
+
+
+def test_apply_all_judges_on_what_another_writer_left(postgres_url: str, prefix: str) -> None:
+    """apply_all finds a change another store made since its last call (a pause, an
+    item finished elsewhere), judges on it, and the call that ends the batch writes its
+    end marker, once."""
+    ours = PostgresStore(postgres_url, table_prefix=prefix)
+    theirs = PostgresStore(postgres_url, table_prefix=prefix)
+    ours.create(_record("b", 4), _items(4))
+    [first] = ours.apply_all("b", [_transition("item-0", "start", 1001.0)])
+    assert first.outcome is Outcome.APPLIED
+    assert theirs.set_paused("b", True, 1001.5, 1001.5 + 3600)
+    start = attrs.evolve(_transition("item-1", "start", 1002.0), unless_paused=True)
+    [paused] = ours.apply_all("b", [start])
+    assert paused.outcome is Outcome.PAUSED
+    assert theirs.set_paused("b", False, 1002.5, 1002.5 + 3600)
+    theirs.apply("b", _transition("item-2", "fail", 1003.0, error="elsewhere"))
+    results = ours.apply_all(
+        "b",
+        [
+            _transition("item-0", "complete", 1004.0),
+            _transition("item-1", "start", 1004.0),
+            _transition("item-2", "start", 1004.0),  # failed by the other store: rejected
+            _transition("item-1", "complete", 1004.0),
+            _transition("item-3", "fail", 1004.0, error="x"),
+        ],
+    )
+    assert [r.outcome for r in results] == [
+        Outcome.APPLIED,
+        Outcome.APPLIED,
+        Outcome.REJECTED,
+        Outcome.APPLIED,
+        Outcome.APPLIED,
+    ]
+    kept = theirs.load("b")
+    assert kept is not None
+    assert kept.finished_at == 1004.0
+    assert kept.version == results[-1].version
+    assert [i.status for i in kept.items] == [
+        Status.COMPLETED,
+        Status.COMPLETED,
+        Status.FAILED,
+        Status.FAILED,
+    ]
+    markers = _sql(
+        postgres_url,
+        f'SELECT version FROM "{prefix}outbox" WHERE url IS NULL AND batch_id = %s',
+        "b",
+    )
+    assert markers == [(kept.version,)]
+    ours.close()
+    theirs.close()
+
+
+def test_apply_all_from_two_stores_at_once_loses_and_doubles_nothing(
+    postgres_url: str, prefix: str
+) -> None:
+    """Two stores (two processes' worth) calling apply_all on one batch at once, each on
+    items of its own, apply every transition once: the loser of each race reads again."""
+    stores = [PostgresStore(postgres_url, table_prefix=prefix) for _ in range(2)]
+    n = 40
+    stores[0].create(_record("b", n), _items(n))
+    applied: list[int] = []
+
+    def worker(store: PostgresStore, mine: range) -> None:
+        count = 0
+        for i in mine:
+            results = store.apply_all(
+                "b",
+                [
+                    _transition(f"item-{i}", "start", 1001.0),
+                    _transition(f"item-{i}", "complete", 1001.0),
+                ],
+            )
+            count += sum(r.outcome is Outcome.APPLIED for r in results)
+        applied.append(count)
+
+    threads = [
+        threading.Thread(target=worker, args=(store, range(k, n, 2)))
+        for k, store in enumerate(stores)
+    ]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    assert sum(applied) == 2 * n
+    kept = stores[1].load("b")
+    assert kept is not None
+    assert kept.progress.completed == n
+    assert kept.version == 2 * n  # one per transition
+    assert all(item.status is Status.COMPLETED for item in kept.items)
+    for store in stores:
+        store.close()

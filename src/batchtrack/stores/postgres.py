@@ -9,6 +9,9 @@ bit) only if the batch's version is still the one read — a compare-and-set on 
 batch's row. The row serialises every writer of a batch across connections, processes
 and hosts (a concurrent writer waits for it, finds the version moved, and reads again),
 so no update is ever lost or counted twice, and batches never wait for each other.
+Several transitions together (:meth:`PostgresStore.apply_all`, an orchestrator's call)
+are the same with one read and one write for them all, and usually no read: the store
+keeps what its last write left and lets the write's version guard check it.
 Changes that decide on more than the version (reclaims, bulk retries and cancels,
 deletes, expiry sweeps) lock the batch's row first (``SELECT ... FOR UPDATE``) and read
 after the lock. Every change also sends ``pg_notify(channel, batch_id)`` in its own
@@ -98,6 +101,10 @@ _IDLE = psycopg.pq.TransactionStatus.IDLE
 _PREFIX = re.compile(r"[a-z_][a-z0-9_]{0,39}")
 _LISTEN_POLL = 0.5  # seconds between two looks at listen()'s stop event
 _TRIES = 1000  # compare-and-set rounds before a transition gives up (each lost to a writer)
+_AHEAD = 64  # pending items apply_all reads beyond those named, for the calls after it
+_MEMO_ITEMS = 1024  # items kept per batch for apply_all's next call, at most
+_MEMO_BATCHES = 64  # batches kept so, at most
+_DONE = frozenset({_CODE[Status.COMPLETED], _FAILED})
 
 # Each entry makes the schema of its version from the one before, in one transaction.
 # {batches}, {items} are the qualified table names, {p} the prefix (for index names).
@@ -284,6 +291,10 @@ class PostgresStore(Store):
     # The last stats blob written or read, decoded (see SQLiteStore): consecutive
     # transitions of a batch mostly see the blob the previous one wrote.
     _stats_memo: tuple[bytes, dict[str, float]]
+    # Per batch, its header and some of its items as apply_all last read or wrote them,
+    # all true at the header's version: what its next call decides on (see apply_all).
+    _memo: dict[str, tuple[Any, dict[str, Any]]]
+    _memo_lock: threading.Lock
 
     # Change notifications (see listen): this store has them.
     can_listen = True
@@ -344,6 +355,8 @@ class PostgresStore(Store):
             {},
             False,
             (b"", {}),
+            {},
+            threading.Lock(),
         )
         self._prepare()
         if self._pool is None:
@@ -515,6 +528,46 @@ class PostgresStore(Store):
                 " SELECT pg_notify(%s, %s) FROM batch"
             ),
             "end": end,
+            # apply_all's read: the header, the items named and the next pending items
+            # after them (the ones an orchestrator starts next, kept for the calls after
+            # this one), in one statement: one snapshot, one round trip.
+            "peek_all": (
+                f"WITH h AS (SELECT {', '.join(_COLUMNS)}, key, paused FROM {b}"
+                " WHERE batch_id = %s),"
+                f" named AS (SELECT i.* FROM {i} i, h WHERE i.batch_key = h.key"
+                " AND i.item_id = ANY(%s)),"
+                # (Keys as subqueries, not a join: the planner then walks the primary
+                # key in order and stops after the limit.)
+                f" ahead AS (SELECT i.* FROM {i} i WHERE i.batch_key = (SELECT key FROM h)"
+                " AND i.position > (SELECT max(position) FROM named)"
+                f" AND i.status = {_CODE[Status.PENDING]} ORDER BY i.position LIMIT %s)"
+                " SELECT h.*, n.item_id, n.filename, n.status, n.error, n.position,"
+                " n.changed_at, n.attempts, n.source, n.lease_until FROM h LEFT JOIN"
+                " (SELECT * FROM named UNION ALL SELECT * FROM ahead) n ON true"
+            ),
+            # apply_all's write: the header, every item changed (its last state), the end
+            # markers and the notification, in one statement that applies only if the
+            # batch's version is still the one its decisions were made on (as
+            # write_item); it answers one row when it applied.
+            "write_all": (
+                f"WITH batch AS (UPDATE {b} SET updated_at = %s, finished_at = %s,"
+                " expires_at = %s, version = %s, completed = %s, failed = %s,"
+                " processing = %s, pending = %s, stats = %s"
+                " WHERE key = %s AND version = %s RETURNING key),"
+                f" item AS (UPDATE {i} SET status = v.status, error = v.error,"
+                " changed_at = v.changed_at, attempts = v.attempts,"
+                " lease_until = v.lease_until, beat_at = v.beat_at, version = v.version,"
+                " progress = NULL, stage = NULL FROM (SELECT"
+                " unnest(%s::integer[]) AS position, unnest(%s::smallint[]) AS status,"
+                " unnest(%s::text[]) AS error, unnest(%s::float8[]) AS changed_at,"
+                " unnest(%s::integer[]) AS attempts, unnest(%s::float8[]) AS lease_until,"
+                " unnest(%s::float8[]) AS beat_at, unnest(%s::bigint[]) AS version) v"
+                f" WHERE batch_key = (SELECT key FROM batch) AND {i}.position = v.position),"
+                f" ended AS (INSERT INTO {o} (entry_id, batch_id, version, ended_at, next_at)"
+                " SELECT m.* FROM batch, unnest(%s::text[], %s::text[], %s::bigint[],"
+                " %s::float8[], %s::float8[]) m ON CONFLICT DO NOTHING)"
+                " SELECT pg_notify(%s, %s) FROM batch"
+            ),
             # Claimers skip the rows another claimer holds: never two for one entry.
             "outbox_claim": (
                 f"UPDATE {o} SET lease_until = %s WHERE entry_id IN (SELECT entry_id FROM {o}"
@@ -847,6 +900,7 @@ class PostgresStore(Store):
         return None
 
     def apply(self, batch_id: str, transition: Transition) -> TransitionResult:
+        self._memo.pop(batch_id, None)  # its version moves on: apply_all reads again
         item_id = transition.item_id
         what = f"update batch {batch_id!r}"
         if transition.lost_before is not None:
@@ -869,11 +923,158 @@ class PostgresStore(Store):
         raise _contended(batch_id)
 
     def apply_all(self, batch_id: str, transitions: Sequence[Transition]) -> list[TransitionResult]:
-        # One transaction holding the batch row's lock: the header and every item are
-        # read in one round trip (pipeline mode), the writes and the commit go in a
-        # second one, whatever the number of transitions.
+        # An optimistic compare-and-set, like apply's, for the whole call: the header and
+        # every item named read in one statement, every transition decided in Python,
+        # and header, items, end markers and notification written in one statement that
+        # applies only if the batch's version is still the one read; when another writer
+        # won, all of it again. The read also takes the next pending items, and what the
+        # write leaves is kept (_memo): the next call, deciding on those, skips its read
+        # (one round trip) and the version guard of its write tells whether they were
+        # still true. Reclaims (lost_before) decide on a lease, which heartbeats change
+        # without a version: they take the batch row's lock instead.
         if not transitions:
             return []
+        if any(t.lost_before is not None for t in transitions):
+            return self._apply_all_locked(batch_id, transitions)
+        what = f"update batch {batch_id!r}"
+        names = list(dict.fromkeys(t.item_id for t in transitions))
+        at = min(t.at for t in transitions)
+        for _ in range(_TRIES):
+            known = self._memo.get(batch_id)
+            if (
+                known is None
+                or known[0][5] <= at  # (maybe a heartbeat moved it on: read)
+                or any(name not in known[1] for name in names)
+            ):
+                known = self._peek_all(what, batch_id, names)
+                fresh = True
+            else:
+                fresh = False
+            row, items = known
+            for transition in transitions:
+                if row[5] <= transition.at:
+                    raise BatchNotFound(batch_id)
+                if transition.item_id not in items:
+                    raise ItemNotFound(batch_id, transition.item_id)
+            results, row, changed, ends = self._decide(batch_id, transitions, row, items)
+            if not changed:
+                if fresh:  # nothing to write: the read was the answer
+                    return results
+                self._memo.pop(batch_id, None)  # judged on what was kept: read to confirm
+                continue
+            args = self._write_all(known[0], row, changed, ends)
+            if self._query(what, self._sql["write_all"], args):
+                self._keep(batch_id, row, {**items, **{k: v[0] for k, v in changed.items()}})
+                return results
+            self._memo.pop(batch_id, None)
+        raise _contended(batch_id)
+
+    def _peek_all(self, what: str, batch_id: str, names: list[str]) -> tuple[Any, dict[str, Any]]:
+        """The batch's header and its items named and the next pending ones, as
+        ``(row, {item_id: item})``, from one snapshot; kept for the next call."""
+        rows = self._query(what, self._sql["peek_all"], (batch_id, names, _AHEAD))
+        if not rows:
+            raise BatchNotFound(batch_id)
+        row = rows[0][:15]
+        items = {r[15]: r[16:] for r in rows if r[15] is not None}
+        kept = self._memo.get(batch_id)
+        if kept is not None and kept[0][6] == row[6] and kept[0][13] == row[13]:
+            items = {**kept[1], **items}  # the same version: what was kept is still true
+        self._keep(batch_id, row, items)
+        return row, items
+
+    def _keep(self, batch_id: str, row: Any, items: dict[str, Any]) -> None:
+        """Keep ``row`` and ``items`` (all true at ``row``'s version) for the next call
+        on the batch, unless something newer is kept already: its pending and
+        processing items (finished ones are rarely named again), at most _MEMO_ITEMS of
+        them, and at most _MEMO_BATCHES batches."""
+        memo = self._memo
+        items = {k: v for k, v in items.items() if v[1] not in _DONE}
+        with self._memo_lock:
+            kept = memo.get(batch_id)
+            if kept is not None and kept[0][13] == row[13] and kept[0][6] > row[6]:
+                return
+            if len(items) > _MEMO_ITEMS:
+                items = dict(list(items.items())[-_MEMO_ITEMS:])
+            memo.pop(batch_id, None)
+            if row[4] is not None:  # finished: no more starts to come
+                return
+            memo[batch_id] = (row, items)
+            while len(memo) > _MEMO_BATCHES:
+                memo.pop(next(iter(memo)))
+
+    def _decide(
+        self, batch_id: str, transitions: Sequence[Transition], row: Any, items: dict[str, Any]
+    ) -> tuple[list[TransitionResult], Any, dict[str, Any], list[tuple[Any, ...]]]:
+        """Judge each transition as apply would, after the ones before: the results, the
+        header after them all, the items changed (their last state and write
+        arguments), and the end markers of the transitions that ended the batch."""
+        results = []
+        changed: dict[str, Any] = {}
+        ends: list[tuple[Any, ...]] = []
+        items = dict(items)
+        for transition in transitions:
+            it = items[transition.item_id]
+            outcome = self._unchanged(transition, it, row[14])
+            if outcome is not None:
+                item = _item(transition.item_id, it)
+                results.append(_result(outcome, _STATUSES[it[1]], item, _header(row)))
+                continue
+            args, result = self._move(batch_id, transition, row, it)
+            results.append(result)
+            if result.finished_at is not None and row[4] is None:  # it ended the batch
+                marker = end_marker(row[0], result.version, result.finished_at)
+                stamp = marker.ended_at
+                ends.append((marker.entry_id, marker.batch_id, marker.version, stamp, stamp))
+            row = _after(row, transition, result, args)
+            it = (
+                it[0],
+                _CODE[transition.target],
+                transition.error,
+                it[3],
+                transition.at,
+                args[14],
+                it[6],
+                args[15],
+            )
+            items[transition.item_id] = it
+            changed[transition.item_id] = (it, args)
+        return results, row, changed, ends
+
+    def _write_all(
+        self, before: Any, row: Any, changed: dict[str, Any], ends: list[tuple[Any, ...]]
+    ) -> tuple[Any, ...]:
+        """The arguments of ``write_all``: the header ``row`` (guarded by ``before``'s
+        version), the ``changed`` items, the end markers."""
+        writes = [args for _, args in changed.values()]
+        return (
+            row[3],
+            row[4],
+            row[5],
+            row[6],
+            *row[8:13],
+            row[13],
+            before[6],
+            [a[18] for a in writes],
+            [a[11] for a in writes],
+            [a[12] for a in writes],
+            [a[13] for a in writes],
+            [a[14] for a in writes],
+            [a[15] for a in writes],
+            [a[16] for a in writes],
+            [a[17] for a in writes],
+            *([e[k] for e in ends] for k in range(5)),
+            self._channel,
+            row[0],
+        )
+
+    def _apply_all_locked(
+        self, batch_id: str, transitions: Sequence[Transition]
+    ) -> list[TransitionResult]:
+        """apply_all in one transaction holding the batch row's lock: the header and
+        every item read in one round trip (pipeline mode), the writes and the commit in
+        a second one. For reclaims, which decide on a lease."""
+        self._memo.pop(batch_id, None)
         q = self._sql
         with self._transaction(f"update batch {batch_id!r}") as conn:
             head = conn.execute(q["lock_header"], (batch_id,))
@@ -900,18 +1101,7 @@ class PostgresStore(Store):
                 conn.execute(*self._write_item(row, args, result))  # holds the lock: it applies
                 results.append(result)
                 # The header and the item as written, for the transitions after it.
-                row = (
-                    *row[:3],
-                    transition.at,
-                    result.finished_at,
-                    result.expires_at,
-                    result.version,
-                    row[7],
-                    *args[4:8],
-                    args[8],
-                    row[13],
-                    row[14],
-                )
+                row = _after(row, transition, result, args)
                 items[transition.item_id] = (
                     it[0],
                     _CODE[transition.target],
@@ -1028,7 +1218,9 @@ class PostgresStore(Store):
     def renew(
         self, batch_id: str, item_id: str, at: float, lease_until: float, expires_at_open: float
     ) -> TransitionResult:
-        # A heartbeat changes no status, count or version: no notification.
+        # A heartbeat changes no status, count or version: no notification. (What
+        # apply_all keeps has its old expiry: dropped.)
+        self._memo.pop(batch_id, None)
         what = f"renew a lease in batch {batch_id!r}"
         for _ in range(_TRIES):
             row, it = self._peek(what, batch_id, item_id, at)
@@ -1191,6 +1383,7 @@ class PostgresStore(Store):
         return [_loaded(row) for row in rows]
 
     def delete(self, batch_id: str) -> bool:
+        self._memo.pop(batch_id, None)
         with self._transaction(f"delete batch {batch_id!r}") as conn:
             # The batch's row first, as every transition locks it first: no deadlock.
             row = conn.execute(self._sql["delete"], (batch_id,)).fetchone()
@@ -1309,6 +1502,22 @@ def _contended(batch_id: str) -> StoreError:
     return StoreError(
         f"batch {batch_id!r} changed {_TRIES} times while this change was being made; "
         "nothing was applied"
+    )
+
+
+def _after(row: Any, transition: Transition, result: TransitionResult, args: Any) -> Any:
+    """The header ``row`` once ``transition`` applied (``args``: its write's)."""
+    return (
+        *row[:3],
+        transition.at,
+        result.finished_at,
+        result.expires_at,
+        result.version,
+        row[7],
+        *args[4:8],
+        args[8],
+        row[13],
+        row[14],
     )
 
 
