@@ -5,7 +5,9 @@ no web framework. No thread waits for a client: a request's body is received who
 event loop (past 256 KiB into a temporary file) within ``body_timeout`` and ``idle_timeout``
 before its handler runs in a pool of :data:`THREADS` threads that the app owns (and shuts
 down with the lifespan), where every store and file call runs (an ``async def`` owner is
-awaited on the loop, and then a status read of a memory store is answered there too).
+awaited on the loop, and then a status read of a memory store is answered there too; a
+poll of an unchanged batch on Redis is answered there from its kept body after one awaited
+version read).
 """
 
 from __future__ import annotations
@@ -76,6 +78,7 @@ class App:
                 await send({"type": "lifespan.startup.complete"})
             elif message["type"] == "lifespan.shutdown":
                 await self._run(self._recovery.stop)
+                await self.api.aclose()
                 with self._pool_lock:
                     pool, self._pool = self._pool, None
                 if pool is not None:
@@ -111,7 +114,11 @@ class App:
                 return  # the client left
             identity = await self.api.identify_async(request)  # an async owner, on the loop
             handed_over = True
-            if self.api.answers_inline(request):  # a status read of a memory store
+            kept = await self.api.kept_status_async(request, identity)  # Redis: one await
+            if kept is not None:
+                spool.close()
+                response = kept
+            elif self.api.answers_inline(request):  # a status read of a memory store
                 response = self._handle(request, spool, identity)
             else:
                 call = functools.partial(self._handle, request, spool, identity)

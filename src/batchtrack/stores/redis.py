@@ -36,6 +36,7 @@ nobody sweeps still disappears; ``cleanup()`` works all the same.
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import hashlib
 import json
@@ -49,6 +50,7 @@ from typing import Any
 
 try:
     import redis
+    import redis.asyncio
     from redis.backoff import NoBackoff
     from redis.exceptions import RedisError
     from redis.retry import Retry
@@ -1057,6 +1059,8 @@ class RedisStore(Store):
     _read: Any
     _apply: Any
     _apply_all: Any = attrs.field(init=False, default=None)  # registered after init
+    # Per event loop: the redis.asyncio client of version_of_async (made on first use).
+    _async_reads: dict[Any, Any] = attrs.field(init=False, factory=dict)
     _purge: Any
     _renew: Any
     _apply_many: Any
@@ -1564,6 +1568,46 @@ class RedisStore(Store):
             None if owner in (None, b"") else owner.decode(),
             float(expires or 0),
         )
+
+    async def version_of_async(self, batch_id: str) -> BatchVersion | None:
+        """:meth:`version_of` awaited on the running event loop, with a ``redis.asyncio``
+        client of that loop's own (made from the store's URL on first use; closed by
+        :meth:`aclose_async_reads`). What the ASGI app reads to answer a kept status body
+        without a thread.
+
+        Raises:
+            StoreError: Redis failed, or the store was given a ``client`` instead of a
+                URL (there are no settings to open another connection with).
+        """
+        if self.url is None:
+            raise StoreError("an async read needs the store's Redis URL, not a client")
+        loop = asyncio.get_running_loop()
+        client = self._async_reads.get(loop)
+        if client is None:
+            client = redis.asyncio.Redis.from_url(
+                self.url, socket_timeout=10, socket_connect_timeout=5
+            )
+            self._async_reads[loop] = client
+        try:
+            reply: list[Any] = await client.hmget(
+                f"{self.prefix}b:{batch_id}", "version", "owner", "expires_at"
+            )
+        except RedisError as exc:
+            raise StoreError(f"Redis failed to read batch {batch_id!r}: {exc}") from exc
+        version, owner, expires = reply
+        if version is None and expires is None:
+            return None
+        return BatchVersion(
+            int(version or 0),
+            None if owner in (None, b"") else owner.decode(),
+            float(expires or 0),
+        )
+
+    async def aclose_async_reads(self) -> None:
+        """Close the running event loop's client of :meth:`version_of_async`, if any."""
+        client = self._async_reads.pop(asyncio.get_running_loop(), None)
+        if client is not None:
+            await client.aclose()
 
     def load_items(self, batch_id: str, query: ItemQuery) -> BatchRecord | None:
         reply = self._call(
