@@ -4,6 +4,7 @@ a changed batch, another query, another owner or a later second never get a stal
 from __future__ import annotations
 
 import asyncio
+import gc
 import json
 import uuid
 from collections import Counter
@@ -439,3 +440,23 @@ def test_a_redis_store_given_a_client_still_answers_polls(
         asyncio.run(run())
     finally:
         client.close()
+
+
+def test_the_loops_redis_client_is_closed_with_the_loop_without_a_lifespan(
+    tmp_path: Path, redis_store: Store, clock: FakeClock, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """An app run without a lifespan leaves no Redis connection of its loop unclosed when
+    the loop ends (an unclosed one warns, which fails the test)."""
+    polls = LoopPolls(tmp_path, redis_store, clock, _async_owner, monkeypatch)
+
+    async def run() -> None:
+        batch = _running_batch(polls.tracker, clock).batch_id
+        made = await polls.poll(batch)
+        assert await polls.poll(batch) == made
+
+    try:
+        asyncio.run(run())
+    finally:
+        polls.runner.close(cancel_pending=True)
+    gc.collect()
+    assert not redis_store._async_reads  # type: ignore[attr-defined]

@@ -45,7 +45,7 @@ import struct
 import threading
 import time
 import uuid
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import AsyncGenerator, Callable, Mapping, Sequence
 from typing import Any
 
 try:
@@ -1059,8 +1059,11 @@ class RedisStore(Store):
     _read: Any
     _apply: Any
     _apply_all: Any = attrs.field(init=False, default=None)  # registered after init
-    # Per event loop: the redis.asyncio client of version_of_async (made on first use).
-    _async_reads: dict[Any, Any] = attrs.field(init=False, factory=dict)
+    # Per event loop: the redis.asyncio client of version_of_async (made on first use)
+    # and the started async generator that closes it.
+    _async_reads: dict[Any, tuple[Any, AsyncGenerator[None, None]]] = attrs.field(
+        init=False, factory=dict
+    )
     _purge: Any
     _renew: Any
     _apply_many: Any
@@ -1582,12 +1585,18 @@ class RedisStore(Store):
         if self.url is None:
             raise StoreError("an async read needs the store's Redis URL, not a client")
         loop = asyncio.get_running_loop()
-        client = self._async_reads.get(loop)
-        if client is None:
+        made = self._async_reads.get(loop)
+        if made is None:
             client = redis.asyncio.Redis.from_url(
                 self.url, socket_timeout=10, socket_connect_timeout=5
             )
-            self._async_reads[loop] = client
+            # Closed by aclose_async_reads, or else when the loop shuts down its async
+            # generators (asyncio.run, uvicorn and uvloop do, before closing the loop):
+            # a started generator is what the loop finalizes then.
+            closer = _closing(self._async_reads, loop, client)
+            await closer.__anext__()
+            self._async_reads[loop] = made = (client, closer)
+        client = made[0]
         try:
             reply: list[Any] = await client.hmget(
                 f"{self.prefix}b:{batch_id}", "version", "owner", "expires_at"
@@ -1605,9 +1614,9 @@ class RedisStore(Store):
 
     async def aclose_async_reads(self) -> None:
         """Close the running event loop's client of :meth:`version_of_async`, if any."""
-        client = self._async_reads.pop(asyncio.get_running_loop(), None)
-        if client is not None:
-            await client.aclose()
+        made = self._async_reads.pop(asyncio.get_running_loop(), None)
+        if made is not None:
+            await made[1].aclose()
 
     def load_items(self, batch_id: str, query: ItemQuery) -> BatchRecord | None:
         reply = self._call(
@@ -1746,3 +1755,14 @@ def _entry(entry_id: str, raw: bytes) -> OutboxEntry:
     return OutboxEntry(
         entry_id, e["b"], int(e["v"]), float(e["t"]), e.get("u"), e.get("y"), int(e.get("a", 0))
     )
+
+
+async def _closing(reads: dict[Any, Any], loop: Any, client: Any) -> AsyncGenerator[None, None]:
+    """Closes ``client`` and forgets it as ``loop``'s in ``reads`` when closed itself (its
+    first step taken beforehand)."""
+    try:
+        yield
+    finally:
+        if reads.get(loop, (None,))[0] is client:
+            del reads[loop]
+        await client.aclose()
