@@ -4,10 +4,8 @@ Needs the ``server`` extra for uploads (``pip install 'batchtrack[server]'``); i
 no web framework. No thread waits for a client: a request's body is received whole on the
 event loop (past 256 KiB into a temporary file) within ``body_timeout`` and ``idle_timeout``
 before its handler runs in a pool of :data:`THREADS` threads that the app owns (and shuts
-down with the lifespan), where every store and file call runs (an ``async def`` owner is
-awaited on the loop, and then a status read of a memory store is answered there too; a
-poll of an unchanged batch on Redis is answered there from its kept body after one awaited
-version read).
+down with the lifespan), where every store and file call runs (but an ``async def`` owner
+is awaited on the loop, and a memory store's status read or a kept Redis one answered there).
 """
 
 from __future__ import annotations
@@ -114,10 +112,9 @@ class App:
                 return  # the client left
             identity = await self.api.identify_async(request)  # an async owner, on the loop
             handed_over = True
-            kept = await self.api.kept_status_async(request, identity)  # Redis: one await
-            if kept is not None:
+            response = await self.api.kept_status_async(request, identity)  # Redis: an await
+            if response is not None:
                 spool.close()
-                response = kept
             elif self.api.answers_inline(request):  # a status read of a memory store
                 response = self._handle(request, spool, identity)
             else:
