@@ -3,6 +3,8 @@ a changed batch, another query, another owner or a later second never get a stal
 
 from __future__ import annotations
 
+import asyncio
+import gc
 import json
 import uuid
 from collections import Counter
@@ -16,7 +18,7 @@ pytest.importorskip("python_multipart")
 from batchtrack import BatchTracker, MemoryStore, Orchestrator, SQLiteStore
 from batchtrack._http import Api
 from batchtrack._wire import Body, Request
-from batchtrack.asgi import create_app
+from batchtrack.asgi import App, create_app
 from batchtrack.stores.base import BatchVersion, Store
 from batchtrack.testing import FakeClock
 from batchtrack.uploads import UploadStore
@@ -241,3 +243,220 @@ def test_instrumented_store_forwards_version_of(store: Store, clock: FakeClock) 
     batch = tracker.create_batch(["a.jpg"], owner="alice").batch_id
     assert wrapped.version_of(batch) == inner_version_of(batch)
     assert type(wrapped).version_of is not Store.version_of  # not the default's load
+
+
+# -- ASGI: a kept body answered on the event loop (Redis) ----------------------------------
+
+
+async def _async_owner(headers: Any) -> str | None:
+    return headers.get("x-user")  # type: ignore[no-any-return]
+
+
+class LoopPolls:
+    """The ASGI app over a Redis store, asked in process on one event loop; every hop to
+    its thread pool (``App._run``) counted."""
+
+    def __init__(
+        self,
+        root: Path,
+        store: Store,
+        clock: FakeClock,
+        owner: Any,
+        monkeypatch: pytest.MonkeyPatch,
+    ) -> None:
+        self.tracker = BatchTracker(store, ttl=3600.0, clock=clock)
+        self.runner = Orchestrator(self.tracker, lambda item: None, concurrency=1)
+        options: dict[str, Any] = {} if owner is None else {"owner": owner}
+        self.app = create_app(self.tracker, self.runner, UploadStore(root / "uploads"), **options)
+        self.hops = 0
+        run = App._run
+
+        async def counted(app: App, call: Callable[[], Any]) -> Any:
+            self.hops += 1
+            return await run(app, call)
+
+        monkeypatch.setattr(App, "_run", counted)
+        self.cookie = ""
+
+    async def poll(self, batch_id: str, user: str = "alice") -> tuple[int, dict[str, str], bytes]:
+        headers = [(b"x-user", user.encode())]
+        if self.cookie:
+            headers.append((b"cookie", self.cookie.encode()))
+        scope = {
+            "type": "http",
+            "method": "GET",
+            "path": f"/api/batch-status/{batch_id}",
+            "root_path": "",
+            "headers": headers,
+            "query_string": b"",
+            "scheme": "http",
+            "client": ("127.0.0.1", 5000),
+        }
+        sent: list[dict[str, Any]] = []
+
+        async def receive() -> dict[str, Any]:
+            return {"type": "http.request", "body": b"", "more_body": False}
+
+        async def send(message: Any) -> None:
+            sent.append(message)
+
+        await self.app(scope, receive, send)
+        head = {k.decode(): v.decode() for k, v in sent[0]["headers"]}
+        if "set-cookie" in head:
+            self.cookie = head["set-cookie"].split(";")[0]
+        return sent[0]["status"], head, sent[1]["body"]
+
+    async def shut(self) -> None:
+        """The lifespan's shutdown: the loop's Redis client and the pool are closed."""
+        messages = iter([{"type": "lifespan.startup"}, {"type": "lifespan.shutdown"}])
+
+        async def receive() -> dict[str, Any]:
+            return next(messages)
+
+        async def send(message: Any) -> None:
+            pass
+
+        await self.app({"type": "lifespan"}, receive, send)
+        self.runner.close(cancel_pending=True)
+
+
+@pytest.fixture
+def redis_store(redis_url: str) -> Iterator[Store]:
+    from batchtrack.stores.redis import RedisStore
+
+    made = RedisStore(redis_url, prefix=f"t-{uuid.uuid4()}:")
+    yield made
+    made.close()
+
+
+@pytest.mark.parametrize("owner", [None, _async_owner], ids=["cookie", "async-owner"])
+def test_a_kept_redis_poll_is_answered_on_the_loop_without_the_pool(
+    tmp_path: Path,
+    redis_store: Store,
+    clock: FakeClock,
+    owner: Any,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Polling an unchanged Redis batch again in the same second is answered on the event
+    loop from its kept body (no hop to the app's threads), with the same bytes."""
+    polls = LoopPolls(tmp_path, redis_store, clock, owner, monkeypatch)
+
+    async def run() -> None:
+        try:
+            first = await polls.poll(str(uuid.uuid4()))  # a session cookie, if any
+            assert first[0] == 404
+            owner_id = "alice" if owner else polls.cookie.partition("=")[2].split(".")[0]
+            prefix = "" if owner else "session:"
+            batch = _running_batch(polls.tracker, clock, owner=prefix + owner_id).batch_id
+            made = await polls.poll(batch)
+            assert made[0] == 200
+            hops = polls.hops
+            for _ in range(3):
+                assert await polls.poll(batch) == made
+            assert polls.hops == hops  # no thread: answered on the loop
+        finally:
+            await polls.shut()
+
+    asyncio.run(run())
+
+
+def test_a_change_from_another_tracker_is_seen_by_the_next_loop_poll(
+    tmp_path: Path,
+    redis_store: Any,
+    redis_url: str,
+    clock: FakeClock,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """A change made by another tracker on the same Redis (another process's) in the same
+    second is in the very next poll: the kept body is never answered for it."""
+    from batchtrack.stores.redis import RedisStore
+
+    polls = LoopPolls(tmp_path, redis_store, clock, _async_owner, monkeypatch)
+    other_store = RedisStore(redis_url, prefix=redis_store.prefix)
+    other = BatchTracker(other_store, ttl=3600.0, clock=clock)
+
+    async def run() -> None:
+        try:
+            snap = _running_batch(polls.tracker, clock)
+            made = await polls.poll(snap.batch_id)
+            assert await polls.poll(snap.batch_id) == made
+            other.complete_item(snap.batch_id, snap.items[2].id)
+            status, _, body = await polls.poll(snap.batch_id)
+            assert status == 200
+            assert json.loads(body)["progress"]["completed"] == 3
+            assert polls.hops > 0
+        finally:
+            await polls.shut()
+
+    try:
+        asyncio.run(run())
+    finally:
+        other_store.close()
+
+
+def test_another_owner_never_gets_a_body_kept_on_the_loop(
+    tmp_path: Path, redis_store: Store, clock: FakeClock, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Another caller's poll of a batch whose body is kept is refused as before, not
+    answered from the loop; so is an anonymous one (the owner answers None)."""
+    polls = LoopPolls(tmp_path, redis_store, clock, _async_owner, monkeypatch)
+
+    async def run() -> None:
+        try:
+            batch = _running_batch(polls.tracker, clock).batch_id
+            assert (await polls.poll(batch))[0] == 200
+            assert (await polls.poll(batch, user="mallory"))[0] == 404
+            assert (await polls.poll(batch, user=""))[0] == 401
+            assert (await polls.poll(batch))[0] == 200
+        finally:
+            await polls.shut()
+
+    asyncio.run(run())
+
+
+def test_a_redis_store_given_a_client_still_answers_polls(
+    tmp_path: Path, redis_url: str, clock: FakeClock, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A Redis store made from a client (no URL to open an async one) answers its polls
+    in the app's threads, right."""
+    import redis
+
+    from batchtrack.stores.redis import RedisStore
+
+    client = redis.Redis.from_url(redis_url)
+    store = RedisStore(client=client, prefix=f"t-{uuid.uuid4()}:")
+    polls = LoopPolls(tmp_path, store, clock, _async_owner, monkeypatch)
+
+    async def run() -> None:
+        try:
+            batch = _running_batch(polls.tracker, clock).batch_id
+            made = await polls.poll(batch)
+            assert made[0] == 200
+            assert await polls.poll(batch) == made
+        finally:
+            await polls.shut()
+
+    try:
+        asyncio.run(run())
+    finally:
+        client.close()
+
+
+def test_the_loops_redis_client_is_closed_with_the_loop_without_a_lifespan(
+    tmp_path: Path, redis_store: Store, clock: FakeClock, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """An app run without a lifespan leaves no Redis connection of its loop unclosed when
+    the loop ends (an unclosed one warns, which fails the test)."""
+    polls = LoopPolls(tmp_path, redis_store, clock, _async_owner, monkeypatch)
+
+    async def run() -> None:
+        batch = _running_batch(polls.tracker, clock).batch_id
+        made = await polls.poll(batch)
+        assert await polls.poll(batch) == made
+
+    try:
+        asyncio.run(run())
+    finally:
+        polls.runner.close(cancel_pending=True)
+    gc.collect()
+    assert not redis_store._async_reads  # type: ignore[attr-defined]

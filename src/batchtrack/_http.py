@@ -77,6 +77,7 @@ from .exceptions import (
 )
 from .files.base import FileStorage
 from .files.results import ResultFiles, result_files
+from .stores.base import BatchVersion
 from .stores.memory import MemoryStore
 from .typing import Runner
 from .uploads import (
@@ -482,6 +483,9 @@ class Api:
     _control: BatchControl = attrs.field(init=False)
     _quota: UploadQuota | None = attrs.field(init=False, default=None)
     _status_prefix: str = attrs.field(init=False, default="")
+    _version_of_async: Callable[[str], Awaitable[BatchVersion | None]] | None = attrs.field(
+        init=False, default=None
+    )
     _owner_async: bool = attrs.field(init=False, default=False)
     # Per batch: the ETag and JSON body of its last full status answer.
     _bodies: BodyCache = attrs.field(init=False, factory=lambda: BodyCache(_CACHED_BYTES))
@@ -512,6 +516,7 @@ class Api:
             self._page = Page(self.prefix, self.max_files, self.uploads.max_bytes)
         results_zip = ResultsZip(self.tracker, self.results_dir)
         self._status_prefix = f"{self.prefix}/batch-status/"
+        self._version_of_async = getattr(self.tracker.store, "version_of_async", None)
         id_ = r"(?P<batch>[^/]+)"
         self._routes = [
             # The status first: it is polled every 2 seconds by every watching client.
@@ -563,6 +568,65 @@ class Api:
             and (self.owner is None or self._owner_async)
             and request.path.startswith(self._status_prefix)
         )
+
+    async def kept_status_async(
+        self, request: Request, identity: Identity | None
+    ) -> Response | None:
+        """The kept status body for ``request``, read on the event loop, or None: then
+        :meth:`handle` answers it in a thread, as any other request.
+
+        Only a ``GET``/``HEAD`` status poll without a query, of a store with an async
+        version read (``version_of_async``: the Redis store's), from a caller known by
+        an existing session cookie or an ``async def`` owner already awaited, with no
+        metrics to count it, whose body is kept with the stamp of the batch's current
+        version in this same second of the tracker's clock, for the same owner, before
+        its expiry: the checks :meth:`_batch_status` makes, with one awaited read
+        instead of a thread. Anything else, an error included, is None.
+        """
+        version_of = self._version_of_async
+        if (
+            version_of is None
+            or self._metrics is not None
+            or request.method not in ("GET", "HEAD")
+            or request.query
+            or not request.path.startswith(self._status_prefix)
+        ):
+            return None
+        batch = request.path[len(self._status_prefix) :]
+        made = self._bodies.stamped(batch)  # a well-formed id, or nothing is kept
+        if made is None:
+            return None
+        if self.owner is None:
+            try:
+                owner, cookies = self._identify(request)
+            except Exception:
+                return None
+            if cookies:  # a new session: it owns nothing yet, the thread says so
+                return None
+        elif identity is None or identity.error is not None or not identity.owner:
+            return None
+        else:
+            owner = str(identity.owner)
+        now = self.tracker.clock()
+        try:
+            head = await version_of(batch)
+        except Exception:  # the thread reads again and maps the failure
+            return None
+        if (
+            head is None
+            or made[2] != (head.version, math.floor(now))
+            or head.owner != owner
+            or not head.expires_at > now
+        ):
+            return None
+        self._outages.answered(("store",))
+        return _status_answer(request, made[0], lambda: made[1])
+
+    async def aclose(self) -> None:
+        """Close what :meth:`kept_status_async` opened on the running event loop."""
+        close = getattr(self.tracker.store, "aclose_async_reads", None)
+        if close is not None:
+            await close()
 
     async def identify_async(self, request: Request) -> Identity | None:
         """Await an ``async def`` owner for ``request``, on the event loop: what it

@@ -4,8 +4,8 @@ Needs the ``server`` extra for uploads (``pip install 'batchtrack[server]'``); i
 no web framework. No thread waits for a client: a request's body is received whole on the
 event loop (past 256 KiB into a temporary file) within ``body_timeout`` and ``idle_timeout``
 before its handler runs in a pool of :data:`THREADS` threads that the app owns (and shuts
-down with the lifespan), where every store and file call runs (an ``async def`` owner is
-awaited on the loop, and then a status read of a memory store is answered there too).
+down with the lifespan), where every store and file call runs (but an ``async def`` owner
+is awaited on the loop, and a memory store's status read or a kept Redis one answered there).
 """
 
 from __future__ import annotations
@@ -76,6 +76,7 @@ class App:
                 await send({"type": "lifespan.startup.complete"})
             elif message["type"] == "lifespan.shutdown":
                 await self._run(self._recovery.stop)
+                await self.api.aclose()
                 with self._pool_lock:
                     pool, self._pool = self._pool, None
                 if pool is not None:
@@ -111,7 +112,10 @@ class App:
                 return  # the client left
             identity = await self.api.identify_async(request)  # an async owner, on the loop
             handed_over = True
-            if self.api.answers_inline(request):  # a status read of a memory store
+            response = await self.api.kept_status_async(request, identity)  # Redis: an await
+            if response is not None:
+                spool.close()
+            elif self.api.answers_inline(request):  # a status read of a memory store
                 response = self._handle(request, spool, identity)
             else:
                 call = functools.partial(self._handle, request, spool, identity)

@@ -632,6 +632,12 @@ class Store(Closing, ABC):
         that body is still right. Expired batches not yet purged are returned too. This
         default reads the header with :meth:`load`; a store whose header read costs more
         than these three fields (several of them, a round trip) overrides it.
+
+        A store may also offer ``async def version_of_async(batch_id)``, the same read
+        awaited on the running event loop (and ``async def aclose_async_reads()``, closing
+        what it opened on that loop): the ASGI app then answers a kept status body on its
+        loop, without a thread. Optional; of the built-in stores, only
+        :class:`~batchtrack.stores.redis.RedisStore` has it.
         """
         record = self.load(batch_id, items=False)
         if record is None:

@@ -36,6 +36,7 @@ nobody sweeps still disappears; ``cleanup()`` works all the same.
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import hashlib
 import json
@@ -44,11 +45,12 @@ import struct
 import threading
 import time
 import uuid
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import AsyncGenerator, Callable, Mapping, Sequence
 from typing import Any
 
 try:
     import redis
+    import redis.asyncio
     from redis.backoff import NoBackoff
     from redis.exceptions import RedisError
     from redis.retry import Retry
@@ -1057,6 +1059,11 @@ class RedisStore(Store):
     _read: Any
     _apply: Any
     _apply_all: Any = attrs.field(init=False, default=None)  # registered after init
+    # Per event loop: the redis.asyncio client of version_of_async (made on first use)
+    # and the started async generator that closes it.
+    _async_reads: dict[Any, tuple[Any, AsyncGenerator[None, None]]] = attrs.field(
+        init=False, factory=dict
+    )
     _purge: Any
     _renew: Any
     _apply_many: Any
@@ -1565,6 +1572,52 @@ class RedisStore(Store):
             float(expires or 0),
         )
 
+    async def version_of_async(self, batch_id: str) -> BatchVersion | None:
+        """:meth:`version_of` awaited on the running event loop, with a ``redis.asyncio``
+        client of that loop's own (made from the store's URL on first use; closed by
+        :meth:`aclose_async_reads`). What the ASGI app reads to answer a kept status body
+        without a thread.
+
+        Raises:
+            StoreError: Redis failed, or the store was given a ``client`` instead of a
+                URL (there are no settings to open another connection with).
+        """
+        if self.url is None:
+            raise StoreError("an async read needs the store's Redis URL, not a client")
+        loop = asyncio.get_running_loop()
+        made = self._async_reads.get(loop)
+        if made is None:
+            client = redis.asyncio.Redis.from_url(
+                self.url, socket_timeout=10, socket_connect_timeout=5
+            )
+            # Closed by aclose_async_reads, or else when the loop shuts down its async
+            # generators (asyncio.run, uvicorn and uvloop do, before closing the loop):
+            # a started generator is what the loop finalizes then.
+            closer = _closing(self._async_reads, loop, client)
+            await closer.__anext__()
+            self._async_reads[loop] = made = (client, closer)
+        client = made[0]
+        try:
+            reply: list[Any] = await client.hmget(
+                f"{self.prefix}b:{batch_id}", "version", "owner", "expires_at"
+            )
+        except RedisError as exc:
+            raise StoreError(f"Redis failed to read batch {batch_id!r}: {exc}") from exc
+        version, owner, expires = reply
+        if version is None and expires is None:
+            return None
+        return BatchVersion(
+            int(version or 0),
+            None if owner in (None, b"") else owner.decode(),
+            float(expires or 0),
+        )
+
+    async def aclose_async_reads(self) -> None:
+        """Close the running event loop's client of :meth:`version_of_async`, if any."""
+        made = self._async_reads.pop(asyncio.get_running_loop(), None)
+        if made is not None:
+            await made[1].aclose()
+
     def load_items(self, batch_id: str, query: ItemQuery) -> BatchRecord | None:
         reply = self._call(
             self._read,
@@ -1702,3 +1755,14 @@ def _entry(entry_id: str, raw: bytes) -> OutboxEntry:
     return OutboxEntry(
         entry_id, e["b"], int(e["v"]), float(e["t"]), e.get("u"), e.get("y"), int(e.get("a", 0))
     )
+
+
+async def _closing(reads: dict[Any, Any], loop: Any, client: Any) -> AsyncGenerator[None, None]:
+    """Closes ``client`` and forgets it as ``loop``'s in ``reads`` when closed itself (its
+    first step taken beforehand)."""
+    try:
+        yield
+    finally:
+        if reads.get(loop, (None,))[0] is client:
+            del reads[loop]
+        await client.aclose()
