@@ -1028,6 +1028,18 @@ def _transition_result(batch_id: str, item_id: str, reply: list[Any]) -> Transit
     )
 
 
+def _version_from(version: Any, owner: Any, expires: Any) -> BatchVersion | None:
+    """A :class:`BatchVersion` from the batch hash's ``version``, ``owner`` and
+    ``expires_at`` fields as HMGET answers them (all None: no such batch)."""
+    if version is None and expires is None:
+        return None
+    return BatchVersion(
+        int(version or 0),
+        None if owner in (None, b"") else owner.decode(),
+        float(expires or 0),
+    )
+
+
 @attrs.define(eq=False, init=False)
 class RedisStore(Store):
     """Batches in Redis, for web and processing workers on many hosts.
@@ -1564,13 +1576,7 @@ class RedisStore(Store):
             )
         except RedisError as exc:
             raise StoreError(f"Redis failed to read batch {batch_id!r}: {exc}") from exc
-        if version is None and expires is None:
-            return None
-        return BatchVersion(
-            int(version or 0),
-            None if owner in (None, b"") else owner.decode(),
-            float(expires or 0),
-        )
+        return _version_from(version, owner, expires)
 
     async def version_of_async(self, batch_id: str) -> BatchVersion | None:
         """:meth:`version_of` awaited on the running event loop, with a ``redis.asyncio``
@@ -1603,14 +1609,7 @@ class RedisStore(Store):
             )
         except RedisError as exc:
             raise StoreError(f"Redis failed to read batch {batch_id!r}: {exc}") from exc
-        version, owner, expires = reply
-        if version is None and expires is None:
-            return None
-        return BatchVersion(
-            int(version or 0),
-            None if owner in (None, b"") else owner.decode(),
-            float(expires or 0),
-        )
+        return _version_from(*reply)
 
     async def aclose_async_reads(self) -> None:
         """Close the running event loop's client of :meth:`version_of_async`, if any."""
