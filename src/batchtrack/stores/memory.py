@@ -14,7 +14,7 @@ from typing import Any
 import attrs
 
 from .. import _eta
-from .._models import NO_METADATA, ItemSnapshot, Progress, Status
+from .._models import NO_METADATA, ItemSnapshot, Progress, Status, _item_snapshot, _progress
 from ..exceptions import BatchNotFound, ItemNotFound, StoreError
 from .base import (
     BatchRecord,
@@ -118,7 +118,7 @@ class _Batch:
             attempts += 1
         elif reset_attempts:
             attempts = 0
-        self.items[position] = ItemSnapshot(
+        self.items[position] = _item_snapshot(
             item.id, item.filename, target, error, attempts, item.source
         )
         self.leases[position] = lease_until
@@ -153,7 +153,7 @@ class _Batch:
         else:
             self.finished_at = at
             self.expires_at = expires_at_finished
-        self.progress = Progress(
+        self.progress = _progress(
             self.progress.total,
             counts[Status.COMPLETED],
             counts[Status.FAILED],
@@ -374,7 +374,12 @@ class MemoryStore(Store):
         # (a subclass that changes apply() gets the generic way: __init_subclass__). The
         # tests run random sequences through both ways and compare everything.
         with self._lock:
-            state, position = self._find(batch_id, item_id, at)
+            state = self._batches.get(batch_id)  # _find, written out
+            if state is None or state.expires_at <= at:
+                raise BatchNotFound(batch_id)
+            position = state.index.get(item_id)
+            if position is None:
+                raise ItemNotFound(batch_id, item_id)
             previous = state.items[position].status
             if previous is target:
                 outcome = Outcome.UNCHANGED
