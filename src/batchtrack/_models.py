@@ -486,14 +486,24 @@ class Item:
 # Private fast constructors for the stores' hot paths. attrs' frozen __init__ sets each
 # field through a guarded setattr; these make the same instances (same class, same
 # slots, so equal, hashable, picklable and shown alike) with the slots' own setters.
-# Arguments are trusted: the callers pass values already checked.
+# Arguments are trusted: the callers pass values already checked. The memory store's
+# event path uses the setters directly (one call less per value object).
 _new = object.__new__
-_put_item_fields = tuple(
+_PUT_ITEM: tuple[Callable[[Any, Any], None], ...] = tuple(
     ItemSnapshot.__dict__[name].__set__
-    for name in ("id", "filename", "status", "error", "attempts", "source", "progress", "stage")
+    for name in (
+        "id",
+        "filename",
+        "status",
+        "error",
+        "attempts",
+        "source",
+        "progress",
+        "stage",
+        "_json",
+    )
 )
-_put_json = ItemSnapshot.__dict__["_json"].__set__
-_put_counts = tuple(
+_PUT_COUNTS: tuple[Callable[[Any, Any], None], ...] = tuple(
     Progress.__dict__[name].__set__
     for name in ("total", "completed", "failed", "processing", "pending", "cancelled")
 )
@@ -506,13 +516,13 @@ def _item_snapshot(
     error: str | None,
     attempts: int,
     source: str | None,
-    _put: tuple[Callable[[object, object], None], ...] = _put_item_fields,
-    _put_json: Callable[[object, object], None] = _put_json,
 ) -> ItemSnapshot:
     """``ItemSnapshot(id, filename, status, error, attempts, source)`` without attrs'
     guarded __init__ (no progress or stage)."""
     item: ItemSnapshot = _new(ItemSnapshot)
-    put_id, put_filename, put_status, put_error, put_attempts, put_source, put_p, put_s = _put
+    put_id, put_filename, put_status, put_error, put_attempts, put_source, put_p, put_s, put_j = (
+        _PUT_ITEM
+    )
     put_id(item, id)
     put_filename(item, filename)
     put_status(item, status)
@@ -521,23 +531,17 @@ def _item_snapshot(
     put_source(item, source)
     put_p(item, None)
     put_s(item, None)
-    _put_json(item, None)
+    put_j(item, None)
     return item
 
 
 def _progress(
-    total: int,
-    completed: int,
-    failed: int,
-    processing: int,
-    pending: int,
-    cancelled: int,
-    _put: tuple[Callable[[object, object], None], ...] = _put_counts,
+    total: int, completed: int, failed: int, processing: int, pending: int, cancelled: int
 ) -> Progress:
     """``Progress(total, completed, failed, processing, pending, cancelled)`` without
     attrs' guarded __init__."""
     progress: Progress = _new(Progress)
-    put_total, put_completed, put_failed, put_processing, put_pending, put_cancelled = _put
+    put_total, put_completed, put_failed, put_processing, put_pending, put_cancelled = _PUT_COUNTS
     put_total(progress, total)
     put_completed(progress, completed)
     put_failed(progress, failed)

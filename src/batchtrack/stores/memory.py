@@ -14,7 +14,7 @@ from typing import Any
 import attrs
 
 from .. import _eta
-from .._models import NO_METADATA, ItemSnapshot, Progress, Status, _item_snapshot, _progress
+from .._models import _PUT_COUNTS, _PUT_ITEM, NO_METADATA, ItemSnapshot, Progress, Status
 from ..exceptions import BatchNotFound, ItemNotFound, StoreError
 from .base import (
     BatchRecord,
@@ -35,6 +35,10 @@ __all__ = ["MemoryStore"]
 
 _PENDING = Status.PENDING
 _PROCESSING = Status.PROCESSING
+_COMPLETED = Status.COMPLETED
+_FAILED = Status.FAILED
+_CANCELLED = Status.CANCELLED
+_new = object.__new__
 _APPLIED = Outcome.APPLIED
 
 
@@ -118,9 +122,20 @@ class _Batch:
             attempts += 1
         elif reset_attempts:
             attempts = 0
-        self.items[position] = _item_snapshot(
-            item.id, item.filename, target, error, attempts, item.source
-        )
+        # ItemSnapshot(item.id, item.filename, target, error, attempts, item.source),
+        # made with the slots' setters (_models._item_snapshot, written out).
+        put_id, put_name, put_status, put_error, put_tries, put_src, put_p, put_s, put_j = _PUT_ITEM
+        snapshot: ItemSnapshot = _new(ItemSnapshot)
+        put_id(snapshot, item.id)
+        put_name(snapshot, item.filename)
+        put_status(snapshot, target)
+        put_error(snapshot, error)
+        put_tries(snapshot, attempts)
+        put_src(snapshot, item.source)
+        put_p(snapshot, None)
+        put_s(snapshot, None)
+        put_j(snapshot, None)
+        self.items[position] = snapshot
         self.leases[position] = lease_until
         if lease_until is not None:
             self.beats[position] = at
@@ -153,14 +168,18 @@ class _Batch:
         else:
             self.finished_at = at
             self.expires_at = expires_at_finished
-        self.progress = _progress(
-            self.progress.total,
-            counts[Status.COMPLETED],
-            counts[Status.FAILED],
-            counts[_PROCESSING],
-            counts[_PENDING],
-            counts[Status.CANCELLED],
+        # Progress(total, completed, failed, processing, pending, cancelled), likewise.
+        put_total, put_completed, put_failed, put_processing, put_pending, put_cancelled = (
+            _PUT_COUNTS
         )
+        progress: Progress = _new(Progress)
+        put_total(progress, self.progress.total)
+        put_completed(progress, counts[_COMPLETED])
+        put_failed(progress, counts[_FAILED])
+        put_processing(progress, counts[_PROCESSING])
+        put_pending(progress, counts[_PENDING])
+        put_cancelled(progress, counts[_CANCELLED])
+        self.progress = progress
 
 
 @attrs.define
