@@ -671,7 +671,7 @@ class BatchTracker(Closing):
             InvalidTransition: The item is already final (completed, failed, cancelled).
         """
         seconds = self.lease if lease is None else _check_positive(lease, "lease")
-        return self._transition(batch_id, item_id, _START, None, lease=seconds)
+        return self._transition(batch_id, item_id, _START, None, seconds)
 
     def heartbeat(
         self, batch_id: str, item_id: str, *, lease: float | None = None
@@ -736,7 +736,6 @@ class BatchTracker(Closing):
         item_id: str,
         rule: tuple[Status, frozenset[Status]],
         error: str | None,
-        *,
         lease: float | None = None,
     ) -> ProgressEvent:
         if type(batch_id) is not str or type(item_id) is not str:
