@@ -15,7 +15,16 @@ from typing import Any
 import attrs
 
 from .. import _eta
-from .._models import _PUT_COUNTS, _PUT_ITEM, NO_METADATA, ItemSnapshot, Progress, Status
+from .._models import (
+    _PUT_COUNTS,
+    _PUT_ITEM,
+    NO_METADATA,
+    ItemSnapshot,
+    Progress,
+    Status,
+    _item_snapshot,
+    _progress,
+)
 from ..exceptions import BatchNotFound, ItemNotFound, StoreError
 from .base import (
     BatchRecord,
@@ -117,8 +126,9 @@ class _Batch:
         expires_at_open: float,
         expires_at_finished: float,
     ) -> None:
-        """:meth:`move` with the transition's fields as arguments: the hot path of every
-        store call that changes an item, written out in one piece."""
+        """:meth:`move` with the transition's fields as arguments: every store call that
+        changes an item, written out in one piece (the tracker's single events use the
+        copy written out in :meth:`MemoryStore._apply_parts`; keep the two alike)."""
         item = self.items[position]
         previous = item.status
         attempts = item.attempts
@@ -126,20 +136,9 @@ class _Batch:
             attempts += 1
         elif reset_attempts:
             attempts = 0
-        # ItemSnapshot(item.id, item.filename, target, error, attempts, item.source),
-        # made with the slots' setters (_models._item_snapshot, written out).
-        put_id, put_name, put_status, put_error, put_tries, put_src, put_p, put_s, put_j = _PUT_ITEM
-        snapshot: ItemSnapshot = _new(ItemSnapshot)
-        put_id(snapshot, item.id)
-        put_name(snapshot, item.filename)
-        put_status(snapshot, target)
-        put_error(snapshot, error)
-        put_tries(snapshot, attempts)
-        put_src(snapshot, item.source)
-        put_p(snapshot, None)
-        put_s(snapshot, None)
-        put_j(snapshot, None)
-        self.items[position] = snapshot
+        self.items[position] = _item_snapshot(
+            item.id, item.filename, target, error, attempts, item.source
+        )
         self.leases[position] = lease_until
         if lease_until is not None:
             self.beats[position] = at
@@ -174,18 +173,14 @@ class _Batch:
         else:
             self.finished_at = at
             self.expires_at = expires_at_finished
-        # Progress(total, completed, failed, processing, pending, cancelled), likewise.
-        put_total, put_completed, put_failed, put_processing, put_pending, put_cancelled = (
-            _PUT_COUNTS
+        self.progress = _progress(
+            self.progress.total,
+            counts[_COMPLETED],
+            counts[_FAILED],
+            processing,
+            pending,
+            counts[_CANCELLED],
         )
-        progress: Progress = _new(Progress)
-        put_total(progress, self.progress.total)
-        put_completed(progress, counts[_COMPLETED])
-        put_failed(progress, counts[_FAILED])
-        put_processing(progress, processing)
-        put_pending(progress, pending)
-        put_cancelled(progress, counts[_CANCELLED])
-        self.progress = progress
 
 
 @attrs.define
