@@ -9,7 +9,7 @@ import attrs
 import pytest
 
 from batchtrack import BatchSnapshot, ItemSnapshot, Progress, ProgressEvent, Status
-from batchtrack._models import iso_utc
+from batchtrack._models import _item_snapshot, _progress, iso_utc
 
 
 def test_status_is_a_str_enum() -> None:
@@ -170,3 +170,36 @@ def test_progress_events_work_out_their_eta_as_of_their_own_moment() -> None:
     with pytest.raises(attrs.exceptions.FrozenInstanceError):
         first.version = 9  # type: ignore[misc]
     assert first.status is first.progress.status
+
+
+def test_fast_constructors_make_the_same_frozen_values_as_the_public_ones() -> None:
+    """The stores' private fast constructors make snapshots and counts indistinguishable
+    from the public constructors': equal, same hash, repr, pickle, JSON and frozenness."""
+    import pickle
+
+    for error, attempts, source in ((None, 0, None), ("boom", 2, "s3://b/k")):
+        fast = _item_snapshot("i", "a.jpg", Status.FAILED, error, attempts, source)
+        public = ItemSnapshot("i", "a.jpg", Status.FAILED, error, attempts, source)
+        assert type(fast) is ItemSnapshot
+        assert fast == public
+        assert hash(fast) == hash(public)
+        assert repr(fast) == repr(public)
+        assert pickle.loads(pickle.dumps(fast)) == public
+        assert fast.to_dict() == public.to_dict()
+        assert fast.progress is None
+        assert fast.stage is None
+        assert fast._json is None
+        assert attrs.evolve(fast, attempts=5) == attrs.evolve(public, attempts=5)
+        with pytest.raises(attrs.exceptions.FrozenInstanceError):
+            fast.status = Status.COMPLETED  # type: ignore[misc]
+    counts = (7, 1, 2, 3, 1, 0)
+    fast_progress, public_progress = _progress(*counts), Progress(*counts)
+    assert type(fast_progress) is Progress
+    assert fast_progress == public_progress
+    assert hash(fast_progress) == hash(public_progress)
+    assert repr(fast_progress) == repr(public_progress)
+    assert pickle.loads(pickle.dumps(fast_progress)) == public_progress
+    assert fast_progress.to_dict() == public_progress.to_dict()
+    assert fast_progress.status is public_progress.status
+    with pytest.raises(attrs.exceptions.FrozenInstanceError):
+        fast_progress.total = 8  # type: ignore[misc]

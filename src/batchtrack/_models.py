@@ -481,3 +481,71 @@ class Item:
     source: Any = None
     id: str | None = None
     batch_id: str | None = None
+
+
+# Private fast constructors for the stores' hot paths. attrs' frozen __init__ sets each
+# field through a guarded setattr; these make the same instances (same class, same
+# slots, so equal, hashable, picklable and shown alike) with the slots' own setters.
+# Arguments are trusted: the callers pass values already checked. The memory store's
+# event path uses the setters directly (one call less per value object).
+_new = object.__new__
+_PUT_ITEM: tuple[Callable[[Any, Any], None], ...] = tuple(
+    ItemSnapshot.__dict__[name].__set__
+    for name in (
+        "id",
+        "filename",
+        "status",
+        "error",
+        "attempts",
+        "source",
+        "progress",
+        "stage",
+        "_json",
+    )
+)
+_PUT_COUNTS: tuple[Callable[[Any, Any], None], ...] = tuple(
+    Progress.__dict__[name].__set__
+    for name in ("total", "completed", "failed", "processing", "pending", "cancelled")
+)
+
+
+def _item_snapshot(
+    id: str,
+    filename: str,
+    status: Status,
+    error: str | None,
+    attempts: int,
+    source: str | None,
+) -> ItemSnapshot:
+    """``ItemSnapshot(id, filename, status, error, attempts, source)`` without attrs'
+    guarded __init__ (no progress or stage)."""
+    item: ItemSnapshot = _new(ItemSnapshot)
+    put_id, put_filename, put_status, put_error, put_attempts, put_source, put_p, put_s, put_j = (
+        _PUT_ITEM
+    )
+    put_id(item, id)
+    put_filename(item, filename)
+    put_status(item, status)
+    put_error(item, error)
+    put_attempts(item, attempts)
+    put_source(item, source)
+    put_p(item, None)
+    put_s(item, None)
+    put_j(item, None)
+    return item
+
+
+def _progress(
+    total: int, completed: int, failed: int, processing: int, pending: int, cancelled: int
+) -> Progress:
+    """``Progress(total, completed, failed, processing, pending, cancelled)`` without
+    attrs' guarded __init__."""
+    progress: Progress = _new(Progress)
+    put_total, put_completed, put_failed, put_processing, put_pending, put_cancelled = _PUT_COUNTS
+    put_total(progress, total)
+    put_completed(progress, completed)
+    put_failed(progress, failed)
+    put_processing(progress, processing)
+    put_pending(progress, pending)
+    put_cancelled(progress, cancelled)
+    return progress

@@ -24,6 +24,8 @@ from ._models import (
     Progress,
     ProgressEvent,
     Status,
+    _put_eta,
+    _put_values,
     utc_datetime,
 )
 from ._sweeper import Sweeper
@@ -91,6 +93,10 @@ _FAIL = (Status.FAILED, frozenset({Status.PENDING, Status.PROCESSING}))
 _CANCEL = (Status.CANCELLED, frozenset({Status.PENDING}))
 _PROCESSING_ONLY = frozenset({Status.PROCESSING})
 _RETRIED = (Status.FAILED, Status.CANCELLED)
+_APPLIED = Outcome.APPLIED
+_REJECTED = Outcome.REJECTED
+_PAUSED = Outcome.PAUSED
+_new_event = object.__new__
 
 
 def _check_text(value: object, what: str, limit: int) -> str:
@@ -665,7 +671,7 @@ class BatchTracker(Closing):
             InvalidTransition: The item is already final (completed, failed, cancelled).
         """
         seconds = self.lease if lease is None else _check_positive(lease, "lease")
-        return self._transition(batch_id, item_id, _START, None, lease=seconds)
+        return self._transition(batch_id, item_id, _START, None, seconds)
 
     def heartbeat(
         self, batch_id: str, item_id: str, *, lease: float | None = None
@@ -730,7 +736,6 @@ class BatchTracker(Closing):
         item_id: str,
         rule: tuple[Status, frozenset[Status]],
         error: str | None,
-        *,
         lease: float | None = None,
     ) -> ProgressEvent:
         if type(batch_id) is not str or type(item_id) is not str:
@@ -755,23 +760,21 @@ class BatchTracker(Closing):
                 None if lease is None else now + lease,
             )
         )
-        if outcome is Outcome.REJECTED:
-            raise InvalidTransition(batch_id, item_id, previous.value, target.value)
-        if outcome is Outcome.PAUSED:
-            raise BatchPaused(batch_id, item_id)
-        if outcome is Outcome.UNCHANGED and expires <= now:
-            # A repeat on a finished batch changes nothing, so the store had no reason
-            # to look at its expiry; an expired batch must still look absent.
-            raise BatchNotFound(batch_id)
-        return ProgressEvent._later(
-            batch_id,
-            item,
-            progress,
-            outcome is Outcome.APPLIED,
-            version,
-            _eta.estimate,
-            (progress, created, stats, now),
-        )
+        if outcome is not _APPLIED:
+            if outcome is _REJECTED:
+                raise InvalidTransition(batch_id, item_id, previous.value, target.value)
+            if outcome is _PAUSED:
+                raise BatchPaused(batch_id, item_id)
+            if expires <= now:
+                # Unchanged: a repeat on a finished batch changes nothing, so the store
+                # had no reason to look at its expiry; an expired batch must still look
+                # absent.
+                raise BatchNotFound(batch_id)
+        # ProgressEvent._later, written out: the ETA is worked out when first read.
+        event: ProgressEvent = _new_event(ProgressEvent)
+        _put_values(event, (batch_id, item, progress, outcome is _APPLIED, version))
+        _put_eta(event, [_eta.estimate, (progress, created, stats, now)])
+        return event
 
     def _apply_events(
         self,

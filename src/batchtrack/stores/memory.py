@@ -9,12 +9,22 @@ import queue
 import threading
 from array import array
 from collections.abc import Callable, Mapping, Sequence
+from heapq import heappush
 from typing import Any
 
 import attrs
 
 from .. import _eta
-from .._models import NO_METADATA, ItemSnapshot, Progress, Status
+from .._models import (
+    _PUT_COUNTS,
+    _PUT_ITEM,
+    NO_METADATA,
+    ItemSnapshot,
+    Progress,
+    Status,
+    _item_snapshot,
+    _progress,
+)
 from ..exceptions import BatchNotFound, ItemNotFound, StoreError
 from .base import (
     BatchRecord,
@@ -35,7 +45,14 @@ __all__ = ["MemoryStore"]
 
 _PENDING = Status.PENDING
 _PROCESSING = Status.PROCESSING
+_COMPLETED = Status.COMPLETED
+_FAILED = Status.FAILED
+_CANCELLED = Status.CANCELLED
+_new = object.__new__
 _APPLIED = Outcome.APPLIED
+_UNCHANGED = Outcome.UNCHANGED
+_REJECTED = Outcome.REJECTED
+_PAUSED = Outcome.PAUSED
 
 
 @attrs.define
@@ -109,8 +126,9 @@ class _Batch:
         expires_at_open: float,
         expires_at_finished: float,
     ) -> None:
-        """:meth:`move` with the transition's fields as arguments: the hot path of every
-        store call that changes an item, written out in one piece."""
+        """:meth:`move` with the transition's fields as arguments: every store call that
+        changes an item, written out in one piece (the tracker's single events use the
+        copy written out in :meth:`MemoryStore._apply_parts`; keep the two alike)."""
         item = self.items[position]
         previous = item.status
         attempts = item.attempts
@@ -118,7 +136,7 @@ class _Batch:
             attempts += 1
         elif reset_attempts:
             attempts = 0
-        self.items[position] = ItemSnapshot(
+        self.items[position] = _item_snapshot(
             item.id, item.filename, target, error, attempts, item.source
         )
         self.leases[position] = lease_until
@@ -147,19 +165,21 @@ class _Batch:
         self.changed[position] = at
         self.updated_at = at
         self.version += 1
-        if counts[_PENDING] or counts[_PROCESSING]:
+        pending = counts[_PENDING]
+        processing = counts[_PROCESSING]
+        if pending or processing:
             self.finished_at = None
             self.expires_at = expires_at_open
         else:
             self.finished_at = at
             self.expires_at = expires_at_finished
-        self.progress = Progress(
+        self.progress = _progress(
             self.progress.total,
-            counts[Status.COMPLETED],
-            counts[Status.FAILED],
-            counts[_PROCESSING],
-            counts[_PENDING],
-            counts[Status.CANCELLED],
+            counts[_COMPLETED],
+            counts[_FAILED],
+            processing,
+            pending,
+            counts[_CANCELLED],
         )
 
 
@@ -374,16 +394,22 @@ class MemoryStore(Store):
         # (a subclass that changes apply() gets the generic way: __init_subclass__). The
         # tests run random sequences through both ways and compare everything.
         with self._lock:
-            state, position = self._find(batch_id, item_id, at)
-            previous = state.items[position].status
+            state = self._batches.get(batch_id)  # _find, written out
+            if state is None or state.expires_at <= at:
+                raise BatchNotFound(batch_id)
+            position = state.index.get(item_id)
+            if position is None:
+                raise ItemNotFound(batch_id, item_id)
+            item = state.items[position]
+            previous = item.status
             if previous is target:
-                outcome = Outcome.UNCHANGED
+                outcome = _UNCHANGED
             elif previous not in sources:
-                outcome = Outcome.REJECTED
+                outcome = _REJECTED
             elif state.paused and lease_until is not None:  # a start
-                outcome = Outcome.PAUSED
-            else:
-                outcome = Outcome.APPLIED
+                outcome = _PAUSED
+            elif type(stats) is not tuple:  # contributions, not the tracker's shorthand
+                outcome = _APPLIED
                 was_open = state.finished_at is None
                 state.shift(
                     position,
@@ -400,17 +426,93 @@ class MemoryStore(Store):
                 if was_open and state.finished_at is not None:
                     self._ended(state)
                 if lease_until is not None:
-                    heapq.heappush(self._leases, (lease_until, batch_id, position))
-            answer = (
-                outcome,
-                previous,
-                state.items[position],
-                state.progress,
-                state.version,
-                state.created_at,
-                state.expires_at,
-                state.stats,
-            )
+                    heappush(self._leases, (lease_until, batch_id, position))
+            else:
+                # state.shift(position, target, at, error, lease_until, lease_until is not
+                # None, False, stats, ...) written out: the one hot path of every event.
+                # tests/test_fast_path.py checks it against apply() event by event.
+                outcome = _APPLIED
+                was_open = state.finished_at is None
+                attempts = item.attempts
+                if lease_until is not None:
+                    attempts += 1
+                put_id, put_name, put_status, put_error, put_tries, put_src, put_p, put_s, put_j = (
+                    _PUT_ITEM
+                )
+                snapshot: ItemSnapshot = _new(ItemSnapshot)
+                put_id(snapshot, item.id)
+                put_name(snapshot, item.filename)
+                put_status(snapshot, target)
+                put_error(snapshot, error)
+                put_tries(snapshot, attempts)
+                put_src(snapshot, item.source)
+                put_p(snapshot, None)
+                put_s(snapshot, None)
+                put_j(snapshot, None)
+                state.items[position] = snapshot
+                state.leases[position] = lease_until
+                if lease_until is not None:
+                    state.beats[position] = at
+                counts = state.counts
+                counts[previous] -= 1
+                counts[target] += 1
+                members = state.members
+                members[previous].discard(position)
+                members[target].add(position)
+                state.log.append(position)
+                changed = state.changed
+                added = _eta.added(
+                    state.stats, previous, target, at, stats[0], stats[1], at - changed[position]
+                )
+                if added is not None:
+                    state.stats = added
+                changed[position] = at
+                state.updated_at = at
+                version = state.version = state.version + 1
+                pending = counts[_PENDING]
+                processing = counts[_PROCESSING]
+                if pending or processing:
+                    state.finished_at = None
+                    expires = state.expires_at = expires_at_open
+                else:
+                    state.finished_at = at
+                    expires = state.expires_at = expires_at_finished
+                put_total, put_completed, put_failed, put_processing, put_pending, put_cancelled = (
+                    _PUT_COUNTS
+                )
+                progress: Progress = _new(Progress)
+                put_total(progress, state.progress.total)
+                put_completed(progress, counts[_COMPLETED])
+                put_failed(progress, counts[_FAILED])
+                put_processing(progress, processing)
+                put_pending(progress, pending)
+                put_cancelled(progress, counts[_CANCELLED])
+                state.progress = progress
+                if was_open and not (pending or processing):
+                    self._ended(state)
+                if lease_until is not None:
+                    heappush(self._leases, (lease_until, batch_id, position))
+                answer = (
+                    _APPLIED,
+                    previous,
+                    snapshot,
+                    progress,
+                    version,
+                    state.created_at,
+                    expires,
+                    state.stats,
+                )
+            if outcome is not _APPLIED or type(stats) is not tuple:
+                answer = (
+                    outcome,
+                    previous,
+                    state.items[position],
+                    state.progress,
+                    state.version,
+                    state.created_at,
+                    state.expires_at,
+                    state.stats,
+                )
         if outcome is _APPLIED and self._listeners:
             self._changed(batch_id)
         return answer
