@@ -729,6 +729,38 @@ class StoreConformance:
 
         _race(store, worker, 8, applied, n)
 
+    def test_apply_all_reclaims_lost_items_as_apply_would(self, store: Store) -> None:
+        """A reclaim (``lost_before``) in apply_all() moves back exactly the items whose
+        lease ran out, as the same apply() calls would."""
+        results = {}
+        for batch_id in ("together", "one-by-one"):
+            store.create(_record(batch_id, 3), _items(3))
+            for n, lease in ((0, 1010.0), (1, 1100.0), (2, 1010.0)):
+                start = _transition(f"item-{n}", "start", 1001.0)
+                start.lease_until = lease
+                store.apply(batch_id, start)
+        at = 1020.0
+        back = (Status.PENDING, frozenset({Status.PROCESSING}))
+        transitions = [
+            Transition("item-0", *back, at, None, at + IDLE_TIMEOUT, at + TTL, lost_before=at),
+            Transition("item-1", *back, at, None, at + IDLE_TIMEOUT, at + TTL, lost_before=at),
+            Transition(
+                "item-2", *_RULES["fail"], at, "lost", at + IDLE_TIMEOUT, at + TTL, lost_before=at
+            ),
+        ]
+        results["together"] = store.apply_all("together", transitions)
+        results["one-by-one"] = [store.apply("one-by-one", t) for t in transitions]
+        for together, alone in zip(results["together"], results["one-by-one"], strict=True):
+            assert (together.outcome, together.previous) == (alone.outcome, alone.previous)
+            assert together.item == alone.item
+            assert (together.progress, together.version) == (alone.progress, alone.version)
+            assert together.finished_at == alone.finished_at
+        assert [r.outcome for r in results["together"]] == [
+            Outcome.APPLIED,
+            Outcome.REJECTED,  # its lease holds
+            Outcome.APPLIED,
+        ]
+
     def test_apply_all_judges_each_transition_as_apply_would(self, store: Store) -> None:
         """apply_all() answers and changes exactly what the same apply() calls in a row
         would: a rejected or repeated transition in the middle stops none of the others."""
