@@ -39,7 +39,7 @@ import logging
 import os
 import re
 import threading
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from typing import Any
 
@@ -951,11 +951,7 @@ class PostgresStore(Store):
             else:
                 fresh = False
             row, items = known
-            for transition in transitions:
-                if row[5] <= transition.at:
-                    raise BatchNotFound(batch_id)
-                if transition.item_id not in items:
-                    raise ItemNotFound(batch_id, transition.item_id)
+            _check(batch_id, transitions, row, items)
             results, row, changed, ends = self._decide(batch_id, transitions, row, items)
             if not changed:
                 if fresh:  # nothing to write: the read was the answer
@@ -1084,34 +1080,10 @@ class PostgresStore(Store):
             }
             row: Any = head.fetchone()
             items: dict[str, Any] = {item_id: read.fetchone() for item_id, read in reads.items()}
-            for transition in transitions:
-                if row is None or row[5] <= transition.at:
-                    raise BatchNotFound(batch_id)
-                if items[transition.item_id] is None:
-                    raise ItemNotFound(batch_id, transition.item_id)
-            results = []
-            for transition in transitions:
-                it = items[transition.item_id]
-                outcome = self._unchanged(transition, it, row[14])
-                if outcome is not None:
-                    item = _item(transition.item_id, it)
-                    results.append(_result(outcome, _STATUSES[it[1]], item, _header(row)))
-                    continue
-                args, result = self._move(batch_id, transition, row, it)
-                conn.execute(*self._write_item(row, args, result))  # holds the lock: it applies
-                results.append(result)
-                # The header and the item as written, for the transitions after it.
-                row = _after(row, transition, result, args)
-                items[transition.item_id] = (
-                    it[0],
-                    _CODE[transition.target],
-                    transition.error,
-                    it[3],
-                    transition.at,
-                    args[14],
-                    it[6],
-                    args[15],
-                )
+            _check(batch_id, transitions, row, items)
+            results, after, changed, ends = self._decide(batch_id, transitions, row, items)
+            if changed:  # holds the lock: it applies
+                conn.execute(self._sql["write_all"], self._write_all(row, after, changed, ends))
         return results
 
     def _write_item(
@@ -1496,6 +1468,18 @@ class PostgresStore(Store):
             on_change(batch_id)
         except Exception:
             log.exception("batchtrack: a change listener raised (batch %s)", batch_id)
+
+
+def _check(
+    batch_id: str, transitions: Sequence[Transition], row: Any, items: Mapping[str, Any]
+) -> None:
+    """Raise as apply would for a batch missing or expired at a transition's time
+    (``row`` None or past), or an item it names that is not in ``items``."""
+    for transition in transitions:
+        if row is None or row[5] <= transition.at:
+            raise BatchNotFound(batch_id)
+        if items.get(transition.item_id) is None:
+            raise ItemNotFound(batch_id, transition.item_id)
 
 
 def _contended(batch_id: str) -> StoreError:
