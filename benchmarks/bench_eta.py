@@ -294,11 +294,16 @@ class OursUnrounded(Ours):
         record = self.tracker.store.load(self.batch, items=False)
         assert record is not None
         self.record = record
-        return _eta.seconds_remaining(record.progress, record.created_at, record.stats, now)
+        self.leases = self.tracker._lost_in(record, now)  # lost and quiet, as get() reads
+        return _eta.seconds_remaining(
+            record.progress, record.created_at, record.stats, now, *self.leases
+        )
 
     def range(self, now: float) -> tuple[float, float] | None:
         record = self.record  # of the poll eta() just read
-        return _eta.span_remaining(record.progress, record.created_at, record.stats, now)
+        return _eta.span_remaining(
+            record.progress, record.created_at, record.stats, now, *self.leases
+        )
 
 
 class AverageDuration(Estimator):

@@ -772,10 +772,15 @@ def _shown(
 
 
 def seconds_remaining(
-    progress: Progress, created_at: float, stats: Mapping[str, float], now: float
+    progress: Progress,
+    created_at: float,
+    stats: Mapping[str, float],
+    now: float,
+    lost: int = 0,
+    quiet: int | None = None,
 ) -> float | None:
     """The estimate before rounding: None until an item is final, 0.0 once all are."""
-    shown = _shown(progress, created_at, stats, now)
+    shown = _shown(progress, created_at, stats, now, lost, (0, 0.0), quiet)
     return None if shown is None else shown[0]
 
 
@@ -786,10 +791,15 @@ def _span(found: _Found) -> tuple[float, float]:
 
 
 def span_remaining(
-    progress: Progress, created_at: float, stats: Mapping[str, float], now: float
+    progress: Progress,
+    created_at: float,
+    stats: Mapping[str, float],
+    now: float,
+    lost: int = 0,
+    quiet: int | None = None,
 ) -> tuple[float, float] | None:
     """The 80% range before rounding to whole seconds (for the benchmark)."""
-    found = _seconds(progress, created_at, stats, now)
+    found = _seconds(progress, created_at, stats, now, lost, (0, 0.0), quiet)
     return None if found is None else _span(found)
 
 
