@@ -48,7 +48,8 @@ from batchtrack import BatchTracker, MemoryStore, _eta
 from batchtrack.testing import FakeClock
 
 POLL = 2.0
-LEASE = 30.0  # how long a lost worker's item stays "processing" before it is reclaimed
+LEASE = 30.0  # the lease an item is given; a lost worker's item is reclaimed when it runs out
+BEAT = LEASE / 3  # how often a worker renews the leases of its items (as the Orchestrator)
 PAUSE = 60.0  # how long the workers stop in the "pause" kind
 SETTLE = 60.0  # seconds after a change is over within which the range should narrow
 
@@ -56,10 +57,10 @@ SETTLE = 60.0  # seconds after a change is over within which the range should na
 class Event(NamedTuple):
     at: float
     kind: str  # "start" | "done" | "fail" | "retry" (failed, then back to pending)
-    # | "requeue" (a lost worker's item reclaimed to pending)
+    # | "requeue" (a lost worker's item reclaimed to pending) | "beat" (its lease renewed)
     item: int
     duration: float
-    lease: float | None = None  # for "start": seconds until the item's lease runs out
+    lease: float | None = None  # for "start" and "beat": seconds until the lease runs out
 
 
 Attempt = Callable[[random.Random, int, int, int], tuple[float, str]]
@@ -118,18 +119,30 @@ def simulate(n: int, workers: int, kind: Kind, seed: int) -> list[Event]:
         attempts[i] += 1
         if outcome == "lost":
             lost_at = at + rng.uniform(0.1, 0.9) * d
-            events.append(Event(at, "start", i, d, lost_at + LEASE - at))
-            events.append(Event(lost_at + LEASE, "requeue", i, d))
-            heapq.heappush(returns, (lost_at + LEASE, i))
+            last = _beats(events, at, lost_at, i, d)
+            events.append(Event(last + LEASE, "requeue", i, d))
+            heapq.heappush(returns, (last + LEASE, i))
             heapq.heappush(free, (lost_at, worker))
             continue
-        events.append(Event(at, "start", i, d, d + LEASE))
+        _beats(events, at, at + d, i, d)
         events.append(Event(at + d, outcome, i, d))
         if outcome == "retry":
             heapq.heappush(returns, (at + d, i))
         heapq.heappush(free, (at + d, worker))
     events.sort(key=lambda e: (e.at, e.kind == "start"))
     return events
+
+
+def _beats(events: list[Event], start: float, until: float, item: int, d: float) -> float:
+    """A start with a lease of :data:`LEASE` s, renewed every :data:`BEAT` s by its worker
+    until ``until`` (its end, or the moment the worker is lost), as the Orchestrator
+    does; the time of the last renewal (or of the start)."""
+    events.append(Event(start, "start", item, d, LEASE))
+    last = start
+    while last + BEAT < until:
+        last += BEAT
+        events.append(Event(last, "beat", item, d, LEASE))
+    return last
 
 
 # -- workload kinds -------------------------------------------------------------------------
@@ -215,6 +228,8 @@ class Estimator:
         self.running = 0
 
     def see(self, event: Event) -> None:
+        if event.kind == "beat":
+            return
         if event.kind == "start":
             self.running += 1
         elif event.kind == "requeue":
@@ -244,7 +259,9 @@ class Ours(Estimator):
     def see(self, event: Event) -> None:
         self.clock.now = event.at
         tracker, batch, item = self.tracker, self.batch, str(event.item)
-        if event.kind == "start":
+        if event.kind == "beat":
+            tracker.heartbeat(batch, item, lease=event.lease)
+        elif event.kind == "start":
             tracker.start_item(batch, item, lease=event.lease)
         elif event.kind == "done":
             tracker.complete_item(batch, item)
@@ -277,11 +294,16 @@ class OursUnrounded(Ours):
         record = self.tracker.store.load(self.batch, items=False)
         assert record is not None
         self.record = record
-        return _eta.seconds_remaining(record.progress, record.created_at, record.stats, now)
+        self.leases = self.tracker._lost_in(record, now)  # lost and quiet, as get() reads
+        return _eta.seconds_remaining(
+            record.progress, record.created_at, record.stats, now, *self.leases
+        )
 
     def range(self, now: float) -> tuple[float, float] | None:
         record = self.record  # of the poll eta() just read
-        return _eta.span_remaining(record.progress, record.created_at, record.stats, now)
+        return _eta.span_remaining(
+            record.progress, record.created_at, record.stats, now, *self.leases
+        )
 
 
 class AverageDuration(Estimator):

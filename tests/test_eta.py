@@ -47,8 +47,12 @@ def _run(
     durations: list[float],
     workers: int,
     on_poll: Callable[[float, int | None, float], None],
+    *,
+    beats: bool = False,
 ) -> None:
-    """Workers pull items in order; the ETA is polled every 2 s against the true end."""
+    """Workers pull items in order; the ETA is polled every 2 s against the true end.
+    With ``beats``, each worker renews its item's lease every third of it, as the
+    Orchestrator does."""
     snap = tracker.create_batch([f"{i}.jpg" for i in range(len(durations))])
     ids = [item.id for item in snap.items]
     start = clock()
@@ -57,6 +61,10 @@ def _run(
     for i, duration in enumerate(durations):
         at, w = heapq.heappop(free)
         events += [(at, 1, f"s{i}"), (at + duration, 0, f"c{i}")]
+        beat = at + tracker.lease / 3
+        while beats and beat < at + duration:
+            events.append((beat, 2, f"h{i}"))
+            beat += tracker.lease / 3
         heapq.heappush(free, (at + duration, w))
     events.sort()
     end = events[-1][0]
@@ -70,6 +78,8 @@ def _run(
         i = int(what[1:])
         if what[0] == "s":
             tracker.start_item(snap.batch_id, ids[i])
+        elif what[0] == "h":
+            tracker.heartbeat(snap.batch_id, ids[i])
         else:
             tracker.complete_item(snap.batch_id, ids[i])
 
@@ -123,6 +133,31 @@ def test_one_extreme_item_does_not_make_it_jump(tracker: BatchTracker, clock: Fa
     _run(tracker, clock, durations, 8, lambda now, eta, end: etas.append(eta) if eta else None)
     jumps = [abs(b - a) for a, b in itertools.pairwise(etas)]
     assert max(jumps) <= 5
+
+
+def test_a_run_of_short_items_in_a_skewed_batch_is_not_a_speed_up(clock: FakeClock) -> None:
+    """Skewed durations (log-normal, variance over the mean squared) have runs of short
+    items between the long ones: ten of them in a row after sixty items leave the
+    estimate where the whole batch puts it, instead of halving it until the next long
+    item pushes it back up (their own small spread made them look like a speed-up)."""
+    ratios = []
+    for seed in range(20):
+        rng = random.Random(seed)
+        durations = [rng.lognormvariate(0.0, 1.0) for _ in range(60)]
+        if statistics.pvariance(durations) < statistics.fmean(durations) ** 2:
+            continue  # not skewed enough, as a sample
+        durations += [0.3] * 10
+        tracker = BatchTracker(clock=clock, lease=30.0)
+        snap = tracker.create_batch([f"{i}.jpg" for i in range(200)])
+        for item, seconds in zip(snap.items, durations, strict=False):
+            tracker.start_item(snap.batch_id, item.id)
+            clock.advance(seconds)
+            tracker.complete_item(snap.batch_id, item.id)
+        eta = tracker.get(snap.batch_id, items=False).estimated_time_remaining
+        assert eta is not None
+        ratios.append(eta / (statistics.fmean(durations) * (200 - len(durations))))
+    assert len(ratios) >= 10
+    assert min(ratios) > 0.9, ratios
 
 
 def test_adapts_when_items_slow_down(tracker: BatchTracker, clock: FakeClock) -> None:
@@ -201,7 +236,9 @@ def _histories(draw: st.DrawFn) -> tuple[int, list[tuple[str, int, float]]]:
     steps = draw(
         st.lists(
             st.tuples(
-                st.sampled_from(["start", "lease", "complete", "fail", "retry", "reclaim", "get"]),
+                st.sampled_from(
+                    ["start", "lease", "beat", "complete", "fail", "retry", "reclaim", "get"]
+                ),
                 st.integers(0, size - 1),
                 st.sampled_from([0.0, 0.5, 1.0, 2.0, 7.0, 30.0]),
             ),
@@ -225,6 +262,9 @@ def _replay(
                 event = tracker.start_item(snap.batch_id, item)
             elif action == "lease":  # a start whose worker may be lost
                 event = tracker.start_item(snap.batch_id, item, lease=5.0)
+            elif action == "beat":  # its worker renews its lease
+                tracker.heartbeat(snap.batch_id, item, lease=5.0)
+                continue
             elif action == "reclaim":
                 tracker.reclaim()
                 continue
@@ -455,23 +495,62 @@ def test_workers_that_join_are_not_lost_workers(tracker: BatchTracker, clock: Fa
     assert got.estimated_time_remaining <= 12  # ~40 items of 1 s on 4 workers
 
 
-def test_a_lost_item_shows_by_its_age_before_any_reclaim(clock: FakeClock) -> None:
-    """An item processing for far longer than items take is held by a lost worker: the
-    ETA waits for its lease to run out and for it to be done again, before any reclaim."""
+@pytest.mark.parametrize("renewed", [False, True])
+def test_a_lost_item_shows_by_its_age_and_silence_before_any_reclaim(
+    clock: FakeClock, renewed: bool
+) -> None:
+    """An item processing for far longer than items take, whose lease nobody renewed
+    for longer than a worker renews it (a third of it), is held by a lost worker: the
+    ETA waits for its lease to run out and for it to be done again, before any reclaim.
+    The same item with its lease renewed is a long one, alive: it needs about as long
+    again as it has run (12.5 s), not a second, nor its lease."""
     tracker = BatchTracker(clock=clock, lease=30.0)
     snap = tracker.create_batch([f"{i}.jpg" for i in range(12)])
     ids = [item.id for item in snap.items]
-    tracker.start_item(snap.batch_id, ids[0])  # its worker dies
+    tracker.start_item(snap.batch_id, ids[0])  # its worker dies (unless renewed)
     _one_by_one(tracker, clock, snap.batch_id, ids[1:11], 1.0)
+    if renewed:
+        tracker.heartbeat(snap.batch_id, ids[0])
     tracker.start_item(snap.batch_id, ids[11])
-    clock.advance(0.5)
+    clock.advance(2.5)  # 12.5 s without a renewal: over a third of the lease
     got = tracker.get(snap.batch_id, items=False)
     assert got.progress.processing == 2
     assert got.estimated_time_remaining is not None
     assert got.eta_range is not None
-    # Back after its 30 s lease (~19.5 s from now), then about a second of work.
+    if renewed:
+        assert 10 <= got.estimated_time_remaining <= 16
+        assert got.eta_range[0] >= 8
+        return
+    # Back after its 30 s lease (~17.5 s from now), then about a second of work.
     assert got.estimated_time_remaining >= 10
     assert got.eta_range[1] >= 20
+
+
+def test_once_a_worker_was_lost_an_old_item_is_suspect_before_its_lease_says_so(
+    clock: FakeClock,
+) -> None:
+    """After one item came back from a lost worker, the batch is known to lose workers:
+    a second item far older than items get is taken for held by one as soon as its age
+    shows it (not only once its lease has gone unrenewed for a third of it): the one
+    live worker does the pending items alone, and the ETA waits for the held one."""
+    tracker = BatchTracker(clock=clock, lease=30.0)
+    snap = tracker.create_batch([f"{i}.jpg" for i in range(60)])
+    ids = [item.id for item in snap.items]
+    tracker.start_item(snap.batch_id, ids[0])  # its worker dies
+    _one_by_one(tracker, clock, snap.batch_id, ids[1:33], 1.0)
+    assert tracker.reclaim() == 1
+    tracker.start_item(snap.batch_id, ids[33])  # this worker dies too
+    _one_by_one(tracker, clock, snap.batch_id, ids[34:40], 1.0)
+    tracker.start_item(snap.batch_id, ids[40])
+    clock.advance(0.5)  # ids[33] silent for 6.5 s of its 30 s lease
+    got = tracker.get(snap.batch_id, items=False)
+    assert got.progress.pending == 20
+    assert got.estimated_time_remaining is not None
+    assert got.eta_range is not None
+    # 20 pending items of 1 s on one worker (not shared with the dead one's), and the
+    # held one back in ~23.5 s: about 24.5 s, and surely not under 20.
+    assert got.eta_range[0] >= 20
+    assert got.estimated_time_remaining >= 24
 
 
 def test_running_items_count_what_is_left_of_them(tracker: BatchTracker, clock: FakeClock) -> None:
@@ -722,6 +801,26 @@ def test_between_finishes_the_eta_never_rises_on_a_bimodal_batch(
     ]
     assert len(quiet) > 100
     assert all(b <= a for a, b in quiet)
+
+
+def test_long_items_whose_leases_are_renewed_are_not_taken_for_lost(clock: FakeClock) -> None:
+    """Eight workers, and four of them on long items (25 s among items of half a
+    second) whose leases they renew: however old those items get, they are alive, so
+    while the other four keep finishing short items the shown ETA counts down instead of
+    climbing poll after poll as if their workers were lost."""
+    durations = [0.5] * 40 + [25.0] * 4 + [0.5] * 400
+    polled: list[tuple[float, int]] = []
+
+    def poll(now: float, eta: int | None, end: float) -> None:
+        if eta is not None:
+            polled.append((now, eta))
+
+    start = clock()
+    _run(BatchTracker(clock=clock, lease=30.0), clock, durations, 8, poll, beats=True)
+    # The long items start at about 2.5 s and end at about 27.5 s.
+    between = [eta for at, eta in polled if start + 6.0 <= at < start + 27.0]
+    assert len(between) >= 10
+    assert all(b <= a for a, b in itertools.pairwise(between)), between
 
 
 def test_a_stall_that_lasts_still_raises_the_eta(clock: FakeClock) -> None:

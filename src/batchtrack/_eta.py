@@ -49,8 +49,12 @@ From the blended mean ``m`` and variance ``v`` of durations:
   working (``(k + 1) sum(t**k d) / T**(k + 1)`` is a window's busy workers) *and* the
   running items are older than running items get (their ages add up to about running x
   residual; a held item's age keeps growing): then the excess is *held* by lost
-  workers and counts as work still to do. Young excess items are workers that joined,
-  or came back from a pause. While none runs (a pause), the concurrency the batch had
+  workers and counts as work still to do — no more of them than are *quiet* (their
+  lease not renewed lately: :func:`quiet_within`) until an item came back from a lost
+  worker. Old items whose leases are renewed are long ones: the batch is not over
+  before they are, about as long again as they have run, which counts only while
+  nothing finishes at all (a stall). Young excess items are workers that joined, or
+  came back from a pause. While none runs (a pause), the concurrency the batch had
   while it worked;
 * the batch ends when its last worker does, not its average one: add the expected lead
   of the last of ``r`` residuals over their mean: ``(r - 1) / (r + 1)`` residuals when
@@ -92,6 +96,7 @@ __all__ = [
     "added",
     "estimate",
     "estimate_why",
+    "quiet_within",
     "reclaimed",
     "seconds_remaining",
     "span_remaining",
@@ -127,6 +132,7 @@ _SURE = 8.0  # residuals (times 1 + cv2) of age that show held items are lost
 _SEEN = 10  # finished attempts before items are judged held by their age
 _AGED = 2.0  # standard deviations of age beyond which running items are held
 _LATEST = (33.0 / 17.0) ** (1.0 / 16.0)  # the latest finish over the sums' "last"
+_QUIET = 0.6  # share of a lease left below which no worker renewed it lately
 
 _NO_STATS: Mapping[Status, Mapping[str, tuple[float, int]]] = {}
 # Per window: the names of its weight, duration and squared-duration sums, and of the
@@ -332,7 +338,14 @@ def _fit(stats: Mapping[str, float]) -> _Model | None:
         z *= _SLOWER
         few = _FEW_SLOWER
     z *= 1.0 + few / counts[-1]
-    noise = z * z * errors[-1]
+    # The recent window's standard error from its own spread, or, when durations are
+    # skewed, from the whole batch's if that is larger: a run of short items (as
+    # skewed durations often have) has a small spread of its own, and would look like
+    # a batch that sped up when it is the same batch between two long items.
+    error = errors[-1]
+    if skew >= 1.0 and variances[0] / counts[-1] > error:
+        error = variances[0] / counts[-1]
+    noise = z * z * error
     floor = 1e-12 * recent * recent
     total_weight = mean = variance = spread = 0.0
     # Nested windows: while they all agree, the recent ones add no information, only
@@ -430,6 +443,20 @@ def _last(workers: float, tail: float) -> tuple[float, float]:
     return uniform + f * (exponential - uniform), uniform_var + f * (exponential_var - uniform_var)
 
 
+def quiet_within(stats: Mapping[str, float], running: int) -> float:
+    """Seconds ahead within which a running item's lease runs out when no worker renewed
+    it lately: :data:`_QUIET` of the leases the batch's items were given at their start
+    (0.0 without leases).
+
+    A worker renews its items' leases every third of a lease or so (the
+    :class:`~batchtrack.Orchestrator` does), so a live item always has two thirds of its
+    lease or more ahead of it; one whose lease runs out sooner than this is lost, or is
+    about to be."""
+    starts = stats.get("w0", 0.0) + stats.get("k0", 0.0) + running
+    lease = stats.get("g0", 0.0)
+    return _QUIET * lease / starts if lease > 0.0 and starts > 0.0 else 0.0
+
+
 def _lost_for_sure(
     stats: Mapping[str, float], held_age: float, residual: float, cv2: float, starts: float
 ) -> bool:
@@ -519,6 +546,7 @@ def _seconds(
     now: float,
     lost: int = 0,
     reported: tuple[int, float] = (0, 0.0),
+    quiet: int | None = None,
 ) -> _Found | None:
     """The estimate and what its range is made of; None without a basis.
 
@@ -544,7 +572,7 @@ def _seconds(
         seconds = (pending + running) * elapsed / finished
         return _Found(seconds, seconds, 1.0 / finished + _HORIZON * seconds / elapsed, 0, 0)
     mean, residual, cv2, uncertainty, attempts, busy, last, tail = model
-    held = reclaimed = suspect = held_age = 0.0
+    held = reclaimed = suspect = held_age = blocked = 0.0
     suspect_share = 1.0
     running_work = 0.0
     if running == 0:
@@ -584,16 +612,33 @@ def _seconds(
         working = max(total / elapsed**k1 for total, k1 in busy)
         reclaimed = stats.get("k0", 0.0)
         workers = float(running)
+        # Held items can only be among the quiet ones, when leases say which: an item
+        # whose worker renews its lease is alive however old it is (a long one).
+        holdable = running - working
+        if (
+            quiet is not None
+            and stats.get("g0", 0.0) > 0.0
+            and reclaimed < 1.0
+            and quiet - known_lost < holdable
+        ):
+            holdable = quiet - known_lost
         if running >= working + 0.5:
             # A handful of finished items says little about how long items take: an
             # old item is then as likely a long one.
             excess_age = age - running * residual
             aged = excess_age > _AGED * residual * math.sqrt(running * (1.0 + cv2))
-            if aged and attempts >= _SEEN:
+            if aged and attempts >= _SEEN and holdable >= 0.5:
+                held = holdable
+                working = running - held
                 workers = working if working > 1.0 else 1.0
-                held = running - working
                 held_age = (age - working * residual) / held
                 running_work = working * residual
+            elif aged and attempts >= _SEEN and elapsed - last * _LATEST > mean:
+                # Alive by their leases, so long items: the batch is not over before
+                # they are, and they need about as long again as they have run (the
+                # median, not knowing how long they are).
+                blocked = (age - working * residual) / (running - working)
+                suspect = running - working  # may still be lost: widens the range
             else:
                 suspect = running - working  # only widens the range
                 # by as much as the running items are older than running items get:
@@ -626,6 +671,8 @@ def _seconds(
     seconds = ahead + running_work / workers
     lead, lead_var = _last(workers, tail)
     seconds += residual * lead
+    if blocked > seconds:
+        seconds = blocked
     wait = low_wait = high_wait = 0.0
     if idle > 0.0:
         # A pause: it goes on about as long again as it has lasted so far, the median
@@ -673,6 +720,7 @@ def _governed(
     now: float,
     lost: int,
     reported: tuple[int, float],
+    quiet: int | None,
     found: _Found,
     low: float,
 ) -> float:
@@ -699,7 +747,7 @@ def _governed(
     ref = created_at + model.last * _LATEST
     if not created_at < ref < now:
         return found.seconds
-    before = _seconds(progress, created_at, stats, ref, lost, reported)
+    before = _seconds(progress, created_at, stats, ref, lost, reported, quiet)
     if before is None or found.seconds <= before.seconds:
         return found.seconds
     return before.seconds if before.seconds > low else low
@@ -712,21 +760,27 @@ def _shown(
     now: float,
     lost: int = 0,
     reported: tuple[int, float] = (0, 0.0),
+    quiet: int | None = None,
 ) -> tuple[float, float, float] | None:
     """The estimate as shown and its 80% range, before rounding; None without a basis."""
-    found = _seconds(progress, created_at, stats, now, lost, reported)
+    found = _seconds(progress, created_at, stats, now, lost, reported, quiet)
     if found is None:
         return None
     start, end = _span(found)
-    point = _governed(progress, created_at, stats, now, lost, reported, found, start)
+    point = _governed(progress, created_at, stats, now, lost, reported, quiet, found, start)
     return point, start, end
 
 
 def seconds_remaining(
-    progress: Progress, created_at: float, stats: Mapping[str, float], now: float
+    progress: Progress,
+    created_at: float,
+    stats: Mapping[str, float],
+    now: float,
+    lost: int = 0,
+    quiet: int | None = None,
 ) -> float | None:
     """The estimate before rounding: None until an item is final, 0.0 once all are."""
-    shown = _shown(progress, created_at, stats, now)
+    shown = _shown(progress, created_at, stats, now, lost, (0, 0.0), quiet)
     return None if shown is None else shown[0]
 
 
@@ -737,10 +791,15 @@ def _span(found: _Found) -> tuple[float, float]:
 
 
 def span_remaining(
-    progress: Progress, created_at: float, stats: Mapping[str, float], now: float
+    progress: Progress,
+    created_at: float,
+    stats: Mapping[str, float],
+    now: float,
+    lost: int = 0,
+    quiet: int | None = None,
 ) -> tuple[float, float] | None:
     """The 80% range before rounding to whole seconds (for the benchmark)."""
-    found = _seconds(progress, created_at, stats, now)
+    found = _seconds(progress, created_at, stats, now, lost, (0, 0.0), quiet)
     return None if found is None else _span(found)
 
 
@@ -751,6 +810,7 @@ def estimate_why(
     now: float,
     lost: int,
     reported: tuple[int, float] = (0, 0.0),
+    quiet: int | None = None,
 ) -> tuple[int | None, tuple[int, int] | None, str | None]:
     """:func:`estimate`, knowing that ``lost`` of the processing items are lost (their
     lease ran out, not yet reclaimed), and why there is no ETA when there is none.
@@ -764,7 +824,7 @@ def estimate_why(
         return None, None, STARTING
     if progress.processing and not progress.pending and lost >= progress.processing:
         return None, None, WAITING_FOR_LOST_ITEMS
-    eta, eta_range = estimate(progress, created_at, stats, now, lost, reported)
+    eta, eta_range = estimate(progress, created_at, stats, now, lost, reported, quiet)
     return eta, eta_range, None
 
 
@@ -775,6 +835,7 @@ def estimate(
     now: float,
     lost: int = 0,
     reported: tuple[int, float] = (0, 0.0),
+    quiet: int | None = None,
 ) -> tuple[int | None, tuple[int, int] | None]:
     """Whole seconds until the batch is finished, and the 80% range around it.
 
@@ -784,7 +845,7 @@ def estimate(
     and ``low < high``: the range's ends rounded down and up, so that it holds the whole
     span (a span narrower than a second never becomes a point no true time can equal).
     """
-    shown = _shown(progress, created_at, stats, now, lost, reported)
+    shown = _shown(progress, created_at, stats, now, lost, reported, quiet)
     if shown is None:
         return None, None
     if not (progress.pending or progress.processing):

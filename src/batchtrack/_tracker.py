@@ -569,7 +569,7 @@ class BatchTracker(Closing):
                 ) from None
             lost = self._lost_by_batch(records, now)
             for record in records:
-                snap = self._snapshot(record, now, lost.get(record.batch_id, 0))
+                snap = self._snapshot(record, now, lost.get(record.batch_id, (0, 0)))
                 if wanted is None or snap.status is wanted:
                     found.append(snap)
                     if len(found) > limit:
@@ -1170,46 +1170,56 @@ class BatchTracker(Closing):
         record = self._visible(batch_id, owner, items=query, now=now)
         return attrs.evolve(self._snapshot(record, now), query=query), record.expires_at
 
-    def _lost_in(self, batch_id: str, now: float) -> int:
+    def _lost_in(self, record: BatchRecord, now: float) -> tuple[int, int]:
         """How many of the batch's processing items are lost now (their lease ran out,
-        not yet reclaimed); a lower bound when more than a page of items of every batch
-        is lost. Costs what the store's lease index holds that ran out, not the batch."""
-        return sum(1 for lost in self.store.lost(now, _LOST_PAGE) if lost.batch_id == batch_id)
+        not yet reclaimed), and how many are *quiet*: lost, or with so little of their
+        lease left that no worker renewed it lately (see :func:`_eta.quiet_within`).
+        Lower bounds when more than a page of items of every batch is. Costs what the
+        store's lease index holds that runs out that soon (nothing, while every worker
+        renews its leases), not the batch."""
+        return self._lost_by_batch([record], now).get(record.batch_id, (0, 0))
 
-    def _lost_by_batch(self, records: list[BatchRecord], now: float) -> dict[str, int]:
-        """How many lost items each of ``records`` has (as :meth:`_lost_in`), from one
+    def _lost_by_batch(self, records: list[BatchRecord], now: float) -> dict[str, tuple[int, int]]:
+        """The lost and quiet items of each of ``records`` (as :meth:`_lost_in`), from one
         read of the store's leases for a whole page of batches instead of one per batch;
         empty when no batch of the page could show them."""
-        if not any(r.progress.processing and r.progress.finished for r in records):
+        shown = [r for r in records if r.progress.processing and r.progress.finished]
+        if not shown:
             return {}
-        counts: dict[str, int] = {}
-        for found in self.store.lost(now, _LOST_PAGE):
-            counts[found.batch_id] = counts.get(found.batch_id, 0) + 1
+        within = max(_eta.quiet_within(r.stats, r.progress.processing) for r in shown)
+        counts: dict[str, tuple[int, int]] = {}
+        for found in self.store.lost(now + within, _LOST_PAGE):
+            lost, quiet = counts.get(found.batch_id, (0, 0))
+            counts[found.batch_id] = (lost + (found.lease_until <= now), quiet + 1)
         return counts
 
     def _estimate(
-        self, record: BatchRecord, now: float, counted: int | None = None
+        self, record: BatchRecord, now: float, counted: tuple[int, int] | None = None
     ) -> tuple[int | None, tuple[int, int] | None, str | None]:
         """The batch's ETA, its range and why there is none (see
         :attr:`BatchSnapshot.eta_unavailable`), lost items taken into account (``counted``:
-        how many, read already; None: read here)."""
+        how many lost and quiet, read already; None: read here)."""
         progress = record.progress
         if record.paused and (progress.pending or progress.processing):
             return None, None, _eta.PAUSED
-        lost = 0
+        lost = quiet = 0
         if progress.processing and (progress.completed or progress.failed):
             # Only then can lost items change what is shown (before anything finished
             # the reason is "starting" whatever else holds).
-            lost = self._lost_in(record.batch_id, now) if counted is None else counted
+            lost, quiet = self._lost_in(record, now) if counted is None else counted
         reported = (0, 0.0)
         if progress.processing and len(record.items) == progress.total:
             # Only a read of every item sees every report; a partial read (a page, a
             # since-read, a header) would see some, so it leaves them all out.
             fractions = [i.progress for i in record.items if i.progress is not None]
             reported = (len(fractions), math.fsum(fractions))
-        return _eta.estimate_why(progress, record.created_at, record.stats, now, lost, reported)
+        return _eta.estimate_why(
+            progress, record.created_at, record.stats, now, lost, reported, quiet
+        )
 
-    def _snapshot(self, record: BatchRecord, now: float, lost: int | None = None) -> BatchSnapshot:
+    def _snapshot(
+        self, record: BatchRecord, now: float, lost: tuple[int, int] | None = None
+    ) -> BatchSnapshot:
         progress = record.progress
         eta, eta_range, why = self._estimate(record, now, lost)
         status = progress.status
