@@ -130,6 +130,7 @@ _STAGING_TTL = 3600  # seconds staged items of a creator that died are kept
 _SLACK = 60  # seconds a key outlives the batch's own expiry, for clock skew
 _SLACK_ARG = str(_SLACK)
 _IDLE_KEPT = 16  # idle connections RedisStore._fast keeps
+_CONSTANTS_KEPT = 4096  # batches whose created_at and total RedisStore keeps
 _PURGE_CHUNK = 500
 _PING_AFTER = 5.0  # seconds of silence on the listening connection before a PING
 _DEAD_AFTER = 15.0  # seconds of silence (no answer to it either) that mean it is gone
@@ -422,14 +423,26 @@ _APPLY = _PRELUDE + _APPLY_BODY
 #       expires_open, expires_finished, slack, lease_until ('' = none; a lease means a
 #       start: one more attempt, refused while paused), error ('' = none), then the
 #       stats group ('' = none): source code, powers as one digit each, ':' and the names
-#       joined by \x1f, and its coefficients as little-endian doubles.
-# Returns: outcome, previous code, the item's JSON, created_at, expires_at, version,
-# total, completed, failed, processing, pending, stats (or {'nobatch'} / {'noitem'}).
+#       joined by \x1f, and its coefficients as little-endian doubles; then '1' to be
+#       answered created_at and total ('' = the caller knows them).
+# Returns: outcome, previous code, the item's JSON, created_at (or ''), expires_at,
+# version, total (or ''), completed, failed, processing, pending, stats (or {'nobatch'}
+# / {'noitem'}).
 _EVENT_BODY = """
 local at = tonumber(ARGV[5])
-local h = redis.call('HMGET', KEYS[1], 'expires_at', 'version', 'pending', 'processing',
-  'completed', 'failed', 'finished_at', 'stats', 'created_at', 'total', 'paused')
+-- paused matters to a start only; created_at and total never change, so they are read
+-- only for a caller that has not kept them (ARGV[13]). finished_at is not read: an event
+-- that applies never finds its batch finished (it moves a pending or processing item).
+local fields = {'expires_at', 'version', 'pending', 'processing', 'completed', 'failed',
+  'stats'}
+if ARGV[9] ~= '' or ARGV[13] ~= '' then fields[8] = 'paused' end
+if ARGV[13] ~= '' then
+  fields[9] = 'created_at'
+  fields[10] = 'total'
+end
+local h = redis.call('HMGET', KEYS[1], unpack(fields))
 if not h[1] or tonumber(h[1]) <= at then return {'nobatch'} end
+local created, total = h[9] or '', h[10] or ''
 local raw = redis.call('HGET', KEYS[2], ARGV[2])
 if not raw then return {'noitem'} end
 local item = cjson.decode(raw)
@@ -440,11 +453,11 @@ if previous == target then
   outcome = 'unchanged'
 elseif not string.find(ARGV[4], previous, 1, true) then
   outcome = 'rejected'
-elseif ARGV[9] ~= '' and h[11] == '1' then
+elseif ARGV[9] ~= '' and h[8] == '1' then
   outcome = 'paused'
 end
 if outcome then
-  return {outcome, previous, raw, h[9], h[1], h[2], h[10], h[5], h[6], h[4], h[3], h[8]}
+  return {outcome, previous, raw, created, h[1], h[2], total, h[5], h[6], h[4], h[3], h[7]}
 end
 local p = string.sub(KEYS[1], 1, -#ARGV[1] - 3)
 local version = tonumber(h[2]) + 1
@@ -484,12 +497,11 @@ for _, code in ipairs({previous, target}) do
     update[#update + 1] = counts[code + 1]
   end
 end
-local was_finished = h[7] and h[7] ~= ''
-if finished ~= was_finished then
+if finished then
   update[#update + 1] = 'finished_at'
-  update[#update + 1] = finished and ARGV[5] or ''
+  update[#update + 1] = ARGV[5]
 end
-local stats = h[8]
+local stats = h[7]
 if ARGV[11] ~= '' and tonumber(string.sub(ARGV[11], 1, 1)) == previous then
   stats = add_stats(stats, ARGV[11], ARGV[12], elapsed)
   update[#update + 1] = 'stats'
@@ -505,7 +517,7 @@ if finished or redis.call('TTL', KEYS[1]) < ttl - 3600 then
   end
   redis.call('ZADD', p .. 'expiry', expires, ARGV[1])
 end
-if finished and not was_finished then
+if finished then
   local id = 'end:' .. ARGV[1] .. ':' .. version
   local entry = cjson.encode({b = ARGV[1], v = version, t = ARGV[5]})
   if redis.call('HSETNX', p .. 'outbox', id, entry) == 1 then
@@ -515,7 +527,7 @@ if finished and not was_finished then
   end
 end
 redis.call('PUBLISH', p .. 'changes', ARGV[1])
-return {'applied', previous, raw, h[9], expires, version, h[10], counts[3], counts[4],
+return {'applied', previous, raw, created, expires, version, total, counts[3], counts[4],
   counts[2], counts[1], stats}
 """
 
@@ -1143,8 +1155,11 @@ def _from_fields(
     return record
 
 
+_decode = json.JSONDecoder().decode  # json.loads without its checks of the input's type
+
+
 def _item(item_id: str, raw: bytes) -> ItemSnapshot:
-    data = json.loads(raw)
+    data = _decode(raw.decode())
     fraction = data.get("q")
     return ItemSnapshot(
         item_id,
@@ -1262,6 +1277,9 @@ class RedisStore(Store):
     _pid: int = attrs.field(init=False, factory=os.getpid)  # whose they are
     # Per stats group (source and names): the group as _EVENT takes it.
     _layouts: dict[tuple[Any, ...], str] = attrs.field(init=False, factory=dict)
+    # Per batch: its created_at and total, which never change (_EVENT need not read
+    # them again); forgotten all at once when _CONSTANTS_KEPT are kept, and on delete.
+    _constants: dict[str, tuple[float, int]] = attrs.field(init=False, factory=dict)
     # Per event loop: the redis.asyncio client of version_of_async (made on first use)
     # and the started async generator that closes it.
     _async_reads: dict[Any, tuple[Any, AsyncGenerator[None, None]]] = attrs.field(
@@ -1560,6 +1578,7 @@ class RedisStore(Store):
                 lease_until,
             )
         p = self.prefix
+        known = self._constants.get(batch_id)
         reply = self._fast(
             self._event,
             f"update batch {batch_id!r}",
@@ -1577,6 +1596,7 @@ class RedisStore(Store):
                 error or "",
                 group,
                 coefs,
+                "" if known else "1",
             ),
         )
         if len(reply) < 12:
@@ -1584,7 +1604,13 @@ class RedisStore(Store):
                 raise BatchNotFound(batch_id)
             raise ItemNotFound(batch_id, item_id)
         outcome, previous, raw, created, expires, version, total, done, failed, running = reply[:10]
-        total = int(total or 0)
+        if known:
+            created, total = known
+        else:
+            created, total = float(created or 0), int(total or 0)
+            if len(self._constants) >= _CONSTANTS_KEPT:
+                self._constants.clear()
+            self._constants[batch_id] = (created, total)
         done, failed, running, pending = int(done), int(failed), int(running), int(reply[10])
         return (
             _OUTCOMES[outcome],
@@ -1594,7 +1620,7 @@ class RedisStore(Store):
                 total, done, failed, running, pending, total - done - failed - running - pending
             ),
             int(version),
-            float(created or 0),
+            created,
             float(expires),
             PackedStats(reply[11]),
         )
@@ -1692,8 +1718,8 @@ class RedisStore(Store):
             one = self._args(batch_id, transition)
             args.append(len(one))
             args += one
-        replies = self._call(
-            self._apply_all, f"update batch {batch_id!r}", self._keys(batch_id), args
+        replies = self._fast(
+            self._apply_all, f"update batch {batch_id!r}", tuple(self._keys(batch_id)), tuple(args)
         )
         if replies and replies[0] == b"nobatch":
             raise BatchNotFound(batch_id)
@@ -1934,6 +1960,7 @@ class RedisStore(Store):
         return found
 
     def delete(self, batch_id: str) -> bool:
+        self._constants.pop(batch_id, None)
         keys = self._keys(batch_id)
         p = self.prefix
         try:
