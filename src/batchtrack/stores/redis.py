@@ -543,52 +543,50 @@ local function add_stats(blob, group, coefs, elapsed)
   local powers = string.sub(group, 2, cut - 1)
   local gnames = string.sub(group, cut + 1)
   local k = #powers
-  local coef = {struct.unpack('<' .. string.rep('d', k), coefs)}
+  local fmt = '<' .. string.rep('d', k)
+  local coef = {struct.unpack(fmt, coefs)}
   local square = elapsed * elapsed
   local small = {1.0, elapsed, square, square * elapsed, square * square}
   local count = struct.unpack('<H', blob)
-  local sums = {struct.unpack('<H' .. string.rep('d', count), blob)}
-  local tail = string.sub(blob, 3 + 8 * count)
-  table.remove(sums)
-  table.remove(sums, 1)
-  local first = nil
-  local at = string.find(tail, gnames, 1, true)
-  if at and (at == 1 or string.byte(tail, at - 1) == 31)
-      and (at + #gnames > #tail or string.byte(tail, at + #gnames) == 31) then
-    first = 1
-    for _ in string.gmatch(string.sub(tail, 1, at - 1), SEP) do first = first + 1 end
-  end
-  local names = nil
-  if first then
+  local names_at = 3 + 8 * count
+  local at = string.find(blob, gnames, names_at, true)
+  if at and (at == names_at or string.byte(blob, at - 1) == 31)
+      and (at + #gnames > #blob or string.byte(blob, at + #gnames) == 31) then
+    -- The group's sums lie in a row: decode and encode those k doubles only.
+    local before = 0
+    for _ in string.gmatch(string.sub(blob, names_at, at - 1), SEP) do before = before + 1 end
+    local first = 3 + 8 * before
+    local sums = {struct.unpack(fmt, blob, first)}
     for i = 1, k do
       local power = string.byte(powers, i) - 48
-      local scale = small[power + 1] or elapsed ^ power
-      sums[first + i - 1] = sums[first + i - 1] + coef[i] * scale
+      sums[i] = sums[i] + coef[i] * (small[power + 1] or elapsed ^ power)
     end
-  else
-    names = {}
-    local index = {}
-    for name in string.gmatch(tail, '[^' .. SEP .. ']+') do
-      names[#names + 1] = name
-      index[name] = #names
-    end
-    local i = 0
-    for name in string.gmatch(gnames, '[^' .. SEP .. ']+') do
-      i = i + 1
-      local at_name = index[name]
-      if not at_name then
-        names[#names + 1] = name
-        sums[#names] = 0
-        at_name = #names
-        index[name] = at_name
-      end
-      local power = string.byte(powers, i) - 48
-      local scale = small[power + 1] or elapsed ^ power
-      sums[at_name] = sums[at_name] + coef[i] * scale
-    end
-    tail = table.concat(names, SEP)
+    return string.sub(blob, 1, first - 1) .. struct.pack(fmt, unpack(sums, 1, k))
+      .. string.sub(blob, first + 8 * k)
   end
-  return struct.pack('<H' .. string.rep('d', #sums), #sums, unpack(sums)) .. tail
+  local sums = {struct.unpack('<H' .. string.rep('d', count), blob)}
+  table.remove(sums)
+  table.remove(sums, 1)
+  local names, index = {}, {}
+  for name in string.gmatch(string.sub(blob, names_at), '[^' .. SEP .. ']+') do
+    names[#names + 1] = name
+    index[name] = #names
+  end
+  local i = 0
+  for name in string.gmatch(gnames, '[^' .. SEP .. ']+') do
+    i = i + 1
+    local at_name = index[name]
+    if not at_name then
+      names[#names + 1] = name
+      sums[#names] = 0
+      at_name = #names
+      index[name] = at_name
+    end
+    local power = string.byte(powers, i) - 48
+    sums[at_name] = sums[at_name] + coef[i] * (small[power + 1] or elapsed ^ power)
+  end
+  return struct.pack('<H' .. string.rep('d', #names), #names, unpack(sums, 1, #names))
+    .. table.concat(names, SEP)
 end
 """
 
