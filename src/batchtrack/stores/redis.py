@@ -599,6 +599,7 @@ _EVENT = _ADD_STATS + _EVENT_BODY
 # Returns: {'nobatch'}, {'noitem', item id}, or one _APPLY reply per transition.
 _APPLY_ALL = (
     _PRELUDE
+    + _ADD_STATS
     + """
 local calls, ids = {}, {}
 local n = 2
@@ -624,10 +625,6 @@ local paused = redis.call('HGET', KEYS[1], 'paused') == '1'
 local counts = {tonumber(values[11]), tonumber(values[10]), tonumber(values[8]),
   tonumber(values[9]), 0}
 local version = tonumber(values[6])
-local names, sums, index = nil, nil, nil
-local function decode()
-  if not names then names, sums, index = decode_stats(values[12]) end
-end
 local replies = {}
 local last_at, slack, finished = nil, nil, false
 for i, A in ipairs(calls) do
@@ -660,9 +657,8 @@ for i, A in ipairs(calls) do
     for g = 0, tonumber(A[15]) - 1 do
       local base = 16 + 4 * g
       if tonumber(A[base]) == previous then
-        decode()
-        add_group(names, sums, index, A[base + 1], A[base + 2], A[base + 3], elapsed)
-        values[12] = encode_stats(names, sums)
+        local group = A[base] .. A[base + 3] .. ':' .. (string.gsub(A[base + 1], ',', SEP))
+        values[12] = add_stats(values[12], group, A[base + 2], elapsed)
       end
     end
     finished = counts[1] + counts[2] == 0
@@ -1210,17 +1206,20 @@ def _transition_result(batch_id: str, item_id: str, reply: list[Any]) -> Transit
         raise BatchNotFound(batch_id)
     if reply[0] == b"noitem":
         raise ItemNotFound(batch_id, item_id)
-    record = _record(batch_id, reply[3], PackedStats(reply[4]))
+    # The header as _record reads it, without the BatchRecord.
+    _, created, _, finished, expires, version, total, done, failed, running, pending = reply[3]
+    total, done, failed = int(total or 0), int(done or 0), int(failed or 0)
+    running, pending = int(running or 0), int(pending or 0)
     return TransitionResult(
         _OUTCOMES[reply[0]],
         _STATUSES[int(reply[1])],
         _item(item_id, reply[2]),
-        record.progress,
-        record.version,
-        record.created_at,
-        record.finished_at,
-        record.expires_at,
-        record.stats,
+        Progress(total, done, failed, running, pending, total - done - failed - running - pending),
+        int(version or 0),
+        float(created or 0),
+        _float(finished),
+        float(expires or 0),
+        PackedStats(reply[4]),
     )
 
 
