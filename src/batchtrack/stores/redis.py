@@ -1271,6 +1271,7 @@ class RedisStore(Store):
     # plain redis.Redis with a pool (a single-connection client, a cluster...).
     _pool: Any = attrs.field(init=False, default=None)
     _idle: list[Any] = attrs.field(init=False, factory=list)  # _fast's idle connections
+    _closed: bool = attrs.field(init=False, default=False)  # close() was called
     _pid: int = attrs.field(init=False, factory=os.getpid)  # whose they are
     # Per stats group (source and names): the group as _EVENT takes it.
     _layouts: dict[tuple[Any, ...], str] = attrs.field(init=False, factory=dict)
@@ -1371,6 +1372,7 @@ class RedisStore(Store):
 
     def close(self) -> None:
         """Release the connections (of a pool this store created)."""
+        self._closed = True  # a call under way closes its connection when done
         while self._idle:
             with contextlib.suppress(RedisError, OSError):
                 self._idle.pop().disconnect()
@@ -1675,7 +1677,7 @@ class RedisStore(Store):
 
     def _keep(self, conn: Any) -> None:
         """Put a connection of :meth:`_fast` back with the idle ones (or close it)."""
-        if len(self._idle) < _IDLE_KEPT:
+        if len(self._idle) < _IDLE_KEPT and not self._closed:
             self._idle.append(conn)
         else:
             conn.disconnect()
