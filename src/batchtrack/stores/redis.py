@@ -5,7 +5,9 @@ Needs redis-py: ``pip install 'batchtrack[redis]'``.
 Every transition is one server-side Lua script, registered once and called by its SHA:
 it checks the item's status, updates the item, the batch's counters, ETA stats, version
 and expiry, all in one atomic step and one round trip. Reading a batch is one pipelined
-``MULTI``/``EXEC``, so a snapshot is consistent.
+``MULTI``/``EXEC``, so a snapshot is consistent. The tracker's own events (a start, a
+completion, a failure) run a leaner script of the same effect (``_EVENT``), sent packed
+at once on connections the store keeps for them (:meth:`RedisStore._fast`).
 
 Keys, under ``prefix`` (default ``batchtrack:``):
 
