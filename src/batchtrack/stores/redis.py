@@ -5,7 +5,9 @@ Needs redis-py: ``pip install 'batchtrack[redis]'``.
 Every transition is one server-side Lua script, registered once and called by its SHA:
 it checks the item's status, updates the item, the batch's counters, ETA stats, version
 and expiry, all in one atomic step and one round trip. Reading a batch is one pipelined
-``MULTI``/``EXEC``, so a snapshot is consistent.
+``MULTI``/``EXEC``, so a snapshot is consistent. The tracker's own events (a start, a
+completion, a failure) run a leaner script of the same effect (``_EVENT``), sent packed
+at once on connections the store keeps for them (:meth:`RedisStore._fast`).
 
 Keys, under ``prefix`` (default ``batchtrack:``):
 
@@ -41,6 +43,7 @@ import contextlib
 import hashlib
 import json
 import math
+import os
 import struct
 import threading
 import time
@@ -52,7 +55,9 @@ try:
     import redis
     import redis.asyncio
     from redis.backoff import NoBackoff
-    from redis.exceptions import RedisError
+    from redis.exceptions import ConnectionError as RedisConnectionError
+    from redis.exceptions import NoScriptError, RedisError, ResponseError
+    from redis.exceptions import TimeoutError as RedisTimeoutError
     from redis.retry import Retry
 except ImportError as exc:  # pragma: no cover - depends on the environment
     from .._extras import missing
@@ -82,6 +87,12 @@ from .base import (
     unpack_stats,
 )
 
+_hiredis_pack: Callable[[tuple[Any, ...]], bytes] | None
+try:  # redis-py packs with hiredis when it is there: so do we, without its wrappers
+    from hiredis import pack_command as _hiredis_pack
+except ImportError:  # pragma: no cover - depends on the environment
+    _hiredis_pack = None
+
 __all__ = ["RedisStore"]
 
 # Cancelled items (code 4) have no count field: they are what the total leaves over.
@@ -93,6 +104,7 @@ _STATUSES = (
     Status.CANCELLED,
 )
 _CODE = {status: code for code, status in enumerate(_STATUSES)}
+_DIGITS = {status: str(code) for status, code in _CODE.items()}
 # A transition's allowed sources as the scripts take them (digits), per set of sources.
 _SOURCE_CODES: dict[frozenset[Status], str] = {}
 _OUTCOMES = {
@@ -118,6 +130,9 @@ _CREATE_CHUNK = 1000  # items per staging call when creating a batch
 _CREATE_PIPELINE = 20  # staging calls sent per round trip
 _STAGING_TTL = 3600  # seconds staged items of a creator that died are kept
 _SLACK = 60  # seconds a key outlives the batch's own expiry, for clock skew
+_SLACK_ARG = str(_SLACK)
+_IDLE_KEPT = 16  # idle connections RedisStore._fast keeps
+_CONSTANTS_KEPT = 4096  # batches whose created_at and total RedisStore keeps
 _PURGE_CHUNK = 500
 _PING_AFTER = 5.0  # seconds of silence on the listening connection before a PING
 _DEAD_AFTER = 15.0  # seconds of silence (no answer to it either) that mean it is gone
@@ -285,6 +300,8 @@ end
 -- digits) for an item that spent `elapsed` seconds in the group's source status.
 local function add_group(names, sums, index, group_names, coefs, powers, elapsed)
   local coef = {struct.unpack('<' .. string.rep('d', #coefs / 8), coefs)}
+  local square = elapsed * elapsed  -- the powers as add_stats makes them, bit for bit
+  local small = {1.0, elapsed, square, square * elapsed, square * square}
   local k = 0
   for name in string.gmatch(group_names, '[^,]+') do
     k = k + 1
@@ -295,7 +312,8 @@ local function add_group(names, sums, index, group_names, coefs, powers, elapsed
       at_name = #names
       index[name] = at_name
     end
-    sums[at_name] = sums[at_name] + coef[k] * elapsed ^ (string.byte(powers, k) - 48)
+    local power = string.byte(powers, k) - 48
+    sums[at_name] = sums[at_name] + coef[k] * (small[power + 1] or elapsed ^ power)
   end
 end
 -- The end marker of a batch a transition just ended, in the webhook outbox (the keys
@@ -399,6 +417,183 @@ return answer('applied', previous, raw, update)
 """
 _APPLY = _PRELUDE + _APPLY_BODY
 
+# The tracker's event (a start, completion or failure; RedisStore._apply_parts), the
+# same transition as _APPLY with the fewest server calls: two keys, eleven short
+# arguments, the other keys named from the prefix, one stats group at most, the header
+# fields it changes written and no others.
+# KEYS: batch hash, items hash. ARGV: batch id, item id, target code, source codes, at,
+#       expires_open, expires_finished, slack, lease_until ('' = none; a lease means a
+#       start: one more attempt, refused while paused), error ('' = none), then the
+#       stats group ('' = none): source code, powers as one digit each, ':' and the names
+#       joined by \x1f, and its coefficients as little-endian doubles; then '1' to be
+#       answered created_at and total ('' = the caller knows them).
+# Returns: outcome, previous code, the item's JSON, created_at (or ''), expires_at,
+# version, total (or ''), completed, failed, processing, pending, stats (or {'nobatch'}
+# / {'noitem'}).
+_EVENT_BODY = """
+local at = tonumber(ARGV[5])
+-- paused matters to a start only; created_at and total never change, so they are read
+-- only for a caller that has not kept them (ARGV[13]). finished_at is not read: an event
+-- that applies never finds its batch finished (it moves a pending or processing item).
+local fields = {'expires_at', 'version', 'pending', 'processing', 'completed', 'failed',
+  'stats'}
+if ARGV[9] ~= '' or ARGV[13] ~= '' then fields[8] = 'paused' end
+if ARGV[13] ~= '' then
+  fields[9] = 'created_at'
+  fields[10] = 'total'
+end
+local h = redis.call('HMGET', KEYS[1], unpack(fields))
+if not h[1] or tonumber(h[1]) <= at then return {'nobatch'} end
+local created, total = h[9] or '', h[10] or ''
+local raw = redis.call('HGET', KEYS[2], ARGV[2])
+if not raw then return {'noitem'} end
+local item = cjson.decode(raw)
+local previous = item.s
+local target = tonumber(ARGV[3])
+local outcome = nil
+if previous == target then
+  outcome = 'unchanged'
+elseif not string.find(ARGV[4], previous, 1, true) then
+  outcome = 'rejected'
+elseif ARGV[9] ~= '' and h[8] == '1' then
+  outcome = 'paused'
+end
+if outcome then
+  return {outcome, previous, raw, created, h[1], h[2], total, h[5], h[6], h[4], h[3], h[7]}
+end
+local p = string.sub(KEYS[1], 1, -#ARGV[1] - 3)
+local version = tonumber(h[2]) + 1
+-- Times travel as strings: cjson keeps only 14 significant digits of a number.
+local elapsed = at - tonumber(item.t)
+redis.call('ZADD', p .. 'c:' .. ARGV[1], version, ARGV[2])
+if item.p then
+  redis.call('ZADD', p .. 's:' .. ARGV[1], target * 4294967296 + item.p, ARGV[2])
+end
+item.s = target
+if ARGV[10] ~= '' then item.e = ARGV[10] else item.e = cjson.null end
+item.q = nil  -- a report lasts while the item runs
+item.g = nil
+item.t = ARGV[5]
+if ARGV[9] ~= '' then
+  item.a = (item.a or 0) + 1
+  item.l = ARGV[9]
+  item.h = ARGV[5]
+  redis.call('ZADD', p .. 'leases', ARGV[9], ARGV[1] .. '\\031' .. ARGV[2])
+elseif item.l then
+  item.l = nil
+  redis.call('ZREM', p .. 'leases', ARGV[1] .. '\\031' .. ARGV[2])
+end
+raw = cjson.encode(item)
+redis.call('HSET', KEYS[2], ARGV[2], raw)
+-- pending, processing, completed, failed (h[3] to h[6]); cancelled is never written.
+local counts = {tonumber(h[3]), tonumber(h[4]), tonumber(h[5]), tonumber(h[6]), 0}
+counts[previous + 1] = counts[previous + 1] - 1
+counts[target + 1] = counts[target + 1] + 1
+local finished = counts[1] + counts[2] == 0
+local expires = finished and ARGV[7] or ARGV[6]
+local update = {'version', version, 'updated_at', ARGV[5], 'expires_at', expires}
+local names = {'pending', 'processing', 'completed', 'failed'}
+for _, code in ipairs({previous, target}) do
+  if code < 4 then
+    update[#update + 1] = names[code + 1]
+    update[#update + 1] = counts[code + 1]
+  end
+end
+if finished then
+  update[#update + 1] = 'finished_at'
+  update[#update + 1] = ARGV[5]
+end
+local stats = h[7]
+if ARGV[11] ~= '' and tonumber(string.sub(ARGV[11], 1, 1)) == previous then
+  stats = add_stats(stats, ARGV[11], ARGV[12], elapsed)
+  update[#update + 1] = 'stats'
+  update[#update + 1] = stats
+end
+redis.call('HSET', KEYS[1], unpack(update))
+local ttl = math.max(1, math.ceil(tonumber(expires) - at + tonumber(ARGV[8])))
+if not finished then ttl = ttl + 3600 end
+if finished or redis.call('TTL', KEYS[1]) < ttl - 3600 then
+  for _, key in ipairs({KEYS[1], KEYS[2], p .. 'o:' .. ARGV[1], p .. 'c:' .. ARGV[1],
+      p .. 's:' .. ARGV[1]}) do
+    redis.call('EXPIRE', key, ttl)
+  end
+  redis.call('ZADD', p .. 'expiry', expires, ARGV[1])
+end
+if finished then
+  local id = 'end:' .. ARGV[1] .. ':' .. version
+  local entry = cjson.encode({b = ARGV[1], v = version, t = ARGV[5]})
+  if redis.call('HSETNX', p .. 'outbox', id, entry) == 1 then
+    redis.call('ZADD', p .. 'outbox:ready', ARGV[5], id)
+    redis.call('HSET', p .. 'outbox:ends', ARGV[1],
+      (redis.call('HGET', p .. 'outbox:ends', ARGV[1]) or '') .. id .. ' ')
+  end
+end
+redis.call('PUBLISH', p .. 'changes', ARGV[1])
+return {'applied', previous, raw, created, expires, version, total, counts[3], counts[4],
+  counts[2], counts[1], stats}
+"""
+
+# Adds one stats group (as _EVENT's ARGV takes it) to a stats blob (pack_stats' format)
+# for an item that spent `elapsed` seconds in the group's source status, as add_stats
+# does in Python (the same powers: elapsed * elapsed, then times elapsed or squared).
+# When the group's names lie in the blob in a row (as the tracker's always do once
+# there), only the doubles are decoded and encoded; otherwise names are matched one by one.
+_ADD_STATS = """
+local function add_stats(blob, group, coefs, elapsed)
+  local SEP = string.char(31)
+  local cut = string.find(group, ':', 1, true)
+  local powers = string.sub(group, 2, cut - 1)
+  local gnames = string.sub(group, cut + 1)
+  local k = #powers
+  local fmt = '<' .. string.rep('d', k)
+  local coef = {struct.unpack(fmt, coefs)}
+  local square = elapsed * elapsed
+  local small = {1.0, elapsed, square, square * elapsed, square * square}
+  local count = struct.unpack('<H', blob)
+  local names_at = 3 + 8 * count
+  local at = string.find(blob, gnames, names_at, true)
+  if at and (at == names_at or string.byte(blob, at - 1) == 31)
+      and (at + #gnames > #blob or string.byte(blob, at + #gnames) == 31) then
+    -- The group's sums lie in a row: decode and encode those k doubles only.
+    local before = 0
+    for _ in string.gmatch(string.sub(blob, names_at, at - 1), SEP) do before = before + 1 end
+    local first = 3 + 8 * before
+    local sums = {struct.unpack(fmt, blob, first)}
+    for i = 1, k do
+      local power = string.byte(powers, i) - 48
+      sums[i] = sums[i] + coef[i] * (small[power + 1] or elapsed ^ power)
+    end
+    return string.sub(blob, 1, first - 1) .. struct.pack(fmt, unpack(sums, 1, k))
+      .. string.sub(blob, first + 8 * k)
+  end
+  local sums = {struct.unpack('<H' .. string.rep('d', count), blob)}
+  table.remove(sums)
+  table.remove(sums, 1)
+  local names, index = {}, {}
+  for name in string.gmatch(string.sub(blob, names_at), '[^' .. SEP .. ']+') do
+    names[#names + 1] = name
+    index[name] = #names
+  end
+  local i = 0
+  for name in string.gmatch(gnames, '[^' .. SEP .. ']+') do
+    i = i + 1
+    local at_name = index[name]
+    if not at_name then
+      names[#names + 1] = name
+      sums[#names] = 0
+      at_name = #names
+      index[name] = at_name
+    end
+    local power = string.byte(powers, i) - 48
+    sums[at_name] = sums[at_name] + coef[i] * (small[power + 1] or elapsed ^ power)
+  end
+  return struct.pack('<H' .. string.rep('d', #names), #names, unpack(sums, 1, #names))
+    .. table.concat(names, SEP)
+end
+"""
+
+_EVENT = _ADD_STATS + _EVENT_BODY
+
 # ARGV: batch id, then per transition: how many arguments it has, and _APPLY's ARGV.
 # Every item is checked before anything changes; then each transition is judged and
 # applied as _APPLY would, on the header kept here (read once, written once, one
@@ -406,6 +601,7 @@ _APPLY = _PRELUDE + _APPLY_BODY
 # Returns: {'nobatch'}, {'noitem', item id}, or one _APPLY reply per transition.
 _APPLY_ALL = (
     _PRELUDE
+    + _ADD_STATS
     + """
 local calls, ids = {}, {}
 local n = 2
@@ -431,10 +627,6 @@ local paused = redis.call('HGET', KEYS[1], 'paused') == '1'
 local counts = {tonumber(values[11]), tonumber(values[10]), tonumber(values[8]),
   tonumber(values[9]), 0}
 local version = tonumber(values[6])
-local names, sums, index = nil, nil, nil
-local function decode()
-  if not names then names, sums, index = decode_stats(values[12]) end
-end
 local replies = {}
 local last_at, slack, finished = nil, nil, false
 for i, A in ipairs(calls) do
@@ -467,9 +659,8 @@ for i, A in ipairs(calls) do
     for g = 0, tonumber(A[15]) - 1 do
       local base = 16 + 4 * g
       if tonumber(A[base]) == previous then
-        decode()
-        add_group(names, sums, index, A[base + 1], A[base + 2], A[base + 3], elapsed)
-        values[12] = encode_stats(names, sums)
+        local group = A[base] .. A[base + 3] .. ':' .. (string.gsub(A[base + 1], ',', SEP))
+        values[12] = add_stats(values[12], group, A[base + 2], elapsed)
       end
     end
     finished = counts[1] + counts[2] == 0
@@ -960,8 +1151,11 @@ def _from_fields(
     return record
 
 
+_decode = json.JSONDecoder().decode  # json.loads without its checks of the input's type
+
+
 def _item(item_id: str, raw: bytes) -> ItemSnapshot:
-    data = json.loads(raw)
+    data = _decode(raw.decode())
     fraction = data.get("q")
     return ItemSnapshot(
         item_id,
@@ -1014,17 +1208,20 @@ def _transition_result(batch_id: str, item_id: str, reply: list[Any]) -> Transit
         raise BatchNotFound(batch_id)
     if reply[0] == b"noitem":
         raise ItemNotFound(batch_id, item_id)
-    record = _record(batch_id, reply[3], PackedStats(reply[4]))
+    # The header as _record reads it, without the BatchRecord.
+    _, created, _, finished, expires, version, total, done, failed, running, pending = reply[3]
+    total, done, failed = int(total or 0), int(done or 0), int(failed or 0)
+    running, pending = int(running or 0), int(pending or 0)
     return TransitionResult(
         _OUTCOMES[reply[0]],
         _STATUSES[int(reply[1])],
         _item(item_id, reply[2]),
-        record.progress,
-        record.version,
-        record.created_at,
-        record.finished_at,
-        record.expires_at,
-        record.stats,
+        Progress(total, done, failed, running, pending, total - done - failed - running - pending),
+        int(version or 0),
+        float(created or 0),
+        _float(finished),
+        float(expires or 0),
+        PackedStats(reply[4]),
     )
 
 
@@ -1071,6 +1268,18 @@ class RedisStore(Store):
     _read: Any
     _apply: Any
     _apply_all: Any = attrs.field(init=False, default=None)  # registered after init
+    _event: Any = attrs.field(init=False, default=None)
+    # The client's pool for _fast's direct calls; None for a client that is not a
+    # plain redis.Redis with a pool (a single-connection client, a cluster...).
+    _pool: Any = attrs.field(init=False, default=None)
+    _idle: list[Any] = attrs.field(init=False, factory=list)  # _fast's idle connections
+    _closed: bool = attrs.field(init=False, default=False)  # close() was called
+    _pid: int = attrs.field(init=False, factory=os.getpid)  # whose they are
+    # Per stats group (source and names): the group as _EVENT takes it.
+    _layouts: dict[tuple[Any, ...], str] = attrs.field(init=False, factory=dict)
+    # Per batch: its created_at and total, which never change (_EVENT need not read
+    # them again); forgotten all at once when _CONSTANTS_KEPT are kept, and on delete.
+    _constants: dict[str, tuple[float, int]] = attrs.field(init=False, factory=dict)
     # Per event loop: the redis.asyncio client of version_of_async (made on first use)
     # and the started async generator that closes it.
     _async_reads: dict[Any, tuple[Any, AsyncGenerator[None, None]]] = attrs.field(
@@ -1141,6 +1350,9 @@ class RedisStore(Store):
             client.register_script(_LIST),
         )
         self._apply_all = client.register_script(_APPLY_ALL)
+        self._event = client.register_script(_EVENT)
+        if isinstance(client, redis.Redis) and getattr(client, "connection", None) is None:
+            self._pool = client.connection_pool
 
     def _keys(self, batch_id: str) -> list[str]:
         p = self.prefix
@@ -1162,6 +1374,10 @@ class RedisStore(Store):
 
     def close(self) -> None:
         """Release the connections (of a pool this store created)."""
+        self._closed = True  # a call under way closes its connection when done
+        while self._idle:
+            with contextlib.suppress(RedisError, OSError):
+                self._idle.pop().disconnect()
         if self._owns_client:
             self._client.close()
 
@@ -1336,50 +1552,137 @@ class RedisStore(Store):
         stats: EventStats,
         lease_until: float | None,
     ) -> tuple[Outcome, Status, ItemSnapshot, Progress, int, float, float, Mapping[str, float]]:
-        # The tracker's hot path: apply()'s script call and answer, without the
-        # Transition and TransitionResult objects (a start is the one with a lease).
+        # The tracker's hot path: _EVENT's call and answer, without the Transition and
+        # TransitionResult objects (a start is the one with a lease).
         if isinstance(stats, tuple):
             stats = _eta.stats_for(target, at, stats[0], stats[1])
-        start = lease_until is not None
         codes = _SOURCE_CODES.get(sources)
         if codes is None:
             codes = _SOURCE_CODES[sources] = "".join(str(_CODE[s]) for s in sources)
-        args = [
-            batch_id,
-            item_id,
-            _CODE[target],
-            codes,
-            repr(at),
-            error or "",
-            repr(expires_at_open),
-            repr(expires_at_finished),
-            _SLACK,
-            "" if lease_until is None else repr(lease_until),
-            "+" if start else "",
-            "",
-            "",
-            "1" if start else "",
-            *self._stats_args(stats),
-        ]
-        reply = self._call(self._apply, f"update batch {batch_id!r}", self._keys(batch_id), args)
-        if reply[0] == b"nobatch":
-            raise BatchNotFound(batch_id)
-        if reply[0] == b"noitem":
+        if not stats:
+            group, coefs = "", b""
+        elif len(stats) == 1:
+            ((source, amounts),) = stats.items()
+            group = self._layout(source, amounts)
+            coefs = struct.pack(f"<{len(amounts)}d", *[coef for coef, _ in amounts.values()])
+        else:  # never from the tracker: the general script
+            return super()._apply_parts(
+                batch_id,
+                item_id,
+                target,
+                sources,
+                at,
+                error,
+                expires_at_open,
+                expires_at_finished,
+                stats,
+                lease_until,
+            )
+        p = self.prefix
+        known = self._constants.get(batch_id)
+        reply = self._fast(
+            self._event,
+            f"update batch {batch_id!r}",
+            (f"{p}b:{batch_id}", f"{p}i:{batch_id}"),
+            (
+                batch_id,
+                item_id,
+                _DIGITS[target],
+                codes,
+                repr(at),
+                repr(expires_at_open),
+                repr(expires_at_finished),
+                _SLACK_ARG,
+                "" if lease_until is None else repr(lease_until),
+                error or "",
+                group,
+                coefs,
+                "" if known else "1",
+            ),
+        )
+        if len(reply) < 12:
+            if reply[0] == b"nobatch":
+                raise BatchNotFound(batch_id)
             raise ItemNotFound(batch_id, item_id)
-        header = reply[3]
-        total, done, failed, running, pending = (int(v or 0) for v in header[6:11])
+        outcome, previous, raw, created, expires, version, total, done, failed, running = reply[:10]
+        if known:
+            created, total = known
+        else:
+            created, total = float(created or 0), int(total or 0)
+            if len(self._constants) >= _CONSTANTS_KEPT:
+                self._constants.clear()
+            self._constants[batch_id] = (created, total)
+        done, failed, running, pending = int(done), int(failed), int(running), int(reply[10])
         return (
-            _OUTCOMES[reply[0]],
-            _STATUSES[int(reply[1])],
-            _item(item_id, reply[2]),
+            _OUTCOMES[outcome],
+            _STATUSES[previous],
+            _item(item_id, raw),
             Progress(
                 total, done, failed, running, pending, total - done - failed - running - pending
             ),
-            int(header[5] or 0),
-            float(header[1] or 0),
-            float(header[4] or 0),
-            PackedStats(reply[4]),
+            int(version),
+            created,
+            float(expires),
+            PackedStats(reply[11]),
         )
+
+    def _layout(self, source: Status, amounts: Mapping[str, tuple[float, int]]) -> str:
+        """A stats group's source, powers and names as _EVENT takes them, checked once per
+        set of names (the tracker sends the same names with every completion)."""
+        key = (source, *amounts)
+        known = self._layouts.get(key)
+        if known is None:
+            names, powers = self._group(tuple(amounts), amounts)
+            known = self._layouts[key] = f"{_CODE[source]}{powers}:{names.replace(',', chr(31))}"
+        return known
+
+    def _fast(self, script: Any, what: str, keys: tuple[str, ...], args: tuple[Any, ...]) -> Any:
+        """``script(keys, args)`` on a connection of the store's own, the command packed at
+        once: redis-py's general path (its pool's checks, its per-argument encoding)
+        costs about as much as the script itself. The connections are made with the
+        client pool's settings and kept while idle (at most :data:`_IDLE_KEPT`); one that
+        fails is dropped. On anything but an answer (a connection lost, the script not
+        loaded yet, a client that is not a plain ``redis.Redis``), the general path with
+        redis-py's retries."""
+        pool = self._pool
+        if pool is not None:
+            idle = self._idle
+            if self._pid != os.getpid():  # forked: the parent's sockets are not ours
+                idle.clear()
+                self._pid = os.getpid()
+            try:
+                conn = idle.pop()
+            except IndexError:
+                conn = pool.connection_class(**pool.connection_kwargs)
+            command = ("EVALSHA", script.sha, len(keys), *keys, *args)
+            try:
+                conn.send_packed_command(
+                    [_hiredis_pack(command)]
+                    if _hiredis_pack is not None
+                    else conn.pack_command(*command)
+                )
+                reply = conn.read_response()
+            except NoScriptError:  # answered: the connection is fine
+                self._keep(conn)
+            except ResponseError as exc:
+                self._keep(conn)
+                raise StoreError(f"Redis failed to {what}: {exc}") from exc
+            except (RedisConnectionError, RedisTimeoutError):
+                conn.disconnect()
+            except BaseException:  # mid-command: what is left unread would answer the next
+                conn.disconnect()
+                raise
+            else:
+                self._keep(conn)
+                return reply
+        return self._call(script, what, list(keys), list(args))
+
+    def _keep(self, conn: Any) -> None:
+        """Put a connection of :meth:`_fast` back with the idle ones (or close it)."""
+        if len(self._idle) < _IDLE_KEPT and not self._closed:
+            self._idle.append(conn)
+        else:
+            conn.disconnect()
 
     def _stats_args(self, stats: Mapping[Status, Mapping[str, tuple[float, int]]]) -> list[Any]:
         """A transition's stats contributions as the transition scripts take them."""
@@ -1416,8 +1719,8 @@ class RedisStore(Store):
             one = self._args(batch_id, transition)
             args.append(len(one))
             args += one
-        replies = self._call(
-            self._apply_all, f"update batch {batch_id!r}", self._keys(batch_id), args
+        replies = self._fast(
+            self._apply_all, f"update batch {batch_id!r}", tuple(self._keys(batch_id)), tuple(args)
         )
         if replies and replies[0] == b"nobatch":
             raise BatchNotFound(batch_id)
@@ -1658,6 +1961,7 @@ class RedisStore(Store):
         return found
 
     def delete(self, batch_id: str) -> bool:
+        self._constants.pop(batch_id, None)
         keys = self._keys(batch_id)
         p = self.prefix
         try:

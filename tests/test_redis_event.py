@@ -1,0 +1,285 @@
+"""RedisStore's event path (``_EVENT`` on connections of the store's own) against a real
+redis-server: what it sums, how it recovers, what it leaves open."""
+
+from __future__ import annotations
+
+import os
+import struct
+import threading
+import time
+import uuid
+from collections.abc import Iterator
+from typing import Any
+
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+pytest.importorskip("redis")
+import redis
+
+from batchtrack import BatchTracker, MemoryStore, Status, _eta
+from batchtrack.stores import redis as redis_module
+from batchtrack.stores.base import Transition, add_stats
+from batchtrack.stores.redis import RedisStore
+from batchtrack.testing import FakeClock
+
+
+@pytest.fixture
+def store(redis_url: str) -> Iterator[RedisStore]:
+    made = RedisStore(redis_url, prefix=f"ev-{uuid.uuid4()}:")
+    yield made
+    made.close()
+
+
+@pytest.fixture
+def admin(redis_url: str) -> Iterator[Any]:
+    client = redis.Redis.from_url(redis_url)
+    yield client
+    client.close()
+
+
+def _run(tracker: BatchTracker, batch_id: str, ids: list[str]) -> None:
+    for i in ids:
+        tracker.start_item(batch_id, i)
+        tracker.complete_item(batch_id, i)
+
+
+_seconds = st.floats(0.0, 2e4, allow_nan=False, allow_infinity=False)  # within a day
+
+
+@given(started=_seconds, worked=st.lists(_seconds, min_size=1, max_size=3))
+@settings(max_examples=40, deadline=None)
+def test_event_sums_stats_like_add_stats_bit_for_bit(
+    redis_url: str, started: float, worked: list[float]
+) -> None:
+    """The stats an event adds in Redis are add_stats' sums to the last bit (powers 3 and 4
+    included, which Lua's ``^`` would round differently)."""
+    store = RedisStore(redis_url, prefix=f"bits-{uuid.uuid4()}:")
+    clock = FakeClock(1000.0)
+    tracker = BatchTracker(store, clock=clock, lease=30.0)
+    ids = [str(n) for n in range(len(worked))]
+    snap = tracker.create_batch([(i, f"{i}.jpg") for i in ids])
+    expected: dict[str, float] = {}
+    clock.advance(started)
+    for i, seconds in zip(ids, worked, strict=True):
+        now = clock()
+        add_stats(expected, _eta.stats_for(Status.PROCESSING, now, 1000.0, 30.0)[Status.PENDING], 0)
+        tracker.start_item(snap.batch_id, i)
+        clock.advance(seconds)
+        at = clock()
+        contributions = _eta.stats_for(Status.COMPLETED, at, 1000.0)[Status.PROCESSING]
+        add_stats(expected, contributions, at - now)
+        tracker.complete_item(snap.batch_id, i)
+    record = store.load(snap.batch_id, items=False)
+    store.close()
+    assert record is not None
+    got = dict(record.stats)
+    assert sorted(got) == sorted(expected)
+    assert {k: struct.pack("<d", v) for k, v in got.items()} == {
+        k: struct.pack("<d", v) for k, v in expected.items()
+    }
+
+
+def test_event_after_a_script_flush_loads_the_script_again(store: RedisStore, admin: Any) -> None:
+    """A server that forgot the scripts (restart, ``SCRIPT FLUSH``) still takes events."""
+    tracker = BatchTracker(store)
+    snap = tracker.create_batch([("a", "a.jpg"), ("b", "b.jpg")])
+    tracker.start_item(snap.batch_id, "a")
+    admin.script_flush()
+    assert tracker.complete_item(snap.batch_id, "a").progress.completed == 1
+    admin.script_flush()
+    tracker.start_item(snap.batch_id, "b")
+    assert tracker.complete_item(snap.batch_id, "b").progress.completed == 2
+
+
+def _kill_idle(store: RedisStore, admin: Any) -> None:
+    """Have the server drop the store's idle event connections (as a restart or an idle
+    timeout would)."""
+    for conn in store._idle:
+        admin.client_kill("{}:{}".format(*conn._sock.getsockname()[:2]))
+
+
+def test_event_after_its_connections_were_killed_reconnects(store: RedisStore, admin: Any) -> None:
+    """Connections the server dropped while idle are replaced: the event still applies,
+    once."""
+    tracker = BatchTracker(store)
+    snap = tracker.create_batch([(str(n), f"{n}.jpg") for n in range(3)])
+    tracker.start_item(snap.batch_id, "0")
+    assert store._idle  # the event's connection waits for the next one
+    _kill_idle(store, admin)
+    event = tracker.complete_item(snap.batch_id, "0")
+    assert (event.changed, event.progress.completed, event.version) == (True, 1, 2)
+    _kill_idle(store, admin)
+    _run(tracker, snap.batch_id, ["1", "2"])
+    assert tracker.get(snap.batch_id).progress.completed == 3
+
+
+def test_close_closes_the_event_connections(redis_url: str, admin: Any) -> None:
+    """After close() no connection of the store's events stays open on the server."""
+    store = RedisStore(redis_url, prefix=f"close-{uuid.uuid4()}:")
+    tracker = BatchTracker(store)
+    snap = tracker.create_batch([(str(n), f"{n}.jpg") for n in range(8)])
+    threads = [
+        threading.Thread(target=_run, args=(tracker, snap.batch_id, [str(n)])) for n in range(8)
+    ]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    ours = {"{}:{}".format(*c._sock.getsockname()[:2]) for c in store._idle}
+    assert ours
+    assert ours <= {c["addr"] for c in admin.client_list()}
+    store.close()
+    deadline = time.monotonic() + 5
+    while ours & {c["addr"] for c in admin.client_list()} and time.monotonic() < deadline:
+        time.sleep(0.01)  # the server notices a closed socket on its next turn
+    assert not ours & {c["addr"] for c in admin.client_list()}
+    assert store._idle == []
+
+
+def test_events_from_many_threads_count_exactly(store: RedisStore) -> None:
+    """8 threads sharing one store's event connections: every event applies once."""
+    tracker = BatchTracker(store)
+    ids = [str(n) for n in range(160)]
+    snap = tracker.create_batch([(i, f"{i}.jpg") for i in ids])
+    errors: list[BaseException] = []
+
+    def work(part: list[str]) -> None:
+        try:
+            _run(tracker, snap.batch_id, part)
+        except BaseException as exc:  # pragma: no cover - reported below
+            errors.append(exc)
+
+    threads = [threading.Thread(target=work, args=(ids[k::8],)) for k in range(8)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert errors == []
+    done = tracker.get(snap.batch_id)
+    assert (done.progress.completed, done.version, done.status) == (160, 320, "completed")
+    assert len(store._idle) <= redis_module._IDLE_KEPT
+
+
+@pytest.mark.skipif(not hasattr(os, "fork"), reason="needs fork")
+def test_a_forked_child_opens_event_connections_of_its_own(store: RedisStore) -> None:
+    """A child process forked after events never writes on the parent's connections."""
+    tracker = BatchTracker(store)
+    snap = tracker.create_batch([(str(n), f"{n}.jpg") for n in range(4)])
+    _run(tracker, snap.batch_id, ["0"])
+    assert store._idle
+    pid = os.fork()
+    if pid == 0:  # pragma: no cover - the child
+        code = 1
+        try:
+            _run(tracker, snap.batch_id, ["1", "2"])
+            code = 0
+        finally:
+            os._exit(code)
+    _, status = os.waitpid(pid, 0)
+    assert os.waitstatus_to_exitcode(status) == 0
+    _run(tracker, snap.batch_id, ["3"])  # the parent's connection is still in step
+    done = tracker.get(snap.batch_id)
+    assert (done.progress.completed, done.version) == (4, 8)
+
+
+def test_a_single_connection_client_takes_the_general_path(redis_url: str) -> None:
+    """A client of one connection (or not a plain redis.Redis) is used as it is."""
+    client = redis.Redis.from_url(redis_url, single_connection_client=True)
+    store = RedisStore(client=client, prefix=f"single-{uuid.uuid4()}:")
+    assert store._pool is None
+    tracker = BatchTracker(store)
+    snap = tracker.create_batch([("a", "a.jpg")])
+    _run(tracker, snap.batch_id, ["a"])
+    assert store._idle == []
+    assert tracker.get(snap.batch_id).status == "completed"
+    store.close()
+    client.close()
+
+
+def test_created_at_and_total_stay_right_when_the_kept_ones_are_forgotten(
+    store: RedisStore, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The batch constants the event no longer reads are right for every batch, also when
+    the store forgets them (two batches, room for one)."""
+    monkeypatch.setattr(redis_module, "_CONSTANTS_KEPT", 1)
+    clock = FakeClock(1000.0)
+    tracker = BatchTracker(store, clock=clock)
+    one = tracker.create_batch([("a", "a.jpg"), ("b", "b.jpg")]).batch_id
+    clock.advance(5.0)
+    two = tracker.create_batch([("a", "a.jpg")]).batch_id
+    records = {b: store.load(b, items=False) for b in (one, two)}
+    start = (Status.PROCESSING, frozenset({Status.PENDING}), 30.0)
+    complete = (Status.COMPLETED, frozenset({Status.PROCESSING}), None)
+    for batch_id, item in ((one, "a"), (two, "a"), (one, "b")):
+        record = records[batch_id]
+        assert record is not None
+        for target, sources, lease in (start, complete):
+            clock.advance(1.0)
+            now = clock()
+            parts = store._apply_parts(
+                batch_id,
+                item,
+                target,
+                sources,
+                now,
+                None,
+                now + 60,
+                now + 60,
+                (record.created_at, lease),
+                None if lease is None else now + lease,
+            )
+            assert (parts[3].total, parts[5]) == (record.progress.total, record.created_at)
+    assert len(store._constants) <= 1
+
+
+def test_a_batch_run_partly_by_the_general_script_finishes_on_the_event_path(
+    store: RedisStore,
+) -> None:
+    """Items moved by the general transition script (apply(): what every event ran
+    before) and then by the event script end as a memory store's would: the same data,
+    read and written by both."""
+    clock = FakeClock(1000.0)
+    ours = BatchTracker(store, clock=clock, lease=20.0)
+    memory = BatchTracker(MemoryStore(), clock=clock, lease=20.0)
+    ids = [str(n) for n in range(4)]
+    origin = clock()
+    snaps = [t.create_batch([(i, f"{i}.jpg") for i in ids]) for t in (ours, memory)]
+    for i in ids[:2]:  # the general path, as the previous code ran every event
+        for target, sources, lease in (
+            (Status.PROCESSING, frozenset({Status.PENDING}), 20.0),
+            (Status.COMPLETED, frozenset({Status.PROCESSING}), None),
+        ):
+            for tracker, snap in zip((ours, memory), snaps, strict=True):
+                tracker.store.apply(
+                    snap.batch_id,
+                    Transition(
+                        i,
+                        target,
+                        sources,
+                        clock(),
+                        None,
+                        clock() + 86400,
+                        clock() + 3600,
+                        _eta.stats_for(target, clock(), origin, lease),
+                        None if lease is None else clock() + lease,
+                        lease is not None,
+                        unless_paused=lease is not None,
+                    ),
+                )
+            clock.advance(1.5)
+    clock.advance(2.0)
+    for tracker, snap in zip((ours, memory), snaps, strict=True):
+        tracker.start_item(snap.batch_id, "2")
+    clock.advance(3.0)
+    for tracker, snap in zip((ours, memory), snaps, strict=True):
+        tracker.complete_item(snap.batch_id, "2")
+        tracker.fail_item(snap.batch_id, "3", "boom")
+    a, b = (t.get(s.batch_id) for t, s in zip((ours, memory), snaps, strict=True))
+    assert (a.items, a.progress, a.version, a.status) == (b.items, b.progress, b.version, b.status)
+    assert (a.estimated_time_remaining, a.eta_range) == (b.estimated_time_remaining, b.eta_range)
+    stored = store.load(snaps[0].batch_id, items=False)
+    assert stored is not None
+    assert dict(stored.stats) == memory.store._batches[snaps[1].batch_id].stats
+    assert [e.version for e in store.outbox_claim(clock() + 1, 10, clock() + 30)] == [a.version]
