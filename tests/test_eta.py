@@ -502,8 +502,8 @@ def test_a_lost_item_shows_by_its_age_and_silence_before_any_reclaim(
     """An item processing for far longer than items take, whose lease nobody renewed
     for longer than a worker renews it (a third of it), is held by a lost worker: the
     ETA waits for its lease to run out and for it to be done again, before any reclaim.
-    The same item with its lease renewed is a long one, alive: it needs about as long
-    again as it has run (12.5 s), not a second, nor its lease."""
+    The same item with its lease renewed is a long one, alive: no wait for its lease,
+    though the range still allows for a long run."""
     tracker = BatchTracker(clock=clock, lease=30.0)
     snap = tracker.create_batch([f"{i}.jpg" for i in range(12)])
     ids = [item.id for item in snap.items]
@@ -518,8 +518,8 @@ def test_a_lost_item_shows_by_its_age_and_silence_before_any_reclaim(
     assert got.estimated_time_remaining is not None
     assert got.eta_range is not None
     if renewed:
-        assert 10 <= got.estimated_time_remaining <= 16
-        assert got.eta_range[0] >= 8
+        assert got.estimated_time_remaining < 10
+        assert got.eta_range[1] >= 20
         return
     # Back after its 30 s lease (~17.5 s from now), then about a second of work.
     assert got.estimated_time_remaining >= 10

@@ -51,9 +51,9 @@ From the blended mean ``m`` and variance ``v`` of durations:
   residual; a held item's age keeps growing): then the excess is *held* by lost
   workers and counts as work still to do — no more of them than are *quiet* (their
   lease not renewed lately: :func:`quiet_within`) until an item came back from a lost
-  worker. Old items whose leases are renewed are long ones: the batch is not over
-  before they are, about as long again as they have run, which counts only while
-  nothing finishes at all (a stall). Young excess items are workers that joined, or
+  worker. Old items whose leases are renewed are long ones; while nothing finishes at
+  all (a stall) the batch is not over before the stall is, as long again as it has
+  lasted (as a pause). Young excess items are workers that joined, or
   came back from a pause. While none runs (a pause), the concurrency the batch had
   while it worked;
 * the batch ends when its last worker does, not its average one: add the expected lead
@@ -634,10 +634,11 @@ def _seconds(
                 held_age = (age - working * residual) / held
                 running_work = working * residual
             elif aged and attempts >= _SEEN and elapsed - last * _LATEST > mean:
-                # Alive by their leases, so long items: the batch is not over before
-                # they are, and they need about as long again as they have run (the
-                # median, not knowing how long they are).
-                blocked = (age - working * residual) / (running - working)
+                # Alive by their leases, so long items, and nothing finished for longer
+                # than an item takes: a stall. Like a pause, it goes on about as long
+                # again as it has lasted (the median, not knowing where in it we are),
+                # and the batch is not over before it is.
+                blocked = elapsed - last * _LATEST
                 suspect = running - working  # may still be lost: widens the range
             else:
                 suspect = running - working  # only widens the range
