@@ -106,6 +106,41 @@ def test_fast_and_generic_paths_agree(steps: list[tuple[str, int, float]], read_
         assert _comparable(x, a) == _comparable(y, b)
 
 
+def test_memory_event_values_are_the_frozen_classes_themselves() -> None:
+    """The memory store's written-out event hands out ItemSnapshot, Progress and
+    ProgressEvent instances (not their writable fill-in twins), frozen and weakly
+    referable like the public constructors' values."""
+    import weakref
+
+    import attrs
+
+    from batchtrack import ItemSnapshot, Progress, ProgressEvent
+
+    tracker = BatchTracker(MemoryStore(), clock=FakeClock(1000.0))
+    batch_id = tracker.create_batch([("a", "a.jpg"), ("b", "b.jpg")]).batch_id
+    started = tracker.start_item(batch_id, "a")
+    tracker.clock.advance(2.0)  # type: ignore[attr-defined]
+    events = [started, tracker.complete_item(batch_id, "a"), tracker.fail_item(batch_id, "b", "x")]
+    stored = tracker.get(batch_id)
+    for event in events:
+        values = (event.item, event.progress)
+        assert (type(event), type(values[0]), type(values[1])) == (
+            ProgressEvent,
+            ItemSnapshot,
+            Progress,
+        )
+        for value, name in ((event, "version"), (values[0], "status"), (values[1], "total")):
+            with pytest.raises(attrs.exceptions.FrozenInstanceError):
+                setattr(value, name, 1)
+            with pytest.raises(attrs.exceptions.FrozenInstanceError):
+                delattr(value, name)
+        assert weakref.ref(values[0])() is values[0]
+    assert [type(item) for item in stored.items] == [ItemSnapshot, ItemSnapshot]
+    assert stored.items[0] == ItemSnapshot("a", "a.jpg", Status.COMPLETED, attempts=1)
+    assert events[1].progress == Progress(2, completed=1, pending=1)
+    assert hash(events[1].item) == hash(stored.items[0])
+
+
 _times = st.floats(0.0, 1e7, allow_nan=False)
 
 

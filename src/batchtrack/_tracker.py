@@ -8,7 +8,7 @@ import os
 import time
 import uuid
 from collections.abc import Callable, Iterable, Mapping, Sequence
-from typing import Union
+from typing import Any, Union
 
 import attrs
 
@@ -24,8 +24,7 @@ from ._models import (
     Progress,
     ProgressEvent,
     Status,
-    _put_eta,
-    _put_values,
+    _ProgressEventFill,
     utc_datetime,
 )
 from ._sweeper import Sweeper
@@ -770,11 +769,13 @@ class BatchTracker(Closing):
                 # had no reason to look at its expiry; an expired batch must still look
                 # absent.
                 raise BatchNotFound(batch_id)
-        # ProgressEvent._later, written out: the ETA is worked out when first read.
-        event: ProgressEvent = _new_event(ProgressEvent)
-        _put_values(event, (batch_id, item, progress, outcome is _APPLIED, version))
-        _put_eta(event, [_eta.estimate, (progress, created, stats, now)])
-        return event
+        # ProgressEvent._later, written out (see _models._item_snapshot for the twin): the
+        # ETA is worked out when first read.
+        event: Any = _new_event(_ProgressEventFill)
+        event._values = (batch_id, item, progress, outcome is _APPLIED, version)
+        event._eta = [_eta.estimate, (progress, created, stats, now)]
+        event.__class__ = ProgressEvent
+        return event  # type: ignore[no-any-return]
 
     def _apply_events(
         self,

@@ -16,14 +16,14 @@ import attrs
 
 from .. import _eta
 from .._models import (
-    _PUT_COUNTS,
-    _PUT_ITEM,
     NO_METADATA,
     ItemSnapshot,
     Progress,
     Status,
     _item_snapshot,
+    _ItemSnapshotFill,
     _progress,
+    _ProgressFill,
 )
 from ..exceptions import BatchNotFound, ItemNotFound, StoreError
 from .base import (
@@ -436,19 +436,18 @@ class MemoryStore(Store):
                 attempts = item.attempts
                 if lease_until is not None:
                     attempts += 1
-                put_id, put_name, put_status, put_error, put_tries, put_src, put_p, put_s, put_j = (
-                    _PUT_ITEM
-                )
-                snapshot: ItemSnapshot = _new(ItemSnapshot)
-                put_id(snapshot, item.id)
-                put_name(snapshot, item.filename)
-                put_status(snapshot, target)
-                put_error(snapshot, error)
-                put_tries(snapshot, attempts)
-                put_src(snapshot, item.source)
-                put_p(snapshot, None)
-                put_s(snapshot, None)
-                put_j(snapshot, None)
+                # _item_snapshot written out (see _models: a writable twin, then the class)
+                snapshot: Any = _new(_ItemSnapshotFill)
+                snapshot.id = item.id
+                snapshot.filename = item.filename
+                snapshot.status = target
+                snapshot.error = error
+                snapshot.attempts = attempts
+                snapshot.source = item.source
+                snapshot.progress = None
+                snapshot.stage = None
+                snapshot._json = None
+                snapshot.__class__ = ItemSnapshot
                 state.items[position] = snapshot
                 state.leases[position] = lease_until
                 if lease_until is not None:
@@ -477,16 +476,14 @@ class MemoryStore(Store):
                 else:
                     state.finished_at = at
                     expires = state.expires_at = expires_at_finished
-                put_total, put_completed, put_failed, put_processing, put_pending, put_cancelled = (
-                    _PUT_COUNTS
-                )
-                progress: Progress = _new(Progress)
-                put_total(progress, state.progress.total)
-                put_completed(progress, counts[_COMPLETED])
-                put_failed(progress, counts[_FAILED])
-                put_processing(progress, processing)
-                put_pending(progress, pending)
-                put_cancelled(progress, counts[_CANCELLED])
+                progress: Any = _new(_ProgressFill)  # _progress written out
+                progress.total = state.progress.total
+                progress.completed = counts[_COMPLETED]
+                progress.failed = counts[_FAILED]
+                progress.processing = processing
+                progress.pending = pending
+                progress.cancelled = counts[_CANCELLED]
+                progress.__class__ = Progress
                 state.progress = progress
                 if was_open and not (pending or processing):
                     self._ended(state)
