@@ -53,6 +53,9 @@ _APPLIED = Outcome.APPLIED
 _UNCHANGED = Outcome.UNCHANGED
 _REJECTED = Outcome.REJECTED
 _PAUSED = Outcome.PAUSED
+# What _apply_parts answers: (outcome, previous status, item, progress, version,
+# created_at, expires_at, stats).
+_Answer = tuple[Outcome, Status, ItemSnapshot, Progress, int, float, float, Mapping[str, float]]
 
 
 @attrs.define
@@ -376,6 +379,8 @@ class MemoryStore(Store):
             cls._apply_parts = Store._apply_parts  # type: ignore[method-assign]
             if cls.apply_all is MemoryStore.apply_all:
                 cls.apply_all = Store.apply_all  # type: ignore[method-assign]
+        if cls.apply is not MemoryStore.apply or cls.apply_all is not MemoryStore.apply_all:
+            cls._apply_steps = None  # type: ignore[assignment]  # the tracker calls apply_all
 
     def _apply_parts(
         self,
@@ -513,6 +518,90 @@ class MemoryStore(Store):
         if outcome is _APPLIED and self._listeners:
             self._changed(batch_id)
         return answer
+
+    def _apply_steps(
+        self,
+        batch_id: str,
+        steps: Sequence[tuple[str, Status, frozenset[Status], str | None, float | None]],
+        at: float,
+        expires_at_open: float,
+        expires_at_finished: float,
+        origin: float,
+    ) -> list[_Answer]:
+        """The tracker's several events in one call (what the orchestrator sends):
+        :meth:`apply_all` of the transitions :meth:`_apply_parts` would make of each
+        ``(item_id, target, sources, error, lease seconds or None)`` at ``at``, with the
+        ETA sums of the tracker's ``(origin, lease)`` shorthand, answered as
+        :meth:`_apply_parts` answers, one tuple per step. No Transition,
+        TransitionResult or contributions are built; a subclass that changes apply()
+        or apply_all() does not have this method (__init_subclass__), so the tracker
+        takes apply_all() for it. tests/test_fast_path.py checks it against
+        apply_all() group by group.
+
+        Raises:
+            BatchNotFound: The batch is missing or expired at ``at`` (nothing applied).
+            ItemNotFound: A step names an item not in the batch (nothing applied).
+        """
+        answers: list[_Answer] = []
+        applied = False
+        with self._lock:
+            state = self._batches.get(batch_id)
+            if not steps:
+                return []
+            if state is None or state.expires_at <= at:
+                raise BatchNotFound(batch_id)
+            index = state.index
+            found = []
+            for step in steps:
+                position = index.get(step[0])
+                if position is None:
+                    raise ItemNotFound(batch_id, step[0])
+                found.append(position)
+            items = state.items
+            for position, (_, target, sources, error, lease) in zip(found, steps, strict=True):
+                previous = items[position].status
+                if previous is target:
+                    outcome = _UNCHANGED
+                elif previous not in sources:
+                    outcome = _REJECTED
+                elif state.paused and lease is not None:  # a start
+                    outcome = _PAUSED
+                else:
+                    outcome = _APPLIED
+                    applied = True
+                    lease_until = None if lease is None else at + lease
+                    was_open = state.finished_at is None
+                    state.shift(
+                        position,
+                        target,
+                        at,
+                        error,
+                        lease_until,
+                        lease is not None,
+                        False,
+                        (origin, lease),
+                        expires_at_open,
+                        expires_at_finished,
+                    )
+                    if was_open and state.finished_at is not None:
+                        self._ended(state)
+                    if lease_until is not None:
+                        heappush(self._leases, (lease_until, batch_id, position))
+                answers.append(
+                    (
+                        outcome,
+                        previous,
+                        items[position],
+                        state.progress,
+                        state.version,
+                        state.created_at,
+                        state.expires_at,
+                        state.stats,
+                    )
+                )
+        if applied and self._listeners:
+            self._changed(batch_id)
+        return answers
 
     def _ended(self, state: _Batch) -> None:
         """Add the end marker of ``state``, which a transition just ended (under the lock)."""
