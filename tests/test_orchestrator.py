@@ -262,6 +262,50 @@ def test_items_keep_the_ids_they_were_given(orchestrator: Callable[..., Orchestr
     assert seen == ["upload-7"]
 
 
+def test_items_without_an_id_get_distinct_random_uuid4_ids(
+    orchestrator: Callable[..., Orchestrator],
+) -> None:
+    """Items given without an id get distinct canonical UUID4 strings (version 4, RFC 4122
+    variant), every random bit of them random, in the batch and in the processor alike."""
+    seen: dict[str, str | None] = {}
+    orch = orchestrator(lambda item: seen.__setitem__(item.filename, item.id))
+    snap = orch.run([Item(f"{n}.jpg") for n in range(600)] + [Item("mine.jpg", id="kept")])
+    ids = [item.id for item in snap.items]
+    assert seen == {item.filename: item.id for item in snap.items}
+    assert ids[-1] == "kept"
+    assert len(set(ids)) == len(ids)
+    values = [uuid.UUID(i) for i in ids[:-1]]
+    assert all(
+        str(u) == i and u.version == 4 and u.variant == uuid.RFC_4122
+        for u, i in zip(values, ids, strict=False)
+    )
+    fixed = (0xF000 << 64) | (0xC000 << 48)  # the version and variant bits
+    ones = zeros = 0
+    for u in values:
+        ones |= u.int
+        zeros |= ~u.int & (2**128 - 1)
+    assert ones & ~fixed == zeros & ~fixed == (2**128 - 1) & ~fixed
+
+
+class TaggedItem(Item):
+    """A user's own kind of Item."""
+
+
+def test_a_subclass_of_item_reaches_the_processor_as_itself(
+    orchestrator: Callable[..., Orchestrator],
+) -> None:
+    """An Item subclass is handed to the processor as an instance of that subclass, with
+    its id and batch id set; plain Items and paths come as Items."""
+    seen: list[Item] = []
+    snap = orchestrator(seen.append).run([TaggedItem("t.jpg", source="s3://b/t"), Item("p.jpg")])
+    by_name = {item.filename: item for item in seen}
+    assert type(by_name["t.jpg"]) is TaggedItem
+    assert type(by_name["p.jpg"]) is Item
+    assert by_name["t.jpg"].source == "s3://b/t"
+    assert {(i.id, i.batch_id) for i in seen} == {(i.id, snap.batch_id) for i in snap.items}
+    assert snap.items[0].source == "s3://b/t"
+
+
 @pytest.mark.parametrize(
     ("items", "message"),
     [
