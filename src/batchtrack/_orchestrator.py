@@ -709,10 +709,11 @@ class Orchestrator(Closing):
         """Record the ends and starts of one batch's items in one store call, deliver
         their events in the order applied, then hand the started items to the executor."""
         steps: list[tuple[str, tuple[Status, frozenset[Status]], str | None, float | None]] = []
+        lease = self.tracker.lease
         for item, exc, start in group:
             assert item.id is not None
             if start:
-                steps.append((item.id, _START, None, self.tracker.lease))
+                steps.append((item.id, _START, None, lease))
             elif exc is None:
                 steps.append((item.id, _COMPLETE, None, None))
             else:
@@ -721,6 +722,8 @@ class Orchestrator(Closing):
         with run.order:
             answers = self._record(run.batch_id, steps, failed)
             for (_, exc, start), answer in zip(group, answers, strict=True):
+                if run.on_progress is None:
+                    break  # nobody to tell: _emit would queue nothing
                 if not isinstance(answer, ProgressEvent):
                     continue
                 if answer.changed:
@@ -750,15 +753,19 @@ class Orchestrator(Closing):
                 )
             ended.append(item.id)
         if ended or running:
+            batch_id = run.batch_id
             with self._lock:
+                leased = self._leased
                 for item_id in ended:
-                    self._leased.pop((run.batch_id, item_id), None)
+                    leased.pop((batch_id, item_id), None)
                     run.ids.discard(item_id)
                 run.running -= len(ended)
                 self._running -= len(ended)
                 self._settle_locked(run)
                 for item in running:
-                    self._lease_locked(run.batch_id, item.id)  # type: ignore[arg-type]
+                    leased[batch_id, item.id] = None  # type: ignore[index]
+                if running and self._beater is None:
+                    self._lease_locked(batch_id, running[0].id)  # type: ignore[arg-type]
         for item in running:
             self._call(run, item)
 
@@ -851,13 +858,14 @@ class Orchestrator(Closing):
 
     def _call(self, run: _Run, item: Item) -> None:
         """Hand the started item to the executor, under its time limit if any."""
-        with self._lock:
+        if self.item_timeout is None:
+            # Without a time limit the executor is never replaced: no lock to read it.
             executor = self.executor
-            deadline = (
-                math.inf if self.item_timeout is None else time.monotonic() + self.item_timeout
-            )
-            call = _Call(run, item, executor, deadline)
-            if self.item_timeout is not None:
+            call = _Call(run, item, executor, math.inf)
+        else:
+            with self._lock:
+                executor = self.executor
+                call = _Call(run, item, executor, time.monotonic() + self.item_timeout)
                 self._calls[call] = None
                 self._watch_locked()
         try:
@@ -926,6 +934,12 @@ class Orchestrator(Closing):
         run, item = call.run, call.item
         with self._lock:
             late, call.over = call.over, True
+            if exc is None and not late:
+                # The common end, recorded under this one lock (what _finish does).
+                self._calls.pop(call, None)
+                self._writes.append((run, item, None))
+                self._wake_writer_locked()
+                return
             self._calls.pop(call, None)
             if late and call.stuck:
                 self._stuck -= 1

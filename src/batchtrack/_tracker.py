@@ -858,18 +858,12 @@ class BatchTracker(Closing):
                 answers.append(BatchPaused(batch_id, item_id))
             elif outcome is not _APPLIED and expires <= now:  # unchanged, on an expired batch
                 answers.append(BatchNotFound(batch_id))
-            else:
-                answers.append(
-                    ProgressEvent._later(
-                        batch_id,
-                        item,
-                        progress,
-                        outcome is _APPLIED,
-                        version,
-                        _eta.estimate,
-                        (progress, created, stats, now),
-                    )
-                )
+            else:  # as in _transition
+                event: Any = _new_event(_ProgressEventFill)
+                event._values = (batch_id, item, progress, outcome is _APPLIED, version)
+                event._eta = [_eta.estimate, (progress, created, stats, now)]
+                event.__class__ = ProgressEvent
+                answers.append(event)
         return answers
 
     # -- lost work, retry and cancel ---------------------------------------------------
