@@ -315,6 +315,11 @@ def test_a_subclass_of_item_reaches_the_processor_as_itself(
         ("a.jpg", "iterable"),
         ([Item("a", id="x"), Item("b", id="x")], "more than once"),
         (["/"], "names no file"),
+        ([Item("a\rb.jpg")], "NUL or line breaks"),
+        ([Item("a\x00.jpg")], "NUL or line breaks"),
+        ([Item("a.jpg", id="x\ny")], "item 0 id must not contain NUL or line breaks"),
+        ([Item("a.jpg"), Item("b.jpg", id=" ")], "item 1 id must not be empty"),
+        ([Item("a.jpg", source="s3://k", id=7)], "item 0 id must be a string"),  # type: ignore[arg-type]
     ],
 )
 def test_bad_items_are_rejected_before_anything_runs(

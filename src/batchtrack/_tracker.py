@@ -24,6 +24,7 @@ from ._models import (
     Progress,
     ProgressEvent,
     Status,
+    _item_snapshot,
     _ProgressEventFill,
     utc_datetime,
 )
@@ -105,7 +106,7 @@ def _check_text(value: object, what: str, limit: int) -> str:
         raise ValidationError(f"{what} must not be empty")
     if len(value) > limit:
         raise ValidationError(f"{what} is longer than {limit} characters")
-    if any(ch in value for ch in "\x00\r\n"):
+    if "\x00" in value or "\r" in value or "\n" in value:
         raise ValidationError(f"{what} must not contain NUL or line breaks: {value!r}")
     _check_utf8(value, what)
     return value
@@ -385,7 +386,8 @@ class BatchTracker(Closing):
             if item_id in seen:
                 raise ValidationError(f"item id {item_id!r} appears more than once")
             seen.add(item_id)
-            snapshots.append(ItemSnapshot(item_id, filename, source=source))
+            # ItemSnapshot(item_id, filename, source=source), of values checked above
+            snapshots.append(_item_snapshot(item_id, filename, Status.PENDING, None, 0, source))
         if not snapshots:
             raise ValidationError("a batch needs at least one item")
 
