@@ -266,6 +266,9 @@ class Orchestrator(Closing):
     _writer: threading.Thread | None
     _wake_writer: threading.Condition  # on _lock
     _stop_writing: bool
+    # Items run in chains (see _chain): an owned thread pool, no time limit, a store whose
+    # calls cost little (the memory store's in-process several-event call).
+    _chains: bool
 
     def __init__(
         self,
@@ -342,6 +345,9 @@ class Orchestrator(Closing):
             None,
             threading.Condition(lock),
             False,
+            owns
+            and item_timeout is None
+            and getattr(type(tracker.store), "_apply_steps", None) is not None,
         )
 
     # -- public ---------------------------------------------------------------------------
@@ -687,27 +693,46 @@ class Orchestrator(Closing):
                 ended, self._writes = self._writes, []
                 self._want_starts = False
                 starts = self._take_starts_locked(len(ended))
-            groups: dict[_Run, list[tuple[Item, BaseException | None, bool]]] = {}
-            for run, item, exc in ended:
-                groups.setdefault(run, []).append((item, exc, False))
-            for run, item in starts:
-                if item.source is _UNKEPT:
-                    # Its input lived only in the process that submitted it: fail it
-                    # rather than hand the processor a guess (its filename could name
-                    # another file).
-                    error = ProcessingError(INPUT_NOT_KEPT_ERROR)
-                    groups.setdefault(run, []).append((item, error, False))
-                else:
-                    groups.setdefault(run, []).append((item, None, True))
-            for run, group in groups.items():
-                try:
-                    self._write_run(run, group)
-                except Exception:  # a bug; the writer must go on for the other batches
-                    log.exception("batchtrack: recording items of batch %s", run.batch_id)
+            self._write_all(ended, starts, keep=False)
 
-    def _write_run(self, run: _Run, group: list[tuple[Item, BaseException | None, bool]]) -> None:
-        """Record the ends and starts of one batch's items in one store call, deliver
-        their events in the order applied, then hand the started items to the executor."""
+    def _write_all(
+        self,
+        ended: list[tuple[_Run, Item, BaseException | None]],
+        starts: list[tuple[_Run, Item]],
+        *,
+        keep: bool,
+    ) -> tuple[_Run, Item] | None:
+        """Record the ``ended`` items and the ``starts`` (one store call per batch), then
+        hand the started items to the executor: all of them, or all but the first when
+        ``keep``, which is returned for the calling thread to run itself."""
+        groups: dict[_Run, list[tuple[Item, BaseException | None, bool]]] = {}
+        for run, item, exc in ended:
+            groups.setdefault(run, []).append((item, exc, False))
+        for run, item in starts:
+            if item.source is _UNKEPT:
+                # Its input lived only in the process that submitted it: fail it rather
+                # than hand the processor a guess (its filename could name another file).
+                error = ProcessingError(INPUT_NOT_KEPT_ERROR)
+                groups.setdefault(run, []).append((item, error, False))
+            else:
+                groups.setdefault(run, []).append((item, None, True))
+        kept = None
+        for run, group in groups.items():
+            try:
+                for item in self._write_run(run, group):
+                    if keep and kept is None:
+                        kept = (run, item)
+                    else:
+                        self._call(run, item)
+            except Exception:  # a bug; the writer must go on for the other batches
+                log.exception("batchtrack: recording items of batch %s", run.batch_id)
+        return kept
+
+    def _write_run(
+        self, run: _Run, group: list[tuple[Item, BaseException | None, bool]]
+    ) -> list[Item]:
+        """Record the ends and starts of one batch's items in one store call and deliver
+        their events in the order applied; answer the started items, to be run."""
         steps: list[tuple[str, tuple[Status, frozenset[Status]], str | None, float | None]] = []
         lease = self.tracker.lease
         for item, exc, start in group:
@@ -766,8 +791,7 @@ class Orchestrator(Closing):
                     leased[batch_id, item.id] = None  # type: ignore[index]
                 if running and self._beater is None:
                     self._lease_locked(batch_id, running[0].id)  # type: ignore[arg-type]
-        for item in running:
-            self._call(run, item)
+        return running
 
     def _record(
         self,
@@ -858,6 +882,17 @@ class Orchestrator(Closing):
 
     def _call(self, run: _Run, item: Item) -> None:
         """Hand the started item to the executor, under its time limit if any."""
+        if self._chains:
+            try:
+                future = self.executor.submit(self._chain, run, item)
+            except BaseException as exc:  # the executor refused (shut down)
+                log.exception(
+                    "batchtrack: could not run item %s of batch %s", item.id, run.batch_id
+                )
+                self._finish(run, item, exc)
+                return
+            future.add_done_callback(lambda f: self._chain_ended(f, run, item))
+            return
         if self.item_timeout is None:
             # Without a time limit the executor is never replaced: no lock to read it.
             executor = self.executor
@@ -888,6 +923,47 @@ class Orchestrator(Closing):
                 self._finish(run, item, exc)
             return
         future.add_done_callback(lambda f: self._done(call, f))
+
+    def _chain(self, run: _Run, item: Item) -> None:
+        """Run ``item`` in this thread of the owned pool; then record its end together
+        with the start of the item taking its slot, and run that one here too, while
+        items are left to start.
+
+        What the writer thread and the executor would do per item, without their two
+        hops (a wake of the writer, a wake of a worker through the executor's queue, a
+        future and its callbacks): for stores whose calls cost little (``_chains``),
+        where those hops cost more than the calls they batch. Each item's start is
+        recorded before it runs, its end after; concurrency, events, leases, pause and
+        cancel go through the same code as the writer's.
+        """
+        while True:
+            assert item.id is not None
+            reporter = _report.ItemReporter(self.tracker, run.batch_id, item.id)
+            exc: BaseException | None = None
+            try:
+                _report.run_reporting(reporter, self.processor, item)
+            except BaseException as error:  # what the executor's future would have held
+                exc = error
+            self._log_failure(run, item, exc)
+            with self._lock:
+                starts = self._take_starts_locked(1)  # this item's slot is free
+            kept = self._write_all([(run, item, exc)], starts, keep=True)
+            if kept is None:
+                if self._order:
+                    self._pump()  # slots freed by other threads meanwhile: the writer
+                return
+            run, item = kept
+
+    def _chain_ended(self, future: Future[Any], run: _Run, item: Item) -> None:
+        """A chain never started (its future was cancelled: its first item fails, as
+        :meth:`_done` has it), or stopped on a bug (logged; its items' own outcomes are
+        caught and recorded)."""
+        if future.cancelled():
+            self._finish(run, item, CancelledError())
+            return
+        exc = future.exception()
+        if exc is not None:
+            log.error("batchtrack: a worker's chain of items stopped", exc_info=exc)
 
     def _release(self, run: _Run, item: Item) -> None:
         """Forget an item that will not run here."""
@@ -1087,7 +1163,14 @@ class Orchestrator(Closing):
 
     def _finish(self, run: _Run, item: Item, exc: BaseException | None) -> None:
         """An item's call ended (``exc``: how it failed): the writer records it."""
-        assert item.id is not None
+        self._log_failure(run, item, exc)
+        with self._lock:
+            self._writes.append((run, item, exc))
+            self._wake_writer_locked()
+
+    @staticmethod
+    def _log_failure(run: _Run, item: Item, exc: BaseException | None) -> None:
+        """Log the traceback of an item that failed otherwise than by a ProcessingError."""
         if exc is not None and not isinstance(exc, ProcessingError):
             log.error(
                 "batchtrack: item %s (%s) of batch %s failed",
@@ -1096,9 +1179,6 @@ class Orchestrator(Closing):
                 run.batch_id,
                 exc_info=exc,
             )
-        with self._lock:
-            self._writes.append((run, item, exc))
-            self._wake_writer_locked()
 
     def _fail_pending_locked(self, run: _Run, reason: str = CANCELLED) -> int:
         """Cancel the run's queued items (fail them, unless ``reason`` is
