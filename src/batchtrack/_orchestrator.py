@@ -242,7 +242,8 @@ class Orchestrator(Closing):
     store_retry: float
     item_timeout: float | None
     _owns_executor: bool
-    _lock: threading.Lock
+    # Reentrant: a chain (see _chain) holds it around a whole step, whose parts take it too.
+    _lock: threading.RLock
     _runs: dict[str, _Run]
     _order: collections.deque[_Run]
     _running: int
@@ -313,7 +314,7 @@ class Orchestrator(Closing):
             executor = _DaemonThreads("batchtrack-worker")
         elif executor is None:
             executor = ThreadPoolExecutor(concurrency, thread_name_prefix="batchtrack-worker")
-        lock = threading.Lock()
+        lock = threading.RLock()
         self.__attrs_init__(
             tracker,
             processor,
@@ -935,6 +936,11 @@ class Orchestrator(Closing):
         where those hops cost more than the calls they batch. Each item's start is
         recorded before it runs, its end after; concurrency, events, leases, pause and
         cancel go through the same code as the writer's.
+
+        A step (taking the next item, the store call, the bookkeeping) holds the
+        orchestrator's lock throughout, as the store's calls cost little: chains of quick
+        items would otherwise, under the GIL, hand the orchestrator's, the run's and the
+        store's locks back and forth between threads, each handoff a thread switch.
         """
         while True:
             assert item.id is not None
@@ -947,7 +953,7 @@ class Orchestrator(Closing):
             self._log_failure(run, item, exc)
             with self._lock:
                 starts = self._take_starts_locked(1)  # this item's slot is free
-            kept = self._write_all([(run, item, exc)], starts, keep=True)
+                kept = self._write_all([(run, item, exc)], starts, keep=True)
             if kept is None:
                 if self._order:
                     self._pump()  # slots freed by other threads meanwhile: the writer
