@@ -210,6 +210,25 @@ def test_an_owned_pool_on_the_memory_store_runs_items_back_to_back(tmp_path: Pat
     assert all(len(statuses) == 2 for statuses in seen.values())
 
 
+def test_a_processor_raising_a_base_exception_fails_only_its_item(
+    orchestrator: Callable[..., Orchestrator],
+) -> None:
+    """An item whose processor raises SystemExit or KeyboardInterrupt fails (as through an
+    executor's future); the items after it in the same thread still run."""
+
+    def work(item: Item) -> None:
+        if item.filename == "3.jpg":
+            raise SystemExit(3)
+        if item.filename == "5.jpg":
+            raise KeyboardInterrupt
+
+    snap = orchestrator(work, concurrency=2).run([f"{i}.jpg" for i in range(12)])
+    by_name = {item.filename: item for item in snap.items}
+    assert by_name["3.jpg"].status is Status.FAILED
+    assert by_name["5.jpg"].status is Status.FAILED
+    assert snap.progress.completed == 10
+
+
 @pytest.mark.parametrize("setting", ["sqlite", "time limit", "own executor"])
 def test_elsewhere_each_item_is_one_executor_call(setting: str, tmp_path: Path) -> None:
     """With a store whose calls cost a round trip (SQLite), a time limit, or an executor
