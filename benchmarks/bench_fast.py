@@ -15,6 +15,7 @@
 from __future__ import annotations
 
 import sqlite3
+import statistics
 import tempfile
 import threading
 import time
@@ -104,6 +105,15 @@ def memory_event(n: int) -> list[Comparison]:
     )
     us = vs_floor.ours / (2 * n) * 1e6
     print(f"fast: memory event {us:.2f} us (goal <= 3 us)")
+    # The same runs timed by the process's CPU clock: what other load on a shared
+    # machine takes away (time slices) does not count. Printed beside, not judged.
+    cpu = []
+    for _ in range(9):
+        ours_setup()
+        began = time.process_time()
+        ours()
+        cpu.append(time.process_time() - began)
+    print(f"fast: memory event {statistics.median(cpu) / (2 * n) * 1e6:.2f} us of CPU time")
     vs_floor = Comparison(vs_floor.name, vs_floor.ours, vs_floor.baseline, "<= 3 us", us <= 3.0)
     return [vs_floor, vs_generic]
 

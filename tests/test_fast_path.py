@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import struct
 import uuid
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -104,6 +105,170 @@ def test_fast_and_generic_paths_agree(steps: list[tuple[str, int, float]], read_
         assert fast.store._batches[a].stats == slow.store._batches[b].stats
     for x, y in seen:
         assert _comparable(x, a) == _comparable(y, b)
+
+
+def test_memory_event_values_are_the_frozen_classes_themselves() -> None:
+    """The memory store's written-out event hands out ItemSnapshot, Progress and
+    ProgressEvent instances (not their writable fill-in twins), frozen and weakly
+    referable like the public constructors' values."""
+    import weakref
+
+    import attrs
+
+    from batchtrack import ItemSnapshot, Progress, ProgressEvent
+
+    tracker = BatchTracker(MemoryStore(), clock=FakeClock(1000.0))
+    batch_id = tracker.create_batch([("a", "a.jpg"), ("b", "b.jpg")]).batch_id
+    started = tracker.start_item(batch_id, "a")
+    tracker.clock.advance(2.0)  # type: ignore[attr-defined]
+    events = [started, tracker.complete_item(batch_id, "a"), tracker.fail_item(batch_id, "b", "x")]
+    stored = tracker.get(batch_id)
+    for event in events:
+        values = (event.item, event.progress)
+        assert (type(event), type(values[0]), type(values[1])) == (
+            ProgressEvent,
+            ItemSnapshot,
+            Progress,
+        )
+        for value, name in ((event, "version"), (values[0], "status"), (values[1], "total")):
+            with pytest.raises(attrs.exceptions.FrozenInstanceError):
+                setattr(value, name, 1)
+            with pytest.raises(attrs.exceptions.FrozenInstanceError):
+                delattr(value, name)
+        assert weakref.ref(values[0])() is values[0]
+    assert [type(item) for item in stored.items] == [ItemSnapshot, ItemSnapshot]
+    assert stored.items[0] == ItemSnapshot("a", "a.jpg", Status.COMPLETED, attempts=1)
+    assert events[1].progress == Progress(2, completed=1, pending=1)
+    assert hash(events[1].item) == hash(stored.items[0])
+
+
+class ApplyAllMemoryStore(MemoryStore):
+    """The same store with apply_all() overridden: the tracker's calls of several
+    events take apply_all() (the memory store's own, atomic) instead of the fast path."""
+
+    def apply_all(self, batch_id: str, transitions: Sequence[Transition]) -> list[TransitionResult]:
+        return super().apply_all(batch_id, transitions)
+
+
+_groups = st.lists(
+    st.tuples(
+        st.lists(
+            st.tuples(
+                st.sampled_from(["start", "complete", "fail", "fail long"]), st.integers(0, 6)
+            ),
+            max_size=8,
+        ),
+        st.sampled_from(["", "pause", "unpause", "retry", "wait", "expire"]),
+        st.sampled_from([0.0, 0.5, 2.0, 30.0]),
+    ),
+    max_size=25,
+)
+
+
+def _group_answers(tracker: BatchTracker, batch_id: str, group: list[tuple[str, int]]) -> Any:
+    from batchtrack._tracker import _COMPLETE, _FAIL, _START, MAX_ERROR_LENGTH
+
+    rules = {"start": _START, "complete": _COMPLETE, "fail": _FAIL, "fail long": _FAIL}
+    steps = [
+        (
+            str(index),
+            rules[action],
+            None if action in ("start", "complete") else "x" * (MAX_ERROR_LENGTH + index),
+            15.0 if action == "start" else None,
+        )
+        for action, index in group
+    ]
+    try:
+        answers = tracker._apply_events(batch_id, steps)
+    except BatchtrackError as exc:
+        return type(exc), str(exc).replace(batch_id, "B")
+    return [
+        (type(a), str(a).replace(batch_id, "B"))
+        if isinstance(a, BatchtrackError)
+        else (
+            type(a),
+            type(a.item),
+            type(a.progress),
+            a.item,
+            a.progress,
+            a.changed,
+            a.version,
+            a.estimated_time_remaining,
+            a.eta_range,
+        )
+        for a in answers
+    ]
+
+
+@given(groups=_groups)
+@settings(max_examples=150, deadline=None)
+def test_memory_apply_steps_answers_like_apply_all(
+    groups: list[tuple[list[tuple[str, int]], str, float]],
+) -> None:
+    """The orchestrator's calls (several starts, completions and failures at once) give on
+    the memory store's fast path what apply_all() gives: every answer, event, snapshot,
+    sum, lease and end marker; a step naming no item (index 6) changes nothing."""
+    trackers = []
+    for store in (MemoryStore(), ApplyAllMemoryStore()):
+        tracker = BatchTracker(store, clock=FakeClock(1000.0), lease=20.0, ttl=5.0)
+        batch_id = tracker.create_batch([(str(n), f"{n}.jpg") for n in range(6)]).batch_id
+        trackers.append((tracker, batch_id))
+    assert getattr(trackers[1][0].store, "_apply_steps", None) is None  # the generic way
+    for group, then, seconds in groups:
+        answers = [_group_answers(tracker, batch_id, group) for tracker, batch_id in trackers]
+        assert answers[0] == answers[1]
+        for tracker, batch_id in trackers:
+            tracker.clock.advance(seconds)  # type: ignore[attr-defined]
+            if then == "expire":
+                tracker.clock.advance(10.0)  # type: ignore[attr-defined]
+            try:
+                if then in ("pause", "unpause"):
+                    getattr(tracker, then)(batch_id)
+                elif then == "retry":
+                    tracker.retry(batch_id)
+            except BatchtrackError:
+                pass
+        (fast, a), (slow, b) = trackers
+        one, other = fast.store._batches.get(a), slow.store._batches.get(b)  # type: ignore[attr-defined]
+        assert (one is None) == (other is None)
+        if one is not None:
+            assert (one.items, one.progress, one.version, one.stats, one.leases, one.log) == (
+                other.items,
+                other.progress,
+                other.version,
+                other.stats,
+                other.leases,
+                other.log,
+            )
+    (fast, a), (slow, b) = trackers
+    assert [e.version for e in fast.store.outbox_claim(1e9, 10, 2e9)] == [
+        e.version for e in slow.store.outbox_claim(1e9, 10, 2e9)
+    ]
+    assert sorted(fast.store._leases) == sorted(  # type: ignore[attr-defined]
+        (until, a, n)
+        for until, _, n in slow.store._leases  # type: ignore[attr-defined]
+    )
+
+
+def test_an_instrumented_memory_store_counts_the_several_event_calls() -> None:
+    """The orchestrator's calls of several events on an instrumented memory store go
+    through the wrapper's apply_all() (counted), not around it to the store's fast path."""
+    pytest.importorskip("prometheus_client")
+    from prometheus_client import CollectorRegistry
+
+    from batchtrack._tracker import _COMPLETE, _START
+    from batchtrack.metrics import Metrics
+
+    registry = CollectorRegistry()
+    tracker = Metrics(registry).instrument(BatchTracker(clock=FakeClock(1000.0)))
+    batch_id = tracker.create_batch([("a", "a.jpg"), ("b", "b.jpg")]).batch_id
+    tracker._apply_events(batch_id, [("a", _START, None, 30.0), ("b", _START, None, 30.0)])
+    tracker._apply_events(batch_id, [("a", _COMPLETE, None, None)])
+    assert registry.get_sample_value("batchtrack_items_started_total") == 2
+    finished = registry.get_sample_value(
+        "batchtrack_items_finished_total", {"outcome": "completed"}
+    )
+    assert finished == 1
 
 
 _times = st.floats(0.0, 1e7, allow_nan=False)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import weakref
 from datetime import datetime, timedelta, timezone
 
 import attrs
@@ -192,6 +193,9 @@ def test_fast_constructors_make_the_same_frozen_values_as_the_public_ones() -> N
         assert attrs.evolve(fast, attempts=5) == attrs.evolve(public, attempts=5)
         with pytest.raises(attrs.exceptions.FrozenInstanceError):
             fast.status = Status.COMPLETED  # type: ignore[misc]
+        with pytest.raises(attrs.exceptions.FrozenInstanceError):
+            del fast.status  # type: ignore[misc]
+        assert weakref.ref(fast)() is fast
     counts = (7, 1, 2, 3, 1, 0)
     fast_progress, public_progress = _progress(*counts), Progress(*counts)
     assert type(fast_progress) is Progress

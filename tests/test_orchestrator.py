@@ -7,7 +7,7 @@ import threading
 import time
 import uuid
 from collections.abc import Callable, Iterator
-from concurrent.futures import ProcessPoolExecutor
+from concurrent.futures import ProcessPoolExecutor, ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
@@ -15,13 +15,16 @@ import pytest
 
 from batchtrack import (
     BatchNotFound,
+    BatchSnapshot,
     BatchTracker,
     InputsGone,
     Item,
+    MemoryStore,
     Orchestrator,
     OrchestratorClosed,
     ProcessingError,
     ProgressEvent,
+    SQLiteStore,
     Status,
     ValidationError,
 )
@@ -138,6 +141,114 @@ def test_one_event_per_transition_with_monotonic_final_counts(
     assert all(e.batch_id == snap.batch_id for e in events)
     last = max(finals, key=lambda e: e.progress.completed + e.progress.failed)
     assert last.estimated_time_remaining == 0
+
+
+class CountingPool(ThreadPoolExecutor):
+    """A thread pool that counts what it is handed."""
+
+    def __init__(self, workers: int) -> None:
+        super().__init__(workers)
+        self.submitted = 0
+
+    def submit(self, fn: Callable[..., Any], /, *args: Any, **kwargs: Any) -> Any:
+        self.submitted += 1
+        return super().submit(fn, *args, **kwargs)
+
+
+def _run_counting(
+    store: Any, n: int, *, owned: bool = True, **kwargs: Any
+) -> tuple[BatchSnapshot, list[ProgressEvent], int, list[str]]:
+    """Run ``n`` items (every 7th fails) with concurrency 4 on ``store``; answer the
+    batch, its events, how many calls the pool was handed and each item's thread."""
+    tracker = BatchTracker(store)
+    pool = CountingPool(4)
+    threads: list[str] = []
+
+    def work(item: Item) -> None:
+        threads.append(threading.current_thread().name)
+        if int(item.filename.split(".")[0]) % 7 == 6:
+            raise ProcessingError("no")
+
+    orch = Orchestrator(
+        tracker, work, concurrency=4, **kwargs, **({} if owned else {"executor": pool})
+    )
+    if owned:
+        orch.executor.shutdown()
+        orch.executor = pool  # the owned pool, counted
+    events: list[ProgressEvent] = []
+    try:
+        snap = orch.run([f"{i}.jpg" for i in range(n)], on_progress=events.append)
+    finally:
+        orch.close()
+        pool.shutdown()
+        store.close()
+    return snap, events, pool.submitted, threads
+
+
+def test_an_owned_pool_on_the_memory_store_runs_items_back_to_back(tmp_path: Path) -> None:
+    """On the memory store the owned pool's threads run item after item (each end and the
+    next start recorded together by the thread that ran the item), not one executor call
+    per item; every guarantee holds: each item's start and end event once, in order, the
+    N final events counting 1..N, the concurrency bound."""
+    n = 120
+    snap, events, submitted, threads = _run_counting(MemoryStore(), n)
+    assert submitted <= 16  # about one per slot (4), not one per item (120)
+    assert len(set(threads)) <= 4
+    assert snap.progress.completed + snap.progress.failed == n
+    assert snap.progress.failed == n // 7
+    assert len(events) == 2 * n
+    assert [e.version for e in events] == list(range(1, 2 * n + 1))
+    finals = [e for e in events if e.item.status.is_final]
+    assert [e.progress.completed + e.progress.failed for e in finals] == list(range(1, n + 1))
+    assert all(e.progress.processing <= 4 for e in events)
+    seen: dict[str, list[Status]] = {}
+    for e in events:
+        seen.setdefault(e.item.id, []).append(e.item.status)
+    assert all(
+        statuses[0] is Status.PROCESSING and statuses[1].is_final for statuses in seen.values()
+    )
+    assert all(len(statuses) == 2 for statuses in seen.values())
+
+
+def test_a_processor_raising_a_base_exception_fails_only_its_item(
+    orchestrator: Callable[..., Orchestrator],
+) -> None:
+    """An item whose processor raises SystemExit or KeyboardInterrupt fails (as through an
+    executor's future); the items after it in the same thread still run."""
+
+    def work(item: Item) -> None:
+        if item.filename == "3.jpg":
+            raise SystemExit(3)
+        if item.filename == "5.jpg":
+            raise KeyboardInterrupt
+
+    snap = orchestrator(work, concurrency=2).run([f"{i}.jpg" for i in range(12)])
+    by_name = {item.filename: item for item in snap.items}
+    assert by_name["3.jpg"].status is Status.FAILED
+    assert by_name["5.jpg"].status is Status.FAILED
+    assert snap.progress.completed == 10
+
+
+@pytest.mark.parametrize("setting", ["sqlite", "time limit", "own executor"])
+def test_elsewhere_each_item_is_one_executor_call(setting: str, tmp_path: Path) -> None:
+    """With a store whose calls cost a round trip (SQLite), a time limit, or an executor
+    of the caller's, every item is one call handed to the executor, as before."""
+    store: Any = SQLiteStore(tmp_path / "b.db") if setting == "sqlite" else MemoryStore()
+    kwargs: dict[str, Any] = {"item_timeout": 30.0} if setting == "time limit" else {}
+    if setting == "time limit":
+        tracker = BatchTracker(store)
+        orch = Orchestrator(tracker, lambda item: None, concurrency=4, **kwargs)
+        try:
+            snap = orch.run([f"{i}.jpg" for i in range(30)])
+        finally:
+            orch.close()
+        assert not orch._chains
+        assert snap.progress.completed == 30
+        return
+    snap, events, submitted, _ = _run_counting(store, 30, owned=setting != "own executor")
+    assert submitted == 30
+    assert snap.progress.completed + snap.progress.failed == 30
+    assert len(events) == 60
 
 
 def test_a_raising_callback_is_logged_and_the_batch_goes_on(
@@ -262,6 +373,50 @@ def test_items_keep_the_ids_they_were_given(orchestrator: Callable[..., Orchestr
     assert seen == ["upload-7"]
 
 
+def test_items_without_an_id_get_distinct_random_uuid4_ids(
+    orchestrator: Callable[..., Orchestrator],
+) -> None:
+    """Items given without an id get distinct canonical UUID4 strings (version 4, RFC 4122
+    variant), every random bit of them random, in the batch and in the processor alike."""
+    seen: dict[str, str | None] = {}
+    orch = orchestrator(lambda item: seen.__setitem__(item.filename, item.id))
+    snap = orch.run([Item(f"{n}.jpg") for n in range(600)] + [Item("mine.jpg", id="kept")])
+    ids = [item.id for item in snap.items]
+    assert seen == {item.filename: item.id for item in snap.items}
+    assert ids[-1] == "kept"
+    assert len(set(ids)) == len(ids)
+    values = [uuid.UUID(i) for i in ids[:-1]]
+    assert all(
+        str(u) == i and u.version == 4 and u.variant == uuid.RFC_4122
+        for u, i in zip(values, ids, strict=False)
+    )
+    fixed = (0xF000 << 64) | (0xC000 << 48)  # the version and variant bits
+    ones = zeros = 0
+    for u in values:
+        ones |= u.int
+        zeros |= ~u.int & (2**128 - 1)
+    assert ones & ~fixed == zeros & ~fixed == (2**128 - 1) & ~fixed
+
+
+class TaggedItem(Item):
+    """A user's own kind of Item."""
+
+
+def test_a_subclass_of_item_reaches_the_processor_as_itself(
+    orchestrator: Callable[..., Orchestrator],
+) -> None:
+    """An Item subclass is handed to the processor as an instance of that subclass, with
+    its id and batch id set; plain Items and paths come as Items."""
+    seen: list[Item] = []
+    snap = orchestrator(seen.append).run([TaggedItem("t.jpg", source="s3://b/t"), Item("p.jpg")])
+    by_name = {item.filename: item for item in seen}
+    assert type(by_name["t.jpg"]) is TaggedItem
+    assert type(by_name["p.jpg"]) is Item
+    assert by_name["t.jpg"].source == "s3://b/t"
+    assert {(i.id, i.batch_id) for i in seen} == {(i.id, snap.batch_id) for i in snap.items}
+    assert snap.items[0].source == "s3://b/t"
+
+
 @pytest.mark.parametrize(
     ("items", "message"),
     [
@@ -271,6 +426,11 @@ def test_items_keep_the_ids_they_were_given(orchestrator: Callable[..., Orchestr
         ("a.jpg", "iterable"),
         ([Item("a", id="x"), Item("b", id="x")], "more than once"),
         (["/"], "names no file"),
+        ([Item("a\rb.jpg")], "NUL or line breaks"),
+        ([Item("a\x00.jpg")], "NUL or line breaks"),
+        ([Item("a.jpg", id="x\ny")], "item 0 id must not contain NUL or line breaks"),
+        ([Item("a.jpg"), Item("b.jpg", id=" ")], "item 1 id must not be empty"),
+        ([Item("a.jpg", source="s3://k", id=7)], "item 0 id must be a string"),  # type: ignore[arg-type]
     ],
 )
 def test_bad_items_are_rejected_before_anything_runs(

@@ -16,14 +16,14 @@ import attrs
 
 from .. import _eta
 from .._models import (
-    _PUT_COUNTS,
-    _PUT_ITEM,
     NO_METADATA,
     ItemSnapshot,
     Progress,
     Status,
     _item_snapshot,
+    _ItemSnapshotFill,
     _progress,
+    _ProgressFill,
 )
 from ..exceptions import BatchNotFound, ItemNotFound, StoreError
 from .base import (
@@ -53,6 +53,9 @@ _APPLIED = Outcome.APPLIED
 _UNCHANGED = Outcome.UNCHANGED
 _REJECTED = Outcome.REJECTED
 _PAUSED = Outcome.PAUSED
+# What _apply_parts answers: (outcome, previous status, item, progress, version,
+# created_at, expires_at, stats).
+_Answer = tuple[Outcome, Status, ItemSnapshot, Progress, int, float, float, Mapping[str, float]]
 
 
 @attrs.define
@@ -376,6 +379,8 @@ class MemoryStore(Store):
             cls._apply_parts = Store._apply_parts  # type: ignore[method-assign]
             if cls.apply_all is MemoryStore.apply_all:
                 cls.apply_all = Store.apply_all  # type: ignore[method-assign]
+        if cls.apply is not MemoryStore.apply or cls.apply_all is not MemoryStore.apply_all:
+            cls._apply_steps = None  # type: ignore[assignment]  # the tracker calls apply_all
 
     def _apply_parts(
         self,
@@ -436,19 +441,18 @@ class MemoryStore(Store):
                 attempts = item.attempts
                 if lease_until is not None:
                     attempts += 1
-                put_id, put_name, put_status, put_error, put_tries, put_src, put_p, put_s, put_j = (
-                    _PUT_ITEM
-                )
-                snapshot: ItemSnapshot = _new(ItemSnapshot)
-                put_id(snapshot, item.id)
-                put_name(snapshot, item.filename)
-                put_status(snapshot, target)
-                put_error(snapshot, error)
-                put_tries(snapshot, attempts)
-                put_src(snapshot, item.source)
-                put_p(snapshot, None)
-                put_s(snapshot, None)
-                put_j(snapshot, None)
+                # _item_snapshot written out (see _models: a writable twin, then the class)
+                snapshot: Any = _new(_ItemSnapshotFill)
+                snapshot.id = item.id
+                snapshot.filename = item.filename
+                snapshot.status = target
+                snapshot.error = error
+                snapshot.attempts = attempts
+                snapshot.source = item.source
+                snapshot.progress = None
+                snapshot.stage = None
+                snapshot._json = None
+                snapshot.__class__ = ItemSnapshot
                 state.items[position] = snapshot
                 state.leases[position] = lease_until
                 if lease_until is not None:
@@ -477,16 +481,14 @@ class MemoryStore(Store):
                 else:
                     state.finished_at = at
                     expires = state.expires_at = expires_at_finished
-                put_total, put_completed, put_failed, put_processing, put_pending, put_cancelled = (
-                    _PUT_COUNTS
-                )
-                progress: Progress = _new(Progress)
-                put_total(progress, state.progress.total)
-                put_completed(progress, counts[_COMPLETED])
-                put_failed(progress, counts[_FAILED])
-                put_processing(progress, processing)
-                put_pending(progress, pending)
-                put_cancelled(progress, counts[_CANCELLED])
+                progress: Any = _new(_ProgressFill)  # _progress written out
+                progress.total = state.progress.total
+                progress.completed = counts[_COMPLETED]
+                progress.failed = counts[_FAILED]
+                progress.processing = processing
+                progress.pending = pending
+                progress.cancelled = counts[_CANCELLED]
+                progress.__class__ = Progress
                 state.progress = progress
                 if was_open and not (pending or processing):
                     self._ended(state)
@@ -516,6 +518,90 @@ class MemoryStore(Store):
         if outcome is _APPLIED and self._listeners:
             self._changed(batch_id)
         return answer
+
+    def _apply_steps(
+        self,
+        batch_id: str,
+        steps: Sequence[tuple[str, Status, frozenset[Status], str | None, float | None]],
+        at: float,
+        expires_at_open: float,
+        expires_at_finished: float,
+        origin: float,
+    ) -> list[_Answer]:
+        """The tracker's several events in one call (what the orchestrator sends):
+        :meth:`apply_all` of the transitions :meth:`_apply_parts` would make of each
+        ``(item_id, target, sources, error, lease seconds or None)`` at ``at``, with the
+        ETA sums of the tracker's ``(origin, lease)`` shorthand, answered as
+        :meth:`_apply_parts` answers, one tuple per step. No Transition,
+        TransitionResult or contributions are built; a subclass that changes apply()
+        or apply_all() does not have this method (__init_subclass__), so the tracker
+        takes apply_all() for it. tests/test_fast_path.py checks it against
+        apply_all() group by group.
+
+        Raises:
+            BatchNotFound: The batch is missing or expired at ``at`` (nothing applied).
+            ItemNotFound: A step names an item not in the batch (nothing applied).
+        """
+        answers: list[_Answer] = []
+        applied = False
+        with self._lock:
+            state = self._batches.get(batch_id)
+            if not steps:
+                return []
+            if state is None or state.expires_at <= at:
+                raise BatchNotFound(batch_id)
+            index = state.index
+            found = []
+            for step in steps:
+                position = index.get(step[0])
+                if position is None:
+                    raise ItemNotFound(batch_id, step[0])
+                found.append(position)
+            items = state.items
+            for position, (_, target, sources, error, lease) in zip(found, steps, strict=True):
+                previous = items[position].status
+                if previous is target:
+                    outcome = _UNCHANGED
+                elif previous not in sources:
+                    outcome = _REJECTED
+                elif state.paused and lease is not None:  # a start
+                    outcome = _PAUSED
+                else:
+                    outcome = _APPLIED
+                    applied = True
+                    lease_until = None if lease is None else at + lease
+                    was_open = state.finished_at is None
+                    state.shift(
+                        position,
+                        target,
+                        at,
+                        error,
+                        lease_until,
+                        lease is not None,
+                        False,
+                        (origin, lease),
+                        expires_at_open,
+                        expires_at_finished,
+                    )
+                    if was_open and state.finished_at is not None:
+                        self._ended(state)
+                    if lease_until is not None:
+                        heappush(self._leases, (lease_until, batch_id, position))
+                answers.append(
+                    (
+                        outcome,
+                        previous,
+                        items[position],
+                        state.progress,
+                        state.version,
+                        state.created_at,
+                        state.expires_at,
+                        state.stats,
+                    )
+                )
+        if applied and self._listeners:
+            self._changed(batch_id)
+        return answers
 
     def _ended(self, state: _Batch) -> None:
         """Add the end marker of ``state``, which a transition just ended (under the lock)."""
