@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import collections
 import os
+import random
 import signal
 import sqlite3
 import threading
@@ -17,11 +18,13 @@ from batchtrack import (
     Item,
     MemoryStore,
     Orchestrator,
+    ProgressEvent,
     SQLiteStore,
     Status,
     StoreError,
     ValidationError,
 )
+from batchtrack.stores.base import Store
 from conftest import start_redis
 
 
@@ -171,3 +174,47 @@ def test_bad_store_retry_is_rejected(value: object) -> None:
     """store_retry must be a finite number of seconds >= 0."""
     with pytest.raises(ValidationError, match="store_retry"):
         Orchestrator(BatchTracker(), print, store_retry=value)  # type: ignore[arg-type]
+
+
+class NowAndThenFailingStore(MemoryStore):
+    """A third party's store in spirit: ``apply_all`` is the base class's (one ``apply``
+    per transition), and each ``apply`` fails now and then on its own (a passing error
+    of its backend), at a seeded random rate."""
+
+    rate = 0.25
+    failures = 0
+
+    def apply(self, batch_id, transition):  # type: ignore[no-untyped-def]
+        with self._lock:
+            fail = self._rng.random() < self.rate
+        if fail:
+            self.failures += 1
+            raise StoreError("a passing failure")
+        return super().apply(batch_id, transition)
+
+    apply_all = Store.apply_all
+
+
+def test_a_store_failing_now_and_then_per_transition_does_not_stall_the_batch() -> None:
+    """A store whose every transition fails 1 time in 4 on its own: a call of many
+    transitions then almost never goes through whole, so after a failed call the
+    orchestrator records its steps one by one (under the same retry deadline), and every
+    item is processed once and recorded, each final event delivered once."""
+    store = NowAndThenFailingStore()
+    store._rng = random.Random(7)  # type: ignore[attr-defined]
+    tracker = BatchTracker(store)
+    work = Counting()
+    finals: collections.Counter[str] = collections.Counter()
+
+    def seen(event: ProgressEvent) -> None:
+        if event.item.status.is_final:
+            finals[event.item.id] += 1
+
+    with Orchestrator(tracker, work, concurrency=8, store_retry=5.0) as orch:
+        snap = orch.submit([f"{i}.jpg" for i in range(120)], on_progress=seen)
+        final = orch.wait(snap.batch_id, timeout=120)
+    assert store.failures > 40
+    assert final.progress.completed == 120
+    assert sorted(work.calls.values()) == [1] * 120
+    assert len(finals) == 120
+    assert set(finals.values()) == {1}

@@ -803,17 +803,29 @@ class Orchestrator(Closing):
         """The answer to each step: its event, or why it could not be recorded."""
         what = f"recording {len(steps)} item(s) of batch {batch_id}"
         tracker = self.tracker
+        deadline = time.monotonic() + self.store_retry
         try:
             answers: list[ProgressEvent | BaseException] = []
-            answers += self._retrying(what, lambda: tracker._apply_events(batch_id, steps), failed)
+            if len(steps) == 1:
+                answers += self._retrying(
+                    what, lambda: tracker._apply_events(batch_id, steps), failed, deadline
+                )
+            else:
+                answers += tracker._apply_events(batch_id, steps)
             return answers
         except StoreError as exc:
-            return [exc] * len(steps)
+            if len(steps) == 1:
+                return [exc]
+            # A store that fails now and then per transition (one whose apply_all applies
+            # them one by one) would almost never take a call of many whole: each step on
+            # its own from now on, all within the one retry deadline. Some may have
+            # applied already; the retries find them done (``failed`` says so).
+            failed.append(True)
         except Exception as exc:
             if len(steps) == 1:
                 return [exc]
-        # The batch went, or an item is not in it, or the store refused the call as a
-        # whole: each step on its own, for an answer of its own.
+        # The store failed, the batch went, an item is not in it, or the store refused
+        # the call as a whole: each step on its own, for an answer of its own.
         answers = []
         for step in steps:
 
@@ -821,7 +833,7 @@ class Orchestrator(Closing):
                 return tracker._apply_events(batch_id, [step])
 
             try:
-                answers += self._retrying(what, one, failed)
+                answers += self._retrying(what, one, failed, deadline)
             except Exception as exc:
                 answers.append(exc)
         return answers
@@ -855,13 +867,21 @@ class Orchestrator(Closing):
             )
             self._finish(run, item, answer)
 
-    def _retrying(self, what: str, call: Callable[[], _T], failed: list[bool] | None = None) -> _T:
-        """``call()``, retried with back-off while the store fails, for ``store_retry`` s.
+    def _retrying(
+        self,
+        what: str,
+        call: Callable[[], _T],
+        failed: list[bool] | None = None,
+        deadline: float | None = None,
+    ) -> _T:
+        """``call()``, retried with back-off while the store fails, for ``store_retry`` s
+        (or until ``deadline``, by :func:`time.monotonic`).
 
         ``failed`` gets True appended when a try failed (its answer, not necessarily its
         effect, was lost).
         """
-        deadline = time.monotonic() + self.store_retry
+        if deadline is None:
+            deadline = time.monotonic() + self.store_retry
         delay = 0.05
         while True:
             try:
