@@ -425,6 +425,8 @@ class Score(NamedTuple):
     width_after: float = math.nan  # median range width in the minute after the change is
     # over, % of the truth
     width_settled: float = math.nan  # and from then on
+    rose: int = 0  # polls whose shown estimate rose since the previous one
+    compared: int = 0  # polls compared with the previous one
 
 
 def shown(value: float | None) -> float | None:
@@ -518,6 +520,8 @@ def score(
         100 * statistics.fmean(unsteady) if unsteady else math.nan,
         100 * statistics.median(later) if later else math.nan,
         100 * statistics.median(settled) if settled else math.nan,
+        sum(rises),
+        len(rises),
     )
 
 
@@ -552,6 +556,8 @@ def table(quick: bool = False, seeds: list[int] | None = None) -> dict[str, dict
                 _mean_known(s.unsteady for s in scores),
                 _median_known(s.width_after for s in scores),
                 _median_known(s.width_settled for s in scores),
+                sum(s.rose for s in scores),
+                sum(s.compared for s in scores),
             )
             for name, scores in per.items()
         }
@@ -602,6 +608,17 @@ def report(quick: bool = False, seeds: list[int] | None = None) -> str:
         lines.append(
             f"{kind:<{width}}"
             + "".join(f"{f'{row[n].rises:.0f}% / {row[n].unsteady:.1f}%':>24}" for n in names)
+        )
+    lines += [
+        "",
+        "rises over all scored polls together (the share above is each run's, averaged:",
+        "a short run's rise weighs more), % of polls",
+        " " * width + "".join(f"{name:>24}" for name in names),
+    ]
+    for kind, row in results.items():
+        lines.append(
+            f"{kind:<{width}}"
+            + "".join(f"{100 * row[n].rose / max(row[n].compared, 1):>23.1f}%" for n in names)
         )
     lines += [
         "",
