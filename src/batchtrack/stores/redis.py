@@ -132,6 +132,10 @@ _STAGING_TTL = 3600  # seconds staged items of a creator that died are kept
 _SLACK = 60  # seconds a key outlives the batch's own expiry, for clock skew
 _SLACK_ARG = str(_SLACK)
 _IDLE_KEPT = 16  # idle connections RedisStore._fast keeps
+# ConnectionPool.get_connection's arguments: none since redis-py 5.3, a command name before.
+_GET_ARGS: tuple[str, ...] = (
+    () if tuple(int(p) for p in redis.__version__.split(".")[:2]) >= (5, 3) else ("EVALSHA",)
+)
 _CONSTANTS_KEPT = 4096  # batches whose created_at and total RedisStore keeps
 _PURGE_CHUNK = 500
 _PING_AFTER = 5.0  # seconds of silence on the listening connection before a PING
@@ -257,6 +261,7 @@ end
 -- Move an item (decoded) to target at `at` (a string), as a transition that applies,
 -- its change counted at batch version `version`.
 local function move(item_id, item, target, error, at, lease, attempts, version)
+  item.w = item.s  -- what a repeat of the event answers as its previous status
   item.s = target
   redis.call('ZADD', KEYS[6], version, item_id)
   if item.p then redis.call('ZADD', KEYS[7], target * 4294967296 + item.p, item_id) end
@@ -425,26 +430,23 @@ _APPLY = _PRELUDE + _APPLY_BODY
 #       expires_open, expires_finished, slack, lease_until ('' = none; a lease means a
 #       start: one more attempt, refused while paused), error ('' = none), then the
 #       stats group ('' = none): source code, powers as one digit each, ':' and the names
-#       joined by \x1f, and its coefficients as little-endian doubles; then '1' to be
-#       answered created_at and total ('' = the caller knows them).
-# Returns: outcome, previous code, the item's JSON, created_at (or ''), expires_at,
-# version, total (or ''), completed, failed, processing, pending, stats (or {'nobatch'}
-# / {'noitem'}).
+#       joined by \x1f, and its coefficients as little-endian doubles; then the
+#       created_at and total the caller kept for the batch, as '<created_at> <total>'
+#       ('' = none); then '1' when this call may repeat one whose answer was lost.
+# Returns: outcome, previous code, the item's JSON, created_at and total (both '' when
+# the caller kept these very ones), expires_at, version, completed, failed, processing,
+# pending, stats (or {'nobatch'} / {'noitem'}).
 _EVENT_BODY = """
 local at = tonumber(ARGV[5])
--- paused matters to a start only; created_at and total never change, so they are read
--- only for a caller that has not kept them (ARGV[13]). finished_at is not read: an event
--- that applies never finds its batch finished (it moves a pending or processing item).
-local fields = {'expires_at', 'version', 'pending', 'processing', 'completed', 'failed',
-  'stats'}
-if ARGV[9] ~= '' or ARGV[13] ~= '' then fields[8] = 'paused' end
-if ARGV[13] ~= '' then
-  fields[9] = 'created_at'
-  fields[10] = 'total'
-end
-local h = redis.call('HMGET', KEYS[1], unpack(fields))
+-- finished_at is not read: an event that applies never finds its batch finished (it
+-- moves a pending or processing item).
+local h = redis.call('HMGET', KEYS[1], 'expires_at', 'version', 'pending', 'processing',
+  'completed', 'failed', 'stats', 'paused', 'created_at', 'total')
 if not h[1] or tonumber(h[1]) <= at then return {'nobatch'} end
+-- created_at and total never change while a batch lives, but a batch id can be deleted
+-- (or expire) and made again: sent back unless the caller kept these very ones.
 local created, total = h[9] or '', h[10] or ''
+if ARGV[13] == created .. ' ' .. total then created, total = '', '' end
 local raw = redis.call('HGET', KEYS[2], ARGV[2])
 if not raw then return {'noitem'} end
 local item = cjson.decode(raw)
@@ -452,6 +454,12 @@ local previous = item.s
 local target = tonumber(ARGV[3])
 local outcome = nil
 if previous == target then
+  -- A repeat of this very event (same time, same lease), whose answer was lost after it
+  -- applied: answered as applied again, not as unchanged.
+  if ARGV[14] ~= '' and item.t == ARGV[5] and (ARGV[9] == '' or item.l == ARGV[9]) then
+    return {'applied', item.w or previous, raw, created, total, h[1], h[2], h[5], h[6], h[4],
+      h[3], h[7]}
+  end
   outcome = 'unchanged'
 elseif not string.find(ARGV[4], previous, 1, true) then
   outcome = 'rejected'
@@ -459,7 +467,7 @@ elseif ARGV[9] ~= '' and h[8] == '1' then
   outcome = 'paused'
 end
 if outcome then
-  return {outcome, previous, raw, created, h[1], h[2], total, h[5], h[6], h[4], h[3], h[7]}
+  return {outcome, previous, raw, created, total, h[1], h[2], h[5], h[6], h[4], h[3], h[7]}
 end
 local p = string.sub(KEYS[1], 1, -#ARGV[1] - 3)
 local version = tonumber(h[2]) + 1
@@ -469,6 +477,7 @@ redis.call('ZADD', p .. 'c:' .. ARGV[1], version, ARGV[2])
 if item.p then
   redis.call('ZADD', p .. 's:' .. ARGV[1], target * 4294967296 + item.p, ARGV[2])
 end
+item.w = previous  -- what a repeat of this event answers as its previous status
 item.s = target
 if ARGV[10] ~= '' then item.e = ARGV[10] else item.e = cjson.null end
 item.q = nil  -- a report lasts while the item runs
@@ -529,7 +538,7 @@ if finished then
   end
 end
 redis.call('PUBLISH', p .. 'changes', ARGV[1])
-return {'applied', previous, raw, created, expires, version, total, counts[3], counts[4],
+return {'applied', previous, raw, created, total, expires, version, counts[3], counts[4],
   counts[2], counts[1], stats}
 """
 
@@ -594,7 +603,8 @@ end
 
 _EVENT = _ADD_STATS + _EVENT_BODY
 
-# ARGV: batch id, then per transition: how many arguments it has, and _APPLY's ARGV.
+# ARGV: batch id, '1' when this call may repeat one whose answer was lost, then per
+# transition: how many arguments it has, and _APPLY's ARGV.
 # Every item is checked before anything changes; then each transition is judged and
 # applied as _APPLY would, on the header kept here (read once, written once, one
 # notification), its reply made from the header as it is right after it.
@@ -604,7 +614,7 @@ _APPLY_ALL = (
     + _ADD_STATS
     + """
 local calls, ids = {}, {}
-local n = 2
+local n = 3
 while n <= #ARGV do
   local size = tonumber(ARGV[n])
   local args = {}
@@ -636,7 +646,13 @@ for i, A in ipairs(calls) do
   local target = tonumber(A[3])
   local outcome = nil
   if previous == target then
-    outcome = 'unchanged'
+    -- A repeat of this very transition (same time, same lease) whose answer was lost.
+    if ARGV[2] ~= '' and item.t == A[5] and (A[10] == '' or item.l == A[10]) then
+      outcome = 'applied'
+      previous = item.w or previous
+    else
+      outcome = 'unchanged'
+    end
   elseif not string.find(A[4], tostring(previous), 1, true) then
     outcome = 'rejected'
   elseif A[12] ~= '' and (not item.l or tonumber(item.l) > tonumber(A[12])) then
@@ -1273,13 +1289,18 @@ class RedisStore(Store):
     # plain redis.Redis with a pool (a single-connection client, a cluster...).
     _pool: Any = attrs.field(init=False, default=None)
     _idle: list[Any] = attrs.field(init=False, factory=list)  # _fast's idle connections
+    # How many of the pool's connections _fast holds (idle or in use), under _lock.
+    _borrowed: int = attrs.field(init=False, default=0)
+    _lock: threading.Lock = attrs.field(init=False, factory=threading.Lock)
     _closed: bool = attrs.field(init=False, default=False)  # close() was called
     _pid: int = attrs.field(init=False, factory=os.getpid)  # whose they are
     # Per stats group (source and names): the group as _EVENT takes it.
     _layouts: dict[tuple[Any, ...], str] = attrs.field(init=False, factory=dict)
-    # Per batch: its created_at and total, which never change (_EVENT need not read
-    # them again); forgotten all at once when _CONSTANTS_KEPT are kept, and on delete.
-    _constants: dict[str, tuple[float, int]] = attrs.field(init=False, factory=dict)
+    # Per batch: its created_at and total, which never change while it lives (_EVENT
+    # need not send them again), and both as _EVENT compares them with the batch's own
+    # ('<created_at> <total>': a batch deleted and made again under the same id has
+    # others); forgotten all at once when _CONSTANTS_KEPT are kept, and on delete.
+    _constants: dict[str, tuple[float, int, str]] = attrs.field(init=False, factory=dict)
     # Per event loop: the redis.asyncio client of version_of_async (made on first use)
     # and the started async generator that closes it.
     _async_reads: dict[Any, tuple[Any, AsyncGenerator[None, None]]] = attrs.field(
@@ -1322,6 +1343,11 @@ class RedisStore(Store):
             owns = True
         else:
             owns = False
+            kwargs = getattr(getattr(client, "connection_pool", None), "connection_kwargs", {})
+            if kwargs.get("decode_responses"):  # every reply is read as bytes
+                raise ValidationError(
+                    "RedisStore needs a client that answers bytes: decode_responses=False"
+                )
         self.__attrs_init__(
             url,
             prefix,
@@ -1376,8 +1402,7 @@ class RedisStore(Store):
         """Release the connections (of a pool this store created)."""
         self._closed = True  # a call under way closes its connection when done
         while self._idle:
-            with contextlib.suppress(RedisError, OSError):
-                self._idle.pop().disconnect()
+            self._drop_connection(self._idle.pop())
         if self._owns_client:
             self._client.close()
 
@@ -1597,21 +1622,24 @@ class RedisStore(Store):
                 error or "",
                 group,
                 coefs,
-                "" if known else "1",
+                known[2] if known else "",
+                "",
             ),
+            13,
         )
         if len(reply) < 12:
             if reply[0] == b"nobatch":
                 raise BatchNotFound(batch_id)
             raise ItemNotFound(batch_id, item_id)
-        outcome, previous, raw, created, expires, version, total, done, failed, running = reply[:10]
-        if known:
-            created, total = known
+        outcome, previous, raw, created, total, expires, version, done, failed, running = reply[:10]
+        if known and created == b"":  # the batch's own, as kept
+            created, total = known[0], known[1]
         else:
+            token = f"{created.decode()} {total.decode()}"
             created, total = float(created or 0), int(total or 0)
             if len(self._constants) >= _CONSTANTS_KEPT:
                 self._constants.clear()
-            self._constants[batch_id] = (created, total)
+            self._constants[batch_id] = (created, total, token)
         done, failed, running, pending = int(done), int(failed), int(running), int(reply[10])
         return (
             _OUTCOMES[outcome],
@@ -1636,24 +1664,41 @@ class RedisStore(Store):
             known = self._layouts[key] = f"{_CODE[source]}{powers}:{names.replace(',', chr(31))}"
         return known
 
-    def _fast(self, script: Any, what: str, keys: tuple[str, ...], args: tuple[Any, ...]) -> Any:
+    def _fast(
+        self,
+        script: Any,
+        what: str,
+        keys: tuple[str, ...],
+        args: tuple[Any, ...],
+        repeat: int,
+    ) -> Any:
         """``script(keys, args)`` on a connection of the store's own, the command packed at
         once: redis-py's general path (its pool's checks, its per-argument encoding)
-        costs about as much as the script itself. The connections are made with the
-        client pool's settings and kept while idle (at most :data:`_IDLE_KEPT`); one that
-        fails is dropped. On anything but an answer (a connection lost, the script not
-        loaded yet, a client that is not a plain ``redis.Redis``), the general path with
-        redis-py's retries."""
+        costs about as much as the script itself. The connections are the client pool's
+        (taken from it once, so they count against its ``max_connections``) and kept
+        here while idle (at most :data:`_IDLE_KEPT`; the others go back to the pool); one
+        that fails is dropped. On anything but an answer (a connection lost, the script
+        not loaded yet, a client that is not a plain ``redis.Redis``), the general path
+        with redis-py's retries. ``args[repeat]`` is the script's flag for a call that
+        may repeat one sent before: set on the general path's call after a connection
+        failed or timed out, when the first may have applied and only its answer is lost
+        (the script then answers a repeat of what it applied as applied)."""
+        if self._closed:
+            raise StoreError(f"Redis failed to {what}: the store is closed")
         pool = self._pool
         if pool is not None:
             idle = self._idle
             if self._pid != os.getpid():  # forked: the parent's sockets are not ours
                 idle.clear()
+                self._borrowed = 0
+                self._lock = threading.Lock()  # it may have been held by a parent's thread
                 self._pid = os.getpid()
             try:
                 conn = idle.pop()
             except IndexError:
-                conn = pool.connection_class(**pool.connection_kwargs)
+                conn = self._borrow(pool)
+                if conn is None:
+                    return self._call(script, what, list(keys), list(args))
             command = ("EVALSHA", script.sha, len(keys), *keys, *args)
             try:
                 conn.send_packed_command(
@@ -1662,27 +1707,63 @@ class RedisStore(Store):
                     else conn.pack_command(*command)
                 )
                 reply = conn.read_response()
-            except NoScriptError:  # answered: the connection is fine
+            except NoScriptError:  # answered: the connection is fine, nothing ran
                 self._keep(conn)
             except ResponseError as exc:
                 self._keep(conn)
                 raise StoreError(f"Redis failed to {what}: {exc}") from exc
             except (RedisConnectionError, RedisTimeoutError):
-                conn.disconnect()
+                self._drop_connection(conn)
+                again = list(args)
+                again[repeat] = "1"  # the script may have run: its answer is what is lost
+                return self._call(script, what, list(keys), again)
             except BaseException:  # mid-command: what is left unread would answer the next
-                conn.disconnect()
+                self._drop_connection(conn)
                 raise
             else:
                 self._keep(conn)
                 return reply
         return self._call(script, what, list(keys), list(args))
 
+    def _borrow(self, pool: Any) -> Any:
+        """A connection of the pool's for :meth:`_fast`, or None when the store holds all
+        but one of the pool's ``max_connections`` already (so that the general path, which
+        returns its connection after each command, always has one: a thread waiting in a
+        blocking pool never waits on connections idle here) or the pool failed."""
+        with self._lock:
+            if self._borrowed >= getattr(pool, "max_connections", 2**31) - 1:
+                return None
+            self._borrowed += 1
+        try:  # a blocking pool may wait here, for the general path's calls to end
+            return pool.get_connection(*_GET_ARGS)
+        except RedisError:  # the general path reports it, with redis-py's retries
+            with self._lock:
+                self._borrowed -= 1
+            return None
+
+    def _give_back(self, conn: Any) -> None:
+        """Return a borrowed connection to the pool."""
+        with self._lock:
+            self._borrowed -= 1
+        with contextlib.suppress(RedisError, OSError):
+            self._pool.release(conn)
+
     def _keep(self, conn: Any) -> None:
-        """Put a connection of :meth:`_fast` back with the idle ones (or close it)."""
+        """Put a connection of :meth:`_fast` back with the idle ones (or give it back to
+        the pool; closed first when the store is closed)."""
         if len(self._idle) < _IDLE_KEPT and not self._closed:
             self._idle.append(conn)
+        elif self._closed:
+            self._drop_connection(conn)
         else:
+            self._give_back(conn)
+
+    def _drop_connection(self, conn: Any) -> None:
+        """Close a connection of :meth:`_fast` and give it back to the pool (which opens
+        it again when next used)."""
+        with contextlib.suppress(RedisError, OSError):
             conn.disconnect()
+        self._give_back(conn)
 
     def _stats_args(self, stats: Mapping[Status, Mapping[str, tuple[float, int]]]) -> list[Any]:
         """A transition's stats contributions as the transition scripts take them."""
@@ -1714,13 +1795,17 @@ class RedisStore(Store):
         # One script call for all of them.
         if not transitions:
             return []
-        args: list[Any] = [batch_id]
+        args: list[Any] = [batch_id, ""]
         for transition in transitions:
             one = self._args(batch_id, transition)
             args.append(len(one))
             args += one
         replies = self._fast(
-            self._apply_all, f"update batch {batch_id!r}", tuple(self._keys(batch_id)), tuple(args)
+            self._apply_all,
+            f"update batch {batch_id!r}",
+            tuple(self._keys(batch_id)),
+            tuple(args),
+            1,
         )
         if replies and replies[0] == b"nobatch":
             raise BatchNotFound(batch_id)
