@@ -367,14 +367,18 @@ def own_redis(tmp_path: Any) -> Iterator[tuple[str, int]]:
     proc.wait(10)
 
 
+@pytest.mark.parametrize("single", [False, True], ids=["pool", "single-connection"])
 def test_an_event_whose_answer_timed_out_is_answered_as_applied(
-    own_redis: tuple[str, int],
+    own_redis: tuple[str, int], single: bool
 ) -> None:
     """A start and a completion whose answers time out (the server busy past the socket
-    timeout) but which applied are answered ``changed`` when sent again, counted once:
-    never "unchanged", which tells a worker someone else took the item."""
+    timeout) but which applied are answered ``changed`` when sent again (by the store or by
+    redis-py's own retries), counted once: never "unchanged", which tells a worker that
+    someone else took the item."""
     url, port = own_redis
-    client = redis.Redis(host="127.0.0.1", port=port, socket_timeout=0.4)  # redis-py retries
+    client = redis.Redis(  # made so, redis-py retries on timeouts
+        host="127.0.0.1", port=port, socket_timeout=0.4, single_connection_client=single
+    )
     store = RedisStore(client=client, prefix=f"lost-{uuid.uuid4()}:")
     tracker = BatchTracker(store)
     snap = tracker.create_batch([("a", "a.jpg"), ("b", "b.jpg")])
@@ -505,3 +509,59 @@ def test_events_after_close_are_a_store_error(redis_url: str, admin: Any) -> Non
     with pytest.raises(StoreError, match="closed"):
         tracker.start_item(snap.batch_id, "a")
     assert store._idle == []
+
+
+def test_events_while_connections_are_killed_are_never_answered_unchanged(
+    own_redis: tuple[str, int],
+) -> None:
+    """64 threads run events while the server kills every client connection again and
+    again (``CLIENT KILL``): each event is answered as applied or with StoreError (when
+    even the retries failed), never "unchanged"; the counts agree with the answers."""
+    url, port = own_redis
+    client = redis.Redis(host="127.0.0.1", port=port)
+    store = RedisStore(client=client, prefix=f"kill-{uuid.uuid4()}:")
+    tracker = BatchTracker(store)
+    ids = [str(n) for n in range(512)]
+    snap = tracker.create_batch([(i, f"{i}.jpg") for i in ids])
+    answers: dict[str, int] = {}
+    lock = threading.Lock()
+    killing = threading.Event()
+    killing.set()
+
+    def kill() -> None:
+        admin = redis.Redis.from_url(url)
+        while killing.is_set():
+            admin.execute_command("CLIENT", "KILL", "TYPE", "normal", "SKIPME", "yes")
+            time.sleep(0.005)
+        admin.close()
+
+    def work(part: list[str]) -> None:
+        for i in part:
+            for step in (tracker.start_item, tracker.complete_item):
+                try:
+                    answer = "changed" if step(snap.batch_id, i).changed else "unchanged"
+                except StoreError:
+                    answer = "error"
+                with lock:
+                    key = f"{step.__name__} {answer}"
+                    answers[key] = answers.get(key, 0) + 1
+                if answer != "changed":
+                    break
+
+    killer = threading.Thread(target=kill)
+    killer.start()
+    threads = [threading.Thread(target=work, args=(ids[k::64],)) for k in range(64)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    killing.clear()
+    killer.join()
+    assert not any(key.endswith("unchanged") for key in answers), answers
+    done = tracker.get(snap.batch_id).progress
+    completed = answers.get("complete_item changed", 0)
+    assert completed <= done.completed <= completed + answers.get("complete_item error", 0)
+    starts = answers.get("start_item changed", 0)
+    assert starts <= done.processing + done.completed <= starts + answers.get("start_item error", 0)
+    store.close()
+    client.close()

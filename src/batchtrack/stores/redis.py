@@ -41,6 +41,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import hashlib
+import itertools
 import json
 import math
 import os
@@ -48,7 +49,7 @@ import struct
 import threading
 import time
 import uuid
-from collections.abc import AsyncGenerator, Callable, Mapping, Sequence
+from collections.abc import AsyncGenerator, Callable, Iterator, Mapping, Sequence
 from typing import Any
 
 try:
@@ -132,6 +133,14 @@ _STAGING_TTL = 3600  # seconds staged items of a creator that died are kept
 _SLACK = 60  # seconds a key outlives the batch's own expiry, for clock skew
 _SLACK_ARG = str(_SLACK)
 _IDLE_KEPT = 16  # idle connections RedisStore._fast keeps
+
+
+def _call_ids() -> Iterator[str]:
+    """Ids for RedisStore._fast's calls, unique to this process's store (a random part
+    and a count: a repeat is known by its id, never mistaken for another call)."""
+    return map(f"{uuid.uuid4().hex[:16]}:{{}}".format, itertools.count())
+
+
 # ConnectionPool.get_connection's arguments: none since redis-py 5.3, a command name before.
 _GET_ARGS: tuple[str, ...] = (
     () if tuple(int(p) for p in redis.__version__.split(".")[:2]) >= (5, 3) else ("EVALSHA",)
@@ -238,6 +247,9 @@ _PRELUDE = (
     _NOTIFY
     + """
 local SEP = string.char(31)  -- pack_stats' separator between names
+-- The id of the call (of each transition in it) that move() marks an item with, so that
+-- a repeat of that very call, sent again after its answer was lost, is known (nil: none).
+local CALL = nil
 local header_fields = {'owner', 'created_at', 'updated_at', 'finished_at', 'expires_at',
   'version', 'total', 'completed', 'failed', 'processing', 'pending', 'stats'}
 local header_index = {}
@@ -261,7 +273,8 @@ end
 -- Move an item (decoded) to target at `at` (a string), as a transition that applies,
 -- its change counted at batch version `version`.
 local function move(item_id, item, target, error, at, lease, attempts, version)
-  item.w = item.s  -- what a repeat of the event answers as its previous status
+  item.w = item.s  -- what a repeat of the call answers as its previous status
+  item.n = CALL
   item.s = target
   redis.call('ZADD', KEYS[6], version, item_id)
   if item.p then redis.call('ZADD', KEYS[7], target * 4294967296 + item.p, item_id) end
@@ -432,7 +445,8 @@ _APPLY = _PRELUDE + _APPLY_BODY
 #       stats group ('' = none): source code, powers as one digit each, ':' and the names
 #       joined by \x1f, and its coefficients as little-endian doubles; then the
 #       created_at and total the caller kept for the batch, as '<created_at> <total>'
-#       ('' = none); then '1' when this call may repeat one whose answer was lost.
+#       ('' = none); then the call's id (RedisStore._fast: unique to the call, the same
+#       when it is sent again).
 # Returns: outcome, previous code, the item's JSON, created_at and total (both '' when
 # the caller kept these very ones), expires_at, version, completed, failed, processing,
 # pending, stats (or {'nobatch'} / {'noitem'}).
@@ -454,9 +468,9 @@ local previous = item.s
 local target = tonumber(ARGV[3])
 local outcome = nil
 if previous == target then
-  -- A repeat of this very event (same time, same lease), whose answer was lost after it
-  -- applied: answered as applied again, not as unchanged.
-  if ARGV[14] ~= '' and item.t == ARGV[5] and (ARGV[9] == '' or item.l == ARGV[9]) then
+  -- This very call sent again (its answer was lost after it applied): answered as
+  -- applied again, not as unchanged.
+  if item.n == ARGV[14] then
     return {'applied', item.w or previous, raw, created, total, h[1], h[2], h[5], h[6], h[4],
       h[3], h[7]}
   end
@@ -477,7 +491,8 @@ redis.call('ZADD', p .. 'c:' .. ARGV[1], version, ARGV[2])
 if item.p then
   redis.call('ZADD', p .. 's:' .. ARGV[1], target * 4294967296 + item.p, ARGV[2])
 end
-item.w = previous  -- what a repeat of this event answers as its previous status
+item.w = previous  -- what a repeat of this call answers as its previous status
+item.n = ARGV[14]
 item.s = target
 if ARGV[10] ~= '' then item.e = ARGV[10] else item.e = cjson.null end
 item.q = nil  -- a report lasts while the item runs
@@ -603,8 +618,8 @@ end
 
 _EVENT = _ADD_STATS + _EVENT_BODY
 
-# ARGV: batch id, '1' when this call may repeat one whose answer was lost, then per
-# transition: how many arguments it has, and _APPLY's ARGV.
+# ARGV: batch id, then per transition: how many arguments it has, and _APPLY's ARGV;
+# last the call's id (RedisStore._fast), transition i's being '<id>.<i>'.
 # Every item is checked before anything changes; then each transition is judged and
 # applied as _APPLY would, on the header kept here (read once, written once, one
 # notification), its reply made from the header as it is right after it.
@@ -614,8 +629,8 @@ _APPLY_ALL = (
     + _ADD_STATS
     + """
 local calls, ids = {}, {}
-local n = 3
-while n <= #ARGV do
+local n = 2
+while n < #ARGV do
   local size = tonumber(ARGV[n])
   local args = {}
   for i = 1, size do args[i] = ARGV[n + i] end
@@ -646,8 +661,8 @@ for i, A in ipairs(calls) do
   local target = tonumber(A[3])
   local outcome = nil
   if previous == target then
-    -- A repeat of this very transition (same time, same lease) whose answer was lost.
-    if ARGV[2] ~= '' and item.t == A[5] and (A[10] == '' or item.l == A[10]) then
+    -- This very call sent again (its answer was lost after it applied).
+    if item.n == ARGV[#ARGV] .. '.' .. i then
       outcome = 'applied'
       previous = item.w or previous
     else
@@ -664,6 +679,7 @@ for i, A in ipairs(calls) do
   end
   if not outcome then
     outcome = 'applied'
+    CALL = ARGV[#ARGV] .. '.' .. i
     local at = tonumber(A[5])
     -- Times travel as strings: cjson keeps only 14 significant digits of a number.
     local elapsed = at - tonumber(item.t)
@@ -1292,6 +1308,7 @@ class RedisStore(Store):
     # How many of the pool's connections _fast holds (idle or in use), under _lock.
     _borrowed: int = attrs.field(init=False, default=0)
     _lock: threading.Lock = attrs.field(init=False, factory=threading.Lock)
+    _calls: Iterator[str] = attrs.field(init=False, factory=_call_ids)  # _fast's call ids
     _closed: bool = attrs.field(init=False, default=False)  # close() was called
     _pid: int = attrs.field(init=False, factory=os.getpid)  # whose they are
     # Per stats group (source and names): the group as _EVENT takes it.
@@ -1623,9 +1640,7 @@ class RedisStore(Store):
                 group,
                 coefs,
                 known[2] if known else "",
-                "",
             ),
-            13,
         )
         if len(reply) < 12:
             if reply[0] == b"nobatch":
@@ -1664,42 +1679,39 @@ class RedisStore(Store):
             known = self._layouts[key] = f"{_CODE[source]}{powers}:{names.replace(',', chr(31))}"
         return known
 
-    def _fast(
-        self,
-        script: Any,
-        what: str,
-        keys: tuple[str, ...],
-        args: tuple[Any, ...],
-        repeat: int,
-    ) -> Any:
+    def _fast(self, script: Any, what: str, keys: tuple[str, ...], args: tuple[Any, ...]) -> Any:
         """``script(keys, args)`` on a connection of the store's own, the command packed at
         once: redis-py's general path (its pool's checks, its per-argument encoding)
         costs about as much as the script itself. The connections are the client pool's
-        (taken from it once, so they count against its ``max_connections``) and kept
+        (borrowed from it once: they count against its ``max_connections``) and kept
         here while idle (at most :data:`_IDLE_KEPT`; the others go back to the pool); one
         that fails is dropped. On anything but an answer (a connection lost, the script
         not loaded yet, a client that is not a plain ``redis.Redis``), the general path
-        with redis-py's retries. ``args[repeat]`` is the script's flag for a call that
-        may repeat one sent before: set on the general path's call after a connection
-        failed or timed out, when the first may have applied and only its answer is lost
-        (the script then answers a repeat of what it applied as applied)."""
+        with redis-py's retries.
+
+        The script gets one more argument, last: the call's id, unique to this call and
+        the same in every sending of it, which the script marks the items it moves with.
+        A call may be sent again after its answer was lost (a connection killed or timed
+        out after the command left: here, or in redis-py's retries), when it may have
+        applied already: the script then answers it as applied, not as unchanged."""
         if self._closed:
             raise StoreError(f"Redis failed to {what}: the store is closed")
+        if self._pid != os.getpid():  # forked: the parent's sockets and ids are not ours
+            self._idle.clear()
+            self._borrowed = 0
+            self._lock = threading.Lock()  # it may have been held by a parent's thread
+            self._calls = _call_ids()
+            self._pid = os.getpid()
+        call = next(self._calls)
         pool = self._pool
         if pool is not None:
-            idle = self._idle
-            if self._pid != os.getpid():  # forked: the parent's sockets are not ours
-                idle.clear()
-                self._borrowed = 0
-                self._lock = threading.Lock()  # it may have been held by a parent's thread
-                self._pid = os.getpid()
             try:
-                conn = idle.pop()
+                conn = self._idle.pop()
             except IndexError:
                 conn = self._borrow(pool)
                 if conn is None:
-                    return self._call(script, what, list(keys), list(args))
-            command = ("EVALSHA", script.sha, len(keys), *keys, *args)
+                    return self._call(script, what, list(keys), [*args, call])
+            command = ("EVALSHA", script.sha, len(keys), *keys, *args, call)
             try:
                 conn.send_packed_command(
                     [_hiredis_pack(command)]
@@ -1713,17 +1725,14 @@ class RedisStore(Store):
                 self._keep(conn)
                 raise StoreError(f"Redis failed to {what}: {exc}") from exc
             except (RedisConnectionError, RedisTimeoutError):
-                self._drop_connection(conn)
-                again = list(args)
-                again[repeat] = "1"  # the script may have run: its answer is what is lost
-                return self._call(script, what, list(keys), again)
+                self._drop_connection(conn)  # the call is sent again, as the same call
             except BaseException:  # mid-command: what is left unread would answer the next
                 self._drop_connection(conn)
                 raise
             else:
                 self._keep(conn)
                 return reply
-        return self._call(script, what, list(keys), list(args))
+        return self._call(script, what, list(keys), [*args, call])
 
     def _borrow(self, pool: Any) -> Any:
         """A connection of the pool's for :meth:`_fast`, or None when the store holds all
@@ -1795,7 +1804,7 @@ class RedisStore(Store):
         # One script call for all of them.
         if not transitions:
             return []
-        args: list[Any] = [batch_id, ""]
+        args: list[Any] = [batch_id]
         for transition in transitions:
             one = self._args(batch_id, transition)
             args.append(len(one))
@@ -1805,7 +1814,6 @@ class RedisStore(Store):
             f"update batch {batch_id!r}",
             tuple(self._keys(batch_id)),
             tuple(args),
-            1,
         )
         if replies and replies[0] == b"nobatch":
             raise BatchNotFound(batch_id)
