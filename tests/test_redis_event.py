@@ -3,6 +3,7 @@ redis-server: what it sums, how it recovers, what it leaves open."""
 
 from __future__ import annotations
 
+import multiprocessing
 import os
 import struct
 import threading
@@ -565,3 +566,79 @@ def test_events_while_connections_are_killed_are_never_answered_unchanged(
     assert starts <= done.processing + done.completed <= starts + answers.get("start_item error", 0)
     store.close()
     client.close()
+
+
+def test_close_while_64_threads_are_mid_event_leaves_no_connection(
+    redis_url: str, admin: Any
+) -> None:
+    """close() while 64 threads run events: each event is answered (applied) or fails with
+    StoreError (refused as closed, or its connection closed under it), and afterwards no
+    connection of the store stays open on the server and none is counted as borrowed."""
+    name = f"closing-{uuid.uuid4().hex[:8]}"
+    store = RedisStore(f"{redis_url}?client_name={name}", prefix=f"{name}:")
+    tracker = BatchTracker(store)
+    ids = [str(n) for n in range(64 * 200)]
+    snap = tracker.create_batch([(i, f"{i}.jpg") for i in ids])
+    refused: list[StoreError] = []
+    others: list[BaseException] = []
+    applied = [0]
+
+    def work(part: list[str]) -> None:
+        try:
+            for i in part:
+                tracker.start_item(snap.batch_id, i)
+                applied[0] += 1
+                tracker.complete_item(snap.batch_id, i)
+                applied[0] += 1
+        except StoreError as exc:
+            refused.append(exc)
+        except BaseException as exc:  # pragma: no cover - reported below
+            others.append(exc)
+
+    threads = [threading.Thread(target=work, args=(ids[k::64],)) for k in range(64)]
+    for t in threads:
+        t.start()
+    while applied[0] < 200:
+        time.sleep(0.01)
+    store.close()
+    for t in threads:
+        t.join()
+    assert others == []
+    assert any("the store is closed" in str(exc) for exc in refused)
+    assert (store._idle, store._borrowed) == ([], 0)
+    deadline = time.monotonic() + 5
+    while any(c["name"] == name for c in admin.client_list()) and time.monotonic() < deadline:
+        time.sleep(0.01)  # the server notices a closed socket on its next turn
+    assert not [(c["cmd"], c["age"], c["idle"]) for c in admin.client_list() if c["name"] == name]
+
+
+def _events_in_child(tracker: BatchTracker, batch_id: str, ids: list[str]) -> None:
+    for i in ids:
+        assert tracker.start_item(batch_id, i).changed
+        assert tracker.complete_item(batch_id, i).changed
+
+
+@pytest.mark.skipif(not hasattr(os, "fork"), reason="needs fork")
+def test_processes_forked_by_multiprocessing_use_the_parents_store(store: RedisStore) -> None:
+    """Four processes forked (multiprocessing) while a parent thread runs events on the
+    same store each run their events on connections of their own: all answered applied,
+    counted once, and the parent's store still works afterwards."""
+    tracker = BatchTracker(store)
+    ids = [str(n) for n in range(48)]
+    snap = tracker.create_batch([(i, f"{i}.jpg") for i in ids])
+    _run(tracker, snap.batch_id, ids[:4])
+    parent = threading.Thread(target=_events_in_child, args=(tracker, snap.batch_id, ids[4:24]))
+    parent.start()
+    context = multiprocessing.get_context("fork")
+    children = [
+        context.Process(target=_events_in_child, args=(tracker, snap.batch_id, ids[k:48:4]))
+        for k in range(24, 28)
+    ]
+    for child in children:
+        child.start()
+    for child in children:
+        child.join(60)
+    parent.join()
+    assert [child.exitcode for child in children] == [0, 0, 0, 0]
+    done = tracker.get(snap.batch_id)
+    assert (done.progress.completed, done.version, done.status) == (48, 96, "completed")

@@ -1410,16 +1410,31 @@ class RedisStore(Store):
         ]
 
     def _call(self, script: Any, what: str, keys: list[str], args: list[Any]) -> Any:
+        if self._closed:
+            raise StoreError(f"Redis failed to {what}: the store is closed")
         try:
             return script(keys=keys, args=args)
         except RedisError as exc:
             raise StoreError(f"Redis failed to {what}: {exc}") from exc
+        finally:
+            if self._closed and self._owns_client:
+                # close() ran meanwhile: the pool it disconnected has this call's
+                # connection back, open again.
+                with contextlib.suppress(RedisError, OSError):
+                    self._client.connection_pool.disconnect(inuse_connections=False)
+
+    def _refuse_closed(self, what: str) -> None:
+        """Raise StoreError when the store is closed (as the other stores do), rather than
+        open connections again."""
+        if self._closed:
+            raise StoreError(f"Redis failed to {what}: the store is closed")
 
     def close(self) -> None:
-        """Release the connections (of a pool this store created)."""
+        """Release the connections (of a pool this store created). Every call after it
+        raises :class:`~batchtrack.StoreError`; calls under way end, their connections
+        closed."""
         self._closed = True  # a call under way closes its connection when done
-        while self._idle:
-            self._drop_connection(self._idle.pop())
+        self._drain()
         if self._owns_client:
             self._client.close()
 
@@ -1532,6 +1547,7 @@ class RedisStore(Store):
         staging = f"{self.prefix}new:{uuid.uuid4().hex}:"
         staged = [f"{staging}i", f"{staging}o", f"{staging}s"]
         what = f"create batch {batch.batch_id!r}"
+        self._refuse_closed(what)
         try:
             # Chunks go out as they are encoded, so only one chunk of JSON is ever held.
             with self._client.pipeline(transaction=False) as pipe:
@@ -1694,7 +1710,7 @@ class RedisStore(Store):
         A call may be sent again after its answer was lost (a connection killed or timed
         out after the command left: here, or in redis-py's retries), when it may have
         applied already: the script then answers it as applied, not as unchanged."""
-        if self._closed:
+        if self._closed:  # (also after close: no connection is opened again)
             raise StoreError(f"Redis failed to {what}: the store is closed")
         if self._pid != os.getpid():  # forked: the parent's sockets and ids are not ours
             self._idle.clear()
@@ -1762,10 +1778,24 @@ class RedisStore(Store):
         the pool; closed first when the store is closed)."""
         if len(self._idle) < _IDLE_KEPT and not self._closed:
             self._idle.append(conn)
+            if self._closed:  # close() ran meanwhile: it may have emptied the list before
+                self._drain()
         elif self._closed:
             self._drop_connection(conn)
         else:
             self._give_back(conn)
+            if self._closed and self._owns_client:  # the pool may be disconnected already
+                with contextlib.suppress(RedisError, OSError):
+                    conn.disconnect()
+
+    def _drain(self) -> None:
+        """Close the idle connections of :meth:`_fast`."""
+        while True:
+            try:
+                conn = self._idle.pop()
+            except IndexError:
+                return
+            self._drop_connection(conn)
 
     def _drop_connection(self, conn: Any) -> None:
         """Close a connection of :meth:`_fast` and give it back to the pool (which opens
@@ -1946,6 +1976,7 @@ class RedisStore(Store):
 
     def load(self, batch_id: str, *, items: bool = True) -> BatchRecord | None:
         batch_key, items_key, order_key, *_ = self._keys(batch_id)
+        self._refuse_closed(f"read batch {batch_id!r}")
         try:
             with self._client.pipeline(transaction=True) as pipe:
                 pipe.hgetall(batch_key)
@@ -1966,6 +1997,7 @@ class RedisStore(Store):
 
     def version_of(self, batch_id: str) -> BatchVersion | None:
         # One HMGET of three short fields: no transaction, no stats, no items.
+        self._refuse_closed(f"read batch {batch_id!r}")
         try:
             version, owner, expires = self._client.hmget(
                 f"{self.prefix}b:{batch_id}", "version", "owner", "expires_at"
@@ -2057,6 +2089,7 @@ class RedisStore(Store):
         self._constants.pop(batch_id, None)
         keys = self._keys(batch_id)
         p = self.prefix
+        self._refuse_closed(f"delete batch {batch_id!r}")
         try:
             # The owner never changes: read first, it names the owner's index to clean.
             owner = self._client.hget(f"{p}listed", batch_id)
@@ -2087,6 +2120,7 @@ class RedisStore(Store):
     def purge_expired(self, now: float) -> int:
         expiry = f"{self.prefix}expiry"
         removed = 0
+        self._refuse_closed("purge expired batches")
         try:
             while True:
                 gone, looked = self._purge(
@@ -2121,6 +2155,7 @@ class RedisStore(Store):
 
     def outbox_done(self, entry_id: str) -> None:
         outbox, ready = self._outbox_keys()
+        self._refuse_closed(f"settle outbox entry {entry_id!r}")
         try:
             with self._client.pipeline(transaction=True) as pipe:
                 pipe.hdel(outbox, entry_id)
@@ -2138,6 +2173,7 @@ class RedisStore(Store):
         self._call(self._unsubscribe, f"unsubscribe {url!r}", keys, [url])
 
     def outbox_unsubscribed(self) -> frozenset[str]:
+        self._refuse_closed("read unsubscribed URLs")
         try:
             members = self._client.smembers(f"{self.prefix}webhooks_gone")
         except RedisError as exc:
