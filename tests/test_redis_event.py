@@ -19,6 +19,8 @@ from hypothesis import strategies as st
 
 pytest.importorskip("redis")
 import redis
+from redis.backoff import NoBackoff
+from redis.retry import Retry
 
 from batchtrack import BatchTracker, MemoryStore, Status, StoreError, ValidationError, _eta
 from batchtrack._models import ItemSnapshot, Progress
@@ -375,7 +377,7 @@ def test_an_event_whose_answer_timed_out_is_answered_as_applied(
     """A start and a completion whose answers time out (the server busy past the socket
     timeout) but which applied are answered ``changed`` when sent again (by the store or by
     redis-py's own retries), counted once: never "unchanged", which tells a worker that
-    someone else took the item."""
+    someone else took the item. So is apply_all()."""
     url, port = own_redis
     client = redis.Redis(  # made so, redis-py retries on timeouts
         host="127.0.0.1", port=port, socket_timeout=0.4, single_connection_client=single
@@ -642,3 +644,55 @@ def test_processes_forked_by_multiprocessing_use_the_parents_store(store: RedisS
     assert [child.exitcode for child in children] == [0, 0, 0, 0]
     done = tracker.get(snap.batch_id)
     assert (done.progress.completed, done.version, done.status) == (48, 96, "completed")
+
+
+@pytest.mark.parametrize("call", ["event", "single-connection event", "apply_all", "apply"])
+def test_an_answer_lost_after_the_call_applied_is_answered_applied_on_retry(
+    redis_url: str, monkeypatch: pytest.MonkeyPatch, call: str
+) -> None:
+    """The answer of a call that applied is lost once (the connection drops as it is read):
+    redis-py's retry (or the store's) sends the same call again and it is answered as
+    applied with the item's previous status, counted once."""
+    client = redis.Redis.from_url(
+        redis_url,
+        retry=Retry(NoBackoff(), 3),
+        single_connection_client=call == "single-connection event",
+    )
+    store = RedisStore(client=client, prefix=f"lose-{uuid.uuid4()}:")
+    tracker = BatchTracker(store)
+    snap = tracker.create_batch([("a", "a.jpg")])
+    tracker.start_item(snap.batch_id, "a")
+    kind = client.connection_pool.connection_class
+    read = kind.read_response
+    lost = [0]
+
+    def read_response(self: Any, *args: Any, **kwargs: Any) -> Any:
+        reply = read(self, *args, **kwargs)
+        first = reply[0] if isinstance(reply, list) and reply else None
+        if isinstance(first, list):  # apply_all's: one answer per transition
+            first = first[0]
+        if not lost[0] and first == b"applied":
+            lost[0] += 1
+            self.disconnect()
+            raise redis.exceptions.ConnectionError("the answer was lost (test)")
+        return reply
+
+    monkeypatch.setattr(kind, "read_response", read_response)
+    now = time.time()
+    fail = (Status.FAILED, frozenset({Status.PENDING, Status.PROCESSING}))
+    transition = Transition("a", *fail, now, "boom", now + 60, now + 60, {})
+    if call == "apply":
+        result = store.apply(snap.batch_id, transition)
+        answer = (result.outcome, result.previous)
+    elif call == "apply_all":
+        (result,) = store.apply_all(snap.batch_id, [transition])
+        answer = (result.outcome, result.previous)
+    else:
+        event = tracker.fail_item(snap.batch_id, "a", "boom")
+        answer = (Outcome.APPLIED if event.changed else Outcome.UNCHANGED, Status.PROCESSING)
+    assert lost == [1]
+    assert answer == (Outcome.APPLIED, Status.PROCESSING)
+    done = tracker.get(snap.batch_id)
+    assert (done.progress.failed, done.version) == (1, 2)
+    store.close()
+    client.close()

@@ -372,11 +372,13 @@ end
 #       unless_paused ('1' = refuse while the batch's field paused is '1'), then the
 #       stats contributions: the number of groups, and per group: source code, names
 #       joined by ',', coefficients packed as little-endian doubles, powers as one digit
-#       each.
+#       each; last, the call's id (RedisStore._fast's kind: a repeat of the call is
+#       answered as applied).
 # Returns: outcome, previous code, the item's JSON, the header fields (in _HEADER's
 # order), and the stats field (pack_stats format: exact doubles, one value).
 _APPLY_BODY = """
 local at = tonumber(ARGV[5])
+CALL = ARGV[#ARGV]
 -- The whole header, read once: the reply is made from it and the update (no re-read).
 local values = redis.call('HMGET', KEYS[1], unpack(header_fields))
 if not values[5] or tonumber(values[5]) <= at then return {'nobatch'} end
@@ -393,7 +395,11 @@ if not raw then return {'noitem'} end
 local item = cjson.decode(raw)
 local previous = item.s
 local target = tonumber(ARGV[3])
-if previous == target then return answer('unchanged', previous, raw) end
+if previous == target then
+  -- This very call sent again (its answer was lost after it applied).
+  if item.n == CALL then return answer('applied', item.w or previous, raw) end
+  return answer('unchanged', previous, raw)
+end
 if not string.find(ARGV[4], tostring(previous), 1, true) then
   return answer('rejected', previous, raw)
 end
@@ -1433,6 +1439,7 @@ class RedisStore(Store):
         """Release the connections (of a pool this store created). Every call after it
         raises :class:`~batchtrack.StoreError`; calls under way end, their connections
         closed."""
+        self._fresh()
         self._closed = True  # a call under way closes its connection when done
         self._drain()
         if self._owns_client:
@@ -1584,11 +1591,13 @@ class RedisStore(Store):
         return None
 
     def apply(self, batch_id: str, transition: Transition) -> TransitionResult:
+        # With a call id, as _fast's calls: redis-py's retries of it are known as repeats.
+        self._fresh()
         reply = self._call(
             self._apply,
             f"update batch {batch_id!r}",
             self._keys(batch_id),
-            self._args(batch_id, transition),
+            [*self._args(batch_id, transition), next(self._calls)],
         )
         return _transition_result(batch_id, transition.item_id, reply)
 
@@ -1712,12 +1721,8 @@ class RedisStore(Store):
         applied already: the script then answers it as applied, not as unchanged."""
         if self._closed:  # (also after close: no connection is opened again)
             raise StoreError(f"Redis failed to {what}: the store is closed")
-        if self._pid != os.getpid():  # forked: the parent's sockets and ids are not ours
-            self._idle.clear()
-            self._borrowed = 0
-            self._lock = threading.Lock()  # it may have been held by a parent's thread
-            self._calls = _call_ids()
-            self._pid = os.getpid()
+        if self._pid != os.getpid():
+            self._fresh()
         call = next(self._calls)
         pool = self._pool
         if pool is not None:
@@ -1749,6 +1754,16 @@ class RedisStore(Store):
                 self._keep(conn)
                 return reply
         return self._call(script, what, list(keys), [*args, call])
+
+    def _fresh(self) -> None:
+        """In a forked child, forget the parent's connections, lock and call ids (the
+        child's calls must not repeat the parent's ids)."""
+        if self._pid != os.getpid():
+            self._idle.clear()
+            self._borrowed = 0
+            self._lock = threading.Lock()  # it may have been held by a parent's thread
+            self._calls = _call_ids()
+            self._pid = os.getpid()
 
     def _borrow(self, pool: Any) -> Any:
         """A connection of the pool's for :meth:`_fast`, or None when the store holds all
