@@ -133,6 +133,14 @@ _STAGING_TTL = 3600  # seconds staged items of a creator that died are kept
 _SLACK = 60  # seconds a key outlives the batch's own expiry, for clock skew
 _SLACK_ARG = str(_SLACK)
 _IDLE_KEPT = 16  # idle connections RedisStore._fast keeps
+_CONSTANTS_KEPT = 4096  # batches whose created_at and total RedisStore keeps
+_PURGE_CHUNK = 500
+_PING_AFTER = 5.0  # seconds of silence on the listening connection before a PING
+_DEAD_AFTER = 15.0  # seconds of silence (no answer to it either) that mean it is gone
+# ConnectionPool.get_connection's arguments: none since redis-py 5.3, a command name before.
+_GET_ARGS: tuple[str, ...] = (
+    () if tuple(int(p) for p in redis.__version__.split(".")[:2]) >= (5, 3) else ("EVALSHA",)
+)
 
 
 def _call_ids() -> Iterator[str]:
@@ -140,15 +148,6 @@ def _call_ids() -> Iterator[str]:
     and a count: a repeat is known by its id, never mistaken for another call)."""
     return map(f"{uuid.uuid4().hex[:16]}:{{}}".format, itertools.count())
 
-
-# ConnectionPool.get_connection's arguments: none since redis-py 5.3, a command name before.
-_GET_ARGS: tuple[str, ...] = (
-    () if tuple(int(p) for p in redis.__version__.split(".")[:2]) >= (5, 3) else ("EVALSHA",)
-)
-_CONSTANTS_KEPT = 4096  # batches whose created_at and total RedisStore keeps
-_PURGE_CHUNK = 500
-_PING_AFTER = 5.0  # seconds of silence on the listening connection before a PING
-_DEAD_AFTER = 15.0  # seconds of silence (no answer to it either) that mean it is gone
 
 # Publishes a change of batch `id` on <prefix>changes. KEYS[4] is always <prefix>expiry
 # (_keys' order), so the channel is made from it: channels are not keys.
@@ -1286,7 +1285,8 @@ class RedisStore(Store):
             is not closed by :meth:`close`).
 
     Raises:
-        ValidationError: A URL redis-py cannot use, or a bad prefix.
+        ValidationError: A URL redis-py cannot use, a bad prefix, or a ``client`` made
+            with ``decode_responses=True`` (the store reads every answer as bytes).
 
     Every method raises :class:`~batchtrack.StoreError` (the redis-py error attached) when
     the server cannot be reached or answers with an error: never a silent success.
