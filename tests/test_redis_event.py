@@ -3,6 +3,7 @@ redis-server: what it sums, how it recovers, what it leaves open."""
 
 from __future__ import annotations
 
+import multiprocessing
 import os
 import struct
 import threading
@@ -11,18 +12,23 @@ import uuid
 from collections.abc import Iterator
 from typing import Any
 
+import attrs
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
 pytest.importorskip("redis")
 import redis
+from redis.backoff import NoBackoff
+from redis.retry import Retry
 
-from batchtrack import BatchTracker, MemoryStore, Status, _eta
+from batchtrack import BatchTracker, MemoryStore, Status, StoreError, ValidationError, _eta
+from batchtrack._models import ItemSnapshot, Progress
 from batchtrack.stores import redis as redis_module
-from batchtrack.stores.base import Transition, add_stats
+from batchtrack.stores.base import Outcome, Transition, add_stats
 from batchtrack.stores.redis import RedisStore
 from batchtrack.testing import FakeClock
+from conftest import start_redis
 
 
 @pytest.fixture
@@ -283,3 +289,410 @@ def test_a_batch_run_partly_by_the_general_script_finishes_on_the_event_path(
     assert stored is not None
     assert dict(stored.stats) == memory.store._batches[snaps[1].batch_id].stats
     assert [e.version for e in store.outbox_claim(clock() + 1, 10, clock() + 30)] == [a.version]
+
+
+# -- the probe: user-supplied clients, faults mid-event, close and fork, kept constants --
+
+
+def test_a_client_that_decodes_responses_is_refused(redis_url: str) -> None:
+    """A client made with ``decode_responses=True`` (whose answers no read or event could
+    take) is refused when the store is made, not at its first event."""
+    client = redis.Redis.from_url(redis_url, decode_responses=True)
+    with pytest.raises(ValidationError, match="decode_responses"):
+        RedisStore(client=client, prefix=f"dec-{uuid.uuid4()}:")
+    client.close()
+
+
+@pytest.mark.parametrize("kind", ["resp3", "db3", "acl"])
+def test_user_clients_take_events_on_the_fast_path(redis_url: str, admin: Any, kind: str) -> None:
+    """A client of RESP3, of database 3, or of an ACL user with a password runs the events on
+    the store's own connections with its settings: the batch lands where its reads find it."""
+    settings_: dict[str, Any] = {"protocol": 3} if kind == "resp3" else {}
+    if kind == "acl":
+        user = f"bt-{uuid.uuid4().hex[:8]}"
+        admin.acl_setuser(
+            user,
+            enabled=True,
+            passwords=["+secret"],
+            keys=["~*"],
+            channels=["*"],
+            commands=["+@all", "-@dangerous", "+@scripting"],
+        )
+        settings_ = {"username": user, "password": "secret"}
+    url = redis_url.rsplit("/", 1)[0] + ("/3" if kind == "db3" else "/0")
+    client = redis.Redis.from_url(url, **settings_)
+    store = RedisStore(client=client, prefix=f"{kind}-{uuid.uuid4()}:")
+    assert store._pool is not None
+    tracker = BatchTracker(store)
+    snap = tracker.create_batch([("a", "a.jpg"), ("b", "b.jpg")])
+    _run(tracker, snap.batch_id, ["a"])
+    assert store._idle  # the event ran on a connection of the store's own
+    tracker.fail_item(snap.batch_id, "b", "boom")
+    done = tracker.get(snap.batch_id)
+    assert (done.progress.completed, done.progress.failed, done.version) == (1, 1, 3)
+    if kind == "db3":
+        assert not admin.exists(f"{store.prefix}b:{snap.batch_id}")  # not in database 0
+    store.close()
+    client.close()
+    if kind == "acl":
+        admin.acl_deluser(settings_["username"])
+
+
+_BUSY = """
+local t = redis.call('TIME')
+local start = t[1] * 1e6 + t[2]
+repeat t = redis.call('TIME') until t[1] * 1e6 + t[2] - start > tonumber(ARGV[1])
+return 1
+"""
+
+
+def _busy(url: str, seconds: float) -> threading.Thread:
+    """The server blocked for ``seconds`` by a script that spins (as DEBUG SLEEP would),
+    from now on: the thread that waits for it."""
+    client = redis.Redis.from_url(url)
+
+    def spin() -> None:
+        client.eval(_BUSY, 0, int(seconds * 1e6))
+        client.close()
+
+    thread = threading.Thread(target=spin)
+    thread.start()
+    time.sleep(0.15)  # the script is running
+    return thread
+
+
+@pytest.fixture
+def own_redis(tmp_path: Any) -> Iterator[tuple[str, int]]:
+    """A redis-server of this test's own (it is blocked, reconfigured or restarted)."""
+    proc, port = start_redis(tmp_path)
+    yield f"redis://127.0.0.1:{port}/0", port
+    proc.terminate()
+    proc.wait(10)
+
+
+@pytest.mark.parametrize("single", [False, True], ids=["pool", "single-connection"])
+def test_an_event_whose_answer_timed_out_is_answered_as_applied(
+    own_redis: tuple[str, int], single: bool
+) -> None:
+    """A start and a completion whose answers time out (the server busy past the socket
+    timeout) but which applied are answered ``changed`` when sent again (by the store or by
+    redis-py's own retries), counted once: never "unchanged", which tells a worker that
+    someone else took the item. So is apply_all()."""
+    url, port = own_redis
+    client = redis.Redis(  # made so, redis-py retries on timeouts
+        host="127.0.0.1", port=port, socket_timeout=0.4, single_connection_client=single
+    )
+    store = RedisStore(client=client, prefix=f"lost-{uuid.uuid4()}:")
+    tracker = BatchTracker(store)
+    snap = tracker.create_batch([("a", "a.jpg"), ("b", "b.jpg")])
+    tracker.start_item(snap.batch_id, "b")
+    busy = _busy(url, 1.0)
+    started = tracker.start_item(snap.batch_id, "a")
+    busy.join()
+    busy = _busy(url, 1.0)
+    completed = tracker.complete_item(snap.batch_id, "a")
+    busy.join()
+    assert (started.changed, started.item.attempts) == (True, 1)
+    assert (completed.changed, completed.progress.completed) == (True, 1)
+    busy = _busy(url, 1.0)
+    (result,) = store.apply_all(
+        snap.batch_id,
+        [
+            Transition(
+                "b",
+                Status.FAILED,
+                frozenset({Status.PENDING, Status.PROCESSING}),
+                time.time(),
+                "boom",
+                time.time() + 60,
+                time.time() + 60,
+                {},
+            )
+        ],
+    )
+    busy.join()
+    assert (result.outcome, result.previous) == (Outcome.APPLIED, Status.PROCESSING)
+    done = tracker.get(snap.batch_id)
+    assert (done.progress.completed, done.progress.failed, done.version) == (1, 1, 4)
+    assert done.items[0].attempts == 1
+    store.close()
+    client.close()
+
+
+def test_kept_created_at_and_total_give_way_to_a_batch_made_again_under_the_same_id(
+    redis_url: str,
+) -> None:
+    """A batch deleted by another store (another process) and made again under the same id
+    with other items is answered with its own total and created_at, not the ones the first
+    store kept from the batch before."""
+    prefix = f"again-{uuid.uuid4()}:"
+    ours, other = RedisStore(redis_url, prefix=prefix), RedisStore(redis_url, prefix=prefix)
+    clock = FakeClock(1000.0)
+    snap = BatchTracker(ours, clock=clock).create_batch([("a", "a.jpg"), ("b", "b.jpg")])
+    _run(BatchTracker(ours, clock=clock), snap.batch_id, ["a"])
+    assert snap.batch_id in ours._constants
+    before = other.load(snap.batch_id, items=False)
+    assert before is not None
+    assert other.delete(snap.batch_id)
+    clock.advance(10.0)
+    items = [ItemSnapshot(i, f"{i}.jpg") for i in ("a", "b", "c")]
+    other.create(
+        attrs.evolve(
+            before,
+            created_at=clock(),
+            updated_at=clock(),
+            expires_at=clock() + 3600,
+            version=0,
+            progress=Progress(3, 0, 0, 0, 3, 0),
+            stats={},
+        ),
+        items,
+    )
+    event = BatchTracker(ours, clock=clock).start_item(snap.batch_id, "a")
+    assert (event.progress.total, event.progress.pending) == (3, 2)
+    record = ours.load(snap.batch_id, items=False)
+    assert record is not None
+    assert ours._constants[snap.batch_id][:2] == (record.created_at, 3) == (clock(), 3)
+    ours.close()
+    other.close()
+
+
+def test_64_threads_stay_within_the_pools_max_connections(redis_url: str, admin: Any) -> None:
+    """64 threads sharing a store whose client pool allows 4 connections never open more
+    than 4 (the event's own connections are the pool's), and every event applies once."""
+    name = f"cap-{uuid.uuid4().hex[:8]}"
+    pool = redis.BlockingConnectionPool.from_url(
+        redis_url, max_connections=4, timeout=30, client_name=name
+    )
+    client = redis.Redis(connection_pool=pool)
+    store = RedisStore(client=client, prefix=f"{name}:")
+    tracker = BatchTracker(store)
+    ids = [str(n) for n in range(256)]
+    snap = tracker.create_batch([(i, f"{i}.jpg") for i in ids])
+    errors: list[BaseException] = []
+    most = [0]
+    running = threading.Event()
+    running.set()
+
+    def watch() -> None:
+        while running.is_set():
+            most[0] = max(most[0], sum(c["name"] == name for c in admin.client_list()))
+            time.sleep(0.005)
+
+    def work(part: list[str]) -> None:
+        try:
+            _run(tracker, snap.batch_id, part)
+        except BaseException as exc:  # pragma: no cover - reported below
+            errors.append(exc)
+
+    watcher = threading.Thread(target=watch)
+    watcher.start()
+    threads = [threading.Thread(target=work, args=(ids[k::64],)) for k in range(64)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    running.clear()
+    watcher.join()
+    assert errors == []
+    assert 1 <= most[0] <= 4
+    done = tracker.get(snap.batch_id)
+    assert (done.progress.completed, done.version) == (256, 512)
+    store.close()
+    client.close()
+
+
+def test_events_after_close_are_a_store_error(redis_url: str, admin: Any) -> None:
+    """An event on a closed store is refused with StoreError (as the other stores refuse
+    it), and opens no connection."""
+    store = RedisStore(redis_url, prefix=f"closed-{uuid.uuid4()}:")
+    tracker = BatchTracker(store)
+    snap = tracker.create_batch([("a", "a.jpg")])
+    store.close()
+    with pytest.raises(StoreError, match="closed"):
+        tracker.start_item(snap.batch_id, "a")
+    assert store._idle == []
+
+
+def test_events_while_connections_are_killed_are_never_answered_unchanged(
+    own_redis: tuple[str, int],
+) -> None:
+    """64 threads run events while the server kills every client connection again and
+    again (``CLIENT KILL``): each event is answered as applied or with StoreError (when
+    even the retries failed), never "unchanged"; the counts agree with the answers."""
+    url, port = own_redis
+    client = redis.Redis(host="127.0.0.1", port=port)
+    store = RedisStore(client=client, prefix=f"kill-{uuid.uuid4()}:")
+    tracker = BatchTracker(store)
+    ids = [str(n) for n in range(512)]
+    snap = tracker.create_batch([(i, f"{i}.jpg") for i in ids])
+    answers: dict[str, int] = {}
+    lock = threading.Lock()
+    killing = threading.Event()
+    killing.set()
+
+    def kill() -> None:
+        admin = redis.Redis.from_url(url)
+        while killing.is_set():
+            admin.execute_command("CLIENT", "KILL", "TYPE", "normal", "SKIPME", "yes")
+            time.sleep(0.005)
+        admin.close()
+
+    def work(part: list[str]) -> None:
+        for i in part:
+            for step in (tracker.start_item, tracker.complete_item):
+                try:
+                    answer = "changed" if step(snap.batch_id, i).changed else "unchanged"
+                except StoreError:
+                    answer = "error"
+                with lock:
+                    key = f"{step.__name__} {answer}"
+                    answers[key] = answers.get(key, 0) + 1
+                if answer != "changed":
+                    break
+
+    killer = threading.Thread(target=kill)
+    killer.start()
+    threads = [threading.Thread(target=work, args=(ids[k::64],)) for k in range(64)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    killing.clear()
+    killer.join()
+    assert not any(key.endswith("unchanged") for key in answers), answers
+    done = tracker.get(snap.batch_id).progress
+    completed = answers.get("complete_item changed", 0)
+    assert completed <= done.completed <= completed + answers.get("complete_item error", 0)
+    starts = answers.get("start_item changed", 0)
+    assert starts <= done.processing + done.completed <= starts + answers.get("start_item error", 0)
+    store.close()
+    client.close()
+
+
+def test_close_while_64_threads_are_mid_event_leaves_no_connection(
+    redis_url: str, admin: Any
+) -> None:
+    """close() while 64 threads run events: each event is answered (applied) or fails with
+    StoreError (refused as closed, or its connection closed under it), and afterwards no
+    connection of the store stays open on the server and none is counted as borrowed."""
+    name = f"closing-{uuid.uuid4().hex[:8]}"
+    store = RedisStore(f"{redis_url}?client_name={name}", prefix=f"{name}:")
+    tracker = BatchTracker(store)
+    ids = [str(n) for n in range(64 * 200)]
+    snap = tracker.create_batch([(i, f"{i}.jpg") for i in ids])
+    refused: list[StoreError] = []
+    others: list[BaseException] = []
+    applied = [0]
+
+    def work(part: list[str]) -> None:
+        try:
+            for i in part:
+                tracker.start_item(snap.batch_id, i)
+                applied[0] += 1
+                tracker.complete_item(snap.batch_id, i)
+                applied[0] += 1
+        except StoreError as exc:
+            refused.append(exc)
+        except BaseException as exc:  # pragma: no cover - reported below
+            others.append(exc)
+
+    threads = [threading.Thread(target=work, args=(ids[k::64],)) for k in range(64)]
+    for t in threads:
+        t.start()
+    while applied[0] < 200:
+        time.sleep(0.01)
+    store.close()
+    for t in threads:
+        t.join()
+    assert others == []
+    assert any("the store is closed" in str(exc) for exc in refused)
+    assert (store._idle, store._borrowed) == ([], 0)
+    deadline = time.monotonic() + 5
+    while any(c["name"] == name for c in admin.client_list()) and time.monotonic() < deadline:
+        time.sleep(0.01)  # the server notices a closed socket on its next turn
+    assert not [(c["cmd"], c["age"], c["idle"]) for c in admin.client_list() if c["name"] == name]
+
+
+def _events_in_child(tracker: BatchTracker, batch_id: str, ids: list[str]) -> None:
+    for i in ids:
+        assert tracker.start_item(batch_id, i).changed
+        assert tracker.complete_item(batch_id, i).changed
+
+
+@pytest.mark.skipif(not hasattr(os, "fork"), reason="needs fork")
+def test_processes_forked_by_multiprocessing_use_the_parents_store(store: RedisStore) -> None:
+    """Four processes forked (multiprocessing) while a parent thread runs events on the
+    same store each run their events on connections of their own: all answered applied,
+    counted once, and the parent's store still works afterwards."""
+    tracker = BatchTracker(store)
+    ids = [str(n) for n in range(48)]
+    snap = tracker.create_batch([(i, f"{i}.jpg") for i in ids])
+    _run(tracker, snap.batch_id, ids[:4])
+    parent = threading.Thread(target=_events_in_child, args=(tracker, snap.batch_id, ids[4:24]))
+    parent.start()
+    context = multiprocessing.get_context("fork")
+    children = [
+        context.Process(target=_events_in_child, args=(tracker, snap.batch_id, ids[k:48:4]))
+        for k in range(24, 28)
+    ]
+    for child in children:
+        child.start()
+    for child in children:
+        child.join(60)
+    parent.join()
+    assert [child.exitcode for child in children] == [0, 0, 0, 0]
+    done = tracker.get(snap.batch_id)
+    assert (done.progress.completed, done.version, done.status) == (48, 96, "completed")
+
+
+@pytest.mark.parametrize("call", ["event", "single-connection event", "apply_all", "apply"])
+def test_an_answer_lost_after_the_call_applied_is_answered_applied_on_retry(
+    redis_url: str, monkeypatch: pytest.MonkeyPatch, call: str
+) -> None:
+    """The answer of a call that applied is lost once (the connection drops as it is read):
+    redis-py's retry (or the store's) sends the same call again and it is answered as
+    applied with the item's previous status, counted once."""
+    client = redis.Redis.from_url(
+        redis_url,
+        retry=Retry(NoBackoff(), 3),
+        single_connection_client=call == "single-connection event",
+    )
+    store = RedisStore(client=client, prefix=f"lose-{uuid.uuid4()}:")
+    tracker = BatchTracker(store)
+    snap = tracker.create_batch([("a", "a.jpg")])
+    tracker.start_item(snap.batch_id, "a")
+    kind = client.connection_pool.connection_class
+    read = kind.read_response
+    lost = [0]
+
+    def read_response(self: Any, *args: Any, **kwargs: Any) -> Any:
+        reply = read(self, *args, **kwargs)
+        first = reply[0] if isinstance(reply, list) and reply else None
+        if isinstance(first, list):  # apply_all's: one answer per transition
+            first = first[0]
+        if not lost[0] and first == b"applied":
+            lost[0] += 1
+            self.disconnect()
+            raise redis.exceptions.ConnectionError("the answer was lost (test)")
+        return reply
+
+    monkeypatch.setattr(kind, "read_response", read_response)
+    now = time.time()
+    fail = (Status.FAILED, frozenset({Status.PENDING, Status.PROCESSING}))
+    transition = Transition("a", *fail, now, "boom", now + 60, now + 60, {})
+    if call == "apply":
+        result = store.apply(snap.batch_id, transition)
+        answer = (result.outcome, result.previous)
+    elif call == "apply_all":
+        (result,) = store.apply_all(snap.batch_id, [transition])
+        answer = (result.outcome, result.previous)
+    else:
+        event = tracker.fail_item(snap.batch_id, "a", "boom")
+        answer = (Outcome.APPLIED if event.changed else Outcome.UNCHANGED, Status.PROCESSING)
+    assert lost == [1]
+    assert answer == (Outcome.APPLIED, Status.PROCESSING)
+    done = tracker.get(snap.batch_id)
+    assert (done.progress.failed, done.version) == (1, 2)
+    store.close()
+    client.close()

@@ -41,6 +41,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import hashlib
+import itertools
 import json
 import math
 import os
@@ -48,7 +49,7 @@ import struct
 import threading
 import time
 import uuid
-from collections.abc import AsyncGenerator, Callable, Mapping, Sequence
+from collections.abc import AsyncGenerator, Callable, Iterator, Mapping, Sequence
 from typing import Any
 
 try:
@@ -136,6 +137,17 @@ _CONSTANTS_KEPT = 4096  # batches whose created_at and total RedisStore keeps
 _PURGE_CHUNK = 500
 _PING_AFTER = 5.0  # seconds of silence on the listening connection before a PING
 _DEAD_AFTER = 15.0  # seconds of silence (no answer to it either) that mean it is gone
+# ConnectionPool.get_connection's arguments: none since redis-py 5.3, a command name before.
+_GET_ARGS: tuple[str, ...] = (
+    () if tuple(int(p) for p in redis.__version__.split(".")[:2]) >= (5, 3) else ("EVALSHA",)
+)
+
+
+def _call_ids() -> Iterator[str]:
+    """Ids for RedisStore._fast's calls, unique to this process's store (a random part
+    and a count: a repeat is known by its id, never mistaken for another call)."""
+    return map(f"{uuid.uuid4().hex[:16]}:{{}}".format, itertools.count())
+
 
 # Publishes a change of batch `id` on <prefix>changes. KEYS[4] is always <prefix>expiry
 # (_keys' order), so the channel is made from it: channels are not keys.
@@ -234,6 +246,9 @@ _PRELUDE = (
     _NOTIFY
     + """
 local SEP = string.char(31)  -- pack_stats' separator between names
+-- The id of the call (of each transition in it) that move() marks an item with, so that
+-- a repeat of that very call, sent again after its answer was lost, is known (nil: none).
+local CALL = nil
 local header_fields = {'owner', 'created_at', 'updated_at', 'finished_at', 'expires_at',
   'version', 'total', 'completed', 'failed', 'processing', 'pending', 'stats'}
 local header_index = {}
@@ -257,6 +272,8 @@ end
 -- Move an item (decoded) to target at `at` (a string), as a transition that applies,
 -- its change counted at batch version `version`.
 local function move(item_id, item, target, error, at, lease, attempts, version)
+  item.w = item.s  -- what a repeat of the call answers as its previous status
+  item.n = CALL
   item.s = target
   redis.call('ZADD', KEYS[6], version, item_id)
   if item.p then redis.call('ZADD', KEYS[7], target * 4294967296 + item.p, item_id) end
@@ -354,11 +371,13 @@ end
 #       unless_paused ('1' = refuse while the batch's field paused is '1'), then the
 #       stats contributions: the number of groups, and per group: source code, names
 #       joined by ',', coefficients packed as little-endian doubles, powers as one digit
-#       each.
+#       each; last, the call's id (RedisStore._fast's kind: a repeat of the call is
+#       answered as applied).
 # Returns: outcome, previous code, the item's JSON, the header fields (in _HEADER's
 # order), and the stats field (pack_stats format: exact doubles, one value).
 _APPLY_BODY = """
 local at = tonumber(ARGV[5])
+CALL = ARGV[#ARGV]
 -- The whole header, read once: the reply is made from it and the update (no re-read).
 local values = redis.call('HMGET', KEYS[1], unpack(header_fields))
 if not values[5] or tonumber(values[5]) <= at then return {'nobatch'} end
@@ -375,7 +394,11 @@ if not raw then return {'noitem'} end
 local item = cjson.decode(raw)
 local previous = item.s
 local target = tonumber(ARGV[3])
-if previous == target then return answer('unchanged', previous, raw) end
+if previous == target then
+  -- This very call sent again (its answer was lost after it applied).
+  if item.n == CALL then return answer('applied', item.w or previous, raw) end
+  return answer('unchanged', previous, raw)
+end
 if not string.find(ARGV[4], tostring(previous), 1, true) then
   return answer('rejected', previous, raw)
 end
@@ -425,26 +448,24 @@ _APPLY = _PRELUDE + _APPLY_BODY
 #       expires_open, expires_finished, slack, lease_until ('' = none; a lease means a
 #       start: one more attempt, refused while paused), error ('' = none), then the
 #       stats group ('' = none): source code, powers as one digit each, ':' and the names
-#       joined by \x1f, and its coefficients as little-endian doubles; then '1' to be
-#       answered created_at and total ('' = the caller knows them).
-# Returns: outcome, previous code, the item's JSON, created_at (or ''), expires_at,
-# version, total (or ''), completed, failed, processing, pending, stats (or {'nobatch'}
-# / {'noitem'}).
+#       joined by \x1f, and its coefficients as little-endian doubles; then the
+#       created_at and total the caller kept for the batch, as '<created_at> <total>'
+#       ('' = none); then the call's id (RedisStore._fast: unique to the call, the same
+#       when it is sent again).
+# Returns: outcome, previous code, the item's JSON, created_at and total (both '' when
+# the caller kept these very ones), expires_at, version, completed, failed, processing,
+# pending, stats (or {'nobatch'} / {'noitem'}).
 _EVENT_BODY = """
 local at = tonumber(ARGV[5])
--- paused matters to a start only; created_at and total never change, so they are read
--- only for a caller that has not kept them (ARGV[13]). finished_at is not read: an event
--- that applies never finds its batch finished (it moves a pending or processing item).
-local fields = {'expires_at', 'version', 'pending', 'processing', 'completed', 'failed',
-  'stats'}
-if ARGV[9] ~= '' or ARGV[13] ~= '' then fields[8] = 'paused' end
-if ARGV[13] ~= '' then
-  fields[9] = 'created_at'
-  fields[10] = 'total'
-end
-local h = redis.call('HMGET', KEYS[1], unpack(fields))
+-- finished_at is not read: an event that applies never finds its batch finished (it
+-- moves a pending or processing item).
+local h = redis.call('HMGET', KEYS[1], 'expires_at', 'version', 'pending', 'processing',
+  'completed', 'failed', 'stats', 'paused', 'created_at', 'total')
 if not h[1] or tonumber(h[1]) <= at then return {'nobatch'} end
+-- created_at and total never change while a batch lives, but a batch id can be deleted
+-- (or expire) and made again: sent back unless the caller kept these very ones.
 local created, total = h[9] or '', h[10] or ''
+if ARGV[13] == created .. ' ' .. total then created, total = '', '' end
 local raw = redis.call('HGET', KEYS[2], ARGV[2])
 if not raw then return {'noitem'} end
 local item = cjson.decode(raw)
@@ -452,6 +473,12 @@ local previous = item.s
 local target = tonumber(ARGV[3])
 local outcome = nil
 if previous == target then
+  -- This very call sent again (its answer was lost after it applied): answered as
+  -- applied again, not as unchanged.
+  if item.n == ARGV[14] then
+    return {'applied', item.w or previous, raw, created, total, h[1], h[2], h[5], h[6], h[4],
+      h[3], h[7]}
+  end
   outcome = 'unchanged'
 elseif not string.find(ARGV[4], previous, 1, true) then
   outcome = 'rejected'
@@ -459,7 +486,7 @@ elseif ARGV[9] ~= '' and h[8] == '1' then
   outcome = 'paused'
 end
 if outcome then
-  return {outcome, previous, raw, created, h[1], h[2], total, h[5], h[6], h[4], h[3], h[7]}
+  return {outcome, previous, raw, created, total, h[1], h[2], h[5], h[6], h[4], h[3], h[7]}
 end
 local p = string.sub(KEYS[1], 1, -#ARGV[1] - 3)
 local version = tonumber(h[2]) + 1
@@ -469,6 +496,8 @@ redis.call('ZADD', p .. 'c:' .. ARGV[1], version, ARGV[2])
 if item.p then
   redis.call('ZADD', p .. 's:' .. ARGV[1], target * 4294967296 + item.p, ARGV[2])
 end
+item.w = previous  -- what a repeat of this call answers as its previous status
+item.n = ARGV[14]
 item.s = target
 if ARGV[10] ~= '' then item.e = ARGV[10] else item.e = cjson.null end
 item.q = nil  -- a report lasts while the item runs
@@ -529,7 +558,7 @@ if finished then
   end
 end
 redis.call('PUBLISH', p .. 'changes', ARGV[1])
-return {'applied', previous, raw, created, expires, version, total, counts[3], counts[4],
+return {'applied', previous, raw, created, total, expires, version, counts[3], counts[4],
   counts[2], counts[1], stats}
 """
 
@@ -594,7 +623,8 @@ end
 
 _EVENT = _ADD_STATS + _EVENT_BODY
 
-# ARGV: batch id, then per transition: how many arguments it has, and _APPLY's ARGV.
+# ARGV: batch id, then per transition: how many arguments it has, and _APPLY's ARGV;
+# last the call's id (RedisStore._fast), transition i's being '<id>.<i>'.
 # Every item is checked before anything changes; then each transition is judged and
 # applied as _APPLY would, on the header kept here (read once, written once, one
 # notification), its reply made from the header as it is right after it.
@@ -605,7 +635,7 @@ _APPLY_ALL = (
     + """
 local calls, ids = {}, {}
 local n = 2
-while n <= #ARGV do
+while n < #ARGV do
   local size = tonumber(ARGV[n])
   local args = {}
   for i = 1, size do args[i] = ARGV[n + i] end
@@ -636,7 +666,13 @@ for i, A in ipairs(calls) do
   local target = tonumber(A[3])
   local outcome = nil
   if previous == target then
-    outcome = 'unchanged'
+    -- This very call sent again (its answer was lost after it applied).
+    if item.n == ARGV[#ARGV] .. '.' .. i then
+      outcome = 'applied'
+      previous = item.w or previous
+    else
+      outcome = 'unchanged'
+    end
   elseif not string.find(A[4], tostring(previous), 1, true) then
     outcome = 'rejected'
   elseif A[12] ~= '' and (not item.l or tonumber(item.l) > tonumber(A[12])) then
@@ -648,6 +684,7 @@ for i, A in ipairs(calls) do
   end
   if not outcome then
     outcome = 'applied'
+    CALL = ARGV[#ARGV] .. '.' .. i
     local at = tonumber(A[5])
     -- Times travel as strings: cjson keeps only 14 significant digits of a number.
     local elapsed = at - tonumber(item.t)
@@ -1248,7 +1285,8 @@ class RedisStore(Store):
             is not closed by :meth:`close`).
 
     Raises:
-        ValidationError: A URL redis-py cannot use, or a bad prefix.
+        ValidationError: A URL redis-py cannot use, a bad prefix, or a ``client`` made
+            with ``decode_responses=True`` (the store reads every answer as bytes).
 
     Every method raises :class:`~batchtrack.StoreError` (the redis-py error attached) when
     the server cannot be reached or answers with an error: never a silent success.
@@ -1273,13 +1311,19 @@ class RedisStore(Store):
     # plain redis.Redis with a pool (a single-connection client, a cluster...).
     _pool: Any = attrs.field(init=False, default=None)
     _idle: list[Any] = attrs.field(init=False, factory=list)  # _fast's idle connections
+    # How many of the pool's connections _fast holds (idle or in use), under _lock.
+    _borrowed: int = attrs.field(init=False, default=0)
+    _lock: threading.Lock = attrs.field(init=False, factory=threading.Lock)
+    _calls: Iterator[str] = attrs.field(init=False, factory=_call_ids)  # _fast's call ids
     _closed: bool = attrs.field(init=False, default=False)  # close() was called
     _pid: int = attrs.field(init=False, factory=os.getpid)  # whose they are
     # Per stats group (source and names): the group as _EVENT takes it.
     _layouts: dict[tuple[Any, ...], str] = attrs.field(init=False, factory=dict)
-    # Per batch: its created_at and total, which never change (_EVENT need not read
-    # them again); forgotten all at once when _CONSTANTS_KEPT are kept, and on delete.
-    _constants: dict[str, tuple[float, int]] = attrs.field(init=False, factory=dict)
+    # Per batch: its created_at and total, which never change while it lives (_EVENT
+    # need not send them again), and both as _EVENT compares them with the batch's own
+    # ('<created_at> <total>': a batch deleted and made again under the same id has
+    # others); forgotten all at once when _CONSTANTS_KEPT are kept, and on delete.
+    _constants: dict[str, tuple[float, int, str]] = attrs.field(init=False, factory=dict)
     # Per event loop: the redis.asyncio client of version_of_async (made on first use)
     # and the started async generator that closes it.
     _async_reads: dict[Any, tuple[Any, AsyncGenerator[None, None]]] = attrs.field(
@@ -1322,6 +1366,11 @@ class RedisStore(Store):
             owns = True
         else:
             owns = False
+            kwargs = getattr(getattr(client, "connection_pool", None), "connection_kwargs", {})
+            if kwargs.get("decode_responses"):  # every reply is read as bytes
+                raise ValidationError(
+                    "RedisStore needs a client that answers bytes: decode_responses=False"
+                )
         self.__attrs_init__(
             url,
             prefix,
@@ -1367,17 +1416,32 @@ class RedisStore(Store):
         ]
 
     def _call(self, script: Any, what: str, keys: list[str], args: list[Any]) -> Any:
+        if self._closed:
+            raise StoreError(f"Redis failed to {what}: the store is closed")
         try:
             return script(keys=keys, args=args)
         except RedisError as exc:
             raise StoreError(f"Redis failed to {what}: {exc}") from exc
+        finally:
+            if self._closed and self._owns_client:
+                # close() ran meanwhile: the pool it disconnected has this call's
+                # connection back, open again.
+                with contextlib.suppress(RedisError, OSError):
+                    self._client.connection_pool.disconnect(inuse_connections=False)
+
+    def _refuse_closed(self, what: str) -> None:
+        """Raise StoreError when the store is closed (as the other stores do), rather than
+        open connections again."""
+        if self._closed:
+            raise StoreError(f"Redis failed to {what}: the store is closed")
 
     def close(self) -> None:
-        """Release the connections (of a pool this store created)."""
+        """Release the connections (of a pool this store created). Every call after it
+        raises :class:`~batchtrack.StoreError`; calls under way end, their connections
+        closed."""
+        self._fresh()
         self._closed = True  # a call under way closes its connection when done
-        while self._idle:
-            with contextlib.suppress(RedisError, OSError):
-                self._idle.pop().disconnect()
+        self._drain()
         if self._owns_client:
             self._client.close()
 
@@ -1490,6 +1554,7 @@ class RedisStore(Store):
         staging = f"{self.prefix}new:{uuid.uuid4().hex}:"
         staged = [f"{staging}i", f"{staging}o", f"{staging}s"]
         what = f"create batch {batch.batch_id!r}"
+        self._refuse_closed(what)
         try:
             # Chunks go out as they are encoded, so only one chunk of JSON is ever held.
             with self._client.pipeline(transaction=False) as pipe:
@@ -1526,11 +1591,13 @@ class RedisStore(Store):
         return None
 
     def apply(self, batch_id: str, transition: Transition) -> TransitionResult:
+        # With a call id, as _fast's calls: redis-py's retries of it are known as repeats.
+        self._fresh()
         reply = self._call(
             self._apply,
             f"update batch {batch_id!r}",
             self._keys(batch_id),
-            self._args(batch_id, transition),
+            [*self._args(batch_id, transition), next(self._calls)],
         )
         return _transition_result(batch_id, transition.item_id, reply)
 
@@ -1597,21 +1664,22 @@ class RedisStore(Store):
                 error or "",
                 group,
                 coefs,
-                "" if known else "1",
+                known[2] if known else "",
             ),
         )
         if len(reply) < 12:
             if reply[0] == b"nobatch":
                 raise BatchNotFound(batch_id)
             raise ItemNotFound(batch_id, item_id)
-        outcome, previous, raw, created, expires, version, total, done, failed, running = reply[:10]
-        if known:
-            created, total = known
+        outcome, previous, raw, created, total, expires, version, done, failed, running = reply[:10]
+        if known and created == b"":  # the batch's own, as kept
+            created, total = known[0], known[1]
         else:
+            token = f"{created.decode()} {total.decode()}"
             created, total = float(created or 0), int(total or 0)
             if len(self._constants) >= _CONSTANTS_KEPT:
                 self._constants.clear()
-            self._constants[batch_id] = (created, total)
+            self._constants[batch_id] = (created, total, token)
         done, failed, running, pending = int(done), int(failed), int(running), int(reply[10])
         return (
             _OUTCOMES[outcome],
@@ -1639,22 +1707,32 @@ class RedisStore(Store):
     def _fast(self, script: Any, what: str, keys: tuple[str, ...], args: tuple[Any, ...]) -> Any:
         """``script(keys, args)`` on a connection of the store's own, the command packed at
         once: redis-py's general path (its pool's checks, its per-argument encoding)
-        costs about as much as the script itself. The connections are made with the
-        client pool's settings and kept while idle (at most :data:`_IDLE_KEPT`); one that
-        fails is dropped. On anything but an answer (a connection lost, the script not
-        loaded yet, a client that is not a plain ``redis.Redis``), the general path with
-        redis-py's retries."""
+        costs about as much as the script itself. The connections are the client pool's
+        (borrowed from it once: they count against its ``max_connections``) and kept
+        here while idle (at most :data:`_IDLE_KEPT`; the others go back to the pool); one
+        that fails is dropped. On anything but an answer (a connection lost, the script
+        not loaded yet, a client that is not a plain ``redis.Redis``), the general path
+        with redis-py's retries.
+
+        The script gets one more argument, last: the call's id, unique to this call and
+        the same in every sending of it, which the script marks the items it moves with.
+        A call may be sent again after its answer was lost (a connection killed or timed
+        out after the command left: here, or in redis-py's retries), when it may have
+        applied already: the script then answers it as applied, not as unchanged."""
+        if self._closed:  # (also after close: no connection is opened again)
+            raise StoreError(f"Redis failed to {what}: the store is closed")
+        if self._pid != os.getpid():
+            self._fresh()
+        call = next(self._calls)
         pool = self._pool
         if pool is not None:
-            idle = self._idle
-            if self._pid != os.getpid():  # forked: the parent's sockets are not ours
-                idle.clear()
-                self._pid = os.getpid()
             try:
-                conn = idle.pop()
+                conn = self._idle.pop()
             except IndexError:
-                conn = pool.connection_class(**pool.connection_kwargs)
-            command = ("EVALSHA", script.sha, len(keys), *keys, *args)
+                conn = self._borrow(pool)
+                if conn is None:
+                    return self._call(script, what, list(keys), [*args, call])
+            command = ("EVALSHA", script.sha, len(keys), *keys, *args, call)
             try:
                 conn.send_packed_command(
                     [_hiredis_pack(command)]
@@ -1662,27 +1740,84 @@ class RedisStore(Store):
                     else conn.pack_command(*command)
                 )
                 reply = conn.read_response()
-            except NoScriptError:  # answered: the connection is fine
+            except NoScriptError:  # answered: the connection is fine, nothing ran
                 self._keep(conn)
             except ResponseError as exc:
                 self._keep(conn)
                 raise StoreError(f"Redis failed to {what}: {exc}") from exc
             except (RedisConnectionError, RedisTimeoutError):
-                conn.disconnect()
+                self._drop_connection(conn)  # the call is sent again, as the same call
             except BaseException:  # mid-command: what is left unread would answer the next
-                conn.disconnect()
+                self._drop_connection(conn)
                 raise
             else:
                 self._keep(conn)
                 return reply
-        return self._call(script, what, list(keys), list(args))
+        return self._call(script, what, list(keys), [*args, call])
+
+    def _fresh(self) -> None:
+        """In a forked child, forget the parent's connections, lock and call ids (the
+        child's calls must not repeat the parent's ids)."""
+        if self._pid != os.getpid():
+            self._idle.clear()
+            self._borrowed = 0
+            self._lock = threading.Lock()  # it may have been held by a parent's thread
+            self._calls = _call_ids()
+            self._pid = os.getpid()
+
+    def _borrow(self, pool: Any) -> Any:
+        """A connection of the pool's for :meth:`_fast`, or None when the store holds all
+        but one of the pool's ``max_connections`` already (so that the general path, which
+        returns its connection after each command, always has one: a thread waiting in a
+        blocking pool never waits on connections idle here) or the pool failed."""
+        with self._lock:
+            if self._borrowed >= getattr(pool, "max_connections", 2**31) - 1:
+                return None
+            self._borrowed += 1
+        try:  # a blocking pool may wait here, for the general path's calls to end
+            return pool.get_connection(*_GET_ARGS)
+        except RedisError:  # the general path reports it, with redis-py's retries
+            with self._lock:
+                self._borrowed -= 1
+            return None
+
+    def _give_back(self, conn: Any) -> None:
+        """Return a borrowed connection to the pool."""
+        with self._lock:
+            self._borrowed -= 1
+        with contextlib.suppress(RedisError, OSError):
+            self._pool.release(conn)
 
     def _keep(self, conn: Any) -> None:
-        """Put a connection of :meth:`_fast` back with the idle ones (or close it)."""
+        """Put a connection of :meth:`_fast` back with the idle ones (or give it back to
+        the pool; closed first when the store is closed)."""
         if len(self._idle) < _IDLE_KEPT and not self._closed:
             self._idle.append(conn)
+            if self._closed:  # close() ran meanwhile: it may have emptied the list before
+                self._drain()
+        elif self._closed:
+            self._drop_connection(conn)
         else:
+            self._give_back(conn)
+            if self._closed and self._owns_client:  # the pool may be disconnected already
+                with contextlib.suppress(RedisError, OSError):
+                    conn.disconnect()
+
+    def _drain(self) -> None:
+        """Close the idle connections of :meth:`_fast`."""
+        while True:
+            try:
+                conn = self._idle.pop()
+            except IndexError:
+                return
+            self._drop_connection(conn)
+
+    def _drop_connection(self, conn: Any) -> None:
+        """Close a connection of :meth:`_fast` and give it back to the pool (which opens
+        it again when next used)."""
+        with contextlib.suppress(RedisError, OSError):
             conn.disconnect()
+        self._give_back(conn)
 
     def _stats_args(self, stats: Mapping[Status, Mapping[str, tuple[float, int]]]) -> list[Any]:
         """A transition's stats contributions as the transition scripts take them."""
@@ -1720,7 +1855,10 @@ class RedisStore(Store):
             args.append(len(one))
             args += one
         replies = self._fast(
-            self._apply_all, f"update batch {batch_id!r}", tuple(self._keys(batch_id)), tuple(args)
+            self._apply_all,
+            f"update batch {batch_id!r}",
+            tuple(self._keys(batch_id)),
+            tuple(args),
         )
         if replies and replies[0] == b"nobatch":
             raise BatchNotFound(batch_id)
@@ -1853,6 +1991,7 @@ class RedisStore(Store):
 
     def load(self, batch_id: str, *, items: bool = True) -> BatchRecord | None:
         batch_key, items_key, order_key, *_ = self._keys(batch_id)
+        self._refuse_closed(f"read batch {batch_id!r}")
         try:
             with self._client.pipeline(transaction=True) as pipe:
                 pipe.hgetall(batch_key)
@@ -1873,6 +2012,7 @@ class RedisStore(Store):
 
     def version_of(self, batch_id: str) -> BatchVersion | None:
         # One HMGET of three short fields: no transaction, no stats, no items.
+        self._refuse_closed(f"read batch {batch_id!r}")
         try:
             version, owner, expires = self._client.hmget(
                 f"{self.prefix}b:{batch_id}", "version", "owner", "expires_at"
@@ -1964,6 +2104,7 @@ class RedisStore(Store):
         self._constants.pop(batch_id, None)
         keys = self._keys(batch_id)
         p = self.prefix
+        self._refuse_closed(f"delete batch {batch_id!r}")
         try:
             # The owner never changes: read first, it names the owner's index to clean.
             owner = self._client.hget(f"{p}listed", batch_id)
@@ -1994,6 +2135,7 @@ class RedisStore(Store):
     def purge_expired(self, now: float) -> int:
         expiry = f"{self.prefix}expiry"
         removed = 0
+        self._refuse_closed("purge expired batches")
         try:
             while True:
                 gone, looked = self._purge(
@@ -2028,6 +2170,7 @@ class RedisStore(Store):
 
     def outbox_done(self, entry_id: str) -> None:
         outbox, ready = self._outbox_keys()
+        self._refuse_closed(f"settle outbox entry {entry_id!r}")
         try:
             with self._client.pipeline(transaction=True) as pipe:
                 pipe.hdel(outbox, entry_id)
@@ -2045,6 +2188,7 @@ class RedisStore(Store):
         self._call(self._unsubscribe, f"unsubscribe {url!r}", keys, [url])
 
     def outbox_unsubscribed(self) -> frozenset[str]:
+        self._refuse_closed("read unsubscribed URLs")
         try:
             members = self._client.smembers(f"{self.prefix}webhooks_gone")
         except RedisError as exc:
