@@ -242,10 +242,53 @@ end
 
 # Shared by the scripts below: KEYS are always batch hash, items hash, order list, expiry
 # zset, leases zset, changes zset, status zset (_keys' order).
+# The stats blob (pack_stats' format) in Lua: decoded, encoded, and one group added;
+# shared by the general scripts (_PRELUDE) and the tracker's event (_EVENT).
+_STATS_LUA = """
+local SEP = string.char(31)  -- pack_stats' separator between names
+local function decode_stats(blob)
+  local count = struct.unpack('<H', blob)
+  local sums = {struct.unpack('<H' .. string.rep('d', count), blob)}
+  local pos = table.remove(sums)
+  table.remove(sums, 1)
+  local names, index = {}, {}
+  for name in string.gmatch(string.sub(blob, pos), '[^' .. SEP .. ']+') do
+    names[#names + 1] = name
+    index[name] = #names
+  end
+  return names, sums, index
+end
+local function encode_stats(names, sums)
+  return struct.pack('<H' .. string.rep('d', #names), #names, unpack(sums, 1, #names))
+    .. table.concat(names, SEP)
+end
+-- Add one stats group (names joined by `sep`, ',' when nil; coefficients as packed
+-- doubles, powers as digits) for an item that spent `elapsed` seconds in the group's
+-- source status.
+local function add_group(names, sums, index, group_names, coefs, powers, elapsed, sep)
+  local coef = {struct.unpack('<' .. string.rep('d', #coefs / 8), coefs)}
+  local square = elapsed * elapsed  -- the powers as add_stats makes them, bit for bit
+  local small = {1.0, elapsed, square, square * elapsed, square * square}
+  local k = 0
+  for name in string.gmatch(group_names, '[^' .. (sep or ',') .. ']+') do
+    k = k + 1
+    local at_name = index[name]
+    if not at_name then
+      names[#names + 1] = name
+      sums[#names] = 0
+      at_name = #names
+      index[name] = at_name
+    end
+    local power = string.byte(powers, k) - 48
+    sums[at_name] = sums[at_name] + coef[k] * (small[power + 1] or elapsed ^ power)
+  end
+end
+"""
+
 _PRELUDE = (
     _NOTIFY
+    + _STATS_LUA
     + """
-local SEP = string.char(31)  -- pack_stats' separator between names
 -- The id of the call (of each transition in it) that move() marks an item with, so that
 -- a repeat of that very call, sent again after its answer was lost, is known (nil: none).
 local CALL = nil
@@ -297,42 +340,6 @@ local function move(item_id, item, target, error, at, lease, attempts, version)
 end
 -- Stats in pack_stats' format: decoded into names, sums and each name's index, and
 -- encoded back, one struct call each way (not one per value).
-local function decode_stats(blob)
-  local count = struct.unpack('<H', blob)
-  local sums = {struct.unpack('<H' .. string.rep('d', count), blob)}
-  local pos = table.remove(sums)
-  table.remove(sums, 1)
-  local names, index = {}, {}
-  for name in string.gmatch(string.sub(blob, pos), '[^' .. SEP .. ']+') do
-    names[#names + 1] = name
-    index[name] = #names
-  end
-  return names, sums, index
-end
-local function encode_stats(names, sums)
-  return struct.pack('<H' .. string.rep('d', #names), #names, unpack(sums, 1, #names))
-    .. table.concat(names, SEP)
-end
--- Add one stats group (names joined by ',', coefficients as packed doubles, powers as
--- digits) for an item that spent `elapsed` seconds in the group's source status.
-local function add_group(names, sums, index, group_names, coefs, powers, elapsed)
-  local coef = {struct.unpack('<' .. string.rep('d', #coefs / 8), coefs)}
-  local square = elapsed * elapsed  -- the powers as add_stats makes them, bit for bit
-  local small = {1.0, elapsed, square, square * elapsed, square * square}
-  local k = 0
-  for name in string.gmatch(group_names, '[^,]+') do
-    k = k + 1
-    local at_name = index[name]
-    if not at_name then
-      names[#names + 1] = name
-      sums[#names] = 0
-      at_name = #names
-      index[name] = at_name
-    end
-    local power = string.byte(powers, k) - 48
-    sums[at_name] = sums[at_name] + coef[k] * (small[power + 1] or elapsed ^ power)
-  end
-end
 -- The end marker of a batch a transition just ended, in the webhook outbox (the keys
 -- <prefix>outbox, <prefix>outbox:ready and <prefix>outbox:ends, named after KEYS[4]).
 local function ended(batch_id, version, at)
@@ -569,7 +576,6 @@ return {'applied', previous, raw, created, total, expires, version, counts[3], c
 # there), only the doubles are decoded and encoded; otherwise names are matched one by one.
 _ADD_STATS = """
 local function add_stats(blob, group, coefs, elapsed)
-  local SEP = string.char(31)
   local cut = string.find(group, ':', 1, true)
   local powers = string.sub(group, 2, cut - 1)
   local gnames = string.sub(group, cut + 1)
@@ -595,33 +601,13 @@ local function add_stats(blob, group, coefs, elapsed)
     return string.sub(blob, 1, first - 1) .. struct.pack(fmt, unpack(sums, 1, k))
       .. string.sub(blob, first + 8 * k)
   end
-  local sums = {struct.unpack('<H' .. string.rep('d', count), blob)}
-  table.remove(sums)
-  table.remove(sums, 1)
-  local names, index = {}, {}
-  for name in string.gmatch(string.sub(blob, names_at), '[^' .. SEP .. ']+') do
-    names[#names + 1] = name
-    index[name] = #names
-  end
-  local i = 0
-  for name in string.gmatch(gnames, '[^' .. SEP .. ']+') do
-    i = i + 1
-    local at_name = index[name]
-    if not at_name then
-      names[#names + 1] = name
-      sums[#names] = 0
-      at_name = #names
-      index[name] = at_name
-    end
-    local power = string.byte(powers, i) - 48
-    sums[at_name] = sums[at_name] + coef[i] * (small[power + 1] or elapsed ^ power)
-  end
-  return struct.pack('<H' .. string.rep('d', #names), #names, unpack(sums, 1, #names))
-    .. table.concat(names, SEP)
+  local names, sums, index = decode_stats(blob)
+  add_group(names, sums, index, gnames, coefs, powers, elapsed, SEP)
+  return encode_stats(names, sums)
 end
 """
 
-_EVENT = _ADD_STATS + _EVENT_BODY
+_EVENT = _STATS_LUA + _ADD_STATS + _EVENT_BODY
 
 # ARGV: batch id, then per transition: how many arguments it has, and _APPLY's ARGV;
 # last the call's id (RedisStore._fast), transition i's being '<id>.<i>'.
