@@ -134,6 +134,10 @@ _AGED = 2.0  # standard deviations of age beyond which running items are held
 _LATEST = (33.0 / 17.0) ** (1.0 / 16.0)  # the latest finish over the sums' "last"
 _QUIET = 0.6  # share of a lease left below which no worker renewed it lately
 
+# Statuses as module constants for the hot path (added): an Enum member lookup costs a
+# class __getattr__, several times a global's.
+_PENDING, _PROCESSING = Status.PENDING, Status.PROCESSING
+_COMPLETED, _FAILED = Status.COMPLETED, Status.FAILED
 _NO_STATS: Mapping[Status, Mapping[str, tuple[float, int]]] = {}
 # Per window: the names of its weight, duration and squared-duration sums, and of the
 # sum of squared weights (t**(2k)).
@@ -212,8 +216,8 @@ def added(
     contributions, the copy and the sums in one dict display.
     (``x * 1.0`` is ``x`` in floating point, so the unit factors are left out.)
     """
-    if target is Status.PROCESSING:
-        if previous is not Status.PENDING:
+    if target is _PROCESSING:
+        if previous is not _PENDING:
             return None
         if "a0" not in stats or "g0" not in stats:  # the first start: the sums start at 0.0
             stats = {**stats}
@@ -224,8 +228,8 @@ def added(
             "a0": stats["a0"] + max(at - origin, 0.0),
             "g0": stats["g0"] + (lease or 0.0),
         }
-    if previous is not Status.PROCESSING or (
-        target is not Status.COMPLETED and target is not Status.FAILED
+    if previous is not _PROCESSING or (
+        target is not _COMPLETED and target is not _FAILED
     ):
         return None
     t = max(at - origin, 0.0)
