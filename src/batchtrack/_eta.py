@@ -228,9 +228,7 @@ def added(
             "a0": stats["a0"] + max(at - origin, 0.0),
             "g0": stats["g0"] + (lease or 0.0),
         }
-    if previous is not _PROCESSING or (
-        target is not _COMPLETED and target is not _FAILED
-    ):
+    if previous is not _PROCESSING or (target is not _COMPLETED and target is not _FAILED):
         return None
     t = max(at - origin, 0.0)
     p2 = t * t

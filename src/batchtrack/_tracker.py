@@ -47,6 +47,8 @@ from .stores.base import (
     Store,
     Transition,
     TransitionResult,
+    event_answer,
+    event_transition,
 )
 from .stores.memory import MemoryStore
 
@@ -821,20 +823,11 @@ class BatchTracker(Closing):
             answered = fast(self.store, batch_id, parts, now, open_at, finished_at, origin)
         else:
             answered = [
-                (
-                    r.outcome,
-                    r.previous,
-                    r.item,
-                    r.progress,
-                    r.version,
-                    r.created_at,
-                    r.expires_at,
-                    r.stats,
-                )
+                event_answer(r)
                 for r in self.store.apply_all(
                     batch_id,
                     [
-                        Transition(
+                        event_transition(
                             item_id,
                             target,
                             sources,
@@ -844,8 +837,6 @@ class BatchTracker(Closing):
                             finished_at,
                             _eta.stats_for(target, now, origin, lease),
                             now + lease if lease is not None else None,
-                            lease is not None,
-                            unless_paused=lease is not None,
                         )
                         for item_id, target, sources, error, lease in parts
                     ],

@@ -490,31 +490,21 @@ class Store(Closing, ABC):
         ``(origin, lease)`` shorthand (:data:`EventStats`)."""
         if isinstance(stats, tuple):
             stats = _eta.stats_for(target, at, stats[0], stats[1])
-        r = self.apply(
-            batch_id,
-            Transition(
-                item_id,
-                target,
-                sources,
-                at,
-                error,
-                expires_at_open,
-                expires_at_finished,
-                stats,
-                lease_until,
-                lease_until is not None,
-                unless_paused=lease_until is not None,
-            ),
-        )
-        return (
-            r.outcome,
-            r.previous,
-            r.item,
-            r.progress,
-            r.version,
-            r.created_at,
-            r.expires_at,
-            r.stats,
+        return event_answer(
+            self.apply(
+                batch_id,
+                event_transition(
+                    item_id,
+                    target,
+                    sources,
+                    at,
+                    error,
+                    expires_at_open,
+                    expires_at_finished,
+                    stats,
+                    lease_until,
+                ),
+            )
         )
 
     def set_paused(self, batch_id: str, paused: bool, at: float, expires_at_open: float) -> bool:
@@ -804,3 +794,48 @@ class Store(Closing, ABC):
 
     def close(self) -> None:
         """Release connections and files. The store is not used after this."""
+
+
+def event_transition(
+    item_id: str,
+    target: Status,
+    sources: frozenset[Status],
+    at: float,
+    error: str | None,
+    expires_at_open: float,
+    expires_at_finished: float,
+    stats: Mapping[Status, Mapping[str, tuple[float, int]]],
+    lease_until: float | None,
+) -> Transition:
+    """The :class:`Transition` of a tracker's start, complete or fail (a lease means a
+    start: one more attempt, refused while the batch is paused)."""
+    return Transition(
+        item_id,
+        target,
+        sources,
+        at,
+        error,
+        expires_at_open,
+        expires_at_finished,
+        stats,
+        lease_until,
+        lease_until is not None,
+        unless_paused=lease_until is not None,
+    )
+
+
+def event_answer(
+    r: TransitionResult,
+) -> tuple[Outcome, Status, ItemSnapshot, Progress, int, float, float, Mapping[str, float]]:
+    """A transition's result as the tracker's event path takes it: ``(outcome,
+    previous, item, progress, version, created_at, expires_at, stats)``."""
+    return (
+        r.outcome,
+        r.previous,
+        r.item,
+        r.progress,
+        r.version,
+        r.created_at,
+        r.expires_at,
+        r.stats,
+    )
