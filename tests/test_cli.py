@@ -618,7 +618,7 @@ def test_serve_quiet_logs_no_requests(tmp_path: Path) -> None:
             files = [("files", ("a.jpg", jpeg((200, 100)), "image/jpeg"))]
             ids = [f["id"] for f in client.post("/api/upload", files=files).json()["files"]]
             started = client.post("/api/process-batch", json={"fileIds": ids}).json()
-            while client.get(started["statusUrl"]).json()["status"] == "processing":
+            while client.get(started["statusUrl"]).json()["status"] in ("pending", "processing"):
                 time.sleep(0.1)
         time.sleep(1.0)  # twice the batch log's interval: it would have spoken by now
     finally:
