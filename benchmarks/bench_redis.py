@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import contextlib
 import shutil
 import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -24,18 +26,19 @@ def _server(folder: Path) -> tuple[subprocess.Popen[bytes], str]:
     return proc, f"redis://127.0.0.1:{port}/0"
 
 
-def celery_group_vs_orchestrator(url: str, store: RedisStore, n: int) -> Comparison | None:
-    """A Celery group of ``n`` no-op tasks on a worker of 8 threads, its results in the
-    same Redis (``group(...).apply_async().get()``), vs an Orchestrator(8) running ``n``
-    no-op items tracked in a RedisStore on it. Goal: ours 10x faster (ratio <= 0.1)."""
+@contextlib.contextmanager
+def celery_worker(url: str) -> Iterator[Any]:
+    """A real ``celery worker`` (8 threads) of ``celery_noop_app`` on the Redis at ``url``,
+    its broker and result backend; yields the app's ``noop`` task once the worker answers
+    a ping and has run a small group, or None (with a note) when Celery is not installed
+    or the worker does not start. The worker is stopped by its pid on the way out."""
     try:
         import celery  # noqa: F401
     except ImportError:
-        print("redis: celery is not installed; the group comparison is skipped")
-        return None
+        print("redis: celery is not installed; the Celery comparisons are skipped")
+        yield None
+        return
     import os
-
-    from batchtrack import BatchTracker, Item, Orchestrator
 
     here = Path(__file__).resolve().parent
     env = {**os.environ, "BENCH_REDIS_URL": url, "PYTHONPATH": str(here)}
@@ -67,34 +70,49 @@ def celery_group_vs_orchestrator(url: str, store: RedisStore, n: int) -> Compari
 
     try:
         deadline = time.monotonic() + 60
+        started = True
         while not app.control.ping(timeout=1.0):
             if time.monotonic() > deadline or worker.poll() is not None:
-                print("redis: the Celery worker did not start; the group comparison is skipped")
-                return None
-        group(noop.s(i) for i in range(20)).apply_async().get(timeout=60)
-        tracker = BatchTracker(store)
-        orch = Orchestrator(tracker, lambda item: None, concurrency=8)
-        items = [Item(f"{i}.jpg") for i in range(n)]
-
-        def ours() -> None:
-            orch.run(items)
-
-        def baseline() -> None:
-            group(noop.s(i) for i in range(n)).apply_async().get(timeout=600)
-
-        try:
-            return compare(
-                "redis: Orchestrator(8) of no-op items vs a Celery group (8 threads)",
-                ours,
-                baseline,
-                goal=0.1,
-                rounds=5,
-            )
-        finally:
-            orch.close()
+                print("redis: the Celery worker did not start; the Celery comparisons are skipped")
+                started = False
+                break
+        if started:
+            group(noop.s(i) for i in range(20)).apply_async().get(timeout=60)
+        yield noop if started else None
     finally:
         worker.terminate()
         worker.wait(30)
+
+
+def celery_group_vs_orchestrator(noop: Any, store: RedisStore, n: int) -> Comparison:
+    """A Celery group of ``n`` no-op tasks on the worker of :func:`celery_worker` (8
+    threads), its results in the same Redis (``group(...).apply_async().get()``), vs an
+    Orchestrator(8) running ``n`` no-op items tracked in a RedisStore on it. Goal: ours
+    10x faster (ratio <= 0.1)."""
+    from celery import group
+
+    from batchtrack import BatchTracker, Item, Orchestrator
+
+    tracker = BatchTracker(store)
+    orch = Orchestrator(tracker, lambda item: None, concurrency=8)
+    items = [Item(f"{i}.jpg") for i in range(n)]
+
+    def ours() -> None:
+        orch.run(items)
+
+    def baseline() -> None:
+        group(noop.s(i) for i in range(n)).apply_async().get(timeout=600)
+
+    try:
+        return compare(
+            "redis: Orchestrator(8) of no-op items vs a Celery group (8 threads)",
+            ours,
+            baseline,
+            goal=0.1,
+            rounds=5,
+        )
+    finally:
+        orch.close()
 
 
 def event_vs_sets(store: RedisStore, client: Any, n: int) -> Comparison:
@@ -151,9 +169,11 @@ def run(quick: bool = False) -> list[Comparison]:
                 lambda: store, "redis", goal=1 / 0.06, n=500 if quick else 2000
             )
             results = [result, pool]
-            versus = celery_group_vs_orchestrator(url, store, 200 if quick else 2000)
-            if versus is not None:
-                results.append(versus)
+            with celery_worker(url) as noop:
+                if noop is not None:
+                    results.append(
+                        celery_group_vs_orchestrator(noop, store, 200 if quick else 2000)
+                    )
             store.close()
             client.close()
             time.sleep(0)
