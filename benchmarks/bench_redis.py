@@ -1,8 +1,16 @@
-"""Redis benchmark: an event on RedisStore vs one redis-py SET round trip, same server."""
+"""Redis benchmarks, all on one redis-server: an event on RedisStore vs one redis-py SET
+round trip; the orchestrator vs a bare pool and vs a Celery group; and the Celery peers
+(an event vs ``Task.update_state``, a 1,000-item batch's read vs
+``GroupResult.completed_count``).
+
+``python benchmarks/bench_redis.py [--quick]`` runs them all (as ``run.py redis`` does);
+``... events`` only the event vs SETs, ``... peers [--quick]`` only the Celery peers.
+"""
 
 from __future__ import annotations
 
 import contextlib
+import itertools
 import shutil
 import subprocess
 import sys
@@ -152,6 +160,115 @@ def event_vs_sets(store: RedisStore, client: Any, n: int) -> Comparison:
     return result
 
 
+def event_vs_update_state(store: RedisStore, url: str, n: int) -> Comparison | None:
+    """A start and a completion through the tracker vs Celery's way to report a task's
+    progress on the same Redis: ``Task.update_state(task_id=..., state=..., meta=...)``
+    twice per item (PROGRESS with celery-progress's meta, then SUCCESS with the last
+    one), each a fresh task id per round as each new task has. Issue 27, point 5: goal
+    ours <= 1.0x."""
+    try:
+        from celery import Celery
+    except ImportError:
+        print("redis: celery is not installed; the update_state comparison is skipped")
+        return None
+    # No worker: update_state with an explicit task_id writes to the result backend
+    # itself (a GET of the task's meta, then SETEX + PUBLISH in one pipeline).
+    app = Celery("bench_update_state", broker=url, backend=url, set_as_current=False)
+
+    @app.task(name="bench.progress", bind=True)
+    def step(self: Any, i: int) -> None:  # never run: only its update_state is called
+        return None
+
+    setup_ours, ours = tracker_events(lambda: store, n)
+    ids: list[str] = []
+    rounds = itertools.count()
+
+    def setup() -> None:
+        setup_ours()
+        k = next(rounds)
+        ids[:] = [f"bench-{k}-{i}" for i in range(n)]
+
+    def baseline() -> None:
+        for task_id in ids:
+            step.update_state(task_id=task_id, state="PROGRESS", meta=_STARTED)
+            step.update_state(task_id=task_id, state="SUCCESS", meta=_DONE)
+
+    try:
+        return compare(
+            "redis: start+complete event vs two Celery update_state",
+            ours,
+            baseline,
+            goal=1.0,
+            setup=setup,
+            rounds=7,
+        )
+    finally:
+        app.close()
+
+
+# What celery-progress's ProgressRecorder.set_progress stores for a step of one item.
+_STARTED = {"pending": False, "current": 0, "total": 1, "percent": 0.0, "description": ""}
+_DONE = {"pending": False, "current": 1, "total": 1, "percent": 100.0, "description": ""}
+
+
+def group_read_vs_get(noop: Any, store: RedisStore, n: int) -> list[Comparison]:
+    """A progress read of a finished ``n``-task batch, as a web view polling it makes one:
+    Celery's ``GroupResult.restore(group_id).completed_count()`` (the group saved once,
+    as ``celery_progress``'s group view restores it; Celery's default result cache is
+    off, so each read fetches every task's meta) vs ``tracker.get(batch_id)`` (the whole
+    status with all ``n`` items, counts and ETA) and ``tracker.get(batch_id,
+    items=False)`` (counts, status and ETA, what ``completed_count`` answers) on a
+    RedisStore in the same Redis. Both sides keep what a web host keeps between polls:
+    the Celery app and its backend's connections, one BatchTracker. Issue 27, point 5:
+    goal ours <= 0.1x."""
+    from celery import group
+    from celery.result import GroupResult
+
+    from batchtrack import BatchTracker
+
+    app = noop.app
+    finished = group(noop.s(i) for i in range(n)).apply_async()
+    finished.get(timeout=600)
+    finished.save()
+    group_id = finished.id
+
+    tracker = BatchTracker(store)
+    ids = [str(i) for i in range(n)]
+    batch_id = tracker.create_batch([(i, f"{i}.jpg") for i in ids]).batch_id
+    for i in ids:
+        tracker.start_item(batch_id, i)
+        tracker.complete_item(batch_id, i)
+
+    def celery_read() -> int:
+        return int(GroupResult.restore(group_id, app=app).completed_count())
+
+    def full() -> int:
+        return tracker.get(batch_id).progress.completed
+
+    def counts() -> int:
+        return tracker.get(batch_id, items=False).progress.completed
+
+    for read in (celery_read, full, counts):
+        if read() != n:
+            raise RuntimeError(f"{read.__name__} does not see the {n} finished tasks")
+    return [
+        compare(
+            f"redis: get, {n:,} items vs Celery group completed_count",
+            full,
+            celery_read,
+            goal=0.1,
+            rounds=7,
+        ),
+        compare(
+            f"redis: get(items=False) vs group completed_count, {n:,}",
+            counts,
+            celery_read,
+            goal=0.1,
+            rounds=7,
+        ),
+    ]
+
+
 def run(quick: bool = False) -> list[Comparison]:
     if shutil.which("redis-server") is None:
         print("redis: redis-server is not installed; skipped")
@@ -169,11 +286,15 @@ def run(quick: bool = False) -> list[Comparison]:
                 lambda: store, "redis", goal=1 / 0.06, n=500 if quick else 2000
             )
             results = [result, pool]
+            peer = event_vs_update_state(store, url, 150 if quick else 750)
+            if peer is not None:
+                results.append(peer)
             with celery_worker(url) as noop:
                 if noop is not None:
                     results.append(
                         celery_group_vs_orchestrator(noop, store, 200 if quick else 2000)
                     )
+                    results.extend(group_read_vs_get(noop, store, 200 if quick else 1000))
             store.close()
             client.close()
             time.sleep(0)
@@ -200,9 +321,37 @@ def events(n: int = 1500) -> None:
             proc.wait(10)
 
 
+def peers(quick: bool = False) -> None:
+    """Only the Celery peer comparisons (issue 27, point 5): an event vs
+    ``update_state``, a 1,000-item batch's read vs ``GroupResult.completed_count``.
+    ``python benchmarks/bench_redis.py peers [--quick]``."""
+    if shutil.which("redis-server") is None:
+        print("redis: redis-server is not installed; skipped")
+        return
+    with tempfile.TemporaryDirectory() as tmp:
+        proc, url = _server(Path(tmp))
+        try:
+            store = RedisStore(url)
+            results = []
+            peer = event_vs_update_state(store, url, 150 if quick else 750)
+            if peer is not None:
+                results.append(peer)
+            with celery_worker(url) as noop:
+                if noop is not None:
+                    results.extend(group_read_vs_get(noop, store, 200 if quick else 1000))
+            for result in results:
+                print(result.line(), flush=True)
+            store.close()
+        finally:
+            proc.terminate()
+            proc.wait(10)
+
+
 if __name__ == "__main__":
     if sys.argv[1:] == ["events"]:
         events()
+    elif sys.argv[1:2] == ["peers"]:
+        peers("--quick" in sys.argv)
     else:
         for line in run("--quick" in sys.argv):
             print(line.line())
