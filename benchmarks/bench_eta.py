@@ -427,6 +427,8 @@ class Score(NamedTuple):
     width_settled: float = math.nan  # and from then on
     rose: int = 0  # polls whose shown estimate rose since the previous one
     compared: int = 0  # polls compared with the previous one
+    needless: float = math.nan  # % of polls whose shown estimate rose away from the truth:
+    # further from it than the steady countdown (previous shown - 2 s) would have been
 
 
 def shown(value: float | None) -> float | None:
@@ -466,6 +468,7 @@ def score(
     errors: list[float] = []
     jumps: list[float] = []
     rises: list[bool] = []
+    needless: list[bool] = []
     unsteady: list[float] = []
     held: list[bool] = []
     phases: list[bool] = []  # after the event
@@ -493,6 +496,7 @@ def score(
         if previous is not None:
             jumps.append(abs(value - previous + POLL))  # a perfect estimate falls by 2 s
             rises.append(value > previous)
+            needless.append(value > previous and abs(value - truth) > abs(previous - POLL - truth))
             unsteady.append(abs(value - previous + POLL) / truth)
         previous = value
         span = estimator.range(t)
@@ -522,6 +526,7 @@ def score(
         100 * statistics.median(settled) if settled else math.nan,
         sum(rises),
         len(rises),
+        100 * statistics.fmean(needless) if needless else math.nan,
     )
 
 
@@ -558,6 +563,7 @@ def table(quick: bool = False, seeds: list[int] | None = None) -> dict[str, dict
                 _median_known(s.width_settled for s in scores),
                 sum(s.rose for s in scores),
                 sum(s.compared for s in scores),
+                _mean_known(s.needless for s in scores),
             )
             for name, scores in per.items()
         }
@@ -620,6 +626,15 @@ def report(quick: bool = False, seeds: list[int] | None = None) -> str:
             f"{kind:<{width}}"
             + "".join(f"{100 * row[n].rose / max(row[n].compared, 1):>23.1f}%" for n in names)
         )
+    lines += [
+        "",
+        "rises away from the truth: % of polls whose shown ETA rose and ended further from the",
+        "true time left than a steady countdown would have (a rise that corrects an estimate",
+        "below the truth is not counted)",
+        " " * width + "".join(f"{name:>24}" for name in names),
+    ]
+    for kind, row in results.items():
+        lines.append(f"{kind:<{width}}" + "".join(f"{row[n].needless:>23.1f}%" for n in names))
     lines += [
         "",
         "batchtrack against the best baseline of each kind; its 80% range",
