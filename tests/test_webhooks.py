@@ -11,6 +11,7 @@ import hmac
 import json
 import os
 import signal
+import socket
 import subprocess
 import sys
 import textwrap
@@ -376,6 +377,42 @@ def test_a_receiver_that_trickles_its_answer_does_not_hold_up_other_urls() -> No
         stop.set()
         server.shutdown()
         server.server_close()
+
+
+def test_a_receiver_whose_name_lookup_hangs_does_not_hold_up_other_urls(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """A URL whose DNS lookup never answers is given up after ``timeout`` like a receiver
+    that never answers, so the next URL's delivery goes out meanwhile."""
+    stop = threading.Event()
+    lookup = socket.getaddrinfo
+
+    def hanging(host: Any, *args: Any, **kwargs: Any) -> Any:
+        if host == "hangs.invalid":
+            stop.wait(60)
+            raise socket.gaierror("no answer")
+        return lookup(host, *args, **kwargs)
+
+    monkeypatch.setattr(socket, "getaddrinfo", hanging)
+    for name in ("HTTP_PROXY", "http_proxy"):
+        monkeypatch.delenv(name, raising=False)
+    tracker = BatchTracker(MemoryStore())
+    try:
+        with receiver() as good:
+            hooks = [
+                Webhook("http://hangs.invalid/hook", SECRET, owner="a"),
+                Webhook(good.url, SECRET, owner="b"),
+            ]
+            sender = WebhookSender(tracker, hooks, schedule=(60.0,), timeout=1, poll=0.05)
+            sender.start()
+            finish(tracker, "c", owner="a")
+            time.sleep(0.5)  # the sender is in the hanging lookup by now
+            mine = finish(tracker, "c", owner="b")
+            got = good.wait_for(1, timeout=20)
+            sender.stop()
+        assert json.loads(got[0][1])["batchId"] == mine
+    finally:
+        stop.set()
 
 
 def test_deliveries_go_through_the_proxy_the_environment_names(

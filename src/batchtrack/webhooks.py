@@ -191,16 +191,60 @@ def _connection(
     return connection, target, headers
 
 
+def _connector(deadline: float) -> Callable[..., socket.socket]:
+    """``socket.create_connection`` with its name lookup bounded by ``deadline`` (a
+    :func:`time.monotonic` time). ``getaddrinfo`` cannot be interrupted, so it runs on a
+    thread of its own, left to the resolver's own time-outs when it takes too long: a
+    receiver whose DNS hangs does not hold the sender past the attempt's timeout."""
+
+    def connect(
+        address: tuple[str, int], timeout: float | None, source: tuple[str, int] | None = None
+    ) -> socket.socket:
+        host, port = address
+        found: list[list[tuple[int, int, int, str, tuple[object, ...]]] | OSError] = []
+        done = threading.Event()
+
+        def lookup() -> None:
+            try:
+                found.append(socket.getaddrinfo(host, port, 0, socket.SOCK_STREAM))  # type: ignore[arg-type]
+            except OSError as exc:
+                found.append(exc)
+            done.set()
+
+        threading.Thread(target=lookup, name="batchtrack-webhook-lookup", daemon=True).start()
+        if not done.wait(max(0.0, deadline - time.monotonic())):
+            raise TimeoutError(f"looking up {host} timed out")
+        if isinstance(found[0], OSError):
+            raise found[0]
+        failure: OSError = OSError(f"no address for {host}")
+        for family, kind, proto, _, where in found[0]:
+            sock = socket.socket(family, kind, proto)
+            try:
+                sock.settimeout(timeout)
+                if source:
+                    sock.bind(source)
+                sock.connect(where)
+                return sock
+            except OSError as exc:
+                sock.close()
+                failure = exc
+        raise failure
+
+    return connect
+
+
 def _post(url: str, body: bytes, headers: dict[str, str], timeout: float) -> int:
     """POST and answer the status code (0: no answer at all). ``timeout`` bounds the
-    whole attempt, not only each socket operation: a receiver that trickles its answer a
-    byte at a time is cut off (its socket shut down) when the time is up. A redirect is
-    an answer like any other that is not 2xx (not followed: retried)."""
+    whole attempt, not only each socket operation: the name lookup gives up when the time
+    is up, and a receiver that trickles its answer a byte at a time is cut off (its
+    socket shut down). A redirect is an answer like any other that is not 2xx (not
+    followed: retried)."""
     try:
         connection, target, headers = _connection(url, headers, timeout)
     except ValueError as exc:
         log.info("batchtrack: webhook %s: %s", url, exc)
         return 0
+    connection._create_connection = _connector(time.monotonic() + timeout)  # type: ignore[attr-defined]
     expired = threading.Event()
 
     def cut_off() -> None:
