@@ -4,7 +4,8 @@ round trip; the orchestrator vs a bare pool and vs a Celery group; and the Celer
 ``GroupResult.completed_count``).
 
 ``python benchmarks/bench_redis.py [--quick]`` runs them all (as ``run.py redis`` does);
-``... events`` only the event vs SETs, ``... peers [--quick]`` only the Celery peers.
+``... events`` only the event vs SETs (and what any scripted event costs), ``... peers
+[--quick]`` only the Celery peers.
 """
 
 from __future__ import annotations
@@ -20,7 +21,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-from batchtrack.stores.redis import RedisStore
+from batchtrack.stores.redis import _GET_ARGS, RedisStore
 from bench_core import orchestrator_vs_pool, tracker_events
 from harness import Comparison, compare
 
@@ -304,8 +305,99 @@ def run(quick: bool = False) -> list[Comparison]:
             proc.wait(10)
 
 
+# The least a scripted event can do, for event_floor: read the header and the item, write
+# both back, answer the counts and the item (no indexes, lease, stats, TTL or PUBLISH).
+_LEAST_EVENT = """
+local h = redis.call('HMGET', KEYS[1], 'expires_at', 'version', 'pending', 'processing',
+  'completed', 'failed', 'stats', 'paused', 'created_at', 'total')
+local item = cjson.decode(redis.call('HGET', KEYS[2], ARGV[1]))
+item.s = tonumber(ARGV[3])
+item.t = ARGV[2]
+local raw = cjson.encode(item)
+redis.call('HSET', KEYS[2], ARGV[1], raw)
+redis.call('HSET', KEYS[1], 'version', tonumber(h[2]) + 1, 'updated_at', ARGV[2])
+return {h[1], h[2], h[3], h[4], h[5], h[6], h[7], raw}
+"""
+
+
+def event_floor(client: Any, n: int) -> list[Comparison]:
+    """What any scripted event costs against SETs, sent as RedisStore's event is (a
+    connection of the pool's, the command packed by hiredis): an empty script, and the
+    least an event that answers the counts can do (:data:`_LEAST_EVENT`). With
+    ``event_vs_sets`` this splits the event's cost into what any script costs and what
+    pages, changes-since, leases, the ETA's sums and watchers add."""
+    from redis.connection import HIREDIS_AVAILABLE
+
+    if not HIREDIS_AVAILABLE:
+        print("redis: hiredis is not installed; the event floor is skipped")
+        return []
+    import hiredis
+
+    client.hset(
+        "floor:b",
+        mapping={
+            "expires_at": "9e12",
+            "version": 1,
+            "pending": n,
+            "processing": 0,
+            "completed": 0,
+            "failed": 0,
+            "stats": "x" * 300,
+            "created_at": "1",
+            "total": n,
+        },
+    )
+    client.hset("floor:i", mapping={str(i): f'{{"s":0,"t":"1.5","p":{i},"a":0}}' for i in range(n)})
+    ids = [str(i) for i in range(n)]
+    conn = client.connection_pool.get_connection(*_GET_ARGS)
+    results = []
+    try:
+        for name, body in (("an empty script", "return 1"), ("the least event", _LEAST_EVENT)):
+            sha = client.script_load(body)
+
+            def ours(sha: str = sha) -> None:
+                for i in ids:
+                    for target in ("1", "2"):
+                        conn.send_packed_command(
+                            [
+                                hiredis.pack_command(
+                                    (
+                                        "EVALSHA",
+                                        sha,
+                                        2,
+                                        "floor:b",
+                                        "floor:i",
+                                        i,
+                                        "12345.678",
+                                        target,
+                                    )
+                                )
+                            ]
+                        )
+                        conn.read_response()
+
+            def baseline() -> None:
+                for i in ids:
+                    client.set(f"bench:{i}", "processing")
+                    client.set(f"bench:{i}", "completed")
+
+            results.append(
+                compare(
+                    f"redis: {name} (2 calls) vs two redis-py SETs",
+                    ours,
+                    baseline,
+                    goal=1.3,
+                    rounds=7,
+                )
+            )
+    finally:
+        client.connection_pool.release(conn)
+    return results
+
+
 def events(n: int = 1500) -> None:
-    """Only the event comparison: ``python benchmarks/bench_redis.py events``."""
+    """Only the event comparisons: ``python benchmarks/bench_redis.py events``: the
+    event vs SETs, and what any scripted event costs (:func:`event_floor`)."""
     import redis
 
     with tempfile.TemporaryDirectory() as tmp:
@@ -314,6 +406,8 @@ def events(n: int = 1500) -> None:
             store = RedisStore(url)
             client = redis.Redis.from_url(url)
             print(event_vs_sets(store, client, n).line())
+            for result in event_floor(client, n):
+                print(result.line())
             store.close()
             client.close()
         finally:
