@@ -646,6 +646,51 @@ def test_processes_forked_by_multiprocessing_use_the_parents_store(store: RedisS
     assert (done.progress.completed, done.version, done.status) == (48, 96, "completed")
 
 
+@pytest.mark.parametrize("call", ["retry named", "retry all", "cancel"])
+def test_a_bulk_change_whose_answer_was_lost_is_answered_as_it_applied(
+    redis_url: str, monkeypatch: pytest.MonkeyPatch, call: str
+) -> None:
+    """A retry or cancel of several items (``apply_many``) that applied but whose answer
+    was lost is sent again by redis-py's retry and answered with the items it moved,
+    counted once: not InvalidTransition (the named items are pending by then) or 0."""
+    client = redis.Redis.from_url(redis_url, retry=Retry(NoBackoff(), 3))
+    store = RedisStore(client=client, prefix=f"lose-many-{uuid.uuid4()}:")
+    tracker = BatchTracker(store)
+    snap = tracker.create_batch([("a", "a.jpg"), ("b", "b.jpg"), ("c", "c.jpg")])
+    if call != "cancel":
+        for item in ("a", "b"):
+            tracker.start_item(snap.batch_id, item)
+            tracker.fail_item(snap.batch_id, item, "boom")
+    before = tracker.get(snap.batch_id).version
+    kind = client.connection_pool.connection_class
+    read = kind.read_response
+    lost = [0]
+
+    def read_response(self: Any, *args: Any, **kwargs: Any) -> Any:
+        reply = read(self, *args, **kwargs)
+        if not lost[0] and isinstance(reply, list) and reply and reply[0] == b"applied":
+            lost[0] += 1
+            self.disconnect()
+            raise redis.exceptions.ConnectionError("the answer was lost (test)")
+        return reply
+
+    monkeypatch.setattr(kind, "read_response", read_response)
+    if call == "retry named":
+        count = tracker.retry(snap.batch_id, ["a", "b"])
+    elif call == "retry all":
+        count = tracker.retry(snap.batch_id)
+    else:
+        count = tracker.cancel(snap.batch_id)
+    assert lost == [1]
+    expected = 3 if call == "cancel" else 2
+    assert count == expected
+    done = tracker.get(snap.batch_id)
+    assert done.version == before + expected
+    assert done.progress.pending == (0 if call == "cancel" else 3)
+    store.close()
+    client.close()
+
+
 @pytest.mark.parametrize("call", ["event", "single-connection event", "apply_all", "apply"])
 def test_an_answer_lost_after_the_call_applied_is_answered_applied_on_retry(
     redis_url: str, monkeypatch: pytest.MonkeyPatch, call: str

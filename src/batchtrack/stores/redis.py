@@ -738,8 +738,9 @@ return reply('applied', 1, raw)
 """
 )
 
-# ARGV: as _APPLY's first nine (the item id unused), attempts ('0' reset, '' keep), then
-#       the item ids (none: every item in a source status).
+# ARGV: as _APPLY's first nine (the item id unused), attempts ('0' reset, '' keep), the
+#       call's id (RedisStore._call_id), then the item ids (none: every item in a source
+#       status).
 # Returns: {'applied', count, header fields, stats} or {'rejected', id, code, id, code...}.
 _APPLY_MANY = (
     _PRELUDE
@@ -749,21 +750,27 @@ local head = redis.call('HMGET', KEYS[1], 'expires_at', 'pending', 'processing',
   'completed', 'failed', 'version', 'finished_at')
 if not head[1] or tonumber(head[1]) <= at then return {'nobatch'} end
 local target = tonumber(ARGV[3])
+CALL = ARGV[11]  -- move() marks the items it moves with it
 local function allowed(code)
   return code ~= target and string.find(ARGV[4], tostring(code), 1, true) ~= nil
 end
 local chosen = {}
-if #ARGV > 10 then
+-- Items this very call moved already: it is a repeat, sent again after its answer was
+-- lost, and is answered as it was then, changing nothing more.
+local again = 0
+if #ARGV > 11 then
   local rejected = {'rejected'}
   local seen = {}
-  for i = 11, #ARGV do
+  for i = 12, #ARGV do
     local id = ARGV[i]
     if not seen[id] then
       seen[id] = true
       local raw = redis.call('HGET', KEYS[2], id)
       if not raw then return {'noitem', id} end
       local item = cjson.decode(raw)
-      if allowed(item.s) then
+      if item.n == CALL then
+        again = again + 1
+      elseif allowed(item.s) then
         chosen[#chosen + 1] = {id, item}
       else
         rejected[#rejected + 1] = id
@@ -771,13 +778,22 @@ if #ARGV > 10 then
       end
     end
   end
-  if #rejected > 1 then return rejected end
+  if #rejected > 1 and again == 0 then return rejected end
 else
   local all = redis.call('HGETALL', KEYS[2])
   for i = 1, #all, 2 do
     local item = cjson.decode(all[i + 1])
-    if allowed(item.s) then chosen[#chosen + 1] = {all[i], item} end
+    if item.n == CALL then
+      again = again + 1
+    elseif allowed(item.s) then
+      chosen[#chosen + 1] = {all[i], item}
+    end
   end
+end
+if again > 0 then
+  local values = redis.call('HMGET', KEYS[1], unpack(header_fields))
+  table.remove(values)
+  return {'applied', again, values}
 end
 -- Versions are counted in creation order.
 table.sort(chosen, function(a, b) return (a[2].p or 0) < (b[2].p or 0) end)
@@ -1707,9 +1723,7 @@ class RedisStore(Store):
         applied already: the script then answers it as applied, not as unchanged."""
         if self._closed:  # (also after close: no connection is opened again)
             raise StoreError(f"Redis failed to {what}: the store is closed")
-        if self._pid != os.getpid():
-            self._fresh()
-        call = next(self._calls)
+        call = self._call_id()
         pool = self._pool
         if pool is not None:
             try:
@@ -1740,6 +1754,12 @@ class RedisStore(Store):
                 self._keep(conn)
                 return reply
         return self._call(script, what, list(keys), [*args, call])
+
+    def _call_id(self) -> str:
+        """A new call id (see :meth:`_fast`), for a script sent on the general path."""
+        if self._pid != os.getpid():
+            self._fresh()
+        return next(self._calls)
 
     def _fresh(self) -> None:
         """In a forked child, forget the parent's connections, lock and call ids (the
@@ -1933,6 +1953,9 @@ class RedisStore(Store):
             [
                 *_common_args(batch_id, "", transition),
                 "0" if transition.reset_attempts else "",
+                # The call's id: a repeat of this call (redis-py sends it again when its
+                # answer is lost) is answered as the call was, not as rejected.
+                self._call_id(),
                 *(item_ids or ()),
             ],
         )
