@@ -360,23 +360,28 @@ def test_a_receiver_that_trickles_its_answer_does_not_hold_up_other_urls() -> No
     server = ThreadingHTTPServer(("127.0.0.1", 0), Trickle)
     server.daemon_threads = True
     threading.Thread(target=server.serve_forever, args=(0.05,), daemon=True).start()
-    slow = f"http://127.0.0.1:{server.server_port}/hook"
-    tracker = BatchTracker(MemoryStore())
     try:
-        with receiver() as good:
-            hooks = [Webhook(slow, SECRET, owner="a"), Webhook(good.url, SECRET, owner="b")]
-            sender = WebhookSender(tracker, hooks, schedule=(60.0,), timeout=1, poll=0.05)
-            sender.start()
-            finish(tracker, "c", owner="a")
-            time.sleep(0.5)  # the sender is in the trickler's answer by now
-            mine = finish(tracker, "c", owner="b")
-            got = good.wait_for(1, timeout=20)
-            sender.stop()
-        assert json.loads(got[0][1])["batchId"] == mine
+        assert_not_held_up_by(f"http://127.0.0.1:{server.server_port}/hook")
     finally:
         stop.set()
         server.shutdown()
         server.server_close()
+
+
+def assert_not_held_up_by(stuck: str) -> None:
+    """With a sender (timeout 1 s) stuck on a delivery to ``stuck``, a delivery to
+    another receiver still goes out."""
+    tracker = BatchTracker(MemoryStore())
+    with receiver() as good:
+        hooks = [Webhook(stuck, SECRET, owner="a"), Webhook(good.url, SECRET, owner="b")]
+        sender = WebhookSender(tracker, hooks, schedule=(60.0,), timeout=1, poll=0.05)
+        sender.start()
+        finish(tracker, "c", owner="a")
+        time.sleep(0.5)  # the sender is stuck on the first delivery by now
+        mine = finish(tracker, "c", owner="b")
+        got = good.wait_for(1, timeout=20)
+        sender.stop()
+    assert json.loads(got[0][1])["batchId"] == mine
 
 
 def test_a_receiver_whose_name_lookup_hangs_does_not_hold_up_other_urls(
@@ -396,21 +401,8 @@ def test_a_receiver_whose_name_lookup_hangs_does_not_hold_up_other_urls(
     monkeypatch.setattr(socket, "getaddrinfo", hanging)
     for name in ("HTTP_PROXY", "http_proxy"):
         monkeypatch.delenv(name, raising=False)
-    tracker = BatchTracker(MemoryStore())
     try:
-        with receiver() as good:
-            hooks = [
-                Webhook("http://hangs.invalid/hook", SECRET, owner="a"),
-                Webhook(good.url, SECRET, owner="b"),
-            ]
-            sender = WebhookSender(tracker, hooks, schedule=(60.0,), timeout=1, poll=0.05)
-            sender.start()
-            finish(tracker, "c", owner="a")
-            time.sleep(0.5)  # the sender is in the hanging lookup by now
-            mine = finish(tracker, "c", owner="b")
-            got = good.wait_for(1, timeout=20)
-            sender.stop()
-        assert json.loads(got[0][1])["batchId"] == mine
+        assert_not_held_up_by("http://hangs.invalid/hook")
     finally:
         stop.set()
 
